@@ -1,0 +1,195 @@
+"""Run configuration: frozen, validated pydantic models with a description on every field.
+
+``load_config(path, overrides=["sampler.num_draws=400"], output="s3://b/run")`` is the one
+entry point. Unknown keys are errors (``extra="forbid"``). ``config_hash`` hashes the
+resolved config without credentials; outputs are keyed by it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bif.errors import ConfigError
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplerConfig(BaseModel):
+    """Localized SGLD settings; see ``tasks.sampler`` for the update equation."""
+
+    model_config = _FROZEN
+
+    num_chains: int = Field(4, ge=1, description="Independent chains, each started at w*.")
+    num_draws: int = Field(200, ge=2, description="Recorded draws per chain.")
+    num_burnin_steps: int = Field(100, ge=0, description="SGLD steps before the first draw.")
+    steps_per_draw: int = Field(5, ge=1, description="SGLD steps between recorded draws (thinning).")
+    step_size: float = Field(1e-4, gt=0, description="Step size epsilon of the SGLD update.")
+    nbeta: float | None = Field(
+        None,
+        gt=0,
+        description="n*beta, multiplies the mean minibatch loss. None: n_train (beta = 1).",
+    )
+    gamma: float = Field(1000.0, ge=0, description="Localization strength gamma of the prior around w*.")
+    batch_size: int = Field(64, ge=1, description="Minibatch size of the SGLD gradient.")
+    seed: int = Field(0, ge=0, description="Root seed; chain seeds derive from it.")
+    preconditioner: Literal["none", "rmsprop"] = Field("none", description="Optional RMSProp preconditioning (pSGLD).")
+    rmsprop_alpha: float = Field(0.99, gt=0, lt=1, description="RMSProp decay of the squared-gradient average.")
+    rmsprop_eps: float = Field(1e-5, gt=0, description="RMSProp epsilon added to the root mean square.")
+    draws_per_block: int = Field(50, ge=1, description="Draws per committed trace block (resume granularity).")
+    eval_batch_size: int = Field(2048, ge=1, description="Batch size of the no-grad per-sample loss evaluation.")
+    trace_dtype: Literal["float32", "float64"] = Field("float32", description="Stored dtype of per-sample losses.")
+
+
+class CovarianceConfig(BaseModel):
+    """Dask map-reduce settings of the covariance stage."""
+
+    model_config = _FROZEN
+
+    train_block_size: int = Field(4096, ge=1, description="Train samples per output block (memory ~ block x query block).")
+    query_block_size: int = Field(1024, ge=1, description="Query samples per output block.")
+    split_every: int = Field(8, ge=2, description="Fan-in of the Dask reduction tree.")
+    pooling: Literal["stack", "chain_mean"] = Field(
+        "stack", description="'stack' pools all chains' draws; 'chain_mean' averages per-chain covariances."
+    )
+    ddof: int = Field(1, ge=0, le=1, description="Delta degrees of freedom of the covariance.")
+    topk: int = Field(20, ge=1, description="Most positive and most negative train examples kept per query.")
+
+
+class ComputeConfig(BaseModel):
+    """Where the work runs."""
+
+    model_config = _FROZEN
+
+    address: str | None = Field(None, description="Join an existing Dask scheduler (tcp://host:8786). None: start a LocalCluster.")
+    n_workers: int | None = Field(None, ge=1, description="LocalCluster worker processes. None: min(num_chains, cores).")
+    threads_per_worker: int = Field(1, ge=1, description="Threads (and torch threads) per worker.")
+    gpus: int = Field(0, ge=0, description="GPUs per LocalCluster; chain tasks then claim resources={'GPU': 1}.")
+    device: str = Field("auto", description="Torch device for chains: 'auto' (CUDA when available), 'cpu', 'cuda'.")
+
+
+class QualityConfig(BaseModel):
+    """Data-quality gates and MCMC diagnostics (see ``tasks.quality`` / ``tasks.diagnostics``)."""
+
+    model_config = _FROZEN
+
+
+class RunConfig(BaseModel):
+    """One attribution run: problem, checkpoint, output, and the stage settings."""
+
+    model_config = _FROZEN
+
+    problem: str = Field(..., description="Factory import path 'module:function' returning the problem.")
+    problem_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
+    checkpoint: str | None = Field(None, description="Optional state-dict URI loaded into the model (weights_only).")
+    output: str = Field("runs/latest", description="Output directory or URI (local path, s3://, memory://).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (credentials). Never written to outputs or logs."
+    )
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="SGLD settings.")
+    covariance: CovarianceConfig = Field(default_factory=CovarianceConfig, description="Reduction settings.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Cluster settings.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality gates and diagnostics.")
+
+    @model_validator(mode="after")
+    def _check_problem(self) -> "RunConfig":
+        if ":" not in self.problem:
+            raise ValueError(f"problem must be 'module:function', got {self.problem!r}")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON-able data, with storage_options redacted."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = {k: "***" for k in self.storage_options}
+        return data
+
+    def hash(self) -> str:
+        """Short sha256 of the settings that determine the traces: problem, checkpoint, sampler."""
+        data = self.model_dump(mode="json", include={"problem", "problem_args", "checkpoint", "sampler"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for key in keys[:-1]:
+        nxt = cur.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of ``data``."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. sampler.num_draws=400")
+        key, raw = item.split("=", 1)
+        _set_path(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {loc!r}: remove it or fix the spelling (`bif run --help-config` lists keys)")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a mapping into a RunConfig, turning pydantic errors into ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    output: str | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides and ``--output``, and validate it."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+        data.update(loaded)
+    data = apply_overrides(data, overrides)
+    if output is not None:
+        data["output"] = output
+    return build_config(data)
+
+
+def config_reference() -> str:
+    """Every config key with its default and description, as YAML-like text for --help."""
+    lines = []
+
+    def walk(model: type[BaseModel], indent: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.append(f"{indent}{name}:  # {field.description}")
+                walk(ann, indent + "  ")
+            else:
+                default = None if field.is_required() else field.get_default(call_default_factory=True)
+                lines.append(f"{indent}{name}: {json.dumps(default)}  # {field.description}")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The user's model enters through one small interface: a *problem*.
+
+A config names a factory, ``problem: "my_module:build"``, called with ``problem_args``.
+The factory returns a :class:`Problem` or any object / mapping with these members:
+
+- ``model``: ``torch.nn.Module`` at the checkpoint weights w*.
+- ``train``, ``query``: map-style ``torch.utils.data.Dataset``; sample ids are indices.
+- ``loss(model, batch) -> Tensor`` of shape ``(B,)``: per-sample losses of a batch made
+  by torch's default collate (tuples of tensors become lists of stacked tensors).
+
+Optional members:
+
+- ``fit(dataset, seed) -> nn.Module``: train a fresh model on a subset (used by ``bif lds``).
+- ``loss_bounds``: ``(low, high)`` bounds every per-sample loss must satisfy
+  (default ``(0, inf)`` for negative log-likelihoods). Used by the quality gates.
+- ``render(split, index)``: a 2-D array (an image) or a string for reports.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from bif.errors import CheckpointError, ProblemError
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A model at its checkpoint, its train and query sets, and a per-sample loss."""
+
+    model: torch.nn.Module
+    train: Dataset
+    query: Dataset
+    loss: LossFn
+    fit: Callable[[Dataset, int], torch.nn.Module] | None = None
+    loss_bounds: tuple[float, float] = (0.0, math.inf)
+    render: Callable[[str, int], Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+_REQUIRED = ("model", "train", "query", "loss")
+_OPTIONAL = ("fit", "loss_bounds", "render")
+
+
+def as_problem(obj: Any) -> Problem:
+    """Coerce a Problem, a mapping, or an object with the right attributes into a Problem."""
+    if isinstance(obj, Problem):
+        prob = obj
+    else:
+        get = (lambda k, d=None: obj.get(k, d)) if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
+        missing = [k for k in _REQUIRED if get(k) is None]
+        if missing:
+            raise ProblemError(
+                f"problem factory returned {type(obj).__name__} without {missing}; it must provide "
+                "model, train, query and loss (as attributes or mapping keys)"
+            )
+        kwargs = {k: get(k) for k in _REQUIRED}
+        kwargs.update({k: get(k) for k in _OPTIONAL if get(k) is not None})
+        prob = Problem(**kwargs)
+    if not isinstance(prob.model, torch.nn.Module):
+        raise ProblemError(f"problem.model must be a torch.nn.Module, got {type(prob.model).__name__}")
+    for split in ("train", "query"):
+        ds = getattr(prob, split)
+        if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+            raise ProblemError(f"problem.{split} must be a map-style Dataset with __len__ and __getitem__")
+        if len(ds) == 0:
+            raise ProblemError(f"problem.{split} is empty")
+    if not callable(prob.loss):
+        raise ProblemError("problem.loss must be callable as loss(model, batch) -> Tensor of shape (B,)")
+    return prob
+
+
+def import_factory(spec: str) -> Callable[..., Any]:
+    """Import ``module:function``; errors name the missing part."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ProblemError(
+            f"cannot import problem module {module_name!r} ({err}); check `problem:` in the config "
+            "and that the module is on PYTHONPATH"
+        ) from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ProblemError(f"module {module_name!r} has no attribute {attr!r} (from problem: {spec!r})") from None
+
+
+def load_problem(spec: str, args: Mapping[str, Any] | None = None, *, checkpoint: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> Problem:
+    """Build the problem from its factory and optionally load a checkpoint into its model."""
+    factory = import_factory(spec)
+    try:
+        obj = factory(**dict(args or {}))
+    except TypeError as err:
+        raise ProblemError(f"problem factory {spec!r} rejected problem_args {dict(args or {})}: {err}") from None
+    prob = as_problem(obj)
+    if checkpoint is not None:
+        load_checkpoint(prob.model, checkpoint, storage_options=storage_options)
+    return prob
+
+
+def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """Read a whole file from a local path or fsspec URI."""
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri!r} does not exist") from None
+
+
+def load_checkpoint(model: torch.nn.Module, uri: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Load a state dict with ``torch.load(weights_only=True)`` into ``model``; return its sha256."""
+    data = read_bytes(uri, storage_options)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt / unsafe files
+        raise CheckpointError(
+            f"checkpoint {uri!r} could not be loaded as a state dict with weights_only=True: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        ) from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {uri!r} holds {type(state).__name__}, expected a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {uri!r} does not match the model: {str(err)[:300]}") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (identifies w*)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

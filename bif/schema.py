@@ -1,0 +1,93 @@
+"""Names of every on-disk column, file and layout, defined once.
+
+Run layout under ``<output>`` (a local path or an fsspec URI):
+
+```
+config.json                         resolved config (credentials removed) + its hash
+manifest.json                       status, hashes, versions, timings; written last
+reference.parquet                   per-sample losses at the checkpoint w*
+traces/chain=C/block=B.parquet      per-sample losses, one row per (chain, draw, sample)
+health/chain=C/block=B.parquet      per-draw sampler health (distance to w*, mean losses)
+state/chain=C/block=B.pt            chain state after block B (params, preconditioner, RNG)
+bif.zarr                            xarray Dataset: bif, bif_corr over (train, query)
+topk.parquet                        top-k positive / negative train examples per query
+```
+A block is committed when its ``traces`` file exists; ``health`` and ``state`` are
+written before it, so a reader never sees half a block.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- trace files -----------------------------------------------------------------
+CHAIN = "chain"
+DRAW = "draw"
+SPLIT = "split"
+SAMPLE = "sample"
+LOSS = "loss"
+TRAIN = "train"
+QUERY = "query"
+SPLITS = (TRAIN, QUERY)
+
+#: Row order inside a trace file: split (train, then query), sample ascending, draw
+#: ascending. One trace file therefore reshapes to (n_samples, n_draws) per split.
+TRACE_ROW_ORDER = (SPLIT, SAMPLE, DRAW)
+
+
+def trace_schema(loss_dtype: str = "float32") -> pa.Schema:
+    """Arrow schema of a trace block file."""
+    return pa.schema(
+        [
+            pa.field(CHAIN, pa.int32(), nullable=False),
+            pa.field(DRAW, pa.int32(), nullable=False),
+            pa.field(SPLIT, pa.dictionary(pa.int8(), pa.string()), nullable=False),
+            pa.field(SAMPLE, pa.int64(), nullable=False),
+            pa.field(LOSS, pa.float32() if loss_dtype == "float32" else pa.float64(), nullable=False),
+        ]
+    )
+
+
+# key-value metadata stored in each trace file's schema
+META_LAYOUT = b"bif.layout"
+
+# --- health files -------------------------------------------------------------------
+STEP = "step"
+DISTANCE = "distance"  # ||w - w*||_2 at the draw
+TRAIN_LOSS_MEAN = "train_loss_mean"
+QUERY_LOSS_MEAN = "query_loss_mean"
+REF_TRAIN_LOSS_MEAN = "ref_train_loss_mean"  # mean train loss at w*
+HEALTH_COLUMNS = (CHAIN, DRAW, STEP, DISTANCE, TRAIN_LOSS_MEAN, QUERY_LOSS_MEAN, REF_TRAIN_LOSS_MEAN)
+
+# --- reference file (losses at w*) -------------------------------------------------
+REFERENCE_COLUMNS = (SPLIT, SAMPLE, LOSS)
+
+# --- outputs -------------------------------------------------------------------------
+BIF = "bif"  # -Cov(l_i, phi_j) over draws
+BIF_CORR = "bif_corr"  # -Corr(l_i, phi_j) over draws
+QUERY_DIM = "query"
+TRAIN_DIM = "train"
+
+# topk.parquet columns
+RANK = "rank"
+DIRECTION = "direction"  # "positive" (raises the query loss) or "negative"
+TOPK_COLUMNS = (QUERY, DIRECTION, RANK, TRAIN, BIF, BIF_CORR)
+
+# --- file names ----------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+REFERENCE_FILE = "reference.parquet"
+TRACES_DIR = "traces"
+HEALTH_DIR = "health"
+STATE_DIR = "state"
+BIF_ZARR = "bif.zarr"
+TOPK_FILE = "topk.parquet"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+STATUS_FAILED_QUALITY = "failed_quality"
+
+
+def block_name(chain: int, block: int, suffix: str) -> str:
+    """Relative file name of one chain block, e.g. ``chain=0/block=00003.parquet``."""
+    return f"chain={chain}/block={block:05d}.{suffix}"

@@ -1,0 +1,217 @@
+"""The trace store: per-sample loss traces and chain states as Parquet / torch files on fsspec.
+
+Schema and layout are defined in :mod:`bif.schema`. Each (chain, block) is committed by
+writing, in order, ``state/…pt``, ``health/…parquet`` and finally ``traces/…parquet``;
+all writes are atomic, so a block is either committed whole or absent. A killed chain
+resumes from its last committed block with no draw lost or duplicated.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from bif import schema as S
+from bif.storage import atomic_write, get_fs, join
+from tasks.sampler import ChainState, DrawBlock
+
+#: Samples per Parquet row group (rows = samples x draws in the block). Readers of a
+#: sample range fetch only the row groups that overlap it.
+ROW_GROUP_SAMPLES = 1024
+
+_BLOCK_RE = re.compile(r"chain=(\d+)/block=(\d+)\.parquet$")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Key-value metadata of a trace file: which draws and samples it holds, and in what order."""
+
+    chain: int
+    block: int
+    draw_start: int
+    num_draws: int
+    n_train: int
+    n_query: int
+    row_group_rows: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.__dict__ | {"order": list(S.TRACE_ROW_ORDER)}).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "BlockLayout":
+        d = json.loads(raw)
+        d.pop("order", None)
+        return cls(**d)
+
+
+def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Table, BlockLayout]:
+    """Arrow table of a DrawBlock in the documented long format: one row per (chain, draw, sample)."""
+    nd, n_train = block.train_losses.shape
+    n_query = block.query_losses.shape[1]
+    n = n_train + n_query
+    np_dtype = np.float32 if loss_dtype == "float32" else np.float64
+    # (D, n) -> (n, D) so rows run sample-major, draws ascending within a sample
+    losses = np.concatenate([block.train_losses, block.query_losses], axis=1).T.astype(np_dtype, copy=False)
+    draws = np.tile(np.arange(block.draw_start, block.draw_start + nd, dtype=np.int32), n)
+    samples = np.repeat(np.concatenate([np.arange(n_train), np.arange(n_query)]).astype(np.int64), nd)
+    split_idx = np.repeat(np.r_[np.zeros(n_train, np.int8), np.ones(n_query, np.int8)], nd)
+    layout = BlockLayout(chain=block.chain, block=block.draw_start, draw_start=block.draw_start, num_draws=nd,
+                         n_train=n_train, n_query=n_query, row_group_rows=ROW_GROUP_SAMPLES * nd)
+    sch = S.trace_schema(loss_dtype).with_metadata({S.META_LAYOUT: layout.to_bytes()})
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.full(n * nd, block.chain, dtype=np.int32)),
+            pa.array(draws),
+            pa.DictionaryArray.from_arrays(pa.array(split_idx), pa.array(list(S.SPLITS))),
+            pa.array(samples),
+            pa.array(losses.reshape(-1)),
+        ],
+        schema=sch,
+    )
+    return table, layout
+
+
+def _table_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def state_bytes(state: ChainState) -> bytes:
+    """Serialize a ChainState (tensors and ints only, loadable with weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save({"step": state.step, "num_recorded": state.num_recorded, "params": state.params,
+                "precond": state.precond, "rng_cpu": state.rng_cpu, "rng_noise": state.rng_noise}, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(raw: bytes) -> ChainState:
+    d = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    return ChainState(**d)
+
+
+@dataclass(frozen=True)
+class TraceStore:
+    """Reads and writes one run's trace blocks under ``root`` (a path or URI)."""
+
+    root: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    loss_dtype: str = "float32"
+
+    @property
+    def fs_path(self):
+        return get_fs(self.root, self.storage_options)
+
+    def _path(self, kind: str, chain: int, block: int, suffix: str) -> str:
+        _, root = self.fs_path
+        return join(root, kind, S.block_name(chain, block, suffix))
+
+    def write_block(self, block: DrawBlock, *, block_index: int, ref_train_loss_mean: float) -> None:
+        """Commit one block: state, then health, then the trace file (the commit marker)."""
+        fs, _ = self.fs_path
+        c = block.chain
+        atomic_write(fs, self._path(S.STATE_DIR, c, block_index, "pt"), state_bytes(block.state))
+        health = pa.table({
+            S.CHAIN: pa.array(np.full(block.num_draws, c, np.int32)),
+            S.DRAW: pa.array(np.arange(block.draw_start, block.draw_start + block.num_draws, dtype=np.int32)),
+            S.STEP: pa.array(block.steps),
+            S.DISTANCE: pa.array(block.distance.astype(np.float64)),
+            S.TRAIN_LOSS_MEAN: pa.array(block.train_losses.mean(axis=1).astype(np.float64)),
+            S.QUERY_LOSS_MEAN: pa.array(block.query_losses.mean(axis=1).astype(np.float64)),
+            S.REF_TRAIN_LOSS_MEAN: pa.array(np.full(block.num_draws, ref_train_loss_mean, np.float64)),
+        })
+        atomic_write(fs, self._path(S.HEALTH_DIR, c, block_index, "parquet"), _table_bytes(health))
+        table, layout = trace_table(block, loss_dtype=self.loss_dtype)
+        layout = BlockLayout(**(layout.__dict__ | {"block": block_index}))
+        table = table.replace_schema_metadata({S.META_LAYOUT: layout.to_bytes()})
+        atomic_write(fs, self._path(S.TRACES_DIR, c, block_index, "parquet"), _table_bytes(table, layout.row_group_rows))
+        if block_index > 0:  # only the latest state is needed to resume
+            prev = self._path(S.STATE_DIR, c, block_index - 1, "pt")
+            if fs.exists(prev):
+                fs.rm_file(prev)
+
+    def write_reference(self, train: np.ndarray, query: np.ndarray) -> None:
+        """Per-sample losses at the checkpoint w* (``reference.parquet``)."""
+        fs, root = self.fs_path
+        table = pa.table({
+            S.SPLIT: pa.array([S.TRAIN] * len(train) + [S.QUERY] * len(query)).dictionary_encode(),
+            S.SAMPLE: pa.array(np.r_[np.arange(len(train)), np.arange(len(query))].astype(np.int64)),
+            S.LOSS: pa.array(np.r_[train, query].astype(np.float64)),
+        })
+        atomic_write(fs, join(root, S.REFERENCE_FILE), _table_bytes(table))
+
+    def committed_blocks(self, chain: int) -> list[int]:
+        """Indices 0..k-1 of the contiguous committed blocks of ``chain``."""
+        fs, root = self.fs_path
+        found = {b for (c, b), _ in self._listing().items() if c == chain}
+        k = 0
+        while k in found:
+            k += 1
+        return list(range(k))
+
+    def _listing(self) -> dict[tuple[int, int], str]:
+        fs, root = self.fs_path
+        base = join(root, S.TRACES_DIR)
+        try:
+            paths = fs.glob(join(base, "chain=*", "block=*.parquet"))
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for p in paths:
+            m = _BLOCK_RE.search(p)
+            if m:
+                out[(int(m.group(1)), int(m.group(2)))] = p
+        return out
+
+    def load_resume_state(self, chain: int) -> tuple[ChainState | None, int]:
+        """(state after the last committed block, number of committed blocks) of ``chain``."""
+        blocks = self.committed_blocks(chain)
+        if not blocks:
+            return None, 0
+        fs, _ = self.fs_path
+        with fs.open(self._path(S.STATE_DIR, chain, blocks[-1], "pt"), "rb") as f:
+            return state_from_bytes(f.read()), len(blocks)
+
+    def block_files(self, *, num_chains: int | None = None) -> list[tuple[int, int, str]]:
+        """(chain, block, path) of every committed block, sorted; contiguous prefixes only."""
+        listing = self._listing()
+        chains = sorted({c for c, _ in listing}) if num_chains is None else list(range(num_chains))
+        out = []
+        for c in chains:
+            for b in self.committed_blocks(c):
+                out.append((c, b, listing[(c, b)]))
+        return out
+
+
+def read_layout(fs, path: str) -> BlockLayout:
+    """The BlockLayout stored in a trace file's footer."""
+    with fs.open(path, "rb") as f:
+        md = pq.ParquetFile(f).schema_arrow.metadata
+    return BlockLayout.from_bytes(md[S.META_LAYOUT])
+
+
+def read_losses(fs, path: str, *, split: str, start: int, stop: int, layout: BlockLayout | None = None
+                ) -> np.ndarray:
+    """Losses of samples ``[start, stop)`` of ``split`` in one trace file, as float64 (num_draws, stop - start).
+
+    Reads only the loss column of the row groups that overlap the range.
+    """
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        layout = layout or BlockLayout.from_bytes(pf.schema_arrow.metadata[S.META_LAYOUT])
+        nd = layout.num_draws
+        offset = 0 if split == S.TRAIN else layout.n_train
+        r0, r1 = (offset + start) * nd, (offset + stop) * nd
+        g = layout.row_group_rows
+        groups = list(range(r0 // g, (r1 - 1) // g + 1))
+        col = pf.read_row_groups(groups, columns=[S.LOSS]).column(0)
+    vals = col.to_numpy()[r0 - groups[0] * g: r1 - groups[0] * g]
+    return vals.reshape(stop - start, nd).T.astype(np.float64)
