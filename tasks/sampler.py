@@ -23,7 +23,7 @@ batches. A NaN or Inf stops the chain with :class:`bif.errors.ChainDivergedError
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,10 +230,12 @@ class SGLDChain:
                              torch.empty(self.n_query, dtype=torch.float64, device=self.device))
         return tr.cpu().numpy(), qu.cpu().numpy()
 
-    def run(self, *, num_draws: int, draws_per_block: int) -> Iterator[DrawBlock]:
+    def run(self, *, num_draws: int, draws_per_block: int,
+            on_draw: Callable[[int], None] | None = None) -> Iterator[DrawBlock]:
         """Sample until ``num_draws`` draws are recorded, yielding a DrawBlock every ``draws_per_block``.
 
         Resumes from the loaded state: already-recorded draws are not produced again.
+        ``on_draw(num_recorded)`` is called after every draw (for progress bars).
         """
         s = self.settings
         while self.step < s.num_burnin_steps:
@@ -255,6 +257,8 @@ class SGLDChain:
                 dist[k] = self.distance()
                 steps[k] = self.step
                 self.num_recorded += 1
+                if on_draw is not None:
+                    on_draw(self.num_recorded)
             yield DrawBlock(chain=self.chain, draw_start=d0, train_losses=tr.cpu().numpy(),
                             query_losses=qu.cpu().numpy(), steps=steps, distance=dist.cpu().numpy(),
                             state=self.state())

@@ -1,0 +1,112 @@
+"""The attribution flow: prepare → chains on Dask (one task each) → covariance → manifest.
+
+``run_attribution(cfg)`` is the Python entry point (the CLI calls it): it starts a Dask
+LocalCluster, or joins ``compute.address``, shows progress, and runs the flow on that
+cluster through prefect-dask's ``DaskTaskRunner``. Credentials travel as a Prefect
+``SecretDict`` parameter, so Prefect stores them obfuscated.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import flow
+from prefect.futures import wait
+from prefect.types import SecretDict
+
+from bif.config import RunConfig, build_config
+from tasks import pipeline, steps
+
+
+@flow(name="bif-attribution", log_prints=True)
+def attribution_flow(config: dict[str, Any], storage_options: SecretDict | None = None,
+                     scheduler_address: str | None = None, startup_seconds: float = 0.0) -> dict[str, Any]:
+    """Run one attribution: ``config`` is RunConfig data with credentials removed."""
+    secret = storage_options.get_secret_value() if storage_options is not None else {}
+    cfg = build_config({**config, "storage_options": secret})
+    t0 = time.perf_counter()
+    try:
+        info = steps.prepare(cfg)
+        if info.already_complete:
+            print(f"run at {cfg.output} is already complete; nothing to do")
+            return {"status": "complete", "skipped": True}
+        t1 = time.perf_counter()
+        futures = []
+        for c in range(cfg.sampler.num_chains):
+            with _gpu_claim(cfg.compute.gpus):
+                futures.append(steps.sample_chain.submit(cfg, c, info.ref_train_loss_mean))
+        wait(futures)
+        chains = [f.result() for f in futures]  # raises the first chain failure
+        steps.check_traces(cfg)
+        t2 = time.perf_counter()
+        summary = steps.reduce_covariance(cfg, info, scheduler_address)
+        t3 = time.perf_counter()
+        timings = {"startup_s": startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
+                   "covariance_s": t3 - t2, "chain_s": [r.seconds for r in chains]}
+        return steps.finish(cfg, info, timings, {"num_output_blocks": summary.num_blocks,
+                                                  "resumed_blocks": [r.resumed_blocks for r in chains]})
+    except BaseException as err:
+        pipeline.fail_run(cfg, err)
+        raise
+
+
+@contextlib.contextmanager
+def _gpu_claim(gpus: int) -> Iterator[None]:
+    if gpus:
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def dask_cluster(cfg: RunConfig) -> Iterator[str]:
+    """Yield a scheduler address: ``compute.address``, or a LocalCluster started here (1 torch thread/worker)."""
+    if cfg.compute.address:
+        yield cfg.compute.address
+        return
+    from distributed import LocalCluster
+
+    n_workers = cfg.compute.n_workers or max(1, min(cfg.sampler.num_chains, os.cpu_count() or 1))
+    kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": cfg.compute.threads_per_worker,
+                              "processes": True, "dashboard_address": ":0", "silence_logs": 40}
+    if cfg.compute.gpus:
+        kwargs["resources"] = {"GPU": 1}
+    with LocalCluster(**kwargs) as cluster:
+        yield cluster.scheduler_address
+
+
+def run_attribution(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """Run the flow on a Dask cluster and return the final manifest. Raises the run's error on failure."""
+    from distributed import Client
+    from prefect_dask import DaskTaskRunner
+
+    from bif.progress import RunProgress
+    from bif.storage import check_writable
+
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core",
+                 "distributed.worker", "distributed.http.proxy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    if cfg.output.startswith("memory://"):
+        from bif.errors import ConfigError
+
+        raise ConfigError("output memory:// lives in one process and Dask workers cannot see it; "
+                          "use a local path or s3:// for runs (memory:// serves tests of the trace store)")
+    check_writable(cfg.output, cfg.storage_options)  # fail before paying for a cluster
+    t0 = time.perf_counter()
+    with dask_cluster(cfg) as address, Client(address, set_as_default=False) as client:
+        with RunProgress(client, num_chains=cfg.sampler.num_chains, num_draws=cfg.sampler.num_draws,
+                         enabled=show_progress):
+            runner = DaskTaskRunner(address=address)
+            startup = time.perf_counter() - t0
+            return attribution_flow.with_options(task_runner=runner)(
+                config=cfg.public_dict() | {"storage_options": {}},
+                storage_options=SecretDict(dict(cfg.storage_options)) if cfg.storage_options else None,
+                scheduler_address=address, startup_seconds=startup)

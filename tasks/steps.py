@@ -1,0 +1,82 @@
+"""Prefect tasks: each loads its inputs, calls one function of ``tasks.pipeline``, returns its result.
+
+No arithmetic here. Chain tasks retry once on errors that are not the user's (a lost
+worker, a storage hiccup); the retry resumes from the last committed block.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from bif.config import RunConfig
+from bif.errors import BifError
+from tasks import pipeline
+
+PROGRESS_TOPIC = "bif-progress"
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry unless the failure is a domain error (bad config, diverged chain, ...)."""
+    try:
+        state.result()
+    except BifError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+class _DaskProgress:
+    """Sends (chain, draws_done, num_draws) to the client as Dask worker events, at most every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        try:
+            from distributed import get_worker
+
+            self.worker = get_worker()
+        except (ImportError, ValueError):
+            self.worker = None
+
+    def __call__(self, chain: int, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.worker is None or (done < total and now - self.last < 0.2):
+            return
+        self.last = now
+        self.worker.log_event(PROGRESS_TOPIC, {"chain": chain, "done": done, "total": total})
+
+
+@task(name="prepare-run", cache_policy=NO_CACHE)
+def prepare(cfg: RunConfig) -> pipeline.RunInfo:
+    return pipeline.prepare_run(cfg)
+
+
+@task(name="sample-chain", task_run_name="sample-chain-{chain}", cache_policy=NO_CACHE, retries=1,
+      retry_delay_seconds=1, retry_condition_fn=_is_transient)
+def sample_chain(cfg: RunConfig, chain: int, ref_train_loss_mean: float) -> pipeline.ChainResult:
+    return pipeline.run_chain(cfg, chain, ref_train_loss_mean=ref_train_loss_mean, progress=_DaskProgress())
+
+
+@task(name="check-traces", cache_policy=NO_CACHE)
+def check_traces(cfg: RunConfig) -> None:
+    pipeline.check_traces_complete(cfg)
+
+
+@task(name="reduce-covariance", cache_policy=NO_CACHE)
+def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None) -> Any:
+    if scheduler_address is None:
+        return pipeline.reduce_covariance(cfg, info)
+    from distributed import Client
+
+    with Client(scheduler_address, set_as_default=False) as client:
+        return pipeline.reduce_covariance(cfg, info, client=client,
+                                          progress=lambda done, total: client.log_event(
+                                              PROGRESS_TOPIC, {"stage": "covariance", "done": done, "total": total}))
+
+
+@task(name="finish-run", cache_policy=NO_CACHE)
+def finish(cfg: RunConfig, info: pipeline.RunInfo, timings: dict[str, float], extra: dict[str, Any]) -> dict:
+    return pipeline.finish_run(cfg, info, timings=timings, extra=extra)

@@ -1,0 +1,137 @@
+"""Baselines: sign conventions, exactness against retraining, and solver agreement.
+
+The tiny problem is L2 softmax regression fit exactly by Newton's method
+(bif.examples.logistic), so retraining has no seed noise and, with damping = l2, the
+damped Hessian is exactly the Hessian of the training objective.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bif.baselines import bif_scores
+from bif.baselines.graddot import gradcos_scores, graddot_scores
+from bif.baselines.influence import influence_scores
+from bif.config import SamplerConfig
+from bif.examples.logistic import build, newton_fit
+from bif.lds import draw_subsets, lds
+from tasks.moments import bif_in_memory
+from tasks.retrain import ground_truth, query_losses
+from tasks.sampler import sample_traces
+
+torch.set_num_threads(1)
+L2 = 0.05
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return build(n=60, d=5, num_classes=3, n_query=12, l2=L2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def exact_if(problem):
+    return influence_scores(problem, damping=L2, solver="explicit")
+
+
+@pytest.fixture(scope="module")
+def truth(problem):
+    masks = draw_subsets(60, num_subsets=40, alpha=0.5, seed=0)
+    return ground_truth(problem, masks, num_seeds=1)
+
+
+def test_layout_matches_bif_zarr(problem, exact_if):
+    assert exact_if.dims == ("train", "query") and exact_if.shape == (60, 12)
+    np.testing.assert_array_equal(exact_if["train"], np.arange(60))
+    np.testing.assert_array_equal(exact_if["query"], np.arange(12))
+    assert exact_if.dtype == np.float64 and exact_if.name == "influence"
+    ds = bif_scores(np.zeros((60, 12)), np.zeros((60, 12)))
+    assert set(ds.data_vars) == {"bif", "bif_corr"} and ds["bif"].dims == ("train", "query")
+
+
+def test_explicit_cg_and_lissa_agree(problem, exact_if):
+    cg = influence_scores(problem, damping=L2, solver="cg")
+    lissa = influence_scores(problem, damping=L2, solver="lissa", lissa_depth=2000)
+    scale = float(abs(exact_if).max())
+    np.testing.assert_allclose(cg.values, exact_if.values, atol=1e-9 * scale)
+    np.testing.assert_allclose(lissa.values, exact_if.values, atol=1e-6 * scale)
+    # stochastic LiSSA (minibatch HVPs, averaged) is only roughly right
+    sto = influence_scores(problem, damping=L2, solver="lissa", lissa_depth=300, lissa_batch_size=30, lissa_repeats=3)
+    assert np.corrcoef(sto.values.ravel(), exact_if.values.ravel())[0, 1] > 0.95
+
+
+def test_exact_if_equals_the_upweighting_derivative(problem, exact_if):
+    """dφ_q/dε for weight 1 + ε on train i (objective normalized by n) equals τ[i, q]."""
+    x, y = problem.train.tensors
+    base = query_losses(problem, problem.model)
+    eps = 1e-5
+    for i in (0, 7, 33):
+        w = torch.ones(60, dtype=torch.float64)
+        w[i] += eps
+        up = newton_fit(x, y, num_classes=3, l2=L2, sample_weight=w)
+        w[i] -= 2 * eps
+        down = newton_fit(x, y, num_classes=3, l2=L2, sample_weight=w)
+        deriv = (query_losses(problem, up) - query_losses(problem, down)) / (2 * eps)
+        np.testing.assert_allclose(deriv, exact_if.values[i], rtol=1e-4, atol=1e-8)
+
+
+def test_exact_if_predicts_leave_one_out(problem, exact_if):
+    """Removing i changes φ_q by about -τ[i, q] (first order; LOO also renormalizes by n - 1)."""
+    x, y = problem.train.tensors
+    base = query_losses(problem, problem.model)
+    drop, pred = [], []
+    for i in range(0, 60, 4):
+        keep = torch.arange(60) != i
+        m = newton_fit(x[keep], y[keep], num_classes=3, l2=L2)
+        drop.append(query_losses(problem, m) - base)
+        pred.append(-exact_if.values[i])
+    drop, pred = np.ravel(drop), np.ravel(pred)
+    assert np.corrcoef(drop, pred)[0, 1] > 0.97
+    slope = float(drop @ pred / (pred @ pred))
+    assert 0.8 < slope < 1.25
+
+
+def _bif(problem):
+    s = SamplerConfig(num_chains=2, num_draws=200, num_burnin_steps=100, steps_per_draw=2, step_size=1e-2,
+                      gamma=10.0, batch_size=60, seed=0)
+    return bif_in_memory(*sample_traces(problem, s))
+
+
+def test_every_method_has_clearly_positive_lds(problem, exact_if, truth):
+    """A flipped sign would show as a negative LDS; exact fits make the ground truth noise-free."""
+    b, bc = _bif(problem)
+    scores = {"influence": exact_if.values, "graddot": graddot_scores(problem).values,
+              "gradcos": gradcos_scores(problem).values, "bif": b, "bif_corr": bc}
+    res = {k: lds(v, truth.masks, truth.outputs) for k, v in scores.items()}
+    assert res["influence"].mean > 0.9
+    for name, r in res.items():
+        assert r.mean > 0.6 and r.mean > 5 * r.stderr, (name, r.mean, r.stderr)
+        assert lds(-scores[name], truth.masks, truth.outputs).mean == pytest.approx(-r.mean)
+
+
+def test_ekfac_sign_and_agreement(problem, exact_if, truth):
+    pytest.importorskip("kronfluence")
+    from bif.baselines.ekfac import ekfac_scores
+
+    ek = ekfac_scores(problem, damping=L2)
+    assert ek.dims == ("train", "query")
+    assert np.corrcoef(ek.values.ravel(), exact_if.values.ravel())[0, 1] > 0.9
+    assert lds(ek.values, truth.masks, truth.outputs).mean > 0.8
+
+
+def test_trak_sign(problem, truth):
+    pytest.importorskip("trak")
+    from bif.baselines.trak import trak_scores
+
+    tr = trak_scores(problem, proj_dim=200, lambda_reg=0.1)
+    assert tr.dims == ("train", "query")
+    assert lds(tr.values, truth.masks, truth.outputs).mean > 0.6
+    with pytest.raises(ValueError, match="proj_dim must be >= 200"):
+        trak_scores(problem, proj_dim=100)
+
+
+def test_bad_damping_and_solver_are_rejected(problem):
+    with pytest.raises(ValueError, match="damping"):
+        influence_scores(problem, damping=-1.0)
+    with pytest.raises(ValueError, match="solver"):
+        influence_scores(problem, solver="newton")
