@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+import warnings
 
 import torch
 import xarray as xr
@@ -60,7 +61,9 @@ def ekfac_scores(problem: Problem, *, damping: float | None = None, batch_size: 
     dtype = next(model.parameters()).dtype
     for name in ("kronfluence", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated in torch >= 2.4
+        warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
         analyzer = Analyzer("bif_ekfac", model, task, cpu=not torch.cuda.is_available(), disable_tqdm=True,
                             output_dir=output_dir or tmp, log_level=logging.WARNING)
         factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=True,
