@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+import time
 
 import torch
 import xarray as xr
@@ -55,11 +56,13 @@ def trak_scores(problem: Problem, *, proj_dim: int = 512, num_models: int = 1, l
             for b in train_b:
                 traker.featurize(batch=b, num_samples=b[0].shape[0])
         traker.finalize_features()
+        t0 = time.perf_counter()  # train features are query-independent; a new query set repeats only this
         for k, m in enumerate(models):
             traker.start_scoring_checkpoint(exp_name="q", checkpoint=m.state_dict(), model_id=k, num_targets=q)
             for b in query_b:
                 traker.score(batch=b, num_samples=b[0].shape[0])
         s = traker.finalize_scores(exp_name="q")  # (n, Q)
+        query_seconds = time.perf_counter() - t0
     tau = -torch.as_tensor(s, dtype=torch.float64)
     return as_scores(tau, name="trak", attrs={"method": "trak", "proj_dim": proj_dim, "num_models": num_models,
-                                             "lambda_reg": lambda_reg})
+                                             "lambda_reg": lambda_reg, "query_seconds": query_seconds})
