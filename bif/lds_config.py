@@ -1,0 +1,53 @@
+"""Settings of the LDS benchmark (``bif lds``) and of the methods it scores: frozen, validated.
+
+The run config (problem, checkpoint, output, sampler) is the attribution run's
+:class:`bif.config.RunConfig`; these settings sit beside it and come from CLI flags.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["bif", "influence", "influence_cg", "influence_lissa", "graddot", "gradcos", "ekfac", "trak"]
+#: ``bif`` yields two score arrays: ``bif`` (-Cov) and ``bif_corr`` (-Corr).
+DEFAULT_METHODS: tuple[Method, ...] = ("bif", "influence", "graddot", "gradcos")
+
+
+class MethodOptions(BaseModel):
+    """Hyperparameters of the baselines (BIF takes the run config's sampler block)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    damping: float = Field(1e-3, ge=0, description="Damping λ of the classical influence function (all solvers).")
+    lissa_depth: int = Field(1000, ge=1, description="LiSSA recursion depth.")
+    ekfac_damping: float | None = Field(None, gt=0, description="EK-FAC damping; None: kronfluence's heuristic.")
+    trak_proj_dim: int = Field(512, ge=200, description="TRAK projection dimension (>= 200 on CPU).")
+    trak_lambda_reg: float = Field(0.0, ge=0, description="TRAK ridge on the projected Gram matrix.")
+    trak_num_models: int = Field(1, ge=1, description="TRAK ensemble size (extra models trained with problem.fit).")
+
+
+class LDSSettings(BaseModel):
+    """Subsets, seeds and methods of one LDS benchmark."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(0.5, gt=0, lt=1, description="Fraction of the training set in each subset.")
+    num_subsets: int = Field(100, ge=2, description="Number M of random subsets.")
+    num_seeds: int = Field(3, ge=1, description="Retraining seeds per subset; outputs are averaged over them.")
+    seed: int = Field(0, ge=0, description="Root seed of the subsets and the retraining seeds.")
+    methods: tuple[Method, ...] = Field(DEFAULT_METHODS, description="Attribution methods to score.")
+    options: MethodOptions = Field(default_factory=MethodOptions, description="Baseline hyperparameters.")
+    retries: int = Field(2, ge=0, description="Retries of each retraining task.")
+
+    def ground_truth_key(self, problem: str, problem_args: dict[str, Any]) -> str:
+        """Short sha256 of what determines the retrained losses: problem, its args, subsets and seeds.
+
+        The checkpoint and the methods do not enter: retraining starts from scratch, and a new
+        method reuses the same ground truth.
+        """
+        data = {"problem": problem, "problem_args": problem_args, "alpha": self.alpha,
+                "num_subsets": self.num_subsets, "num_seeds": self.num_seeds, "seed": self.seed}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,53 @@
+"""One small LDS flow on a real Dask LocalCluster under a Prefect test server; the rerun reuses the ground truth."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bif.config import build_config
+from bif.lds_config import LDSSettings
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.e2e
+
+
+def _mtimes(root: str) -> dict[str, float]:
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files if f.endswith(".parquet") and "results" not in d}
+
+
+def test_lds_flow_caches_ground_truth(tmp_path, prefect_api_url, dask_address):
+    from flows.lds import run_lds
+
+    cfg = build_config({"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6},
+                        "output": str(tmp_path / "out"),
+                        "sampler": {"num_chains": 2, "num_draws": 100, "num_burnin_steps": 50, "steps_per_draw": 2,
+                                    "step_size": 1e-2, "gamma": 10.0, "batch_size": 40}})
+    st = LDSSettings(num_subsets=10, num_seeds=1, methods=("bif", "influence", "graddot"),
+                     options={"damping": 0.05})
+    first = run_lds(cfg, st, address=dask_address, run_name="first")
+    assert first["cached"] is False and first["num_retrained"] == 10
+    root = str(tmp_path / "out" / "lds" / first["ground_truth_key"])
+    before = _mtimes(root)
+    assert len([p for p in before if "/retrain/" in p]) == 10
+    gt = pd.read_parquet(os.path.join(root, "ground_truth.parquet"))
+    assert len(gt) == 10 * 1 * 6 and np.isfinite(gt["loss"]).all()
+
+    second = run_lds(cfg, st, address=dask_address, run_name="second")
+    assert second["cached"] is True and second["num_retrained"] == 0
+    assert second["ground_truth_key"] == first["ground_truth_key"]
+    assert _mtimes(root) == before  # nothing retrained or rewritten
+
+    by = {r["method"]: r for r in second["methods"]}
+    assert set(by) == {"bif", "bif_corr", "influence", "graddot"}
+    assert by["influence"]["lds"] == pytest.approx({r["method"]: r for r in first["methods"]}["influence"]["lds"])
+    for name, r in by.items():
+        assert r["lds"] > 0.3 and r["seconds"] > 0, (name, r)
+    per_query = pd.read_parquet(os.path.join(root, "results", "second", "lds.parquet"))
+    assert len(per_query) == 4 * 6
+    # a different subset count is a different ground truth
+    assert LDSSettings(num_subsets=13).ground_truth_key(cfg.problem, cfg.problem_args) != first["ground_truth_key"]
