@@ -35,6 +35,13 @@ class ChainDivergedError(BifError):
             "(`bif calibrate` searches these)."
         )
 
+    def __reduce__(self):  # keep the fields when the error crosses a process boundary (Dask)
+        return (_rebuild_diverged, (self.chain, self.draw, self.split, self.sample, self.value))
+
+
+def _rebuild_diverged(chain: int, draw: int, split: str, sample: int, value: float) -> ChainDivergedError:
+    return ChainDivergedError(chain=chain, draw=draw, split=split, sample=sample, value=value)
+
 
 class RunConflictError(BifError):
     """The output location already holds a run made with a different configuration."""

@@ -6,12 +6,16 @@ Run layout under ``<output>`` (a local path or an fsspec URI):
 config.json                         resolved config (credentials removed) + its hash
 manifest.json                       status, hashes, versions, timings; written last
 reference.parquet                   per-sample losses at the checkpoint w*
-traces/chain=C/block=B.parquet      per-sample losses, one row per (chain, draw, sample)
-health/chain=C/block=B.parquet      per-draw sampler health (distance to w*, mean losses)
-state/chain=C/block=B.pt            chain state after block B (params, preconditioner, RNG)
+traces/chain-C/block-B.parquet      per-sample losses, one row per (chain, draw, sample)
+health/chain-C/block-B.parquet      per-draw sampler health (distance to w*, mean losses)
+state/chain-C/block-B.pt            chain state after block B (params, preconditioner, RNG)
 bif.zarr                            xarray Dataset: bif, bif_corr over (train, query)
 topk.parquet                        top-k positive / negative train examples per query
+quality/                            quality gates: GE results (*.json, *.md) and summary.json
+diagnostics.parquet                 per-sample rank R-hat, bulk and tail ESS of the loss traces
+report.html                         self-contained human-readable report (embedded PNGs)
 ```
+``pandas.read_parquet(f"{output}/traces")`` reads every committed block as one table.
 A block is committed when its ``traces`` file exists; ``health`` and ``state`` are
 written before it, so a reader never sees half a block.
 """
@@ -72,6 +76,12 @@ RANK = "rank"
 DIRECTION = "direction"  # "positive" (raises the query loss) or "negative"
 TOPK_COLUMNS = (QUERY, DIRECTION, RANK, TRAIN, BIF, BIF_CORR)
 
+# diagnostics.parquet columns (besides split, sample)
+RHAT = "rhat"  # rank-normalized split R-hat (ArviZ)
+ESS_BULK = "ess_bulk"
+ESS_TAIL = "ess_tail"
+DIAGNOSTICS_COLUMNS = (SPLIT, SAMPLE, RHAT, ESS_BULK, ESS_TAIL)
+
 # --- file names ----------------------------------------------------------------------
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -81,6 +91,10 @@ HEALTH_DIR = "health"
 STATE_DIR = "state"
 BIF_ZARR = "bif.zarr"
 TOPK_FILE = "topk.parquet"
+QUALITY_DIR = "quality"
+QUALITY_SUMMARY_FILE = "summary.json"  # inside QUALITY_DIR
+DIAGNOSTICS_FILE = "diagnostics.parquet"
+REPORT_FILE = "report.html"
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
@@ -89,5 +103,9 @@ STATUS_FAILED_QUALITY = "failed_quality"
 
 
 def block_name(chain: int, block: int, suffix: str) -> str:
-    """Relative file name of one chain block, e.g. ``chain=0/block=00003.parquet``."""
-    return f"chain={chain}/block={block:05d}.{suffix}"
+    """Relative file name of one chain block, e.g. ``chain-0/block-00003.parquet``.
+
+    Not Hive-style (``chain=0``) on purpose: the files carry a ``chain`` column, and
+    ``pandas.read_parquet("<output>/traces")`` must read the folder as one table.
+    """
+    return f"chain-{chain}/block-{block:05d}.{suffix}"

@@ -2,8 +2,14 @@
 
 ``run_attribution(cfg)`` is the Python entry point (the CLI calls it): it starts a Dask
 LocalCluster, or joins ``compute.address``, shows progress, and runs the flow on that
-cluster through prefect-dask's ``DaskTaskRunner``. Credentials travel as a Prefect
-``SecretDict`` parameter, so Prefect stores them obfuscated.
+cluster through prefect-dask's ``DaskTaskRunner``.
+
+Credentials never become flow parameters (Prefect stores parameters, and its
+``SecretDict`` is stored in clear). ``run_attribution`` keeps ``storage_options`` in a
+process-local registry and passes the flow an opaque reference; tasks receive them as
+pickled arguments over Dask, which Prefect does not persist. A flow started elsewhere
+(e.g. a deployment) finds no reference and uses the ambient credentials (AWS_* variables,
+instance roles), as s3fs does by default.
 """
 from __future__ import annotations
 
@@ -11,23 +17,25 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow
 from prefect.futures import wait
-from prefect.types import SecretDict
 
 from bif.config import RunConfig, build_config
 from tasks import pipeline, steps
 
 
+_CREDENTIALS: dict[str, dict[str, Any]] = {}
+
+
 @flow(name="bif-attribution", log_prints=True)
-def attribution_flow(config: dict[str, Any], storage_options: SecretDict | None = None,
+def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
                      scheduler_address: str | None = None, startup_seconds: float = 0.0) -> dict[str, Any]:
     """Run one attribution: ``config`` is RunConfig data with credentials removed."""
-    secret = storage_options.get_secret_value() if storage_options is not None else {}
-    cfg = build_config({**config, "storage_options": secret})
+    cfg = build_config({**config, "storage_options": _CREDENTIALS.get(credentials_ref or "", {})})
     t0 = time.perf_counter()
     try:
         info = steps.prepare(cfg)
@@ -106,7 +114,11 @@ def run_attribution(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, 
                          enabled=show_progress):
             runner = DaskTaskRunner(address=address)
             startup = time.perf_counter() - t0
-            return attribution_flow.with_options(task_runner=runner)(
-                config=cfg.public_dict() | {"storage_options": {}},
-                storage_options=SecretDict(dict(cfg.storage_options)) if cfg.storage_options else None,
-                scheduler_address=address, startup_seconds=startup)
+            ref = uuid.uuid4().hex
+            _CREDENTIALS[ref] = dict(cfg.storage_options)
+            try:
+                return attribution_flow.with_options(task_runner=runner)(
+                    config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref,
+                    scheduler_address=address, startup_seconds=startup)
+            finally:
+                _CREDENTIALS.pop(ref, None)

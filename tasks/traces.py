@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bif import schema as S
+from bif.errors import StorageError
 from bif.storage import atomic_write, get_fs, join
 from tasks.sampler import ChainState, DrawBlock
 
@@ -27,7 +28,7 @@ from tasks.sampler import ChainState, DrawBlock
 #: sample range fetch only the row groups that overlap it.
 ROW_GROUP_SAMPLES = 1024
 
-_BLOCK_RE = re.compile(r"chain=(\d+)/block=(\d+)\.parquet$")
+_BLOCK_RE = re.compile(r"chain-(\d+)/block-(\d+)\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class TraceStore:
         fs, root = self.fs_path
         base = join(root, S.TRACES_DIR)
         try:
-            paths = fs.glob(join(base, "chain=*", "block=*.parquet"))
+            paths = fs.glob(join(base, "chain-*", "block-*.parquet"))
         except FileNotFoundError:
             return {}
         out = {}
@@ -177,8 +178,15 @@ class TraceStore:
         if not blocks:
             return None, 0
         fs, _ = self.fs_path
-        with fs.open(self._path(S.STATE_DIR, chain, blocks[-1], "pt"), "rb") as f:
-            return state_from_bytes(f.read()), len(blocks)
+        path = self._path(S.STATE_DIR, chain, blocks[-1], "pt")
+        try:
+            with fs.open(path, "rb") as f:
+                return state_from_bytes(f.read()), len(blocks)
+        except FileNotFoundError:
+            raise StorageError(
+                f"chain {chain}: block {blocks[-1]} is committed but its state {path!r} is missing, so the chain "
+                f"cannot resume; delete {self.root}/{S.TRACES_DIR}/chain={chain} to resample this chain"
+            ) from None
 
     def block_files(self, *, num_chains: int | None = None) -> list[tuple[int, int, str]]:
         """(chain, block, path) of every committed block, sorted; contiguous prefixes only."""

@@ -1,0 +1,195 @@
+"""End to end: the Prefect flow on a real Dask LocalCluster, against the closed-form BIF;
+the CLI; credentials; and bad input (clear error, non-zero exit, never a complete manifest)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from bif import schema as S
+from bif.cli import main
+from bif.config import build_config
+from bif.errors import ChainDivergedError
+from bif.examples import linear
+from bif.manifest import read_manifest
+from flows.attribution import run_attribution
+from conftest import S3_KEY, S3_SECRET
+
+pytestmark = pytest.mark.e2e
+
+LINEAR_ARGS = {"n": 40, "d": 4, "m": 6, "singular": True, "seed": 2}
+SAMPLER = {"num_chains": 2, "num_draws": 1500, "num_burnin_steps": 400, "steps_per_draw": 10,
+           "step_size": 2e-3, "gamma": 10.0, "nbeta": 40.0, "batch_size": 40, "seed": 3,
+           "draws_per_block": 500, "trace_dtype": "float64"}
+
+
+def _cfg(output, address, **over):
+    data = {"problem": "bif.examples.linear:build", "problem_args": LINEAR_ARGS, "output": str(output),
+            "sampler": SAMPLER, "covariance": {"train_block_size": 16, "query_block_size": 4, "topk": 5},
+            "compute": {"address": address}}
+    for k, v in over.items():
+        data[k] = (data.get(k) or {}) | v if isinstance(v, dict) and k != "problem_args" else v
+    return build_config(data)
+
+
+def test_flow_matches_closed_form_and_reruns_are_skipped(tmp_path, dask_address, capsys):
+    cfg = _cfg(tmp_path / "run", dask_address)
+    manifest = run_attribution(cfg, show_progress=False)
+    assert manifest["status"] == S.STATUS_COMPLETE
+    assert manifest["config_hash"] == cfg.hash()
+    ds = xr.open_zarr(tmp_path / "run" / S.BIF_ZARR, consolidated=False).load()
+    data = linear.make_data(**LINEAR_ARGS)
+    exact = linear.closed_form_bif(data, nbeta=40.0, gamma=10.0, step_size=2e-3)
+    rel = np.linalg.norm(ds[S.BIF].values - exact) / np.linalg.norm(exact)
+    assert rel < 0.2, rel  # 3000 draws; Monte-Carlo error ~0.05-0.08
+    assert ds[S.BIF].shape == (40, 6)
+    # traces: every (chain, draw, split, sample) exactly once
+    traces = pd.read_parquet(tmp_path / "run" / S.TRACES_DIR)
+    assert len(traces) == 2 * 1500 * 46
+    assert not traces.duplicated([S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE]).any()
+    topk = pd.read_parquet(tmp_path / "run" / S.TOPK_FILE)
+    best = topk[(topk[S.QUERY] == 2) & (topk[S.DIRECTION] == "positive") & (topk[S.RANK] == 0)][S.TRAIN].item()
+    assert best == int(np.argmax(ds[S.BIF].values[:, 2]))
+    # the rerun finds the complete manifest and skips everything
+    assert run_attribution(cfg, show_progress=False).get("skipped") is True
+    # the CLI reads it back
+    assert main(["show", str(tmp_path / "run"), "--query", "2", "-k", "3"]) == 0
+    assert f"{best}" in capsys.readouterr().out
+
+
+def test_credentials_never_reach_outputs_logs_or_prefect(s3_bucket, dask_address, prefect_api_url):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    bucket, opts = s3_bucket
+    out = f"s3://{bucket}/runs/secret-test"
+    cfg = _cfg(out, dask_address, storage_options=opts,
+               sampler=SAMPLER | {"num_draws": 20, "num_burnin_steps": 5, "draws_per_block": 10})
+    assert run_attribution(cfg, show_progress=False)["status"] == "complete"
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **opts)
+    texts = [fs.cat(f"{bucket}/runs/secret-test/{name}").decode() for name in (S.MANIFEST_FILE, S.CONFIG_FILE)]
+
+    async def dump_prefect():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            tasks = await client.read_task_runs()
+            logs = await client.read_logs()
+            return json.dumps([r.model_dump(mode="json") for r in [*runs, *tasks, *logs]])
+
+    texts.append(asyncio.run(dump_prefect()))
+    for text in texts:
+        if S3_SECRET in text:
+            i = text.index(S3_SECRET)
+            print("LEAK", text[max(0, i - 600):i + 100])
+        assert S3_SECRET not in text and S3_KEY not in text
+    assert '"storage_options"' in texts[1] and "***" in texts[1]
+
+
+def test_nan_chain_fails_run_with_named_chain(tmp_path, dask_address, capsys):
+    cfg = _cfg(tmp_path / "nan", dask_address,
+               sampler=SAMPLER | {"step_size": 50.0, "gamma": 0.0, "nbeta": 1e6, "num_draws": 40,
+                                  "draws_per_block": 10})
+    with pytest.raises(ChainDivergedError, match=r"chain \d diverged"):
+        run_attribution(cfg, show_progress=False)
+    manifest = read_manifest(str(tmp_path / "nan"))
+    assert manifest["status"] == S.STATUS_FAILED and "diverged" in manifest["error"]
+
+
+def _write_yaml(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "missing_module", "wrong_shape_loss", "corrupt_checkpoint",
+                                  "unsafe_checkpoint"])
+def test_bad_input_clear_error_nonzero_exit(case, tmp_path, dask_address, capsys, prefect_api_url):
+    out = tmp_path / "out"
+    data = {"problem": "bif.examples.linear:build", "output": str(out),
+            "sampler": {"num_chains": 1, "num_draws": 4, "num_burnin_steps": 1},
+            "compute": {"address": dask_address}}
+    marker = tmp_path / "pwned"
+    expect = {
+        "unknown_key": r"unknown config key 'sampler.num_draw'",
+        "missing_module": r"cannot import problem module 'no_such_module_xyz'",
+        "wrong_shape_loss": r"per-sample losses of shape \(40,\).*got \(\)",
+        "corrupt_checkpoint": r"could not be loaded as a state dict with weights_only=True",
+        "unsafe_checkpoint": r"could not be loaded as a state dict with weights_only=True",
+    }[case]
+    if case == "unknown_key":
+        data["sampler"]["num_draw"] = 3
+    elif case == "missing_module":
+        data["problem"] = "no_such_module_xyz:build"
+    elif case == "wrong_shape_loss":
+        data["problem"] = "bif_test_problems:wrong_shape_loss"
+    elif case == "corrupt_checkpoint":
+        (tmp_path / "ckpt.pt").write_bytes(b"\x80\x02 not a checkpoint")
+        data["checkpoint"] = str(tmp_path / "ckpt.pt")
+    else:  # a pickle that would run code if loaded without weights_only
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"weight": Evil()}, tmp_path / "ckpt.pt")
+        data["checkpoint"] = str(tmp_path / "ckpt.pt")
+    code = main(["run", _write_yaml(tmp_path / "cfg.yaml", data), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert __import__("re").search(expect, err), err
+    manifest = read_manifest(str(out))
+    assert manifest is None or manifest["status"] != S.STATUS_COMPLETE
+    assert not marker.exists()
+
+
+def test_unreachable_bucket(tmp_path, moto_server, capsys):
+    opts = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": moto_server}}
+    path = _write_yaml(tmp_path / "c.yaml", {"problem": "bif.examples.linear:build",
+                                               "output": "s3://no-such-bucket-bif/x", "storage_options": opts})
+    assert main(["run", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "s3://no-such-bucket-bif/x" in err and "not writable" in err
+
+
+def test_killed_run_resumes_without_lost_or_duplicate_draws(tmp_path, prefect_api_url, dask_address):
+    """SIGKILL a real `bif run` (CLI, its own LocalCluster) after its first committed block, then rerun."""
+    out = tmp_path / "killed"
+    data = {"problem": "bif.examples.digits:build", "problem_args": {"n_train": 300, "n_query": 20},
+            "output": str(out), "sampler": {"num_chains": 2, "num_draws": 400, "num_burnin_steps": 10,
+                                             "steps_per_draw": 3, "draws_per_block": 40, "step_size": 1e-5},
+            "compute": {"n_workers": 2}}
+    cfg_path = _write_yaml(tmp_path / "k.yaml", data)
+    env = os.environ | {"PREFECT_API_URL": prefect_api_url, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "bif.cli", "run", cfg_path, "--no-progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / S.TRACES_DIR / "chain-0" / "block-00000.parquet"
+    deadline = time.monotonic() + 240
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), "the run never committed a block"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = sorted(p.name for p in (out / S.TRACES_DIR / "chain-0").glob("block-*.parquet"))
+    assert 1 <= len(committed) < 10  # killed midway
+    assert read_manifest(str(out))["status"] == S.STATUS_RUNNING  # never mistaken for complete
+    cfg = build_config(data | {"compute": {"address": dask_address}})
+    manifest = run_attribution(cfg, show_progress=False)
+    assert manifest["status"] == S.STATUS_COMPLETE
+    assert manifest["resumed_blocks"][0] >= 1
+    traces = pd.read_parquet(out / S.TRACES_DIR, columns=[S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE])
+    assert len(traces) == 2 * 400 * 320
+    assert not traces.duplicated().any()
+    assert sorted(traces[S.DRAW].unique()) == list(range(400))
