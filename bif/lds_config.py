@@ -51,3 +51,24 @@ class LDSSettings(BaseModel):
         data = {"problem": problem, "problem_args": problem_args, "alpha": self.alpha,
                 "num_subsets": self.num_subsets, "num_seeds": self.num_seeds, "seed": self.seed}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CalibrationSettings(BaseModel):
+    """The ``bif calibrate`` sweep: a pilot for the largest stable step, then a small grid scored on LDS."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_subsets: int = Field(20, ge=2, description="Subsets of the cheap LDS ground truth.")
+    num_seeds: int = Field(1, ge=1, description="Retraining seeds per subset of the cheap ground truth.")
+    alpha: float = Field(0.5, gt=0, lt=1, description="Fraction of the training set in each subset.")
+    seed: int = Field(0, ge=0, description="Root seed of subsets and retraining seeds.")
+    nbeta: float | None = Field(None, gt=0, description="nβ of the sweep; None: bif.calibrate.default_nbeta(n).")
+    step_sizes: tuple[float, ...] | None = Field(
+        None, description="Explicit step sizes to sweep; None: fractions of the pilot's largest stable step.")
+    gammas: tuple[float, ...] | None = Field(None, description="Explicit gammas; None: (0.03, 0.1, 0.3)·nβ.")
+    pilot_steps: int = Field(200, ge=10, description="SGLD steps of each pilot chain.")
+    num_chains: int = Field(4, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
+    num_draws: int = Field(300, ge=8, description="Draws per chain per evaluated setting.")
+    rhat_max: float = Field(1.1, gt=1, description="Largest acceptable R-hat of any loss trace.")
+    ess_min: float = Field(50.0, gt=0, description="Smallest acceptable median bulk ESS.")
+    drift_max: float = Field(1.5, gt=1, description="Largest acceptable growth of the distance from w*.")

@@ -33,16 +33,18 @@ def newton_fit(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, l2: float,
     w = torch.ones(n, dtype=torch.float64) if sample_weight is None else sample_weight.to(torch.float64)
     theta = torch.zeros(num_classes * (d + 1), dtype=torch.float64)
 
-    def objective(t: torch.Tensor) -> torch.Tensor:
-        wb = t.view(num_classes, d + 1)
-        logits = x @ wb[:, :d].T + wb[:, d]
-        return (w * F.cross_entropy(logits, y, reduction="none")).sum() / n + 0.5 * l2 * (t * t).sum()
-
+    xt = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)  # (n, d+1)
+    onehot = F.one_hot(y, num_classes).to(torch.float64)  # (n, k)
+    eye = torch.eye(theta.numel(), dtype=torch.float64)
+    # closed-form gradient and Hessian (no torch.func: its forward mode is not thread-safe)
     for _ in range(max_iter):
-        g = torch.func.grad(objective)(theta)
+        wb = theta.view(num_classes, d + 1)
+        p = torch.softmax(xt @ wb.T, dim=1)  # (n, k)
+        g = ((w[:, None] * (p - onehot)).T @ xt / n).reshape(-1) + l2 * theta  # (k(d+1),)
         if float(g.norm()) < tol:
             break
-        h = torch.func.hessian(objective)(theta)
+        a = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (n, k, k)
+        h = torch.einsum("i,iab,ij,il->ajbl", w / n, a, xt, xt).reshape(theta.numel(), -1) + l2 * eye
         theta = theta - torch.linalg.solve(h, g)
     model = nn.Linear(d, num_classes).to(torch.float64)
     with torch.no_grad():

@@ -1,0 +1,131 @@
+"""The calibration flow: cheap ground truth + step-size pilot → sweep of (ε, nβ, γ) on Dask → YAML + PNG.
+
+``run_calibration(cfg, settings)`` is the entry point (``bif calibrate`` calls it). The
+retrainings reuse the LDS flow's task and cache (a cheap ground truth of ``num_subsets``
+subsets under ``<output>/lds/<key>/``); each pilot step size and each grid point is a task.
+Outputs under ``<output>/calibration/``: ``sampler.yaml`` (the recommended ``sampler:``
+block), ``tradeoffs.png``, ``scores.json``. Logic lives in :mod:`bif.calibrate` and
+:mod:`tasks.calibration`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from prefect import flow, task
+from prefect.futures import wait
+from prefect.types import SecretDict
+
+from bif import calibrate as C
+from bif.config import RunConfig, build_config
+from bif.lds_config import CalibrationSettings, LDSSettings
+from flows.lds import retrain_task
+from tasks import calibration, lds_store
+from tasks.retrain import GroundTruth
+
+
+@task(name="pilot-step")
+def pilot_task(config: dict[str, Any], step_size: float, nbeta: float, gamma: float, pilot_steps: int) -> bool:
+    """Whether one short chain at ``step_size`` stays stable."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = build_config(config)
+    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
+    s = cfg.sampler.model_copy(update={"nbeta": nbeta, "gamma": gamma})
+    return calibration.pilot_stable(problem, s, step_size, num_steps=pilot_steps)
+
+
+@task(name="evaluate-setting")
+def evaluate_task(config: dict[str, Any], point: tuple[float, float, float], num_chains: int, num_draws: int,
+                  gt: GroundTruth) -> C.SettingScore:
+    """Diagnostics and LDS of one (step_size, nbeta, gamma)."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = build_config(config)
+    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
+    eps, nbeta, gamma = point
+    s = cfg.sampler.model_copy(update={"step_size": eps, "nbeta": nbeta, "gamma": gamma,
+                                       "num_chains": num_chains, "num_draws": num_draws})
+    return calibration.evaluate_setting(problem, s, gt)
+
+
+def _write_outputs(cfg: RunConfig, settings: CalibrationSettings, scores, best, healthy, largest,
+                   opts) -> dict[str, Any]:
+    import tempfile
+
+    import yaml
+
+    from bif.storage import atomic_write, get_fs, join, write_json
+
+    fs, out = get_fs(cfg.output, opts)
+    root = join(out, "calibration")
+    block = C.sampler_block(cfg.sampler.model_dump(mode="json"), best)
+    atomic_write(fs, join(root, "sampler.yaml"), yaml.safe_dump({"sampler": block}, sort_keys=False).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "tradeoffs.png")
+        C.plot_tradeoffs(scores, best, png)
+        with open(png, "rb") as f:
+            atomic_write(fs, join(root, "tradeoffs.png"), f.read())
+    result = {"recommended": C.as_records([best])[0], "healthy": healthy, "largest_stable_step": largest,
+              "sampler": block, "scores": C.as_records(scores), "output_uri": join(cfg.output, "calibration"),
+              "settings": settings.model_dump(mode="json")}
+    write_json(fs, join(root, "scores.json"), result)
+    return result
+
+
+@flow(name="bif-calibrate", log_prints=True)
+def calibrate_flow(config: dict[str, Any], settings: dict[str, Any],
+                   storage_options: SecretDict | None = None) -> dict[str, Any]:
+    """Pilot, sweep and recommend a sampler block for the problem of ``config``."""
+    opts = storage_options.get_secret_value() if storage_options is not None else {}
+    cfg, st = build_config({**config, "storage_options": opts}), CalibrationSettings.model_validate(settings)
+    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
+    lds_settings = LDSSettings(alpha=st.alpha, num_subsets=st.num_subsets, num_seeds=st.num_seeds, seed=st.seed)
+    p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, lds_settings, n_train=len(problem.train),
+                       n_query=len(problem.query), storage_options=opts)
+    retrains = [retrain_task.submit(cfg.problem, cfg.problem_args, p.root_uri, m, r, seed,
+                                    np.flatnonzero(p.masks[m]), storage_options) for m, r, seed in p.missing]
+    nbeta = st.nbeta or C.default_nbeta(len(problem.train))
+    largest = None
+    if st.step_sizes is None:
+        cands = C.pilot_step_sizes(nbeta)
+        pilots = [pilot_task.submit(config, e, nbeta, C.default_gamma(nbeta), st.pilot_steps) for e in cands]
+        largest = C.largest_stable({e: f.result() for e, f in zip(cands, pilots)})
+        print(f"pilot: largest stable step size {largest:.3g} (nβ = {nbeta:.4g})")
+        points = C.grid(largest, nbeta, gamma_per_nbeta=[g / nbeta for g in st.gammas] if st.gammas
+                        else C.GAMMA_PER_NBETA)
+    else:
+        gammas = st.gammas or tuple(g * nbeta for g in C.GAMMA_PER_NBETA)
+        points = [(e, nbeta, g) for e in st.step_sizes for g in gammas]
+    wait(retrains)
+    for f in retrains:
+        f.result()
+    gt = (lds_store.read_ground_truth(p, lds_settings, storage_options=opts) if p.cached
+          else lds_store.consolidate(p, lds_settings, storage_options=opts))
+    futures = [evaluate_task.submit(config, pt, st.num_chains, st.num_draws, gt) for pt in points]
+    scores = [f.result() for f in futures]
+    best, healthy = C.recommend(scores, rhat_max=st.rhat_max, ess_min=st.ess_min, drift_max=st.drift_max)
+    for s in scores:
+        print(f"ε={s.step_size:.3g} nβ={s.nbeta:.4g} γ={s.gamma:.4g}: "
+              + ("DIVERGED" if s.diverged else f"LDS {s.lds:+.3f} R-hat {s.max_rhat:.3f} ESS {s.median_ess_bulk:.0f}"))
+    return _write_outputs(cfg, st, scores, best, healthy, largest, opts)
+
+
+def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None) -> dict[str, Any]:
+    """Run :func:`calibrate_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
+    from prefect_dask import DaskTaskRunner
+
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    address = address or cfg.compute.address
+    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": cfg.compute.n_workers or (os.cpu_count() or 1), "threads_per_worker": 1,
+                        "processes": True, "dashboard_address": ":0", "silence_logs": logging.WARNING})
+    return calibrate_flow.with_options(task_runner=runner)(
+        config=cfg.public_dict() | {"storage_options": {}}, settings=settings.model_dump(mode="json"),
+        storage_options=SecretDict(dict(cfg.storage_options)) if cfg.storage_options else None)

@@ -1,0 +1,85 @@
+"""Run one calibration setting (chains → diagnostics → BIF → LDS) and the step-size pilot.
+
+No Prefect here; :mod:`flows.calibrate` wraps these in tasks. Diagnostics are ArviZ's
+rank R-hat and bulk ESS of every per-sample loss trace, computed by the private
+:func:`_rhat_ess` (``tasks.diagnostics.loss_diagnostics`` computes the same per sample for
+the attribution run; it was not importable when this was written, so this module does
+not depend on it).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bif.calibrate import SettingScore, drift_ratio
+from bif.config import SamplerConfig
+from bif.errors import ChainDivergedError
+from bif.lds import lds
+from bif.problem import Problem
+from tasks.moments import bif_in_memory
+from tasks.retrain import GroundTruth
+from tasks.sampler import SGLDChain
+
+
+def run_chains(problem: Problem, sampler: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All chains in-process: train (C, D, n_train), query (C, D, n_query), distance (C, D) from w*."""
+    train, query, dist = [], [], []
+    for c in range(sampler.num_chains):
+        chain = SGLDChain(problem, sampler, chain=c)
+        blocks = list(chain.run(num_draws=sampler.num_draws, draws_per_block=sampler.num_draws))
+        train.append(np.concatenate([b.train_losses for b in blocks]))
+        query.append(np.concatenate([b.query_losses for b in blocks]))
+        dist.append(np.concatenate([b.distance for b in blocks]))
+    return np.stack(train), np.stack(query), np.stack(dist)
+
+
+def _rhat_ess(train: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ArviZ rank R-hat and bulk ESS of every loss trace; train and query (chains, draws, n) -> (n_train + n_query,) each."""
+    import arviz as az
+    import xarray as xr
+
+    traces = np.concatenate([train, query], axis=2).astype(np.float64)  # (C, D, n_train + n_query)
+    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), traces)})
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return az.rhat(ds, method="rank")["loss"].values, az.ess(ds, method="bulk")["loss"].values
+
+
+def _diverged_by_loss(train: np.ndarray, reference_mean: float, factor: float = 10.0, slack: float = 1.0) -> bool:
+    """A chain ran away if its mean train loss exceeds factor × the loss at w* + slack."""
+    return bool((train.mean(axis=(1, 2)) > factor * reference_mean + slack).any())
+
+
+def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth | None) -> SettingScore:
+    """Diagnostics, drift and LDS (against ``gt``, if given) of one sampler setting."""
+    nbeta = float(sampler.nbeta if sampler.nbeta is not None else len(problem.train))
+    head = {"step_size": sampler.step_size, "nbeta": nbeta, "gamma": sampler.gamma}
+    t0 = time.perf_counter()
+    try:
+        train, query, dist = run_chains(problem, sampler)
+    except ChainDivergedError:
+        return SettingScore(**head, diverged=True, seconds=time.perf_counter() - t0)
+    ref = float(SGLDChain(problem, sampler, chain=0).reference_losses()[0].mean())
+    if _diverged_by_loss(train, ref) or not np.isfinite(dist).all():
+        return SettingScore(**head, diverged=True, seconds=time.perf_counter() - t0)
+    rhat, ess = _rhat_ess(train, query)
+    score = {"max_rhat": float(np.nanmax(rhat)) if np.isfinite(rhat).any() else float("nan"),
+             "median_ess_bulk": float(np.nanmedian(ess)),
+             "distance_mean": float(dist.mean()), "drift_ratio": drift_ratio(dist)}
+    if gt is not None:
+        bif, _ = bif_in_memory(train, query)
+        res = lds(bif, gt.masks, gt.outputs)
+        score |= {"lds": res.mean, "lds_stderr": res.stderr}
+    return SettingScore(**head, diverged=False, **score, seconds=time.perf_counter() - t0)
+
+
+def pilot_stable(problem: Problem, sampler: SamplerConfig, step_size: float, *, num_steps: int = 200) -> bool:
+    """Whether a short single chain with ``step_size`` stays finite and does not run away from w*."""
+    s = sampler.model_copy(update={"step_size": step_size, "num_chains": 1, "num_burnin_steps": 0,
+                                   "steps_per_draw": max(1, num_steps // 10), "num_draws": 10})
+    try:
+        train, _, dist = run_chains(problem, s)
+    except ChainDivergedError:
+        return False
+    ref = float(SGLDChain(problem, s, chain=0).reference_losses()[0].mean())
+    return bool(np.isfinite(dist).all() and not _diverged_by_loss(train, ref, factor=3.0, slack=0.5))
