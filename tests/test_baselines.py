@@ -63,7 +63,6 @@ def test_explicit_cg_and_lissa_agree(problem, exact_if):
 def test_exact_if_equals_the_upweighting_derivative(problem, exact_if):
     """dφ_q/dε for weight 1 + ε on train i (objective normalized by n) equals τ[i, q]."""
     x, y = problem.train.tensors
-    base = query_losses(problem, problem.model)
     eps = 1e-5
     for i in (0, 7, 33):
         w = torch.ones(60, dtype=torch.float64)

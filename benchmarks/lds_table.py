@@ -1,0 +1,175 @@
+"""The README comparison on the digits example: LDS and cost of every method at three training-set sizes.
+
+    python benchmarks/lds_table.py                      # defaults below; ~20-30 min on 2 CPU cores
+    python benchmarks/lds_table.py --sizes 200 --num-subsets 20 --num-seeds 1   # quick look
+
+Writes ``docs/lds_table.md`` (the table pasted into the README), ``docs/lds_table.json``
+(all numbers) and ``docs/lds_vs_n.png`` (LDS against training-set size). Ground truths are
+cached under ``--cache`` by :mod:`tasks.lds_store` exactly as ``bif lds`` caches them, so a
+rerun only recomputes the attributions. Everything runs serially in this process with
+one torch thread, so wall times and peak memory are comparable across methods.
+
+Protocol. For each size n the checkpoint w* is the digits MLP trained on the first n
+training digits (``train_model``, 300 full-batch Adam epochs, seed 0); the 100 query
+digits are held out. Methods with a damping (IF, EK-FAC, and TRAK's ridge) are run on a small grid and the
+best LDS is reported with its damping (tuned on the same subsets, which flatters them, as
+it would BIF's sampler settings); BIF uses one rule for all sizes (:func:`bif_sampler`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bif.config import SamplerConfig  # noqa: E402
+from bif.examples.digits import build, train_model  # noqa: E402
+from bif.lds import lds  # noqa: E402
+from bif.lds_config import LDSSettings, MethodOptions  # noqa: E402
+from tasks import lds_store  # noqa: E402
+from tasks.retrain import retrain_query_losses  # noqa: E402
+from tasks.scoring import score_method  # noqa: E402
+
+IF_DAMPINGS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+EKFAC_DAMPINGS = (1e-3, 1e-2, 1e-1)
+TRAK_LAMBDAS = (1e-2, 1.0, 100.0)  # ridge on the projected Gram matrix (singular when n < proj_dim)
+COLUMNS = ("bif", "bif_corr", "influence", "ekfac", "trak", "graddot", "gradcos")
+TITLES = {"bif": "BIF", "bif_corr": "BIF (corr)", "influence": "IF (exact, damped)", "ekfac": "EK-FAC",
+          "trak": "TRAK", "graddot": "GradDot", "gradcos": "GradCos"}
+
+
+def bif_sampler(n: int, *, num_draws: int, seed: int = 0) -> SamplerConfig:
+    """The BIF rule used for every row: nβ = n, γ = 0.1·nβ, ε = 0.6 / nβ (so ε·nβ stays fixed)."""
+    nbeta = float(n)
+    return SamplerConfig(num_chains=4, num_draws=num_draws, num_burnin_steps=500, steps_per_draw=5,
+                         step_size=0.6 / nbeta, nbeta=nbeta, gamma=0.1 * nbeta, batch_size=128, seed=seed)
+
+
+def ground_truth(problem, n_label: str, settings: LDSSettings, cache: str):
+    """Retrain serially (skipping committed retrainings) or load the cached ground truth."""
+    spec, args = "bif.examples.digits:build", {"n_train": n_label}
+    p = lds_store.plan(cache, spec, args, settings, n_train=len(problem.train), n_query=len(problem.query))
+    t0 = time.perf_counter()
+    for m, r, seed in p.missing:
+        losses = retrain_query_losses(problem, p.masks[m], seed)
+        lds_store.write_retrain(p.root_uri, m, r, seed, losses)
+    gt = lds_store.read_ground_truth(p, settings) if p.cached else lds_store.consolidate(p, settings)
+    return gt, p.cached, time.perf_counter() - t0
+
+
+def best_of(problem, method: str, dampings, field: str, gt) -> dict:
+    best = None
+    for d in dampings:
+        (s,) = score_method(problem, method, options=MethodOptions(**{field: d}))
+        res = lds(s.tau, gt.masks, gt.outputs)
+        row = {"lds": res.mean, "stderr": res.stderr, "seconds": s.seconds, "query_seconds": s.query_seconds,
+               "peak_mb": s.peak_mb, "damping": d}
+        print(f"    {method} damping={d:g}: LDS {res.mean:+.3f}", flush=True)
+        if best is None or row["lds"] > best["lds"]:
+            best = row
+    return best
+
+
+def run_size(n: int | None, args) -> dict:
+    problem = build(n_train=n)
+    train_model(problem.model, problem.train, seed=0)
+    n_eff = len(problem.train)
+    settings = LDSSettings(num_subsets=args.num_subsets, num_seeds=args.num_seeds, seed=0)
+    gt, cached, gt_s = ground_truth(problem, str(n or "full"), settings, args.cache)
+    print(f"n={n_eff}: ground truth {'cached' if cached else f'retrained in {gt_s:.0f} s'}", flush=True)
+    out: dict = {"n_train": n_eff, "ground_truth_seconds": gt_s, "cached": cached, "methods": {}}
+    for s in score_method(problem, "bif", sampler=bif_sampler(n_eff, num_draws=args.bif_draws)):
+        res = lds(s.tau, gt.masks, gt.outputs)
+        out["methods"][s.name] = {"lds": res.mean, "stderr": res.stderr, "seconds": s.seconds,
+                                  "query_seconds": s.query_seconds, "peak_mb": s.peak_mb}
+    out["methods"]["influence"] = best_of(problem, "influence", IF_DAMPINGS, "damping", gt)
+    for m in ("graddot", "gradcos"):
+        (s,) = score_method(problem, m)
+        res = lds(s.tau, gt.masks, gt.outputs)
+        out["methods"][m] = {"lds": res.mean, "stderr": res.stderr, "seconds": s.seconds,
+                             "query_seconds": s.query_seconds, "peak_mb": s.peak_mb}
+    if not args.skip_optional:
+        out["methods"]["ekfac"] = best_of(problem, "ekfac", EKFAC_DAMPINGS, "ekfac_damping", gt)
+        out["methods"]["trak"] = best_of(problem, "trak", TRAK_LAMBDAS, "trak_lambda_reg", gt)
+    for k, v in out["methods"].items():
+        print(f"  {k:>10}: LDS {v['lds']:+.3f} ± {v['stderr']:.3f}  {v['seconds']:.1f} s", flush=True)
+    return out
+
+
+def markdown(rows: list[dict], args) -> str:
+    cols = [c for c in COLUMNS if any(c in r["methods"] for r in rows)]
+    head = "| n_train | " + " | ".join(TITLES[c] for c in cols) + " |"
+    lines = [f"LDS (Spearman, mean over 100 queries ± std. error) on digits; M = {args.num_subsets} subsets "
+             f"of α = 0.5, {args.num_seeds} retraining seeds each. Cost per cell: wall time / peak RSS increase "
+             "/ time to score a new query set (1 CPU thread).", "", head, "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r["methods"].get(c)
+            if v is None:
+                cells.append("n/a")
+                continue
+            extra = f", λ={v['damping']:g}" if "damping" in v else ""
+            cells.append(f"**{v['lds']:.3f}** ± {v['stderr']:.3f}{extra}<br>{v['seconds']:.1f} s / "
+                         f"{v['peak_mb']:.0f} MB / {v['query_seconds']:.2f} s")
+        lines.append(f"| {r['n_train']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = [r["n_train"] for r in rows]
+    for c in COLUMNS:
+        if not all(c in r["methods"] for r in rows):
+            continue
+        y = [r["methods"][c]["lds"] for r in rows]
+        e = [r["methods"][c]["stderr"] for r in rows]
+        ax.errorbar(ns, y, yerr=e, marker="o", capsize=3, label=TITLES[c])
+    ax.set_xscale("log")
+    ax.set_xlabel("training-set size n")
+    ax.set_ylabel("LDS")
+    ax.set_title("Digits MLP: LDS against training-set size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="200,800,full", help="comma-separated training-set sizes ('full' = 1697)")
+    ap.add_argument("--num-subsets", type=int, default=50, help="M subsets per size (default 50)")
+    ap.add_argument("--num-seeds", type=int, default=2, help="retraining seeds per subset (default 2)")
+    ap.add_argument("--bif-draws", type=int, default=1000, help="draws per BIF chain (4 chains)")
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "lds_bench"), help="ground-truth cache (path or URI)")
+    ap.add_argument("--docs", default=str(ROOT / "docs"), help="where the table, JSON and PNG go")
+    ap.add_argument("--skip-optional", action="store_true", help="leave out EK-FAC and TRAK")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    rows = [run_size(None if s == "full" else int(s), args) for s in args.sizes.split(",")]
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    meta = {"num_subsets": args.num_subsets, "num_seeds": args.num_seeds, "bif_draws": args.bif_draws,
+            "torch": torch.__version__, "rows": rows}
+    (docs / "lds_table.json").write_text(json.dumps(meta, indent=2, default=float))
+    (docs / "lds_table.md").write_text(markdown(rows, args))
+    plot(rows, docs / "lds_vs_n.png")
+    print((docs / "lds_table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

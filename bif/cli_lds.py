@@ -1,0 +1,117 @@
+"""``bif lds``, ``bif calibrate`` and ``bif compare``: registered on the main CLI by :func:`register`.
+
+    bif lds CONFIG [--num-subsets 100 --num-seeds 3 --alpha 0.5 --methods bif,influence,graddot,gradcos]
+    bif calibrate CONFIG [--num-subsets 20]      # writes <output>/calibration/sampler.yaml + tradeoffs.png
+    bif compare [--sizes 200,800,full]           # the README table and plot (benchmarks/lds_table.py)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _load(args: argparse.Namespace):
+    from bif.config import load_config
+
+    return load_config(args.config, overrides=args.set or [], output=args.output)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (problem, checkpoint, output, sampler)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--output", help="output directory or URI (overrides `output:`)")
+    p.add_argument("--address", help="join this Dask scheduler instead of starting a LocalCluster")
+
+
+def cmd_lds(args: argparse.Namespace) -> int:
+    """Run the LDS flow and print one line per method."""
+    from bif.lds_config import LDSSettings, MethodOptions
+    from bif.prefect_server import prefect_api
+
+    cfg = _load(args)
+    settings = LDSSettings(alpha=args.alpha, num_subsets=args.num_subsets, num_seeds=args.num_seeds,
+                           seed=args.seed, methods=tuple(m for m in args.methods.split(",") if m),
+                           options=MethodOptions(damping=args.damping))
+    from flows.lds import run_lds
+
+    t0 = time.perf_counter()
+    with prefect_api() as url:
+        print(f"Prefect API: {url}", file=sys.stderr)
+        res = run_lds(cfg, settings, address=args.address, run_name=args.run_name)
+    print(f"ground truth: {res['ground_truth_uri']} ({'reused' if res['cached'] else 'retrained'}, "
+          f"{res['num_retrained']} retrainings)")
+    for r in res["methods"]:
+        print(f"{r['method']:>16}  LDS {r['lds']:+.3f} ± {r['stderr']:.3f}  {r['seconds']:.1f} s")
+    print(f"summary: {res['summary_uri']}  wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run the calibration flow and print the recommended sampler block."""
+    import yaml
+
+    from bif.lds_config import CalibrationSettings
+    from bif.prefect_server import prefect_api
+
+    cfg = _load(args)
+    settings = CalibrationSettings(num_subsets=args.num_subsets, num_draws=args.num_draws,
+                                   num_chains=args.num_chains)
+    from flows.calibrate import run_calibration
+
+    with prefect_api() as url:
+        print(f"Prefect API: {url}", file=sys.stderr)
+        res = run_calibration(cfg, settings, address=args.address)
+    print(yaml.safe_dump({"sampler": res["sampler"]}, sort_keys=False))
+    if not res["healthy"]:
+        print("warning: no setting passed every diagnostic; the best non-diverged one is shown", file=sys.stderr)
+    print(f"outputs: {res['output_uri']} (sampler.yaml, tradeoffs.png, scores.json)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Regenerate docs/lds_table.md, docs/lds_table.json and docs/lds_vs_n.png."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lds_table.py"
+    spec = importlib.util.spec_from_file_location("lds_table", path)
+    if spec is None or not path.exists():
+        from bif.errors import BifError
+
+        raise BifError(f"{path} not found; `bif compare` runs from a source checkout of bif-pipeline")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["--sizes", args.sizes, "--num-subsets", str(args.num_subsets), "--num-seeds", str(args.num_seeds)]
+    return mod.main(argv + (["--skip-optional"] if args.skip_optional else []))
+
+
+def register(subparsers) -> None:
+    """Add the ``lds``, ``calibrate`` and ``compare`` subcommands to an argparse subparsers object."""
+    p = subparsers.add_parser("lds", help="retraining benchmark: LDS of BIF and the classical baselines",
+                              description="Draw subsets, retrain on each (cached under <output>/lds/), score methods.")
+    _common(p)
+    p.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default 0.5)")
+    p.add_argument("--num-subsets", type=int, default=100, help="M subsets (default 100)")
+    p.add_argument("--num-seeds", type=int, default=3, help="retraining seeds per subset (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="root seed of subsets and retrainings")
+    p.add_argument("--methods", default="bif,influence,graddot,gradcos",
+                   help="comma-separated: bif, influence, influence_cg, influence_lissa, graddot, gradcos, ekfac, trak")
+    p.add_argument("--damping", type=float, default=1e-3, help="damping of the classical influence function")
+    p.add_argument("--run-name", default="latest", help="results/<run-name>/ under the ground-truth folder")
+    p.set_defaults(func=cmd_lds)
+
+    c = subparsers.add_parser("calibrate", help="pick step_size, nbeta and gamma (pilot + sweep + cheap LDS)",
+                              description="Writes <output>/calibration/{sampler.yaml, tradeoffs.png, scores.json}.")
+    _common(c)
+    c.add_argument("--num-subsets", type=int, default=20, help="subsets of the cheap ground truth (default 20)")
+    c.add_argument("--num-draws", type=int, default=300, help="draws per chain per setting (default 300)")
+    c.add_argument("--num-chains", type=int, default=4, help="chains per setting (default 4)")
+    c.set_defaults(func=cmd_calibrate)
+
+    m = subparsers.add_parser("compare", help="regenerate the README LDS table and plot on the digits example")
+    m.add_argument("--sizes", default="200,800,full", help="training-set sizes (default 200,800,full)")
+    m.add_argument("--num-subsets", type=int, default=50, help="subsets per size (default 50)")
+    m.add_argument("--num-seeds", type=int, default=2, help="retraining seeds per subset (default 2)")
+    m.add_argument("--skip-optional", action="store_true", help="leave out EK-FAC and TRAK")
+    m.set_defaults(func=cmd_compare)
