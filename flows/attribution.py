@@ -33,7 +33,7 @@ _CREDENTIALS: dict[str, dict[str, Any]] = {}
 
 @flow(name="bif-attribution", log_prints=True)
 def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
-                     scheduler_address: str | None = None, startup_seconds: float = 0.0) -> dict[str, Any]:
+                     scheduler_address: str | None = None, cluster_startup_seconds: float = 0.0) -> dict[str, Any]:
     """Run one attribution: ``config`` is RunConfig data with credentials removed."""
     cfg = build_config({**config, "storage_options": _CREDENTIALS.get(credentials_ref or "", {})})
     t0 = time.perf_counter()
@@ -53,8 +53,12 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         t2 = time.perf_counter()
         summary = steps.reduce_covariance(cfg, info, scheduler_address)
         t3 = time.perf_counter()
-        timings = {"startup_s": startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
-                   "covariance_s": t3 - t2, "chain_s": [r.seconds for r in chains]}
+        timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
+                   "covariance_s": t3 - t2, "chain_s": [r.seconds for r in chains],
+                   "chain_sampling_s": [r.sampling_seconds for r in chains],
+                   "chain_draws_sampled": [r.draws_sampled for r in chains],
+                   "sampling_started_at": min(r.sampling_started_at for r in chains),
+                   "finished_at": time.time()}
         return steps.finish(cfg, info, timings, {"num_output_blocks": summary.num_blocks,
                                                   "resumed_blocks": [r.resumed_blocks for r in chains]})
     except BaseException as err:
@@ -119,6 +123,6 @@ def run_attribution(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, 
             try:
                 return attribution_flow.with_options(task_runner=runner)(
                     config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref,
-                    scheduler_address=address, startup_seconds=startup)
+                    scheduler_address=address, cluster_startup_seconds=startup)
             finally:
                 _CREDENTIALS.pop(ref, None)

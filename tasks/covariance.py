@@ -69,13 +69,13 @@ def leaf_moments(root: str, storage_options: Mapping[str, Any], path: str, train
 
 def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, largest: bool
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k rows per column of ``values`` (a, b), sorted best first."""
-    a = values.shape[0]
+    """Top-k rows per column of ``values`` (a, b), best first: (train ids, values, corr), each (k, b)."""
+    a, b = values.shape
     k = min(k, a)
-    key = -values if largest else values
-    idx = np.argpartition(key, k - 1, axis=0)[:k] if k < a else np.tile(np.arange(a)[:, None], (1, values.shape[1]))
-    order = np.argsort(np.take_along_axis(key, idx, axis=0), axis=0, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=0)
+    key = np.ascontiguousarray((-values if largest else values).T)  # (b, a): partition along contiguous rows
+    idx = np.argpartition(key, k - 1, axis=1)[:, :k] if k < a else np.tile(np.arange(a), (b, 1))
+    order = np.argsort(np.take_along_axis(key, idx, axis=1), axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1).T  # (k, b)
     return (idx + train_start, np.take_along_axis(values, idx, axis=0), np.take_along_axis(corr, idx, axis=0))
 
 

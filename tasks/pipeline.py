@@ -48,7 +48,10 @@ class ChainResult:
     chain: int
     num_draws: int
     resumed_blocks: int
-    seconds: float
+    seconds: float  # whole task: problem load, sampling, writes
+    sampling_started_at: float  # epoch seconds when the first SGLD step ran
+    sampling_seconds: float  # burn-in + draws + Parquet commits
+    draws_sampled: int  # draws produced by this task (fewer after a resume)
 
 
 def materialize_problem(cfg: RunConfig) -> tuple[Problem, str | None]:
@@ -127,11 +130,14 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
     if progress:
         progress(chain, sampler.num_recorded, s.num_draws)
     draw_cb = (lambda d: progress(chain, d, s.num_draws)) if progress else None
+    started_at, t1, first = time.time(), time.perf_counter(), sampler.num_recorded
     for i, block in enumerate(sampler.run(num_draws=s.num_draws, draws_per_block=s.draws_per_block,
                                           on_draw=draw_cb), start=done_blocks):
         store.write_block(block, block_index=i, ref_train_loss_mean=ref_train_loss_mean)
-    return ChainResult(chain=chain, num_draws=s.num_draws, resumed_blocks=done_blocks,
-                       seconds=time.perf_counter() - t0)
+    t2 = time.perf_counter()
+    return ChainResult(chain=chain, num_draws=s.num_draws, resumed_blocks=done_blocks, seconds=t2 - t0,
+                       sampling_started_at=started_at, sampling_seconds=t2 - t1,
+                       draws_sampled=sampler.num_recorded - first)
 
 
 def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,

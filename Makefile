@@ -1,0 +1,42 @@
+# Two commands do all the setup on a fresh clone (see README):
+#   make demo   create .venv, install, train the digits example and run attribution on it
+#   make test   create .venv, install, run the default test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml infra/constraints.txt | cksum | cut -d' ' -f1)
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DO_NOT_TRACK = 1
+
+.PHONY: install demo test test-all bench clean
+
+$(STAMP): pyproject.toml infra/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	# On a CUDA machine, install your CUDA torch into .venv instead and `touch $(STAMP)`.
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -c infra/constraints.txt -e ".[test]"
+	# optional baselines (EK-FAC, TRAK): kronfluence declares torchvision, which breaks CPU torch
+	$(BIN)/pip install -q --no-deps "kronfluence==1.0.1" "traker==0.3.2" && \
+	  $(BIN)/pip install -q -c infra/constraints.txt accelerate einops opt_einsum safetensors || \
+	  echo "optional baselines not installed; their tests will be skipped"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@test -f runs/example/digits.pt || $(BIN)/bif example digits runs/example/digits.pt
+	$(BIN)/bif run bif/examples/digits.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
