@@ -77,6 +77,52 @@ class QualityConfig(BaseModel):
 
     model_config = _FROZEN
 
+    enabled: bool = Field(True, description="Run the data-quality gates on the finished run.")
+    allow_warnings: bool = Field(
+        False, description="Report every failed gate as a warning instead of failing the run (CLI --allow-warnings)."
+    )
+    severity: dict[
+        Literal[
+            "trace_schema", "trace_nulls", "trace_finite", "trace_unique", "trace_complete", "trace_bounds",
+            "health_schema", "health_draws", "health_loss", "health_distance",
+            "results_shape", "results_finite", "results_corr_range", "results_self_influence",
+        ],
+        Literal["error", "warning"],
+    ] = Field(
+        default_factory=dict,
+        description="Per-gate severity, e.g. {health_distance: warning}. A failed 'error' gate fails the run; "
+        "a failed 'warning' gate is only reported. Gates not listed are 'error'.",
+    )
+    max_loss_factor: float = Field(
+        10.0, gt=1, description="A chain runs away when its mean train loss over draws exceeds "
+        "max_loss_factor x (mean train loss at w*) + loss_slack."
+    )
+    loss_slack: float = Field(
+        1.0, ge=0, description="Absolute slack (loss units) of the runaway bound, so that a checkpoint with "
+        "near-zero loss does not flag the ordinary posterior spread of the loss."
+    )
+    max_distance: float | None = Field(
+        None, gt=0, description="Bound on ||w - w*|| at every draw. None: max_distance_factor x the median "
+        "distance over all chains and draws."
+    )
+    max_distance_factor: float = Field(
+        10.0, gt=1, description="Relative distance bound used when max_distance is None."
+    )
+    corr_atol: float = Field(1e-6, ge=0, description="Tolerance of the bif_corr in [-1, 1] gate (float32 storage).")
+    self_influence_rtol: float = Field(
+        1e-6, ge=0, description="Self-influence gate (query set = train set): bif[i, i] <= rtol x max_i |bif[i, i]|."
+    )
+    rhat_threshold: float = Field(1.1, gt=1, description="Samples whose rank R-hat exceeds this are counted as unmixed.")
+    mcse_num_batches: int = Field(
+        10, ge=2, description="Batches of contiguous draws per chain for the batch-means MCSE of the BIF."
+    )
+    diagnostics_block_samples: int = Field(
+        2048, ge=1, description="Samples read per block by the diagnostics stage (memory ~ chains x draws x block)."
+    )
+    diagnostics_max_samples: int | None = Field(
+        None, ge=1, description="Diagnose only the first N samples of each split (None: all)."
+    )
+
 
 class RunConfig(BaseModel):
     """One attribution run: problem, checkpoint, output, and the stage settings."""

@@ -1,0 +1,119 @@
+"""Per-chunk aggregates of a 2-D result array, computed by Dask: the cheap input of the result gates.
+
+For each (train, query) chunk: the count of non-finite values (and the first one's
+position), and the min and max of the finite values with their positions. The quality
+gates then validate a frame with one row per chunk instead of n_train x n_query values.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Chunking of an in-memory (numpy) array.
+DEFAULT_CHUNKS = (4096, 1024)
+
+
+def block_stats(block: np.ndarray, t0: int, q0: int) -> dict[str, Any]:
+    """Aggregates of one (train, query) chunk: count of non-finite values, min and max with their positions."""
+    a = np.asarray(block, dtype=np.float64)
+    bad = ~np.isfinite(a)
+    out: dict[str, Any] = {"train_start": t0, "query_start": q0, "n_nonfinite": int(bad.sum()),
+                           "bad_train": -1, "bad_query": -1, "bad_value": np.nan}
+    if out["n_nonfinite"]:
+        i, j = np.argwhere(bad)[0]
+        out.update(bad_train=t0 + int(i), bad_query=q0 + int(j), bad_value=float(a[i, j]))
+    for name, fill, arg in (("min", np.inf, np.argmin), ("max", -np.inf, np.argmax)):
+        masked = np.where(bad, fill, a)
+        i, j = np.unravel_index(arg(masked), a.shape) if a.size else (0, 0)
+        ok = a.size and np.isfinite(masked[i, j])
+        out.update({name: float(masked[i, j]) if ok else np.nan, f"{name}_train": t0 + int(i) if ok else -1,
+                    f"{name}_query": q0 + int(j) if ok else -1})
+    return out
+
+
+def chunk_stats_tasks(arr: Any) -> list[Any]:
+    """Delayed :func:`block_stats` of every chunk of a 2-D (dask or numpy) array."""
+    import dask
+    import dask.array as da
+
+    darr = arr if isinstance(arr, da.Array) else da.from_array(np.asarray(arr), chunks=DEFAULT_CHUNKS)
+    t_off, q_off = (np.r_[0, np.cumsum(c)[:-1]] for c in darr.chunks)
+    blocks = darr.to_delayed()  # (n_train_chunks, n_query_chunks) of Delayed
+    return [dask.delayed(block_stats)(blocks[i, j], int(t_off[i]), int(q_off[j]))
+            for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
+
+
+def _first_key(split_idx: np.ndarray, sample: np.ndarray, draw: np.ndarray, mask: np.ndarray,
+               loss: np.ndarray | None = None) -> str:
+    """'draw=D split=S sample=I [loss=V]' of the first row where ``mask`` holds, or ''."""
+    hits = np.flatnonzero(mask)
+    if not hits.size:
+        return ""
+    i = hits[0]
+    split = ("train", "query")[int(split_idx[i])] if 0 <= split_idx[i] <= 1 else f"#{split_idx[i]}"
+    text = f"draw={int(draw[i])} split={split} sample={int(sample[i])}"
+    return text + (f" loss={float(loss[i]):.6g}" if loss is not None else "")
+
+
+def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, num_draws: int, n_train: int,
+                      n_query: int, loss_bounds: tuple[float, float], loss_dtype: str = "float32") -> dict[str, Any]:
+    """Aggregates of one trace file (a pyarrow Table in the :mod:`bif.schema` layout), O(rows) numpy.
+
+    Counts (and the first offending row of each): nulls in the key columns, non-finite
+    losses, losses outside ``loss_bounds``, rows of another chain, keys out of range,
+    duplicated and missing (draw, split, sample) keys, with key = (split, sample, draw) over
+    draws [draw_start, draw_start + num_draws). ``schema_ok``: names and types match.
+    """
+    import pyarrow as pa
+
+    from bif import schema as S
+
+    expected = S.trace_schema(loss_dtype)
+    names_ok = table.schema.names == expected.names
+    out: dict[str, Any] = {"chain": chain, "block": block, "rows": table.num_rows,
+                           "expected_rows": num_draws * (n_train + n_query),
+                           "schema_ok": bool(names_ok and all(table.schema.field(f.name).type == f.type
+                                                              for f in expected))}
+    if not names_ok:
+        return out
+    cols = {k: table.column(k) for k in expected.names}
+    out["n_null_keys"] = int(sum(cols[k].null_count for k in (S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE)))
+    split_col = cols[S.SPLIT].combine_chunks()
+    if pa.types.is_dictionary(split_col.type):  # dictionary indices, mapped through the file's own dictionary
+        names = split_col.dictionary.to_pylist()
+        remap = np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in names] or [2], dtype=np.int64)
+        split_idx = remap[split_col.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)]
+    else:
+        split_idx = np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in split_col.to_pylist()])
+    ints = {k: cols[k].fill_null(-1).to_numpy().astype(np.int64) for k in (S.CHAIN, S.DRAW, S.SAMPLE)}
+    draw, sample = ints[S.DRAW], ints[S.SAMPLE]
+    loss = cols[S.LOSS].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+    bad = ~np.isfinite(loss)
+    low, high = loss_bounds
+    oob = ~bad & ((loss < low) | (loss > high))
+    wrong_chain = ints[S.CHAIN] != chain
+    n_split = np.array([n_train, n_query, 0])[np.minimum(split_idx, 2)]
+    in_range = (split_idx <= 1) & (sample >= 0) & (sample < n_split) & (draw >= draw_start) & (
+        draw < draw_start + num_draws)
+    offset = np.where(split_idx == 1, n_train, 0)
+    key = ((offset + sample) * num_draws + (draw - draw_start))[in_range]
+    counts = np.bincount(key, minlength=out["expected_rows"])
+    missing = np.flatnonzero(counts == 0)
+    first_missing = ""
+    if missing.size:
+        s, d = divmod(int(missing[0]), num_draws)
+        split, s = (S.TRAIN, s) if s < n_train else (S.QUERY, s - n_train)
+        first_missing = f"draw={draw_start + d} split={split} sample={s}"
+    dup_rows = in_range.copy()
+    dup_rows[in_range] = counts[key] > 1
+    out.update({
+        "n_nonfinite": int(bad.sum()), "first_nonfinite": _first_key(split_idx, sample, draw, bad, loss),
+        "n_out_of_bounds": int(oob.sum()), "first_out_of_bounds": _first_key(split_idx, sample, draw, oob, loss),
+        "n_wrong_chain": int(wrong_chain.sum()), "first_wrong_chain": _first_key(split_idx, sample, draw, wrong_chain),
+        "n_out_of_range": int((~in_range).sum()), "first_out_of_range": _first_key(split_idx, sample, draw, ~in_range),
+        "n_duplicate": int(np.sum(np.maximum(counts - 1, 0))),
+        "first_duplicate": _first_key(split_idx, sample, draw, dup_rows),
+        "n_missing": int(missing.size), "first_missing": first_missing,
+    })
+    return out

@@ -1,0 +1,204 @@
+"""MCMC diagnostics of the per-sample loss traces (ArviZ) and the Monte-Carlo standard error of the BIF.
+
+No Prefect imports. R-hat and ESS come from ArviZ, never hand-written: for each sample's
+loss trace (chains x draws), ``arviz.rhat(method="rank")`` is the rank-normalized split
+R-hat and ``arviz.ess(method="bulk" / "tail")`` the bulk / tail ESS (Vehtari et al. 2021,
+arXiv 1903.08008). One call covers all samples of a block: the traces go in as an
+xarray Dataset with dims (chain, draw, sample).
+
+The BIF's Monte-Carlo standard error (:func:`bif_mcse`) uses batch means. With pooled
+means x̄_i, ȳ_j over all C chains and N draws in total, the covariance is (up to the
+factor N/(N-1)) the mean of z_t = (x_t,i - x̄_i)(y_t,j - ȳ_j). Each chain's draws are cut
+into ``num_batches`` contiguous batches; with m_b the mean of z over batch b and
+K = C x num_batches,
+
+    MCSE(BIF_ij) = sd_b(m_b) / sqrt(K).
+
+Batches much longer than the autocorrelation time make this valid for correlated draws
+(Flegal & Jones 2010); differences between chains enter through the batches too. For
+independent Gaussian x, y with correlation rho it estimates sqrt((1 + rho²) / N).
+"""
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bif import schema as S
+
+RHAT, ESS_BULK, ESS_TAIL = S.RHAT, S.ESS_BULK, S.ESS_TAIL
+DIAGNOSTICS_FILE = S.DIAGNOSTICS_FILE
+DIAGNOSTICS_COLUMNS = S.DIAGNOSTICS_COLUMNS
+MCSE_METHOD = "batch means over contiguous draw batches within each chain (chains x num_batches batches)"
+_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.DataFrame:
+    """ArviZ rank R-hat and bulk / tail ESS of ``traces`` (chains, draws, n): one row per sample."""
+    import arviz as az
+    import xarray as xr
+
+    n = traces.shape[2]
+    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), np.asarray(traces, dtype=np.float64))},
+                    coords={"chain": np.arange(traces.shape[0]), "draw": np.arange(traces.shape[1]),
+                            "sample": np.arange(start, start + n)})
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rhat = az.rhat(ds, method="rank")["loss"].values
+        bulk = az.ess(ds, method="bulk")["loss"].values
+        tail = az.ess(ds, method="tail")["loss"].values
+    return pd.DataFrame({S.SPLIT: pd.Categorical([split] * n, categories=list(S.SPLITS)),
+                         S.SAMPLE: np.arange(start, start + n, dtype=np.int64),
+                         RHAT: rhat, ESS_BULK: bulk, ESS_TAIL: tail})
+
+
+def loss_diagnostics(train: np.ndarray, query: np.ndarray, *, train_start: int = 0, query_start: int = 0
+                     ) -> pd.DataFrame:
+    """Rank R-hat, bulk ESS and tail ESS of every sample's loss trace.
+
+    ``train`` (chains, draws, n_train) and ``query`` (chains, draws, n_query). Returns one
+    row per sample with columns split, sample, rhat, ess_bulk, ess_tail (sample ids start
+    at ``train_start`` / ``query_start``). R-hat is NaN with a single chain or a constant trace.
+    """
+    for name, a in (("train", train), ("query", query)):
+        if a.ndim != 3:
+            raise ValueError(f"{name} traces must be (chains, draws, n), got shape {a.shape}")
+    parts = [_split_diagnostics(a, split=split, start=s)
+             for a, split, s in ((train, S.TRAIN, train_start), (query, S.QUERY, query_start)) if a.shape[2]]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(DIAGNOSTICS_COLUMNS))
+
+
+def _batch_means_state(train: np.ndarray, query: np.ndarray, num_batches: int
+                       ) -> tuple[int, np.ndarray, np.ndarray]:
+    """(K, Σ_b m_b, Σ_b m_b²) of the batch means m_b (n_train, n_query) of z, accumulated in float64."""
+    chains, draws = train.shape[:2]
+    if draws < num_batches:
+        raise ValueError(f"need at least num_batches={num_batches} draws per chain for batch means, got {draws}")
+    x = np.asarray(train, dtype=np.float64)
+    y = np.asarray(query, dtype=np.float64)
+    xc = x - x.mean(axis=(0, 1))  # (C, D, a), centred at the pooled means
+    yc = y - y.mean(axis=(0, 1))  # (C, D, b)
+    total = np.zeros((x.shape[2], y.shape[2]))
+    total_sq = np.zeros_like(total)
+    k = 0
+    for c in range(chains):
+        for idx in np.array_split(np.arange(draws), num_batches):
+            m = xc[c, idx].T @ yc[c, idx] / len(idx)  # (a, b) batch mean of z
+            total += m
+            total_sq += m * m
+            k += 1
+    return k, total, total_sq
+
+
+def bif_mcse(train: np.ndarray, query: np.ndarray, *, num_batches: int = 10) -> np.ndarray:
+    """Batch-means Monte-Carlo standard error of BIF(i, j), shape (n_train, n_query); see the module docstring.
+
+    ``train`` (chains, draws, n_train) and ``query`` (chains, draws, n_query) hold per-sample
+    losses, pooled over chains as the "stack" BIF is. Cost: one GEMM per batch, as much as
+    the BIF itself.
+    """
+    if train.ndim != 3 or query.ndim != 3 or train.shape[:2] != query.shape[:2]:
+        raise ValueError(f"expected (chains, draws, n) arrays with equal leading dims, got {train.shape}, {query.shape}")
+    k, total, total_sq = _batch_means_state(train, query, num_batches)
+    var = np.maximum(total_sq - total * total / k, 0.0) / (k - 1)  # sample variance of the batch means
+    return np.sqrt(var / k)
+
+
+def _quantiles(values: np.ndarray, *, low_is_bad: bool) -> dict[str, float | None]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return {"q05": None, "q50": None, "q95": None, "min" if low_is_bad else "max": None}
+    qs = {f"q{int(q * 100):02d}": float(np.quantile(v, q)) for q in _QUANTILES}
+    return qs | ({"min": float(v.min())} if low_is_bad else {"max": float(v.max())})
+
+
+def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, Any]:
+    """Quantiles of R-hat / ESS and the count of samples above ``rhat_threshold`` (JSON-able, for the manifest)."""
+    rhat = diag[RHAT].to_numpy(dtype=np.float64)
+    return {
+        "num_samples": {s: int((diag[S.SPLIT] == s).sum()) for s in S.SPLITS},
+        "rhat": _quantiles(rhat, low_is_bad=False),
+        "ess_bulk": _quantiles(diag[ESS_BULK].to_numpy(dtype=np.float64), low_is_bad=True),
+        "ess_tail": _quantiles(diag[ESS_TAIL].to_numpy(dtype=np.float64), low_is_bad=True),
+        "rhat_threshold": rhat_threshold,
+        "num_rhat_above_threshold": int(np.sum(rhat > rhat_threshold)),
+        "num_rhat_nan": int(np.sum(~np.isfinite(rhat))),
+    }
+
+
+def _read_split(fs: Any, files: list[tuple[int, int, str]], *, split: str, start: int, stop: int,
+                num_chains: int) -> np.ndarray:
+    """Traces of samples [start, stop) of ``split``: (chains, draws, stop - start), cut to the shortest chain."""
+    from tasks.traces import read_losses
+
+    per_chain: list[list[np.ndarray]] = [[] for _ in range(num_chains)]
+    for chain, _, path in files:
+        per_chain[chain].append(read_losses(fs, path, split=split, start=start, stop=stop))
+    arrays = [np.concatenate(parts) for parts in per_chain if parts]
+    draws = min(a.shape[0] for a in arrays)
+    return np.stack([a[:draws] for a in arrays])
+
+
+def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
+                      max_samples: int | None = None, block_samples: int = 2048, num_batches: int = 10,
+                      rhat_threshold: float = 1.1, seed: int = 0) -> dict[str, Any]:
+    """Diagnose a run's traces, write ``<output>/diagnostics.parquet`` and return a JSON-able summary.
+
+    Reads ``block_samples`` samples of every chain at a time (memory ~ chains x draws x
+    block_samples x 8 bytes, plus the query traces and one (block_samples, n_query) MCSE
+    block). ``max_samples`` limits each split to its first samples. The MCSE summary
+    (quantiles over train x query pairs, from a seeded subsample of at most 200,000 pairs,
+    and the fraction of pairs with |BIF| > 2 MCSE) uses the same samples.
+    """
+    from bif.storage import atomic_write, get_fs, join
+    from tasks.traces import TraceStore, read_layout
+
+    t0 = time.perf_counter()
+    store = TraceStore(output_uri, dict(storage_options or {}))
+    fs, root = get_fs(output_uri, storage_options)
+    files = store.block_files(num_chains=num_chains)
+    if not files:
+        raise FileNotFoundError(f"no committed trace blocks under {output_uri!r}/{S.TRACES_DIR}; run the sampler first")
+    layout = read_layout(fs, files[0][2])
+    cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
+    n_train, n_query = cap(layout.n_train), cap(layout.n_query)
+    query = _read_split(fs, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
+    frames = [_split_diagnostics(query, split=S.QUERY)] if n_query else []
+    rng = np.random.default_rng(seed)
+    keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles
+    mcse_kept, snr_kept, n_sig, n_pairs = [], [], 0, 0
+    for start in range(0, n_train, block_samples):
+        stop = min(start + block_samples, n_train)
+        train = _read_split(fs, files, split=S.TRAIN, start=start, stop=stop, num_chains=num_chains)
+        frames.append(_split_diagnostics(train, split=S.TRAIN, start=start))
+        if n_query and train.shape[1] >= num_batches:
+            mcse = bif_mcse(train, query, num_batches=num_batches).ravel()
+            flat = np.concatenate(train, axis=0)
+            yflat = np.concatenate(query, axis=0)
+            bif = -((flat - flat.mean(0)).T @ (yflat - yflat.mean(0)) / (flat.shape[0] - 1)).ravel()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                snr = np.abs(bif) / mcse
+            n_sig += int(np.sum(snr > 2))
+            n_pairs += mcse.size
+            pick = rng.choice(mcse.size, size=min(keep, mcse.size), replace=False)
+            mcse_kept.append(mcse[pick])
+            snr_kept.append(snr[pick])
+    diag = pd.concat(frames, ignore_index=True)
+    sink = io.BytesIO()
+    diag.to_parquet(sink, index=False)
+    atomic_write(fs, join(root, DIAGNOSTICS_FILE), sink.getvalue())
+    summary = summarize(diag, rhat_threshold=rhat_threshold)
+    summary["num_chains"] = int(query.shape[0]) if n_query else num_chains
+    summary["num_draws_per_chain"] = int(query.shape[1]) if n_query else None
+    mcse_all = np.concatenate(mcse_kept) if mcse_kept else np.array([])
+    snr_all = np.concatenate(snr_kept) if snr_kept else np.array([])
+    summary["bif_mcse"] = {"method": MCSE_METHOD, "num_batches": num_batches, "num_pairs": n_pairs,
+                           **_quantiles(mcse_all, low_is_bad=False),
+                           "abs_bif_over_mcse": _quantiles(snr_all, low_is_bad=True),
+                           "frac_pairs_abs_bif_above_2_mcse": (n_sig / n_pairs) if n_pairs else None}
+    summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
+    return summary

@@ -1,0 +1,310 @@
+"""The quality gates as Great Expectations suites over one frame each (no Prefect, GE imported lazily).
+
+Gates (the keys of ``config.quality.severity``):
+
+- ``trace_schema`` columns and dtypes of a trace block match :func:`bif.schema.trace_schema`.
+- ``trace_nulls`` no nulls in chain / draw / split / sample.
+- ``trace_finite`` no null, NaN or ±Inf loss.
+- ``trace_unique`` one row per (chain, draw, split, sample).
+- ``trace_complete`` every (draw, split, sample) of the block is present and nothing else;
+  each chain has ``sampler.num_draws`` committed draws.
+- ``trace_bounds`` losses within the problem's ``loss_bounds``.
+- ``health_schema`` / ``health_draws`` health columns present; num_draws unique draws per chain.
+- ``health_loss`` per chain: mean train loss <= max_loss_factor x ref + loss_slack (no runaway).
+- ``health_distance`` every draw: ||w - w*|| <= max_distance (localization held).
+- ``results_shape`` bif / bif_corr have dims (train, query), the right sizes and sample-id coords.
+- ``results_finite`` / ``results_corr_range`` / ``results_self_influence`` on per-chunk
+  aggregates computed by Dask (non-finite count, min, max), never on n_train x n_query
+  rows in pandas; the self-influence diagonal -Var(l_i) <= 0.
+
+Traces are checked either row by row (:func:`check_trace_block`, GE on the rows of a
+block) or, cheaply at any scale, on per-block aggregates (:func:`check_trace_stats` over
+:func:`tasks.aggregates.trace_block_stats`): both name the gate and the offending
+chain / draw / split / sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bif import schema as S
+from tasks.aggregates import chunk_stats_tasks
+from tasks.expectations import Check, GateResult, validate
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+GATES = ("trace_schema", "trace_nulls", "trace_finite", "trace_unique", "trace_complete", "trace_bounds",
+         "health_schema", "health_draws", "health_loss", "health_distance",
+         "results_shape", "results_finite", "results_corr_range", "results_self_influence")
+TRACE_KEYS = (S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE)
+_FMAX = float(np.finfo(np.float64).max)
+
+
+def _validator(severity: Mapping[str, str] | None, allow_warnings: bool, raws: list[dict[str, Any]] | None,
+               markdown: bool | None = True):
+    """validate() bound to the severity settings; GE's JSON results are appended to ``raws`` when given."""
+    def run(frame: pd.DataFrame, checks: list[Check], suite: str) -> list[GateResult]:
+        res, raw = validate(frame, checks, suite=suite, severity=severity, allow_warnings=allow_warnings,
+                            markdown=markdown)
+        if raws is not None:
+            raws.append(raw)
+        return res
+    return run
+
+
+# --- traces -------------------------------------------------------------------------------
+def _missing_rows(nd: int, d0: int, n_by_split: Mapping[str, int]):
+    """Explain a wrong row count: which (split, sample) lack which draws."""
+    def explain(frame: pd.DataFrame, result: dict[str, Any]) -> str:
+        got = result.get("observed_value")
+        want = nd * sum(n_by_split.values())
+        counts = frame.groupby([S.SPLIT, S.SAMPLE], observed=True)[S.DRAW].size()
+        msgs = []
+        for split, n in n_by_split.items():
+            present = counts.xs(split, level=0) if split in counts.index.get_level_values(0) else counts.iloc[:0]
+            absent = np.setdiff1d(np.arange(n), present.index.to_numpy())
+            msgs += [f"{split} sample {int(i)} has no rows" for i in absent[:3]]
+            for i, c in present[present != nd].head(3).items():
+                draws = frame.loc[(frame[S.SPLIT] == split) & (frame[S.SAMPLE] == i), S.DRAW].to_numpy()
+                miss = np.setdiff1d(np.arange(d0, d0 + nd), draws)
+                what = f"missing draws {miss[:5].tolist()}" if len(miss) else "duplicated draws"
+                msgs.append(f"{split} sample {int(i)} has {int(c)} of {nd} draws ({what})")
+        return f"{got} rows, expected {want} = {nd} draws x {sum(n_by_split.values())} samples; " + "; ".join(msgs[:5])
+    return explain
+
+
+def check_trace_block(df: pd.DataFrame, *, chain: int, num_draws_expected_in_block: int, draw_start: int,
+                      n_train: int, n_query: int, loss_bounds: tuple[float, float], loss_dtype: str = "float32",
+                      severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
+                      block: int | str | None = None, ge_results: list[dict[str, Any]] | None = None
+                      ) -> list[GateResult]:
+    """Validate one trace block frame (long format of :mod:`bif.schema`, as read by ``pq.read_table().to_pandas()``).
+
+    The frame may also hold several consecutive blocks of one chain: the draws
+    ``[draw_start, draw_start + num_draws_expected_in_block)``; ``block`` only labels details.
+
+    Gates trace_schema, trace_nulls, trace_finite, trace_unique, trace_complete and
+    trace_bounds. ``loss_bounds`` = (low, high); infinite ends are not checked. GE's JSON
+    results are appended to ``ge_results`` when given (as for every ``check_*``).
+    """
+    ctx = f"chain {chain} block {block if block is not None else '?'} (draws {draw_start}.." \
+          f"{draw_start + num_draws_expected_in_block - 1})"
+    run = _validator(severity, allow_warnings, ge_results, markdown=None)  # GE's Markdown of failed blocks only
+    suite = f"traces chain={chain} draw_start={draw_start}"
+    cols = [S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE, S.LOSS]
+    types = {S.CHAIN: "int32", S.DRAW: "int32", S.SPLIT: "CategoricalDtypeType", S.SAMPLE: "int64", S.LOSS: loss_dtype}
+    schema = [Check("trace_schema", "ExpectTableColumnsToMatchOrderedList", {"column_list": cols}, context=ctx)]
+    schema += [Check("trace_schema", "ExpectColumnValuesToBeOfType", {"column": k, "type_": t}, context=ctx)
+               for k, t in types.items()]
+    res = run(df.iloc[:1], schema, suite + " schema")  # dtypes survive slicing: one row is enough
+    if not res[0].success:  # nothing else can be evaluated on the wrong columns
+        return res[:1]
+    try:  # GE vectorizes range checks only for int64 / float64 columns (else a Python loop per row)
+        df = df.astype({k: "float64" if k == S.LOSS or df[k].isna().any() else "int64"
+                        for k in (S.CHAIN, S.DRAW, S.SAMPLE, S.LOSS)})
+    except (TypeError, ValueError):
+        return res
+    nd, d0 = num_draws_expected_in_block, draw_start
+    n_by_split = {k: v for k, v in ((S.TRAIN, n_train), (S.QUERY, n_query)) if v > 0}
+    low, high = loss_bounds
+
+    def c(gate: str, name: str, **kwargs: Any) -> Check:
+        return Check(gate, name, kwargs, keys=TRACE_KEYS, context=ctx)
+
+    checks = [c("trace_nulls", "ExpectColumnValuesToNotBeNull", column=k) for k in TRACE_KEYS]
+    checks += [
+        c("trace_finite", "ExpectColumnValuesToNotBeNull", column=S.LOSS),  # NaN reads as null in pandas
+        c("trace_finite", "ExpectColumnValuesToBeBetween", column=S.LOSS, min_value=-_FMAX, max_value=_FMAX),
+        c("trace_unique", "ExpectCompoundColumnsToBeUnique", column_list=list(TRACE_KEYS)),
+        Check("trace_complete", "ExpectTableRowCountToEqual", {"value": nd * sum(n_by_split.values())},
+              explain=_missing_rows(nd, d0, n_by_split), context=ctx),
+        c("trace_complete", "ExpectColumnValuesToBeInSet", column=S.CHAIN, value_set=[chain]),
+        c("trace_complete", "ExpectColumnDistinctValuesToEqualSet", column=S.DRAW, value_set=list(range(d0, d0 + nd))),
+        c("trace_complete", "ExpectColumnValuesToBeBetween", column=S.DRAW, min_value=d0, max_value=d0 + nd - 1),
+        c("trace_complete", "ExpectColumnDistinctValuesToEqualSet", column=S.SPLIT, value_set=list(n_by_split)),
+    ]
+    checks += [Check("trace_complete", "ExpectColumnValuesToBeBetween", {"column": S.SAMPLE, "min_value": 0,
+                     "max_value": n - 1}, keys=TRACE_KEYS, context=ctx, where=(S.SPLIT, split))
+               for split, n in n_by_split.items()]
+    if np.isfinite(low) or np.isfinite(high):
+        checks.append(c("trace_bounds", "ExpectColumnValuesToBeBetween", column=S.LOSS,
+                        min_value=float(low) if np.isfinite(low) else None,
+                        max_value=float(high) if np.isfinite(high) else None))
+    return res + run(df, checks, suite)
+
+
+def check_trace_stats(stats: pd.DataFrame, *, severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
+                      ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+    """The trace gates on per-block aggregates: one row per trace file from :func:`tasks.aggregates.trace_block_stats`.
+
+    Cheap at any scale (the rows were counted in numpy); each failure names the chain,
+    block and the first offending (draw, split, sample).
+    """
+    run = _validator(severity, allow_warnings, ge_results)
+    block_keys = (S.CHAIN, "block")
+    res = run(stats, [Check("trace_schema", "ExpectColumnValuesToBeInSet", {"column": "schema_ok", "value_set": [True]},
+                            keys=block_keys, context="columns / dtypes differ from bif.schema.trace_schema")],
+              "trace blocks schema")
+    if not res[0].success or stats.empty:
+        return res
+
+    def zero(gate: str, count: str, first: str | None, what: str) -> Check:
+        return Check(gate, "ExpectColumnValuesToBeBetween", {"column": count, "min_value": 0, "max_value": 0},
+                     keys=block_keys + ((first,) if first else ()) + (count,), context=what)
+
+    return res + run(stats, [
+        zero("trace_nulls", "n_null_keys", None, "null chain / draw / split / sample"),
+        zero("trace_finite", "n_nonfinite", "first_nonfinite", "NaN or infinite loss"),
+        zero("trace_unique", "n_duplicate", "first_duplicate", "duplicated (chain, draw, split, sample)"),
+        zero("trace_complete", "n_missing", "first_missing", "missing (draw, split, sample) rows"),
+        zero("trace_complete", "n_out_of_range", "first_out_of_range", "draw or sample outside the block"),
+        zero("trace_complete", "n_wrong_chain", "first_wrong_chain", "rows of another chain"),
+        zero("trace_bounds", "n_out_of_bounds", "first_out_of_bounds", "loss outside problem.loss_bounds"),
+    ], "trace blocks")
+
+
+def check_trace_chains(blocks: pd.DataFrame, *, num_chains: int, num_draws: int,
+                       severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
+                       ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+    """Each chain has ``num_draws`` committed draws: ``blocks`` has one row per committed block (chain, block, num_draws)."""
+    per_chain = (blocks.groupby(S.CHAIN, as_index=False).agg(committed_draws=("num_draws", "sum"),
+                                                             num_blocks=("block", "size"))
+                 if len(blocks) else pd.DataFrame({S.CHAIN: pd.Series([], "int64"), "committed_draws": [],
+                                                   "num_blocks": []}))
+    checks = [
+        Check("trace_complete", "ExpectColumnDistinctValuesToEqualSet", {"column": S.CHAIN,
+              "value_set": list(range(num_chains))}, context="chains with committed trace blocks"),
+        Check("trace_complete", "ExpectColumnValuesToBeBetween", {"column": "committed_draws", "min_value": num_draws,
+              "max_value": num_draws}, keys=(S.CHAIN, "num_blocks"), context=f"expected {num_draws} draws per chain"),
+    ]
+    return _validator(severity, allow_warnings, ge_results)(per_chain, checks, "trace chains")
+
+
+# --- sampler health ---------------------------------------------------------------------------
+def check_health(df_health: pd.DataFrame, *, num_draws: int, max_loss_factor: float, loss_slack: float = 0.0,
+                 max_distance: float | None = None, max_distance_factor: float = 10.0, num_chains: int | None = None,
+                 severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
+                 ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+    """Validate the per-draw health table (columns :data:`bif.schema.HEALTH_COLUMNS`, all chains and blocks).
+
+    Runaway (health_loss): per chain, mean over draws of train_loss_mean <=
+    max_loss_factor x ref_train_loss_mean + loss_slack. Localization (health_distance):
+    every draw's distance <= max_distance, or max_distance_factor x the median distance.
+    """
+    run = _validator(severity, allow_warnings, ge_results)
+    res = run(df_health, [Check("health_schema", "ExpectTableColumnsToMatchSet",
+                                {"column_set": list(S.HEALTH_COLUMNS), "exact_match": False})], "health columns")
+    if not res[0].success:
+        return res
+    keys = (S.CHAIN, S.DRAW)
+    raw_checks = [Check("health_schema", "ExpectColumnValuesToNotBeNull", {"column": k}, keys=keys)
+                  for k in (S.CHAIN, S.DRAW, S.REF_TRAIN_LOSS_MEAN)]
+    raw_checks += [
+        Check("health_loss", "ExpectColumnValuesToNotBeNull", {"column": S.TRAIN_LOSS_MEAN}, keys=keys),
+        Check("health_draws", "ExpectCompoundColumnsToBeUnique", {"column_list": [S.CHAIN, S.DRAW]}, keys=keys),
+        Check("health_distance", "ExpectColumnValuesToNotBeNull", {"column": S.DISTANCE}, keys=keys),
+    ]
+    dist = df_health[S.DISTANCE].to_numpy(dtype=np.float64)
+    bound = max_distance if max_distance is not None else (
+        max_distance_factor * float(np.nanmedian(dist)) if np.isfinite(dist).any() else _FMAX)
+    how = "max_distance" if max_distance is not None else f"{max_distance_factor} x median distance"
+    raw_checks.append(Check("health_distance", "ExpectColumnValuesToBeBetween",
+                            {"column": S.DISTANCE, "min_value": 0.0, "max_value": bound}, keys=keys,
+                            context=f"||w - w*|| above {bound:.4g} ({how})"))
+    res += run(df_health, raw_checks, "health draws")
+
+    g = df_health.groupby(S.CHAIN)
+    per_chain = pd.DataFrame({
+        "num_draws": g[S.DRAW].nunique(),
+        "mean_train_loss": g[S.TRAIN_LOSS_MEAN].mean(),
+        "ref_train_loss": g[S.REF_TRAIN_LOSS_MEAN].mean(),
+        "worst_draw": g[S.TRAIN_LOSS_MEAN].idxmax().map(lambda i: int(df_health.loc[i, S.DRAW]) if i == i else -1),
+        "worst_draw_loss": g[S.TRAIN_LOSS_MEAN].max(),
+    }).reset_index()
+    per_chain["loss_bound"] = max_loss_factor * per_chain["ref_train_loss"] + loss_slack
+    chain_checks = [
+        Check("health_draws", "ExpectColumnValuesToBeBetween", {"column": "num_draws", "min_value": num_draws,
+              "max_value": num_draws}, keys=(S.CHAIN,), context=f"expected {num_draws} draws per chain"),
+        Check("health_loss", "ExpectColumnPairValuesAToBeGreaterThanB",
+              {"column_A": "loss_bound", "column_B": "mean_train_loss", "or_equal": True},
+              keys=(S.CHAIN, "mean_train_loss", "loss_bound", "ref_train_loss", "worst_draw", "worst_draw_loss"),
+              context=f"chain ran away: mean train loss > {max_loss_factor} x ref + {loss_slack}"),
+    ]
+    if num_chains is not None:
+        chain_checks.append(Check("health_draws", "ExpectColumnDistinctValuesToEqualSet",
+                                  {"column": S.CHAIN, "value_set": list(range(num_chains))}))
+    return res + run(per_chain, chain_checks, "health chains")
+
+
+# --- results --------------------------------------------------------------------------------------
+def _ids(ds: "xr.Dataset", dim: str, n: int) -> np.ndarray:
+    return np.asarray(ds[dim].values) if dim in ds.coords else np.arange(n)
+
+
+def check_results(ds: "xr.Dataset", *, n_train: int, n_query: int, query_is_train: bool, corr_atol: float = 1e-6,
+                  self_influence_rtol: float = 1e-6, severity: Mapping[str, str] | None = None,
+                  allow_warnings: bool = False, ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+    """Validate ``bif`` / ``bif_corr`` (dims (train, query)) through per-chunk aggregates computed by Dask.
+
+    Memory and pandas work scale with the number of chunks, not with n_train x n_query.
+    """
+    import dask
+
+    run = _validator(severity, allow_warnings, ge_results)
+    expected = {S.TRAIN_DIM: n_train, S.QUERY_DIM: n_query}
+    rows = []
+    for var in (S.BIF, S.BIF_CORR):
+        present = var in ds.data_vars and ds[var].dims == (S.TRAIN_DIM, S.QUERY_DIM)
+        for dim, n in expected.items():
+            size = int(ds[var].sizes.get(dim, -1)) if var in ds.data_vars else -1
+            coords_ok = present and size == n and (dim not in ds.coords or np.array_equal(_ids(ds, dim, n), np.arange(n)))
+            rows.append({"var": var, "dim": dim, "present": bool(present), "size": size, "expected_size": n,
+                         "coords_ok": bool(coords_ok)})
+    shape = pd.DataFrame(rows)
+    keys = ("var", "dim", "size", "expected_size")
+    res = run(shape, [
+        Check("results_shape", "ExpectColumnValuesToBeInSet", {"column": "present", "value_set": [True]}, keys=keys,
+              context=f"expected variables with dims ({S.TRAIN_DIM}, {S.QUERY_DIM})"),
+        Check("results_shape", "ExpectColumnPairValuesToBeEqual", {"column_A": "size", "column_B": "expected_size"},
+              keys=keys),
+        Check("results_shape", "ExpectColumnValuesToBeInSet", {"column": "coords_ok", "value_set": [True]}, keys=keys,
+              context="coordinates must be the sample ids 0..n-1"),
+    ], "results shape")
+    ok = {v for v in (S.BIF, S.BIF_CORR) if shape.loc[shape["var"] == v, "coords_ok"].all()}
+    tasks = {v: chunk_stats_tasks(ds[v].data) for v in ok}
+    diag = None
+    if query_is_train and S.BIF in ok and n_train == n_query:
+        import dask.array as da
+
+        data = ds[S.BIF].data
+        diag = da.diagonal(data if isinstance(data, da.Array) else da.from_array(np.asarray(data)))
+    computed = dask.compute(tasks, diag)
+    stats, diag_values = computed
+    if S.BIF in stats:
+        frame = pd.DataFrame(stats[S.BIF])
+        res += run(frame, [Check("results_finite", "ExpectColumnValuesToBeBetween",
+                                 {"column": "n_nonfinite", "min_value": 0, "max_value": 0},
+                                 keys=("bad_train", "bad_query", "bad_value"), context="non-finite bif")], "results bif")
+    if S.BIF_CORR in stats:
+        frame = pd.DataFrame(stats[S.BIF_CORR])
+        res += run(frame, [
+            Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "n_nonfinite", "min_value": 0,
+                  "max_value": 0}, keys=("bad_train", "bad_query", "bad_value"),
+                  context="non-finite bif_corr (a zero-variance loss trace?)"),
+            Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "min", "min_value": -1 - corr_atol},
+                  keys=("min_train", "min_query", "min"), context="bif_corr below -1"),
+            Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "max", "max_value": 1 + corr_atol},
+                  keys=("max_train", "max_query", "max"), context="bif_corr above 1"),
+        ], "results bif_corr")
+    if diag_values is not None:
+        d = np.asarray(diag_values, dtype=np.float64)
+        tol = self_influence_rtol * float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 0.0
+        frame = pd.DataFrame({S.SAMPLE: _ids(ds, S.TRAIN_DIM, n_train), "self_influence": d})
+        res += run(frame, [Check("results_self_influence", "ExpectColumnValuesToBeBetween",
+                                 {"column": "self_influence", "max_value": tol}, keys=(S.SAMPLE,),
+                                 context="self-influence bif[i, i] = -Var(l_i) must be <= 0")], "results self-influence")
+    return res

@@ -1,0 +1,153 @@
+"""MCMC diagnostics: ArviZ R-hat / ESS on known chains, and the batch-means MCSE of the BIF."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bif import schema as S
+from tasks.diagnostics import DIAGNOSTICS_COLUMNS, DIAGNOSTICS_FILE, bif_mcse, loss_diagnostics, write_diagnostics
+
+
+def _ar1(rng, shape, phi: float) -> np.ndarray:
+    """Stationary AR(1) with unit marginal variance along axis 1; shape (chains, draws, n)."""
+    c, d, n = shape
+    out = np.empty(shape)
+    out[:, 0] = rng.normal(size=(c, n))
+    noise = rng.normal(size=shape) * np.sqrt(1 - phi**2)
+    for t in range(1, d):
+        out[:, t] = phi * out[:, t - 1] + noise[:, t]
+    return out
+
+
+def test_iid_chains_mix():
+    rng = np.random.default_rng(0)
+    train, query = rng.normal(size=(4, 500, 60)), rng.normal(size=(4, 500, 7))
+    diag = loss_diagnostics(train, query)
+    assert list(diag.columns) == list(DIAGNOSTICS_COLUMNS)
+    assert (diag[S.SPLIT] == S.TRAIN).sum() == 60 and (diag[S.SPLIT] == S.QUERY).sum() == 7
+    assert diag[S.SAMPLE].tolist() == list(range(60)) + list(range(7))
+    assert diag["rhat"].max() < 1.02 and abs(diag["rhat"].median() - 1.0) < 0.005
+    n = 4 * 500
+    # ESS of iid draws is n; its estimator scatters by roughly 10 %
+    assert 0.85 * n < diag["ess_bulk"].median() < 1.15 * n
+    assert 0.8 * n < diag["ess_tail"].median() < 1.2 * n
+
+
+def test_separated_chains_have_large_rhat():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(4, 300, 20)) + np.array([0.0, 0.0, 1.0, 1.0])[:, None, None]
+    diag = loss_diagnostics(train, rng.normal(size=(4, 300, 3)))
+    train_rows = diag[diag[S.SPLIT] == S.TRAIN]
+    assert (train_rows["rhat"] > 1.1).all()
+    assert (diag.loc[diag[S.SPLIT] == S.QUERY, "rhat"] < 1.05).all()
+
+
+def test_autocorrelated_chains_have_small_ess():
+    rng = np.random.default_rng(2)
+    phi = 0.9
+    diag = loss_diagnostics(_ar1(rng, (4, 1000, 30), phi), np.zeros((4, 1000, 0)))
+    n = 4000
+    expected = n * (1 - phi) / (1 + phi)  # ESS of an AR(1) mean: n (1 - phi) / (1 + phi) = 210
+    assert 0.75 * expected < diag["ess_bulk"].median() < 1.3 * expected
+
+
+def test_single_chain_gives_nan_rhat():
+    rng = np.random.default_rng(3)
+    diag = loss_diagnostics(rng.normal(size=(1, 100, 4)), rng.normal(size=(1, 100, 2)))
+    assert diag["rhat"].isna().all() and (diag["ess_bulk"] > 0).all()
+
+
+def test_mcse_known_answer_for_independent_gaussians():
+    """x, y standard normal with correlation rho: Var(x y) = 1 + rho², so MCSE = sqrt((1 + rho²) / N)."""
+    rng = np.random.default_rng(4)
+    chains, draws, n = 4, 400, 30
+    rho = np.linspace(0.0, 0.9, n)
+    x = rng.normal(size=(chains, draws, n))
+    y = rho * x + np.sqrt(1 - rho**2) * rng.normal(size=(chains, draws, n))
+    mcse = bif_mcse(x, y, num_batches=10)  # (n, n); the diagonal pairs (x_i, y_i) have correlation rho_i
+    total = chains * draws
+    diag = np.diag(mcse)
+    expected = np.sqrt((1 + rho**2) / total)
+    # each estimate rests on K = 40 batch means: relative error ~ 1 / sqrt(2 (K - 1)) = 11 %
+    assert np.all(np.abs(diag / expected - 1) < 0.5)
+    assert abs(np.mean(diag**2 / expected**2) - 1) < 0.1
+    off = mcse[~np.eye(n, dtype=bool)]  # independent pairs: sqrt(1 / N)
+    assert abs(np.mean(off**2) * total - 1) < 0.05
+
+
+def test_mcse_shrinks_like_one_over_sqrt_draws():
+    rng = np.random.default_rng(5)
+    short = bif_mcse(rng.normal(size=(4, 200, 20)), rng.normal(size=(4, 200, 10)), num_batches=10)
+    long = bif_mcse(rng.normal(size=(4, 3200, 20)), rng.normal(size=(4, 3200, 10)), num_batches=10)
+    ratio = np.sqrt(np.mean(short**2) / np.mean(long**2))
+    assert 3.6 < ratio < 4.4  # sqrt(3200 / 200) = 4
+
+
+def test_mcse_accounts_for_autocorrelation():
+    """Independent AR(1) x, y: z = x y has lag-k autocorrelation phi^(2k), so Var(mean z) grows by (1+phi²)/(1-phi²)."""
+    rng = np.random.default_rng(6)
+    phi, chains, draws = 0.8, 4, 4000
+    x, y = _ar1(rng, (chains, draws, 16), phi), _ar1(rng, (chains, draws, 8), phi)
+    mcse = bif_mcse(x, y, num_batches=10)
+    expected = np.sqrt((1 + phi**2) / (1 - phi**2) / (chains * draws))
+    assert abs(np.sqrt(np.mean(mcse**2)) / expected - 1) < 0.12
+    iid_mcse = np.sqrt(1 / (chains * draws))
+    assert np.mean(mcse) > 1.8 * iid_mcse  # a naive iid standard error would be 2.1x too small
+
+
+def test_mcse_rejects_bad_input():
+    with pytest.raises(ValueError, match="num_batches"):
+        bif_mcse(np.zeros((2, 5, 3)), np.zeros((2, 5, 2)), num_batches=10)
+    with pytest.raises(ValueError, match="equal leading dims"):
+        bif_mcse(np.zeros((2, 50, 3)), np.zeros((2, 40, 2)))
+
+
+def test_write_diagnostics_on_a_stored_run(tmp_path):
+    """Blockwise reading from the TraceStore gives the same table as the in-memory call."""
+    from tasks.sampler import ChainState, DrawBlock
+    from tasks.traces import TraceStore
+
+    rng = np.random.default_rng(7)
+    chains, draws, n_train, n_query, per_block = 3, 60, 25, 4, 20
+    train = rng.gamma(2.0, 0.5, (chains, draws, n_train)).astype(np.float32).astype(np.float64)
+    query = rng.gamma(2.0, 0.5, (chains, draws, n_query)).astype(np.float32).astype(np.float64)
+    store = TraceStore(str(tmp_path))
+    state = ChainState(step=0, num_recorded=0, params={}, precond=None, rng_cpu=np.zeros(1), rng_noise=np.zeros(1))
+    for c in range(chains):
+        for b in range(draws // per_block):
+            sl = slice(b * per_block, (b + 1) * per_block)
+            store.write_block(DrawBlock(chain=c, draw_start=sl.start, train_losses=train[c, sl],
+                                        query_losses=query[c, sl], steps=np.arange(per_block),
+                                        distance=np.ones(per_block), state=state),
+                              block_index=b, ref_train_loss_mean=1.0)
+    summary = write_diagnostics(str(tmp_path), None, num_chains=chains, block_samples=7, num_batches=5)
+    got = pd.read_parquet(tmp_path / DIAGNOSTICS_FILE)
+    want = loss_diagnostics(train, query)
+    got = got.sort_values([S.SPLIT, S.SAMPLE]).reset_index(drop=True)
+    want = want.sort_values([S.SPLIT, S.SAMPLE]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_categorical=False)
+    assert summary["num_samples"] == {"train": n_train, "query": n_query}
+    assert summary["num_chains"] == chains and summary["num_draws_per_chain"] == draws
+    assert summary["num_rhat_above_threshold"] == int((want["rhat"] > 1.1).sum())
+    assert summary["rhat"]["q50"] == pytest.approx(want["rhat"].median())
+    mcse = bif_mcse(train, query, num_batches=5)
+    assert summary["bif_mcse"]["num_pairs"] == n_train * n_query
+    assert summary["bif_mcse"]["max"] == pytest.approx(mcse.max())
+    assert summary["bif_mcse"]["q50"] == pytest.approx(np.median(mcse))
+    assert 0 <= summary["bif_mcse"]["frac_pairs_abs_bif_above_2_mcse"] <= 1
+    import json
+
+    json.dumps(summary)  # goes into the manifest
+    limited = write_diagnostics(str(tmp_path), None, num_chains=chains, max_samples=10)
+    assert limited["num_samples"] == {"train": 10, "query": n_query}
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.diagnostics, bif.report; "
+            "bad = [m for m in ('prefect', 'arviz', 'great_expectations', 'matplotlib') if m in sys.modules]; "
+            "sys.exit(str(bad) if bad else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True)

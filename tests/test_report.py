@@ -1,0 +1,141 @@
+"""report.html: one self-contained file whose sections all render, and degrade when inputs are missing."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bif import schema as S
+from bif.report import SECTIONS, markdown_summary, topk_markdown, topk_records, write_report
+
+_IMG = re.compile(r"<img [^>]*src=\"([^\"]*)\"")
+
+
+def _decoded_pngs(text: str) -> list[np.ndarray]:
+    from matplotlib.image import imread
+
+    images = []
+    for src in _IMG.findall(text):
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        raw = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        images.append(imread(io.BytesIO(raw), format="png"))
+    return images
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny digits run with diagnostics and quality results, plus its problem (for images)."""
+    from run_fixtures import make_run
+    from tasks.diagnostics import write_diagnostics
+    from tasks.quality import run_gates
+
+    r = make_run(tmp_path_factory.mktemp("report") / "run", n_train=60, n_query=8, num_draws=20,
+                 draws_per_block=10, train_epochs=20)
+    write_diagnostics(r.uri, None, num_chains=r.config.sampler.num_chains, num_batches=4)
+    run_gates(r.uri, None, r.config, n_train=r.n_train, n_query=r.n_query, loss_bounds=(0.0, np.inf))
+    return r
+
+
+def test_full_report_is_self_contained(run):
+    uri = write_report(run.uri, problem=run.problem, num_queries=2, k=3)
+    assert uri == f"{run.uri}/{S.REPORT_FILE}"
+    text = Path(uri).read_text()
+    for title in SECTIONS:
+        assert f"<h2>{title}</h2>" in text.replace("&lt;", "<").replace("&gt;", ">").replace("&#x27;", "'")
+    assert 'class="missing"' not in text  # every input exists, so no section degrades
+    assert "Quality gates passed" in text and "samples have rank R-hat" in text
+    images = _decoded_pngs(text)
+    # traces, diagnostics, heatmap figures + 2 queries x (1 + 2 directions x 3 examples) digit images
+    assert len(images) == 3 + 2 * (1 + 2 * 3)
+    assert all(im.ndim == 3 and im.shape[0] >= 64 and im.shape[1] >= 64 for im in images)
+    assert not re.search(r"(src|href)=\"(https?:|//)", text)  # nothing loaded from the network
+    assert "(label " in text  # digit labels from problem.extras
+
+
+def test_report_without_problem_lists_ids(run):
+    text = Path(write_report(run.uri, num_queries=1, k=2)).read_text()
+    assert len(_decoded_pngs(text)) == 3
+    assert "train " in text and "bif " in text
+
+
+def test_text_problem_gets_snippets(run):
+    class TextProblem:
+        extras: dict = {}
+
+        @staticmethod
+        def render(split, i):
+            return f"<{split} sentence #{i}>"
+
+    text = Path(write_report(run.uri, problem=TextProblem(), num_queries=1, k=2)).read_text()
+    assert "&lt;query sentence #" in text and "&lt;train sentence #" in text  # escaped snippets
+    assert len(_decoded_pngs(text)) == 3
+
+
+def test_each_section_degrades_when_its_input_is_missing(run, tmp_path):
+    uri = tmp_path / "partial"
+    shutil.copytree(run.uri, uri)
+    for name in (S.HEALTH_DIR, S.BIF_ZARR, S.QUALITY_DIR):
+        shutil.rmtree(uri / name)
+    for name in (S.DIAGNOSTICS_FILE, S.TOPK_FILE, S.MANIFEST_FILE, S.CONFIG_FILE):
+        (uri / name).unlink()
+    text = Path(write_report(str(uri))).read_text()
+    for title in SECTIONS:
+        assert title.replace("<", "&lt;").replace(">", "&gt;") in text
+    assert text.count('class="missing"') == len(SECTIONS)
+    assert _decoded_pngs(text) == []
+    assert "_not run_" in markdown_summary(str(uri)) and topk_markdown(str(uri)) == "_no topk.parquet_\n"
+
+
+def test_markdown_artifacts(run):
+    md = markdown_summary(run.uri)
+    assert "**Status:** complete" in md and "passed: 0 failed" in md
+    assert "| train | 60 |" in md and "| query | 8 |" in md and "bif: 60 train x 8 query" in md
+    records = topk_records(run.uri, num_queries=2, k=3)
+    assert len(records) == 2 * 2 * 3 and set(records[0]) == set(S.TOPK_COLUMNS)
+    assert [r[S.DIRECTION] for r in records[:6]] == ["positive"] * 3 + ["negative"] * 3
+    assert all(isinstance(r[S.BIF], float) for r in records)
+    table = topk_markdown(run.uri, num_queries=2, k=3)
+    assert table.count("\n") == 2 + 12 and table.startswith("| query | direction | rank | train | bif | bif_corr |")
+
+
+def test_cli_report_rebuilds_problem(run, capsys):
+    from bif.cli_report import main
+
+    (Path(run.uri) / S.REPORT_FILE).unlink(missing_ok=True)
+    assert main([run.uri, "--problem-from-config", "--queries", "1", "-k", "2"]) == 0
+    text = (Path(run.uri) / S.REPORT_FILE).read_text()
+    assert len(_decoded_pngs(text)) == 3 + 1 + 2 * 2
+    assert main([str(Path(run.uri) / "nowhere")]) == 2
+    assert "is it a bif run output" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    """Debian's chromium loads every embedded image (screenshot kept for a person to look at)."""
+    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    uri = write_report(run.uri, problem=run.problem, num_queries=2, k=3)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}"]
+    # the DOM after load: a script counts the images that decoded (naturalWidth > 0)
+    probe = tmp_path / "probe.html"
+    probe.write_text(Path(uri).read_text().replace(
+        "</body>", "<script>window.onload=()=>{const i=[...document.images];document.title="
+                   "'loaded '+i.filter(x=>x.complete&&x.naturalWidth>0).length+' of '+i.length}</script></body>"))
+    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    n = len(_IMG.findall(Path(uri).read_text()))
+    assert f"<title>loaded {n} of {n}</title>" in dom
+    shot = Path(run.uri) / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,3000", Path(uri).as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 10_000
+    shutil.copy(shot, Path("/tmp") / "bif-report-screenshot.png")
