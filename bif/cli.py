@@ -30,7 +30,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bif.config import load_config
     from bif.prefect_server import prefect_api, quiet_prefect_env
 
-    cfg = load_config(args.config, overrides=args.set or [], output=args.output)
+    overrides = list(args.set or []) + (["quality.allow_warnings=true"] if args.allow_warnings else [])
+    cfg = load_config(args.config, overrides=overrides, output=args.output)
     quiet_prefect_env()
     from flows.attribution import run_attribution
 
@@ -38,6 +39,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"Prefect API: {url}", file=sys.stderr)
         manifest = run_attribution(cfg, show_progress=not args.no_progress)
     print(f"status: {manifest.get('status')}  output: {cfg.output}")
+    quality = manifest.get("quality") or {}
+    for w in quality.get("warnings", []):
+        print(f"warning: gate {w.get('gate')} [{w.get('expectation')}]: {w.get('detail')}", file=sys.stderr)
+    if manifest.get("status") == "complete":
+        print(f"report: {cfg.output.rstrip('/')}/report.html   top-k: bif show {cfg.output} --query 0")
     t = manifest.get("timings") or {}
     if t:
         print("timings: " + ", ".join(f"{k}={v:.1f}s" for k, v in t.items() if isinstance(v, float)))
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set sampler.num_draws=400 (repeatable)")
     r.add_argument("--output", help="output directory or URI (overrides `output:`)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--allow-warnings", action="store_true",
+                   help="report failed quality gates as warnings instead of failing the run")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("show", help="print the top train examples for a query of a finished run")

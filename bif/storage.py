@@ -17,10 +17,20 @@ from fsspec.core import url_to_fs
 from bif.errors import StorageError
 
 
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
 def get_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the protocol-free path of ``uri``."""
+    """The filesystem and the protocol-free path of ``uri``.
+
+    Object-store listings are not cached: other processes commit blocks while we read, and
+    a stale listing would hide them.
+    """
+    opts = dict(storage_options or {})
+    if uri.split("://", 1)[0] in _OBJECT_STORES:
+        opts.setdefault("use_listings_cache", False)
     try:
-        return url_to_fs(uri, **dict(storage_options or {}))
+        return url_to_fs(uri, **opts)
     except (ImportError, ValueError) as err:
         raise StorageError(f"cannot open {uri!r}: {err}") from None
 

@@ -24,7 +24,9 @@ from typing import Any
 from prefect import flow
 from prefect.futures import wait
 
+from bif import schema as S
 from bif.config import RunConfig, build_config
+from bif.errors import QualityError
 from tasks import pipeline, steps
 
 
@@ -53,14 +55,30 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         t2 = time.perf_counter()
         summary = steps.reduce_covariance(cfg, info, scheduler_address)
         t3 = time.perf_counter()
+        gates = steps.quality_gates(cfg, info, scheduler_address) if cfg.quality.enabled else None
+        t4 = time.perf_counter()
+        diag = steps.diagnostics(cfg) if cfg.quality.enabled else None
+        t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
-                   "covariance_s": t3 - t2, "chain_s": [r.seconds for r in chains],
+                   "covariance_s": t3 - t2, "gates_s": t4 - t3, "diagnostics_s": t5 - t4,
+                   "chain_s": [r.seconds for r in chains],
                    "chain_sampling_s": [r.sampling_seconds for r in chains],
                    "chain_draws_sampled": [r.draws_sampled for r in chains],
-                   "sampling_started_at": min(r.sampling_started_at for r in chains),
-                   "finished_at": time.time()}
-        return steps.finish(cfg, info, timings, {"num_output_blocks": summary.num_blocks,
-                                                  "resumed_blocks": [r.resumed_blocks for r in chains]})
+                   "sampling_started_at": min(r.sampling_started_at for r in chains)}
+        extra = {"num_output_blocks": summary.num_blocks, "resumed_blocks": [r.resumed_blocks for r in chains],
+                 "diagnostics": diag, "quality": gates.to_dict() if gates is not None else None}
+        if gates is not None and not gates.passed:
+            pipeline.fail_run(cfg, QualityError(gates.summary()), status=S.STATUS_FAILED_QUALITY,
+                              quality_failures=[f.__dict__ for f in gates.failed], timings=timings, **extra)
+        steps.report(cfg)
+        steps.publish_artifacts(cfg)
+        if gates is not None:
+            gates.raise_if_failed()
+        timings["report_s"] = time.perf_counter() - t5
+        timings["finished_at"] = time.time()
+        return steps.finish(cfg, info, timings, extra)
+    except QualityError:
+        raise  # the manifest already says failed_quality
     except BaseException as err:
         pipeline.fail_run(cfg, err)
         raise

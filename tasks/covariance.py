@@ -86,18 +86,35 @@ def open_bif_array(bif_uri: str, storage_options: Mapping[str, Any]):
     return zarr.open_group(bif_uri, mode="r+", storage_options=dict(storage_options) or None)
 
 
+def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str, dtype: np.dtype
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(bif, bif_corr) of a block in the output dtype, computed in float64 with few passes."""
+    if pooling == "chain_mean":
+        cov, corr = mean_of_covariances(states, ddof=ddof)
+        return (-cov).astype(dtype), (-corr).astype(dtype)
+    m: Moments = states
+    if m.n - ddof <= 0:
+        return covariance(m, ddof=ddof), correlation(m)  # raises the clear error
+    bif = np.multiply(m.comoment, -1.0 / (m.n - ddof), dtype=dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_x, inv_y = 1.0 / np.sqrt(m.m2_x), 1.0 / np.sqrt(m.m2_y)
+        corr = np.multiply(m.comoment, -inv_x[:, None], dtype=dtype)
+        corr *= inv_y[None, :].astype(dtype)
+    np.clip(corr, -1.0, 1.0, out=corr)
+    return bif, corr
+
+
 def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_options: Mapping[str, Any],
                    train: tuple[int, int], query: tuple[int, int], ddof: int, k: int, pooling: str
                    ) -> BlockResult:
-    """Merged moments → bif / bif_corr block → zarr region; returns the block's top-k candidates."""
-    if pooling == "chain_mean":
-        cov, corr = mean_of_covariances(states, ddof=ddof)
-    else:
-        cov, corr = covariance(states, ddof=ddof), correlation(states)
-    bif, bif_corr = -cov, -corr
+    """Merged moments → bif / bif_corr block → zarr region; returns the block's top-k candidates.
+
+    ``bif = -C/(n - ddof)``, ``bif_corr = -C/sqrt(m2_x m2_yᵀ)`` (see :mod:`tasks.moments`).
+    """
     group = open_bif_array(bif_uri, storage_options)
-    group[S.BIF][train[0]:train[1], query[0]:query[1]] = bif.astype(group[S.BIF].dtype)
-    group[S.BIF_CORR][train[0]:train[1], query[0]:query[1]] = bif_corr.astype(group[S.BIF_CORR].dtype)
+    bif, bif_corr = _negated_outputs(states, ddof=ddof, pooling=pooling, dtype=group[S.BIF].dtype)
+    group[S.BIF][train[0]:train[1], query[0]:query[1]] = bif
+    group[S.BIF_CORR][train[0]:train[1], query[0]:query[1]] = bif_corr
     pos = _topk(bif, bif_corr, train[0], k, largest=True)
     neg = _topk(bif, bif_corr, train[0], k, largest=False)
     return BlockResult(train[0], query[0], *pos, *neg)

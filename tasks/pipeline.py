@@ -189,3 +189,32 @@ def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILE
                         error=redact(f"{type(err).__name__}: {err}", cfg.storage_options), **fields)
     except Exception:  # noqa: BLE001 - the original error matters more
         pass
+
+
+def quality_gates(cfg: RunConfig, info: RunInfo, *, map_fn: Callable | None = None):
+    """Run the data-quality gates over the finished run; returns a tasks.quality.QualityReport."""
+    from tasks.quality import run_gates
+
+    return run_gates(cfg.output, cfg.storage_options, cfg, n_train=info.n_train, n_query=info.n_query,
+                     loss_bounds=info.loss_bounds, query_is_train=info.query_is_train, map_fn=map_fn or map)
+
+
+def diagnostics(cfg: RunConfig) -> dict[str, Any]:
+    """ArviZ R-hat / ESS per sample → diagnostics.parquet, plus the BIF's MCSE; returns the summary."""
+    from tasks.diagnostics import write_diagnostics
+
+    q = cfg.quality
+    return write_diagnostics(cfg.output, cfg.storage_options, num_chains=cfg.sampler.num_chains,
+                             max_samples=q.diagnostics_max_samples, block_samples=q.diagnostics_block_samples,
+                             num_batches=q.mcse_num_batches, rhat_threshold=q.rhat_threshold)
+
+
+def report(cfg: RunConfig) -> str:
+    """report.html (with the problem's renderer for example images, when it has one)."""
+    from bif.report import write_report
+
+    try:
+        problem, _ = materialize_problem(cfg)
+    except Exception:  # noqa: BLE001 - a report without images beats no report
+        problem = None
+    return write_report(cfg.output, cfg.storage_options, problem=problem)

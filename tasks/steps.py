@@ -77,6 +77,39 @@ def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address:
                                               PROGRESS_TOPIC, {"stage": "covariance", "done": done, "total": total}))
 
 
+@task(name="quality-gates", cache_policy=NO_CACHE)
+def quality_gates(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None) -> Any:
+    if scheduler_address is None:
+        return pipeline.quality_gates(cfg, info)
+    from distributed import Client
+
+    with Client(scheduler_address, set_as_default=False) as client:
+        return pipeline.quality_gates(cfg, info, map_fn=lambda f, xs: client.gather(client.map(f, list(xs))))
+
+
+@task(name="diagnostics", cache_policy=NO_CACHE)
+def diagnostics(cfg: RunConfig) -> dict[str, Any]:
+    return pipeline.diagnostics(cfg)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(cfg: RunConfig) -> str:
+    return pipeline.report(cfg)
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(cfg: RunConfig) -> None:
+    """The run summary and the top-k table as Prefect artifacts (visible in the Prefect UI)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from bif.report import markdown_summary, topk_records
+
+    create_markdown_artifact(markdown=markdown_summary(cfg.output, cfg.storage_options), key="bif-run-summary",
+                             description=f"BIF run at {cfg.output}")
+    create_table_artifact(table=topk_records(cfg.output, cfg.storage_options), key="bif-topk",
+                          description="Top positive / negative train examples for the most influenced queries")
+
+
 @task(name="finish-run", cache_policy=NO_CACHE)
 def finish(cfg: RunConfig, info: pipeline.RunInfo, timings: dict[str, float], extra: dict[str, Any]) -> dict:
     return pipeline.finish_run(cfg, info, timings=timings, extra=extra)

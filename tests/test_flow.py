@@ -62,6 +62,13 @@ def test_flow_matches_closed_form_and_reruns_are_skipped(tmp_path, dask_address,
     topk = pd.read_parquet(tmp_path / "run" / S.TOPK_FILE)
     best = topk[(topk[S.QUERY] == 2) & (topk[S.DIRECTION] == "positive") & (topk[S.RANK] == 0)][S.TRAIN].item()
     assert best == int(np.argmax(ds[S.BIF].values[:, 2]))
+    # quality gates passed, diagnostics and the report exist (issue 3)
+    assert manifest["quality"]["passed"] and manifest["quality"]["num_expectations"] > 10
+    assert manifest["diagnostics"]["num_chains"] == 2
+    diag = pd.read_parquet(tmp_path / "run" / "diagnostics.parquet")
+    assert len(diag) == 46 and diag["rhat"].max() < 1.1 and diag["ess_bulk"].min() > 100
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "run" / "quality" / "summary.json").exists()
     # the rerun finds the complete manifest and skips everything
     assert run_attribution(cfg, show_progress=False).get("skipped") is True
     # the CLI reads it back
@@ -108,6 +115,46 @@ def test_nan_chain_fails_run_with_named_chain(tmp_path, dask_address, capsys):
         run_attribution(cfg, show_progress=False)
     manifest = read_manifest(str(tmp_path / "nan"))
     assert manifest["status"] == S.STATUS_FAILED and "diverged" in manifest["error"]
+
+
+def test_divergent_step_size_fails_a_quality_gate(tmp_path, dask_address, capsys):
+    """A step size just past SGLD's stability limit: losses explode (but stay finite) and a gate fails."""
+    from bif.errors import QualityError
+
+    data = linear.make_data(**LINEAR_ARGS)
+    mu, sigma = linear.posterior(data, nbeta=40.0, gamma=10.0)
+    lam_max = np.linalg.eigvalsh(np.linalg.inv(sigma)).max()
+    cfg = _cfg(tmp_path / "bad", dask_address,
+               sampler=SAMPLER | {"step_size": 4.4 / lam_max, "num_burnin_steps": 0, "steps_per_draw": 1,
+                                  "num_draws": 60, "draws_per_block": 20})
+    with pytest.raises(QualityError, match=r"FAILED health_loss") as ei:
+        run_attribution(cfg, show_progress=False)
+    assert "chain=" in str(ei.value)
+    manifest = read_manifest(str(tmp_path / "bad"))
+    assert manifest["status"] == S.STATUS_FAILED_QUALITY
+    assert any(f["gate"] == "health_loss" for f in manifest["quality_failures"])
+    assert (tmp_path / "bad" / S.BIF_ZARR).exists()  # results stay for inspection
+    # --allow-warnings turns the failure into a warning and the run completes
+    path = _write_yaml(tmp_path / "bad.yaml", cfg.public_dict() | {"output": str(tmp_path / "bad2")})
+    assert main(["run", path, "--no-progress", "--allow-warnings"]) == 0
+    assert read_manifest(str(tmp_path / "bad2"))["status"] == S.STATUS_COMPLETE
+    assert "warning: gate health_loss" in capsys.readouterr().err
+
+
+def test_prefect_artifacts_published(prefect_api_url, tmp_path, dask_address):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    cfg = _cfg(tmp_path / "art", dask_address, sampler=SAMPLER | {"num_draws": 30, "draws_per_block": 30})
+    assert run_attribution(cfg, show_progress=False)["status"] == "complete"
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    keys = {a.key for a in asyncio.run(artifacts())}
+    assert {"bif-run-summary", "bif-topk"} <= keys
 
 
 def _write_yaml(path: Path, data: dict) -> str:
