@@ -33,11 +33,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or []) + (["quality.allow_warnings=true"] if args.allow_warnings else [])
     cfg = load_config(args.config, overrides=overrides, output=args.output)
     quiet_prefect_env()
-    from flows.attribution import run_attribution
+    from bif.storage import check_writable
+    from flows.attribution import dask_cluster, run_attribution
 
-    with prefect_api() as url:
-        print(f"Prefect API: {url}", file=sys.stderr)
-        manifest = run_attribution(cfg, show_progress=not args.no_progress)
+    check_writable(cfg.output, cfg.storage_options)  # fail before paying for a server and a cluster
+    with prefect_api() as ready, dask_cluster(cfg) as address:  # both boot concurrently
+        print(f"Prefect API: {ready()}  Dask scheduler: {address}", file=sys.stderr)
+        manifest = run_attribution(cfg, show_progress=not args.no_progress, address=address)
     print(f"status: {manifest.get('status')}  output: {cfg.output}")
     quality = manifest.get("quality") or {}
     for w in quality.get("warnings", []):

@@ -58,6 +58,7 @@ class CovarianceConfig(BaseModel):
     )
     ddof: int = Field(1, ge=0, le=1, description="Delta degrees of freedom of the covariance.")
     topk: int = Field(20, ge=1, description="Most positive and most negative train examples kept per query.")
+    compress: bool = Field(False, description="zstd-compress bif.zarr (saves ~8% on noisy floats, ~4x slower writes).")
 
 
 class ComputeConfig(BaseModel):
@@ -117,7 +118,7 @@ class QualityConfig(BaseModel):
         10, ge=2, description="Batches of contiguous draws per chain for the batch-means MCSE of the BIF."
     )
     diagnostics_block_samples: int = Field(
-        2048, ge=1, description="Samples read per block by the diagnostics stage (memory ~ chains x draws x block)."
+        512, ge=1, description="Samples read per block by the diagnostics stage (memory ~ chains x draws x block)."
     )
     diagnostics_max_samples: int | None = Field(
         None, ge=1, description="Diagnose only the first N samples of each split (None: all)."

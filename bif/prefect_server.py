@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: Settings applied to every run: no telemetry, no DNS lookups to the outside.
 QUIET_ENV = {
@@ -27,27 +27,55 @@ def quiet_prefect_env() -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(*, startup_timeout: int = 90) -> Iterator[str]:
-    """Yield a Prefect API URL: the configured one, or a local server started and stopped here."""
+def prefect_api(*, startup_timeout: int = 90) -> Iterator[Callable[[], str]]:
+    """Provide a Prefect API: the one in PREFECT_API_URL, or a local server started here.
+
+    Yields ``ready()``, which blocks until the API answers and returns its URL. A local
+    server boots in a background thread from entry on, with its URL already exported, so
+    the caller can start the Dask cluster (whose workers inherit PREFECT_API_URL) while the
+    server boots; the two start-up costs overlap instead of adding up.
+    """
     quiet_prefect_env()
     url = os.environ.get("PREFECT_API_URL")
     if url:
-        yield url
+        yield lambda: url
         return
+    import threading
+
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
-    server.start(timeout=startup_timeout)
-    os.environ["PREFECT_API_URL"] = server.api_url
+    server = SubprocessASGIServer(port=SubprocessASGIServer().find_available_port())
+    url = server.api_url
+    errors: list[BaseException] = []
+
+    def boot() -> None:
+        try:
+            server.start(timeout=startup_timeout)
+        except BaseException as err:  # noqa: BLE001 - re-raised by ready()
+            errors.append(err)
+
+    thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
+    thread.start()
+
+    def ready() -> str:
+        thread.join()
+        if errors:
+            raise RuntimeError(f"the local Prefect server did not start: {errors[0]}") from errors[0]
+        if server.api_url != url:  # Prefect retried on another port after a clash
+            raise RuntimeError(f"the local Prefect server moved from {url} to {server.api_url}; rerun")
+        return url
+
+    os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
-                yield server.api_url
+                yield ready
             finally:
                 drain_prefect_workers()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        thread.join()
         server.stop()
 
 

@@ -49,6 +49,8 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         for c in range(cfg.sampler.num_chains):
             with _gpu_claim(cfg.compute.gpus):
                 futures.append(steps.sample_chain.submit(cfg, c, info.ref_train_loss_mean))
+        if cfg.quality.enabled:
+            pipeline.warm_imports()  # overlaps GE / ArviZ imports with sampling
         wait(futures)
         chains = [f.result() for f in futures]  # raises the first chain failure
         steps.check_traces(cfg)
@@ -57,7 +59,7 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         t3 = time.perf_counter()
         gates = steps.quality_gates(cfg, info, scheduler_address) if cfg.quality.enabled else None
         t4 = time.perf_counter()
-        diag = steps.diagnostics(cfg) if cfg.quality.enabled else None
+        diag = steps.diagnostics(cfg, scheduler_address) if cfg.quality.enabled else None
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
                    "covariance_s": t3 - t2, "gates_s": t4 - t3, "diagnostics_s": t5 - t4,
@@ -105,15 +107,20 @@ def dask_cluster(cfg: RunConfig) -> Iterator[str]:
 
     n_workers = cfg.compute.n_workers or max(1, min(cfg.sampler.num_chains, os.cpu_count() or 1))
     kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": cfg.compute.threads_per_worker,
-                              "processes": True, "dashboard_address": ":0", "silence_logs": 40}
+                              "processes": True, "dashboard_address": ":0", "silence_logs": 40,
+                              # import torch / prefect / pyarrow while the cluster boots, not in the first task
+                              "preload": ["tasks.pipeline", "tasks.steps"]}
     if cfg.compute.gpus:
         kwargs["resources"] = {"GPU": 1}
     with LocalCluster(**kwargs) as cluster:
         yield cluster.scheduler_address
 
 
-def run_attribution(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Run the flow on a Dask cluster and return the final manifest. Raises the run's error on failure."""
+def run_attribution(cfg: RunConfig, *, show_progress: bool = True, address: str | None = None) -> dict[str, Any]:
+    """Run the flow on a Dask cluster and return the final manifest. Raises the run's error on failure.
+
+    ``address``: a running scheduler to use; default ``compute.address`` or a LocalCluster started here.
+    """
     from distributed import Client
     from prefect_dask import DaskTaskRunner
 
@@ -131,7 +138,8 @@ def run_attribution(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, 
                           "use a local path or s3:// for runs (memory:// serves tests of the trace store)")
     check_writable(cfg.output, cfg.storage_options)  # fail before paying for a cluster
     t0 = time.perf_counter()
-    with dask_cluster(cfg) as address, Client(address, set_as_default=False) as client:
+    own = contextlib.nullcontext(address) if address else dask_cluster(cfg)
+    with own as address, Client(address, set_as_default=False) as client:
         with RunProgress(client, num_chains=cfg.sampler.num_chains, num_draws=cfg.sampler.num_draws,
                          enabled=show_progress):
             runner = DaskTaskRunner(address=address)

@@ -121,8 +121,13 @@ def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_opt
 
 
 def init_bif_store(bif_uri: str, storage_options: Mapping[str, Any], *, n_train: int, n_query: int,
-                   train_block: int, query_block: int, dtype: str, attrs: Mapping[str, Any]) -> None:
-    """Create ``bif.zarr`` (coords + empty, NaN-filled arrays chunked like the blocks) without computing."""
+                   train_block: int, query_block: int, dtype: str, attrs: Mapping[str, Any],
+                   compress: bool = False) -> None:
+    """Create ``bif.zarr`` (coords + empty, NaN-filled arrays chunked like the blocks) without computing.
+
+    Influence values are noisy floats: zstd saves ~8% of the bytes and costs ~4x the write
+    time (measured on 4096 x 1024 float32 blocks), so compression is off unless asked for.
+    """
     import dask.array as da
     import xarray as xr
 
@@ -135,8 +140,9 @@ def init_bif_store(bif_uri: str, storage_options: Mapping[str, Any], *, n_train:
     )
     ds[S.BIF].attrs["description"] = "-Cov(train loss_i, query loss_j) over SGLD draws; >0: upweighting i raises j's loss"
     ds[S.BIF_CORR].attrs["description"] = "-Corr(train loss_i, query loss_j) over SGLD draws"
+    encoding = None if compress else {S.BIF: {"compressors": None}, S.BIF_CORR: {"compressors": None}}
     ds.to_zarr(bif_uri, mode="w", compute=False, storage_options=dict(storage_options) or None,
-               consolidated=False, zarr_format=3)
+               consolidated=False, zarr_format=3, encoding=encoding)
 
 
 def build_graph(files: Sequence[tuple[int, int, str]], *, root: str, storage_options: Mapping[str, Any],
@@ -192,7 +198,7 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
                 n_train: int, n_query: int, train_block: int, query_block: int, split_every: int = 8,
                 pooling: str = "stack", ddof: int = 1, k: int = 20, dtype: str = "float32",
                 client: Any = None, max_in_flight: int | None = None, attrs: Mapping[str, Any] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> CovarianceSummary:
+                progress: Callable[[int, int], None] | None = None, compress: bool = False) -> CovarianceSummary:
     """Reduce the trace files to ``<root>/bif.zarr`` and the top-k table.
 
     ``files`` are (chain, block, path) of committed trace blocks. With a distributed
@@ -202,7 +208,7 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
     """
     bif_uri = join(root, S.BIF_ZARR)
     init_bif_store(bif_uri, storage_options, n_train=n_train, n_query=n_query, train_block=train_block,
-                   query_block=query_block, dtype=dtype, attrs=attrs or {})
+                   query_block=query_block, dtype=dtype, attrs=attrs or {}, compress=compress)
     finals = build_graph(files, root=root, storage_options=storage_options, bif_uri=bif_uri, n_train=n_train,
                          n_query=n_query, train_block=train_block, query_block=query_block,
                          split_every=split_every, pooling=pooling, ddof=ddof, k=k)

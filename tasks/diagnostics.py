@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -143,10 +143,34 @@ def _read_split(fs: Any, files: list[tuple[int, int, str]], *, split: str, start
     return np.stack([a[:draws] for a in arrays])
 
 
+def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int]:
+    """Diagnostics and MCSE of one block of train samples (a picklable unit of work for map_fn)."""
+    from bif.storage import get_fs
+
+    output_uri, storage_options, files, start, stop, num_chains, query, num_batches, keep, seed = job
+    fs, _ = get_fs(output_uri, storage_options)
+    train = _read_split(fs, files, split=S.TRAIN, start=start, stop=stop, num_chains=num_chains)
+    frame = _split_diagnostics(train, split=S.TRAIN, start=start)
+    empty = np.array([])
+    if not query.shape[2] or train.shape[1] < num_batches:
+        return frame, empty, empty, 0, 0
+    mcse = bif_mcse(train, query, num_batches=num_batches).ravel()
+    flat = np.concatenate(train, axis=0)
+    yflat = np.concatenate(query, axis=0)
+    bif = -((flat - flat.mean(0)).T @ (yflat - yflat.mean(0)) / (flat.shape[0] - 1)).ravel()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.abs(bif) / mcse
+    pick = np.random.default_rng([seed, start]).choice(mcse.size, size=min(keep, mcse.size), replace=False)
+    return frame, mcse[pick], snr[pick], int(np.sum(snr > 2)), mcse.size
+
+
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
                       max_samples: int | None = None, block_samples: int = 2048, num_batches: int = 10,
-                      rhat_threshold: float = 1.1, seed: int = 0) -> dict[str, Any]:
+                      rhat_threshold: float = 1.1, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
     """Diagnose a run's traces, write ``<output>/diagnostics.parquet`` and return a JSON-able summary.
+
+    Train samples are diagnosed in blocks through ``map_fn`` (default ``map``; pass e.g.
+    ``lambda f, xs: client.gather(client.map(f, list(xs)))`` to spread blocks over Dask workers).
 
     Reads ``block_samples`` samples of every chain at a time (memory ~ chains x draws x
     block_samples x 8 bytes, plus the query traces and one (block_samples, n_query) MCSE
@@ -168,25 +192,16 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     n_train, n_query = cap(layout.n_train), cap(layout.n_query)
     query = _read_split(fs, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
     frames = [_split_diagnostics(query, split=S.QUERY)] if n_query else []
-    rng = np.random.default_rng(seed)
     keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles
+    jobs = [(output_uri, dict(storage_options or {}), files, start, min(start + block_samples, n_train), num_chains,
+             query, num_batches, keep, seed) for start in range(0, n_train, block_samples)]
     mcse_kept, snr_kept, n_sig, n_pairs = [], [], 0, 0
-    for start in range(0, n_train, block_samples):
-        stop = min(start + block_samples, n_train)
-        train = _read_split(fs, files, split=S.TRAIN, start=start, stop=stop, num_chains=num_chains)
-        frames.append(_split_diagnostics(train, split=S.TRAIN, start=start))
-        if n_query and train.shape[1] >= num_batches:
-            mcse = bif_mcse(train, query, num_batches=num_batches).ravel()
-            flat = np.concatenate(train, axis=0)
-            yflat = np.concatenate(query, axis=0)
-            bif = -((flat - flat.mean(0)).T @ (yflat - yflat.mean(0)) / (flat.shape[0] - 1)).ravel()
-            with np.errstate(divide="ignore", invalid="ignore"):
-                snr = np.abs(bif) / mcse
-            n_sig += int(np.sum(snr > 2))
-            n_pairs += mcse.size
-            pick = rng.choice(mcse.size, size=min(keep, mcse.size), replace=False)
-            mcse_kept.append(mcse[pick])
-            snr_kept.append(snr[pick])
+    for frame, mcse_pick, snr_pick, sig, pairs in (map_fn or map)(_diagnose_train_block, jobs):
+        frames.append(frame)
+        mcse_kept.append(mcse_pick)
+        snr_kept.append(snr_pick)
+        n_sig += sig
+        n_pairs += pairs
     diag = pd.concat(frames, ignore_index=True)
     sink = io.BytesIO()
     diag.to_parquet(sink, index=False)

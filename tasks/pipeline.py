@@ -151,7 +151,7 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
     summary = compute_bif(cfg.output, files, storage_options=cfg.storage_options, n_train=info.n_train,
                           n_query=info.n_query, train_block=cv.train_block_size, query_block=cv.query_block_size,
                           split_every=cv.split_every, pooling=cv.pooling, ddof=cv.ddof, k=cv.topk,
-                          client=client, progress=progress,
+                          client=client, progress=progress, compress=cv.compress,
                           attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
     fs, root = get_fs(cfg.output, cfg.storage_options)
     sink = pa.BufferOutputStream()
@@ -199,14 +199,29 @@ def quality_gates(cfg: RunConfig, info: RunInfo, *, map_fn: Callable | None = No
                      loss_bounds=info.loss_bounds, query_is_train=info.query_is_train, map_fn=map_fn or map)
 
 
-def diagnostics(cfg: RunConfig) -> dict[str, Any]:
+def diagnostics(cfg: RunConfig, *, map_fn: Callable | None = None) -> dict[str, Any]:
     """ArviZ R-hat / ESS per sample → diagnostics.parquet, plus the BIF's MCSE; returns the summary."""
     from tasks.diagnostics import write_diagnostics
 
     q = cfg.quality
     return write_diagnostics(cfg.output, cfg.storage_options, num_chains=cfg.sampler.num_chains,
                              max_samples=q.diagnostics_max_samples, block_samples=q.diagnostics_block_samples,
-                             num_batches=q.mcse_num_batches, rhat_threshold=q.rhat_threshold)
+                             num_batches=q.mcse_num_batches, rhat_threshold=q.rhat_threshold, map_fn=map_fn)
+
+
+def warm_imports() -> None:
+    """Import the heavy libraries of the late stages (GE ~4 s, ArviZ, matplotlib) in a background
+    thread, so the import overlaps with sampling instead of adding to the gates' time."""
+    import threading
+
+    def _load() -> None:
+        import contextlib
+
+        for name in ("great_expectations", "arviz", "matplotlib.figure", "tasks.quality", "tasks.diagnostics"):
+            with contextlib.suppress(Exception):
+                __import__(name)
+
+    threading.Thread(target=_load, name="bif-warm-imports", daemon=True).start()
 
 
 def report(cfg: RunConfig) -> str:

@@ -88,8 +88,13 @@ def quality_gates(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str
 
 
 @task(name="diagnostics", cache_policy=NO_CACHE)
-def diagnostics(cfg: RunConfig) -> dict[str, Any]:
-    return pipeline.diagnostics(cfg)
+def diagnostics(cfg: RunConfig, scheduler_address: str | None) -> dict[str, Any]:
+    if scheduler_address is None:
+        return pipeline.diagnostics(cfg)
+    from distributed import Client
+
+    with Client(scheduler_address, set_as_default=False) as client:
+        return pipeline.diagnostics(cfg, map_fn=lambda f, xs: client.gather(client.map(f, list(xs))))
 
 
 @task(name="report", cache_policy=NO_CACHE)

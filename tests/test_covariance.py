@@ -72,6 +72,13 @@ def test_block_sizes_and_tree_shape_do_not_change_result(run_dirs, train_block, 
     assert summary.num_blocks == -(-N_TRAIN // train_block) * -(-N_QUERY // query_block)
 
 
+def test_compression_does_not_change_values(run_dirs):
+    root, store, *_ = run_dirs[5]
+    plain, _ = _reduce(root, store.block_files())
+    packed, _ = _reduce(root, store.block_files(), compress=True)
+    np.testing.assert_array_equal(plain[S.BIF].values, packed[S.BIF].values)
+
+
 def test_draw_chunking_and_chain_order_do_not_change_result(run_dirs):
     root_a, store_a, *_ = run_dirs[24]
     root_b, store_b, *_ = run_dirs[5]

@@ -1,0 +1,44 @@
+"""The problem interface: dataclass, dict or attribute object; checkpoints load with weights_only."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from bif.errors import CheckpointError, ProblemError
+from bif.examples import digits, linear
+from bif.problem import Problem, as_problem, load_checkpoint, load_problem, model_hash
+
+
+def test_dict_and_attribute_objects_work_like_the_dataclass():
+    p = linear.build(n=10, d=2, m=3)
+    as_dict = as_problem({"model": p.model, "train": p.train, "query": p.query, "loss": p.loss,
+                          "loss_bounds": (0.0, 5.0)})
+    as_obj = as_problem(types.SimpleNamespace(model=p.model, train=p.train, query=p.query, loss=p.loss))
+    assert isinstance(as_dict, Problem) and as_dict.loss_bounds == (0.0, 5.0)
+    assert as_obj.fit is None and len(as_obj.query) == 3
+    with pytest.raises(ProblemError, match=r"without \['loss'\]"):
+        as_problem({"model": p.model, "train": p.train, "query": p.query})
+    with pytest.raises(ProblemError, match="torch.nn.Module"):
+        as_problem({"model": "nope", "train": p.train, "query": p.query, "loss": p.loss})
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    digits.save_checkpoint(str(tmp_path / "d.pt"), epochs=5)
+    prob = load_problem("bif.examples.digits:build", {"n_train": 50})
+    before = model_hash(prob.model)
+    sha = load_checkpoint(prob.model, str(tmp_path / "d.pt"))
+    assert len(sha) == 64 and model_hash(prob.model) != before
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_checkpoint(prob.model, str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(prob.model, str(tmp_path / "missing.pt"))
+
+
+def test_factory_args_are_checked():
+    with pytest.raises(ProblemError, match="rejected problem_args"):
+        load_problem("bif.examples.linear:build", {"bogus": 1})
+    with pytest.raises(ProblemError, match="has no attribute 'nope'"):
+        load_problem("bif.examples.linear:nope")
