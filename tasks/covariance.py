@@ -223,7 +223,7 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
     else:
         from distributed import as_completed
 
-        limit = max_in_flight or max(2, 2 * len(client.scheduler_info().get("workers", {})))
+        limit = max_in_flight or max(1, len(client.scheduler_info().get("workers", {})))
         pending = list(finals)
         futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
         pending = pending[limit:]

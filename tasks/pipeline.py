@@ -131,9 +131,20 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
         progress(chain, sampler.num_recorded, s.num_draws)
     draw_cb = (lambda d: progress(chain, d, s.num_draws)) if progress else None
     started_at, t1, first = time.time(), time.perf_counter(), sampler.num_recorded
-    for i, block in enumerate(sampler.run(num_draws=s.num_draws, draws_per_block=s.draws_per_block,
-                                          on_draw=draw_cb), start=done_blocks):
-        store.write_block(block, block_index=i, ref_train_loss_mean=ref_train_loss_mean)
+    # Commit each block on a writer thread while the chain samples the next one. At most one
+    # write is in flight, so blocks still commit in order (resume semantics are unchanged)
+    # and a failed write surfaces before the next block is handed over.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bif-writer-{chain}") as writer:
+        pending = None
+        for i, block in enumerate(sampler.run(num_draws=s.num_draws, draws_per_block=s.draws_per_block,
+                                              on_draw=draw_cb), start=done_blocks):
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(store.write_block, block, block_index=i, ref_train_loss_mean=ref_train_loss_mean)
+        if pending is not None:
+            pending.result()
     t2 = time.perf_counter()
     return ChainResult(chain=chain, num_draws=s.num_draws, resumed_blocks=done_blocks, seconds=t2 - t0,
                        sampling_started_at=started_at, sampling_seconds=t2 - t1,
@@ -207,21 +218,6 @@ def diagnostics(cfg: RunConfig, *, map_fn: Callable | None = None) -> dict[str, 
     return write_diagnostics(cfg.output, cfg.storage_options, num_chains=cfg.sampler.num_chains,
                              max_samples=q.diagnostics_max_samples, block_samples=q.diagnostics_block_samples,
                              num_batches=q.mcse_num_batches, rhat_threshold=q.rhat_threshold, map_fn=map_fn)
-
-
-def warm_imports() -> None:
-    """Import the heavy libraries of the late stages (GE ~4 s, ArviZ, matplotlib) in a background
-    thread, so the import overlaps with sampling instead of adding to the gates' time."""
-    import threading
-
-    def _load() -> None:
-        import contextlib
-
-        for name in ("great_expectations", "arviz", "matplotlib.figure", "tasks.quality", "tasks.diagnostics"):
-            with contextlib.suppress(Exception):
-                __import__(name)
-
-    threading.Thread(target=_load, name="bif-warm-imports", daemon=True).start()
 
 
 def report(cfg: RunConfig) -> str:

@@ -12,17 +12,18 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from bif import schema as S
 from bif.errors import StorageError
 from bif.storage import atomic_write, get_fs, join
-from tasks.sampler import ChainState, DrawBlock
+
+if TYPE_CHECKING:  # torch is imported lazily: readers of traces (the Dask reduction) never need it
+    from tasks.sampler import ChainState, DrawBlock
 
 #: Samples per Parquet row group (rows = samples x draws in the block). Readers of a
 #: sample range fetch only the row groups that overlap it.
@@ -88,6 +89,8 @@ def _table_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
 
 def state_bytes(state: ChainState) -> bytes:
     """Serialize a ChainState (tensors and ints only, loadable with weights_only=True)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save({"step": state.step, "num_recorded": state.num_recorded, "params": state.params,
                 "precond": state.precond, "rng_cpu": state.rng_cpu, "rng_noise": state.rng_noise}, buf)
@@ -95,6 +98,10 @@ def state_bytes(state: ChainState) -> bytes:
 
 
 def state_from_bytes(raw: bytes) -> ChainState:
+    import torch
+
+    from tasks.sampler import ChainState
+
     d = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     return ChainState(**d)
 
