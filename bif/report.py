@@ -35,8 +35,9 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;
 class _Run:
     """Lazy, fault-tolerant reads of one run directory."""
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None):
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None, status: str | None = None):
         self.uri, self.storage_options = uri, dict(storage_options or {})
+        self.status = status  # the run's final status when the report is written just before the manifest
         self.fs, self.root = get_fs(uri, storage_options)
 
     def path(self, *parts: str) -> str:
@@ -110,13 +111,13 @@ def _summary(run: _Run, problem: Any) -> str:
     if manifest is None and config is None:
         return _missing(f"{S.MANIFEST_FILE} and {S.CONFIG_FILE} are missing: not a bif run directory?")
     cfg = (config or {}).get("config", config or {})
-    rows = [("output", run.uri), ("status", (manifest or {}).get("status", "unknown (no manifest)")),
+    status = run.status or (manifest or {}).get("status")
+    rows = [("output", run.uri), ("status", status or "unknown (no manifest)"),
             ("config hash", (config or {}).get("config_hash", (manifest or {}).get("config_hash", "")))]
     rows += [("problem", cfg.get("problem", "")), ("problem_args", cfg.get("problem_args", ""))]
     rows += [(f"sampler.{k}", v) for k, v in (cfg.get("sampler") or {}).items()
              if k in ("num_chains", "num_draws", "step_size", "gamma", "nbeta", "batch_size", "preconditioner")]
     body = _table(pd.DataFrame([(k, str(v)) for k, v in rows], columns=["field", "value"]))
-    status = (manifest or {}).get("status")
     if status and status != S.STATUS_COMPLETE:
         body = f'<p class="fail">This run is not complete (status {html.escape(str(status))}).</p>' + body
     return body
@@ -276,9 +277,9 @@ def _topk_section(run: _Run, problem: Any, *, num_queries: int = 3, k: int = 5) 
 
 # --- public API ------------------------------------------------------------------------------
 def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
-                      num_queries: int = 3, k: int = 5) -> str:
-    """The report as an HTML string (see the module docstring)."""
-    run = _Run(output_uri, storage_options)
+                      num_queries: int = 3, k: int = 5, status: str | None = None) -> str:
+    """The report as an HTML string (see the module docstring). ``status`` overrides the manifest's."""
+    run = _Run(output_uri, storage_options, status)
     builders = (_summary, _quality, _traces, _diagnostics, _heatmap,
                 lambda r, p: _topk_section(r, p, num_queries=num_queries, k=k))
     body = []
@@ -295,19 +296,25 @@ def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None
 
 
 def write_report(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
-                 num_queries: int = 3, k: int = 5) -> str:
-    """Write ``<output>/report.html`` (one self-contained file) and return its URI."""
-    text = build_report_html(output_uri, storage_options, problem=problem, num_queries=num_queries, k=k)
+                 num_queries: int = 3, k: int = 5, status: str | None = None) -> str:
+    """Write ``<output>/report.html`` (one self-contained file) and return its URI.
+
+    The flow writes the report just before the final manifest write and passes the final
+    ``status``; ``bif report`` regenerates it from the manifest.
+    """
+    text = build_report_html(output_uri, storage_options, problem=problem, num_queries=num_queries, k=k,
+                             status=status)
     fs, root = get_fs(output_uri, storage_options)
     atomic_write(fs, join(root, S.REPORT_FILE), text.encode())
     return join(output_uri, S.REPORT_FILE)
 
 
-def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
+                     status: str | None = None) -> str:
     """Status, gate outcome, R-hat / ESS summary and BIF shape as Markdown (for a Prefect artifact)."""
     run = _Run(output_uri, storage_options)
     manifest = run.json(S.MANIFEST_FILE) or {}
-    lines = [f"# BIF run `{output_uri}`", "", f"**Status:** {manifest.get('status', 'unknown')}", ""]
+    lines = [f"# BIF run `{output_uri}`", "", f"**Status:** {status or manifest.get('status', 'unknown')}", ""]
     quality = run.json(S.QUALITY_DIR, S.QUALITY_SUMMARY_FILE)
     lines.append("## Quality gates")
     if quality is None:

@@ -70,8 +70,9 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         if gates is not None and not gates.passed:
             pipeline.fail_run(cfg, QualityError(gates.summary()), status=S.STATUS_FAILED_QUALITY,
                               quality_failures=[f.__dict__ for f in gates.failed], timings=timings, **extra)
-        steps.report(cfg)
-        steps.publish_artifacts(cfg)
+        final_status = S.STATUS_COMPLETE if gates is None or gates.passed else S.STATUS_FAILED_QUALITY
+        steps.report(cfg, final_status)
+        steps.publish_artifacts(cfg, final_status)
         if gates is not None:
             gates.raise_if_failed()
         timings["report_s"] = time.perf_counter() - t5

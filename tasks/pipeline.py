@@ -220,7 +220,7 @@ def diagnostics(cfg: RunConfig, *, map_fn: Callable | None = None) -> dict[str, 
                              num_batches=q.mcse_num_batches, rhat_threshold=q.rhat_threshold, map_fn=map_fn)
 
 
-def report(cfg: RunConfig) -> str:
+def report(cfg: RunConfig, *, status: str | None = None) -> str:
     """report.html (with the problem's renderer for example images, when it has one)."""
     from bif.report import write_report
 
@@ -228,4 +228,4 @@ def report(cfg: RunConfig) -> str:
         problem, _ = materialize_problem(cfg)
     except Exception:  # noqa: BLE001 - a report without images beats no report
         problem = None
-    return write_report(cfg.output, cfg.storage_options, problem=problem)
+    return write_report(cfg.output, cfg.storage_options, problem=problem, status=status)

@@ -98,18 +98,19 @@ def diagnostics(cfg: RunConfig, scheduler_address: str | None) -> dict[str, Any]
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(cfg: RunConfig) -> str:
-    return pipeline.report(cfg)
+def report(cfg: RunConfig, status: str | None = None) -> str:
+    return pipeline.report(cfg, status=status)
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
-def publish_artifacts(cfg: RunConfig) -> None:
+def publish_artifacts(cfg: RunConfig, status: str | None = None) -> None:
     """The run summary and the top-k table as Prefect artifacts (visible in the Prefect UI)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from bif.report import markdown_summary, topk_records
 
-    create_markdown_artifact(markdown=markdown_summary(cfg.output, cfg.storage_options), key="bif-run-summary",
+    create_markdown_artifact(markdown=markdown_summary(cfg.output, cfg.storage_options, status=status),
+                             key="bif-run-summary",
                              description=f"BIF run at {cfg.output}")
     create_table_artifact(table=topk_records(cfg.output, cfg.storage_options), key="bif-topk",
                           description="Top positive / negative train examples for the most influenced queries")
