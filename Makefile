@@ -36,7 +36,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.pipeline
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
