@@ -30,7 +30,7 @@ def _is_transient(task, task_run, state) -> bool:
 
 
 class _DaskProgress:
-    """Sends (chain, draws_done, num_draws) to the client as Dask worker events, at most every 0.2 s."""
+    """Sends (chain, draws_done, num_draws) to the client as Dask worker events, at most every 0.5 s."""
 
     def __init__(self) -> None:
         self.last = 0.0
@@ -43,7 +43,7 @@ class _DaskProgress:
 
     def __call__(self, chain: int, done: int, total: int) -> None:
         now = time.monotonic()
-        if self.worker is None or (done < total and now - self.last < 0.2):
+        if self.worker is None or (done < total and now - self.last < 0.5):
             return
         self.last = now
         self.worker.log_event(PROGRESS_TOPIC, {"chain": chain, "done": done, "total": total})
