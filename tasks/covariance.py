@@ -56,25 +56,37 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def leaf_moments(root: str, storage_options: Mapping[str, Any], path: str, train: tuple[int, int],
+def leaf_moments(root: str, storage_options: Mapping[str, Any], paths: Sequence[str], train: tuple[int, int],
                  query: tuple[int, int]) -> Moments:
-    """Moments of one trace file restricted to a train range and a query range."""
-    fs, _ = get_fs(root, storage_options)
-    x = read_losses(fs, path, split=S.TRAIN, start=train[0], stop=train[1])  # (D, a)
-    y = read_losses(fs, path, split=S.QUERY, start=query[0], stop=query[1])  # (D, b)
+    """Moments of a few trace files (their draws stacked) restricted to a train range and a query range.
+
+    Stacking files into one leaf makes one deeper GEMM instead of several thin GEMMs plus merges.
+    """
     from tasks.moments import from_draws
 
+    fs, _ = get_fs(root, storage_options)
+    x = np.concatenate([read_losses(fs, p, split=S.TRAIN, start=train[0], stop=train[1]) for p in paths])  # (D, a)
+    y = np.concatenate([read_losses(fs, p, split=S.QUERY, start=query[0], stop=query[1]) for p in paths])  # (D, b)
     return from_draws(x, y)
 
 
-def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, largest: bool
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k rows per column of ``values`` (a, b), best first: (train ids, values, corr), each (k, b)."""
+def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, largest: bool,
+          key_t: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k rows per column of ``values`` (a, b), best first: (train ids, values, corr), each (k, b).
+
+    ``key_t`` may pass ``values.T`` as a C-contiguous copy, shared by both directions.
+    """
     a, b = values.shape
     k = min(k, a)
-    key = np.ascontiguousarray((-values if largest else values).T)  # (b, a): partition along contiguous rows
-    idx = np.argpartition(key, k - 1, axis=1)[:, :k] if k < a else np.tile(np.arange(a), (b, 1))
-    order = np.argsort(np.take_along_axis(key, idx, axis=1), axis=1, kind="stable")
+    key = np.ascontiguousarray(values.T) if key_t is None else key_t  # (b, a): partition along contiguous rows
+    if k < a:
+        kth = a - k if largest else k - 1
+        part = np.argpartition(key, kth, axis=1)
+        idx = part[:, a - k:] if largest else part[:, :k]
+    else:
+        idx = np.tile(np.arange(a), (b, 1))
+    sel = np.take_along_axis(key, idx, axis=1)
+    order = np.argsort(-sel if largest else sel, axis=1, kind="stable")
     idx = np.take_along_axis(idx, order, axis=1).T  # (k, b)
     return (idx + train_start, np.take_along_axis(values, idx, axis=0), np.take_along_axis(corr, idx, axis=0))
 
@@ -115,8 +127,9 @@ def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_opt
     bif, bif_corr = _negated_outputs(states, ddof=ddof, pooling=pooling, dtype=group[S.BIF].dtype)
     group[S.BIF][train[0]:train[1], query[0]:query[1]] = bif
     group[S.BIF_CORR][train[0]:train[1], query[0]:query[1]] = bif_corr
-    pos = _topk(bif, bif_corr, train[0], k, largest=True)
-    neg = _topk(bif, bif_corr, train[0], k, largest=False)
+    key_t = np.ascontiguousarray(bif.T)
+    pos = _topk(bif, bif_corr, train[0], k, largest=True, key_t=key_t)
+    neg = _topk(bif, bif_corr, train[0], k, largest=False, key_t=key_t)
     return BlockResult(train[0], query[0], *pos, *neg)
 
 
@@ -147,8 +160,11 @@ def init_bif_store(bif_uri: str, storage_options: Mapping[str, Any], *, n_train:
 
 def build_graph(files: Sequence[tuple[int, int, str]], *, root: str, storage_options: Mapping[str, Any],
                 bif_uri: str, n_train: int, n_query: int, train_block: int, query_block: int,
-                split_every: int, pooling: str, ddof: int, k: int) -> list[Any]:
-    """One dask Delayed per output block; each evaluates to a BlockResult."""
+                split_every: int, pooling: str, ddof: int, k: int, files_per_leaf: int = 1) -> list[Any]:
+    """One dask Delayed per output block; each evaluates to a BlockResult.
+
+    Leaves read ``files_per_leaf`` consecutive files (of one chain when pooling per chain).
+    """
     if not files:
         raise ValueError("no committed trace blocks to reduce")
     so = dict(storage_options)
@@ -158,8 +174,10 @@ def build_graph(files: Sequence[tuple[int, int, str]], *, root: str, storage_opt
             groups = [files] if pooling == "stack" else [[f for f in files if f[0] == c] for c in sorted({f[0] for f in files})]
             states = []
             for group in groups:
-                bag = db.from_sequence([p for _, _, p in group], npartitions=len(group))
-                leaves = bag.map(lambda p, tr=tr, qr=qr: leaf_moments(root, so, p, tr, qr))
+                paths = [p for _, _, p in group]
+                chunks = [paths[i:i + files_per_leaf] for i in range(0, len(paths), files_per_leaf)]
+                bag = db.from_sequence(chunks, npartitions=len(chunks))
+                leaves = bag.map(lambda ps, tr=tr, qr=qr: leaf_moments(root, so, ps, tr, qr))
                 states.append(leaves.reduction(merge_all, merge_all, split_every=split_every).to_delayed())
             state = states[0] if pooling == "stack" else dask.delayed(list)(states)
             finals.append(dask.delayed(finalize_block)(state, bif_uri=bif_uri, storage_options=so, train=tr,
@@ -198,20 +216,29 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
                 n_train: int, n_query: int, train_block: int, query_block: int, split_every: int = 8,
                 pooling: str = "stack", ddof: int = 1, k: int = 20, dtype: str = "float32",
                 client: Any = None, max_in_flight: int | None = None, attrs: Mapping[str, Any] | None = None,
-                progress: Callable[[int, int], None] | None = None, compress: bool = False) -> CovarianceSummary:
+                progress: Callable[[int, int], None] | None = None, compress: bool = False,
+                leaf_draws: int = 1024) -> CovarianceSummary:
     """Reduce the trace files to ``<root>/bif.zarr`` and the top-k table.
 
     ``files`` are (chain, block, path) of committed trace blocks. With a distributed
     ``client`` the blocks run on its cluster, at most ``max_in_flight`` output blocks at a
     time (bounding memory); otherwise Dask's local threaded scheduler runs them.
-    ``progress(done, total)`` is called as blocks finish.
+    ``progress(done, total)`` is called as blocks finish. Leaves stack about ``leaf_draws``
+    draws (memory ~ leaf_draws x (train_block + query_block) x 8 bytes).
     """
     bif_uri = join(root, S.BIF_ZARR)
     init_bif_store(bif_uri, storage_options, n_train=n_train, n_query=n_query, train_block=train_block,
                    query_block=query_block, dtype=dtype, attrs=attrs or {}, compress=compress)
+    if not files:
+        raise ValueError("no committed trace blocks to reduce")
+    from tasks.traces import read_layout
+
+    fs, _ = get_fs(root, storage_options)
+    draws_per_file = max(1, read_layout(fs, files[0][2]).num_draws)
     finals = build_graph(files, root=root, storage_options=storage_options, bif_uri=bif_uri, n_train=n_train,
                          n_query=n_query, train_block=train_block, query_block=query_block,
-                         split_every=split_every, pooling=pooling, ddof=ddof, k=k)
+                         split_every=split_every, pooling=pooling, ddof=ddof, k=k,
+                         files_per_leaf=max(1, leaf_draws // draws_per_file))
     total = len(finals)
     results: list[BlockResult] = []
     if client is None:

@@ -44,7 +44,8 @@ def run_dirs(tmp_path_factory):
 
 def _reduce(root, files, **kw):
     args = dict(storage_options={}, n_train=N_TRAIN, n_query=N_QUERY, train_block=N_TRAIN,
-                query_block=N_QUERY, split_every=8, pooling="stack", ddof=1, k=5, dtype="float64")
+                query_block=N_QUERY, split_every=8, pooling="stack", ddof=1, k=5, dtype="float64",
+                leaf_draws=1)  # one file per leaf, so merges and tree shapes are exercised
     summary = compute_bif(root, files, **(args | kw))
     with xr.open_zarr(summary.bif_uri, consolidated=False) as ds:
         return ds.load(), summary
@@ -61,12 +62,14 @@ def test_matches_in_memory_covariance(run_dirs):
     assert list(ds[S.QUERY_DIM].values) == list(range(N_QUERY))
 
 
-@pytest.mark.parametrize("train_block,query_block,split_every", [(1, 1, 2), (4, 3, 2), (10, 7, 3), (23, 2, 16)])
-def test_block_sizes_and_tree_shape_do_not_change_result(run_dirs, train_block, query_block, split_every):
+@pytest.mark.parametrize("train_block,query_block,split_every,leaf_draws",
+                         [(1, 1, 2, 1), (4, 3, 2, 10), (10, 7, 3, 1), (23, 2, 16, 1024), (6, 7, 2, 15)])
+def test_block_sizes_and_tree_shape_do_not_change_result(run_dirs, train_block, query_block, split_every,
+                                                         leaf_draws):
     root, store, train, query = run_dirs[5]
     ref, _ = _reduce(root, store.block_files())
     ds, summary = _reduce(root, store.block_files(), train_block=train_block, query_block=query_block,
-                          split_every=split_every)
+                          split_every=split_every, leaf_draws=leaf_draws)
     np.testing.assert_allclose(ds[S.BIF].values, ref[S.BIF].values, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(ds[S.BIF_CORR].values, ref[S.BIF_CORR].values, rtol=1e-10, atol=1e-12)
     assert summary.num_blocks == -(-N_TRAIN // train_block) * -(-N_QUERY // query_block)
