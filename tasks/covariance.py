@@ -11,7 +11,6 @@ of blocks in flight, never by n_train.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ import pandas as pd
 
 from bif import schema as S
 from bif.storage import get_fs, join
-from tasks.moments import Moments, correlation, covariance, merge_all, mean_of_covariances
+from tasks.moments import Moments, mean_of_covariances, merge_all
 from tasks.traces import read_losses
 
 
@@ -106,7 +105,7 @@ def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str
         return (-cov).astype(dtype), (-corr).astype(dtype)
     m: Moments = states
     if m.n - ddof <= 0:
-        return covariance(m, ddof=ddof), correlation(m)  # raises the clear error
+        raise ValueError(f"need more than {ddof} draws for a covariance, got n={m.n}")
     bif = np.multiply(m.comoment, -1.0 / (m.n - ddof), dtype=dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_x, inv_y = 1.0 / np.sqrt(m.m2_x), 1.0 / np.sqrt(m.m2_y)

@@ -52,7 +52,7 @@ def _roundtrip(root, storage_options):
 
 
 def test_roundtrip_local(tmp_path):
-    store = _roundtrip(str(tmp_path / "run"), {})
+    _roundtrip(str(tmp_path / "run"), {})
     leftovers = [p for p in (tmp_path / "run").rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []  # atomic writes leave no temporary files
     # only the latest state file is kept
