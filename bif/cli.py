@@ -4,11 +4,13 @@
     bif show OUTPUT --query 3
     bif example digits CHECKPOINT
     bif keys
+    bif report OUTPUT        bif lds CONFIG        bif calibrate CONFIG        bif compare
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -20,13 +22,21 @@ EPILOG = """examples:
   bif run cfg.yaml --set sampler.num_draws=400 --output s3://bucket/runs/x
   bif show runs/example/digits --query 3             # top train examples for query 3
   bif keys                                           # every config key, default and meaning
+  bif report runs/example/digits                     # regenerate report.html
+  bif lds cfg.yaml / bif calibrate cfg.yaml / bif compare   # LDS benchmark, sampler calibration, README table
 
-With no PREFECT_API_URL set, `bif run` starts and stops a local Prefect server itself;
-with it set, the run reports to that server. Exit codes: 0 ok, 1 unexpected error,
-2 bad input or failed run (the message names the problem and the fix)."""
+With no PREFECT_API_URL set, `bif run`, `bif lds` and `bif calibrate` start and stop a
+local Prefect server themselves; with it set, they report to that server. The terminal
+shows progress and a summary; -v shows the logs, which always go to <output>/logs/.
+Exit codes: 0 ok, 1 unexpected error, 2 bad input or failed run (the message names the
+problem and the fix)."""
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    from flows.runtime import configure_terminal
+
+    configure_terminal(verbose=args.verbose)  # before Prefect is imported
     from bif.config import load_config
     from bif.prefect_server import prefect_api, quiet_prefect_env
 
@@ -34,22 +44,73 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=overrides, output=args.output)
     quiet_prefect_env()
     from bif.storage import check_writable
-    from flows.attribution import dask_cluster, run_attribution
+    from flows.attribution import run_attribution
+    from flows.runtime import dask_cluster
 
     check_writable(cfg.output, cfg.storage_options)  # fail before paying for a server and a cluster
-    with prefect_api() as ready, dask_cluster(cfg) as address:  # both boot concurrently
-        print(f"Prefect API: {ready()}  Dask scheduler: {address}", file=sys.stderr)
-        manifest = run_attribution(cfg, show_progress=not args.no_progress, address=address)
-    print(f"status: {manifest.get('status')}  output: {cfg.output}")
+    # -- pre-flight checks (config, problem, checkpoint; seconds) go here, before the server and cluster --
+    t0 = time.perf_counter()
+    with prefect_api() as ready, dask_cluster(cfg.compute, num_tasks=cfg.sampler.num_chains) as cluster:
+        url = ready()  # the server and the cluster boot concurrently
+        startup = time.perf_counter() - t0
+        if args.verbose:
+            print(f"Prefect API: {url}  Dask scheduler: {cluster.address}", file=sys.stderr)
+        manifest = run_attribution(cfg, show_progress=not args.no_progress, address=cluster.address,
+                                   cluster_startup_seconds=startup)
+    wall: float | None = time.perf_counter() - t_start
+    if manifest.get("skipped"):
+        from bif.manifest import read_manifest
+
+        print(f"run at {cfg.output} is already complete; nothing to do (it is shown below)")
+        manifest, wall = read_manifest(cfg.output, cfg.storage_options) or manifest, None
+    for line in run_summary(manifest, cfg.output, wall_seconds=wall):
+        print(line)
     quality = manifest.get("quality") or {}
     for w in quality.get("warnings", []):
         print(f"warning: gate {w.get('gate')} [{w.get('expectation')}]: {w.get('detail')}", file=sys.stderr)
-    if manifest.get("status") == "complete":
-        print(f"report: {cfg.output.rstrip('/')}/report.html   top-k: bif show {cfg.output} --query 0")
-    t = manifest.get("timings") or {}
-    if t:
-        print("timings: " + ", ".join(f"{k}={v:.1f}s" for k, v in t.items() if isinstance(v, float)))
     return 0 if manifest.get("status") == "complete" else 2
+
+
+#: Stage durations of the manifest's ``timings``, in run order, with their labels.
+STAGES = (("cluster_startup_s", "server+cluster start"), ("prepare_s", "prepare"), ("sampling_s", "sampling"),
+          ("covariance_s", "covariance"), ("gates_s", "gates"), ("diagnostics_s", "diagnostics"),
+          ("report_s", "report"))
+
+
+def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = None) -> list[str]:
+    """The closing lines of ``bif run``: status, resolved values, durations, gates, R-hat/ESS, where to look."""
+    out = output.rstrip("/")
+    lines = [f"status: {manifest.get('status')}   output: {out}"]
+    r = manifest.get("resolved") or {}
+    if r:
+        nbeta_note = " (= n_train)" if (manifest.get("config") or {}).get("sampler", {}).get("nbeta") is None else ""
+        lines.append(f"sampler: nβ={r.get('nbeta'):g}{nbeta_note}  γ={r.get('gamma'):g}  ε={r.get('step_size'):g}  "
+                     f"device={r.get('device')}")
+    t = manifest.get("timings") or {}
+    parts = [f"{label} {t[k]:.1f}s" for k, label in STAGES if isinstance(t.get(k), (int, float))]
+    if parts:
+        total = wall_seconds if wall_seconds is not None else t.get("total_s")
+        lines.append((f"time: {total:.1f}s = " if isinstance(total, (int, float)) else "time: ") + ", ".join(parts))
+    q = manifest.get("quality")
+    if q:
+        verdict = "passed" if q.get("passed") else "FAILED"
+        failed = ", ".join(f.get("gate", "?") for f in q.get("failed") or [])
+        lines.append(f"gates: {verdict} ({q.get('num_expectations')} checks"
+                     + (f"; failed: {failed}" if failed else "")
+                     + (f"; {len(q.get('warnings') or [])} warnings" if q.get("warnings") else "") + ")")
+    d = manifest.get("diagnostics")
+    if d and d.get("rhat"):
+        n = sum((d.get("num_samples") or {}).values()) if isinstance(d.get("num_samples"), dict) else None
+        above = d.get("num_rhat_above_threshold")
+        lines.append(f"R-hat: max {d['rhat'].get('max', float('nan')):.3f}, median {d['rhat'].get('q50', float('nan')):.3f}"
+                     f"; {above}{f' of {n}' if n else ''} traces above {d.get('rhat_threshold')}"
+                     f"   ESS bulk: median {d.get('ess_bulk', {}).get('q50', float('nan')):.0f}, "
+                     f"min {d.get('ess_bulk', {}).get('min', float('nan')):.0f}")
+    if manifest.get("status") == "complete":
+        lines.append(f"top-k: bif show {out} --query 0     report: {out}/report.html     logs: {out}/logs/")
+    else:
+        lines.append(f"logs: {out}/logs/")
+    return lines
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -109,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--allow-warnings", action="store_true",
                    help="report failed quality gates as warnings instead of failing the run")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="show Prefect's and Dask's logs on the terminal (they always go to <output>/logs/)")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("show", help="print the top train examples for a query of a finished run")

@@ -12,6 +12,9 @@ import time
 
 
 def _load(args: argparse.Namespace):
+    from flows.runtime import configure_terminal
+
+    configure_terminal(verbose=args.verbose)  # before Prefect is imported
     from bif.config import load_config
 
     return load_config(args.config, overrides=args.set or [], output=args.output)
@@ -22,50 +25,94 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--output", help="output directory or URI (overrides `output:`)")
     p.add_argument("--address", help="join this Dask scheduler instead of starting a LocalCluster")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Prefect's and Dask's logs on the terminal (they always go to <output>/logs/)")
+
+
+def _settings_error(err: Exception, what: str) -> Exception:
+    """A ConfigError naming the bad setting as its CLI flag, from a pydantic ValidationError or a ValueError."""
+    from pydantic import ValidationError
+
+    from bif.errors import ConfigError
+
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors():
+            field = ".".join(str(x) for x in e.get("loc", ()))
+            flag = "--" + field.replace("_", "-") if field and "." not in field else field
+            parts.append(f"{flag} = {e.get('input')!r}: {e.get('msg')}")
+        return ConfigError(f"bad {what} setting: " + "; ".join(parts) + f". See `bif {what} --help`.")
+    return ConfigError(f"{what} failed: {err}")
+
+
+def _flow_errors(what: str):
+    """Turn ValueErrors (and pydantic ValidationErrors) from the settings and the flow into ConfigErrors."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except ValueError as err:
+            raise _settings_error(err, what) from None
+
+    return guard()
 
 
 def cmd_lds(args: argparse.Namespace) -> int:
     """Run the LDS flow and print one line per method."""
+    cfg = _load(args)
     from bif.lds_config import LDSSettings, MethodOptions
     from bif.prefect_server import prefect_api
 
-    cfg = _load(args)
-    settings = LDSSettings(alpha=args.alpha, num_subsets=args.num_subsets, num_seeds=args.num_seeds,
-                           seed=args.seed, methods=tuple(m for m in args.methods.split(",") if m),
-                           options=MethodOptions(damping=args.damping))
+    with _flow_errors("lds"):
+        settings = LDSSettings(alpha=args.alpha, num_subsets=args.num_subsets, num_seeds=args.num_seeds,
+                               seed=args.seed, methods=tuple(m for m in args.methods.split(",") if m),
+                               options=MethodOptions(damping=args.damping))
     from flows.lds import run_lds
 
     t0 = time.perf_counter()
-    with prefect_api() as url:
-        print(f"Prefect API: {url}", file=sys.stderr)
-        res = run_lds(cfg, settings, address=args.address, run_name=args.run_name)
+    with prefect_api() as ready:
+        url = ready()
+        if args.verbose:
+            print(f"Prefect API: {url}", file=sys.stderr)
+        with _flow_errors("lds"):
+            res = run_lds(cfg, settings, address=args.address, run_name=args.run_name)
     print(f"ground truth: {res['ground_truth_uri']} ({'reused' if res['cached'] else 'retrained'}, "
           f"{res['num_retrained']} retrainings)")
     for r in res["methods"]:
         print(f"{r['method']:>16}  LDS {r['lds']:+.3f} ± {r['stderr']:.3f}  {r['seconds']:.1f} s")
     print(f"summary: {res['summary_uri']}  wall time {time.perf_counter() - t0:.1f} s")
+    print(f"logs: {cfg.output.rstrip('/')}/logs/")
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Run the calibration flow and print the recommended sampler block."""
+    cfg = _load(args)
     import yaml
 
     from bif.lds_config import CalibrationSettings
     from bif.prefect_server import prefect_api
 
-    cfg = _load(args)
-    settings = CalibrationSettings(num_subsets=args.num_subsets, num_draws=args.num_draws,
-                                   num_chains=args.num_chains)
+    with _flow_errors("calibrate"):
+        settings = CalibrationSettings(num_subsets=args.num_subsets, num_draws=args.num_draws,
+                                       num_chains=args.num_chains, pilot_steps=args.pilot_steps)
     from flows.calibrate import run_calibration
 
-    with prefect_api() as url:
-        print(f"Prefect API: {url}", file=sys.stderr)
-        res = run_calibration(cfg, settings, address=args.address)
+    t0 = time.perf_counter()
+    with prefect_api() as ready:
+        url = ready()
+        if args.verbose:
+            print(f"Prefect API: {url}", file=sys.stderr)
+        with _flow_errors("calibrate"):
+            res = run_calibration(cfg, settings, address=args.address)
     print(yaml.safe_dump({"sampler": res["sampler"]}, sort_keys=False))
     if not res["healthy"]:
         print("warning: no setting passed every diagnostic; the best non-diverged one is shown", file=sys.stderr)
-    print(f"outputs: {res['output_uri']} (sampler.yaml, tradeoffs.png, scores.json)")
+    print(f"outputs: {res['output_uri']} (sampler.yaml, tradeoffs.png, scores.json)  "
+          f"wall time {time.perf_counter() - t0:.1f} s")
+    print(f"logs: {cfg.output.rstrip('/')}/logs/")
     return 0
 
 
@@ -82,8 +129,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise BifError(f"{path} not found; `bif compare` runs from a source checkout of bif-pipeline")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    argv = ["--sizes", args.sizes, "--num-subsets", str(args.num_subsets), "--num-seeds", str(args.num_seeds)]
-    return mod.main(argv + (["--skip-optional"] if args.skip_optional else []))
+    argv = ["--sizes", args.sizes, "--num-subsets", str(args.num_subsets), "--num-seeds", str(args.num_seeds),
+            "--bif-draws", str(args.bif_draws)]
+    argv += ["--cache", args.cache] if args.cache else []
+    argv += ["--docs", args.docs] if args.docs else []
+    with _flow_errors("compare"):
+        return mod.main(argv + (["--skip-optional"] if args.skip_optional else []))
 
 
 def register(subparsers) -> None:
@@ -107,11 +158,16 @@ def register(subparsers) -> None:
     c.add_argument("--num-subsets", type=int, default=20, help="subsets of the cheap ground truth (default 20)")
     c.add_argument("--num-draws", type=int, default=300, help="draws per chain per setting (default 300)")
     c.add_argument("--num-chains", type=int, default=4, help="chains per setting (default 4)")
+    c.add_argument("--pilot-steps", type=int, default=200, help="SGLD steps of each pilot chain (default 200)")
     c.set_defaults(func=cmd_calibrate)
 
     m = subparsers.add_parser("compare", help="regenerate the README LDS table and plot on the digits example")
     m.add_argument("--sizes", default="200,800,full", help="training-set sizes (default 200,800,full)")
     m.add_argument("--num-subsets", type=int, default=50, help="subsets per size (default 50)")
     m.add_argument("--num-seeds", type=int, default=2, help="retraining seeds per subset (default 2)")
+    m.add_argument("--bif-draws", type=int, default=1000, help="draws per BIF chain, 4 chains (default 1000)")
+    m.add_argument("--cache", default=None, help="ground-truth cache, path or URI (default runs/lds_bench/)")
+    m.add_argument("--docs", default=None,
+                   help="where lds_table.md / .json and lds_vs_n.png go (default the checkout's docs/)")
     m.add_argument("--skip-optional", action="store_true", help="leave out EK-FAC and TRAK")
     m.set_defaults(func=cmd_compare)

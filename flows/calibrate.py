@@ -5,28 +5,29 @@ retrainings reuse the LDS flow's task and cache (a cheap ground truth of ``num_s
 subsets under ``<output>/lds/<key>/``); each pilot step size and each grid point is a task.
 Outputs under ``<output>/calibration/``: ``sampler.yaml`` (the recommended ``sampler:``
 block), ``tradeoffs.png``, ``scores.json``. Logic lives in :mod:`bif.calibrate` and
-:mod:`tasks.calibration`.
+:mod:`tasks.calibration`. Cluster, credentials and logs follow the shared runtime
+(:mod:`flows.runtime`): credentials are never flow parameters.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import numpy as np
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.types import SecretDict
 
 from bif import calibrate as C
 from bif.config import RunConfig, build_config
 from bif.lds_config import CalibrationSettings, LDSSettings
+from flows import runtime
 from flows.lds import retrain_task
 from tasks import calibration, lds_store
 from tasks.retrain import GroundTruth
 
 
-@task(name="pilot-step")
+@task(name="pilot-step", cache_policy=NO_CACHE)
 def pilot_task(config: dict[str, Any], step_size: float, nbeta: float, gamma: float, pilot_steps: int) -> bool:
     """Whether one short chain at ``step_size`` stays stable."""
     import torch
@@ -38,7 +39,7 @@ def pilot_task(config: dict[str, Any], step_size: float, nbeta: float, gamma: fl
     return calibration.pilot_stable(problem, s, step_size, num_steps=pilot_steps)
 
 
-@task(name="evaluate-setting")
+@task(name="evaluate-setting", cache_policy=NO_CACHE)
 def evaluate_task(config: dict[str, Any], point: tuple[float, float, float], num_chains: int, num_draws: int,
                   gt: GroundTruth) -> C.SettingScore:
     """Diagnostics and LDS of one (step_size, nbeta, gamma)."""
@@ -78,17 +79,18 @@ def _write_outputs(cfg: RunConfig, settings: CalibrationSettings, scores, best, 
 
 
 @flow(name="bif-calibrate", log_prints=True)
-def calibrate_flow(config: dict[str, Any], settings: dict[str, Any],
-                   storage_options: SecretDict | None = None) -> dict[str, Any]:
-    """Pilot, sweep and recommend a sampler block for the problem of ``config``."""
-    opts = storage_options.get_secret_value() if storage_options is not None else {}
-    cfg, st = build_config({**config, "storage_options": opts}), CalibrationSettings.model_validate(settings)
+def calibrate_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: str | None = None,
+                   secret_block: str | None = None) -> dict[str, Any]:
+    """Pilot, sweep and recommend a sampler block for the problem of ``config`` (RunConfig data, no credentials)."""
+    cfg = runtime.flow_config(config, credentials_ref, secret_block)
+    st = CalibrationSettings.model_validate(settings)
+    opts = dict(cfg.storage_options)
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
     lds_settings = LDSSettings(alpha=st.alpha, num_subsets=st.num_subsets, num_seeds=st.num_seeds, seed=st.seed)
     p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, lds_settings, n_train=len(problem.train),
                        n_query=len(problem.query), storage_options=opts)
     retrains = [retrain_task.submit(cfg.problem, cfg.problem_args, p.root_uri, m, r, seed,
-                                    np.flatnonzero(p.masks[m]), storage_options) for m, r, seed in p.missing]
+                                    np.flatnonzero(p.masks[m]), opts) for m, r, seed in p.missing]
     nbeta = st.nbeta or C.default_nbeta(len(problem.train))
     largest = None
     if st.step_sizes is None:
@@ -117,15 +119,7 @@ def calibrate_flow(config: dict[str, Any], settings: dict[str, Any],
 
 def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None) -> dict[str, Any]:
     """Run :func:`calibrate_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
-    from prefect_dask import DaskTaskRunner
-
-    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    address = address or cfg.compute.address
-    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": cfg.compute.n_workers or (os.cpu_count() or 1), "threads_per_worker": 1,
-                        "processes": True, "dashboard_address": ":0", "silence_logs": logging.WARNING})
-    return calibrate_flow.with_options(task_runner=runner)(
-        config=cfg.public_dict() | {"storage_options": {}}, settings=settings.model_dump(mode="json"),
-        storage_options=SecretDict(dict(cfg.storage_options)) if cfg.storage_options else None)
+    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address,
+                              preload=("flows.runtime", "tasks.retrain", "tasks.calibration")) as cluster:
+        return runtime.call_flow(calibrate_flow, cfg, address=cluster.address, log_name="calibrate",
+                                 settings=settings.model_dump(mode="json"))

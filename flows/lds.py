@@ -3,6 +3,8 @@
 ``run_lds(cfg, settings)`` is the Python entry point (``bif lds`` calls it): it starts a
 Dask LocalCluster (one torch thread per worker), or joins ``compute.address`` /
 ``address``, and runs :func:`lds_flow` on it through prefect-dask's ``DaskTaskRunner``.
+Cluster, credentials and logs follow the shared runtime (:mod:`flows.runtime`):
+credentials are never flow parameters.
 The ground truth is cached under ``<output>/lds/<key>/`` (see :mod:`tasks.lds_store`):
 finished retrainings are never redone, and a complete ground truth is reused as is.
 All logic lives in :mod:`tasks.retrain`, :mod:`tasks.scoring`, :mod:`tasks.lds_store`
@@ -10,26 +12,25 @@ and :mod:`bif.lds`; the decorated functions only load, call and write.
 """
 from __future__ import annotations
 
-import logging
-import os
 import time
 from typing import Any
 
 import numpy as np
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.types import SecretDict
 
 from bif.config import RunConfig, build_config
+from flows import runtime
 from bif.lds_config import LDSSettings
 from tasks import lds_store
 from tasks.retrain import retrain_query_losses
 from tasks.scoring import Scored, score_method
 
 
-@task(name="retrain", retries=2, retry_delay_seconds=1)
+@task(name="retrain", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, rep: int, fit_seed: int,
-                 indices: np.ndarray, storage_options: SecretDict | None = None) -> int:
+                 indices: np.ndarray, storage_options: dict[str, Any] | None = None) -> int:
     """Retrain on one subset with one seed and commit its query losses; returns the subset."""
     import torch
 
@@ -38,11 +39,11 @@ def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, re
     mask = np.zeros(len(problem.train), dtype=bool)
     mask[indices] = True
     losses = retrain_query_losses(problem, mask, fit_seed)
-    lds_store.write_retrain(root_uri, subset, rep, fit_seed, losses, storage_options=_secret(storage_options))
+    lds_store.write_retrain(root_uri, subset, rep, fit_seed, losses, storage_options=storage_options or {})
     return subset
 
 
-@task(name="score-method")
+@task(name="score-method", cache_policy=NO_CACHE)
 def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) -> list[Scored]:
     """One method's attribution at the checkpoint, with its cost."""
     import torch
@@ -53,16 +54,12 @@ def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) ->
     return score_method(problem, method, sampler=cfg.sampler, covariance=cfg.covariance, options=st.options)
 
 
-def _secret(s: SecretDict | None) -> dict[str, Any]:
-    return s.get_secret_value() if s is not None else {}
-
-
 @flow(name="bif-lds", log_prints=True)
-def lds_flow(config: dict[str, Any], settings: dict[str, Any], storage_options: SecretDict | None = None,
-             run_name: str = "latest") -> dict[str, Any]:
+def lds_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: str | None = None,
+             secret_block: str | None = None, run_name: str = "latest") -> dict[str, Any]:
     """LDS of every method in ``settings`` on the problem of ``config`` (RunConfig data, no credentials)."""
-    opts = _secret(storage_options)
-    cfg, st = build_config({**config, "storage_options": opts}), LDSSettings.model_validate(settings)
+    cfg, st = runtime.flow_config(config, credentials_ref, secret_block), LDSSettings.model_validate(settings)
+    opts = dict(cfg.storage_options)
     t0 = time.perf_counter()
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
     p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, st, n_train=len(problem.train),
@@ -70,7 +67,7 @@ def lds_flow(config: dict[str, Any], settings: dict[str, Any], storage_options: 
     print(f"ground truth {p.root_uri}: {'cached' if p.cached else f'{len(p.missing)} retrainings to run'}")
     score_futures = [score_task.submit(config, m, settings) for m in st.methods]
     futures = [retrain_task.submit(cfg.problem, cfg.problem_args, p.root_uri, m, r, seed, np.flatnonzero(p.masks[m]),
-                                   storage_options) for m, r, seed in p.missing]
+                                   opts) for m, r, seed in p.missing]
     wait(futures)
     for f in futures:
         f.result()  # raises the first failure after its retries
@@ -91,17 +88,7 @@ def lds_flow(config: dict[str, Any], settings: dict[str, Any], storage_options: 
 def run_lds(cfg: RunConfig, settings: LDSSettings, *, address: str | None = None, run_name: str = "latest"
             ) -> dict[str, Any]:
     """Run :func:`lds_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
-    from prefect_dask import DaskTaskRunner
-
-    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    address = address or cfg.compute.address
-    if address:
-        runner = DaskTaskRunner(address=address)
-    else:
-        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": cfg.compute.n_workers or (os.cpu_count() or 1), "threads_per_worker": 1,
-            "processes": True, "dashboard_address": ":0", "silence_logs": logging.WARNING})
-    return lds_flow.with_options(task_runner=runner)(
-        config=cfg.public_dict() | {"storage_options": {}}, settings=settings.model_dump(mode="json"),
-        storage_options=SecretDict(dict(cfg.storage_options)) if cfg.storage_options else None, run_name=run_name)
+    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address,
+                              preload=("flows.runtime", "tasks.retrain")) as cluster:
+        return runtime.call_flow(lds_flow, cfg, address=cluster.address, log_name="lds",
+                                 settings=settings.model_dump(mode="json"), run_name=run_name)

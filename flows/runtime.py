@@ -1,0 +1,306 @@
+"""The runtime every flow shares: the Dask cluster, the credentials policy, quiet logs and the run log file.
+
+Built once here, used by the attribution, LDS and calibration flows (and the operations
+flows to come), so the three cannot drift apart again.
+
+**Cluster.** :func:`dask_cluster` joins ``compute.address``, or starts a ``LocalCluster``:
+worker processes, one BLAS/OpenMP thread per worker thread, Dask's
+``MALLOC_TRIM_THRESHOLD_`` dropped (it slowed torch SGLD steps by ~33%), a ``GPU``
+resource per worker with ``compute.gpus``, heavy imports preloaded, quiet logging.
+
+**Credentials policy.** Credentials are never Prefect flow parameters: Prefect stores
+parameters in its database and API, and its ``SecretDict`` is stored in clear. A flow
+receives ``credentials_ref`` (an opaque key) and, optionally, ``secret_block`` (the *name*
+of a Prefect Secret block), and :func:`resolve_storage_options` finds the options, first
+match wins:
+
+(a) the process-local registry, filled by :func:`call_flow` when the CLI / Python API
+    started the flow in this process;
+(b) the Prefect Secret block ``secret_block`` (a JSON object of fsspec options), for
+    deployed flows;
+(c) nothing: ``{}``, so s3fs uses the ambient credentials (``AWS_*`` variables, profiles,
+    instance roles).
+
+Tasks may receive the resolved options inside their arguments: they travel pickled over
+Dask, and Prefect does not persist task arguments when the task has ``cache_policy=NO_CACHE``
+(every task that takes credentials must have it).
+
+**Logs.** By default the terminal shows progress bars and the closing summary only;
+``verbose=True`` shows Prefect's and Dask's INFO logs. Either way :func:`call_flow` writes
+every log line of the flow run, including the task-run logs sent from Dask workers, to
+``<output>/logs/<name>-<UTC time>.log``, fetched from the Prefect API after the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Modules every worker imports while the cluster boots, not in its first task.
+DEFAULT_PRELOAD = ("flows.runtime", "tasks.pipeline", "tasks.steps")
+#: Set in worker processes (and this one) when logs should stay off the terminal.
+_QUIET_ENV = "BIF_QUIET_TERMINAL"
+_NOISY_LOGGERS = ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core",
+                  "distributed.worker", "distributed.http.proxy", "distributed.diskutils",
+                  "great_expectations", "prefect.task_runner.dask", "prefect.server", "prefect")
+
+_CREDENTIALS: dict[str, dict[str, Any]] = {}
+_VERBOSE = False
+
+
+# ---------------------------------------------------------------- terminal and logging
+
+
+def configure_terminal(*, verbose: bool) -> None:
+    """Quiet (default) or verbose terminal for this process and the workers it starts.
+
+    Must run before Prefect is imported: Prefect reads its console-handler level from the
+    environment once. Logs still reach the Prefect API (and so the run's log file).
+    """
+    global _VERBOSE
+    _VERBOSE = verbose
+    if verbose:
+        os.environ.pop(_QUIET_ENV, None)
+        return
+    os.environ[_QUIET_ENV] = "1"
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    _quiet_this_process()
+
+
+def _quiet_this_process() -> None:
+    for name in _NOISY_LOGGERS:
+        if name.startswith("prefect"):
+            continue  # Prefect's own loggers must keep INFO for the API handler; its console handler is quiet
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "Worker process still alive after 4.0 seconds, killing" at teardown of a busy machine
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+    # ArviZ announces its refactor with a FutureWarning on import; not the user's concern
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"arviz(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*arviz.*refactor", category=FutureWarning)
+
+
+def dask_setup(worker: Any = None) -> None:
+    """Dask preload hook: quiet the worker process like the client (see :func:`configure_terminal`)."""
+    if os.environ.get(_QUIET_ENV):
+        _quiet_this_process()
+
+
+# ---------------------------------------------------------------- Dask cluster
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A scheduler to run on and what it cost to get it."""
+
+    address: str
+    startup_seconds: float  # 0 when joining a running scheduler
+    started_here: bool
+
+
+@contextlib.contextmanager
+def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD) -> Iterator[Cluster]:
+    """Yield a :class:`Cluster`: ``address``, else ``compute.address``, else a LocalCluster started here.
+
+    ``compute`` is a :class:`bif.config.ComputeConfig`; ``num_tasks`` is how many tasks can
+    run at once (chains, retrainings), so the LocalCluster gets
+    ``compute.n_workers or min(num_tasks, cores)`` workers.
+    """
+    address = address or compute.address
+    if address:
+        yield Cluster(address=address, startup_seconds=0.0, started_here=False)
+        return
+    import dask
+    from distributed import LocalCluster
+
+    t0 = time.perf_counter()
+    threads = compute.threads_per_worker
+    n_workers = compute.n_workers or max(1, min(num_tasks, os.cpu_count() or 1))
+    kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": threads, "processes": True,
+                              "dashboard_address": ":0", "silence_logs": logging.WARNING,
+                              "preload": list(preload)}
+    if compute.gpus:
+        kwargs["resources"] = {"GPU": 1}
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in workers; it makes glibc trim on every
+    # large free and slowed SGLD steps by ~33% here (4.6 -> 6.1 ms per digits draw). Keep the
+    # thread caps (one BLAS / OpenMP thread per worker thread), drop the trim setting.
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    if not _VERBOSE:
+        _quiet_this_process()
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(**kwargs) as cluster:
+        yield Cluster(address=cluster.scheduler_address, startup_seconds=time.perf_counter() - t0,
+                      started_here=True)
+
+
+def worker_device(device: str, gpus: int, address: str) -> str:
+    """The torch device a chain task gets on this cluster (``compute.device`` resolved on a worker)."""
+    from distributed import Client
+
+    from tasks.sampler import resolve_device
+
+    with Client(address, set_as_default=False) as client:
+        fut = client.submit(lambda d: str(resolve_device(d)), device, pure=False,
+                            resources={"GPU": 1} if gpus else None)
+        return str(fut.result())
+
+
+# ---------------------------------------------------------------- credentials policy
+
+
+@contextlib.contextmanager
+def credentials(storage_options: Mapping[str, Any]) -> Iterator[str | None]:
+    """Register ``storage_options`` in this process for one flow run; yields the ref (None when empty)."""
+    if not storage_options:
+        yield None
+        return
+    ref = uuid.uuid4().hex
+    _CREDENTIALS[ref] = dict(storage_options)
+    try:
+        yield ref
+    finally:
+        _CREDENTIALS.pop(ref, None)
+
+
+def resolve_storage_options(credentials_ref: str | None, secret_block: str | None = None) -> dict[str, Any]:
+    """fsspec options for a flow: (a) the local registry, (b) a Prefect Secret block, (c) ambient ``{}``."""
+    if credentials_ref and credentials_ref in _CREDENTIALS:
+        return dict(_CREDENTIALS[credentials_ref])
+    if secret_block:
+        import json
+
+        from prefect.blocks.system import Secret
+
+        from bif.errors import ConfigError
+
+        try:
+            value = Secret.load(secret_block).get()
+        except Exception as err:  # noqa: BLE001 - no block, no API: the message names the block
+            raise ConfigError(f"could not load the Prefect Secret block {secret_block!r} with the storage "
+                              f"options ({type(err).__name__}); create it, or leave credentials to AWS_* "
+                              "variables / instance roles") from None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if not isinstance(value, dict):
+            raise ConfigError(f"the Prefect Secret block {secret_block!r} must hold a JSON object of fsspec "
+                              "storage options, e.g. {\"key\": ..., \"secret\": ...}")
+        return value
+    return {}
+
+
+def flow_config(config: Mapping[str, Any], credentials_ref: str | None, secret_block: str | None = None) -> Any:
+    """The RunConfig of a flow: its public ``config`` data plus the storage options the policy resolves."""
+    from bif.config import build_config
+
+    return build_config({**config, "storage_options": resolve_storage_options(credentials_ref, secret_block)})
+
+
+# ---------------------------------------------------------------- running a flow
+
+
+def call_flow(flow_fn: Any, cfg: Any, *, address: str, log_name: str, **params: Any) -> Any:
+    """Run ``flow_fn`` on the Dask scheduler ``address`` with ``cfg``'s credentials kept out of Prefect.
+
+    The flow gets ``config`` (public data, no credentials), ``credentials_ref`` and ``params``.
+    Afterwards, success or failure, the flow run's logs go to ``<cfg.output>/logs/``.
+    Returns the flow's result; raises its error.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=address)
+    with credentials(cfg.storage_options) as ref:
+        state = flow_fn.with_options(task_runner=runner)(
+            config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref, return_state=True, **params)
+    _save_logs(state, cfg, address=address, name=log_name)
+    return state.result()
+
+
+def _save_logs(state: Any, cfg: Any, *, address: str, name: str) -> str | None:
+    """Write the flow run's log lines (from the Prefect API) to ``<output>/logs/<name>-<time>.log``."""
+    from bif.errors import RunConflictError
+
+    try:
+        state.result()
+    except RunConflictError:
+        return None  # a refused run leaves the existing output untouched
+    except BaseException:  # noqa: BLE001 - the caller raises it; the log is wanted most then
+        pass
+    try:
+        text = _fetch_logs(state.state_details.flow_run_id, address)
+        from bif.storage import get_fs, join
+
+        fs, root = get_fs(cfg.output, cfg.storage_options)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path = join(root, "logs", f"{name}-{stamp}.log")
+        fs.makedirs(join(root, "logs"), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(_redact(text, cfg.storage_options).encode())
+        return path
+    except Exception as err:  # noqa: BLE001 - a log we cannot save must not fail a finished run
+        print(f"note: could not save the run log under {cfg.output}/logs ({type(err).__name__})")
+        return None
+
+
+def _redact(text: str, storage_options: Mapping[str, Any]) -> str:
+    from bif.storage import redact
+
+    return redact(text, storage_options)
+
+
+def _drain_worker() -> None:
+    """Flush a Dask worker's Prefect log batch (in a thread: the worker's event loop is running here)."""
+    import threading
+
+    from bif.prefect_server import drain_prefect_workers
+
+    t = threading.Thread(target=drain_prefect_workers, daemon=True)
+    t.start()
+    t.join(timeout=15)
+
+
+def _fetch_logs(flow_run_id: Any, address: str) -> str:
+    """Every log line of one flow run (worker task runs included), oldest first, as text."""
+    from distributed import Client
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    from bif.prefect_server import drain_prefect_workers
+
+    with contextlib.suppress(Exception), Client(address, set_as_default=False, timeout=10) as client:
+        client.run(_drain_worker)  # task-run logs wait in each worker's batch until flushed
+    drain_prefect_workers()
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+        names: dict[Any, str] = {}
+        while True:
+            page = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                         limit=200, offset=len(names))
+            names |= {t.id: t.name for t in page}
+            if len(page) < 200:
+                break
+        offset = 0
+        while True:
+            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC)
+            for log in page:
+                stamp = log.timestamp.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+                where = names.get(log.task_run_id, log.name) if log.task_run_id else log.name
+                lines.append(f"{stamp} | {logging.getLevelName(log.level):<7} | {where} - {log.message}")
+            if len(page) < 200:
+                break
+            offset += len(page)
+    return "\n".join(lines) + "\n"
+

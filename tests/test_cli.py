@@ -1,0 +1,224 @@
+"""Every command the README shows, run as a user types it: a subprocess of the `bif` console
+script, with no PREFECT_API_URL (so each command starts its own local Prefect server) and a
+private PREFECT_HOME. Small settings keep it quick; each test asserts the exit code and values."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bif import schema as S
+
+pytestmark = pytest.mark.e2e
+
+BIF = str(Path(sys.executable).parent / "bif")
+REPO = Path(__file__).resolve().parents[1]
+NOISE = ("| INFO", "FutureWarning", "Created temporary directory", "Traceback")
+
+
+def user_env(prefect_home: Path) -> dict[str, str]:
+    """The environment of a user's shell: no Prefect API, a Prefect home of their own, our code on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "BIF_QUIET_TERMINAL")
+           and not k.startswith("PREFECT_LOGGING_")}
+    env["PREFECT_HOME"] = str(prefect_home)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def bif(*args: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([BIF, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_quiet(res: subprocess.CompletedProcess) -> None:
+    both = res.stdout + res.stderr
+    for word in NOISE:
+        assert word not in both, f"{word!r} on the terminal:\n{both}"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> dict:
+    """A user's working directory with the example config where the README says, and their environment."""
+    cwd = tmp_path_factory.mktemp("user")
+    (cwd / "bif" / "examples").mkdir(parents=True)
+    shutil.copy(REPO / "bif" / "examples" / "digits.yaml", cwd / "bif" / "examples" / "digits.yaml")
+    return {"cwd": cwd, "env": user_env(tmp_path_factory.mktemp("prefect-home"))}
+
+
+@pytest.fixture(scope="module")
+def digits_run(home) -> dict:
+    """`bif example digits runs/example/digits.pt` then `bif run bif/examples/digits.yaml` (small)."""
+    cwd, env = home["cwd"], home["env"]
+    ex = bif("example", "digits", "runs/example/digits.pt", "--epochs", "30", cwd=cwd, env=env)
+    run = bif("run", "bif/examples/digits.yaml", "--set", "problem_args.n_train=200",
+              "--set", "problem_args.n_query=12", "--set", "sampler.num_chains=2", "--set", "sampler.num_draws=60",
+              "--set", "sampler.num_burnin_steps=10", "--set", "sampler.draws_per_block=30",
+              "--set", "quality.allow_warnings=true", cwd=cwd, env=env)
+    return {"example": ex, "run": run, "out": cwd / "runs" / "example" / "digits"}
+
+
+def test_example_writes_a_loadable_checkpoint(home, digits_run):
+    import torch
+
+    from bif.examples.digits import build
+
+    ex = digits_run["example"]
+    assert ex.returncode == 0, ex.stderr
+    assert "wrote digits checkpoint to runs/example/digits.pt" in ex.stdout
+    state = torch.load(home["cwd"] / "runs" / "example" / "digits.pt", weights_only=True)
+    assert set(state) == set(build(n_train=10).model.state_dict())
+
+
+def test_run_prints_a_short_summary_and_logs_to_a_file(digits_run):
+    res, out = digits_run["run"], digits_run["out"]
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_quiet(res)
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    bars = [ln for ln in lines if ln.startswith(("chain ", "covariance blocks"))]
+    assert len(bars) == 3 and all("60/60" in b for b in bars[:2]), res.stdout
+    lines = lines[lines.index("status: complete   output: runs/example/digits"):]  # the summary follows the bars
+    assert "sampler: nβ=200 (= n_train)  γ=170  ε=0.00035  device=cpu" in lines
+    assert "bif show runs/example/digits --query 0" in res.stdout
+    manifest = json.loads((out / S.MANIFEST_FILE).read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["resolved"] == {"nbeta": 200.0, "gamma": 170.0, "step_size": 0.00035, "device": "cpu",
+                                    "n_train": 200, "n_query": 12}
+    # durations, not clock times: every stage is positive and they add up to less than the wall time
+    time_line = next(ln for ln in lines if ln.startswith("time: "))
+    total = float(re.match(r"time: ([\d.]+)s = ", time_line).group(1))
+    stages = {k: float(v) for k, v in (re.fullmatch(r"(.+) ([\d.]+)s", part).groups()
+                                       for part in time_line.split(" = ", 1)[1].split(", "))}
+    assert set(stages) >= {"server+cluster start", "prepare", "sampling", "covariance", "gates", "diagnostics"}
+    assert all(0 < v < total for v in stages.values()), time_line
+    assert sum(stages.values()) <= total
+    assert stages["server+cluster start"] == pytest.approx(manifest["timings"]["cluster_startup_s"], abs=0.06)
+    gates = next(ln for ln in lines if ln.startswith("gates: "))
+    assert gates.startswith("gates: passed (") or "warnings" in gates
+    d = manifest["diagnostics"]
+    assert f"R-hat: max {d['rhat']['max']:.3f}" in res.stdout
+    assert f"ESS bulk: median {d['ess_bulk']['q50']:.0f}" in res.stdout
+    assert len(lines) <= 8, res.stdout
+    # the logs went to a file in the output, task runs from the Dask workers included
+    (log,) = (out / "logs").glob("run-*.log")
+    text = log.read_text()
+    for name in ("sample-chain-0", "sample-chain-1", "reduce-covariance", "Beginning flow run"):
+        assert name in text, text
+    assert "resolved: nbeta=200.0" in text
+
+
+def test_show_lists_the_top_k_train_ids(home, digits_run):
+    res = bif("show", "runs/example/digits", "--query", "3", cwd=home["cwd"], env=home["env"])
+    assert res.returncode == 0, res.stderr
+    topk = pd.read_parquet(digits_run["out"] / S.TOPK_FILE)
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in res.stdout.splitlines() if ln.count("│") == 5]
+    rows = [r for r in rows if r[0].isdigit()]
+    assert len(rows) == 20  # 10 positive then 10 negative
+    for direction, block in (("positive", rows[:10]), ("negative", rows[10:])):
+        want = topk[(topk[S.QUERY] == 3) & (topk[S.DIRECTION] == direction)].sort_values(S.RANK).head(10)
+        assert [int(r[1]) for r in block] == want[S.TRAIN].tolist()
+        assert np.allclose([float(r[2]) for r in block], want[S.BIF], rtol=1e-3)
+    assert "query 3: train examples whose upweighting would raise its loss" in " ".join(res.stdout.split())
+
+
+def test_report_regenerates_the_html(home, digits_run):
+    html = digits_run["out"] / "report.html"
+    before = html.stat().st_mtime_ns
+    res = bif("report", "runs/example/digits", cwd=home["cwd"], env=home["env"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("report.html")
+    assert html.stat().st_mtime_ns > before
+    text = html.read_text()
+    assert text.startswith("<!") and "</html>" in text
+
+
+def test_keys_help_and_errors(home, tmp_path):
+    keys = bif("keys", cwd=home["cwd"], env=home["env"])
+    assert keys.returncode == 0
+    line = next(ln for ln in keys.stdout.splitlines() if ln.strip().startswith("step_size:"))
+    assert "#" in line
+    top = bif("--help", cwd=home["cwd"], env=home["env"])
+    assert top.returncode == 0
+    for cmd in ("run", "show", "report", "keys", "example", "lds", "calibrate", "compare"):
+        assert re.search(rf"^\s+{cmd}\s", top.stdout, re.M), cmd
+    run_help = bif("run", "--help", cwd=home["cwd"], env=home["env"])
+    assert run_help.returncode == 0 and "--verbose" in run_help.stdout and "--set KEY=VALUE" in run_help.stdout
+
+
+@pytest.fixture(scope="module")
+def logistic_cfg(home) -> str:
+    cfg = {"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6}, "output": "runs/logistic",
+           "sampler": {"num_chains": 2, "num_draws": 60, "num_burnin_steps": 20, "steps_per_draw": 2,
+                       "step_size": 1e-2, "gamma": 10.0, "batch_size": 40},
+           "compute": {"n_workers": 2}}
+    (home["cwd"] / "logistic.yaml").write_text(yaml.safe_dump(cfg))
+    return "logistic.yaml"
+
+
+def test_lds_prints_the_lds_of_every_method(home, logistic_cfg):
+    """`bif lds` (here with -v, which adds the logs; `bif run` and `bif calibrate` check the quiet default)."""
+    res = bif("lds", logistic_cfg, "-v", "--num-subsets", "6", "--num-seeds", "1", "--methods", "bif,graddot",
+              cwd=home["cwd"], env=home["env"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "| INFO" in res.stderr and "Beginning flow run" in res.stderr and "Traceback" not in res.stderr
+    printed = {m: (float(v), float(e)) for m, v, e in
+               re.findall(r"^\s+(\w+)\s+LDS ([+-][\d.]+) ± ([\d.]+)", res.stdout, re.M)}
+    assert set(printed) == {"bif", "bif_corr", "graddot"}
+    summary_uri = re.search(r"^summary: (\S+)", res.stdout, re.M).group(1)
+    summary = json.loads((home["cwd"] / summary_uri).read_text())
+    for r in summary["methods"]:
+        assert printed[r["method"]] == pytest.approx((r["lds"], r["stderr"]), abs=6e-4)
+        assert -1 <= r["lds"] <= 1
+    assert summary["num_retrained"] == 6
+    assert list((home["cwd"] / "runs" / "logistic" / "logs").glob("lds-*.log"))
+
+
+def test_lds_and_calibrate_bad_settings_exit_2_with_a_message(home, logistic_cfg):
+    lds = bif("lds", logistic_cfg, "--num-subsets", "1", cwd=home["cwd"], env=home["env"])
+    assert lds.returncode == 2 and "Traceback" not in lds.stderr
+    assert "--num-subsets = 1" in lds.stderr and "greater than or equal to 2" in lds.stderr
+    cal = bif("calibrate", logistic_cfg, "--num-chains", "1", cwd=home["cwd"], env=home["env"])
+    assert cal.returncode == 2 and "Traceback" not in cal.stderr and "--num-chains = 1" in cal.stderr
+    meth = bif("lds", logistic_cfg, "--methods", "bif,nope", cwd=home["cwd"], env=home["env"])
+    assert meth.returncode == 2 and "'nope'" in meth.stderr and "Traceback" not in meth.stderr
+
+
+def test_calibrate_writes_a_sampler_block(home, logistic_cfg):
+    from bif.config import SamplerConfig
+
+    res = bif("calibrate", logistic_cfg, "--num-subsets", "4", "--num-draws", "20", "--num-chains", "2",
+              "--pilot-steps", "20", cwd=home["cwd"], env=home["env"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_quiet(res)
+    out = home["cwd"] / "runs" / "logistic" / "calibration"
+    block = yaml.safe_load((out / "sampler.yaml").read_text())["sampler"]
+    printed = yaml.safe_load(res.stdout.split("outputs:")[0])["sampler"]
+    assert printed == block
+    assert {"step_size", "nbeta", "gamma", "num_chains", "num_draws"} <= set(block)
+    s = SamplerConfig(**block)
+    scores = json.loads((out / "scores.json").read_text())
+    assert s.step_size == pytest.approx(scores["recommended"]["step_size"], rel=1e-3)
+    assert s.nbeta == pytest.approx(scores["recommended"]["nbeta"], rel=1e-3) and s.gamma > 0
+    assert (out / "tradeoffs.png").stat().st_size > 5000
+    assert list((home["cwd"] / "runs" / "logistic" / "logs").glob("calibrate-*.log"))
+
+
+def test_compare_writes_the_table(home):
+    docs = home["cwd"] / "docs"
+    res = bif("compare", "--sizes", "60", "--num-subsets", "4", "--num-seeds", "1", "--bif-draws", "40",
+              "--skip-optional", "--cache", "runs/lds_bench", "--docs", "docs", cwd=home["cwd"], env=home["env"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = (docs / "lds_table.md").read_text()
+    assert "| n_train | BIF | BIF (corr) | IF (exact, damped) | GradDot | GradCos |" in table
+    data = json.loads((docs / "lds_table.json").read_text())
+    (row,) = data["rows"]
+    assert row["n_train"] == 60 and set(row["methods"]) == {"bif", "bif_corr", "influence", "graddot", "gradcos"}
+    assert f"| 60 | **{row['methods']['bif']['lds']:.3f}**" in table
+    assert (docs / "lds_vs_n.png").stat().st_size > 5000
