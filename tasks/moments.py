@@ -13,6 +13,10 @@ same ``{n, mean, M2}`` state):
 
 The influence (Kreer et al. 2025) is ``BIF = -Cov = -C/(n - ddof)`` and the normalized
 form ``-Corr = -C / sqrt(m2_x m2_yᵀ)``.
+
+A constant trace (m2 = 0 exactly, e.g. a float32 cross-entropy that is 0.0 at every draw
+of a confidently classified sample) has no correlation with anything: its covariance is
+0, and we define its correlation as 0 too (never NaN), so the outputs stay finite.
 """
 from __future__ import annotations
 
@@ -89,11 +93,18 @@ def covariance(m: Moments, *, ddof: int = 1) -> np.ndarray:
     return m.comoment / (m.n - ddof)
 
 
+def constant(m2: np.ndarray) -> np.ndarray:
+    """Which variables had a constant trace (m2 == 0 exactly): bool, same shape as ``m2``."""
+    return np.asarray(m2) <= 0.0
+
+
 def correlation(m: Moments) -> np.ndarray:
-    """Corr(x_i, y_j) = C_ij / sqrt(m2_x_i m2_y_j), shape (a, b); NaN where a variance is 0."""
+    """Corr(x_i, y_j) = C_ij / sqrt(m2_x_i m2_y_j), shape (a, b); 0 where either trace is constant (m2 = 0)."""
     denom = np.sqrt(np.outer(m.m2_x, m.m2_y))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = m.comoment / denom
+    corr[constant(m.m2_x), :] = 0.0
+    corr[:, constant(m.m2_y)] = 0.0
     return np.clip(corr, -1.0, 1.0, out=corr)
 
 
