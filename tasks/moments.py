@@ -49,6 +49,9 @@ def from_draws(x: np.ndarray, y: np.ndarray) -> Moments:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     mx, my = x.mean(axis=0), y.mean(axis=0)
+    if x.shape[0]:  # a constant column's mean is its value exactly, so its m2 is exactly 0 (no rounding residue)
+        mx = np.where(np.all(x == x[:1], axis=0), x[0], mx)
+        my = np.where(np.all(y == y[:1], axis=0), y[0], my)
     xc, yc = x - mx, y - my  # (n, a), (n, b)
     return Moments(n=x.shape[0], mean_x=mx, mean_y=my, m2_x=np.einsum("ij,ij->j", xc, xc),
                    m2_y=np.einsum("ij,ij->j", yc, yc), comoment=xc.T @ yc)
@@ -123,7 +126,8 @@ def bif_in_memory(train: np.ndarray, query: np.ndarray, *, pooling: str = "stack
 
     ``train`` (chains, draws, n_train) and ``query`` (chains, draws, n_query) hold per-sample
     losses. Returns ``(bif, bif_corr)``, each (n_train, n_query): ``-Cov`` and ``-Corr``
-    pooled over all chains' draws (``"stack"``) or averaged per chain (``"chain_mean"``).
+    pooled over all chains' draws (``"stack"``) or averaged per chain (``"chain_mean"``);
+    ``bif_corr`` is 0 where a trace is constant.
     """
     if train.ndim != 3 or query.ndim != 3 or train.shape[:2] != query.shape[:2]:
         raise ValueError(f"expected (chains, draws, n) arrays with equal leading dims, got {train.shape}, {query.shape}")
