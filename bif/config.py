@@ -87,12 +87,13 @@ class QualityConfig(BaseModel):
             "trace_schema", "trace_nulls", "trace_finite", "trace_unique", "trace_complete", "trace_bounds",
             "health_schema", "health_draws", "health_loss", "health_distance",
             "results_shape", "results_finite", "results_corr_range", "results_self_influence",
+            "traces_constant",
         ],
         Literal["error", "warning"],
     ] = Field(
         default_factory=dict,
         description="Per-gate severity, e.g. {health_distance: warning}. A failed 'error' gate fails the run; "
-        "a failed 'warning' gate is only reported. Gates not listed are 'error'.",
+        "a failed 'warning' gate is only reported. Gates not listed are 'error', except traces_constant ('warning').",
     )
     max_loss_factor: float = Field(
         10.0, gt=1, description="A chain runs away when its mean train loss over draws exceeds "
@@ -112,6 +113,10 @@ class QualityConfig(BaseModel):
     corr_atol: float = Field(1e-6, ge=0, description="Tolerance of the bif_corr in [-1, 1] gate (float32 storage).")
     self_influence_rtol: float = Field(
         1e-6, ge=0, description="Self-influence gate (query set = train set): bif[i, i] <= rtol x max_i |bif[i, i]|."
+    )
+    max_constant_share: float = Field(
+        0.5, ge=0, le=1, description="Gate traces_constant (severity 'warning' unless set) flags a split whose "
+        "share of constant loss traces (zero variance over all draws; bif and bif_corr 0) exceeds this."
     )
     rhat_threshold: float = Field(1.1, gt=1, description="Samples whose rank R-hat exceeds this are counted as unmixed.")
     mcse_num_batches: int = Field(

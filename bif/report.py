@@ -3,7 +3,8 @@
 Sections (each says what is missing instead of failing when its input file is absent):
 run summary (manifest.json, config.json), quality gates (quality/summary.json), loss
 traces per chain and distance to w* (health/), R-hat and ESS histograms
-(diagnostics.parquet), the BIF heatmap (bif.zarr), and the most influential train
+(diagnostics.parquet), the BIF heatmap with the number and share of constant loss traces
+(bif.zarr), and the most influential train
 examples of a few queries (topk.parquet, drawn with ``problem.render`` when given: images
 for 2-D arrays, snippets for strings). :func:`markdown_summary` and :func:`topk_markdown`
 give the same key tables as Markdown for Prefect artifacts.
@@ -171,14 +172,17 @@ def _diagnostics(run: _Run, problem: Any) -> str:
             if v.size:
                 ax.hist(v, bins=40, alpha=0.6, label=str(split))
         ax.set_title(col)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing drawn when every value is undefined (one chain)
+            ax.legend(fontsize=8)
     axes[0].axvline(1.1, color="r", ls="--", lw=1)
     out = _png(fig, "R-hat and ESS histograms")
     rhat = diag[S.RHAT].to_numpy(dtype=float)
+    const = diag[S.CONSTANT].to_numpy(dtype=bool) if S.CONSTANT in diag else np.zeros(len(diag), dtype=bool)
     n_bad = int(np.sum(rhat > 1.1))
     cls = "ok" if n_bad == 0 else "warn"
     out += (f'<p class="{cls}">{n_bad} of {len(diag)} samples have rank R-hat &gt; 1.1 '
-            f"({int(np.sum(~np.isfinite(rhat)))} undefined).</p>")
+            f"({int(np.sum(~np.isfinite(rhat) & ~const))} undefined, {int(const.sum())} constant traces "
+            "without R-hat / ESS).</p>")
     worst = diag.sort_values(S.RHAT, ascending=False).head(5)
     return out + "<p>Worst-mixing samples:</p>" + _table(worst)
 
@@ -203,7 +207,26 @@ def _heatmap(run: _Run, problem: Any) -> str:
         fig.colorbar(im, ax=ax)
     note = "" if (len(rows), len(cols)) == (n_train, n_query) else \
         f"<p>Evenly spaced rows / columns shown: {len(rows)} of {n_train} train, {len(cols)} of {n_query} query.</p>"
-    return _png(fig, "BIF heatmap") + note
+    return _png(fig, "BIF heatmap") + note + _constant_note(ds)
+
+
+def constant_counts(ds: Any) -> dict[str, tuple[int, int]] | None:
+    """{split: (constant-trace samples, samples)} from bif.zarr's flags; None for a store without them."""
+    names = {S.TRAIN: S.TRAIN_CONSTANT, S.QUERY: S.QUERY_CONSTANT}
+    if ds is None or not all(v in ds for v in names.values()):
+        return None
+    return {split: (int(np.asarray(ds[v].values, dtype=bool).sum()), int(ds[v].size)) for split, v in names.items()}
+
+
+def _constant_note(ds: Any) -> str:
+    counts = constant_counts(ds)
+    if counts is None:
+        return ""
+    parts = [f"{split} {c} of {n} ({100 * c / n if n else 0:.1f}%)" for split, (c, n) in counts.items()]
+    cls = "warn" if any(c for c, _ in counts.values()) else "ok"
+    return (f'<p class="{cls}" id="constant-traces">Constant loss traces: {", ".join(parts)}. Their bif and '
+            f"bif_corr are 0 (flags <code>{S.TRAIN_CONSTANT}</code> / <code>{S.QUERY_CONSTANT}</code> in "
+            f"<code>{S.BIF_ZARR}</code>).</p>")
 
 
 def _labels(problem: Any, split: str, i: int) -> str:
@@ -340,6 +363,9 @@ def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None 
     ds = run.results()
     lines.append("_no bif.zarr_" if ds is None else
                  f"bif: {ds.sizes.get(S.TRAIN_DIM)} train x {ds.sizes.get(S.QUERY_DIM)} query")
+    counts = constant_counts(ds)
+    if counts is not None:
+        lines.append("constant loss traces: " + ", ".join(f"{split} {c} of {n}" for split, (c, n) in counts.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ reference.parquet                   per-sample losses at the checkpoint w*
 traces/chain-C/block-B.parquet      per-sample losses, one row per (chain, draw, sample)
 health/chain-C/block-B.parquet      per-draw sampler health (distance to w*, mean losses)
 state/chain-C/block-B.pt            chain state after block B (params, preconditioner, RNG)
-bif.zarr                            xarray Dataset: bif, bif_corr over (train, query)
+bif.zarr                            xarray Dataset: bif, bif_corr over (train, query); train_constant, query_constant
 topk.parquet                        top-k positive / negative train examples per query
 quality/                            quality gates: GE results (*.json, *.md) and summary.json
 diagnostics.parquet                 per-sample rank R-hat, bulk and tail ESS of the loss traces
@@ -70,6 +70,14 @@ BIF = "bif"  # -Cov(l_i, phi_j) over draws
 BIF_CORR = "bif_corr"  # -Corr(l_i, phi_j) over draws
 QUERY_DIM = "query"
 TRAIN_DIM = "train"
+TRAIN_CONSTANT = "train_constant"  # bool over dim train: the sample's loss trace is constant (zero variance)
+QUERY_CONSTANT = "query_constant"  # bool over dim query
+
+
+def constant_var(dim: str) -> str:
+    """The bif.zarr variable flagging constant loss traces along ``dim`` (train or query)."""
+    return {TRAIN_DIM: TRAIN_CONSTANT, QUERY_DIM: QUERY_CONSTANT}[dim]
+
 
 # topk.parquet columns
 RANK = "rank"
@@ -80,7 +88,8 @@ TOPK_COLUMNS = (QUERY, DIRECTION, RANK, TRAIN, BIF, BIF_CORR)
 RHAT = "rhat"  # rank-normalized split R-hat (ArviZ)
 ESS_BULK = "ess_bulk"
 ESS_TAIL = "ess_tail"
-DIAGNOSTICS_COLUMNS = (SPLIT, SAMPLE, RHAT, ESS_BULK, ESS_TAIL)
+CONSTANT = "constant"  # the loss trace is constant over all draws: rhat / ess are NaN (undefined) there
+DIAGNOSTICS_COLUMNS = (SPLIT, SAMPLE, RHAT, ESS_BULK, ESS_TAIL, CONSTANT)
 
 # --- file names ----------------------------------------------------------------------
 CONFIG_FILE = "config.json"

@@ -6,7 +6,18 @@ For each output block, every committed trace file contributes one leaf
 ``split_every`` merges the leaves (:func:`tasks.moments.merge_all`), so Dask picks the
 tree shape and the answer does not depend on it. A finalize step turns the merged state
 into ``bif = -Cov`` and ``bif_corr = -Corr``, writes that region of the zarr store, and
-returns the block's top-k candidates. Memory is bounded by the block size and the number
+returns the block's top-k candidates and which of its samples had a constant loss trace.
+
+Constant traces (zero variance over all pooled draws, e.g. a float32 cross-entropy of
+exactly 0.0 at every draw) are a legitimate state: their ``bif`` is 0 and their
+``bif_corr`` is defined as 0 (never NaN); ``bif.zarr`` flags them in the boolean variables
+``train_constant`` (dim train) and ``query_constant`` (dim query).
+
+Top-k (``topk.parquet``): per query, the train examples are put in one total order,
+``bif`` descending with ties broken by the smaller train id; ``positive`` lists its first
+``min(k, ceil(n_train / 2))`` examples and ``negative`` its last ``min(k, floor(n_train / 2))``
+(most negative first). The two lists never share an example, also when n_train < 2k
+or when many values tie (a constant query trace makes a whole column 0). Memory is bounded by the block size and the number
 of blocks in flight, never by n_train.
 """
 from __future__ import annotations
@@ -38,6 +49,8 @@ class BlockResult:
     neg_train: np.ndarray  # (k, bq) train ids with the smallest bif per query
     neg_bif: np.ndarray
     neg_corr: np.ndarray
+    train_constant: np.ndarray | None = None  # (bt,) bool: the train sample's trace is constant
+    query_constant: np.ndarray | None = None  # (bq,) bool
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,22 @@ class CovarianceSummary:
     num_blocks: int
     bif_uri: str
     topk: pd.DataFrame
+    train_constant: np.ndarray | None = None  # (n_train,) bool, as written to bif.zarr
+    query_constant: np.ndarray | None = None  # (n_query,) bool
+
+    def constant_counts(self) -> dict[str, dict[str, float | int]]:
+        """Number and share of constant-trace samples per split (JSON-able)."""
+        return constant_counts(self.train_constant, self.query_constant)
+
+
+def constant_counts(train_constant: np.ndarray | None, query_constant: np.ndarray | None
+                    ) -> dict[str, dict[str, float | int]]:
+    """{"train": {"count", "total", "share"}, "query": {...}} of boolean constant flags (share 0 when empty)."""
+    out = {}
+    for split, flags in ((S.TRAIN, train_constant), (S.QUERY, query_constant)):
+        f = np.zeros(0, dtype=bool) if flags is None else np.asarray(flags, dtype=bool)
+        out[split] = {"count": int(f.sum()), "total": int(f.size), "share": float(f.mean()) if f.size else 0.0}
+    return out
 
 
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -70,24 +99,55 @@ def leaf_moments(root: str, storage_options: Mapping[str, Any], paths: Sequence[
 
 
 def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, largest: bool,
-          key_t: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k rows per column of ``values`` (a, b), best first: (train ids, values, corr), each (k, b).
+          key_t: np.ndarray | None = None, ids: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k rows per column of ``values`` (a, b), best first: (row index + train_start, values, corr), each (k, b).
 
-    ``key_t`` may pass ``values.T`` as a C-contiguous copy, shared by both directions.
+    Rows are ranked in one total order: ``values`` descending, ties broken by the smaller
+    train id (``ids``: (a,) ascending, or (a, b); default the row index). ``largest`` takes the first
+    k of that order, otherwise the last k, most negative first; so the two directions are
+    disjoint whenever 2k <= a, however many values tie. ``key_t`` may pass ``values.T`` as a
+    C-contiguous copy, shared by both directions.
     """
     a, b = values.shape
     k = min(k, a)
     key = np.ascontiguousarray(values.T) if key_t is None else key_t  # (b, a): partition along contiguous rows
-    if k < a:
+    tie = (np.broadcast_to(np.arange(a)[None, :], (b, a)) if ids is None
+           else np.broadcast_to(ids.T if ids.ndim == 2 else ids[None, :], (b, a)))  # (b, a) tie-break ids
+    if 0 < k < a:
         kth = a - k if largest else k - 1
-        part = np.argpartition(key, kth, axis=1)
-        idx = part[:, a - k:] if largest else part[:, :k]
+        thr = np.take_along_axis(np.partition(key, kth, axis=1), np.full((b, 1), kth), axis=1)  # (b, 1)
+        strict = key > thr if largest else key < thr
+        need = k - strict.sum(axis=1, keepdims=True)  # ties at the threshold still to take, (b, 1)
+        at = key == thr
+        # ties taken in tie-id order: the smallest ids for the largest values, the largest ids for the smallest
+        if ids is None or ids.ndim == 1:  # ascending ids (a block's rows): tie order is row order, no sort
+            rank_in_ties = np.cumsum(at, axis=1) if largest else np.cumsum(at[:, ::-1], axis=1)[:, ::-1]
+        else:
+            rank_in_ties = np.zeros((b, a), dtype=np.int64)
+            order = np.argsort(tie if largest else -tie, axis=1, kind="stable")
+            np.put_along_axis(rank_in_ties, order, np.cumsum(np.take_along_axis(at, order, axis=1), axis=1), axis=1)
+        pick = strict | (at & (rank_in_ties <= need))
+        idx = np.nonzero(pick)[1].reshape(b, k)  # exactly k per row, in row order
     else:
-        idx = np.tile(np.arange(a), (b, 1))
+        idx = np.tile(np.arange(a), (b, 1))[:, :k]
     sel = np.take_along_axis(key, idx, axis=1)
-    order = np.argsort(-sel if largest else sel, axis=1, kind="stable")
+    sel_tie = np.take_along_axis(tie, idx, axis=1)
+    order = np.lexsort((sel_tie, -sel), axis=1) if largest else np.lexsort((-sel_tie, sel), axis=1)
     idx = np.take_along_axis(idx, order, axis=1).T  # (k, b)
     return (idx + train_start, np.take_along_axis(values, idx, axis=0), np.take_along_axis(corr, idx, axis=0))
+
+
+def _pooled_constant(states: Moments | list[Moments], which: str) -> np.ndarray:
+    """Constant over all pooled draws: every chain's m2 is 0 and all chains share one mean. ``which`` 'x' or 'y'."""
+    from tasks.moments import constant
+
+    seq = [states] if isinstance(states, Moments) else list(states)
+    flags = np.logical_and.reduce([constant(getattr(m, f"m2_{which}")) for m in seq])
+    first = getattr(seq[0], f"mean_{which}")
+    for m in seq[1:]:
+        flags &= getattr(m, f"mean_{which}") == first
+    return flags
 
 
 def open_bif_array(bif_uri: str, storage_options: Mapping[str, Any]):
@@ -102,15 +162,17 @@ def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str
     """(bif, bif_corr) of a block in the output dtype, computed in float64 with few passes."""
     if pooling == "chain_mean":
         cov, corr = mean_of_covariances(states, ddof=ddof)
-        return (-cov).astype(dtype), (-corr).astype(dtype)
+        return (-cov).astype(dtype), (0.0 - corr).astype(dtype)
     m: Moments = states
     if m.n - ddof <= 0:
         raise ValueError(f"need more than {ddof} draws for a covariance, got n={m.n}")
     bif = np.multiply(m.comoment, -1.0 / (m.n - ddof), dtype=dtype)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv_x, inv_y = 1.0 / np.sqrt(m.m2_x), 1.0 / np.sqrt(m.m2_y)
-        corr = np.multiply(m.comoment, -inv_x[:, None], dtype=dtype)
-        corr *= inv_y[None, :].astype(dtype)
+    # a constant trace (m2 = 0) has correlation 0 by definition (tasks.moments.correlation)
+    safe_x, safe_y = np.where(m.m2_x > 0, m.m2_x, np.inf), np.where(m.m2_y > 0, m.m2_y, np.inf)
+    inv_x, inv_y = 1.0 / np.sqrt(safe_x), 1.0 / np.sqrt(safe_y)
+    corr = np.multiply(m.comoment, -inv_x[:, None], dtype=dtype)
+    corr *= inv_y[None, :].astype(dtype)
+    corr += 0.0  # -0.0 -> 0.0 where a trace is constant
     np.clip(corr, -1.0, 1.0, out=corr)
     return bif, corr
 
@@ -120,16 +182,19 @@ def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_opt
                    ) -> BlockResult:
     """Merged moments → bif / bif_corr block → zarr region; returns the block's top-k candidates.
 
-    ``bif = -C/(n - ddof)``, ``bif_corr = -C/sqrt(m2_x m2_yᵀ)`` (see :mod:`tasks.moments`).
+    ``bif = -C/(n - ddof)``, ``bif_corr = -C/sqrt(m2_x m2_yᵀ)`` (0 where a trace is constant;
+    see :mod:`tasks.moments`).
     """
     group = open_bif_array(bif_uri, storage_options)
     bif, bif_corr = _negated_outputs(states, ddof=ddof, pooling=pooling, dtype=group[S.BIF].dtype)
     group[S.BIF][train[0]:train[1], query[0]:query[1]] = bif
     group[S.BIF_CORR][train[0]:train[1], query[0]:query[1]] = bif_corr
     key_t = np.ascontiguousarray(bif.T)
-    pos = _topk(bif, bif_corr, train[0], k, largest=True, key_t=key_t)
-    neg = _topk(bif, bif_corr, train[0], k, largest=False, key_t=key_t)
-    return BlockResult(train[0], query[0], *pos, *neg)
+    ids = np.arange(train[0], train[1])
+    pos = _topk(bif, bif_corr, train[0], k, largest=True, key_t=key_t, ids=ids)
+    neg = _topk(bif, bif_corr, train[0], k, largest=False, key_t=key_t, ids=ids)
+    return BlockResult(train[0], query[0], *pos, *neg, train_constant=_pooled_constant(states, "x"),
+                       query_constant=_pooled_constant(states, "y"))
 
 
 def init_bif_store(bif_uri: str, storage_options: Mapping[str, Any], *, n_train: int, n_query: int,
@@ -151,7 +216,13 @@ def init_bif_store(bif_uri: str, storage_options: Mapping[str, Any], *, n_train:
         attrs=dict(attrs),
     )
     ds[S.BIF].attrs["description"] = "-Cov(train loss_i, query loss_j) over SGLD draws; >0: upweighting i raises j's loss"
-    ds[S.BIF_CORR].attrs["description"] = "-Corr(train loss_i, query loss_j) over SGLD draws"
+    ds[S.BIF_CORR].attrs["description"] = ("-Corr(train loss_i, query loss_j) over SGLD draws; 0 where either "
+                                           "trace is constant (train_constant / query_constant)")
+    for dim, n in ((S.TRAIN_DIM, n_train), (S.QUERY_DIM, n_query)):
+        ds[S.constant_var(dim)] = ((dim,), da.zeros(n, dtype=bool, chunks=max(1, n)))
+        ds[S.constant_var(dim)].attrs["description"] = (
+            f"True where the {dim} sample's loss trace is constant over all draws (zero variance): its bif is 0 "
+            "and its bif_corr is defined as 0")
     encoding = None if compress else {S.BIF: {"compressors": None}, S.BIF_CORR: {"compressors": None}}
     ds.to_zarr(bif_uri, mode="w", compute=False, storage_options=dict(storage_options) or None,
                consolidated=False, zarr_format=3, encoding=encoding)
@@ -184,8 +255,18 @@ def build_graph(files: Sequence[tuple[int, int, str]], *, root: str, storage_opt
     return finals
 
 
-def merge_topk(results: Sequence[BlockResult], *, n_query: int, k: int) -> pd.DataFrame:
-    """Global top-k per query from the blocks' candidates → the topk.parquet table."""
+def merge_topk(results: Sequence[BlockResult], *, n_query: int, k: int, n_train: int | None = None
+               ) -> pd.DataFrame:
+    """Global top-k per query from the blocks' candidates → the topk.parquet table.
+
+    ``positive`` keeps ``min(k, ceil(n_train / 2))`` rows per query and ``negative``
+    ``min(k, floor(n_train / 2))``: both ends of one total order, so no train example is
+    listed in both (see the module docstring). ``n_train`` defaults to the blocks' extent.
+    """
+    if n_train is None:
+        n_train = max((r.train_start + (len(r.train_constant) if r.train_constant is not None else
+                                        r.pos_train.shape[0]) for r in results), default=0)
+    k_dir = {True: min(k, -(-n_train // 2)), False: min(k, n_train // 2)}
     rows = []
     by_q: dict[int, list[BlockResult]] = {}
     for r in results:
@@ -196,8 +277,8 @@ def merge_topk(results: Sequence[BlockResult], *, n_query: int, k: int) -> pd.Da
             ids = np.concatenate([getattr(r, f"{pre}_train") for r in rs])
             val = np.concatenate([getattr(r, f"{pre}_bif") for r in rs])
             cor = np.concatenate([getattr(r, f"{pre}_corr") for r in rs])
-            top_ids, top_val, top_cor = _topk(val, cor, 0, k, largest)
-            top_ids = np.take_along_axis(ids, top_ids, axis=0)
+            top_pos, top_val, top_cor = _topk(val, cor, 0, k_dir[largest], largest, ids=ids)
+            top_ids = np.take_along_axis(ids, top_pos, axis=0)
             kk, bq = top_val.shape
             rows.append(pd.DataFrame({
                 S.QUERY: np.tile(np.arange(q0, q0 + bq), kk),
@@ -260,5 +341,13 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
                 futures.add(client.compute(pending.pop(0)))
             if progress:
                 progress(len(results), total)
-    topk = merge_topk(results, n_query=n_query, k=k)
-    return CovarianceSummary(n_train=n_train, n_query=n_query, num_blocks=total, bif_uri=bif_uri, topk=topk)
+    topk = merge_topk(results, n_query=n_query, k=k, n_train=n_train)
+    train_constant, query_constant = np.zeros(n_train, dtype=bool), np.zeros(n_query, dtype=bool)
+    for r in results:
+        train_constant[r.train_start:r.train_start + len(r.train_constant)] = r.train_constant
+        query_constant[r.query_start:r.query_start + len(r.query_constant)] = r.query_constant
+    group = open_bif_array(bif_uri, storage_options)
+    group[S.constant_var(S.TRAIN_DIM)][:] = train_constant
+    group[S.constant_var(S.QUERY_DIM)][:] = query_constant
+    return CovarianceSummary(n_train=n_train, n_query=n_query, num_blocks=total, bif_uri=bif_uri, topk=topk,
+                             train_constant=train_constant, query_constant=query_constant)

@@ -6,6 +6,16 @@ R-hat and ``arviz.ess(method="bulk" / "tail")`` the bulk / tail ESS (Vehtari et 
 arXiv 1903.08008). One call covers all samples of a block: the traces go in as an
 xarray Dataset with dims (chain, draw, sample).
 
+A constant loss trace (the same value at every draw of every chain, e.g. a float32
+cross-entropy of exactly 0.0) has no defined R-hat or ESS: ArviZ gives R-hat NaN and ESS =
+chains x draws for it. ``diagnostics.parquet`` flags such samples in its ``constant``
+column and holds NaN in rhat, ess_bulk and ess_tail there, so no quantile, count or
+histogram mistakes them for well-mixed samples; the summary counts them per split
+(``constant_traces``) and its ``num_rhat_nan`` counts only the non-constant samples with an
+undefined R-hat (e.g. a single chain, or fewer than 4 draws). Pairs with a constant trace
+have BIF 0 and MCSE 0; they are left out of the MCSE quantiles and of the fraction of pairs
+with |BIF| > 2 MCSE.
+
 The BIF's Monte-Carlo standard error (:func:`bif_mcse`) uses batch means. With pooled
 means x̄_i, ȳ_j over all C chains and N draws in total, the covariance is (up to the
 factor N/(N-1)) the mean of z_t = (x_t,i - x̄_i)(y_t,j - ȳ_j). Each chain's draws are cut
@@ -50,9 +60,19 @@ def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.
         rhat = az.rhat(ds, method="rank")["loss"].values
         bulk = az.ess(ds, method="bulk")["loss"].values
         tail = az.ess(ds, method="tail")["loss"].values
+    const = constant_traces(traces)
+    rhat, bulk, tail = (np.where(const, np.nan, np.asarray(v, dtype=np.float64)) for v in (rhat, bulk, tail))
     return pd.DataFrame({S.SPLIT: pd.Categorical([split] * n, categories=list(S.SPLITS)),
                          S.SAMPLE: np.arange(start, start + n, dtype=np.int64),
-                         RHAT: rhat, ESS_BULK: bulk, ESS_TAIL: tail})
+                         RHAT: rhat, ESS_BULK: bulk, ESS_TAIL: tail, S.CONSTANT: const})
+
+
+def constant_traces(traces: np.ndarray) -> np.ndarray:
+    """(n,) bool: the trace of each sample in ``traces`` (chains, draws, n) has one value at every draw."""
+    t = np.asarray(traces)
+    if t.shape[0] * t.shape[1] == 0:
+        return np.zeros(t.shape[2], dtype=bool)
+    return np.all(t == t[:1, :1, :], axis=(0, 1))
 
 
 def loss_diagnostics(train: np.ndarray, query: np.ndarray, *, train_start: int = 0, query_start: int = 0
@@ -60,15 +80,22 @@ def loss_diagnostics(train: np.ndarray, query: np.ndarray, *, train_start: int =
     """Rank R-hat, bulk ESS and tail ESS of every sample's loss trace.
 
     ``train`` (chains, draws, n_train) and ``query`` (chains, draws, n_query). Returns one
-    row per sample with columns split, sample, rhat, ess_bulk, ess_tail (sample ids start
-    at ``train_start`` / ``query_start``). R-hat is NaN with a single chain or a constant trace.
+    row per sample with columns split, sample, rhat, ess_bulk, ess_tail, constant (sample ids
+    start at ``train_start`` / ``query_start``). R-hat is NaN with a single chain; rhat and
+    both ESS are NaN for a constant trace (``constant`` True).
     """
     for name, a in (("train", train), ("query", query)):
         if a.ndim != 3:
             raise ValueError(f"{name} traces must be (chains, draws, n), got shape {a.shape}")
     parts = [_split_diagnostics(a, split=split, start=s)
              for a, split, s in ((train, S.TRAIN, train_start), (query, S.QUERY, query_start)) if a.shape[2]]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(DIAGNOSTICS_COLUMNS))
+    return pd.concat(parts, ignore_index=True) if parts else _empty_frame()
+
+
+def _empty_frame() -> pd.DataFrame:
+    return pd.DataFrame({S.SPLIT: pd.Categorical([], categories=list(S.SPLITS)), S.SAMPLE: np.zeros(0, np.int64),
+                         RHAT: np.zeros(0), ESS_BULK: np.zeros(0), ESS_TAIL: np.zeros(0),
+                         S.CONSTANT: np.zeros(0, dtype=bool)})[list(DIAGNOSTICS_COLUMNS)]
 
 
 def _batch_means_state(train: np.ndarray, query: np.ndarray, num_batches: int
@@ -117,8 +144,19 @@ def _quantiles(values: np.ndarray, *, low_is_bad: bool) -> dict[str, float | Non
 
 
 def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, Any]:
-    """Quantiles of R-hat / ESS and the count of samples above ``rhat_threshold`` (JSON-able, for the manifest)."""
+    """Quantiles of R-hat / ESS and the count of samples above ``rhat_threshold`` (JSON-able, for the manifest).
+
+    Constant traces (``constant``) are counted per split under ``constant_traces``; their
+    NaN R-hat / ESS are in neither the quantiles nor ``num_rhat_nan``.
+    """
     rhat = diag[RHAT].to_numpy(dtype=np.float64)
+    const = (diag[S.CONSTANT].to_numpy(dtype=bool) if S.CONSTANT in diag.columns
+             else np.zeros(len(diag), dtype=bool))
+    counts = {}
+    for s in S.SPLITS:
+        in_split = (diag[S.SPLIT] == s).to_numpy()
+        n, c = int(in_split.sum()), int((const & in_split).sum())
+        counts[s] = {"count": c, "total": n, "share": c / n if n else 0.0}
     return {
         "num_samples": {s: int((diag[S.SPLIT] == s).sum()) for s in S.SPLITS},
         "rhat": _quantiles(rhat, low_is_bad=False),
@@ -126,7 +164,8 @@ def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, A
         "ess_tail": _quantiles(diag[ESS_TAIL].to_numpy(dtype=np.float64), low_is_bad=True),
         "rhat_threshold": rhat_threshold,
         "num_rhat_above_threshold": int(np.sum(rhat > rhat_threshold)),
-        "num_rhat_nan": int(np.sum(~np.isfinite(rhat))),
+        "num_rhat_nan": int(np.sum(~np.isfinite(rhat) & ~const)),
+        "constant_traces": counts,
     }
 
 
@@ -160,8 +199,10 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
     bif = -((flat - flat.mean(0)).T @ (yflat - yflat.mean(0)) / (flat.shape[0] - 1)).ravel()
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.abs(bif) / mcse
-    pick = np.random.default_rng([seed, start]).choice(mcse.size, size=min(keep, mcse.size), replace=False)
-    return frame, mcse[pick], snr[pick], int(np.sum(snr > 2)), mcse.size
+    # pairs with a constant trace (BIF = MCSE = 0) carry no information: left out of the summary
+    defined = np.flatnonzero(~(constant_traces(train)[:, None] | constant_traces(query)[None, :]).ravel())
+    pick = np.random.default_rng([seed, start]).choice(defined, size=min(keep, defined.size), replace=False)
+    return frame, mcse[pick], snr[pick], int(np.sum(snr[defined] > 2)), int(defined.size)
 
 
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,

@@ -15,7 +15,13 @@ Gates (the keys of ``config.quality.severity``):
 - ``results_shape`` bif / bif_corr have dims (train, query), the right sizes and sample-id coords.
 - ``results_finite`` / ``results_corr_range`` / ``results_self_influence`` on per-chunk
   aggregates computed by Dask (non-finite count, min, max), never on n_train x n_query
-  rows in pandas; the self-influence diagonal -Var(l_i) <= 0.
+  rows in pandas; the self-influence diagonal -Var(l_i) <= 0. ``bif_corr`` must be finite
+  everywhere: a constant loss trace gives 0 there (see :mod:`tasks.covariance`), not NaN.
+- ``traces_constant`` (default severity ``warning``): per split, the share of samples whose
+  loss trace is constant over all draws (``bif.zarr``'s ``train_constant`` /
+  ``query_constant``) is at most ``quality.max_constant_share``. Constant traces are a
+  legitimate state (e.g. float32 cross-entropy 0.0 of confidently classified samples), but
+  such samples carry no attribution, so a large share deserves a look.
 
 Traces are checked either row by row (:func:`check_trace_block`, GE on the rows of a
 block) or, cheaply at any scale, on per-block aggregates (:func:`check_trace_stats` over
@@ -39,7 +45,9 @@ if TYPE_CHECKING:
 
 GATES = ("trace_schema", "trace_nulls", "trace_finite", "trace_unique", "trace_complete", "trace_bounds",
          "health_schema", "health_draws", "health_loss", "health_distance",
-         "results_shape", "results_finite", "results_corr_range", "results_self_influence")
+         "results_shape", "results_finite", "results_corr_range", "results_self_influence", "traces_constant")
+#: Severity of gates not listed in ``quality.severity`` (all others: 'error').
+DEFAULT_SEVERITY = {"traces_constant": "warning"}
 TRACE_KEYS = (S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE)
 _FMAX = float(np.finfo(np.float64).max)
 
@@ -47,8 +55,10 @@ _FMAX = float(np.finfo(np.float64).max)
 def _validator(severity: Mapping[str, str] | None, allow_warnings: bool, raws: list[dict[str, Any]] | None,
                markdown: bool | None = True):
     """validate() bound to the severity settings; GE's JSON results are appended to ``raws`` when given."""
+    merged = DEFAULT_SEVERITY | dict(severity or {})
+
     def run(frame: pd.DataFrame, checks: list[Check], suite: str) -> list[GateResult]:
-        res, raw = validate(frame, checks, suite=suite, severity=severity, allow_warnings=allow_warnings,
+        res, raw = validate(frame, checks, suite=suite, severity=merged, allow_warnings=allow_warnings,
                             markdown=markdown)
         if raws is not None:
             raws.append(raw)
@@ -245,12 +255,26 @@ def _ids(ds: "xr.Dataset", dim: str, n: int) -> np.ndarray:
     return np.asarray(ds[dim].values) if dim in ds.coords else np.arange(n)
 
 
+def constant_trace_counts(ds: "xr.Dataset") -> dict[str, dict[str, float | int]] | None:
+    """Number, total and share of constant-trace samples per split from bif.zarr's flags; None if absent."""
+    from tasks.covariance import constant_counts
+
+    flags = {dim: np.asarray(ds[S.constant_var(dim)].values, dtype=bool)
+             for dim in (S.TRAIN_DIM, S.QUERY_DIM) if S.constant_var(dim) in ds.data_vars}
+    if len(flags) < 2:
+        return None
+    return constant_counts(flags[S.TRAIN_DIM], flags[S.QUERY_DIM])
+
+
 def check_results(ds: "xr.Dataset", *, n_train: int, n_query: int, query_is_train: bool, corr_atol: float = 1e-6,
-                  self_influence_rtol: float = 1e-6, severity: Mapping[str, str] | None = None,
+                  self_influence_rtol: float = 1e-6, max_constant_share: float = 1.0,
+                  severity: Mapping[str, str] | None = None,
                   allow_warnings: bool = False, ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
     """Validate ``bif`` / ``bif_corr`` (dims (train, query)) through per-chunk aggregates computed by Dask.
 
     Memory and pandas work scale with the number of chunks, not with n_train x n_query.
+    ``traces_constant`` checks the share of constant-trace samples per split against
+    ``max_constant_share`` (skipped when bif.zarr has no constant flags).
     """
     import dask
 
@@ -294,7 +318,8 @@ def check_results(ds: "xr.Dataset", *, n_train: int, n_query: int, query_is_trai
         res += run(frame, [
             Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "n_nonfinite", "min_value": 0,
                   "max_value": 0}, keys=("bad_train", "bad_query", "bad_value"),
-                  context="non-finite bif_corr (a zero-variance loss trace?)"),
+                  context="non-finite bif_corr (constant traces give 0, so this is a NaN/Inf in the traces or "
+                          "the reduction)"),
             Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "min", "min_value": -1 - corr_atol},
                   keys=("min_train", "min_query", "min"), context="bif_corr below -1"),
             Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "max", "max_value": 1 + corr_atol},
@@ -307,4 +332,15 @@ def check_results(ds: "xr.Dataset", *, n_train: int, n_query: int, query_is_trai
         res += run(frame, [Check("results_self_influence", "ExpectColumnValuesToBeBetween",
                                  {"column": "self_influence", "max_value": tol}, keys=(S.SAMPLE,),
                                  context="self-influence bif[i, i] = -Var(l_i) must be <= 0")], "results self-influence")
+    counts = constant_trace_counts(ds)
+    if counts is not None:
+        frame = pd.DataFrame([{S.SPLIT: split, "num_constant": c["count"], "num_samples": c["total"],
+                               "share_constant": c["share"]} for split, c in counts.items()])
+        res += run(frame, [Check("traces_constant", "ExpectColumnValuesToBeBetween",
+                                 {"column": "share_constant", "min_value": 0.0, "max_value": max_constant_share},
+                                 keys=(S.SPLIT, "num_constant", "num_samples", "share_constant"),
+                                 context=f"share of constant loss traces above quality.max_constant_share="
+                                         f"{max_constant_share:g} (their bif and bif_corr are 0: they carry no "
+                                         "attribution; a very confident checkpoint or a too small nbeta?)")],
+                   "results constant traces")
     return res

@@ -13,6 +13,10 @@ same ``{n, mean, M2}`` state):
 
 The influence (Kreer et al. 2025) is ``BIF = -Cov = -C/(n - ddof)`` and the normalized
 form ``-Corr = -C / sqrt(m2_x m2_yᵀ)``.
+
+A constant trace (m2 = 0 exactly, e.g. a float32 cross-entropy that is 0.0 at every draw
+of a confidently classified sample) has no correlation with anything: its covariance is
+0, and we define its correlation as 0 too (never NaN), so the outputs stay finite.
 """
 from __future__ import annotations
 
@@ -45,6 +49,9 @@ def from_draws(x: np.ndarray, y: np.ndarray) -> Moments:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     mx, my = x.mean(axis=0), y.mean(axis=0)
+    if x.shape[0]:  # a constant column's mean is its value exactly, so its m2 is exactly 0 (no rounding residue)
+        mx = np.where(np.all(x == x[:1], axis=0), x[0], mx)
+        my = np.where(np.all(y == y[:1], axis=0), y[0], my)
     xc, yc = x - mx, y - my  # (n, a), (n, b)
     return Moments(n=x.shape[0], mean_x=mx, mean_y=my, m2_x=np.einsum("ij,ij->j", xc, xc),
                    m2_y=np.einsum("ij,ij->j", yc, yc), comoment=xc.T @ yc)
@@ -89,11 +96,18 @@ def covariance(m: Moments, *, ddof: int = 1) -> np.ndarray:
     return m.comoment / (m.n - ddof)
 
 
+def constant(m2: np.ndarray) -> np.ndarray:
+    """Which variables had a constant trace (m2 == 0 exactly): bool, same shape as ``m2``."""
+    return np.asarray(m2) <= 0.0
+
+
 def correlation(m: Moments) -> np.ndarray:
-    """Corr(x_i, y_j) = C_ij / sqrt(m2_x_i m2_y_j), shape (a, b); NaN where a variance is 0."""
+    """Corr(x_i, y_j) = C_ij / sqrt(m2_x_i m2_y_j), shape (a, b); 0 where either trace is constant (m2 = 0)."""
     denom = np.sqrt(np.outer(m.m2_x, m.m2_y))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = m.comoment / denom
+    corr[constant(m.m2_x), :] = 0.0
+    corr[:, constant(m.m2_y)] = 0.0
     return np.clip(corr, -1.0, 1.0, out=corr)
 
 
@@ -112,7 +126,8 @@ def bif_in_memory(train: np.ndarray, query: np.ndarray, *, pooling: str = "stack
 
     ``train`` (chains, draws, n_train) and ``query`` (chains, draws, n_query) hold per-sample
     losses. Returns ``(bif, bif_corr)``, each (n_train, n_query): ``-Cov`` and ``-Corr``
-    pooled over all chains' draws (``"stack"``) or averaged per chain (``"chain_mean"``).
+    pooled over all chains' draws (``"stack"``) or averaged per chain (``"chain_mean"``);
+    ``bif_corr`` is 0 where a trace is constant.
     """
     if train.ndim != 3 or query.ndim != 3 or train.shape[:2] != query.shape[:2]:
         raise ValueError(f"expected (chains, draws, n) arrays with equal leading dims, got {train.shape}, {query.shape}")

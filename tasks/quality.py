@@ -22,7 +22,7 @@ from bif.errors import QualityError
 from tasks.aggregates import trace_block_stats
 from tasks.expectations import GateResult
 from tasks.gates import (GATES, check_health, check_results, check_trace_block, check_trace_chains,
-                         check_trace_stats)
+                         check_trace_stats, constant_trace_counts)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -43,12 +43,16 @@ class QualityReport:
     failed: tuple[GateResult, ...]
     warnings: tuple[GateResult, ...]
     elapsed_s: float = 0.0
+    #: {"train": {"count", "total", "share"}, "query": {...}} of constant loss traces (None: no flags in bif.zarr)
+    constant_traces: Mapping[str, Mapping[str, float | int]] | None = None
 
     @classmethod
-    def from_results(cls, results: Sequence[GateResult], *, elapsed_s: float = 0.0) -> "QualityReport":
+    def from_results(cls, results: Sequence[GateResult], *, elapsed_s: float = 0.0,
+                     constant_traces: Mapping[str, Mapping[str, float | int]] | None = None) -> "QualityReport":
         res = tuple(results)
         return cls(results=res, failed=tuple(r for r in res if not r.success and r.severity == "error"),
-                   warnings=tuple(r for r in res if not r.success and r.severity == "warning"), elapsed_s=elapsed_s)
+                   warnings=tuple(r for r in res if not r.success and r.severity == "warning"), elapsed_s=elapsed_s,
+                   constant_traces=constant_traces)
 
     @property
     def passed(self) -> bool:
@@ -77,7 +81,9 @@ class QualityReport:
         """JSON-able form for the manifest and ``quality/summary.json``."""
         return {"passed": self.passed, "elapsed_s": round(self.elapsed_s, 3),
                 "num_expectations": len(self.results), "failed": [r.to_dict() for r in self.failed],
-                "warnings": [r.to_dict() for r in self.warnings]}
+                "warnings": [r.to_dict() for r in self.warnings],
+                "constant_traces": ({k: dict(v) for k, v in self.constant_traces.items()}
+                                    if self.constant_traces is not None else None)}
 
 
 # --- a whole run ------------------------------------------------------------------------------------
@@ -152,11 +158,13 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
                             max_loss_factor=q.max_loss_factor, loss_slack=q.loss_slack, max_distance=q.max_distance,
                             max_distance_factor=q.max_distance_factor, ge_results=raws["health"], **kw)
 
-    results += check_results(_open_results(output_uri, storage_options), n_train=n_train, n_query=n_query,
-                             query_is_train=query_is_train, corr_atol=q.corr_atol,
-                             self_influence_rtol=q.self_influence_rtol, ge_results=raws["results"], **kw)
+    ds = _open_results(output_uri, storage_options)
+    results += check_results(ds, n_train=n_train, n_query=n_query, query_is_train=query_is_train,
+                             corr_atol=q.corr_atol, self_influence_rtol=q.self_influence_rtol,
+                             max_constant_share=q.max_constant_share, ge_results=raws["results"], **kw)
 
-    report = QualityReport.from_results(results, elapsed_s=time.perf_counter() - t0)
+    report = QualityReport.from_results(results, elapsed_s=time.perf_counter() - t0,
+                                        constant_traces=constant_trace_counts(ds))
     qdir = join(root, S.QUALITY_DIR)
     for group, items in raws.items():
         markdown = [r.pop("markdown", None) for r in items]

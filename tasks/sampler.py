@@ -145,7 +145,9 @@ class SGLDChain:
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
-            raise ProblemError("problem.model has no parameters with requires_grad=True to sample")
+            raise ProblemError("problem.model has no parameters with requires_grad=True to sample: every parameter "
+                               "is frozen. Set requires_grad=True on the parameters whose posterior the BIF "
+                               "should cover (e.g. the last layer) in the problem factory")
         self.anchor = [p.detach().clone() for p in self.params]
         self.n_train = len(problem.train)
         self.n_query = len(problem.query)

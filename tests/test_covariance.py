@@ -129,3 +129,60 @@ def test_reduction_on_a_real_local_cluster_and_s3(s3_bucket, run_dirs):
     ref_bif, _ = bif_in_memory(train, query)
     np.testing.assert_allclose(ds[S.BIF].values, ref_bif, rtol=1e-10, atol=1e-14)
     assert isinstance(summary.topk, pd.DataFrame) and len(summary.topk) == N_QUERY * 2 * 3
+
+
+@pytest.mark.parametrize("pooling", ["stack", "chain_mean"])
+def test_constant_traces_give_zero_corr_and_flags(tmp_path, pooling):
+    """Losses exactly 0.0 at every draw (saturated float32 cross-entropy): bif_corr 0, never NaN, and flagged."""
+    from tasks.sampler import ChainState, DrawBlock
+
+    rng = np.random.default_rng(4)
+    chains, draws, n_train, n_query = 2, 12, 9, 4
+    train = rng.gamma(2.0, 0.5, (chains, draws, n_train))
+    query = rng.gamma(2.0, 0.5, (chains, draws, n_query))
+    train[..., [0, 5]] = 0.0  # constant everywhere
+    query[..., 1] = 0.0
+    train[0, :, 7], train[1, :, 7] = 1.0, 2.0  # constant within each chain only: not constant when pooled
+    store = TraceStore(str(tmp_path), loss_dtype="float64")
+    state = ChainState(step=0, num_recorded=0, params={}, precond=None, rng_cpu=np.zeros(1), rng_noise=np.zeros(1))
+    for c in range(chains):
+        for b in range(2):
+            sl = slice(b * 6, b * 6 + 6)
+            store.write_block(DrawBlock(chain=c, draw_start=sl.start, train_losses=train[c, sl],
+                                        query_losses=query[c, sl], steps=np.arange(6), distance=np.ones(6),
+                                        state=state), block_index=b, ref_train_loss_mean=1.0)
+    summary = compute_bif(str(tmp_path), store.block_files(), storage_options={}, n_train=n_train, n_query=n_query,
+                          train_block=4, query_block=3, pooling=pooling, k=2, dtype="float32", leaf_draws=1)
+    with xr.open_zarr(summary.bif_uri, consolidated=False) as ds:
+        ds = ds.load()
+    want_train = np.isin(np.arange(n_train), [0, 5])
+    np.testing.assert_array_equal(ds[S.TRAIN_CONSTANT].values, want_train)
+    np.testing.assert_array_equal(ds[S.QUERY_CONSTANT].values, np.arange(n_query) == 1)
+    assert summary.constant_counts() == {"train": {"count": 2, "total": 9, "share": 2 / 9},
+                                         "query": {"count": 1, "total": 4, "share": 0.25}}
+    corr = ds[S.BIF_CORR].values
+    assert np.isfinite(corr).all() and np.isfinite(ds[S.BIF].values).all()
+    assert (corr[[0, 5]] == 0).all() and (corr[:, 1] == 0).all() and not np.signbit(corr[[0, 5]]).any()
+    assert (ds[S.BIF].values[[0, 5]] == 0).all()
+    _, ref_corr = bif_in_memory(train, query, pooling=pooling)  # the in-memory path defines the same 0
+    np.testing.assert_allclose(corr, ref_corr, rtol=1e-5, atol=1e-6)
+    # top-k: with whole columns of ties, no train example is both positive and negative
+    for q, g in summary.topk.groupby(S.QUERY):
+        assert not set(g.loc[g[S.DIRECTION] == "positive", S.TRAIN]) & set(g.loc[g[S.DIRECTION] == "negative", S.TRAIN])
+    col = summary.topk[summary.topk[S.QUERY] == 1]  # a constant query: all bif 0, ties broken by train id
+    assert col.loc[col[S.DIRECTION] == "positive", S.TRAIN].tolist() == [0, 1]
+    assert col.loc[col[S.DIRECTION] == "negative", S.TRAIN].tolist() == [8, 7]
+
+
+def test_topk_lists_are_disjoint_when_n_train_is_below_2k(run_dirs):
+    root, store, train, query = run_dirs[5]
+    for k, (n_pos, n_neg) in ((5, (5, 5)), (12, (12, 11)), (40, (12, 11))):
+        _, summary = _reduce(root, store.block_files(), k=k, train_block=6)
+        bif, _ = bif_in_memory(train, query)
+        for q, g in summary.topk.groupby(S.QUERY):
+            pos = g.loc[g[S.DIRECTION] == "positive"].sort_values(S.RANK)[S.TRAIN].tolist()
+            neg = g.loc[g[S.DIRECTION] == "negative"].sort_values(S.RANK)[S.TRAIN].tolist()
+            assert (len(pos), len(neg)) == (n_pos, n_neg)
+            assert not set(pos) & set(neg)
+            order = np.argsort(-bif[:, q], kind="stable").tolist()
+            assert pos == order[:n_pos] and neg == order[::-1][:n_neg]

@@ -52,6 +52,29 @@ def test_autocorrelated_chains_have_small_ess():
     assert 0.75 * expected < diag["ess_bulk"].median() < 1.3 * expected
 
 
+def test_constant_traces_are_flagged_and_left_out_of_summaries():
+    """A loss that is exactly 0.0 at every draw: rhat / ESS NaN, constant=True, skipped by quantiles and counts."""
+    from tasks.diagnostics import summarize
+
+    rng = np.random.default_rng(5)
+    train, query = rng.normal(size=(3, 80, 6)), rng.normal(size=(3, 80, 3))
+    train[..., [1, 4]] = 0.0
+    query[..., 2] = 0.0
+    diag = loss_diagnostics(train, query)
+    assert diag[S.CONSTANT].tolist() == [False, True, False, False, True, False, False, False, True]
+    const = diag[S.CONSTANT]
+    assert diag.loc[const, ["rhat", "ess_bulk", "ess_tail"]].isna().all().all()  # ArviZ alone gives ESS = 240
+    assert np.isfinite(diag.loc[~const, ["rhat", "ess_bulk", "ess_tail"]].to_numpy()).all()
+    summary = summarize(diag)
+    assert summary["constant_traces"] == {"train": {"count": 2, "total": 6, "share": 2 / 6},
+                                          "query": {"count": 1, "total": 3, "share": 1 / 3}}
+    assert summary["num_rhat_nan"] == 0
+    assert summary["ess_bulk"]["min"] == pytest.approx(diag.loc[~const, "ess_bulk"].min())
+    # a trace that is constant within each chain but differs between chains is not constant
+    train[0, :, 1] = 1.0
+    assert not loss_diagnostics(train, query)[S.CONSTANT].iloc[1]
+
+
 def test_single_chain_gives_nan_rhat():
     rng = np.random.default_rng(3)
     diag = loss_diagnostics(rng.normal(size=(1, 100, 4)), rng.normal(size=(1, 100, 2)))
@@ -135,10 +158,15 @@ def test_write_diagnostics_on_a_stored_run(tmp_path):
     assert summary["bif_mcse"]["num_pairs"] == n_train * n_query
     assert summary["bif_mcse"]["max"] == pytest.approx(mcse.max())
     assert summary["bif_mcse"]["q50"] == pytest.approx(np.median(mcse))
-    assert 0 <= summary["bif_mcse"]["frac_pairs_abs_bif_above_2_mcse"] <= 1
+    flat_t, flat_q = train.reshape(-1, n_train), query.reshape(-1, n_query)
+    bif = -((flat_t - flat_t.mean(0)).T @ (flat_q - flat_q.mean(0))) / (flat_t.shape[0] - 1)
+    frac = summary["bif_mcse"]["frac_pairs_abs_bif_above_2_mcse"]
+    assert frac == pytest.approx(np.mean(np.abs(bif) > 2 * mcse))
+    assert frac < 0.2  # independent traces: no real influence, so few pairs stand out from the noise
+    assert summary["constant_traces"]["train"] == {"count": 0, "total": n_train, "share": 0.0}
     import json
 
-    json.dumps(summary)  # goes into the manifest
+    json.dumps(summary, allow_nan=False)  # goes into the manifest: strict JSON
     limited = write_diagnostics(str(tmp_path), None, num_chains=chains, max_samples=10)
     assert limited["num_samples"] == {"train": 10, "query": n_query}
 

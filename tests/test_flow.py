@@ -67,7 +67,11 @@ def test_flow_matches_closed_form_and_reruns_are_skipped(tmp_path, dask_address,
     diag = pd.read_parquet(tmp_path / "run" / "diagnostics.parquet")
     assert len(diag) == 46 and diag["rhat"].max() < 1.1 and diag["ess_bulk"].min() > 100
     report = (tmp_path / "run" / "report.html").read_text()
-    assert len(report) > 10_000 and "not complete" not in report
+    assert "not complete" not in report and "Quality gates passed" in report
+    strongest = topk.assign(a=topk[S.BIF].abs()).groupby(S.QUERY)["a"].max().nlargest(3).index  # the queries shown
+    assert sorted(int(q) for q in __import__("re").findall(r"<h3>query (\d+)</h3>", report)) == sorted(int(q) for q in strongest)
+    for row in topk[topk[S.QUERY].isin(strongest)].itertuples(index=False):  # ids from topk.parquet, ranks 0-4
+        assert f"<br>train {getattr(row, S.TRAIN)}<br>bif " in report
     assert (tmp_path / "run" / "quality" / "summary.json").exists()
     # the rerun finds the complete manifest and skips everything
     assert run_attribution(cfg, show_progress=False).get("skipped") is True

@@ -291,6 +291,33 @@ def test_results_shape_and_coords():
     assert any("sample ids" in r.detail for r in failed["results_shape"])
 
 
+def test_constant_trace_share_warns_by_default_and_nan_corr_still_fails():
+    ds = _results(n_train=40, n_query=8).load()
+    ds[S.TRAIN_CONSTANT] = (S.TRAIN_DIM, np.arange(40) < 24)  # 60 % of train, 1 of 8 query
+    ds[S.QUERY_CONSTANT] = (S.QUERY_DIM, np.arange(8) == 3)
+    ds[S.BIF][:24] = 0.0
+    ds[S.BIF_CORR][:24] = 0.0  # the defined value: finite, so results_corr_range passes
+    results = check_results(ds.chunk({S.TRAIN_DIM: 16}), n_train=40, n_query=8, query_is_train=False,
+                            max_constant_share=0.5)
+    bad = [r for r in results if not r.success]
+    assert [(r.gate, r.severity, r.unexpected_count) for r in bad] == [("traces_constant", "warning", 1)]
+    assert "split=train num_constant=24 num_samples=40 share_constant=0.6" in bad[0].detail
+    report = QualityReport.from_results(results)
+    assert report.passed and len(report.warnings) == 1
+    # raised limit: passes; explicit severity error: fails the run
+    assert all(r.success for r in check_results(ds, n_train=40, n_query=8, query_is_train=False,
+                                                max_constant_share=0.6))
+    strict = check_results(ds, n_train=40, n_query=8, query_is_train=False, max_constant_share=0.1,
+                           severity={"traces_constant": "error"})
+    assert [(r.gate, r.unexpected_count) for r in _failed(strict)["traces_constant"]] == [("traces_constant", 2)]
+    assert not QualityReport.from_results(strict).passed
+    # a NaN in bif_corr is no longer explained away as a constant trace: it fails
+    ds[S.BIF_CORR][30, 2] = np.nan
+    failed = _failed(check_results(ds, n_train=40, n_query=8, query_is_train=False))
+    assert set(failed) == {"results_corr_range"}
+    assert "bad_train=30 bad_query=2 bad_value=nan" in failed["results_corr_range"][0].detail
+
+
 # --- whole runs ---------------------------------------------------------------------------------
 def test_config_lists_every_gate():
     key_type = typing.get_args(QualityConfig.model_fields["severity"].annotation)[0]

@@ -60,9 +60,36 @@ def test_full_report_is_self_contained(run):
 
 
 def test_report_without_problem_lists_ids(run):
+    import pandas as pd
+
+    from bif.report import _fmt
+
     text = Path(write_report(run.uri, num_queries=1, k=2)).read_text()
     assert len(_decoded_pngs(text)) == 3
-    assert "train " in text and "bif " in text
+    topk = pd.read_parquet(Path(run.uri) / S.TOPK_FILE)
+    strongest = topk.assign(a=topk[S.BIF].abs()).groupby(S.QUERY)["a"].max().idxmax()
+    assert re.findall(r"<h3>query (\d+)</h3>", text) == [str(strongest)]  # only the most strongly influenced query
+    shown = topk[(topk[S.QUERY] == strongest) & (topk[S.RANK] < 2)]
+    assert len(shown) == 4
+    for row in shown.itertuples(index=False):  # each listed example: its id, bif and bif_corr from topk.parquet
+        cell = (f"<td><br>train {getattr(row, S.TRAIN)}<br>bif {_fmt(float(getattr(row, S.BIF)))}"
+                f"<br>corr {_fmt(float(getattr(row, S.BIF_CORR)))}</td>")
+        assert cell in text, cell
+    assert text.count("<td><br>train ") == 4  # and nothing else is listed
+
+
+def test_report_shows_constant_trace_counts(run, tmp_path):
+    import xarray as xr
+
+    uri = tmp_path / "const"
+    shutil.copytree(run.uri, uri)
+    flags = xr.Dataset({S.TRAIN_CONSTANT: (S.TRAIN_DIM, np.arange(run.n_train) < 15),
+                        S.QUERY_CONSTANT: (S.QUERY_DIM, np.zeros(run.n_query, dtype=bool))})
+    flags.to_zarr(uri / S.BIF_ZARR, mode="a", consolidated=False)
+    text = Path(write_report(str(uri))).read_text()
+    assert "Constant loss traces: train 15 of 60 (25.0%), query 0 of 8 (0.0%)." in text
+    assert "constant loss traces: train 15 of 60, query 0 of 8" in markdown_summary(str(uri))
+    assert "Constant loss traces" not in Path(write_report(run.uri)).read_text()  # a store without flags
 
 
 def test_text_problem_gets_snippets(run):
