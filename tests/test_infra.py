@@ -420,6 +420,7 @@ def test_digits_minio_config_runs_on_the_compose_topology(tmp_path, moto_server,
             except Exception:
                 pytest.fail("workers did not join:\n" + "\n".join(f.name + ":\n" + open(f.name).read()[-2000:] for f in logs))
             worker_env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+            transitions_before = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
         assert all(v == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"} for v in worker_env.values()), worker_env
 
         cfg = yaml.safe_load((INFRA / "digits-minio.yaml").read_text())
@@ -443,6 +444,9 @@ def test_digits_minio_config_runs_on_the_compose_topology(tmp_path, moto_server,
         assert manifest["status"] == "complete"
         assert S3_SECRET not in json.dumps(manifest)
         assert fs.exists(f"{output}/topk.parquet")
+        with Client(address, timeout=60) as client:  # the chains ran on these workers, not a LocalCluster
+            transitions = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+        assert transitions > transitions_before + 10, (transitions_before, transitions)
     finally:
         for p in reversed(procs):
             p.terminate()
