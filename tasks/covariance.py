@@ -104,7 +104,7 @@ def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, larges
     """Top-k rows per column of ``values`` (a, b), best first: (row index + train_start, values, corr), each (k, b).
 
     Rows are ranked in one total order: ``values`` descending, ties broken by the smaller
-    train id (``ids``: (a,) ascending, or (a, b); default the row index). ``largest`` takes the first
+    train id (``ids``: (a,) or (a, b); default the row index). ``largest`` takes the first
     k of that order, otherwise the last k, most negative first; so the two directions are
     disjoint whenever 2k <= a, however many values tie. ``key_t`` may pass ``values.T`` as a
     C-contiguous copy, shared by both directions.
@@ -116,19 +116,13 @@ def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, larges
            else np.broadcast_to(ids.T if ids.ndim == 2 else ids[None, :], (b, a)))  # (b, a) tie-break ids
     if 0 < k < a:
         kth = a - k if largest else k - 1
-        thr = np.take_along_axis(np.partition(key, kth, axis=1), np.full((b, 1), kth), axis=1)  # (b, 1)
-        strict = key > thr if largest else key < thr
-        need = k - strict.sum(axis=1, keepdims=True)  # ties at the threshold still to take, (b, 1)
-        at = key == thr
-        # ties taken in tie-id order: the smallest ids for the largest values, the largest ids for the smallest
-        if ids is None or ids.ndim == 1:  # ascending ids (a block's rows): tie order is row order, no sort
-            rank_in_ties = np.cumsum(at, axis=1) if largest else np.cumsum(at[:, ::-1], axis=1)[:, ::-1]
-        else:
-            rank_in_ties = np.zeros((b, a), dtype=np.int64)
-            order = np.argsort(tie if largest else -tie, axis=1, kind="stable")
-            np.put_along_axis(rank_in_ties, order, np.cumsum(np.take_along_axis(at, order, axis=1), axis=1), axis=1)
-        pick = strict | (at & (rank_in_ties <= need))
-        idx = np.nonzero(pick)[1].reshape(b, k)  # exactly k per row, in row order
+        part = np.argpartition(key, kth, axis=1)
+        idx = part[:, a - k:] if largest else part[:, :k]
+        thr = np.take_along_axis(key, part[:, kth:kth + 1], axis=1)  # (b, 1) the k-th value
+        tied = np.flatnonzero(np.count_nonzero(key == thr, axis=1) > 1)  # rows where ties may cross the cut
+        if tied.size:  # rare for noisy floats; a constant query trace makes a whole column tie
+            idx = idx.copy()
+            idx[tied] = _select_with_ties(key[tied], thr[tied], tie[tied], k, largest)
     else:
         idx = np.tile(np.arange(a), (b, 1))[:, :k]
     sel = np.take_along_axis(key, idx, axis=1)
@@ -136,6 +130,20 @@ def _topk(values: np.ndarray, corr: np.ndarray, train_start: int, k: int, larges
     order = np.lexsort((sel_tie, -sel), axis=1) if largest else np.lexsort((-sel_tie, sel), axis=1)
     idx = np.take_along_axis(idx, order, axis=1).T  # (k, b)
     return (idx + train_start, np.take_along_axis(values, idx, axis=0), np.take_along_axis(corr, idx, axis=0))
+
+
+def _select_with_ties(key: np.ndarray, thr: np.ndarray, tie: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Column indices (r, k) of the k best per row of ``key`` (r, a) with ties at ``thr`` (r, 1) taken in ``tie`` order."""
+    r, a = key.shape
+    strict = key > thr if largest else key < thr
+    need = k - strict.sum(axis=1, keepdims=True)  # ties at the threshold still to take, (r, 1)
+    at = key == thr
+    # ties taken in tie-id order: the smallest ids for the largest values, the largest ids for the smallest
+    order = np.argsort(tie if largest else -tie, axis=1, kind="stable")
+    rank_in_ties = np.empty((r, a), dtype=np.int64)
+    np.put_along_axis(rank_in_ties, order, np.cumsum(np.take_along_axis(at, order, axis=1), axis=1), axis=1)
+    pick = strict | (at & (rank_in_ties <= need))
+    return np.nonzero(pick)[1].reshape(r, k)  # exactly k per row, in column order
 
 
 def _pooled_constant(states: Moments | list[Moments], which: str) -> np.ndarray:

@@ -144,14 +144,15 @@ LINEAR = "bif.examples.linear:build"
 
 
 @pytest.mark.parametrize("case", ["n_train_1", "n_train_2", "query_is_train", "query_equals_train_copy",
-                                  "single_chain", "draws_below_mcse_batches", "some_frozen", "topk_above_n_train"])
+                                  "single_chain", "draws_below_mcse_batches", "some_frozen"])
 def test_degenerate_inputs_get_a_result(case, tmp_path, dask_address):
     out = tmp_path / case
     n_train, k = 10, 3
     problem, args, over = LINEAR, {"n": 10, "d": 2, "m": 3}, {}
-    if case in ("n_train_1", "n_train_2"):
-        n_train = int(case[-1])
+    if case in ("n_train_1", "n_train_2"):  # also n_train below topk: 1 positive and 0 / 1 negative per query
+        n_train, k = int(case[-1]), 20
         args = {"n": n_train, "d": 2, "m": 3}
+        over = {"covariance": {"topk": 20}}
     elif case == "query_is_train":
         problem = "bif_test_problems:self_influence"
     elif case == "query_equals_train_copy":
@@ -162,10 +163,6 @@ def test_degenerate_inputs_get_a_result(case, tmp_path, dask_address):
         over = {"sampler": {"num_draws": 6, "draws_per_block": 3}, "quality": {"mcse_num_batches": 10}}
     elif case == "some_frozen":
         problem, args = "bif_test_problems:frozen", {"which": "some", "n": 10, "d": 2, "m": 3}
-    elif case == "topk_above_n_train":
-        n_train, k = 5, 20
-        args = {"n": 5, "d": 2, "m": 3}
-        over = {"covariance": {"topk": 20}}
     n_query = n_train if case == "query_is_train" or case == "query_equals_train_copy" else 3
     manifest = run_attribution(_cfg(out, dask_address, problem, args, **over), show_progress=False)
     assert manifest["status"] == S.STATUS_COMPLETE, manifest.get("quality")
