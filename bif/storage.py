@@ -51,6 +51,10 @@ def storage_error(action: str, path: str, fs: fsspec.AbstractFileSystem, err: Ba
     endpoint = endpoint_of(fs)
     where = f" at endpoint {endpoint}" if endpoint else ""
     cause = str(err).splitlines()[0][:200] if str(err) else ""
+    try:
+        path = fs.unstrip_protocol(path)
+    except Exception:  # noqa: BLE001 - keep the bare path
+        pass
     return StorageError(redact(f"{action} {path!r}{where} failed: {type(err).__name__}: {cause}. "
                                f"Check that the store is reachable; {hint}.",
                                getattr(fs, "storage_options", None)))

@@ -89,7 +89,9 @@ def trace_store(cfg: RunConfig) -> TraceStore:
 #:   for the reference losses, so hashing costs one pass over them, ~1 GB/s). Data a loss reads
 #:   from elsewhere (a file the model opens itself) is not covered.
 #: A rerun or a resumed chain whose identity differs is refused: blocks sampled around two
-#: different checkpoints or datasets must never mix.
+#: different checkpoints or datasets must never mix. A factory that trains its own model must do
+#: so deterministically (seeded; hashes are computed with ``compute.threads_per_worker`` torch
+#: threads everywhere, as the chains run); otherwise load a checkpoint.
 IDENTITY_KEYS = ("checkpoint_sha256", "model_sha256", "data_sha256")
 
 
@@ -180,6 +182,15 @@ class _Inspection:
 def _inspect(cfg: RunConfig) -> _Inspection:
     """Every check of a run's start that writes nothing: output, config hash, problem, checkpoint,
     reference losses, identity against an existing run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.compute.threads_per_worker)  # as in the chains: same floats, same hashes
+    try:
+        return _inspect_pinned(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     check_writable(cfg.output, cfg.storage_options)
     fs, root = get_fs(cfg.output, cfg.storage_options)
     cfg_hash = cfg.hash()

@@ -194,9 +194,15 @@ class TraceStore:
         return None
 
     def verify_blocks(self, files: list[tuple[int, int, str]]) -> None:
-        """StorageError naming the first damaged trace file of ``files`` (from :meth:`block_files`)."""
-        for c, b, _ in files:
-            why = self.block_damage(c, b)
+        """StorageError naming the first damaged trace file of ``files`` (from :meth:`block_files`).
+
+        Reads every file once (8 at a time), about the cost of one more pass of the covariance's reads.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="bif-verify") as pool:
+            damage = list(pool.map(lambda f: self.block_damage(f[0], f[1]), files))
+        for (c, b, _), why in zip(files, damage):
             if why is not None:
                 raise StorageError(
                     f"trace block {b} of chain {c} is damaged: {why}. Rerun the same command: the run resumes, "
