@@ -42,6 +42,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = list(args.set or []) + (["quality.allow_warnings=true"] if args.allow_warnings else [])
     cfg = load_config(args.config, overrides=overrides, output=args.output)
+    from tasks.pipeline import preflight
+    preflight(cfg)  # output, problem, checkpoint, losses at w*, identity, lease: in seconds, before any server
     quiet_prefect_env()
     from bif.storage import check_writable
     from flows.attribution import run_attribution

@@ -183,19 +183,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. sampler.num_draws=400")
         key, raw = item.split("=", 1)
-        _set_path(out, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            why = str(err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value {raw!r} is not valid YAML ({why}); quote it or fix the "
+                "brackets, e.g. --set 'sampler.num_draws=400' or --set 'problem_args.sizes=[1, 2]'"
+            ) from None
+        _set_path(out, key.strip(), value)
     return out
 
 
-def _format_validation(err: ValidationError) -> str:
+def _format_validation(err: ValidationError, storage_options: Any = None) -> str:
+    """One line per pydantic error. Inputs are echoed, except where they could hold credentials:
+    values under ``storage_options`` and whole-config inputs are never shown, and any secret
+    left in the text is redacted."""
+    from bif.storage import redact
+
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {loc!r}: remove it or fix the spelling (`bif run --help-config` lists keys)")
+            lines.append(f"unknown config key {loc!r}: remove it or fix the spelling (`bif keys` lists every key)")
+        elif not e["loc"] or e["loc"][0] == "storage_options" or isinstance(e.get("input"), dict):
+            lines.append(f"{loc or 'config'}: {e['msg']}" + (
+                " (storage_options must be a mapping of fsspec options, e.g. {key: ..., secret: ...,"
+                " client_kwargs: {endpoint_url: ...}}; its values are not shown)" if loc.startswith("storage_options")
+                else ""))
         else:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return redact("invalid config:\n  " + "\n  ".join(lines), storage_options)
 
 
 def build_config(data: dict[str, Any]) -> RunConfig:
@@ -203,7 +221,8 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err)) from None
+        raise ConfigError(_format_validation(err, data.get("storage_options") if isinstance(data, dict) else None)
+                          ) from None
 
 
 def load_config(
@@ -219,7 +238,10 @@ def load_config(
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
         data.update(loaded)

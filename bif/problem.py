@@ -89,6 +89,11 @@ def import_factory(spec: str) -> Callable[..., Any]:
             f"cannot import problem module {module_name!r} ({err}); check `problem:` in the config "
             "and that the module is on PYTHONPATH"
         ) from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        raise ProblemError(
+            f"importing problem module {module_name!r} raised {type(err).__name__}: {_first_line(err)}; "
+            "fix the module (run `python -c 'import " + module_name + "'` to see the traceback)"
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -103,6 +108,13 @@ def load_problem(spec: str, args: Mapping[str, Any] | None = None, *, checkpoint
         obj = factory(**dict(args or {}))
     except TypeError as err:
         raise ProblemError(f"problem factory {spec!r} rejected problem_args {dict(args or {})}: {err}") from None
+    except ProblemError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the user's code is a problem error
+        raise ProblemError(
+            f"problem factory {spec!r} raised {type(err).__name__}: {_first_line(err)} "
+            f"(called with problem_args {dict(args or {})}); fix the factory or its problem_args"
+        ) from None
     prob = as_problem(obj)
     if checkpoint is not None:
         load_checkpoint(prob.model, checkpoint, storage_options=storage_options)
@@ -139,6 +151,37 @@ def load_checkpoint(model: torch.nn.Module, uri: str, *, storage_options: Mappin
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {uri!r} does not match the model: {str(err)[:300]}") from None
     return hashlib.sha256(data).hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def tensors_hash(obj: Any, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+    """sha256 over every tensor / array / scalar nested in ``obj`` (a collated batch), in order.
+
+    Dtype and shape are hashed too, so a cast or a reshape changes the hash.
+    """
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            tensors_hash(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"seq{len(obj)}".encode())
+        for v in obj:
+            tensors_hash(v, h)
+    elif hasattr(obj, "tobytes"):  # numpy
+        h.update(f"{getattr(obj, 'dtype', '')}{getattr(obj, 'shape', '')}".encode())
+        h.update(obj.tobytes())
+    else:
+        h.update(repr(obj).encode())
+    return h
 
 
 def model_hash(model: torch.nn.Module) -> str:

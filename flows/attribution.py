@@ -29,6 +29,7 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
     """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`flows.runtime`)."""
     cfg = runtime.flow_config(config, credentials_ref, secret_block)
     t0 = time.perf_counter()
+    lease = pipeline.acquire_lease(cfg)  # OutputBusyError while another live run writes here
     try:
         info = steps.prepare(cfg)
         if info.already_complete:
@@ -75,8 +76,10 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
     except QualityError:
         raise  # the manifest already says failed_quality
     except BaseException as err:
-        pipeline.fail_run(cfg, err)
+        pipeline.fail_run(cfg, err)  # writes nothing for a refusal (RunConflictError)
         raise
+    finally:
+        lease.release()
 
 
 @contextlib.contextmanager

@@ -9,20 +9,33 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from bif import schema as S
 from bif.config import RunConfig
-from bif.errors import RunConflictError
+from bif.errors import BifError, ProblemError, RunConflictError
 from bif.manifest import package_versions, read_manifest, update_manifest
-from bif.problem import Problem, load_checkpoint, load_problem, model_hash
-from bif.storage import atomic_write, check_writable, get_fs, join, read_json, write_json
+from bif.problem import Problem, load_checkpoint, load_problem, model_hash, tensors_hash
+from bif.storage import atomic_write, check_writable, get_fs, join, read_json, storage_guard, write_json
 from tasks.sampler import SGLDChain, resolve_device
 from tasks.traces import TraceStore
 
 ProgressFn = Callable[[int, int, int], None]  # (chain, draws_done, num_draws)
+
+
+def _storage_errors(fn: Callable) -> Callable:
+    """Stage functions turn backend failures (an unreachable endpoint) into a clear StorageError."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(cfg: RunConfig, *args: Any, **kwargs: Any) -> Any:
+        with storage_guard(cfg.output, cfg.storage_options):
+            return fn(cfg, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ class RunInfo:
     n_query: int
     checkpoint_sha256: str | None
     model_sha256: str
+    data_sha256: str
     ref_train_loss_mean: float
     loss_bounds: tuple[float, float]
     query_is_train: bool
@@ -66,8 +80,117 @@ def trace_store(cfg: RunConfig) -> TraceStore:
     return TraceStore(cfg.output, storage_options=cfg.storage_options, loss_dtype=cfg.sampler.trace_dtype)
 
 
-def prepare_run(cfg: RunConfig) -> RunInfo:
-    """Check the output, refuse a conflicting rerun, write config.json, the running manifest and reference losses."""
+#: The identity of a run's inputs, beyond its config hash (stored in config.json and manifest.json):
+#: - ``checkpoint_sha256``: sha256 of the checkpoint file's bytes (None without a checkpoint);
+#: - ``model_sha256``: sha256 of the model's parameters and buffers at w*, after the checkpoint is
+#:   loaded; covers factories that train or load the model themselves;
+#: - ``data_sha256``: sha256 of the train and query sets exactly as the losses see them: every
+#:   sample collated once into the no-grad evaluation batches (the tensors are already in memory
+#:   for the reference losses, so hashing costs one pass over them, ~1 GB/s). Data a loss reads
+#:   from elsewhere (a file the model opens itself) is not covered.
+#: A rerun or a resumed chain whose identity differs is refused: blocks sampled around two
+#: different checkpoints or datasets must never mix. A factory that trains its own model must do
+#: so deterministically (seeded; hashes are computed with ``compute.threads_per_worker`` torch
+#: threads everywhere, as the chains run); otherwise load a checkpoint.
+IDENTITY_KEYS = ("checkpoint_sha256", "model_sha256", "data_sha256")
+
+
+def data_hash(chain: SGLDChain) -> str:
+    """sha256 of the train and query sets as collated for the losses (see IDENTITY_KEYS)."""
+    train, query = chain.eval_data
+    h = tensors_hash(["train", train])
+    return tensors_hash(["query", query], h).hexdigest()
+
+
+def run_identity(problem: Problem, ckpt: str | None, chain: SGLDChain) -> dict[str, str | None]:
+    return {"checkpoint_sha256": ckpt, "model_sha256": model_hash(problem.model), "data_sha256": data_hash(chain)}
+
+
+def stored_identity(cfg: RunConfig) -> dict[str, Any] | None:
+    """The identity recorded by the run already at ``cfg.output`` (config.json, else manifest.json)."""
+    fs, root = get_fs(cfg.output, cfg.storage_options)
+    existing = read_json(fs, join(root, S.CONFIG_FILE)) or {}
+    if isinstance(existing.get("identity"), dict):
+        return existing["identity"]
+    manifest = read_manifest(cfg.output, cfg.storage_options) or {}
+    old = {k: manifest[k] for k in IDENTITY_KEYS if k in manifest}
+    return old or None
+
+
+def check_identity(cfg: RunConfig, identity: dict[str, Any], stored: dict[str, Any] | None, *, where: str) -> None:
+    """RunConflictError if ``identity`` differs from the ``stored`` one of the run at ``cfg.output``."""
+    if not stored:
+        return
+    diffs = [k for k in IDENTITY_KEYS if k in stored and stored[k] != identity.get(k)]
+    if not diffs:
+        return
+    what = {"checkpoint_sha256": f"checkpoint {cfg.checkpoint!r}", "model_sha256": "the model's weights at w*",
+            "data_sha256": "the problem's train / query data"}
+    lines = "; ".join(f"{what[k]}: the run has {k} {stored[k]}, now {identity.get(k)}" for k in diffs)
+    raise RunConflictError(
+        f"{where}: output {cfg.output!r} holds a run made from other inputs than this one ({lines}). "
+        "Its results belong to the old inputs, and mixing them would be wrong. The existing run is left "
+        "untouched. Use another --output for the new inputs (or delete the old run to replace it)."
+    )
+
+
+def check_reference_losses(problem: Problem, train: np.ndarray, query: np.ndarray) -> None:
+    """ProblemError naming split and sample if a loss at w* is NaN / Inf or outside ``problem.loss_bounds``."""
+    low, high = (float(b) for b in problem.loss_bounds)
+    for split, losses in ((S.TRAIN, train), (S.QUERY, query)):
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            i = int(bad[0])
+            raise ProblemError(
+                f"the loss at the checkpoint w* is {losses[i]} for {split} sample {i} ({bad.size} non-finite "
+                f"{split} losses in all). Sampling around it cannot work: check the checkpoint, the data of that "
+                "sample and problem.loss (e.g. log(0), a division by zero)."
+            )
+        tol = 1e-6 * max(1.0, abs(low) if np.isfinite(low) else 1.0, abs(high) if np.isfinite(high) else 1.0)
+        out = np.flatnonzero((losses < low - tol) | (losses > high + tol))
+        if out.size:
+            i = int(out[0])
+            raise ProblemError(
+                f"the loss at the checkpoint w* is {losses[i]} for {split} sample {i}, outside problem.loss_bounds "
+                f"({low}, {high}) ({out.size} {split} samples out of bounds). Fix problem.loss or loss_bounds."
+            )
+
+
+def _reference(problem: Problem, cfg: RunConfig) -> tuple[SGLDChain, np.ndarray, np.ndarray]:
+    """A chain-0 sampler (for its collated data) and the per-sample losses at w*."""
+    try:
+        chain = SGLDChain(problem, cfg.sampler, chain=0, device=resolve_device(cfg.compute.device))
+        ref_train, ref_query = chain.reference_losses()
+    except BifError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's loss / dataset failed
+        raise ProblemError(
+            f"evaluating problem.loss at w* raised {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            f" (problem {cfg.problem!r}); check that loss(model, batch) accepts a default-collated batch"
+        ) from None
+    return chain, ref_train, ref_query
+
+
+@dataclass(frozen=True)
+class _Inspection:
+    info: RunInfo
+    identity: dict[str, Any]
+    ref_train: np.ndarray
+    ref_query: np.ndarray
+
+
+def _inspect(cfg: RunConfig) -> _Inspection:
+    """Every check of a run's start that writes nothing: output, config hash, problem, checkpoint,
+    reference losses, identity against an existing run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.compute.threads_per_worker)  # as in the chains: same floats, same hashes
+    try:
+        return _inspect_pinned(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     check_writable(cfg.output, cfg.storage_options)
     fs, root = get_fs(cfg.output, cfg.storage_options)
     cfg_hash = cfg.hash()
@@ -75,24 +198,67 @@ def prepare_run(cfg: RunConfig) -> RunInfo:
     if existing is not None and existing.get("config_hash") != cfg_hash:
         raise RunConflictError(
             f"output {cfg.output!r} holds a run with config hash {existing.get('config_hash')} but this config "
-            f"hashes to {cfg_hash} (problem, checkpoint or sampler settings differ). Use another --output, "
-            "or delete the old run."
+            f"hashes to {cfg_hash} (problem, checkpoint or sampler settings differ). The existing run is left "
+            "untouched. Use another --output, or delete the old run."
         )
     problem, ckpt = materialize_problem(cfg)
+    chain, ref_train, ref_query = _reference(problem, cfg)
+    identity = run_identity(problem, ckpt, chain)
+    check_identity(cfg, identity, stored_identity(cfg), where="refusing to reuse the output")
+    check_reference_losses(problem, ref_train, ref_query)
     manifest = read_manifest(cfg.output, cfg.storage_options) or {}
     done = manifest.get("status") == S.STATUS_COMPLETE and manifest.get("config") == cfg.public_dict()
-    chain = SGLDChain(problem, cfg.sampler, chain=0, device=resolve_device(cfg.compute.device))
-    ref_train, ref_query = chain.reference_losses()
     info = RunInfo(config_hash=cfg_hash, n_train=len(problem.train), n_query=len(problem.query),
-                   checkpoint_sha256=ckpt, model_sha256=model_hash(problem.model),
+                   checkpoint_sha256=ckpt, model_sha256=identity["model_sha256"],
+                   data_sha256=identity["data_sha256"],
                    ref_train_loss_mean=float(ref_train.mean()), loss_bounds=tuple(problem.loss_bounds),
                    query_is_train=problem.query is problem.train, already_complete=done)
-    if done:
+    return _Inspection(info, identity, ref_train, ref_query)
+
+
+@_storage_errors
+def preflight(cfg: RunConfig) -> RunInfo:
+    """Fast checks before any server or cluster starts (about a second on small problems).
+
+    Validates the output (writable, not leased by a live run, no conflicting run), builds the
+    problem, loads the checkpoint, computes the losses at w* and checks them and the run's
+    identity. Writes nothing; the flow's prepare step checks all of it again.
+    """
+    from bif.lease import check_lease
+
+    if cfg.output.startswith("memory://"):
+        from bif.errors import ConfigError
+
+        raise ConfigError("output memory:// lives in one process and Dask workers cannot see it; "
+                          "use a local path or s3:// for runs (memory:// serves tests of the trace store)")
+    info = _inspect(cfg).info
+    check_lease(cfg.output, cfg.storage_options)
+    return info
+
+
+def acquire_lease(cfg: RunConfig):
+    """Take the output's lease (bif.lease.OutputLease); OutputBusyError if a live run holds it."""
+    from bif.lease import OutputLease
+
+    return OutputLease(cfg.output, dict(cfg.storage_options)).acquire()
+
+
+@_storage_errors
+def prepare_run(cfg: RunConfig) -> RunInfo:
+    """Check the output, refuse a conflicting rerun, write config.json, the running manifest and reference losses.
+
+    Refusals (RunConflictError, a bad problem or checkpoint) write nothing.
+    """
+    fs, root = get_fs(cfg.output, cfg.storage_options)
+    ins = _inspect(cfg)
+    info = ins.info
+    if info.already_complete:
         return info
-    write_json(fs, join(root, S.CONFIG_FILE), {"config_hash": cfg_hash, "config": cfg.public_dict()})
-    trace_store(cfg).write_reference(ref_train, ref_query)
+    write_json(fs, join(root, S.CONFIG_FILE), {"config_hash": info.config_hash, "config": cfg.public_dict(),
+                                                "identity": ins.identity})
+    trace_store(cfg).write_reference(ins.ref_train, ins.ref_query)
     update_manifest(cfg.output, cfg.storage_options, status=S.STATUS_RUNNING, config=cfg.public_dict(),
-                    config_hash=cfg_hash, checkpoint_sha256=ckpt, model_sha256=info.model_sha256,
+                    config_hash=info.config_hash, **ins.identity,
                     n_train=info.n_train, n_query=info.n_query, packages=package_versions(), error=None,
                     started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return info
@@ -113,19 +279,30 @@ def pick_device(cfg: RunConfig) -> torch.device:
     return device
 
 
+@_storage_errors
 def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progress: ProgressFn | None = None
               ) -> ChainResult:
     """Sample one chain, committing a trace block every ``draws_per_block`` draws; resumes if blocks exist."""
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.compute.threads_per_worker)
-    problem, _ = materialize_problem(cfg)
+    problem, ckpt = materialize_problem(cfg)
     s = cfg.sampler
     loss_dtype = torch.float32 if s.trace_dtype == "float32" else torch.float64
     sampler = SGLDChain(problem, s, chain=chain, device=pick_device(cfg), loss_dtype=loss_dtype)
+    # The chain checks the run's identity itself: a deployed flow, or a retry, may resume it
+    # after the checkpoint or the data changed; its blocks must never mix with the old ones.
+    check_identity(cfg, run_identity(problem, ckpt, sampler), stored_identity(cfg),
+                   where=f"chain {chain} refuses to resume")
     store = trace_store(cfg)
     state, done_blocks = store.load_resume_state(chain)
+    skip = 0
     if state is not None:
         sampler.load_state(state)
+    elif done_blocks:
+        # No state to resume from (a corrupt block was dropped, or an older run kept only the
+        # latest state): resample the chain from its seed, which is bit-identical, and commit
+        # only the blocks that are missing. Costs the sampling time of the kept blocks.
+        skip = done_blocks
     if progress:
         progress(chain, sampler.num_recorded, s.num_draws)
     draw_cb = (lambda d: progress(chain, d, s.num_draws)) if progress else None
@@ -138,7 +315,9 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bif-writer-{chain}") as writer:
         pending = None
         for i, block in enumerate(sampler.run(num_draws=s.num_draws, draws_per_block=s.draws_per_block,
-                                              on_draw=draw_cb), start=done_blocks):
+                                              on_draw=draw_cb), start=done_blocks - skip):
+            if i < done_blocks:
+                continue  # replayed to rebuild the state; already committed
             if pending is not None:
                 pending.result()
             pending = writer.submit(store.write_block, block, block_index=i, ref_train_loss_mean=ref_train_loss_mean)
@@ -150,6 +329,7 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
                        draws_sampled=sampler.num_recorded - first)
 
 
+@_storage_errors
 def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
                       progress: Callable[[int, int], None] | None = None):
     """Reduce all committed traces to bif.zarr and topk.parquet; returns the CovarianceSummary."""
@@ -157,6 +337,7 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
 
     store = trace_store(cfg)
     files = store.block_files(num_chains=cfg.sampler.num_chains)
+    store.verify_blocks(files)  # StorageError naming a damaged file; a rerun redoes it
     cv = cfg.covariance
     summary = compute_bif(cfg.output, files, storage_options=cfg.storage_options, n_train=info.n_train,
                           n_query=info.n_query, train_block=cv.train_block_size, query_block=cv.query_block_size,
@@ -170,6 +351,7 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
     return summary
 
 
+@_storage_errors
 def check_traces_complete(cfg: RunConfig) -> None:
     """Every chain has all its draws committed; else IncompleteRunError naming the chain."""
     from bif.errors import IncompleteRunError
@@ -183,6 +365,7 @@ def check_traces_complete(cfg: RunConfig) -> None:
             raise IncompleteRunError(f"chain {c} has {got} of {expected} trace blocks committed; rerun to resume it")
 
 
+@_storage_errors
 def finish_run(cfg: RunConfig, info: RunInfo, *, timings: dict[str, float], extra: dict[str, Any] | None = None
                ) -> dict[str, Any]:
     """Write the manifest with status complete: the last write of a run."""
@@ -190,17 +373,33 @@ def finish_run(cfg: RunConfig, info: RunInfo, *, timings: dict[str, float], extr
                            run_info=asdict(info), **(extra or {}))
 
 
-def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILED, **fields: Any) -> None:
-    """Record a failure in the manifest (best effort: the output itself may be unreachable)."""
+def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILED, attempts: int = 5,
+             backoff_s: float = 0.5, **fields: Any) -> None:
+    """Record a failure in the manifest (best effort: the output itself may be unreachable).
+
+    A refusal (RunConflictError: another run's output, a busy lease) writes nothing: the
+    existing run stays as it was. Otherwise the write is retried ``attempts`` times with
+    doubling backoff (0.5 + 1 + 2 + 4 s), so a store that comes back gets ``failed``; if it
+    never does, the manifest stays ``running``, which readers refuse as not complete, and the
+    run's lease lapses at its expiry.
+    """
     from bif.storage import redact
 
-    try:
-        update_manifest(cfg.output, cfg.storage_options, status=status,
-                        error=redact(f"{type(err).__name__}: {err}", cfg.storage_options), **fields)
-    except Exception:  # noqa: BLE001 - the original error matters more
-        pass
+    if isinstance(err, RunConflictError):
+        return
+    delay = backoff_s
+    for attempt in range(attempts):
+        try:
+            update_manifest(cfg.output, cfg.storage_options, status=status,
+                            error=redact(f"{type(err).__name__}: {err}", cfg.storage_options), **fields)
+            return
+        except Exception:  # noqa: BLE001 - the original error matters more
+            if attempt + 1 < attempts:
+                time.sleep(delay)
+                delay *= 2
 
 
+@_storage_errors
 def quality_gates(cfg: RunConfig, info: RunInfo, *, map_fn: Callable | None = None):
     """Run the data-quality gates over the finished run; returns a tasks.quality.QualityReport."""
     from tasks.quality import run_gates
@@ -209,6 +408,7 @@ def quality_gates(cfg: RunConfig, info: RunInfo, *, map_fn: Callable | None = No
                      loss_bounds=info.loss_bounds, query_is_train=info.query_is_train, map_fn=map_fn or map)
 
 
+@_storage_errors
 def diagnostics(cfg: RunConfig, *, map_fn: Callable | None = None) -> dict[str, Any]:
     """ArviZ R-hat / ESS per sample → diagnostics.parquet, plus the BIF's MCSE; returns the summary."""
     from tasks.diagnostics import write_diagnostics

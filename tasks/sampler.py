@@ -224,6 +224,11 @@ class SGLDChain:
             bad = int((~torch.isfinite(row)).nonzero()[0, 0])
             raise ChainDivergedError(chain=self.chain, draw=draw, split=split, sample=bad, value=float(row[bad]))
 
+    @property
+    def eval_data(self) -> tuple[list[Any], list[Any]]:
+        """(train batches, query batches): every sample collated once, as the losses see them."""
+        return self._train_batches, self._query_batches
+
     def reference_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-sample train and query losses at the current weights, as float64 numpy arrays."""
         tr = evaluate_losses(self.problem, self.model, self._train_batches, self._train_sizes,

@@ -12,16 +12,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from bif.config import RunConfig
-from bif.errors import BifError
+from bif.errors import BifError, StorageError
 from tasks import pipeline
 
 PROGRESS_TOPIC = "bif-progress"
 
 
 def _is_transient(task, task_run, state) -> bool:
-    """Retry unless the failure is a domain error (bad config, diverged chain, ...)."""
+    """Retry unless the failure is a domain error (bad config, diverged chain, ...); storage errors retry."""
     try:
         state.result()
+    except StorageError:
+        return True
     except BifError:
         return False
     except Exception:  # noqa: BLE001

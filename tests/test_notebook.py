@@ -1,7 +1,7 @@
 """notebooks/explore_run.ipynb runs top to bottom (nbclient) against a tiny run."""
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,14 @@ def test_first_cell_holds_the_run_parameter():
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = nb.cells[0]
-    assert first.cell_type == "code" and 'RUN = os.environ.get("BIF_RUN", "runs/demo")' in first.source
+    # the default is the README's example run, which `bif run bif/examples/digits.yaml` writes
+    import yaml
+
+    example_output = yaml.safe_load((NOTEBOOK.parents[1] / "bif" / "examples" / "digits.yaml").read_text())["output"]
+    assert example_output == "runs/example/digits"
+    readme = (NOTEBOOK.parents[1] / "README.md").read_text()
+    assert f"bif show {example_output}" in readme
+    assert first.cell_type == "code" and f'RUN = os.environ.get("BIF_RUN", "{example_output}")' in first.source
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
 
 
@@ -32,9 +39,11 @@ def test_notebook_runs_on_a_tiny_run(tmp_path, monkeypatch):
 
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
                      if o.output_type == "stream")
+    # the notebook opened the run it was pointed at (not its default): it prints that run's config hash
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert f"run: {run.uri}  config hash: {manifest['config_hash']}" in text
     assert "status: complete" in text
     assert "topk.parquet agrees: True" in text
     assert "mean top-" in text and "overlap of the two rankings over 6 queries" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4  # query traces, health, digit images, bif vs bif_corr
-    assert os.environ["BIF_RUN"] == run.uri

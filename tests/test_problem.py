@@ -42,3 +42,22 @@ def test_factory_args_are_checked():
         load_problem("bif.examples.linear:build", {"bogus": 1})
     with pytest.raises(ProblemError, match="has no attribute 'nope'"):
         load_problem("bif.examples.linear:nope")
+
+
+def test_a_factory_that_raises_is_a_problem_error_naming_it():
+    with pytest.raises(ProblemError, match=r"problem factory 'fault_problems:raising_factory' raised RuntimeError: "
+                                           r"boom: the dataset server is down \(called with problem_args \{\}\)"):
+        load_problem("fault_problems:raising_factory")
+
+
+def test_tensors_hash_sees_values_dtypes_and_shapes():
+    from bif.problem import tensors_hash
+
+    x = torch.arange(6, dtype=torch.float32)
+    base = tensors_hash([x, {"y": torch.ones(2)}]).hexdigest()
+    assert tensors_hash([x.clone(), {"y": torch.ones(2)}]).hexdigest() == base  # content, not identity
+    assert tensors_hash([x.double(), {"y": torch.ones(2)}]).hexdigest() != base
+    assert tensors_hash([x.reshape(2, 3), {"y": torch.ones(2)}]).hexdigest() != base
+    x2 = x.clone()
+    x2[5] = 5.0000005
+    assert tensors_hash([x2, {"y": torch.ones(2)}]).hexdigest() != base

@@ -68,14 +68,59 @@ def test_roundtrip_s3(s3_bucket):
     _roundtrip(f"s3://{bucket}/runs/a", opts)
 
 
-def test_uncommitted_block_is_invisible(tmp_path):
-    """A block whose trace file is missing (killed mid-write) is not listed, and resume restarts it."""
+def test_uncommitted_block_is_invisible_and_resume_redoes_it_bit_for_bit(tmp_path):
+    """A kill after block 1's state was written but before its trace file (the commit marker), as the
+    real write order leaves it: block 1 is not listed, and the chain resumes from the state after
+    block 0 and produces block 1 exactly as an uninterrupted chain did."""
+    from bif.examples import linear as lin
+    from tasks.traces import state_bytes
+
     blocks = _blocks()
     store = TraceStore(str(tmp_path), loss_dtype="float64")
-    for i, b in enumerate(blocks[:2]):
-        store.write_block(b, block_index=i, ref_train_loss_mean=0.0)
-    (tmp_path / "traces" / "chain-2" / "block-00001.parquet").unlink()
+    store.write_block(blocks[0], block_index=0, ref_train_loss_mean=0.0)
+    # block 1 killed mid-commit: the write order is state, health, traces (and the old state is deleted
+    # only after the trace file). Its state is written whole (atomic), the trace file only as a temp file.
+    fs, _ = store.fs_path
+    fs.pipe_file(store._path(S.STATE_DIR, 2, 1, "pt"), state_bytes(blocks[1].state))
     (tmp_path / "traces" / "chain-2" / ".tmp-deadbeef").write_bytes(b"partial")
     assert [b for _, b, _ in store.block_files()] == [0]
-    with pytest.raises(StorageError, match="state .* is missing"):  # resume must not guess
-        store.load_resume_state(2)
+    state, done = store.load_resume_state(2)
+    assert done == 1 and state.num_recorded == 4 and state.step == blocks[0].state.step
+    # resume: the new block 1 equals the uninterrupted one bit for bit
+    prob = lin.build(n=30, d=3, m=5, seed=4)
+    s = SamplerConfig(num_chains=1, num_draws=10, num_burnin_steps=2, steps_per_draw=1, step_size=1e-3,
+                      gamma=5.0, batch_size=10)
+    chain = SGLDChain(prob, s, chain=2)
+    chain.load_state(state)
+    redone = next(iter(chain.run(num_draws=10, draws_per_block=4)))
+    assert redone.draw_start == 4
+    np.testing.assert_array_equal(redone.train_losses, blocks[1].train_losses)
+    np.testing.assert_array_equal(redone.query_losses, blocks[1].query_losses)
+
+
+def test_corrupt_block_is_detected_named_and_dropped(tmp_path, caplog):
+    """A committed trace file with flipped bytes fails its sha256 (recorded in the health file before
+    the commit): readers raise a StorageError naming it; a resume drops it and the blocks after it."""
+    blocks = _blocks()
+    store = TraceStore(str(tmp_path), loss_dtype="float64")
+    for i, b in enumerate(blocks):
+        store.write_block(b, block_index=i, ref_train_loss_mean=0.0)
+    store.verify_blocks(store.block_files())  # intact
+    path = tmp_path / "traces" / "chain-2" / "block-00001.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StorageError, match=r"trace block 1 of chain 2 is damaged: .*block-00001\.parquet.*"
+                                           r"Rerun the same command"):
+        store.verify_blocks(store.block_files())
+    with caplog.at_level("WARNING"):
+        state, done = store.load_resume_state(2)
+    assert (state, done) == (None, 1)  # block 0 kept; no state after it is left: resample from the seed
+    assert "block-00001.parquet" in caplog.text
+    assert [b for _, b, _ in store.block_files()] == [0]
+    assert not (tmp_path / "health" / "chain-2" / "block-00002.parquet").exists()
+    # a truncated file is caught the same way
+    path0 = tmp_path / "traces" / "chain-2" / "block-00000.parquet"
+    path0.write_bytes(path0.read_bytes()[:100])
+    with pytest.raises(StorageError, match="block-00000.parquet"):
+        store.verify_blocks(store.block_files())

@@ -1,8 +1,9 @@
 """EK-FAC influence (Grosse et al. 2023, arXiv 2308.03296) through kronfluence, in the BIF's sign.
 
 Optional extra: ``pip install .[baselines]`` (kronfluence 1.0.1 lists torchvision as a
-requirement but never imports it; on CPU torch install it with ``--no-deps``, see
-STACK_NOTES). kronfluence's pairwise score is s[q, i] = ∇φ_qᵀ (F̂ + λI)⁻¹ ∇ℓ_i, with F̂
+requirement but never imports it, and torchvision from the registry does not match the CPU
+torch build: install kronfluence with ``pip install --no-deps kronfluence==1.0.1`` plus its
+other requirements, or remove torchvision afterwards). kronfluence's pairwise score is s[q, i] = ∇φ_qᵀ (F̂ + λI)⁻¹ ∇ℓ_i, with F̂
 the EK-FAC approximation of the (here: empirical) Fisher of the mean training loss;
 a positive s means training on i *lowers* φ_q. As for the classical influence function
 (:mod:`bif.baselines.influence`),

@@ -1,0 +1,52 @@
+"""Every JSON file a run writes is strict JSON (no NaN / Infinity): jq, DuckDB and JavaScript read it."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bif import schema as S
+from bif.config import build_config
+from bif.storage import dumps_strict, get_fs, read_json, write_json
+
+
+def _strict_load(text: str):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_is_strict_and_documents_infinite_bounds_as_null(tmp_path):
+    fs, root = get_fs(str(tmp_path))
+    write_json(fs, f"{root}/x.json", {"loss_bounds": (0.0, math.inf), "mcse": float("nan"),
+                                      "nested": [{"v": -math.inf}, 1.5]})
+    data = _strict_load((tmp_path / "x.json").read_text())
+    assert data == {"loss_bounds": [0.0, None], "mcse": None, "nested": [{"v": None}, 1.5]}
+    assert read_json(fs, f"{root}/x.json") == data
+    with pytest.raises(ValueError, match="non-strict"):
+        _strict_load(json.dumps({"x": math.inf}))  # the checker itself refuses Infinity
+    assert "Infinity" not in dumps_strict({"a": [math.inf]})
+
+
+@pytest.mark.e2e
+def test_every_json_file_of_a_run_is_strict(tmp_path, dask_address):
+    from flows.attribution import run_attribution
+
+    out = tmp_path / "run"
+    cfg = build_config({"problem": "bif.examples.linear:build", "problem_args": {"n": 30, "d": 3, "m": 4, "seed": 1},
+                        "output": str(out), "compute": {"address": dask_address},
+                        "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 10, "steps_per_draw": 2,
+                                    "step_size": 2e-3, "gamma": 10.0, "nbeta": 30.0, "batch_size": 30,
+                                    "draws_per_block": 20},
+                        "covariance": {"topk": 3}})
+    manifest = run_attribution(cfg, show_progress=False)
+    assert manifest["status"] == S.STATUS_COMPLETE
+    files = sorted(out.rglob("*.json"))
+    names = {str(p.relative_to(out)) for p in files}
+    assert {S.CONFIG_FILE, S.MANIFEST_FILE, f"{S.QUALITY_DIR}/{S.QUALITY_SUMMARY_FILE}"} <= names, names
+    for p in files:
+        _strict_load(p.read_text())  # raises on NaN / Infinity
+    on_disk = _strict_load((out / S.MANIFEST_FILE).read_text())
+    assert on_disk["run_info"]["loss_bounds"] == [0.0, None]  # null: unbounded above
