@@ -210,6 +210,7 @@ def test_calibrate_writes_a_sampler_block(home, logistic_cfg):
     assert list((home["cwd"] / "runs" / "logistic" / "logs").glob("calibrate-*.log"))
 
 
+@pytest.mark.slow  # ~60-115 s: a benchmark (retrainings, a damping grid, 4 BIF chains), even this small
 def test_compare_writes_the_table(home):
     docs = home["cwd"] / "docs"
     res = bif("compare", "--sizes", "60", "--num-subsets", "4", "--num-seeds", "1", "--bif-draws", "40",
