@@ -5,7 +5,7 @@
 
 Writes ``docs/lds_table.md`` (the table pasted into the README), ``docs/lds_table.json``
 (all numbers) and ``docs/lds_vs_n.png`` (LDS against training-set size). Ground truths are
-cached under ``--cache`` by :mod:`tasks.lds_store` exactly as ``bif lds`` caches them, so a
+cached under ``--cache`` by :mod:`bif.evaluation.store` exactly as ``bif lds`` caches them, so a
 rerun only recomputes the attributions. Everything runs serially in this process with
 one torch thread, so wall times and peak memory are comparable across methods.
 
@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 from bif.config import SamplerConfig  # noqa: E402
 from bif.examples.digits import build, train_model  # noqa: E402
-from bif.lds import lds  # noqa: E402
-from bif.lds_config import LDSSettings, MethodOptions  # noqa: E402
-from tasks import lds_store  # noqa: E402
-from tasks.retrain import retrain_query_losses  # noqa: E402
-from tasks.scoring import score_method  # noqa: E402
+from bif.evaluation.lds import lds  # noqa: E402
+from bif.evaluation.settings import LDSSettings, MethodOptions  # noqa: E402
+from bif.evaluation import store as lds_store  # noqa: E402
+from bif.evaluation.retrain import retrain_query_losses  # noqa: E402
+from bif.evaluation.scoring import score_method  # noqa: E402
 
 IF_DAMPINGS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 EKFAC_DAMPINGS = (1e-3, 1e-2, 1e-1)

@@ -67,7 +67,7 @@ def bare_loop(cfg, num_draws: int) -> dict:
     import torch
 
     from bif.examples.digits import per_sample_loss
-    from tasks.pipeline import materialize_problem
+    from bif.tasks.pipeline import materialize_problem
 
     torch.set_num_threads(1)
     prob, _ = materialize_problem(cfg)
@@ -117,7 +117,7 @@ def _bif_run(cfg_path: Path, output: Path, prefect_home: Path) -> tuple[float, f
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "bif.cli", "run", str(cfg_path), "--no-progress",
+    res = subprocess.run([sys.executable, "-m", "bif.flows.cli", "run", str(cfg_path), "--no-progress",
                           "--output", str(output)], env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
     if res.returncode != 0:
@@ -183,8 +183,8 @@ def write_synthetic(root: str, *, n_train: int, n_query: int, chains: int, draws
     """Synthetic traces in the real trace format (positive losses with a shared low-rank signal)."""
     import torch
 
-    from tasks.sampler import ChainState, DrawBlock
-    from tasks.traces import TraceStore
+    from bif.sampling.chain import ChainState, DrawBlock
+    from bif.store.traces import TraceStore
 
     store = TraceStore(root)
     rng = np.random.default_rng(0)
@@ -211,10 +211,10 @@ def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, tra
     under key "cfg"), also time the quality gates and diagnostics on the same cluster."""
     from distributed import Client, LocalCluster
 
-    from tasks.covariance import compute_bif
+    from bif.tasks.covariance import compute_bif
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40,
-                      preload=["tasks.covariance", "tasks.diagnostics"]) as cluster, Client(cluster) as client:
+                      preload=["bif.tasks.covariance", "bif.quality.diagnostics"]) as cluster, Client(cluster) as client:
         # warm-up on the first block only (imports, zarr/xarray code paths), then time the whole reduction
         compute_bif(root, files, storage_options={}, n_train=min(n_train, train_block), n_query=n_query,
                     train_block=train_block, query_block=query_block, client=client)
@@ -227,8 +227,8 @@ def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, tra
         if checks is not None:
             checks["reduce_peak_rss_gb"] = rss.peak / 2**30
             checks["idle_processes_rss_gb"] = base / 2**30
-            from tasks.diagnostics import write_diagnostics
-            from tasks.quality import run_gates
+            from bif.quality.diagnostics import write_diagnostics
+            from bif.quality.run import run_gates
 
             map_fn = lambda f, xs: client.gather(client.map(f, list(xs)))  # noqa: E731
             import great_expectations  # noqa: F401  (import cost is hidden behind sampling in real runs)

@@ -20,7 +20,7 @@ _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
 class SamplerConfig(BaseModel):
-    """Localized SGLD settings; see ``tasks.sampler`` for the update equation."""
+    """Localized SGLD settings; see ``bif.sampling.chain`` for the update equation."""
 
     model_config = _FROZEN
 
@@ -74,7 +74,7 @@ class ComputeConfig(BaseModel):
 
 
 class QualityConfig(BaseModel):
-    """Data-quality gates and MCMC diagnostics (see ``tasks.quality`` / ``tasks.diagnostics``)."""
+    """Data-quality gates and MCMC diagnostics (see ``bif.quality.run`` / ``bif.quality.diagnostics``)."""
 
     model_config = _FROZEN
 
@@ -199,7 +199,7 @@ def _format_validation(err: ValidationError, storage_options: Any = None) -> str
     """One line per pydantic error. Inputs are echoed, except where they could hold credentials:
     values under ``storage_options`` and whole-config inputs are never shown, and any secret
     left in the text is redacted."""
-    from bif.storage import redact
+    from bif.store.fs import redact
 
     lines = []
     for e in err.errors():

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
-from bif.storage import atomic_write, get_fs, join, read_json
+from bif.store.fs import atomic_write, get_fs, join, read_json
 
 SECTIONS = ("Run summary", "Quality gates", "Loss traces and distance to w*", "MCMC diagnostics", "BIF heatmap",
             "Most influential training examples")

@@ -5,7 +5,7 @@ Run layout under ``<output>`` (a local path or an fsspec URI):
 ```
 config.json                         resolved config (credentials removed), its hash, the run's identity
 manifest.json                       status, hashes, versions, timings; written last
-lease.json                          while a run works: its owner, host, pid, expiry (bif/lease.py)
+lease.json                          while a run works: its owner, host, pid, expiry (bif/store/lease.py)
 reference.parquet                   per-sample losses at the checkpoint w*
 traces/chain-C/block-B.parquet      per-sample losses, one row per (chain, draw, sample)
 health/chain-C/block-B.parquet      per-draw sampler health (distance to w*, mean losses)
@@ -24,7 +24,7 @@ holds the sha256 of the trace file (``bif.traces_sha256``); resumes and readers 
 A run's identity (config.json ``identity``, also in manifest.json): ``checkpoint_sha256``
 (the checkpoint file's bytes), ``model_sha256`` (the weights at w*), ``data_sha256`` (the
 train and query sets as collated for the losses). A rerun or resume with another identity
-is refused (see ``tasks.pipeline.IDENTITY_KEYS``).
+is refused (see ``bif.tasks.pipeline.IDENTITY_KEYS``).
 
 Every JSON file is strict JSON: a non-finite number is written as ``null``; in
 ``loss_bounds`` a ``null`` end is unbounded (``[0.0, null]`` = [0, inf)).

@@ -3,7 +3,7 @@
 ``run_attribution(cfg)`` is the Python entry point (the CLI calls it): it starts a Dask
 LocalCluster, or joins ``compute.address``, shows progress, and runs the flow on that
 cluster through prefect-dask's ``DaskTaskRunner``. Cluster, credentials and logs follow
-the shared runtime (:mod:`flows.runtime`): credentials are never flow parameters.
+the shared runtime (:mod:`bif.flows.runtime`): credentials are never flow parameters.
 """
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from prefect.futures import wait
 from bif import schema as S
 from bif.config import RunConfig
 from bif.errors import QualityError
-from bif.manifest import update_manifest
-from flows import runtime
-from tasks import pipeline, steps
+from bif.store.manifest import update_manifest
+from bif.flows import runtime
+from bif.tasks import pipeline, steps
 
 
 @flow(name="bif-attribution", log_prints=True)
 def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None, secret_block: str | None = None,
                      scheduler_address: str | None = None, cluster_startup_seconds: float = 0.0) -> dict[str, Any]:
-    """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`flows.runtime`)."""
+    """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`bif.flows.runtime`)."""
     cfg = runtime.flow_config(config, credentials_ref, secret_block)
     t0 = time.perf_counter()
     lease = pipeline.acquire_lease(cfg)  # OutputBusyError while another live run writes here
@@ -106,7 +106,7 @@ def _resolved(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | N
 
 @contextlib.contextmanager
 def dask_cluster(cfg: RunConfig) -> Iterator[str]:
-    """Yield a scheduler address for ``cfg`` (:func:`flows.runtime.dask_cluster`, one task per chain)."""
+    """Yield a scheduler address for ``cfg`` (:func:`bif.flows.runtime.dask_cluster`, one task per chain)."""
     with runtime.dask_cluster(cfg.compute, num_tasks=cfg.sampler.num_chains) as cluster:
         yield cluster.address
 
@@ -120,8 +120,8 @@ def run_attribution(cfg: RunConfig, *, show_progress: bool = True, address: str 
     """
     from distributed import Client
 
-    from bif.progress import RunProgress
-    from bif.storage import check_writable
+    from bif.flows.progress import RunProgress
+    from bif.store.fs import check_writable
 
     if cfg.output.startswith("memory://"):
         from bif.errors import ConfigError

@@ -4,9 +4,9 @@
 retrainings reuse the LDS flow's task and cache (a cheap ground truth of ``num_subsets``
 subsets under ``<output>/lds/<key>/``); each pilot step size and each grid point is a task.
 Outputs under ``<output>/calibration/``: ``sampler.yaml`` (the recommended ``sampler:``
-block), ``tradeoffs.png``, ``scores.json``. Logic lives in :mod:`bif.calibrate` and
-:mod:`tasks.calibration`. Cluster, credentials and logs follow the shared runtime
-(:mod:`flows.runtime`): credentials are never flow parameters.
+block), ``tradeoffs.png``, ``scores.json``. Logic lives in :mod:`bif.evaluation.calibrate` and
+:mod:`bif.evaluation.calibration`. Cluster, credentials and logs follow the shared runtime
+(:mod:`bif.flows.runtime`): credentials are never flow parameters.
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
-from bif import calibrate as C
+from bif.evaluation import calibrate as C
 from bif.config import RunConfig, build_config
-from bif.lds_config import CalibrationSettings, LDSSettings
-from flows import runtime
-from flows.lds import retrain_task
-from tasks import calibration, lds_store
-from tasks.retrain import GroundTruth
+from bif.evaluation.settings import CalibrationSettings, LDSSettings
+from bif.flows import runtime
+from bif.flows.lds import retrain_task
+from bif.evaluation import calibration, store as lds_store
+from bif.evaluation.retrain import GroundTruth
 
 
 @task(name="pilot-step", cache_policy=NO_CACHE)
@@ -60,7 +60,7 @@ def _write_outputs(cfg: RunConfig, settings: CalibrationSettings, scores, best, 
 
     import yaml
 
-    from bif.storage import atomic_write, get_fs, join, write_json
+    from bif.store.fs import atomic_write, get_fs, join, write_json
 
     fs, out = get_fs(cfg.output, opts)
     root = join(out, "calibration")
@@ -120,6 +120,6 @@ def calibrate_flow(config: dict[str, Any], settings: dict[str, Any], credentials
 def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None) -> dict[str, Any]:
     """Run :func:`calibrate_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
     with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address,
-                              preload=("flows.runtime", "tasks.retrain", "tasks.calibration")) as cluster:
+                              preload=("bif.flows.runtime", "bif.evaluation.retrain", "bif.evaluation.calibration")) as cluster:
         return runtime.call_flow(calibrate_flow, cfg, address=cluster.address, log_name="calibrate",
                                  settings=settings.model_dump(mode="json"))

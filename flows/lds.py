@@ -3,12 +3,12 @@
 ``run_lds(cfg, settings)`` is the Python entry point (``bif lds`` calls it): it starts a
 Dask LocalCluster (one torch thread per worker), or joins ``compute.address`` /
 ``address``, and runs :func:`lds_flow` on it through prefect-dask's ``DaskTaskRunner``.
-Cluster, credentials and logs follow the shared runtime (:mod:`flows.runtime`):
+Cluster, credentials and logs follow the shared runtime (:mod:`bif.flows.runtime`):
 credentials are never flow parameters.
-The ground truth is cached under ``<output>/lds/<key>/`` (see :mod:`tasks.lds_store`):
+The ground truth is cached under ``<output>/lds/<key>/`` (see :mod:`bif.evaluation.store`):
 finished retrainings are never redone, and a complete ground truth is reused as is.
-All logic lives in :mod:`tasks.retrain`, :mod:`tasks.scoring`, :mod:`tasks.lds_store`
-and :mod:`bif.lds`; the decorated functions only load, call and write.
+All logic lives in :mod:`bif.evaluation.retrain`, :mod:`bif.evaluation.scoring`, :mod:`bif.evaluation.store`
+and :mod:`bif.evaluation.lds`; the decorated functions only load, call and write.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from bif.config import RunConfig, build_config
-from flows import runtime
-from bif.lds_config import LDSSettings
-from tasks import lds_store
-from tasks.retrain import retrain_query_losses
-from tasks.scoring import Scored, score_method
+from bif.flows import runtime
+from bif.evaluation.settings import LDSSettings
+from bif.evaluation import store as lds_store
+from bif.evaluation.retrain import retrain_query_losses
+from bif.evaluation.scoring import Scored, score_method
 
 
 @task(name="retrain", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
@@ -89,6 +89,6 @@ def run_lds(cfg: RunConfig, settings: LDSSettings, *, address: str | None = None
             ) -> dict[str, Any]:
     """Run :func:`lds_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
     with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address,
-                              preload=("flows.runtime", "tasks.retrain")) as cluster:
+                              preload=("bif.flows.runtime", "bif.evaluation.retrain")) as cluster:
         return runtime.call_flow(lds_flow, cfg, address=cluster.address, log_name="lds",
                                  settings=settings.model_dump(mode="json"), run_name=run_name)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Modules every worker imports while the cluster boots, not in its first task.
-DEFAULT_PRELOAD = ("flows.runtime", "tasks.pipeline", "tasks.steps")
+DEFAULT_PRELOAD = ("bif.flows.runtime", "bif.tasks.pipeline", "bif.tasks.steps")
 #: Set in worker processes (and this one) when logs should stay off the terminal.
 _QUIET_ENV = "BIF_QUIET_TERMINAL"
 _NOISY_LOGGERS = ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core",
@@ -144,7 +144,7 @@ def worker_device(device: str, gpus: int, address: str) -> str:
     """The torch device a chain task gets on this cluster (``compute.device`` resolved on a worker)."""
     from distributed import Client
 
-    from tasks.sampler import resolve_device
+    from bif.sampling.chain import resolve_device
 
     with Client(address, set_as_default=False) as client:
         fut = client.submit(lambda d: str(resolve_device(d)), device, pure=False,
@@ -237,7 +237,7 @@ def _save_logs(state: Any, cfg: Any, *, address: str, name: str) -> str | None:
         pass
     try:
         text = _fetch_logs(state.state_details.flow_run_id, address)
-        from bif.storage import get_fs, join
+        from bif.store.fs import get_fs, join
 
         fs, root = get_fs(cfg.output, cfg.storage_options)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -252,7 +252,7 @@ def _save_logs(state: Any, cfg: Any, *, address: str, name: str) -> str | None:
 
 
 def _redact(text: str, storage_options: Mapping[str, Any]) -> str:
-    from bif.storage import redact
+    from bif.store.fs import redact
 
     return redact(text, storage_options)
 
@@ -261,7 +261,7 @@ def _drain_worker() -> None:
     """Flush a Dask worker's Prefect log batch (in a thread: the worker's event loop is running here)."""
     import threading
 
-    from bif.prefect_server import drain_prefect_workers
+    from bif.flows.prefect_server import drain_prefect_workers
 
     t = threading.Thread(target=drain_prefect_workers, daemon=True)
     t.start()
@@ -275,7 +275,7 @@ def _fetch_logs(flow_run_id: Any, address: str) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
-    from bif.prefect_server import drain_prefect_workers
+    from bif.flows.prefect_server import drain_prefect_workers
 
     with contextlib.suppress(Exception), Client(address, set_as_default=False, timeout=10) as client:
         client.run(_drain_worker)  # task-run logs wait in each worker's batch until flushed

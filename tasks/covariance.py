@@ -2,8 +2,8 @@
 
 The output (n_train, n_query) is cut into blocks (train_block_size x query_block_size).
 For each output block, every committed trace file contributes one leaf
-(:func:`tasks.moments.from_draws` on its draws); a ``dask.bag`` reduction with
-``split_every`` merges the leaves (:func:`tasks.moments.merge_all`), so Dask picks the
+(:func:`bif.moments.from_draws` on its draws); a ``dask.bag`` reduction with
+``split_every`` merges the leaves (:func:`bif.moments.merge_all`), so Dask picks the
 tree shape and the answer does not depend on it. A finalize step turns the merged state
 into ``bif = -Cov`` and ``bif_corr = -Corr``, writes that region of the zarr store, and
 returns the block's top-k candidates and which of its samples had a constant loss trace.
@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
-from bif.storage import get_fs, join
-from tasks.moments import Moments, mean_of_covariances, merge_all
-from tasks.traces import read_losses
+from bif.store.fs import get_fs, join
+from bif.moments import Moments, mean_of_covariances, merge_all
+from bif.store.traces import read_losses
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def leaf_moments(root: str, storage_options: Mapping[str, Any], paths: Sequence[
 
     Stacking files into one leaf makes one deeper GEMM instead of several thin GEMMs plus merges.
     """
-    from tasks.moments import from_draws
+    from bif.moments import from_draws
 
     fs, _ = get_fs(root, storage_options)
     x = np.concatenate([read_losses(fs, p, split=S.TRAIN, start=train[0], stop=train[1]) for p in paths])  # (D, a)
@@ -148,7 +148,7 @@ def _select_with_ties(key: np.ndarray, thr: np.ndarray, tie: np.ndarray, k: int,
 
 def _pooled_constant(states: Moments | list[Moments], which: str) -> np.ndarray:
     """Constant over all pooled draws: every chain's m2 is 0 and all chains share one mean. ``which`` 'x' or 'y'."""
-    from tasks.moments import constant
+    from bif.moments import constant
 
     seq = [states] if isinstance(states, Moments) else list(states)
     flags = np.logical_and.reduce([constant(getattr(m, f"m2_{which}")) for m in seq])
@@ -175,7 +175,7 @@ def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str
     if m.n - ddof <= 0:
         raise ValueError(f"need more than {ddof} draws for a covariance, got n={m.n}")
     bif = np.multiply(m.comoment, -1.0 / (m.n - ddof), dtype=dtype)
-    # a constant trace (m2 = 0) has correlation 0 by definition (tasks.moments.correlation)
+    # a constant trace (m2 = 0) has correlation 0 by definition (bif.moments.correlation)
     safe_x, safe_y = np.where(m.m2_x > 0, m.m2_x, np.inf), np.where(m.m2_y > 0, m.m2_y, np.inf)
     inv_x, inv_y = 1.0 / np.sqrt(safe_x), 1.0 / np.sqrt(safe_y)
     corr = np.multiply(m.comoment, -inv_x[:, None], dtype=dtype)
@@ -191,7 +191,7 @@ def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_opt
     """Merged moments → bif / bif_corr block → zarr region; returns the block's top-k candidates.
 
     ``bif = -C/(n - ddof)``, ``bif_corr = -C/sqrt(m2_x m2_yᵀ)`` (0 where a trace is constant;
-    see :mod:`tasks.moments`).
+    see :mod:`bif.moments`).
     """
     group = open_bif_array(bif_uri, storage_options)
     bif, bif_corr = _negated_outputs(states, ddof=ddof, pooling=pooling, dtype=group[S.BIF].dtype)
@@ -319,7 +319,7 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
                    query_block=query_block, dtype=dtype, attrs=attrs or {}, compress=compress)
     if not files:
         raise ValueError("no committed trace blocks to reduce")
-    from tasks.traces import read_layout
+    from bif.store.traces import read_layout
 
     fs, _ = get_fs(root, storage_options)
     draws_per_file = max(1, read_layout(fs, files[0][2]).num_draws)

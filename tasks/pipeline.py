@@ -1,6 +1,6 @@
 """The pipeline's stages as plain functions (no Prefect): prepare, sample one chain, reduce, finish.
 
-``tasks.steps`` wraps each in a Prefect ``@task``; tests call these directly.
+``bif.tasks.steps`` wraps each in a Prefect ``@task``; tests call these directly.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 from bif import schema as S
 from bif.config import RunConfig
 from bif.errors import BifError, ProblemError, RunConflictError
-from bif.manifest import package_versions, read_manifest, update_manifest
+from bif.store.manifest import package_versions, read_manifest, update_manifest
 from bif.problem import Problem, load_checkpoint, load_problem, model_hash, tensors_hash
-from bif.storage import atomic_write, check_writable, get_fs, join, read_json, storage_guard, write_json
-from tasks.sampler import SGLDChain, resolve_device
-from tasks.traces import TraceStore
+from bif.store.fs import atomic_write, check_writable, get_fs, join, read_json, storage_guard, write_json
+from bif.sampling.chain import SGLDChain, resolve_device
+from bif.store.traces import TraceStore
 
 ProgressFn = Callable[[int, int, int], None]  # (chain, draws_done, num_draws)
 
@@ -224,7 +224,7 @@ def preflight(cfg: RunConfig) -> RunInfo:
     problem, loads the checkpoint, computes the losses at w* and checks them and the run's
     identity. Writes nothing; the flow's prepare step checks all of it again.
     """
-    from bif.lease import check_lease
+    from bif.store.lease import check_lease
 
     if cfg.output.startswith("memory://"):
         from bif.errors import ConfigError
@@ -237,8 +237,8 @@ def preflight(cfg: RunConfig) -> RunInfo:
 
 
 def acquire_lease(cfg: RunConfig):
-    """Take the output's lease (bif.lease.OutputLease); OutputBusyError if a live run holds it."""
-    from bif.lease import OutputLease
+    """Take the output's lease (bif.store.lease.OutputLease); OutputBusyError if a live run holds it."""
+    from bif.store.lease import OutputLease
 
     return OutputLease(cfg.output, dict(cfg.storage_options)).acquire()
 
@@ -333,7 +333,7 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
 def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
                       progress: Callable[[int, int], None] | None = None):
     """Reduce all committed traces to bif.zarr and topk.parquet; returns the CovarianceSummary."""
-    from tasks.covariance import compute_bif
+    from bif.tasks.covariance import compute_bif
 
     store = trace_store(cfg)
     files = store.block_files(num_chains=cfg.sampler.num_chains)
@@ -383,7 +383,7 @@ def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILE
     never does, the manifest stays ``running``, which readers refuse as not complete, and the
     run's lease lapses at its expiry.
     """
-    from bif.storage import redact
+    from bif.store.fs import redact
 
     if isinstance(err, RunConflictError):
         return
@@ -401,8 +401,8 @@ def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILE
 
 @_storage_errors
 def quality_gates(cfg: RunConfig, info: RunInfo, *, map_fn: Callable | None = None):
-    """Run the data-quality gates over the finished run; returns a tasks.quality.QualityReport."""
-    from tasks.quality import run_gates
+    """Run the data-quality gates over the finished run; returns a bif.quality.run.QualityReport."""
+    from bif.quality.run import run_gates
 
     return run_gates(cfg.output, cfg.storage_options, cfg, n_train=info.n_train, n_query=info.n_query,
                      loss_bounds=info.loss_bounds, query_is_train=info.query_is_train, map_fn=map_fn or map)
@@ -411,7 +411,7 @@ def quality_gates(cfg: RunConfig, info: RunInfo, *, map_fn: Callable | None = No
 @_storage_errors
 def diagnostics(cfg: RunConfig, *, map_fn: Callable | None = None) -> dict[str, Any]:
     """ArviZ R-hat / ESS per sample → diagnostics.parquet, plus the BIF's MCSE; returns the summary."""
-    from tasks.diagnostics import write_diagnostics
+    from bif.quality.diagnostics import write_diagnostics
 
     q = cfg.quality
     return write_diagnostics(cfg.output, cfg.storage_options, num_chains=cfg.sampler.num_chains,

@@ -1,4 +1,4 @@
-"""Prefect tasks: each loads its inputs, calls one function of ``tasks.pipeline``, returns its result.
+"""Prefect tasks: each loads its inputs, calls one function of ``bif.tasks.pipeline``, returns its result.
 
 No arithmetic here. Chain tasks retry once on errors that are not the user's (a lost
 worker, a storage hiccup); the retry resumes from the last committed block.
@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from bif.config import RunConfig
 from bif.errors import BifError, StorageError
-from tasks import pipeline
+from bif.tasks import pipeline
 
 PROGRESS_TOPIC = "bif-progress"
 

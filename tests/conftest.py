@@ -64,7 +64,7 @@ def prefect_api_url():
             yield url
         finally:
             os.environ.pop("PREFECT_API_URL", None)
-            from bif.prefect_server import drain_prefect_workers
+            from bif.flows.prefect_server import drain_prefect_workers
 
             drain_prefect_workers()
 

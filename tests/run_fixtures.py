@@ -1,7 +1,7 @@
 """A tiny but realistic run directory, made without the Prefect flow.
 
-``make_run(root)`` samples the digits problem with :class:`tasks.sampler.SGLDChain`,
-commits the blocks through :class:`tasks.traces.TraceStore` (traces, health, state,
+``make_run(root)`` samples the digits problem with :class:`bif.sampling.chain.SGLDChain`,
+commits the blocks through :class:`bif.store.traces.TraceStore` (traces, health, state,
 reference.parquet), computes the BIF in memory and writes ``bif.zarr``, ``topk.parquet``,
 ``config.json`` and ``manifest.json`` in the documented layout. The flow's real output
 can replace it later.
@@ -20,9 +20,9 @@ from bif import schema as S
 from bif.config import RunConfig, SamplerConfig
 from bif.examples import digits
 from bif.problem import Problem
-from tasks.moments import bif_in_memory
-from tasks.sampler import SGLDChain
-from tasks.traces import TraceStore
+from bif.moments import bif_in_memory
+from bif.sampling.chain import SGLDChain
+from bif.store.traces import TraceStore
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def topk_frame(bif: np.ndarray, bif_corr: np.ndarray, *, k: int) -> pd.DataFrame
     order = np.argsort(bif, axis=0)  # (n_train, n_query) ascending per query
     for j in range(bif.shape[1]):
         for direction, idx in (("positive", order[::-1, j][:k]), ("negative", order[:, j][:k])):
-            for rank, i in enumerate(idx):  # rank 0 = most influential, as in tasks.covariance
+            for rank, i in enumerate(idx):  # rank 0 = most influential, as in bif.tasks.covariance
                 rows.append({S.QUERY: j, S.DIRECTION: direction, S.RANK: rank, S.TRAIN: int(i),
                              S.BIF: float(bif[i, j]), S.BIF_CORR: float(bif_corr[i, j])})
     return pd.DataFrame(rows, columns=list(S.TOPK_COLUMNS))

@@ -1,17 +1,19 @@
-"""Dependencies point one way: the math imports no Prefect, Dask or fsspec; the CLI helps."""
+"""Rules of the layout, enforced (docs/architecture.md): one import name, dependencies point one way."""
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bif.cli import build_parser, main
+from bif.flows.cli import build_parser, main
 from bif.config import config_reference, load_config
 from bif.errors import ConfigError
 
 
-@pytest.mark.parametrize("module", ["tasks.sampler", "tasks.moments", "bif.examples.linear", "bif.examples.digits"])
+@pytest.mark.parametrize("module", ["bif.sampling.chain", "bif.moments", "bif.examples.linear", "bif.examples.digits"])
 def test_math_modules_import_no_orchestration(module):
     code = (f"import sys, {module}; bad = [m for m in ('prefect', 'dask', 'distributed', 'fsspec', 's3fs') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
@@ -48,3 +50,53 @@ def test_overrides_and_hash(tmp_path):
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(p, overrides=["nonsense"])
     assert build_parser().parse_args(["run", str(p), "--set", "a.b=1"]).set == ["a.b=1"]
+
+
+REPO = Path(__file__).resolve().parents[1]
+ORCHESTRATION = ("prefect", "prefect_dask", "distributed")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports (absolute names; relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _hits(folder: str, banned: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        for mod in _imports(path):
+            if any(mod == b or mod.startswith(b + ".") for b in banned):
+                bad.append(f"{path.relative_to(REPO)} imports {mod}")
+    return bad
+
+
+def test_one_import_name():
+    """Rule 1: the distribution installs `bif` only; flows/ and tasks/ are bif.flows / bif.tasks."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert all(p == "bif" or p.startswith("bif.") for p in setup["packages"]), setup["packages"]
+    assert setup["package-dir"] == {"bif": "bif", "bif.flows": "flows", "bif.tasks": "tasks"}
+    # from outside the checkout, the installed package provides bif.flows / bif.tasks and nothing named tasks / flows
+    code = ("import importlib.util as u, bif.flows.cli, bif.tasks.steps; "
+            "print(u.find_spec('tasks') is None and u.find_spec('flows') is None)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stdout + res.stderr
+
+
+def test_library_is_free_of_orchestration():
+    """Rule 2: modules under bif/ import no prefect, prefect_dask or distributed, and never the flows."""
+    assert _hits("bif", ORCHESTRATION + ("bif.flows",)) == []
+
+
+def test_tasks_never_import_the_flows():
+    """Rule 3."""
+    assert _hits("tasks", ("bif.flows",)) == []

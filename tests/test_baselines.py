@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from bif.baselines import bif_scores
-from bif.baselines.graddot import gradcos_scores, graddot_scores
-from bif.baselines.influence import influence_scores
+from bif.evaluation.baselines import bif_scores
+from bif.evaluation.baselines.graddot import gradcos_scores, graddot_scores
+from bif.evaluation.baselines.influence import influence_scores
 from bif.config import SamplerConfig
 from bif.examples.logistic import build, newton_fit
-from bif.lds import draw_subsets, lds
-from tasks.moments import bif_in_memory
-from tasks.retrain import ground_truth, query_losses
-from tasks.sampler import sample_traces
+from bif.evaluation.lds import draw_subsets, lds
+from bif.moments import bif_in_memory
+from bif.evaluation.retrain import ground_truth, query_losses
+from bif.sampling.chain import sample_traces
 
 torch.set_num_threads(1)
 L2 = 0.05
@@ -110,7 +110,7 @@ def test_every_method_has_clearly_positive_lds(problem, exact_if, truth):
 
 def test_ekfac_sign_and_agreement(problem, exact_if, truth):
     pytest.importorskip("kronfluence")
-    from bif.baselines.ekfac import ekfac_scores
+    from bif.evaluation.baselines.ekfac import ekfac_scores
 
     ek = ekfac_scores(problem, damping=L2)
     assert ek.dims == ("train", "query")
@@ -120,7 +120,7 @@ def test_ekfac_sign_and_agreement(problem, exact_if, truth):
 
 def test_trak_sign(problem, truth):
     pytest.importorskip("trak")
-    from bif.baselines.trak import trak_scores
+    from bif.evaluation.baselines.trak import trak_scores
 
     tr = trak_scores(problem, proj_dim=200, lambda_reg=0.1)
     assert tr.dims == ("train", "query")

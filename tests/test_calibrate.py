@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from bif import calibrate as C
+from bif.evaluation import calibrate as C
 from bif.config import SamplerConfig, build_config
 from bif.examples.logistic import build
-from bif.lds_config import CalibrationSettings
-from tasks.calibration import evaluate_setting, pilot_stable
+from bif.evaluation.settings import CalibrationSettings
+from bif.evaluation.calibration import evaluate_setting, pilot_stable
 
 torch.set_num_threads(1)
 
@@ -65,7 +65,7 @@ def test_huge_step_size_is_flagged_diverged_and_a_small_one_is_not(problem):
 
 
 def test_calibration_flow_picks_a_non_diverging_setting(tmp_path, prefect_api_url):
-    from flows.calibrate import calibrate_flow
+    from bif.flows.calibrate import calibrate_flow
 
     cfg = build_config({"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6},
                         "output": str(tmp_path / "out"),

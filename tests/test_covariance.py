@@ -10,10 +10,10 @@ import xarray as xr
 from bif import schema as S
 from bif.config import SamplerConfig
 from bif.examples import linear
-from tasks.covariance import compute_bif
-from tasks.moments import bif_in_memory
-from tasks.sampler import SGLDChain
-from tasks.traces import TraceStore
+from bif.tasks.covariance import compute_bif
+from bif.moments import bif_in_memory
+from bif.sampling.chain import SGLDChain
+from bif.store.traces import TraceStore
 
 N_TRAIN, N_QUERY, CHAINS, DRAWS = 23, 7, 3, 24
 
@@ -134,7 +134,7 @@ def test_reduction_on_a_real_local_cluster_and_s3(s3_bucket, run_dirs):
 @pytest.mark.parametrize("pooling", ["stack", "chain_mean"])
 def test_constant_traces_give_zero_corr_and_flags(tmp_path, pooling):
     """Losses exactly 0.0 at every draw (saturated float32 cross-entropy): bif_corr 0, never NaN, and flagged."""
-    from tasks.sampler import ChainState, DrawBlock
+    from bif.sampling.chain import ChainState, DrawBlock
 
     rng = np.random.default_rng(4)
     chains, draws, n_train, n_query = 2, 12, 9, 4

@@ -16,8 +16,8 @@ import xarray as xr
 
 from bif import schema as S
 from bif.config import build_config
-from bif.manifest import read_manifest
-from flows.attribution import run_attribution
+from bif.store.manifest import read_manifest
+from bif.flows.attribution import run_attribution
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,7 @@ def _assert_topk_disjoint(out: Path, n_train: int, k: int) -> pd.DataFrame:
 # --- constant loss traces -----------------------------------------------------------------------
 def test_saturated_losses_complete_with_zero_corr_mask_counts_and_warning(tmp_path, dask_address):
     """A confident float32 classifier: 16 of 24 train and 5 of 8 query losses are exactly 0 at every draw."""
-    from tasks.quality import run_gates
+    from bif.quality.run import run_gates
 
     out = tmp_path / "sat"
     cfg = _cfg(out, dask_address, "bif_test_problems:saturating")
@@ -120,7 +120,7 @@ def test_saturated_losses_complete_with_zero_corr_mask_counts_and_warning(tmp_pa
 
 def test_constant_query_column_keeps_topk_disjoint():
     """A whole bif column of ties (a constant query trace): positive and negative still share no example."""
-    from tasks.covariance import BlockResult, _topk, merge_topk
+    from bif.tasks.covariance import BlockResult, _topk, merge_topk
 
     bif = np.zeros((10, 2))
     bif[:, 1] = [3, 1, 1, 1, 0, 0, 0, -1, -1, -5]
@@ -192,7 +192,7 @@ def test_degenerate_inputs_get_a_result(case, tmp_path, dask_address):
 
 def test_all_parameters_frozen_is_a_clear_error(tmp_path, dask_address, capsys):
     """`bif run` on a model without trainable parameters: exit 2 and a message naming the fix, before sampling."""
-    from bif.cli import main
+    from bif.flows.cli import main
     from bif.errors import ProblemError
 
     data = {"problem": "bif_test_problems:frozen", "problem_args": {"which": "all"}, "output": str(tmp_path / "out"),

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from bif import schema as S
-from tasks.diagnostics import DIAGNOSTICS_COLUMNS, DIAGNOSTICS_FILE, bif_mcse, loss_diagnostics, write_diagnostics
+from bif.quality.diagnostics import DIAGNOSTICS_COLUMNS, DIAGNOSTICS_FILE, bif_mcse, loss_diagnostics, write_diagnostics
 
 
 def _ar1(rng, shape, phi: float) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_autocorrelated_chains_have_small_ess():
 
 def test_constant_traces_are_flagged_and_left_out_of_summaries():
     """A loss that is exactly 0.0 at every draw: rhat / ESS NaN, constant=True, skipped by quantiles and counts."""
-    from tasks.diagnostics import summarize
+    from bif.quality.diagnostics import summarize
 
     rng = np.random.default_rng(5)
     train, query = rng.normal(size=(3, 80, 6)), rng.normal(size=(3, 80, 3))
@@ -128,8 +128,8 @@ def test_mcse_rejects_bad_input():
 
 def test_write_diagnostics_on_a_stored_run(tmp_path):
     """Blockwise reading from the TraceStore gives the same table as the in-memory call."""
-    from tasks.sampler import ChainState, DrawBlock
-    from tasks.traces import TraceStore
+    from bif.sampling.chain import ChainState, DrawBlock
+    from bif.store.traces import TraceStore
 
     rng = np.random.default_rng(7)
     chains, draws, n_train, n_query, per_block = 3, 60, 25, 4, 20
@@ -175,7 +175,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, tasks.diagnostics, bif.report; "
+    code = ("import sys, bif.quality.diagnostics, bif.report; "
             "bad = [m for m in ('prefect', 'arviz', 'great_expectations', 'matplotlib') if m in sys.modules]; "
             "sys.exit(str(bad) if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)

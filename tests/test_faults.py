@@ -20,14 +20,14 @@ import torch
 import yaml
 
 from bif import schema as S
-from bif.cli import main
+from bif.flows.cli import main
 from bif.config import build_config, load_config
 from bif.errors import ConfigError, ProblemError, RunConflictError, StorageError
 from bif.examples import linear
-from bif.lease import LEASE_FILE, OutputBusyError, OutputLease
-from bif.manifest import read_manifest
+from bif.store.lease import LEASE_FILE, OutputBusyError, OutputLease
+from bif.store.manifest import read_manifest
 from conftest import S3_KEY, S3_SECRET
-from tasks import pipeline
+from bif.tasks import pipeline
 
 LINEAR_ARGS = {"n": 40, "d": 4, "m": 6, "singular": True, "seed": 2}
 SAMPLER = {"num_chains": 2, "num_draws": 60, "num_burnin_steps": 20, "steps_per_draw": 2, "step_size": 2e-3,
@@ -77,7 +77,7 @@ def _bif(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess,
 
 @pytest.mark.e2e
 def test_replaced_checkpoint_after_a_complete_run_is_refused(tmp_path, dask_address):
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
     ckpt = _save_checkpoint(tmp_path / "latest.pt")
     out = tmp_path / "run"
@@ -122,7 +122,7 @@ def test_replaced_checkpoint_after_a_complete_run_is_refused(tmp_path, dask_addr
 def test_replaced_checkpoint_mid_run_refuses_to_resume(tmp_path, dask_address):
     """A run interrupted after chain 0 committed its blocks; the checkpoint changes; neither the flow nor a
     chain task (as a deployed flow or a retry would run it) resumes: blocks of two checkpoints never mix."""
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
     ckpt = _save_checkpoint(tmp_path / "latest.pt")
     out = tmp_path / "run"
@@ -162,7 +162,7 @@ def test_changed_data_or_model_changes_the_identity(tmp_path):
 
 @pytest.mark.e2e
 def test_refused_rerun_with_changed_sampler_leaves_the_run_untouched(tmp_path, dask_address):
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
     out = tmp_path / "run"
     assert run_attribution(_cfg(out, dask_address), show_progress=False)["status"] == S.STATUS_COMPLETE
@@ -179,7 +179,7 @@ def test_refused_rerun_with_changed_sampler_leaves_the_run_untouched(tmp_path, d
 
 @pytest.mark.e2e
 def test_second_run_into_a_busy_output_is_refused(tmp_path, dask_address):
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
     out = tmp_path / "run"
     cfg = _cfg(out, dask_address, sampler=SAMPLER | {"num_draws": 600, "draws_per_block": 100})
@@ -263,7 +263,7 @@ def test_lease_on_s3_only_one_of_concurrent_runs_wins(s3_bucket):
 
 @pytest.mark.e2e
 def test_corrupt_block_is_redone_and_traces_equal_an_uninterrupted_run(tmp_path, dask_address):
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
     ref_out = tmp_path / "reference"
     assert run_attribution(_cfg(ref_out, dask_address), show_progress=False)["status"] == S.STATUS_COMPLETE
@@ -317,9 +317,9 @@ def test_lost_s3_endpoint_mid_run_is_a_clear_storage_error(dask_address):
     opts = {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     uri = f"s3://{bucket}/runs/outage"
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
-    from bif.storage import get_fs
+    from bif.store.fs import get_fs
 
     cfg = _cfg(uri, dask_address, storage_options=opts,
                sampler=SAMPLER | {"num_draws": 200, "draws_per_block": 10, "steps_per_draw": 10})

@@ -18,12 +18,12 @@ import xarray as xr
 import yaml
 
 from bif import schema as S
-from bif.cli import main
+from bif.flows.cli import main
 from bif.config import build_config
 from bif.errors import ChainDivergedError
 from bif.examples import linear
-from bif.manifest import read_manifest
-from flows.attribution import run_attribution
+from bif.store.manifest import read_manifest
+from bif.flows.attribution import run_attribution
 from conftest import S3_KEY, S3_SECRET
 
 pytestmark = pytest.mark.e2e
@@ -224,7 +224,7 @@ def test_killed_run_resumes_without_lost_or_duplicate_draws(tmp_path, prefect_ap
             "compute": {"n_workers": 2}}
     cfg_path = _write_yaml(tmp_path / "k.yaml", data)
     env = os.environ | {"PREFECT_API_URL": prefect_api_url, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "bif.cli", "run", cfg_path, "--no-progress"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "bif.flows.cli", "run", cfg_path, "--no-progress"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / S.TRACES_DIR / "chain-0" / "block-00000.parquet"
     deadline = time.monotonic() + 240
@@ -252,7 +252,7 @@ def test_killed_dask_worker_mid_chain_loses_nothing(tmp_path, prefect_api_url):
 
     from distributed import Client
 
-    from flows.attribution import dask_cluster
+    from bif.flows.attribution import dask_cluster
 
     out = tmp_path / "kw"
     cfg = build_config({"problem": "bif.examples.digits:build", "problem_args": {"n_train": 300, "n_query": 20},

@@ -278,7 +278,7 @@ def test_every_command_the_containers_run_exists_here():
 
 
 def _bif_subcommands() -> set[str]:
-    from bif.cli import build_parser
+    from bif.flows.cli import build_parser
 
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001

@@ -1,4 +1,4 @@
-"""LDS arithmetic (bif.lds) on cases with known answers."""
+"""LDS arithmetic (bif.evaluation.lds) on cases with known answers."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from bif.lds import draw_subsets, lds, mean_over_seeds, predict_outputs, retrain_seed, spearman_columns, subset_size
+from bif.evaluation.lds import draw_subsets, lds, mean_over_seeds, predict_outputs, retrain_seed, spearman_columns, subset_size
 
 
 def _case(n=50, q=7, m=60, seed=0):
@@ -100,7 +100,7 @@ def test_lds_is_invariant_to_positive_scale_of_tau_and_per_query_offsets(scale, 
 
 
 def test_math_modules_import_no_orchestration():
-    code = ("import sys, bif.lds, bif.baselines.influence, bif.baselines.graddot, tasks.retrain; "
+    code = ("import sys, bif.evaluation.lds, bif.evaluation.baselines.influence, bif.evaluation.baselines.graddot, bif.evaluation.retrain; "
             "bad = [m for m in ('prefect', 'dask', 'distributed', 'fsspec') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bif.config import build_config
-from bif.lds_config import LDSSettings
+from bif.evaluation.settings import LDSSettings
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ def _mtimes(root: str) -> dict[str, float]:
 
 
 def test_lds_flow_caches_ground_truth(tmp_path, prefect_api_url, dask_address):
-    from flows.lds import run_lds
+    from bif.flows.lds import run_lds
 
     cfg = build_config({"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6},
                         "output": str(tmp_path / "out"),

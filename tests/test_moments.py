@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.moments import bif_in_memory, correlation, covariance, from_draws, merge_all
+from bif.moments import bif_in_memory, correlation, covariance, from_draws, merge_all
 
 
 def _data(seed, n=37, a=5, b=3):

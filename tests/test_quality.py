@@ -15,11 +15,11 @@ import xarray as xr
 from bif import schema as S
 from bif.config import QualityConfig
 from bif.errors import QualityError
-from tasks.aggregates import trace_block_stats
-from tasks.quality import (GATES, QualityReport, check_health, check_results, check_trace_block, check_trace_stats,
+from bif.quality.aggregates import trace_block_stats
+from bif.quality.run import (GATES, QualityReport, check_health, check_results, check_trace_block, check_trace_stats,
                            run_gates)
-from tasks.sampler import DrawBlock
-from tasks.traces import trace_table
+from bif.sampling.chain import DrawBlock
+from bif.store.traces import trace_table
 
 N_TRAIN, N_QUERY, ND, D0, CHAIN = 30, 5, 10, 20, 1
 BOUNDS = (0.0, float("inf"))
@@ -325,7 +325,7 @@ def test_config_lists_every_gate():
 
 
 def test_import_is_cheap():
-    code = "import sys, tasks.quality; assert 'great_expectations' not in sys.modules; assert 'prefect' not in sys.modules"
+    code = "import sys, bif.quality.run; assert 'great_expectations' not in sys.modules; assert 'prefect' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -33,8 +33,8 @@ def _decoded_pngs(text: str) -> list[np.ndarray]:
 def run(tmp_path_factory):
     """A tiny digits run with diagnostics and quality results, plus its problem (for images)."""
     from run_fixtures import make_run
-    from tasks.diagnostics import write_diagnostics
-    from tasks.quality import run_gates
+    from bif.quality.diagnostics import write_diagnostics
+    from bif.quality.run import run_gates
 
     r = make_run(tmp_path_factory.mktemp("report") / "run", n_train=60, n_query=8, num_draws=20,
                  draws_per_block=10, train_epochs=20)
@@ -133,7 +133,7 @@ def test_markdown_artifacts(run):
 
 
 def test_cli_report_rebuilds_problem(run, capsys):
-    from bif.cli_report import main
+    from bif.flows.cli_report import main
 
     (Path(run.uri) / S.REPORT_FILE).unlink(missing_ok=True)
     assert main([run.uri, "--problem-from-config", "--queries", "1", "-k", "2"]) == 0

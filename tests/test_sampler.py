@@ -9,9 +9,9 @@ from bif.config import SamplerConfig
 from bif.errors import ChainDivergedError, ProblemError
 from bif.examples import linear
 from bif.problem import Problem
-from tasks.moments import bif_in_memory
-from tasks.sampler import SGLDChain, chain_seed, sample_traces
-from tasks.traces import TraceStore
+from bif.moments import bif_in_memory
+from bif.sampling.chain import SGLDChain, chain_seed, sample_traces
+from bif.store.traces import TraceStore
 
 # Full-batch SGLD on the linear model; its stationary law is known exactly.
 LINEAR = dict(num_chains=4, num_draws=1000, num_burnin_steps=400, steps_per_draw=10, step_size=2e-3,

@@ -8,7 +8,7 @@ import pytest
 
 from bif import schema as S
 from bif.config import build_config
-from bif.storage import dumps_strict, get_fs, read_json, write_json
+from bif.store.fs import dumps_strict, get_fs, read_json, write_json
 
 
 def _strict_load(text: str):
@@ -32,7 +32,7 @@ def test_write_json_is_strict_and_documents_infinite_bounds_as_null(tmp_path):
 
 @pytest.mark.e2e
 def test_every_json_file_of_a_run_is_strict(tmp_path, dask_address):
-    from flows.attribution import run_attribution
+    from bif.flows.attribution import run_attribution
 
     out = tmp_path / "run"
     cfg = build_config({"problem": "bif.examples.linear:build", "problem_args": {"n": 30, "d": 3, "m": 4, "seed": 1},

@@ -10,8 +10,8 @@ from bif import schema as S
 from bif.config import SamplerConfig
 from bif.errors import StorageError
 from bif.examples import linear
-from tasks.sampler import SGLDChain
-from tasks.traces import TraceStore, read_layout, read_losses
+from bif.sampling.chain import SGLDChain
+from bif.store.traces import TraceStore, read_layout, read_losses
 
 
 def _blocks(n=30, m=5, draws=10, per_block=4):
@@ -73,7 +73,7 @@ def test_uncommitted_block_is_invisible_and_resume_redoes_it_bit_for_bit(tmp_pat
     real write order leaves it: block 1 is not listed, and the chain resumes from the state after
     block 0 and produces block 1 exactly as an uninterrupted chain did."""
     from bif.examples import linear as lin
-    from tasks.traces import state_bytes
+    from bif.store.traces import state_bytes
 
     blocks = _blocks()
     store = TraceStore(str(tmp_path), loss_dtype="float64")

@@ -5,7 +5,7 @@ influence function is exact to first order:
 
     R(θ) = (1/n) Σ_i s_i · CE(W x_i + b, y_i) + (l2/2)·(‖W‖² + ‖b‖²),   s_i = 1 by default.
 
-With damping λ = l2 the damped influence function of :mod:`bif.baselines.influence`
+With damping λ = l2 the damped influence function of :mod:`bif.evaluation.baselines.influence`
 uses exactly ∇²R. Used by the LDS, baseline and calibration tests.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ The overall LDS is the mean of ρ_q over queries, with standard error std(ρ)/�
 
 **Sign convention.** τ[i, q] > 0 means *including* train example i *raises* query q's
 loss. This is the BIF's own sign (BIF = -Cov(ℓ_i, φ_q)). Every baseline in
-:mod:`bif.baselines` returns scores in this sign, so a correct method has a positive LDS
+:mod:`bif.evaluation.baselines` returns scores in this sign, so a correct method has a positive LDS
 and a flipped sign shows up as a negative one.
 """
 from __future__ import annotations

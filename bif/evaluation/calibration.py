@@ -1,8 +1,8 @@
 """Run one calibration setting (chains → diagnostics → BIF → LDS) and the step-size pilot.
 
-No Prefect here; :mod:`flows.calibrate` wraps these in tasks. Diagnostics are ArviZ's
+No Prefect here; :mod:`bif.flows.calibrate` wraps these in tasks. Diagnostics are ArviZ's
 rank R-hat and bulk ESS of every per-sample loss trace, computed by the private
-:func:`_rhat_ess` (``tasks.diagnostics.loss_diagnostics`` computes the same per sample for
+:func:`_rhat_ess` (``bif.quality.diagnostics.loss_diagnostics`` computes the same per sample for
 the attribution run; it was not importable when this was written, so this module does
 not depend on it).
 """
@@ -12,14 +12,14 @@ import time
 
 import numpy as np
 
-from bif.calibrate import SettingScore, drift_ratio
+from bif.evaluation.calibrate import SettingScore, drift_ratio
 from bif.config import SamplerConfig
 from bif.errors import ChainDivergedError
-from bif.lds import lds
+from bif.evaluation.lds import lds
 from bif.problem import Problem
-from tasks.moments import bif_in_memory
-from tasks.retrain import GroundTruth
-from tasks.sampler import SGLDChain
+from bif.moments import bif_in_memory
+from bif.evaluation.retrain import GroundTruth
+from bif.sampling.chain import SGLDChain
 
 
 def run_chains(problem: Problem, sampler: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 
 from bif import schema as S
 from bif.errors import StorageError
-from bif.storage import atomic_write, get_fs, join
+from bif.store.fs import atomic_write, get_fs, join
 
 if TYPE_CHECKING:  # torch is imported lazily: readers of traces (the Dask reduction) never need it
-    from tasks.sampler import ChainState, DrawBlock
+    from bif.sampling.chain import ChainState, DrawBlock
 
 #: Samples per Parquet row group (rows = samples x draws in the block). Readers of a
 #: sample range fetch only the row groups that overlap it.
@@ -116,7 +116,7 @@ def state_bytes(state: ChainState) -> bytes:
 def state_from_bytes(raw: bytes) -> ChainState:
     import torch
 
-    from tasks.sampler import ChainState
+    from bif.sampling.chain import ChainState
 
     d = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     return ChainState(**d)

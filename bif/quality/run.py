@@ -1,6 +1,6 @@
 """Data-quality gates over a finished run directory, and their report.
 
-No Prefect imports; GE is imported lazily. The suites live in :mod:`tasks.gates` (see
+No Prefect imports; GE is imported lazily. The suites live in :mod:`bif.quality.gates` (see
 there for the list of gates); :func:`run_gates` runs them over ``<output>``: trace blocks
 through per-block aggregates (or row by row with ``trace_rows=True``), the health table,
 and ``bif.zarr`` through Dask-computed chunk aggregates. It saves GE's results as
@@ -19,9 +19,9 @@ import pandas as pd
 
 from bif import schema as S
 from bif.errors import QualityError
-from tasks.aggregates import trace_block_stats
-from tasks.expectations import GateResult
-from tasks.gates import (GATES, check_health, check_results, check_trace_block, check_trace_chains,
+from bif.quality.aggregates import trace_block_stats
+from bif.quality.expectations import GateResult
+from bif.quality.gates import (GATES, check_health, check_results, check_trace_block, check_trace_chains,
                          check_trace_stats, constant_trace_counts)
 
 if TYPE_CHECKING:
@@ -118,8 +118,8 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
     import posixpath
     from functools import partial
 
-    from bif.storage import atomic_write, get_fs, join, write_json
-    from tasks.traces import TraceStore
+    from bif.store.fs import atomic_write, get_fs, join, write_json
+    from bif.store.traces import TraceStore
 
     t0 = time.perf_counter()
     q, smp = config.quality, config.sampler
@@ -181,7 +181,7 @@ def _open_results(output_uri: str, storage_options: Mapping[str, Any] | None) ->
     """bif.zarr as a Dask-backed Dataset; an empty Dataset when it is missing (results_shape then fails)."""
     import xarray as xr
 
-    from bif.storage import join
+    from bif.store.fs import join
 
     try:
         return xr.open_zarr(join(output_uri, S.BIF_ZARR), storage_options=dict(storage_options or {}) or None,

@@ -38,7 +38,7 @@ def as_scores(tau: np.ndarray | torch.Tensor, *, name: str, attrs: dict[str, Any
 
 
 def bif_scores(bif: np.ndarray, bif_corr: np.ndarray) -> xr.Dataset:
-    """The BIF pair from ``tasks.moments.bif_in_memory`` as a Dataset in the bif.zarr layout."""
+    """The BIF pair from ``bif.moments.bif_in_memory`` as a Dataset in the bif.zarr layout."""
     return xr.Dataset({"bif": as_scores(bif, name="bif"), "bif_corr": as_scores(bif_corr, name="bif_corr")})
 
 

@@ -34,20 +34,20 @@ problem and the fix)."""
 
 def _cmd_run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    from flows.runtime import configure_terminal
+    from bif.flows.runtime import configure_terminal
 
     configure_terminal(verbose=args.verbose)  # before Prefect is imported
     from bif.config import load_config
-    from bif.prefect_server import prefect_api, quiet_prefect_env
+    from bif.flows.prefect_server import prefect_api, quiet_prefect_env
 
     overrides = list(args.set or []) + (["quality.allow_warnings=true"] if args.allow_warnings else [])
     cfg = load_config(args.config, overrides=overrides, output=args.output)
-    from tasks.pipeline import preflight
+    from bif.tasks.pipeline import preflight
     preflight(cfg)  # output, problem, checkpoint, losses at w*, identity, lease: in seconds, before any server
     quiet_prefect_env()
-    from bif.storage import check_writable
-    from flows.attribution import run_attribution
-    from flows.runtime import dask_cluster
+    from bif.store.fs import check_writable
+    from bif.flows.attribution import run_attribution
+    from bif.flows.runtime import dask_cluster
 
     check_writable(cfg.output, cfg.storage_options)  # fail before paying for a server and a cluster
     # -- pre-flight checks (config, problem, checkpoint; seconds) go here, before the server and cluster --
@@ -61,7 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                    cluster_startup_seconds=startup)
     wall: float | None = time.perf_counter() - t_start
     if manifest.get("skipped"):
-        from bif.manifest import read_manifest
+        from bif.store.manifest import read_manifest
 
         print(f"run at {cfg.output} is already complete; nothing to do (it is shown below)")
         manifest, wall = read_manifest(cfg.output, cfg.storage_options) or manifest, None
@@ -121,8 +121,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bif import schema as S
-    from bif.manifest import require_complete
-    from bif.storage import get_fs, join
+    from bif.store.manifest import require_complete
+    from bif.store.fs import get_fs, join
 
     require_complete(args.output)
     fs, root = get_fs(args.output)
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its default and description")
     k.set_defaults(func=_cmd_keys)
 
-    for module in ("bif.cli_report", "bif.cli_lds"):
+    for module in ("bif.flows.cli_report", "bif.flows.cli_lds"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:

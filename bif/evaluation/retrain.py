@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from bif.errors import ProblemError
-from bif.lds import retrain_seed
+from bif.evaluation.lds import retrain_seed
 from bif.problem import Problem
 
 
@@ -27,7 +27,7 @@ def subset_dataset(ds: Dataset, indices: np.ndarray) -> Dataset:
 @torch.no_grad()
 def query_losses(problem: Problem, model: torch.nn.Module, *, batch_size: int = 4096) -> np.ndarray:
     """Per-sample losses of every query example under ``model``: (n_query,) float64."""
-    from bif.baselines.common import batches
+    from bif.evaluation.baselines.common import batches
 
     dtype = next(model.parameters()).dtype
     out = [problem.loss(model, b).detach().to(torch.float64) for b in batches(problem.query, batch_size, dtype)]
@@ -37,7 +37,7 @@ def query_losses(problem: Problem, model: torch.nn.Module, *, batch_size: int = 
 def retrain_query_losses(problem: Problem, mask: np.ndarray, seed: int) -> np.ndarray:
     """Train a fresh model on train[mask] with ``problem.fit(subset, seed)``; its query losses (n_query,).
 
-    ``mask`` is a boolean (n_train,) row of :func:`bif.lds.draw_subsets`.
+    ``mask`` is a boolean (n_train,) row of :func:`bif.evaluation.lds.draw_subsets`.
     """
     if problem.fit is None:
         raise ProblemError("problem has no fit(dataset, seed) -> nn.Module; the LDS benchmark needs it to retrain "

@@ -1,7 +1,7 @@
 """Storage of the LDS benchmark: retrained losses (the ground truth) and scores, as Parquet.
 
 Layout under ``<output>/lds/<key>/`` where ``key`` is
-:meth:`bif.lds_config.LDSSettings.ground_truth_key` (a hash of problem, problem_args,
+:meth:`bif.evaluation.settings.LDSSettings.ground_truth_key` (a hash of problem, problem_args,
 α, M, seeds and root seed; not of the checkpoint nor the methods):
 
 ```
@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bif.lds import LDSResult, draw_subsets, lds, retrain_seed
-from bif.lds_config import LDSSettings
+from bif.evaluation.lds import LDSResult, draw_subsets, lds, retrain_seed
+from bif.evaluation.settings import LDSSettings
 from bif.problem import Problem, load_problem
-from bif.storage import atomic_write, get_fs, join, read_json, write_json
-from tasks.retrain import GroundTruth
-from tasks.scoring import Scored
+from bif.store.fs import atomic_write, get_fs, join, read_json, write_json
+from bif.evaluation.retrain import GroundTruth
+from bif.evaluation.scoring import Scored
 
 # Parquet column names, defined once
 SUBSET = "subset"

@@ -16,7 +16,7 @@ Gates (the keys of ``config.quality.severity``):
 - ``results_finite`` / ``results_corr_range`` / ``results_self_influence`` on per-chunk
   aggregates computed by Dask (non-finite count, min, max), never on n_train x n_query
   rows in pandas; the self-influence diagonal -Var(l_i) <= 0. ``bif_corr`` must be finite
-  everywhere: a constant loss trace gives 0 there (see :mod:`tasks.covariance`), not NaN.
+  everywhere: a constant loss trace gives 0 there (see :mod:`bif.tasks.covariance`), not NaN.
 - ``traces_constant`` (default severity ``warning``): per split, the share of samples whose
   loss trace is constant over all draws (``bif.zarr``'s ``train_constant`` /
   ``query_constant``) is at most ``quality.max_constant_share``. Constant traces are a
@@ -25,7 +25,7 @@ Gates (the keys of ``config.quality.severity``):
 
 Traces are checked either row by row (:func:`check_trace_block`, GE on the rows of a
 block) or, cheaply at any scale, on per-block aggregates (:func:`check_trace_stats` over
-:func:`tasks.aggregates.trace_block_stats`): both name the gate and the offending
+:func:`bif.quality.aggregates.trace_block_stats`): both name the gate and the offending
 chain / draw / split / sample.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
-from tasks.aggregates import chunk_stats_tasks
-from tasks.expectations import Check, GateResult, validate
+from bif.quality.aggregates import chunk_stats_tasks
+from bif.quality.expectations import Check, GateResult, validate
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -149,7 +149,7 @@ def check_trace_block(df: pd.DataFrame, *, chain: int, num_draws_expected_in_blo
 
 def check_trace_stats(stats: pd.DataFrame, *, severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
                       ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
-    """The trace gates on per-block aggregates: one row per trace file from :func:`tasks.aggregates.trace_block_stats`.
+    """The trace gates on per-block aggregates: one row per trace file from :func:`bif.quality.aggregates.trace_block_stats`.
 
     Cheap at any scale (the rows were counted in numpy); each failure names the chain,
     block and the first offending (draw, split, sample).
@@ -257,7 +257,7 @@ def _ids(ds: "xr.Dataset", dim: str, n: int) -> np.ndarray:
 
 def constant_trace_counts(ds: "xr.Dataset") -> dict[str, dict[str, float | int]] | None:
     """Number, total and share of constant-trace samples per split from bif.zarr's flags; None if absent."""
-    from tasks.covariance import constant_counts
+    from bif.tasks.covariance import constant_counts
 
     flags = {dim: np.asarray(ds[S.constant_var(dim)].values, dtype=bool)
              for dim in (S.TRAIN_DIM, S.QUERY_DIM) if S.constant_var(dim) in ds.data_vars}

@@ -6,7 +6,7 @@ torch build: install kronfluence with ``pip install --no-deps kronfluence==1.0.1
 other requirements, or remove torchvision afterwards). kronfluence's pairwise score is s[q, i] = ∇φ_qᵀ (F̂ + λI)⁻¹ ∇ℓ_i, with F̂
 the EK-FAC approximation of the (here: empirical) Fisher of the mean training loss;
 a positive s means training on i *lowers* φ_q. As for the classical influence function
-(:mod:`bif.baselines.influence`),
+(:mod:`bif.evaluation.baselines.influence`),
 
     τ[i, q] = -(1/n) · s[q, i],   τ > 0: including i raises q's loss.
 
@@ -23,7 +23,7 @@ import warnings
 import torch
 import xarray as xr
 
-from bif.baselines.common import as_scores
+from bif.evaluation.baselines.common import as_scores
 from bif.problem import Problem
 
 

@@ -22,7 +22,7 @@ import time
 import torch
 import xarray as xr
 
-from bif.baselines.common import as_scores, batches
+from bif.evaluation.baselines.common import as_scores, batches
 from bif.problem import Problem
 
 

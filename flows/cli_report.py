@@ -1,6 +1,6 @@
 """``bif report <uri>``: regenerate a run's self-contained ``report.html``.
 
-``register(subparsers)`` adds the subcommand to the main argparse parser (bif/cli.py).
+``register(subparsers)`` adds the subcommand to the main argparse parser (flows/cli.py).
 With ``--problem-from-config`` the problem named in ``<uri>/config.json`` is rebuilt
 (factory, problem_args, checkpoint) so the report can draw the examples themselves
 (images for digits, snippets for text); if that fails, the report is written without them.
@@ -20,7 +20,7 @@ from bif.errors import BifError, StorageError
 def problem_from_config(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
     """The problem of the run at ``uri``, rebuilt from its config.json; None (with a note on stderr) if impossible."""
     from bif.problem import load_problem
-    from bif.storage import get_fs, join, read_json
+    from bif.store.fs import get_fs, join, read_json
 
     fs, root = get_fs(uri, storage_options)
     data = read_json(fs, join(root, S.CONFIG_FILE))
@@ -39,7 +39,7 @@ def problem_from_config(uri: str, storage_options: Mapping[str, Any] | None = No
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from bif.report import write_report
-    from bif.storage import get_fs, join
+    from bif.store.fs import get_fs, join
 
     try:
         opts = json.loads(args.storage_options) if args.storage_options else {}
@@ -71,7 +71,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m bif.cli_report <uri>``), for when bif/cli.py is not at hand."""
+    """Stand-alone entry point (``python -m bif.flows.cli_report <uri>``), for when flows/cli.py is not at hand."""
     parser = argparse.ArgumentParser(prog="bif")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])

@@ -172,7 +172,7 @@ def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, A
 def _read_split(fs: Any, files: list[tuple[int, int, str]], *, split: str, start: int, stop: int,
                 num_chains: int) -> np.ndarray:
     """Traces of samples [start, stop) of ``split``: (chains, draws, stop - start), cut to the shortest chain."""
-    from tasks.traces import read_losses
+    from bif.store.traces import read_losses
 
     per_chain: list[list[np.ndarray]] = [[] for _ in range(num_chains)]
     for chain, _, path in files:
@@ -184,7 +184,7 @@ def _read_split(fs: Any, files: list[tuple[int, int, str]], *, split: str, start
 
 def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int]:
     """Diagnostics and MCSE of one block of train samples (a picklable unit of work for map_fn)."""
-    from bif.storage import get_fs
+    from bif.store.fs import get_fs
 
     output_uri, storage_options, files, start, stop, num_chains, query, num_batches, keep, seed = job
     fs, _ = get_fs(output_uri, storage_options)
@@ -219,8 +219,8 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     (quantiles over train x query pairs, from a seeded subsample of at most 200,000 pairs,
     and the fraction of pairs with |BIF| > 2 MCSE) uses the same samples.
     """
-    from bif.storage import atomic_write, get_fs, join
-    from tasks.traces import TraceStore, read_layout
+    from bif.store.fs import atomic_write, get_fs, join
+    from bif.store.traces import TraceStore, read_layout
 
     t0 = time.perf_counter()
     store = TraceStore(output_uri, dict(storage_options or {}))

@@ -1,7 +1,7 @@
 """Choosing the SGLD settings (step size ε, nβ, γ) from diagnostics and a cheap LDS: the pure parts.
 
-No Prefect, Dask, torch or fsspec here; :mod:`tasks.calibration` runs the chains and
-:mod:`flows.calibrate` wires the sweep.
+No Prefect, Dask, torch or fsspec here; :mod:`bif.evaluation.calibration` runs the chains and
+:mod:`bif.flows.calibrate` wires the sweep.
 
 Defaults, and why (measured on the digits MLP, see README "Calibration"):
 

@@ -12,7 +12,7 @@ import time
 
 
 def _load(args: argparse.Namespace):
-    from flows.runtime import configure_terminal
+    from bif.flows.runtime import configure_terminal
 
     configure_terminal(verbose=args.verbose)  # before Prefect is imported
     from bif.config import load_config
@@ -62,14 +62,14 @@ def _flow_errors(what: str):
 def cmd_lds(args: argparse.Namespace) -> int:
     """Run the LDS flow and print one line per method."""
     cfg = _load(args)
-    from bif.lds_config import LDSSettings, MethodOptions
-    from bif.prefect_server import prefect_api
+    from bif.evaluation.settings import LDSSettings, MethodOptions
+    from bif.flows.prefect_server import prefect_api
 
     with _flow_errors("lds"):
         settings = LDSSettings(alpha=args.alpha, num_subsets=args.num_subsets, num_seeds=args.num_seeds,
                                seed=args.seed, methods=tuple(m for m in args.methods.split(",") if m),
                                options=MethodOptions(damping=args.damping))
-    from flows.lds import run_lds
+    from bif.flows.lds import run_lds
 
     t0 = time.perf_counter()
     with prefect_api() as ready:
@@ -92,13 +92,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     import yaml
 
-    from bif.lds_config import CalibrationSettings
-    from bif.prefect_server import prefect_api
+    from bif.evaluation.settings import CalibrationSettings
+    from bif.flows.prefect_server import prefect_api
 
     with _flow_errors("calibrate"):
         settings = CalibrationSettings(num_subsets=args.num_subsets, num_draws=args.num_draws,
                                        num_chains=args.num_chains, pilot_steps=args.pilot_steps)
-    from flows.calibrate import run_calibration
+    from bif.flows.calibrate import run_calibration
 
     t0 = time.perf_counter()
     with prefect_api() as ready:

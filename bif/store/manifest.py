@@ -14,7 +14,7 @@ from typing import Any
 
 from bif import schema as S
 from bif.errors import IncompleteRunError
-from bif.storage import get_fs, join, read_json, write_json
+from bif.store.fs import get_fs, join, read_json, write_json
 
 _PACKAGES = ("bif-pipeline", "torch", "numpy", "prefect", "prefect-dask", "dask", "distributed", "pyarrow",
              "fsspec", "s3fs", "xarray", "zarr", "great-expectations", "arviz")

@@ -12,7 +12,7 @@ Including i (weight 1) instead of leaving it out (weight 0) is ε: 0 → 1 from 
 
     τ[i, q] = -(1/n) · ∇φ_q(θ*)ᵀ (∇²L(θ*) + λI)⁻¹ ∇ℓ_i(θ*),
 
-positive when including i raises q's loss (the sign of :mod:`bif.lds`). Leave-one-out
+positive when including i raises q's loss (the sign of :mod:`bif.evaluation.lds`). Leave-one-out
 retraining changes φ_q by about -τ[i, q]; the tests check both against retraining.
 
 Solvers for (H + λI)⁻¹ ∇φ_q (one right-hand side per query, so n_query solves):
@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import xarray as xr
 
-from bif.baselines.common import as_scores, flatten_model, hvp_fn, mean_train_loss, per_sample_grads
+from bif.evaluation.baselines.common import as_scores, flatten_model, hvp_fn, mean_train_loss, per_sample_grads
 from bif.problem import Problem
 
 Solver = Literal["explicit", "cg", "lissa"]

@@ -14,7 +14,7 @@ import time
 import torch
 import xarray as xr
 
-from bif.baselines.common import as_scores, flatten_model, per_sample_grads
+from bif.evaluation.baselines.common import as_scores, flatten_model, per_sample_grads
 from bif.problem import Problem
 
 

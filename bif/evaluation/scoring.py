@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bif.baselines.common import as_scores
+from bif.evaluation.baselines.common import as_scores
 from bif.config import CovarianceConfig, SamplerConfig
-from bif.lds_config import MethodOptions
+from bif.evaluation.settings import MethodOptions
 from bif.problem import Problem
 
 
@@ -57,32 +57,32 @@ def measure(fn: Callable[[], Any], *, interval: float = 0.005) -> tuple[Any, flo
 def bif_arrays(problem: Problem, sampler: SamplerConfig, *, pooling: str = "stack"
                ) -> tuple[np.ndarray, np.ndarray]:
     """BIF and BIF_corr (n_train, n_query) in-process: ``sample_traces`` then ``bif_in_memory``."""
-    from tasks.moments import bif_in_memory
-    from tasks.sampler import sample_traces
+    from bif.moments import bif_in_memory
+    from bif.sampling.chain import sample_traces
 
     return bif_in_memory(*sample_traces(problem, sampler), pooling=pooling)
 
 
 def _baseline(problem: Problem, method: str, opts: MethodOptions):
     if method in ("influence", "influence_cg", "influence_lissa"):
-        from bif.baselines.influence import influence_scores
+        from bif.evaluation.baselines.influence import influence_scores
 
         solver = {"influence": "explicit", "influence_cg": "cg", "influence_lissa": "lissa"}[method]
         return influence_scores(problem, damping=opts.damping, solver=solver, lissa_depth=opts.lissa_depth)
     if method == "graddot":
-        from bif.baselines.graddot import graddot_scores
+        from bif.evaluation.baselines.graddot import graddot_scores
 
         return graddot_scores(problem)
     if method == "gradcos":
-        from bif.baselines.graddot import gradcos_scores
+        from bif.evaluation.baselines.graddot import gradcos_scores
 
         return gradcos_scores(problem)
     if method == "ekfac":
-        from bif.baselines.ekfac import ekfac_scores
+        from bif.evaluation.baselines.ekfac import ekfac_scores
 
         return ekfac_scores(problem, damping=opts.ekfac_damping)
     if method == "trak":
-        from bif.baselines.trak import trak_scores
+        from bif.evaluation.baselines.trak import trak_scores
 
         return trak_scores(problem, proj_dim=opts.trak_proj_dim, lambda_reg=opts.trak_lambda_reg,
                            num_models=opts.trak_num_models)

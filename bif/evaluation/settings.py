@@ -62,7 +62,7 @@ class CalibrationSettings(BaseModel):
     num_seeds: int = Field(1, ge=1, description="Retraining seeds per subset of the cheap ground truth.")
     alpha: float = Field(0.5, gt=0, lt=1, description="Fraction of the training set in each subset.")
     seed: int = Field(0, ge=0, description="Root seed of subsets and retraining seeds.")
-    nbeta: float | None = Field(None, gt=0, description="nβ of the sweep; None: bif.calibrate.default_nbeta(n).")
+    nbeta: float | None = Field(None, gt=0, description="nβ of the sweep; None: bif.evaluation.calibrate.default_nbeta(n).")
     step_sizes: tuple[float, ...] | None = Field(
         None, description="Explicit step sizes to sweep; None: fractions of the pilot's largest stable step.")
     gammas: tuple[float, ...] | None = Field(None, description="Explicit gammas; None: (0.03, 0.1, 0.3)·nβ.")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bif.errors import RunConflictError
-from bif.storage import atomic_write, get_fs, is_local, join, storage_error
+from bif.store.fs import atomic_write, get_fs, is_local, join, storage_error
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 120.0
