@@ -184,9 +184,9 @@ def write_synthetic(root: str, *, n_train: int, n_query: int, chains: int, draws
     import torch
 
     from bif.sampling.chain import ChainState, DrawBlock
-    from bif.store.traces import TraceStore
+    from bif.store.run import RunStore
 
-    store = TraceStore(root)
+    store = RunStore(root)
     rng = np.random.default_rng(0)
     state = ChainState(step=0, num_recorded=0, params={}, precond=None, rng_cpu=torch.Generator().get_state(),
                        rng_noise=torch.Generator().get_state())
@@ -202,7 +202,7 @@ def write_synthetic(root: str, *, n_train: int, n_query: int, chains: int, draws
                             steps=np.arange(per_block), distance=np.zeros(per_block), state=state)
             store.write_block(blk, block_index=b, ref_train_loss_mean=1.0)
             del tr, qu, blk
-    return store.block_files()
+    return store.blocks()
 
 
 def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, train_block: int,
@@ -211,18 +211,20 @@ def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, tra
     under key "cfg"), also time the quality gates and diagnostics on the same cluster."""
     from distributed import Client, LocalCluster
 
+    from bif.config import CovarianceConfig
+    from bif.store.run import RunStore
     from bif.tasks.covariance import compute_bif
+
+    store, cov = RunStore(root), CovarianceConfig(train_block_size=train_block, query_block_size=query_block)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=40,
                       preload=["bif.tasks.covariance", "bif.quality.diagnostics"]) as cluster, Client(cluster) as client:
         # warm-up on the first block only (imports, zarr/xarray code paths), then time the whole reduction
-        compute_bif(root, files, storage_options={}, n_train=min(n_train, train_block), n_query=n_query,
-                    train_block=train_block, query_block=query_block, client=client)
+        compute_bif(store, cov, files, n_train=min(n_train, train_block), n_query=n_query, client=client)
         base = PeakRSS()._sample_once()
         with PeakRSS() as rss:
             t0 = time.perf_counter()
-            compute_bif(root, files, storage_options={}, n_train=n_train, n_query=n_query,
-                        train_block=train_block, query_block=query_block, client=client)
+            compute_bif(store, cov, files, n_train=n_train, n_query=n_query, client=client)
             wall = time.perf_counter() - t0
         if checks is not None:
             checks["reduce_peak_rss_gb"] = rss.peak / 2**30

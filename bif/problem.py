@@ -123,11 +123,10 @@ def load_problem(spec: str, args: Mapping[str, Any] | None = None, *, checkpoint
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """Read a whole file from a local path or fsspec URI."""
-    import fsspec
+    from bif.store.fs import read_uri
 
     try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-            return f.read()
+        return read_uri(uri, storage_options)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {uri!r} does not exist") from None
 

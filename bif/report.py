@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
-from bif.store.fs import atomic_write, get_fs, join, read_json
+from bif.store.run import RunStore
 
 SECTIONS = ("Run summary", "Quality gates", "Loss traces and distance to w*", "MCMC diagnostics", "BIF heatmap",
             "Most influential training examples")
@@ -31,50 +31,6 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
         "img{max-width:100%}.fail{color:#b00020;font-weight:bold}.ok{color:#1b7f3b;font-weight:bold}"
         ".warn{color:#b26a00;font-weight:bold}.missing{color:#777;font-style:italic}code{font-size:90%}")
-
-
-class _Run:
-    """Lazy, fault-tolerant reads of one run directory."""
-
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None, status: str | None = None):
-        self.uri, self.storage_options = uri, dict(storage_options or {})
-        self.status = status  # the run's final status when the report is written just before the manifest
-        self.fs, self.root = get_fs(uri, storage_options)
-
-    def path(self, *parts: str) -> str:
-        return join(self.root, *parts)
-
-    def json(self, *parts: str) -> Any | None:
-        return read_json(self.fs, self.path(*parts))
-
-    def parquet(self, *parts: str) -> pd.DataFrame | None:
-        import pyarrow.parquet as pq
-
-        path = self.path(*parts)
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f).to_pandas()
-
-    def health(self) -> pd.DataFrame | None:
-        paths = sorted(self.fs.glob(self.path(S.HEALTH_DIR, "*", "*.parquet")))
-        if not paths:
-            return None
-        import pyarrow.parquet as pq
-
-        frames = []
-        for p in paths:
-            with self.fs.open(p, "rb") as f:
-                frames.append(pq.read_table(f).to_pandas())
-        return pd.concat(frames, ignore_index=True).sort_values([S.CHAIN, S.DRAW])
-
-    def results(self):
-        import xarray as xr
-
-        if not self.fs.exists(self.path(S.BIF_ZARR)):
-            return None
-        return xr.open_zarr(join(self.uri, S.BIF_ZARR), storage_options=self.storage_options or None,
-                            consolidated=False)
 
 
 # --- small HTML / PNG helpers --------------------------------------------------------------
@@ -107,12 +63,12 @@ def _fmt(v: Any) -> str:
 
 
 # --- sections -------------------------------------------------------------------------------
-def _summary(run: _Run, problem: Any) -> str:
-    manifest, config = run.json(S.MANIFEST_FILE), run.json(S.CONFIG_FILE)
+def _summary(run: RunStore, problem: Any, status: str | None = None) -> str:
+    manifest, config = run.read_json(S.MANIFEST_FILE), run.read_json(S.CONFIG_FILE)
     if manifest is None and config is None:
         return _missing(f"{S.MANIFEST_FILE} and {S.CONFIG_FILE} are missing: not a bif run directory?")
     cfg = (config or {}).get("config", config or {})
-    status = run.status or (manifest or {}).get("status")
+    status = status or (manifest or {}).get("status")
     rows = [("output", run.uri), ("status", status or "unknown (no manifest)"),
             ("config hash", (config or {}).get("config_hash", (manifest or {}).get("config_hash", "")))]
     rows += [("problem", cfg.get("problem", "")), ("problem_args", cfg.get("problem_args", ""))]
@@ -124,8 +80,8 @@ def _summary(run: _Run, problem: Any) -> str:
     return body
 
 
-def _quality(run: _Run, problem: Any) -> str:
-    summary = run.json(S.QUALITY_DIR, S.QUALITY_SUMMARY_FILE)
+def _quality(run: RunStore, problem: Any) -> str:
+    summary = run.read_json(S.QUALITY_DIR, S.QUALITY_SUMMARY_FILE)
     if summary is None:
         return _missing(f"The quality gates were not run ({S.QUALITY_DIR}/{S.QUALITY_SUMMARY_FILE} is missing).")
     failed, warnings = summary.get("failed", []), summary.get("warnings", [])
@@ -138,8 +94,8 @@ def _quality(run: _Run, problem: Any) -> str:
     return out + "<p>GE's results: <code>quality/*.json</code>, readable form <code>quality/*.md</code>.</p>"
 
 
-def _traces(run: _Run, problem: Any) -> str:
-    health = run.health()
+def _traces(run: RunStore, problem: Any) -> str:
+    health = run.read_health()
     if health is None:
         return _missing(f"No sampler health files ({S.HEALTH_DIR}/) found.")
     fig, axes = _figure(1, 3, figsize=(15, 3.8))
@@ -160,8 +116,8 @@ def _traces(run: _Run, problem: Any) -> str:
     return out + _table(per_chain)
 
 
-def _diagnostics(run: _Run, problem: Any) -> str:
-    diag = run.parquet(S.DIAGNOSTICS_FILE)
+def _diagnostics(run: RunStore, problem: Any) -> str:
+    diag = run.read_table(S.DIAGNOSTICS_FILE)
     if diag is None:
         return _missing(f"No MCMC diagnostics ({S.DIAGNOSTICS_FILE} is missing).")
     fig, axes = _figure(1, 3, figsize=(15, 3.6))
@@ -187,8 +143,8 @@ def _diagnostics(run: _Run, problem: Any) -> str:
     return out + "<p>Worst-mixing samples:</p>" + _table(worst)
 
 
-def _heatmap(run: _Run, problem: Any) -> str:
-    ds = run.results()
+def _heatmap(run: RunStore, problem: Any) -> str:
+    ds = run.open_bif()
     if ds is None or S.BIF not in ds:
         return _missing(f"No results ({S.BIF_ZARR} is missing).")
     n_train, n_query = ds.sizes[S.TRAIN_DIM], ds.sizes[S.QUERY_DIM]
@@ -288,8 +244,8 @@ def _render_query(topk: pd.DataFrame, q: int, render: Callable[[str, int], Any] 
     return "\n".join(out) + "</table>"
 
 
-def _topk_section(run: _Run, problem: Any, *, num_queries: int = 3, k: int = 5) -> str:
-    topk = run.parquet(S.TOPK_FILE)
+def _topk_section(run: RunStore, problem: Any, *, num_queries: int = 3, k: int = 5) -> str:
+    topk = run.read_table(S.TOPK_FILE)
     if topk is None or topk.empty:
         return _missing(f"No top-k table ({S.TOPK_FILE} is missing).")
     render = getattr(problem, "render", None) if problem is not None else None
@@ -302,8 +258,8 @@ def _topk_section(run: _Run, problem: Any, *, num_queries: int = 3, k: int = 5) 
 def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
                       num_queries: int = 3, k: int = 5, status: str | None = None) -> str:
     """The report as an HTML string (see the module docstring). ``status`` overrides the manifest's."""
-    run = _Run(output_uri, storage_options, status)
-    builders = (_summary, _quality, _traces, _diagnostics, _heatmap,
+    run = RunStore(output_uri, storage_options or {})
+    builders = (lambda r, p: _summary(r, p, status), _quality, _traces, _diagnostics, _heatmap,
                 lambda r, p: _topk_section(r, p, num_queries=num_queries, k=k))
     body = []
     for title, build in zip(SECTIONS, builders):
@@ -327,18 +283,16 @@ def write_report(output_uri: str, storage_options: Mapping[str, Any] | None = No
     """
     text = build_report_html(output_uri, storage_options, problem=problem, num_queries=num_queries, k=k,
                              status=status)
-    fs, root = get_fs(output_uri, storage_options)
-    atomic_write(fs, join(root, S.REPORT_FILE), text.encode())
-    return join(output_uri, S.REPORT_FILE)
+    return RunStore(output_uri, storage_options or {}).write_report(text)
 
 
 def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None = None, *,
                      status: str | None = None) -> str:
     """Status, gate outcome, R-hat / ESS summary and BIF shape as Markdown (for a Prefect artifact)."""
-    run = _Run(output_uri, storage_options)
-    manifest = run.json(S.MANIFEST_FILE) or {}
+    run = RunStore(output_uri, storage_options or {})
+    manifest = run.read_json(S.MANIFEST_FILE) or {}
     lines = [f"# BIF run `{output_uri}`", "", f"**Status:** {status or manifest.get('status', 'unknown')}", ""]
-    quality = run.json(S.QUALITY_DIR, S.QUALITY_SUMMARY_FILE)
+    quality = run.read_json(S.QUALITY_DIR, S.QUALITY_SUMMARY_FILE)
     lines.append("## Quality gates")
     if quality is None:
         lines.append("_not run_")
@@ -349,7 +303,7 @@ def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None 
             detail = str(r.get("detail", "")).replace("|", "/")
             lines.append(f"- `{r.get('gate')}` {r.get('expectation')}: {detail}")
     lines += ["", "## MCMC diagnostics"]
-    diag = run.parquet(S.DIAGNOSTICS_FILE)
+    diag = run.read_table(S.DIAGNOSTICS_FILE)
     if diag is None:
         lines.append("_no diagnostics.parquet_")
     else:
@@ -360,7 +314,7 @@ def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None 
                          f"| {int((g[S.RHAT] > 1.1).sum())} | {_fmt(float(g[S.ESS_BULK].median()))} "
                          f"| {_fmt(float(g[S.ESS_TAIL].median()))} |")
     lines += ["", "## Results"]
-    ds = run.results()
+    ds = run.open_bif()
     lines.append("_no bif.zarr_" if ds is None else
                  f"bif: {ds.sizes.get(S.TRAIN_DIM)} train x {ds.sizes.get(S.QUERY_DIM)} query")
     counts = constant_counts(ds)
@@ -372,7 +326,7 @@ def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None 
 def topk_records(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, num_queries: int = 5,
                  k: int = 5) -> list[dict[str, Any]]:
     """Rows of topk.parquet for the ``num_queries`` most strongly influenced queries (for a table artifact)."""
-    topk = _Run(output_uri, storage_options).parquet(S.TOPK_FILE)
+    topk = RunStore(output_uri, storage_options or {}).read_table(S.TOPK_FILE)
     if topk is None or topk.empty:
         return []
     keep = topk[topk[S.QUERY].isin(_pick_queries(topk, num_queries)) & (topk[S.RANK] < topk[S.RANK].min() + k)]

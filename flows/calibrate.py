@@ -60,21 +60,21 @@ def _write_outputs(cfg: RunConfig, settings: CalibrationSettings, scores, best, 
 
     import yaml
 
-    from bif.store.fs import atomic_write, get_fs, join, write_json
+    from bif.store.fs import join
+    from bif.store.run import RunStore
 
-    fs, out = get_fs(cfg.output, opts)
-    root = join(out, "calibration")
+    store = RunStore(cfg.output, opts)
     block = C.sampler_block(cfg.sampler.model_dump(mode="json"), best)
-    atomic_write(fs, join(root, "sampler.yaml"), yaml.safe_dump({"sampler": block}, sort_keys=False).encode())
+    store.write_text(join("calibration", "sampler.yaml"), yaml.safe_dump({"sampler": block}, sort_keys=False))
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, "tradeoffs.png")
         C.plot_tradeoffs(scores, best, png)
         with open(png, "rb") as f:
-            atomic_write(fs, join(root, "tradeoffs.png"), f.read())
+            store.write_bytes(join("calibration", "tradeoffs.png"), f.read())
     result = {"recommended": C.as_records([best])[0], "healthy": healthy, "largest_stable_step": largest,
               "sampler": block, "scores": C.as_records(scores), "output_uri": join(cfg.output, "calibration"),
               "settings": settings.model_dump(mode="json")}
-    write_json(fs, join(root, "scores.json"), result)
+    store.write_json(join("calibration", "scores.json"), result)
     return result
 
 

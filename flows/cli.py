@@ -116,18 +116,17 @@ def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = Non
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
     from bif import schema as S
-    from bif.store.manifest import require_complete
-    from bif.store.fs import get_fs, join
+    from bif.store.run import RunStore
 
-    require_complete(args.output)
-    fs, root = get_fs(args.output)
-    with fs.open(join(root, S.TOPK_FILE), "rb") as f:
-        df = pd.read_parquet(f)
+    store = RunStore(args.output)
+    store.require_complete()
+    df = store.read_topk()
+    if df is None:
+        raise BifError(f"{args.output!r} has no {S.TOPK_FILE}; rerun the run to write it")
     sel = df[(df[S.QUERY] == args.query) & (df[S.RANK] < args.k)]
     if sel.empty:
         raise BifError(f"query {args.query} is not in {args.output} (queries 0..{int(df[S.QUERY].max())})")

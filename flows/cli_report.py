@@ -20,10 +20,9 @@ from bif.errors import BifError, StorageError
 def problem_from_config(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
     """The problem of the run at ``uri``, rebuilt from its config.json; None (with a note on stderr) if impossible."""
     from bif.problem import load_problem
-    from bif.store.fs import get_fs, join, read_json
+    from bif.store.run import RunStore
 
-    fs, root = get_fs(uri, storage_options)
-    data = read_json(fs, join(root, S.CONFIG_FILE))
+    data = RunStore(uri, storage_options or {}).read_config()
     if data is None:
         print(f"note: {uri}/{S.CONFIG_FILE} is missing; writing the report without example images", file=sys.stderr)
         return None
@@ -39,15 +38,15 @@ def problem_from_config(uri: str, storage_options: Mapping[str, Any] | None = No
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from bif.report import write_report
-    from bif.store.fs import get_fs, join
+    from bif.store.run import RunStore
 
     try:
         opts = json.loads(args.storage_options) if args.storage_options else {}
     except json.JSONDecodeError as err:
         print(f"error: --storage-options must be a JSON object, e.g. '{{\"anon\": true}}' ({err})", file=sys.stderr)
         return 2
-    fs, root = get_fs(args.uri, opts)
-    if not (fs.exists(join(root, S.MANIFEST_FILE)) or fs.exists(join(root, S.CONFIG_FILE))):
+    store = RunStore(args.uri, opts)
+    if not (store.exists(S.MANIFEST_FILE) or store.exists(S.CONFIG_FILE)):
         raise StorageError(f"{args.uri!r} holds no {S.MANIFEST_FILE} or {S.CONFIG_FILE}: is it a bif run output?")
     problem = problem_from_config(args.uri, opts) if args.problem_from_config else None
     path = write_report(args.uri, opts, problem=problem, num_queries=args.queries, k=args.k)

@@ -237,15 +237,11 @@ def _save_logs(state: Any, cfg: Any, *, address: str, name: str) -> str | None:
         pass
     try:
         text = _fetch_logs(state.state_details.flow_run_id, address)
-        from bif.store.fs import get_fs, join
+        from bif.store.run import RunStore
 
-        fs, root = get_fs(cfg.output, cfg.storage_options)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        path = join(root, "logs", f"{name}-{stamp}.log")
-        fs.makedirs(join(root, "logs"), exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(_redact(text, cfg.storage_options).encode())
-        return path
+        return RunStore(cfg.output, cfg.storage_options).write_log(f"{name}-{stamp}.log",
+                                                                   _redact(text, cfg.storage_options))
     except Exception as err:  # noqa: BLE001 - a log we cannot save must not fail a finished run
         print(f"note: could not save the run log under {cfg.output}/logs ({type(err).__name__})")
         return None

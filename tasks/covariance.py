@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.bag as db
@@ -32,9 +32,11 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
-from bif.store.fs import get_fs, join
 from bif.moments import Moments, mean_of_covariances, merge_all
-from bif.store.traces import read_losses
+from bif.store.run import BlockRef, RunStore
+
+if TYPE_CHECKING:
+    from bif.config import CovarianceConfig
 
 
 @dataclass(frozen=True)
@@ -84,17 +86,16 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def leaf_moments(root: str, storage_options: Mapping[str, Any], paths: Sequence[str], train: tuple[int, int],
+def leaf_moments(store: RunStore, refs: Sequence[BlockRef], train: tuple[int, int],
                  query: tuple[int, int]) -> Moments:
-    """Moments of a few trace files (their draws stacked) restricted to a train range and a query range.
+    """Moments of a few trace blocks (their draws stacked) restricted to a train range and a query range.
 
     Stacking files into one leaf makes one deeper GEMM instead of several thin GEMMs plus merges.
     """
     from bif.moments import from_draws
 
-    fs, _ = get_fs(root, storage_options)
-    x = np.concatenate([read_losses(fs, p, split=S.TRAIN, start=train[0], stop=train[1]) for p in paths])  # (D, a)
-    y = np.concatenate([read_losses(fs, p, split=S.QUERY, start=query[0], stop=query[1]) for p in paths])  # (D, b)
+    x = np.concatenate([store.read_losses(r, split=S.TRAIN, start=train[0], stop=train[1]) for r in refs])  # (D, a)
+    y = np.concatenate([store.read_losses(r, split=S.QUERY, start=query[0], stop=query[1]) for r in refs])  # (D, b)
     return from_draws(x, y)
 
 
@@ -158,13 +159,6 @@ def _pooled_constant(states: Moments | list[Moments], which: str) -> np.ndarray:
     return flags
 
 
-def open_bif_array(bif_uri: str, storage_options: Mapping[str, Any]):
-    """The zarr group of ``bif.zarr`` opened for region writes."""
-    import zarr
-
-    return zarr.open_group(bif_uri, mode="r+", storage_options=dict(storage_options) or None)
-
-
 def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str, dtype: np.dtype
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(bif, bif_corr) of a block in the output dtype, computed in float64 with few passes."""
@@ -185,18 +179,16 @@ def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str
     return bif, corr
 
 
-def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_options: Mapping[str, Any],
-                   train: tuple[int, int], query: tuple[int, int], ddof: int, k: int, pooling: str
-                   ) -> BlockResult:
+def finalize_block(states: Moments | list[Moments], *, store: RunStore, train: tuple[int, int],
+                   query: tuple[int, int], ddof: int, k: int, pooling: str) -> BlockResult:
     """Merged moments → bif / bif_corr block → zarr region; returns the block's top-k candidates.
 
     ``bif = -C/(n - ddof)``, ``bif_corr = -C/sqrt(m2_x m2_yᵀ)`` (0 where a trace is constant;
     see :mod:`bif.moments`).
     """
-    group = open_bif_array(bif_uri, storage_options)
-    bif, bif_corr = _negated_outputs(states, ddof=ddof, pooling=pooling, dtype=group[S.BIF].dtype)
-    group[S.BIF][train[0]:train[1], query[0]:query[1]] = bif
-    group[S.BIF_CORR][train[0]:train[1], query[0]:query[1]] = bif_corr
+    array = store.bif_array()
+    bif, bif_corr = _negated_outputs(states, ddof=ddof, pooling=pooling, dtype=array.dtype)
+    array.write_region(train, query, bif, bif_corr)
     key_t = np.ascontiguousarray(bif.T)
     ids = np.arange(train[0], train[1])
     pos = _topk(bif, bif_corr, train[0], k, largest=True, key_t=key_t, ids=ids)
@@ -205,61 +197,29 @@ def finalize_block(states: Moments | list[Moments], *, bif_uri: str, storage_opt
                        query_constant=_pooled_constant(states, "y"))
 
 
-def init_bif_store(bif_uri: str, storage_options: Mapping[str, Any], *, n_train: int, n_query: int,
-                   train_block: int, query_block: int, dtype: str, attrs: Mapping[str, Any],
-                   compress: bool = False) -> None:
-    """Create ``bif.zarr`` (coords + empty, NaN-filled arrays chunked like the blocks) without computing.
-
-    Influence values are noisy floats: zstd saves ~8% of the bytes and costs ~4x the write
-    time (measured on 4096 x 1024 float32 blocks), so compression is off unless asked for.
-    """
-    import dask.array as da
-    import xarray as xr
-
-    chunks = (min(train_block, n_train), min(query_block, n_query))
-    empty = da.full((n_train, n_query), np.nan, dtype=dtype, chunks=chunks)
-    ds = xr.Dataset(
-        {S.BIF: ((S.TRAIN_DIM, S.QUERY_DIM), empty), S.BIF_CORR: ((S.TRAIN_DIM, S.QUERY_DIM), empty)},
-        coords={S.TRAIN_DIM: np.arange(n_train, dtype=np.int64), S.QUERY_DIM: np.arange(n_query, dtype=np.int64)},
-        attrs=dict(attrs),
-    )
-    ds[S.BIF].attrs["description"] = "-Cov(train loss_i, query loss_j) over SGLD draws; >0: upweighting i raises j's loss"
-    ds[S.BIF_CORR].attrs["description"] = ("-Corr(train loss_i, query loss_j) over SGLD draws; 0 where either "
-                                           "trace is constant (train_constant / query_constant)")
-    for dim, n in ((S.TRAIN_DIM, n_train), (S.QUERY_DIM, n_query)):
-        ds[S.constant_var(dim)] = ((dim,), da.zeros(n, dtype=bool, chunks=max(1, n)))
-        ds[S.constant_var(dim)].attrs["description"] = (
-            f"True where the {dim} sample's loss trace is constant over all draws (zero variance): its bif is 0 "
-            "and its bif_corr is defined as 0")
-    encoding = None if compress else {S.BIF: {"compressors": None}, S.BIF_CORR: {"compressors": None}}
-    ds.to_zarr(bif_uri, mode="w", compute=False, storage_options=dict(storage_options) or None,
-               consolidated=False, zarr_format=3, encoding=encoding)
-
-
-def build_graph(files: Sequence[tuple[int, int, str]], *, root: str, storage_options: Mapping[str, Any],
-                bif_uri: str, n_train: int, n_query: int, train_block: int, query_block: int,
-                split_every: int, pooling: str, ddof: int, k: int, files_per_leaf: int = 1) -> list[Any]:
+def build_graph(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockRef], *, n_train: int,
+                n_query: int, files_per_leaf: int = 1) -> list[Any]:
     """One dask Delayed per output block; each evaluates to a BlockResult.
 
-    Leaves read ``files_per_leaf`` consecutive files (of one chain when pooling per chain).
+    Leaves read ``files_per_leaf`` consecutive blocks (of one chain when pooling per chain).
     """
     if not files:
         raise ValueError("no committed trace blocks to reduce")
-    so = dict(storage_options)
+    pooling = cov.pooling
     finals = []
-    for tr in _ranges(n_train, train_block):
-        for qr in _ranges(n_query, query_block):
-            groups = [files] if pooling == "stack" else [[f for f in files if f[0] == c] for c in sorted({f[0] for f in files})]
+    for tr in _ranges(n_train, cov.train_block_size):
+        for qr in _ranges(n_query, cov.query_block_size):
+            groups = [list(files)] if pooling == "stack" else [
+                [f for f in files if f.chain == c] for c in sorted({f.chain for f in files})]
             states = []
             for group in groups:
-                paths = [p for _, _, p in group]
-                chunks = [paths[i:i + files_per_leaf] for i in range(0, len(paths), files_per_leaf)]
+                chunks = [group[i:i + files_per_leaf] for i in range(0, len(group), files_per_leaf)]
                 bag = db.from_sequence(chunks, npartitions=len(chunks))
-                leaves = bag.map(lambda ps, tr=tr, qr=qr: leaf_moments(root, so, ps, tr, qr))
-                states.append(leaves.reduction(merge_all, merge_all, split_every=split_every).to_delayed())
+                leaves = bag.map(lambda refs, tr=tr, qr=qr: leaf_moments(store, refs, tr, qr))
+                states.append(leaves.reduction(merge_all, merge_all, split_every=cov.split_every).to_delayed())
             state = states[0] if pooling == "stack" else dask.delayed(list)(states)
-            finals.append(dask.delayed(finalize_block)(state, bif_uri=bif_uri, storage_options=so, train=tr,
-                                                       query=qr, ddof=ddof, k=k, pooling=pooling))
+            finals.append(dask.delayed(finalize_block)(state, store=store, train=tr, query=qr, ddof=cov.ddof,
+                                                       k=cov.topk, pooling=pooling))
     return finals
 
 
@@ -300,32 +260,26 @@ def merge_topk(results: Sequence[BlockResult], *, n_query: int, k: int, n_train:
     return df.sort_values([S.QUERY, S.DIRECTION, S.RANK], ignore_index=True)[list(S.TOPK_COLUMNS)]
 
 
-def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_options: Mapping[str, Any],
-                n_train: int, n_query: int, train_block: int, query_block: int, split_every: int = 8,
-                pooling: str = "stack", ddof: int = 1, k: int = 20, dtype: str = "float32",
-                client: Any = None, max_in_flight: int | None = None, attrs: Mapping[str, Any] | None = None,
-                progress: Callable[[int, int], None] | None = None, compress: bool = False,
+def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockRef], *, n_train: int,
+                n_query: int, dtype: str = "float32", client: Any = None, max_in_flight: int | None = None,
+                attrs: Mapping[str, Any] | None = None, progress: Callable[[int, int], None] | None = None,
                 leaf_draws: int = 1024) -> CovarianceSummary:
-    """Reduce the trace files to ``<root>/bif.zarr`` and the top-k table.
+    """Reduce the committed trace blocks ``files`` of ``store`` to its ``bif.zarr`` and the top-k table.
 
-    ``files`` are (chain, block, path) of committed trace blocks. With a distributed
+    ``cov`` (the run's ``covariance`` config) sets the block sizes, tree fan-in, pooling, ddof,
+    top-k and compression; ``n_train`` / ``n_query`` are the run's sample counts. With a distributed
     ``client`` the blocks run on its cluster, at most ``max_in_flight`` output blocks at a
     time (bounding memory); otherwise Dask's local threaded scheduler runs them.
     ``progress(done, total)`` is called as blocks finish. Leaves stack about ``leaf_draws``
     draws (memory ~ leaf_draws x (train_block + query_block) x 8 bytes).
     """
-    bif_uri = join(root, S.BIF_ZARR)
-    init_bif_store(bif_uri, storage_options, n_train=n_train, n_query=n_query, train_block=train_block,
-                   query_block=query_block, dtype=dtype, attrs=attrs or {}, compress=compress)
+    k = cov.topk
+    store.create_bif(n_train=n_train, n_query=n_query, train_block=cov.train_block_size,
+                     query_block=cov.query_block_size, dtype=dtype, attrs=attrs or {}, compress=cov.compress)
     if not files:
         raise ValueError("no committed trace blocks to reduce")
-    from bif.store.traces import read_layout
-
-    fs, _ = get_fs(root, storage_options)
-    draws_per_file = max(1, read_layout(fs, files[0][2]).num_draws)
-    finals = build_graph(files, root=root, storage_options=storage_options, bif_uri=bif_uri, n_train=n_train,
-                         n_query=n_query, train_block=train_block, query_block=query_block,
-                         split_every=split_every, pooling=pooling, ddof=ddof, k=k,
+    draws_per_file = max(1, store.read_layout(files[0]).num_draws)
+    finals = build_graph(store, cov, files, n_train=n_train, n_query=n_query,
                          files_per_leaf=max(1, leaf_draws // draws_per_file))
     total = len(finals)
     results: list[BlockResult] = []
@@ -354,8 +308,6 @@ def compute_bif(root: str, files: Sequence[tuple[int, int, str]], *, storage_opt
     for r in results:
         train_constant[r.train_start:r.train_start + len(r.train_constant)] = r.train_constant
         query_constant[r.query_start:r.query_start + len(r.query_constant)] = r.query_constant
-    group = open_bif_array(bif_uri, storage_options)
-    group[S.constant_var(S.TRAIN_DIM)][:] = train_constant
-    group[S.constant_var(S.QUERY_DIM)][:] = query_constant
-    return CovarianceSummary(n_train=n_train, n_query=n_query, num_blocks=total, bif_uri=bif_uri, topk=topk,
+    store.bif_array().write_constant_flags(train_constant, query_constant)
+    return CovarianceSummary(n_train=n_train, n_query=n_query, num_blocks=total, bif_uri=store.bif_uri, topk=topk,
                              train_constant=train_constant, query_constant=query_constant)

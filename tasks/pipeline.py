@@ -10,18 +10,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from bif import schema as S
 from bif.config import RunConfig
 from bif.errors import BifError, ProblemError, RunConflictError
-from bif.store.manifest import package_versions, read_manifest, update_manifest
 from bif.problem import Problem, load_checkpoint, load_problem, model_hash, tensors_hash
-from bif.store.fs import atomic_write, check_writable, get_fs, join, read_json, storage_guard, write_json
 from bif.sampling.chain import SGLDChain, resolve_device
-from bif.store.traces import TraceStore
+from bif.store.fs import check_writable, storage_guard
+from bif.store.manifest import package_versions
+from bif.store.run import RunStore
 
 ProgressFn = Callable[[int, int, int], None]  # (chain, draws_done, num_draws)
 
@@ -76,8 +74,9 @@ def materialize_problem(cfg: RunConfig) -> tuple[Problem, str | None]:
     return problem, ckpt
 
 
-def trace_store(cfg: RunConfig) -> TraceStore:
-    return TraceStore(cfg.output, storage_options=cfg.storage_options, loss_dtype=cfg.sampler.trace_dtype)
+def run_store(cfg: RunConfig) -> RunStore:
+    """The RunStore of ``cfg.output``."""
+    return RunStore.of(cfg)
 
 
 #: The identity of a run's inputs, beyond its config hash (stored in config.json and manifest.json):
@@ -108,11 +107,11 @@ def run_identity(problem: Problem, ckpt: str | None, chain: SGLDChain) -> dict[s
 
 def stored_identity(cfg: RunConfig) -> dict[str, Any] | None:
     """The identity recorded by the run already at ``cfg.output`` (config.json, else manifest.json)."""
-    fs, root = get_fs(cfg.output, cfg.storage_options)
-    existing = read_json(fs, join(root, S.CONFIG_FILE)) or {}
+    store = run_store(cfg)
+    existing = store.read_config() or {}
     if isinstance(existing.get("identity"), dict):
         return existing["identity"]
-    manifest = read_manifest(cfg.output, cfg.storage_options) or {}
+    manifest = store.manifest() or {}
     old = {k: manifest[k] for k in IDENTITY_KEYS if k in manifest}
     return old or None
 
@@ -192,9 +191,9 @@ def _inspect(cfg: RunConfig) -> _Inspection:
 
 def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     check_writable(cfg.output, cfg.storage_options)
-    fs, root = get_fs(cfg.output, cfg.storage_options)
+    store = run_store(cfg)
     cfg_hash = cfg.hash()
-    existing = read_json(fs, join(root, S.CONFIG_FILE))
+    existing = store.read_config()
     if existing is not None and existing.get("config_hash") != cfg_hash:
         raise RunConflictError(
             f"output {cfg.output!r} holds a run with config hash {existing.get('config_hash')} but this config "
@@ -206,7 +205,7 @@ def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     identity = run_identity(problem, ckpt, chain)
     check_identity(cfg, identity, stored_identity(cfg), where="refusing to reuse the output")
     check_reference_losses(problem, ref_train, ref_query)
-    manifest = read_manifest(cfg.output, cfg.storage_options) or {}
+    manifest = store.manifest() or {}
     done = manifest.get("status") == S.STATUS_COMPLETE and manifest.get("config") == cfg.public_dict()
     info = RunInfo(config_hash=cfg_hash, n_train=len(problem.train), n_query=len(problem.query),
                    checkpoint_sha256=ckpt, model_sha256=identity["model_sha256"],
@@ -224,23 +223,19 @@ def preflight(cfg: RunConfig) -> RunInfo:
     problem, loads the checkpoint, computes the losses at w* and checks them and the run's
     identity. Writes nothing; the flow's prepare step checks all of it again.
     """
-    from bif.store.lease import check_lease
-
     if cfg.output.startswith("memory://"):
         from bif.errors import ConfigError
 
         raise ConfigError("output memory:// lives in one process and Dask workers cannot see it; "
                           "use a local path or s3:// for runs (memory:// serves tests of the trace store)")
     info = _inspect(cfg).info
-    check_lease(cfg.output, cfg.storage_options)
+    run_store(cfg).check_lease()
     return info
 
 
 def acquire_lease(cfg: RunConfig):
     """Take the output's lease (bif.store.lease.OutputLease); OutputBusyError if a live run holds it."""
-    from bif.store.lease import OutputLease
-
-    return OutputLease(cfg.output, dict(cfg.storage_options)).acquire()
+    return run_store(cfg).lease().acquire()
 
 
 @_storage_errors
@@ -249,15 +244,14 @@ def prepare_run(cfg: RunConfig) -> RunInfo:
 
     Refusals (RunConflictError, a bad problem or checkpoint) write nothing.
     """
-    fs, root = get_fs(cfg.output, cfg.storage_options)
+    store = run_store(cfg)
     ins = _inspect(cfg)
     info = ins.info
     if info.already_complete:
         return info
-    write_json(fs, join(root, S.CONFIG_FILE), {"config_hash": info.config_hash, "config": cfg.public_dict(),
-                                                "identity": ins.identity})
-    trace_store(cfg).write_reference(ins.ref_train, ins.ref_query)
-    update_manifest(cfg.output, cfg.storage_options, status=S.STATUS_RUNNING, config=cfg.public_dict(),
+    store.write_config({"config_hash": info.config_hash, "config": cfg.public_dict(), "identity": ins.identity})
+    store.write_reference(ins.ref_train, ins.ref_query)
+    store.update_manifest(status=S.STATUS_RUNNING, config=cfg.public_dict(),
                     config_hash=info.config_hash, **ins.identity,
                     n_train=info.n_train, n_query=info.n_query, packages=package_versions(), error=None,
                     started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -293,7 +287,7 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
     # after the checkpoint or the data changed; its blocks must never mix with the old ones.
     check_identity(cfg, run_identity(problem, ckpt, sampler), stored_identity(cfg),
                    where=f"chain {chain} refuses to resume")
-    store = trace_store(cfg)
+    store = run_store(cfg)
     state, done_blocks = store.load_resume_state(chain)
     skip = 0
     if state is not None:
@@ -335,19 +329,14 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
     """Reduce all committed traces to bif.zarr and topk.parquet; returns the CovarianceSummary."""
     from bif.tasks.covariance import compute_bif
 
-    store = trace_store(cfg)
-    files = store.block_files(num_chains=cfg.sampler.num_chains)
+    store = run_store(cfg)
+    files = store.blocks(num_chains=cfg.sampler.num_chains)
     store.verify_blocks(files)  # StorageError naming a damaged file; a rerun redoes it
     cv = cfg.covariance
-    summary = compute_bif(cfg.output, files, storage_options=cfg.storage_options, n_train=info.n_train,
-                          n_query=info.n_query, train_block=cv.train_block_size, query_block=cv.query_block_size,
-                          split_every=cv.split_every, pooling=cv.pooling, ddof=cv.ddof, k=cv.topk,
-                          client=client, progress=progress, compress=cv.compress,
+    summary = compute_bif(store, cv, files, n_train=info.n_train, n_query=info.n_query, client=client,
+                          progress=progress,
                           attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
-    fs, root = get_fs(cfg.output, cfg.storage_options)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(summary.topk, preserve_index=False), sink)
-    atomic_write(fs, join(root, S.TOPK_FILE), sink.getvalue().to_pybytes())
+    store.write_topk(summary.topk)
     return summary
 
 
@@ -356,7 +345,7 @@ def check_traces_complete(cfg: RunConfig) -> None:
     """Every chain has all its draws committed; else IncompleteRunError naming the chain."""
     from bif.errors import IncompleteRunError
 
-    store = trace_store(cfg)
+    store = run_store(cfg)
     s = cfg.sampler
     expected = -(-s.num_draws // s.draws_per_block)
     for c in range(s.num_chains):
@@ -369,8 +358,8 @@ def check_traces_complete(cfg: RunConfig) -> None:
 def finish_run(cfg: RunConfig, info: RunInfo, *, timings: dict[str, float], extra: dict[str, Any] | None = None
                ) -> dict[str, Any]:
     """Write the manifest with status complete: the last write of a run."""
-    return update_manifest(cfg.output, cfg.storage_options, status=S.STATUS_COMPLETE, timings=timings,
-                           run_info=asdict(info), **(extra or {}))
+    return run_store(cfg).update_manifest(status=S.STATUS_COMPLETE, timings=timings, run_info=asdict(info),
+                                          **(extra or {}))
 
 
 def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILED, attempts: int = 5,
@@ -390,7 +379,7 @@ def fail_run(cfg: RunConfig, err: BaseException, *, status: str = S.STATUS_FAILE
     delay = backoff_s
     for attempt in range(attempts):
         try:
-            update_manifest(cfg.output, cfg.storage_options, status=status,
+            run_store(cfg).update_manifest(status=status,
                             error=redact(f"{type(err).__name__}: {err}", cfg.storage_options), **fields)
             return
         except Exception:  # noqa: BLE001 - the original error matters more

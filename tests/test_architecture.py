@@ -100,3 +100,39 @@ def test_library_is_free_of_orchestration():
 def test_tasks_never_import_the_flows():
     """Rule 3."""
     assert _hits("tasks", ("bif.flows",)) == []
+
+
+_STORE_IMPORTS = ("pyarrow.parquet", "zarr")
+_STORE_CALLS = ("read_parquet", "to_parquet", "to_zarr", "open_zarr", "get_fs")
+
+
+def _storage_uses(path: Path) -> list[str]:
+    """Parquet / Zarr imports and calls, ``pq.`` uses and ``get_fs`` calls in one file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = [f"imports {m}" for m in sorted(_imports(path)) if any(m == b or m.startswith(b + ".") for b in _STORE_IMPORTS)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else None
+            if name in _STORE_CALLS:
+                found.append(f"calls {name}() at line {node.lineno}")
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pq":
+            found.append(f"uses pq.{node.attr} at line {node.lineno}")
+    return found
+
+
+def test_one_run_store_owns_parquet_and_zarr():
+    """Rule 4: only bif/store/ touches Parquet or Zarr, or resolves a filesystem (get_fs); everything
+    else goes through bif.store.RunStore (or bif.store.tables for tables outside a run)."""
+    bad = []
+    for folder in ("bif", "tasks", "flows"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if rel.parts[:2] == ("bif", "store"):
+                continue
+            bad += [f"{rel} {use}" for use in _storage_uses(path)]
+    assert bad == []
+    # the scan sees what it looks for: the store itself does all of it
+    store_uses = " ".join(u for p in sorted((REPO / "bif" / "store").rglob("*.py")) for u in _storage_uses(p))
+    for what in ("imports pyarrow.parquet", "imports zarr", "calls to_zarr()", "calls open_zarr()", "calls get_fs()"):
+        assert what in store_uses, what

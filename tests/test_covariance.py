@@ -8,12 +8,12 @@ import pytest
 import xarray as xr
 
 from bif import schema as S
-from bif.config import SamplerConfig
+from bif.config import CovarianceConfig, SamplerConfig
 from bif.examples import linear
 from bif.tasks.covariance import compute_bif
 from bif.moments import bif_in_memory
 from bif.sampling.chain import SGLDChain
-from bif.store.traces import TraceStore
+from bif.store.run import RunStore
 
 N_TRAIN, N_QUERY, CHAINS, DRAWS = 23, 7, 3, 24
 
@@ -22,7 +22,7 @@ def _write_run(root, draws_per_block, storage_options=None):
     prob = linear.build(n=N_TRAIN, d=3, m=N_QUERY, seed=5)
     s = SamplerConfig(num_chains=CHAINS, num_draws=DRAWS, num_burnin_steps=5, steps_per_draw=2,
                       step_size=2e-3, gamma=5.0, batch_size=8, seed=11)
-    store = TraceStore(root, storage_options=storage_options or {}, loss_dtype="float64")
+    store = RunStore(root, storage_options=storage_options or {}, loss_dtype="float64")
     train, query = [], []
     for c in range(CHAINS):
         blocks = list(SGLDChain(prob, s, chain=c).run(num_draws=DRAWS, draws_per_block=draws_per_block))
@@ -42,18 +42,24 @@ def run_dirs(tmp_path_factory):
     return out
 
 
-def _reduce(root, files, **kw):
-    args = dict(storage_options={}, n_train=N_TRAIN, n_query=N_QUERY, train_block=N_TRAIN,
-                query_block=N_QUERY, split_every=8, pooling="stack", ddof=1, k=5, dtype="float64",
+def _cov(train_block, query_block, *, split_every=8, pooling="stack", ddof=1, k=5, compress=False):
+    return CovarianceConfig(train_block_size=train_block, query_block_size=query_block, split_every=split_every,
+                            pooling=pooling, ddof=ddof, topk=k, compress=compress)
+
+
+def _reduce(root, files, *, train_block=N_TRAIN, query_block=N_QUERY, split_every=8, pooling="stack", ddof=1, k=5,
+            compress=False, **kw):
+    cov = _cov(train_block, query_block, split_every=split_every, pooling=pooling, ddof=ddof, k=k, compress=compress)
+    args = dict(n_train=N_TRAIN, n_query=N_QUERY, dtype="float64",
                 leaf_draws=1)  # one file per leaf, so merges and tree shapes are exercised
-    summary = compute_bif(root, files, **(args | kw))
+    summary = compute_bif(RunStore(root), cov, files, **(args | kw))
     with xr.open_zarr(summary.bif_uri, consolidated=False) as ds:
         return ds.load(), summary
 
 
 def test_matches_in_memory_covariance(run_dirs):
     root, store, train, query = run_dirs[5]
-    ds, summary = _reduce(root, store.block_files())
+    ds, summary = _reduce(root, store.blocks())
     ref_bif, ref_corr = bif_in_memory(train, query)
     np.testing.assert_allclose(ds[S.BIF].values, ref_bif, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(ds[S.BIF_CORR].values, ref_corr, rtol=1e-10, atol=1e-12)
@@ -67,8 +73,8 @@ def test_matches_in_memory_covariance(run_dirs):
 def test_block_sizes_and_tree_shape_do_not_change_result(run_dirs, train_block, query_block, split_every,
                                                          leaf_draws):
     root, store, train, query = run_dirs[5]
-    ref, _ = _reduce(root, store.block_files())
-    ds, summary = _reduce(root, store.block_files(), train_block=train_block, query_block=query_block,
+    ref, _ = _reduce(root, store.blocks())
+    ds, summary = _reduce(root, store.blocks(), train_block=train_block, query_block=query_block,
                           split_every=split_every, leaf_draws=leaf_draws)
     np.testing.assert_allclose(ds[S.BIF].values, ref[S.BIF].values, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(ds[S.BIF_CORR].values, ref[S.BIF_CORR].values, rtol=1e-10, atol=1e-12)
@@ -77,23 +83,23 @@ def test_block_sizes_and_tree_shape_do_not_change_result(run_dirs, train_block, 
 
 def test_compression_does_not_change_values(run_dirs):
     root, store, *_ = run_dirs[5]
-    plain, _ = _reduce(root, store.block_files())
-    packed, _ = _reduce(root, store.block_files(), compress=True)
+    plain, _ = _reduce(root, store.blocks())
+    packed, _ = _reduce(root, store.blocks(), compress=True)
     np.testing.assert_array_equal(plain[S.BIF].values, packed[S.BIF].values)
 
 
 def test_draw_chunking_and_chain_order_do_not_change_result(run_dirs):
     root_a, store_a, *_ = run_dirs[24]
     root_b, store_b, *_ = run_dirs[5]
-    a, _ = _reduce(root_a, store_a.block_files())
-    files = store_b.block_files()
+    a, _ = _reduce(root_a, store_a.blocks())
+    files = store_b.blocks()
     b, _ = _reduce(root_b, files[::-1])  # reversed chain and block order
     np.testing.assert_allclose(a[S.BIF].values, b[S.BIF].values, rtol=1e-10, atol=1e-14)
 
 
 def test_chain_mean_pooling(run_dirs):
     root, store, train, query = run_dirs[5]
-    ds, _ = _reduce(root, store.block_files(), pooling="chain_mean", train_block=6)
+    ds, _ = _reduce(root, store.blocks(), pooling="chain_mean", train_block=6)
     ref_bif, ref_corr = bif_in_memory(train, query, pooling="chain_mean")
     np.testing.assert_allclose(ds[S.BIF].values, ref_bif, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(ds[S.BIF_CORR].values, ref_corr, rtol=1e-10, atol=1e-12)
@@ -101,7 +107,7 @@ def test_chain_mean_pooling(run_dirs):
 
 def test_topk_is_global_over_blocks(run_dirs):
     root, store, train, query = run_dirs[5]
-    ds, summary = _reduce(root, store.block_files(), train_block=4, k=5)
+    ds, summary = _reduce(root, store.blocks(), train_block=4, k=5)
     bif = ds[S.BIF].values
     topk = summary.topk
     assert list(topk.columns) == list(S.TOPK_COLUMNS)
@@ -122,9 +128,8 @@ def test_reduction_on_a_real_local_cluster_and_s3(s3_bucket, run_dirs):
     store, train, query = _write_run(root, 6, storage_options=opts)
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", processes=True) as cl, \
             Client(cl) as client:
-        summary = compute_bif(root, store.block_files(), storage_options=opts, n_train=N_TRAIN, n_query=N_QUERY,
-                              train_block=5, query_block=4, split_every=2, k=3, dtype="float64", client=client,
-                              max_in_flight=3)
+        summary = compute_bif(store, _cov(5, 4, split_every=2, k=3), store.blocks(), n_train=N_TRAIN,
+                              n_query=N_QUERY, dtype="float64", client=client, max_in_flight=3)
     ds = xr.open_zarr(summary.bif_uri, storage_options=opts, consolidated=False).load()
     ref_bif, _ = bif_in_memory(train, query)
     np.testing.assert_allclose(ds[S.BIF].values, ref_bif, rtol=1e-10, atol=1e-14)
@@ -143,7 +148,7 @@ def test_constant_traces_give_zero_corr_and_flags(tmp_path, pooling):
     train[..., [0, 5]] = 0.0  # constant everywhere
     query[..., 1] = 0.0
     train[0, :, 7], train[1, :, 7] = 1.0, 2.0  # constant within each chain only: not constant when pooled
-    store = TraceStore(str(tmp_path), loss_dtype="float64")
+    store = RunStore(str(tmp_path), loss_dtype="float64")
     state = ChainState(step=0, num_recorded=0, params={}, precond=None, rng_cpu=np.zeros(1), rng_noise=np.zeros(1))
     for c in range(chains):
         for b in range(2):
@@ -151,8 +156,8 @@ def test_constant_traces_give_zero_corr_and_flags(tmp_path, pooling):
             store.write_block(DrawBlock(chain=c, draw_start=sl.start, train_losses=train[c, sl],
                                         query_losses=query[c, sl], steps=np.arange(6), distance=np.ones(6),
                                         state=state), block_index=b, ref_train_loss_mean=1.0)
-    summary = compute_bif(str(tmp_path), store.block_files(), storage_options={}, n_train=n_train, n_query=n_query,
-                          train_block=4, query_block=3, pooling=pooling, k=2, dtype="float32", leaf_draws=1)
+    summary = compute_bif(store, _cov(4, 3, pooling=pooling, k=2), store.blocks(), n_train=n_train,
+                          n_query=n_query, dtype="float32", leaf_draws=1)
     with xr.open_zarr(summary.bif_uri, consolidated=False) as ds:
         ds = ds.load()
     want_train = np.isin(np.arange(n_train), [0, 5])
@@ -177,7 +182,7 @@ def test_constant_traces_give_zero_corr_and_flags(tmp_path, pooling):
 def test_topk_lists_are_disjoint_when_n_train_is_below_2k(run_dirs):
     root, store, train, query = run_dirs[5]
     for k, (n_pos, n_neg) in ((5, (5, 5)), (12, (12, 11)), (40, (12, 11))):
-        _, summary = _reduce(root, store.block_files(), k=k, train_block=6)
+        _, summary = _reduce(root, store.blocks(), k=k, train_block=6)
         bif, _ = bif_in_memory(train, query)
         for q, g in summary.topk.groupby(S.QUERY):
             pos = g.loc[g[S.DIRECTION] == "positive"].sort_values(S.RANK)[S.TRAIN].tolist()

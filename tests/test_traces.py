@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from bif import schema as S
@@ -11,7 +9,7 @@ from bif.config import SamplerConfig
 from bif.errors import StorageError
 from bif.examples import linear
 from bif.sampling.chain import SGLDChain
-from bif.store.traces import TraceStore, read_layout, read_losses
+from bif.store.run import BlockRef, RunStore
 
 
 def _blocks(n=30, m=5, draws=10, per_block=4):
@@ -23,19 +21,18 @@ def _blocks(n=30, m=5, draws=10, per_block=4):
 
 def _roundtrip(root, storage_options):
     blocks = _blocks()
-    store = TraceStore(root, storage_options=storage_options, loss_dtype="float64")
+    store = RunStore(root, storage_options=storage_options, loss_dtype="float64")
     for i, b in enumerate(blocks):
         store.write_block(b, block_index=i, ref_train_loss_mean=1.5)
-    files = store.block_files()
-    assert [(c, b) for c, b, _ in files] == [(2, 0), (2, 1), (2, 2)]
-    fs, _ = store.fs_path
-    for (_, _, path), blk in zip(files, blocks):
-        layout = read_layout(fs, path)
+    files = store.blocks()
+    assert all(isinstance(f, BlockRef) for f in files)
+    assert [(f.chain, f.block) for f in files] == [(2, 0), (2, 1), (2, 2)]
+    for ref, blk in zip(files, blocks):
+        layout = store.read_layout(ref)
         assert (layout.draw_start, layout.num_draws, layout.n_train, layout.n_query) == (blk.draw_start, blk.num_draws, 30, 5)
-        np.testing.assert_array_equal(read_losses(fs, path, split="train", start=7, stop=23), blk.train_losses[:, 7:23])
-        np.testing.assert_array_equal(read_losses(fs, path, split="query", start=0, stop=5), blk.query_losses)
-        with fs.open(path, "rb") as f:
-            df = pq.read_table(f).to_pandas()
+        np.testing.assert_array_equal(store.read_losses(ref, split="train", start=7, stop=23), blk.train_losses[:, 7:23])
+        np.testing.assert_array_equal(store.read_losses(ref, split="query", start=0, stop=5), blk.query_losses)
+        df = store.read_trace_table(ref).to_pandas()
         assert list(df.columns) == [S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE, S.LOSS]
         assert len(df) == blk.num_draws * 35
         assert not df.duplicated([S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE]).any()
@@ -44,8 +41,7 @@ def _roundtrip(root, storage_options):
         np.testing.assert_array_equal(wide, blk.train_losses)
     state, done = store.load_resume_state(2)
     assert done == 3 and state.num_recorded == 10
-    with fs.open(store._path(S.HEALTH_DIR, 2, 1, "parquet"), "rb") as f:
-        health = pd.read_parquet(f)
+    health = store.read_health([files[1]])
     assert list(health[S.DRAW]) == [4, 5, 6, 7]
     np.testing.assert_allclose(health[S.DISTANCE], blocks[1].distance)
     return store
@@ -76,14 +72,13 @@ def test_uncommitted_block_is_invisible_and_resume_redoes_it_bit_for_bit(tmp_pat
     from bif.store.traces import state_bytes
 
     blocks = _blocks()
-    store = TraceStore(str(tmp_path), loss_dtype="float64")
+    store = RunStore(str(tmp_path), loss_dtype="float64")
     store.write_block(blocks[0], block_index=0, ref_train_loss_mean=0.0)
     # block 1 killed mid-commit: the write order is state, health, traces (and the old state is deleted
     # only after the trace file). Its state is written whole (atomic), the trace file only as a temp file.
-    fs, _ = store.fs_path
-    fs.pipe_file(store._path(S.STATE_DIR, 2, 1, "pt"), state_bytes(blocks[1].state))
+    store.fs.pipe_file(store.path(S.STATE_DIR, S.block_name(2, 1, "pt")), state_bytes(blocks[1].state))
     (tmp_path / "traces" / "chain-2" / ".tmp-deadbeef").write_bytes(b"partial")
-    assert [b for _, b, _ in store.block_files()] == [0]
+    assert [r.block for r in store.blocks()] == [0]
     state, done = store.load_resume_state(2)
     assert done == 1 and state.num_recorded == 4 and state.step == blocks[0].state.step
     # resume: the new block 1 equals the uninterrupted one bit for bit
@@ -102,25 +97,25 @@ def test_corrupt_block_is_detected_named_and_dropped(tmp_path, caplog):
     """A committed trace file with flipped bytes fails its sha256 (recorded in the health file before
     the commit): readers raise a StorageError naming it; a resume drops it and the blocks after it."""
     blocks = _blocks()
-    store = TraceStore(str(tmp_path), loss_dtype="float64")
+    store = RunStore(str(tmp_path), loss_dtype="float64")
     for i, b in enumerate(blocks):
         store.write_block(b, block_index=i, ref_train_loss_mean=0.0)
-    store.verify_blocks(store.block_files())  # intact
+    store.verify_blocks(store.blocks())  # intact
     path = tmp_path / "traces" / "chain-2" / "block-00001.parquet"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(StorageError, match=r"trace block 1 of chain 2 is damaged: .*block-00001\.parquet.*"
                                            r"Rerun the same command"):
-        store.verify_blocks(store.block_files())
+        store.verify_blocks(store.blocks())
     with caplog.at_level("WARNING"):
         state, done = store.load_resume_state(2)
     assert (state, done) == (None, 1)  # block 0 kept; no state after it is left: resample from the seed
     assert "block-00001.parquet" in caplog.text
-    assert [b for _, b, _ in store.block_files()] == [0]
+    assert [r.block for r in store.blocks()] == [0]
     assert not (tmp_path / "health" / "chain-2" / "block-00002.parquet").exists()
     # a truncated file is caught the same way
     path0 = tmp_path / "traces" / "chain-2" / "block-00000.parquet"
     path0.write_bytes(path0.read_bytes()[:100])
     with pytest.raises(StorageError, match="block-00000.parquet"):
-        store.verify_blocks(store.block_files())
+        store.verify_blocks(store.blocks())

@@ -17,7 +17,6 @@ A second run with the same key reads ``ground_truth.parquet`` and retrains nothi
 from __future__ import annotations
 
 import functools
-import io
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,8 @@ import pandas as pd
 from bif.evaluation.lds import LDSResult, draw_subsets, lds, retrain_seed
 from bif.evaluation.settings import LDSSettings
 from bif.problem import Problem, load_problem
-from bif.store.fs import atomic_write, get_fs, join, read_json, write_json
+from bif.store.fs import join
+from bif.store.tables import Folder
 from bif.evaluation.retrain import GroundTruth
 from bif.evaluation.scoring import Scored
 
@@ -69,71 +69,63 @@ class Plan:
     missing: tuple[tuple[int, int, int], ...] = field(default=())  # (subset, rep, fit_seed)
 
 
-def _write_parquet(fs, path: str, df: pd.DataFrame) -> None:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write(fs, path, buf.getvalue())
-
-
-def _read_parquet(fs, path: str) -> pd.DataFrame:
-    with fs.open(path, "rb") as f:
-        return pd.read_parquet(f)
-
-
 def retrain_path(root: str, subset: int, rep: int) -> str:
     return join(root, "retrain", f"subset={subset:05d}", f"rep={rep}.parquet")
+
+
+def _retrain_file(subset: int, rep: int) -> str:
+    """The retraining file's path inside the ground-truth folder."""
+    return retrain_path("", subset, rep).lstrip("/")
 
 
 def plan(output: str, problem_spec: str, problem_args: Mapping[str, Any], settings: LDSSettings, *,
          n_train: int, n_query: int, storage_options: Mapping[str, Any] | None = None) -> Plan:
     """Draw the subsets, locate the ground truth, and list retrainings without a file yet."""
     key = settings.ground_truth_key(problem_spec, dict(problem_args))
-    fs, out = get_fs(output, storage_options)
-    root = join(out, "lds", key)
     masks = draw_subsets(n_train, num_subsets=settings.num_subsets, alpha=settings.alpha, seed=settings.seed)
     root_uri = join(output, "lds", key)
-    if fs.exists(join(root, GROUND_TRUTH_FILE)):
+    folder = Folder(root_uri, storage_options)
+    if folder.exists(GROUND_TRUTH_FILE):
         return Plan(key, root_uri, masks, n_query, cached=True)
-    write_json(fs, join(root, SETTINGS_FILE), {"problem": problem_spec, "problem_args": dict(problem_args),
+    folder.write_json(SETTINGS_FILE, {"problem": problem_spec, "problem_args": dict(problem_args),
                                                **settings.model_dump(mode="json", include={
                                                    "alpha", "num_subsets", "num_seeds", "seed"})})
     missing = tuple((m, r, retrain_seed(settings.seed, m, r))
                     for m in range(settings.num_subsets) for r in range(settings.num_seeds)
-                    if not fs.exists(retrain_path(root, m, r)))
+                    if not folder.exists(_retrain_file(m, r)))
     return Plan(key, root_uri, masks, n_query, cached=False, missing=missing)
 
 
 def write_retrain(root_uri: str, subset: int, rep: int, fit_seed: int, losses: np.ndarray, *,
                   storage_options: Mapping[str, Any] | None = None) -> None:
     """Commit one retraining's query losses (n_query,) atomically."""
-    fs, root = get_fs(root_uri, storage_options)
     df = pd.DataFrame({SUBSET: np.int32(subset), REP: np.int32(rep), FIT_SEED: np.int64(fit_seed),
                        QUERY: np.arange(len(losses), dtype=np.int64), LOSS: np.asarray(losses, np.float64)})
-    _write_parquet(fs, retrain_path(root, subset, rep), df)
+    Folder(root_uri, storage_options).write_table(_retrain_file(subset, rep), df)
 
 
 def consolidate(p: Plan, settings: LDSSettings, *, storage_options: Mapping[str, Any] | None = None) -> GroundTruth:
     """Gather every retraining file into ground_truth.parquet (+ subsets.parquet) and return it."""
-    fs, root = get_fs(p.root_uri, storage_options)
-    frames = [_read_parquet(fs, retrain_path(root, m, r))
+    folder = Folder(p.root_uri, storage_options)
+    frames = [folder.read_table(_retrain_file(m, r))
               for m in range(settings.num_subsets) for r in range(settings.num_seeds)]
     df = pd.concat(frames, ignore_index=True).sort_values([SUBSET, REP, QUERY], ignore_index=True)
     m_idx, t_idx = np.nonzero(p.masks)
-    _write_parquet(fs, join(root, SUBSETS_FILE), pd.DataFrame({SUBSET: m_idx.astype(np.int32), TRAIN: t_idx}))
-    _write_parquet(fs, join(root, GROUND_TRUTH_FILE), df)  # written last: its presence marks completion
+    folder.write_table(SUBSETS_FILE, pd.DataFrame({SUBSET: m_idx.astype(np.int32), TRAIN: t_idx}))
+    folder.write_table(GROUND_TRUTH_FILE, df)  # written last: its presence marks completion
     return _to_ground_truth(df, p.masks, settings)
 
 
 def read_ground_truth(p: Plan, settings: LDSSettings, *, storage_options: Mapping[str, Any] | None = None
                       ) -> GroundTruth:
     """Load the cached ground truth, checking it against the subsets drawn now."""
-    fs, root = get_fs(p.root_uri, storage_options)
-    sub = _read_parquet(fs, join(root, SUBSETS_FILE))
+    folder = Folder(p.root_uri, storage_options)
+    sub = folder.read_table(SUBSETS_FILE)
     masks = np.zeros_like(p.masks)
     masks[sub[SUBSET].to_numpy(), sub[TRAIN].to_numpy()] = True
     if not np.array_equal(masks, p.masks):
         raise ValueError(f"cached subsets at {p.root_uri} differ from the ones drawn now; delete that folder")
-    return _to_ground_truth(_read_parquet(fs, join(root, GROUND_TRUTH_FILE)), p.masks, settings)
+    return _to_ground_truth(folder.read_table(GROUND_TRUTH_FILE), p.masks, settings)
 
 
 def _to_ground_truth(df: pd.DataFrame, masks: np.ndarray, settings: LDSSettings) -> GroundTruth:
@@ -168,13 +160,11 @@ def evaluate(gt: GroundTruth, scored: Iterable[Scored]) -> tuple[list[MethodRepo
 def write_results(p: Plan, run_name: str, reports: list[MethodReport], per_query: pd.DataFrame,
                   extra: Mapping[str, Any], *, storage_options: Mapping[str, Any] | None = None) -> str:
     """Write results/<run_name>/{lds.parquet, summary.json}; return the summary's URI."""
-    fs, root = get_fs(p.root_uri, storage_options)
-    base = join(root, "results", run_name)
-    _write_parquet(fs, join(base, "lds.parquet"), per_query)
-    write_json(fs, join(base, "summary.json"), {"methods": [asdict(r) for r in reports], **dict(extra)})
+    folder = Folder(p.root_uri, storage_options)
+    folder.write_table(join("results", run_name, "lds.parquet"), per_query)
+    folder.write_json(join("results", run_name, "summary.json"), {"methods": [asdict(r) for r in reports], **dict(extra)})
     return join(p.root_uri, "results", run_name, "summary.json")
 
 
 def read_summary(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    fs, path = get_fs(uri, storage_options)
-    return read_json(fs, path)
+    return Folder(uri, storage_options).read_json()

@@ -30,7 +30,6 @@ independent Gaussian x, y with correlation rho it estimates sqrt((1 + rho²) / N
 """
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -169,14 +168,13 @@ def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, A
     }
 
 
-def _read_split(fs: Any, files: list[tuple[int, int, str]], *, split: str, start: int, stop: int,
+def _read_split(store: Any, files: list[Any], *, split: str, start: int, stop: int,
                 num_chains: int) -> np.ndarray:
-    """Traces of samples [start, stop) of ``split``: (chains, draws, stop - start), cut to the shortest chain."""
-    from bif.store.traces import read_losses
-
+    """Traces of samples [start, stop) of ``split`` in the blocks ``files`` (BlockRefs of ``store``, a
+    bif.store.RunStore): (chains, draws, stop - start), cut to the shortest chain."""
     per_chain: list[list[np.ndarray]] = [[] for _ in range(num_chains)]
-    for chain, _, path in files:
-        per_chain[chain].append(read_losses(fs, path, split=split, start=start, stop=stop))
+    for ref in files:
+        per_chain[ref.chain].append(store.read_losses(ref, split=split, start=start, stop=stop))
     arrays = [np.concatenate(parts) for parts in per_chain if parts]
     draws = min(a.shape[0] for a in arrays)
     return np.stack([a[:draws] for a in arrays])
@@ -184,11 +182,8 @@ def _read_split(fs: Any, files: list[tuple[int, int, str]], *, split: str, start
 
 def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int]:
     """Diagnostics and MCSE of one block of train samples (a picklable unit of work for map_fn)."""
-    from bif.store.fs import get_fs
-
-    output_uri, storage_options, files, start, stop, num_chains, query, num_batches, keep, seed = job
-    fs, _ = get_fs(output_uri, storage_options)
-    train = _read_split(fs, files, split=S.TRAIN, start=start, stop=stop, num_chains=num_chains)
+    store, files, start, stop, num_chains, query, num_batches, keep, seed = job
+    train = _read_split(store, files, split=S.TRAIN, start=start, stop=stop, num_chains=num_chains)
     frame = _split_diagnostics(train, split=S.TRAIN, start=start)
     empty = np.array([])
     if not query.shape[2] or train.shape[1] < num_batches:
@@ -219,22 +214,20 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     (quantiles over train x query pairs, from a seeded subsample of at most 200,000 pairs,
     and the fraction of pairs with |BIF| > 2 MCSE) uses the same samples.
     """
-    from bif.store.fs import atomic_write, get_fs, join
-    from bif.store.traces import TraceStore, read_layout
+    from bif.store.run import RunStore
 
     t0 = time.perf_counter()
-    store = TraceStore(output_uri, dict(storage_options or {}))
-    fs, root = get_fs(output_uri, storage_options)
-    files = store.block_files(num_chains=num_chains)
+    store = RunStore(output_uri, storage_options or {})
+    files = store.blocks(num_chains=num_chains)
     if not files:
         raise FileNotFoundError(f"no committed trace blocks under {output_uri!r}/{S.TRACES_DIR}; run the sampler first")
-    layout = read_layout(fs, files[0][2])
+    layout = store.read_layout(files[0])
     cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
     n_train, n_query = cap(layout.n_train), cap(layout.n_query)
-    query = _read_split(fs, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
+    query = _read_split(store, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
     frames = [_split_diagnostics(query, split=S.QUERY)] if n_query else []
     keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles
-    jobs = [(output_uri, dict(storage_options or {}), files, start, min(start + block_samples, n_train), num_chains,
+    jobs = [(store, files, start, min(start + block_samples, n_train), num_chains,
              query, num_batches, keep, seed) for start in range(0, n_train, block_samples)]
     mcse_kept, snr_kept, n_sig, n_pairs = [], [], 0, 0
     for frame, mcse_pick, snr_pick, sig, pairs in (map_fn or map)(_diagnose_train_block, jobs):
@@ -244,9 +237,7 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
         n_sig += sig
         n_pairs += pairs
     diag = pd.concat(frames, ignore_index=True)
-    sink = io.BytesIO()
-    diag.to_parquet(sink, index=False)
-    atomic_write(fs, join(root, DIAGNOSTICS_FILE), sink.getvalue())
+    store.write_diagnostics(diag)
     summary = summarize(diag, rhat_threshold=rhat_threshold)
     summary["num_chains"] = int(query.shape[0]) if n_query else num_chains
     summary["num_draws_per_chain"] = int(query.shape[1]) if n_query else None

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from bif.config import RunConfig
+    from bif.store.run import BlockRef, RunStore
 
 __all__ = ["GATES", "GateResult", "QualityReport", "check_trace_block", "check_trace_stats", "check_trace_chains",
            "check_health", "check_results", "run_gates"]
@@ -87,20 +88,13 @@ class QualityReport:
 
 
 # --- a whole run ------------------------------------------------------------------------------------
-def _read_table(fs: Any, path: str) -> Any:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
-
-
-def _trace_stats(item: tuple[int, int, str], *, fs: Any, draws_per_block: int, num_draws: int,
+def _trace_stats(ref: "BlockRef", *, store: "RunStore", draws_per_block: int, num_draws: int,
                  **kw: Any) -> dict[str, Any]:
-    """Aggregates of one committed trace file ``item`` = (chain, block, path); picklable for Dask."""
-    chain, block, path = item
-    d0 = block * draws_per_block
+    """Aggregates of one committed trace block ``ref``; picklable for Dask."""
+    d0 = ref.block * draws_per_block
     nd = max(0, min(draws_per_block, num_draws - d0))
-    return trace_block_stats(_read_table(fs, path), chain=chain, block=block, draw_start=d0, num_draws=nd, **kw)
+    return trace_block_stats(store.read_trace_table(ref), chain=ref.chain, block=ref.block, draw_start=d0,
+                             num_draws=nd, **kw)
 
 
 def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config: "RunConfig", *, n_train: int,
@@ -115,17 +109,15 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
     every row of every block (about 1.4 us a row: thorough, for small runs). ``allow_warnings``
     (default ``config.quality.allow_warnings``) turns every failure into a warning.
     """
-    import posixpath
     from functools import partial
 
-    from bif.store.fs import atomic_write, get_fs, join, write_json
-    from bif.store.traces import TraceStore
+    from bif.store.run import RunStore
 
     t0 = time.perf_counter()
     q, smp = config.quality, config.sampler
     kw = {"severity": q.severity, "allow_warnings": q.allow_warnings if allow_warnings is None else allow_warnings}
-    fs, root = get_fs(output_uri, storage_options)
-    files = TraceStore(output_uri, dict(storage_options or {})).block_files(num_chains=smp.num_chains)
+    store = RunStore(output_uri, storage_options or {})
+    files = store.blocks(num_chains=smp.num_chains)
     raws: dict[str, list[dict[str, Any]]] = {"traces": [], "health": [], "results": []}
     results: list[GateResult] = []
 
@@ -134,57 +126,53 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
         return d0, max(0, min(smp.draws_per_block, smp.num_draws - d0))
 
     if trace_rows:
-        for chain, block, path in files:
-            d0, nd = draws(block)
-            results += check_trace_block(_read_table(fs, path).to_pandas(), chain=chain, block=block,
+        for ref in files:
+            d0, nd = draws(ref.block)
+            results += check_trace_block(store.read_trace_table(ref).to_pandas(), chain=ref.chain, block=ref.block,
                                          num_draws_expected_in_block=nd, draw_start=d0, n_train=n_train,
                                          n_query=n_query, loss_bounds=loss_bounds, loss_dtype=smp.trace_dtype,
                                          ge_results=raws["traces"], **kw)
     else:
-        job = partial(_trace_stats, fs=fs, draws_per_block=smp.draws_per_block, num_draws=smp.num_draws,
+        job = partial(_trace_stats, store=store, draws_per_block=smp.draws_per_block, num_draws=smp.num_draws,
                       n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, loss_dtype=smp.trace_dtype)
         results += check_trace_stats(pd.DataFrame(list(map_fn(job, files))), ge_results=raws["traces"], **kw)
     # committed blocks per chain (the block gates above check what each block holds)
-    blocks = pd.DataFrame([{S.CHAIN: c, "block": b, "num_draws": draws(b)[1]} for c, b, _ in files])
+    blocks = pd.DataFrame([{S.CHAIN: r.chain, "block": r.block, "num_draws": draws(r.block)[1]} for r in files])
     results += check_trace_chains(blocks, num_chains=smp.num_chains, num_draws=smp.num_draws,
                                   ge_results=raws["traces"], **kw)
 
     # the health file of every committed block (written before its trace file)
-    health_paths = [p for p in (join(root, S.HEALTH_DIR, S.block_name(c, b, "parquet")) for c, b, _ in files)
-                    if fs.exists(p)]
-    health = (pd.concat([_read_table(fs, p).to_pandas() for p in health_paths], ignore_index=True) if health_paths
-              else pd.DataFrame({c: [] for c in S.HEALTH_COLUMNS}))
+    health = store.read_health(files)
+    if health is None:
+        health = pd.DataFrame({c: [] for c in S.HEALTH_COLUMNS})
     results += check_health(health, num_draws=smp.num_draws, num_chains=smp.num_chains,
                             max_loss_factor=q.max_loss_factor, loss_slack=q.loss_slack, max_distance=q.max_distance,
                             max_distance_factor=q.max_distance_factor, ge_results=raws["health"], **kw)
 
-    ds = _open_results(output_uri, storage_options)
+    ds = _open_results(store)
     results += check_results(ds, n_train=n_train, n_query=n_query, query_is_train=query_is_train,
                              corr_atol=q.corr_atol, self_influence_rtol=q.self_influence_rtol,
                              max_constant_share=q.max_constant_share, ge_results=raws["results"], **kw)
 
     report = QualityReport.from_results(results, elapsed_s=time.perf_counter() - t0,
                                         constant_traces=constant_trace_counts(ds))
-    qdir = join(root, S.QUALITY_DIR)
     for group, items in raws.items():
         markdown = [r.pop("markdown", None) for r in items]
-        write_json(fs, posixpath.join(qdir, f"{group}.json"), {"validation_results": items})
+        store.write_quality_json(f"{group}.json", {"validation_results": items})
         text = "\n\n".join(m for m in markdown if m) or (
             f"# {group}\n\nAll {len(items)} {group} suites passed (GE's Markdown is rendered for failed row-level "
             "trace suites only; every result is in the JSON file beside this one).\n")
-        atomic_write(fs, posixpath.join(qdir, f"{group}.md"), text.encode())
-    write_json(fs, posixpath.join(qdir, S.QUALITY_SUMMARY_FILE), report.to_dict() | {"summary": report.summary()})
+        store.write_quality_text(f"{group}.md", text)
+    store.write_quality_json(S.QUALITY_SUMMARY_FILE, report.to_dict() | {"summary": report.summary()})
     return report
 
 
-def _open_results(output_uri: str, storage_options: Mapping[str, Any] | None) -> "xr.Dataset":
+def _open_results(store: "RunStore") -> "xr.Dataset":
     """bif.zarr as a Dask-backed Dataset; an empty Dataset when it is missing (results_shape then fails)."""
     import xarray as xr
 
-    from bif.store.fs import join
-
     try:
-        return xr.open_zarr(join(output_uri, S.BIF_ZARR), storage_options=dict(storage_options or {}) or None,
-                            consolidated=False)
+        ds = store.open_bif()
     except (FileNotFoundError, KeyError, ValueError, OSError):
-        return xr.Dataset()
+        ds = None
+    return xr.Dataset() if ds is None else ds

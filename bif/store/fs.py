@@ -164,6 +164,12 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
         raise storage_error("reading", path, fs, err) from None
 
 
+def read_uri(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of the file at ``uri`` (a local path or fsspec URI); FileNotFoundError if it is missing."""
+    with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+        return f.read()
+
+
 def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Fail fast with a clear StorageError if ``uri`` cannot be written (e.g. an unreachable bucket)."""
     fs, path = get_fs(uri, storage_options)

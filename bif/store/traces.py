@@ -49,6 +49,15 @@ _BLOCK_RE = re.compile(r"chain-(\d+)/block-(\d+)\.parquet$")
 
 
 @dataclass(frozen=True)
+class BlockRef:
+    """A committed trace block: its chain, its block index, and the trace file's protocol-free path."""
+
+    chain: int
+    block: int
+    path: str
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """Key-value metadata of a trace file: which draws and samples it holds, and in what order."""
 
@@ -193,7 +202,7 @@ class TraceStore:
             return f"{tpath!r} has sha256 {got}, but {want.decode()} was recorded when it was committed"
         return None
 
-    def verify_blocks(self, files: list[tuple[int, int, str]]) -> None:
+    def verify_blocks(self, files: list[BlockRef]) -> None:
         """StorageError naming the first damaged trace file of ``files`` (from :meth:`block_files`).
 
         Reads every file once (8 at a time), about the cost of one more pass of the covariance's reads.
@@ -201,8 +210,8 @@ class TraceStore:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="bif-verify") as pool:
-            damage = list(pool.map(lambda f: self.block_damage(f[0], f[1]), files))
-        for (c, b, _), why in zip(files, damage):
+            damage = list(pool.map(lambda f: self.block_damage(f.chain, f.block), files))
+        for (c, b), why in zip(((f.chain, f.block) for f in files), damage):
             if why is not None:
                 raise StorageError(
                     f"trace block {b} of chain {c} is damaged: {why}. Rerun the same command: the run resumes, "
@@ -287,14 +296,14 @@ class TraceStore:
                         chain, path, type(err).__name__)
             return None, len(blocks)
 
-    def block_files(self, *, num_chains: int | None = None) -> list[tuple[int, int, str]]:
-        """(chain, block, path) of every committed block, sorted; contiguous prefixes only."""
+    def block_files(self, *, num_chains: int | None = None) -> list[BlockRef]:
+        """A BlockRef of every committed block, sorted by (chain, block); contiguous prefixes only."""
         listing = self._listing()
         chains = sorted({c for c, _ in listing}) if num_chains is None else list(range(num_chains))
         out = []
         for c in chains:
             for b in self.committed_blocks(c):
-                out.append((c, b, listing[(c, b)]))
+                out.append(BlockRef(c, b, listing[(c, b)]))
         return out
 
 

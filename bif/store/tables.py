@@ -1,0 +1,96 @@
+"""Parquet tables on fsspec: the one place that encodes and decodes Parquet bytes.
+
+Run tables go through :class:`bif.store.run.RunStore`; tables outside a run directory (the
+LDS ground truth, its results) call :func:`write_table` / :func:`read_table` directly. Writes
+are atomic (:func:`bif.store.fs.atomic_write`).
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bif.store.fs import atomic_write, get_fs, join, read_json, write_json
+
+FsLike = fsspec.AbstractFileSystem | str
+
+
+def _fs(uri_or_fs: FsLike, storage_options: Mapping[str, Any] | None) -> fsspec.AbstractFileSystem:
+    return get_fs(uri_or_fs, storage_options)[0] if isinstance(uri_or_fs, str) else uri_or_fs
+
+
+def table_bytes(table: pa.Table, row_group_rows: int | None = None, *, compression: str = "snappy") -> bytes:
+    """Parquet bytes of an Arrow table."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def frame_bytes(df: pd.DataFrame) -> bytes:
+    """Parquet bytes of a DataFrame without its index (as ``df.to_parquet(f, index=False)``)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def write_table(uri_or_fs: FsLike, path: str, df: pd.DataFrame, *,
+                storage_options: Mapping[str, Any] | None = None) -> None:
+    """Atomically write ``df`` (index dropped) as Parquet at ``path`` (protocol-free when ``uri_or_fs`` is a filesystem)."""
+    atomic_write(_fs(uri_or_fs, storage_options), path, frame_bytes(df))
+
+
+def read_arrow(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The Parquet file at ``path`` as an Arrow table."""
+    with _fs(uri_or_fs, storage_options).open(path, "rb") as f:
+        return pq.read_table(f, columns=list(columns) if columns is not None else None)
+
+
+def read_table(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The Parquet file at ``path`` as a DataFrame (FileNotFoundError if it is missing)."""
+    with _fs(uri_or_fs, storage_options).open(path, "rb") as f:
+        return pd.read_parquet(f, columns=list(columns) if columns is not None else None)
+
+
+def read_schema_metadata(fs: fsspec.AbstractFileSystem, path: str) -> dict[bytes, bytes]:
+    """The key-value metadata of a Parquet file's schema (reads the footer only)."""
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f).metadata or {}
+
+
+class Folder:
+    """A directory of tables and JSON files outside a run directory (e.g. an LDS ground truth).
+
+    Paths given to its methods are relative to the folder; writes are atomic.
+    """
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
+        self.uri, self.storage_options = uri, dict(storage_options or {})
+        self.fs, self.root = get_fs(uri, self.storage_options)
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        return join(self.uri, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def write_table(self, rel: str, df: pd.DataFrame) -> None:
+        write_table(self.fs, self.path(rel), df)
+
+    def read_table(self, rel: str, *, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        return read_table(self.fs, self.path(rel), columns=columns)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        write_json(self.fs, self.path(rel), obj)
+
+    def read_json(self, rel: str = "") -> Any | None:
+        return read_json(self.fs, self.path(rel) if rel else self.root)

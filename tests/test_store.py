@@ -1,0 +1,129 @@
+"""RunStore round trips on local disk and a real S3 API (moto): JSON, manifest, committed blocks, tables, bif.zarr."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bif import schema as S
+from bif.errors import IncompleteRunError
+from bif.sampling.chain import ChainState, DrawBlock
+from bif.store import BlockRef, RunStore
+from bif.store.tables import Folder, read_table, write_table
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return RunStore(str(tmp_path / "run"), loss_dtype="float64")
+    bucket, opts = request.getfixturevalue("s3_bucket")
+    return RunStore(f"s3://{bucket}/runs/r1", opts, loss_dtype="float64")
+
+
+def _block(chain: int, index: int, *, draws: int = 3, n_train: int = 5, n_query: int = 2) -> DrawBlock:
+    rng = np.random.default_rng([chain, index])
+    state = ChainState(step=index, num_recorded=(index + 1) * draws, params={}, precond=None,
+                       rng_cpu=np.zeros(1), rng_noise=np.zeros(1))
+    return DrawBlock(chain=chain, draw_start=index * draws, train_losses=rng.gamma(2.0, 0.5, (draws, n_train)),
+                     query_losses=rng.gamma(2.0, 0.5, (draws, n_query)), steps=np.arange(draws),
+                     distance=np.ones(draws), state=state)
+
+
+def test_json_round_trip_is_strict(store):
+    assert store.read_json("missing.json") is None
+    store.write_json("x.json", {"bounds": (0.0, math.inf), "mcse": float("nan"), "n": np.int64(3)})
+    assert store.read_json("x.json") == {"bounds": [0.0, None], "mcse": None, "n": 3}
+    assert b"NaN" not in store.read_bytes("x.json") and b"Infinity" not in store.read_bytes("x.json")
+    store.write_config({"config_hash": "abc", "config": {"problem": "p:f"}})
+    assert store.read_config() == {"config_hash": "abc", "config": {"problem": "p:f"}}
+
+
+def test_manifest_status_transitions(store):
+    assert store.manifest() is None
+    with pytest.raises(IncompleteRunError, match="has no manifest.json"):
+        store.require_complete()
+    store.update_manifest(status=S.STATUS_RUNNING, n_train=5)
+    with pytest.raises(IncompleteRunError, match="status 'running'"):
+        store.require_complete()
+    store.update_manifest(status=S.STATUS_FAILED, error="boom")
+    with pytest.raises(IncompleteRunError, match="status 'failed'.*boom"):
+        store.require_complete()
+    store.update_manifest(status=S.STATUS_COMPLETE, error=None)
+    manifest = store.require_complete()
+    assert manifest["status"] == S.STATUS_COMPLETE and manifest["n_train"] == 5 and "updated_at" in manifest
+    assert store.manifest() == manifest
+
+
+def test_block_listing_returns_contiguous_committed_blockrefs(store):
+    for chain, index in ((0, 0), (0, 1), (0, 3), (1, 0), (2, 1)):  # chain 0 lacks block 2, chain 2 lacks block 0
+        store.write_block(_block(chain, index), block_index=index, ref_train_loss_mean=1.0)
+    refs = store.blocks()
+    assert all(isinstance(r, BlockRef) for r in refs)
+    assert [(r.chain, r.block) for r in refs] == [(0, 0), (0, 1), (1, 0)]
+    assert refs[1].path.endswith(S.block_name(0, 1, "parquet"))
+    assert [(r.chain, r.block) for r in store.blocks(num_chains=1)] == [(0, 0)] + [(0, 1)]
+    assert store.committed_blocks(0) == [0, 1] and store.committed_blocks(2) == []
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        refs[0].block = 7
+    np.testing.assert_array_equal(store.read_losses(refs[2], split=S.TRAIN, start=1, stop=4),
+                                  _block(1, 0).train_losses[:, 1:4])
+    health = store.read_health(refs)
+    assert list(health[S.CHAIN]) == [0] * 3 + [0] * 3 + [1] * 3 and list(health[S.DRAW][:6]) == list(range(6))
+    store.verify_blocks(refs)  # intact
+
+
+def test_tables_and_report_round_trip(store):
+    assert store.read_topk() is None and store.read_diagnostics() is None
+    topk = pd.DataFrame({S.QUERY: [0, 0], S.DIRECTION: ["positive", "negative"], S.RANK: [0, 0],
+                         S.TRAIN: [3, 1], S.BIF: [0.5, -0.25], S.BIF_CORR: [0.9, -0.1]})
+    store.write_topk(topk)
+    pd.testing.assert_frame_equal(store.read_topk(), topk)
+    store.write_reference(np.array([1.0, 2.0]), np.array([3.0]))
+    ref = store.read_reference()
+    assert list(ref[S.LOSS]) == [1.0, 2.0, 3.0] and list(ref[S.SPLIT].astype(str)) == ["train", "train", "query"]
+    assert store.write_report("<html></html>") == store.url(S.REPORT_FILE)
+    assert store.read_bytes(S.REPORT_FILE) == b"<html></html>"
+    store.write_quality_json(S.QUALITY_SUMMARY_FILE, {"passed": True})
+    assert store.read_quality_summary() == {"passed": True}
+    store.write_log("run.log", "hello")
+    assert store.read_bytes("logs/run.log") == b"hello"
+
+
+def test_bif_zarr_create_region_write_and_open(store):
+    assert store.open_bif() is None
+    store.create_bif(n_train=5, n_query=3, train_block=2, query_block=2, dtype="float64", attrs={"pooling": "stack"})
+    array = store.bif_array()
+    assert array.dtype == np.float64
+    bif = np.arange(15, dtype=np.float64).reshape(5, 3)
+    for t0, t1 in ((0, 2), (2, 4), (4, 5)):
+        for q0, q1 in ((0, 2), (2, 3)):
+            array.write_region((t0, t1), (q0, q1), bif[t0:t1, q0:q1], -bif[t0:t1, q0:q1] / 15)
+    array.write_constant_flags(np.array([True, False, False, False, True]), np.array([False, True, False]))
+    ds = store.open_bif().load()
+    np.testing.assert_array_equal(ds[S.BIF].values, bif)
+    np.testing.assert_array_equal(ds[S.BIF_CORR].values, -bif / 15)
+    assert list(ds[S.TRAIN_CONSTANT].values) == [True, False, False, False, True]
+    assert list(ds[S.QUERY_CONSTANT].values) == [False, True, False]
+    assert ds.attrs["pooling"] == "stack" and ds[S.BIF].dims == (S.TRAIN_DIM, S.QUERY_DIM)
+
+
+def test_run_store_is_picklable_for_dask_tasks(store):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(store))
+    assert again == store and again.storage_options == store.storage_options
+
+
+def test_tables_outside_a_run(tmp_path):
+    df = pd.DataFrame({"a": np.arange(3, dtype=np.int64), "b": [0.5, 1.5, 2.5]})
+    write_table(str(tmp_path), str(tmp_path / "t.parquet"), df)
+    pd.testing.assert_frame_equal(read_table(str(tmp_path), str(tmp_path / "t.parquet")), df)
+    folder = Folder(str(tmp_path / "lds"))
+    folder.write_table("x/y.parquet", df)
+    assert folder.exists("x/y.parquet") and not folder.exists("x/z.parquet")
+    pd.testing.assert_frame_equal(folder.read_table("x/y.parquet", columns=["b"]), df[["b"]])
+    folder.write_json("s.json", {"v": float("inf")})
+    assert Folder(folder.url("s.json")).read_json() == {"v": None}
