@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
+from bif.config import RHAT_THRESHOLD
 
 RHAT, ESS_BULK, ESS_TAIL = S.RHAT, S.ESS_BULK, S.ESS_TAIL
 DIAGNOSTICS_FILE = S.DIAGNOSTICS_FILE
@@ -153,7 +154,7 @@ def _quantiles(values: np.ndarray, *, low_is_bad: bool) -> dict[str, float | Non
     return qs | ({"min": float(v.min())} if low_is_bad else {"max": float(v.max())})
 
 
-def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, Any]:
+def summarize(diag: pd.DataFrame, *, rhat_threshold: float = RHAT_THRESHOLD) -> dict[str, Any]:
     """Quantiles of R-hat / ESS and the count of samples above ``rhat_threshold`` (JSON-able, for the manifest).
 
     Constant traces (``constant``) are counted per split under ``constant_traces``; their
@@ -217,7 +218,7 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
 
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
                       max_samples: int | None = None, block_samples: int = 2048, num_batches: int = 10,
-                      rhat_threshold: float = 1.1, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
+                      rhat_threshold: float = RHAT_THRESHOLD, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
     """Diagnose a run's traces, write ``<output>/diagnostics.parquet`` and return a JSON-able summary.
 
     Train samples are diagnosed in blocks through ``map_fn`` (default ``map``; pass e.g.
