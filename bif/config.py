@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bif.errors import ConfigError
+from bif.quality.registry import default_severity, gate_names
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
+#: Default of quality.rhat_threshold (also the report's fallback for runs without a config.json).
+RHAT_THRESHOLD = 1.1
 
 
 class SamplerConfig(BaseModel):
@@ -79,22 +82,29 @@ class QualityConfig(BaseModel):
     model_config = _FROZEN
 
     enabled: bool = Field(True, description="Run the data-quality gates on the finished run.")
+    diagnostics: bool = Field(
+        True, description="Compute the MCMC diagnostics (ArviZ R-hat / ESS, BIF MCSE; diagnostics.parquet) of the "
+        "finished run. Independent of 'enabled', which switches the gates only."
+    )
     allow_warnings: bool = Field(
         False, description="Report every failed gate as a warning instead of failing the run (CLI --allow-warnings)."
     )
-    severity: dict[
-        Literal[
-            "trace_schema", "trace_nulls", "trace_finite", "trace_unique", "trace_complete", "trace_bounds",
-            "health_schema", "health_draws", "health_loss", "health_distance",
-            "results_shape", "results_finite", "results_corr_range", "results_self_influence",
-            "traces_constant",
-        ],
-        Literal["error", "warning"],
-    ] = Field(
+    severity: dict[str, Literal["error", "warning"]] = Field(
         default_factory=dict,
         description="Per-gate severity, e.g. {health_distance: warning}. A failed 'error' gate fails the run; "
-        "a failed 'warning' gate is only reported. Gates not listed are 'error', except traces_constant ('warning').",
+        "a failed 'warning' gate is only reported. Gates not listed are 'error', except "
+        + ", ".join(f"{g} ('{s}')" for g, s in default_severity().items())
+        + ". Gates (bif.quality.registry): " + ", ".join(gate_names()) + ".",
     )
+    @field_validator("severity")
+    @classmethod
+    def _known_gates(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = [k for k in value if k not in gate_names()]
+        if unknown:
+            raise ValueError(f"unknown quality gate {', '.join(map(repr, unknown))}; valid gates (bif.quality.registry): "
+                             + ", ".join(gate_names()))
+        return value
+
     max_loss_factor: float = Field(
         10.0, gt=1, description="A chain runs away when its mean train loss over draws exceeds "
         "max_loss_factor x (mean train loss at w*) + loss_slack."
@@ -118,7 +128,7 @@ class QualityConfig(BaseModel):
         0.5, ge=0, le=1, description="Gate traces_constant (severity 'warning' unless set) flags a split whose "
         "share of constant loss traces (zero variance over all draws; bif and bif_corr 0) exceeds this."
     )
-    rhat_threshold: float = Field(1.1, gt=1, description="Samples whose rank R-hat exceeds this are counted as unmixed.")
+    rhat_threshold: float = Field(RHAT_THRESHOLD, gt=1, description="Samples whose rank R-hat exceeds this are counted as unmixed.")
     mcse_num_batches: int = Field(
         10, ge=2, description="Batches of contiguous draws per chain for the batch-means MCSE of the BIF."
     )

@@ -116,6 +116,18 @@ def _traces(run: RunStore, problem: Any) -> str:
     return out + _table(per_chain)
 
 
+def _rhat_threshold(run: RunStore) -> float:
+    """The run's ``quality.rhat_threshold``: from config.json, else the manifest's diagnostics, else the default."""
+    from bif.config import RHAT_THRESHOLD
+
+    config = run.read_json(S.CONFIG_FILE) or {}
+    quality = (config.get("config", config) or {}).get("quality") or {}
+    if quality.get("rhat_threshold") is not None:
+        return float(quality["rhat_threshold"])
+    diag = (run.read_json(S.MANIFEST_FILE) or {}).get("diagnostics") or {}
+    return float(diag.get("rhat_threshold") or RHAT_THRESHOLD)
+
+
 def _diagnostics(run: RunStore, problem: Any) -> str:
     diag = run.read_table(S.DIAGNOSTICS_FILE)
     if diag is None:
@@ -130,13 +142,14 @@ def _diagnostics(run: RunStore, problem: Any) -> str:
         ax.set_title(col)
         if ax.get_legend_handles_labels()[0]:  # nothing drawn when every value is undefined (one chain)
             ax.legend(fontsize=8)
-    axes[0].axvline(1.1, color="r", ls="--", lw=1)
+    threshold = _rhat_threshold(run)
+    axes[0].axvline(threshold, color="r", ls="--", lw=1)
     out = _png(fig, "R-hat and ESS histograms")
     rhat = diag[S.RHAT].to_numpy(dtype=float)
     const = diag[S.CONSTANT].to_numpy(dtype=bool) if S.CONSTANT in diag else np.zeros(len(diag), dtype=bool)
-    n_bad = int(np.sum(rhat > 1.1))
+    n_bad = int(np.sum(rhat > threshold))
     cls = "ok" if n_bad == 0 else "warn"
-    out += (f'<p class="{cls}">{n_bad} of {len(diag)} samples have rank R-hat &gt; 1.1 '
+    out += (f'<p class="{cls}">{n_bad} of {len(diag)} samples have rank R-hat &gt; {threshold:g} '
             f"({int(np.sum(~np.isfinite(rhat) & ~const))} undefined, {int(const.sum())} constant traces "
             "without R-hat / ESS).</p>")
     worst = diag.sort_values(S.RHAT, ascending=False).head(5)
@@ -307,11 +320,13 @@ def markdown_summary(output_uri: str, storage_options: Mapping[str, Any] | None 
     if diag is None:
         lines.append("_no diagnostics.parquet_")
     else:
-        lines += ["| split | samples | R-hat median | R-hat max | # R-hat > 1.1 | ESS bulk median | ESS tail median |",
+        threshold = _rhat_threshold(run)
+        lines += [f"| split | samples | R-hat median | R-hat max | # R-hat > {threshold:g} | ESS bulk median "
+                  "| ESS tail median |",
                   "|---|---|---|---|---|---|---|"]
         for split, g in diag.groupby(S.SPLIT, observed=True):
             lines.append(f"| {split} | {len(g)} | {_fmt(float(g[S.RHAT].median()))} | {_fmt(float(g[S.RHAT].max()))} "
-                         f"| {int((g[S.RHAT] > 1.1).sum())} | {_fmt(float(g[S.ESS_BULK].median()))} "
+                         f"| {int((g[S.RHAT] > threshold).sum())} | {_fmt(float(g[S.ESS_BULK].median()))} "
                          f"| {_fmt(float(g[S.ESS_TAIL].median()))} |")
     lines += ["", "## Results"]
     ds = run.open_bif()

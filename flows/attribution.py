@@ -51,7 +51,7 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         t3 = time.perf_counter()
         gates = steps.quality_gates(cfg, info, scheduler_address) if cfg.quality.enabled else None
         t4 = time.perf_counter()
-        diag = steps.diagnostics(cfg, scheduler_address) if cfg.quality.enabled else None
+        diag = steps.diagnostics(cfg, scheduler_address) if cfg.quality.diagnostics else None  # gates: .enabled
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
                    "covariance_s": t3 - t2, "gates_s": t4 - t3, "diagnostics_s": t5 - t4,

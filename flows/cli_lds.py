@@ -146,8 +146,11 @@ def register(subparsers) -> None:
     p.add_argument("--num-subsets", type=int, default=100, help="M subsets (default 100)")
     p.add_argument("--num-seeds", type=int, default=3, help="retraining seeds per subset (default 3)")
     p.add_argument("--seed", type=int, default=0, help="root seed of subsets and retrainings")
-    p.add_argument("--methods", default="bif,influence,graddot,gradcos",
-                   help="comma-separated: bif, influence, influence_cg, influence_lissa, graddot, gradcos, ekfac, trak")
+    from bif.evaluation.methods import methods_help
+    from bif.evaluation.settings import DEFAULT_METHODS
+
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated names from the method registry (default %(default)s): {methods_help()}")
     p.add_argument("--damping", type=float, default=1e-3, help="damping of the classical influence function")
     p.add_argument("--run-name", default="latest", help="results/<run-name>/ under the ground-truth folder")
     p.set_defaults(func=cmd_lds)

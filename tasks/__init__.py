@@ -1,6 +1,7 @@
-"""Compute units of the pipeline.
+"""Tasks (installed as ``bif.tasks``): the compute steps of a run, between the library and the flows.
 
-``sampler`` (torch) and ``moments`` (numpy) are pure math and import no Prefect, Dask or
-fsspec. ``traces`` and ``covariance`` add storage and Dask. ``steps`` holds the thin
-Prefect ``@task`` wrappers; nothing else in this package imports Prefect.
+Owns the steps of the attribution pipeline (``pipeline``: prepare, sample a chain, check,
+finish), the Dask map-reduce of the covariance (``covariance``), and the thin Prefect
+``@task`` wrappers (``steps``; nothing else here imports Prefect). Never imports
+:mod:`bif.flows`.
 """

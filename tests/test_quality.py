@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,25 @@ import pytest
 import xarray as xr
 
 from bif import schema as S
-from bif.config import QualityConfig
+from bif.config import QualityConfig, SamplerConfig
 from bif.errors import QualityError
 from bif.quality.aggregates import trace_block_stats
-from bif.quality.run import (GATES, QualityReport, check_health, check_results, check_trace_block, check_trace_stats,
-                           run_gates)
+from bif.quality.registry import gate_names
+from bif.quality.run import (GATES, QualityReport, RunSizes, check_health, check_results, check_trace_block,
+                             check_trace_stats, run_gates)
 from bif.sampling.chain import DrawBlock
 from bif.store.traces import trace_table
 
 N_TRAIN, N_QUERY, ND, D0, CHAIN = 30, 5, 10, 20, 1
 BOUNDS = (0.0, float("inf"))
+Q = QualityConfig()
+SAMPLER = SamplerConfig(num_draws=D0 + ND, draws_per_block=ND)  # block 2 holds draws D0 .. D0 + ND - 1
+BLOCK = D0 // ND
+SIZES = RunSizes(n_train=N_TRAIN, n_query=N_QUERY, loss_bounds=BOUNDS)
+
+
+def _q(**kw) -> QualityConfig:
+    return QualityConfig(**kw)
 
 
 def _block_frame(seed: int = 0) -> pd.DataFrame:
@@ -34,9 +42,8 @@ def _block_frame(seed: int = 0) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def _check(df: pd.DataFrame, **kw) -> list:
-    return check_trace_block(df, chain=CHAIN, num_draws_expected_in_block=ND, draw_start=D0, n_train=N_TRAIN,
-                             n_query=N_QUERY, loss_bounds=BOUNDS, **kw)
+def _check(df: pd.DataFrame, quality: QualityConfig = Q, **kw) -> list:
+    return check_trace_block(df, quality, SAMPLER, sizes=SIZES, chain=CHAIN, block=BLOCK, **kw)
 
 
 def _failed(results) -> dict[str, list]:
@@ -58,8 +65,11 @@ def test_good_block_passes():
     assert results and all(r.success for r in results)
     assert {r.gate for r in results} == {"trace_schema", "trace_nulls", "trace_finite", "trace_unique",
                                          "trace_complete", "trace_bounds"}
-    assert not _failed(check_trace_block(_block_frame(), chain=CHAIN, num_draws_expected_in_block=ND, draw_start=D0,
-                                         n_train=N_TRAIN, n_query=N_QUERY, loss_bounds=(0.0, 100.0)))
+    assert not _failed(check_trace_block(_block_frame(), Q, SAMPLER, chain=CHAIN, block=BLOCK,
+                                         sizes=RunSizes(n_train=N_TRAIN, n_query=N_QUERY, loss_bounds=(0.0, 100.0))))
+    # a frame of several blocks names its draws explicitly
+    assert not _failed(check_trace_block(_block_frame(), Q, SamplerConfig(num_draws=100, draws_per_block=5),
+                                         sizes=SIZES, chain=CHAIN, block=4, draws=(D0, ND)))
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -136,7 +146,7 @@ def _stats_check(df: pd.DataFrame, **kw) -> list:
     table = pa.Table.from_pandas(df, schema=nullable, preserve_index=False)
     stats = trace_block_stats(table, chain=CHAIN, block=2, draw_start=D0, num_draws=ND, n_train=N_TRAIN,
                               n_query=N_QUERY, loss_bounds=BOUNDS)
-    return check_trace_stats(pd.DataFrame([stats]), **kw)
+    return check_trace_stats(pd.DataFrame([stats]), Q, **kw)
 
 
 def _inject(kind: str) -> pd.DataFrame:
@@ -187,7 +197,7 @@ def test_aggregate_check_agrees_with_row_check(kind):
 def test_severity_warning_turns_failure_into_warning():
     df = _block_frame()
     df.loc[_row(df, "train", 1, D0), S.LOSS] = np.nan
-    results = _check(df, severity={"trace_finite": "warning"})
+    results = _check(df, _q(severity={"trace_finite": "warning"}))
     report = QualityReport.from_results(results)
     assert report.passed and not report.failed
     assert [r.gate for r in report.warnings] == ["trace_finite"]
@@ -213,7 +223,8 @@ def _health(num_chains: int = 4, num_draws: int = 50, seed: int = 0) -> pd.DataF
 
 
 def _check_health(df, **kw):
-    return check_health(df, num_draws=50, num_chains=4, max_loss_factor=5.0, loss_slack=0.0, **kw)
+    quality = QualityConfig(max_loss_factor=5.0, loss_slack=0.0, **kw)
+    return check_health(df, quality, SamplerConfig(num_draws=50, num_chains=4))
 
 
 def test_healthy_chains_pass():
@@ -260,8 +271,11 @@ def _results(n_train: int = 40, n_query: int = 40, chunks=(16, 40), seed: int = 
     return ds.chunk({S.TRAIN_DIM: chunks[0], S.QUERY_DIM: chunks[1]})
 
 
+SELF40 = RunSizes(n_train=40, n_query=40, query_is_train=True)
+
+
 def test_good_results_pass_and_are_chunked():
-    results = check_results(_results(), n_train=40, n_query=40, query_is_train=True)
+    results = check_results(_results(), Q, sizes=SELF40)
     assert all(r.success for r in results)
     assert {r.gate for r in results} == {"results_shape", "results_finite", "results_corr_range",
                                          "results_self_influence"}
@@ -272,7 +286,7 @@ def test_bad_results_name_the_pair():
     ds[S.BIF][33, 7] = np.nan
     ds[S.BIF_CORR][5, 9] = 1.5
     ds[S.BIF][12, 12] = 0.5  # positive self-influence: impossible for -Var
-    failed = _failed(check_results(ds.chunk({S.TRAIN_DIM: 16}), n_train=40, n_query=40, query_is_train=True))
+    failed = _failed(check_results(ds.chunk({S.TRAIN_DIM: 16}), Q, sizes=SELF40))
     assert set(failed) == {"results_finite", "results_corr_range", "results_self_influence"}
     assert "bad_train=33 bad_query=7 bad_value=nan" in failed["results_finite"][0].detail
     assert "max_train=5 max_query=9 max=1.5" in failed["results_corr_range"][0].detail
@@ -281,13 +295,13 @@ def test_bad_results_name_the_pair():
 
 def test_results_shape_and_coords():
     ds = _results(n_train=40, n_query=8)
-    failed = _failed(check_results(ds, n_train=41, n_query=8, query_is_train=False))
+    failed = _failed(check_results(ds, Q, sizes=RunSizes(n_train=41, n_query=8)))
     assert set(failed) == {"results_shape"}
     assert any("dim=train size=40 expected_size=41" in r.detail for r in failed["results_shape"])
-    failed = _failed(check_results(ds.drop_vars(S.BIF_CORR), n_train=40, n_query=8, query_is_train=False))
+    failed = _failed(check_results(ds.drop_vars(S.BIF_CORR), Q, sizes=RunSizes(n_train=40, n_query=8)))
     assert any("var=bif_corr" in r.detail for r in failed["results_shape"])
     shifted = ds.assign_coords({S.QUERY_DIM: np.arange(8) + 100})
-    failed = _failed(check_results(shifted, n_train=40, n_query=8, query_is_train=False))
+    failed = _failed(check_results(shifted, Q, sizes=RunSizes(n_train=40, n_query=8)))
     assert any("sample ids" in r.detail for r in failed["results_shape"])
 
 
@@ -297,31 +311,32 @@ def test_constant_trace_share_warns_by_default_and_nan_corr_still_fails():
     ds[S.QUERY_CONSTANT] = (S.QUERY_DIM, np.arange(8) == 3)
     ds[S.BIF][:24] = 0.0
     ds[S.BIF_CORR][:24] = 0.0  # the defined value: finite, so results_corr_range passes
-    results = check_results(ds.chunk({S.TRAIN_DIM: 16}), n_train=40, n_query=8, query_is_train=False,
-                            max_constant_share=0.5)
+    results = check_results(ds.chunk({S.TRAIN_DIM: 16}), _q(max_constant_share=0.5),
+                            sizes=RunSizes(n_train=40, n_query=8))
     bad = [r for r in results if not r.success]
     assert [(r.gate, r.severity, r.unexpected_count) for r in bad] == [("traces_constant", "warning", 1)]
     assert "split=train num_constant=24 num_samples=40 share_constant=0.6" in bad[0].detail
     report = QualityReport.from_results(results)
     assert report.passed and len(report.warnings) == 1
     # raised limit: passes; explicit severity error: fails the run
-    assert all(r.success for r in check_results(ds, n_train=40, n_query=8, query_is_train=False,
-                                                max_constant_share=0.6))
-    strict = check_results(ds, n_train=40, n_query=8, query_is_train=False, max_constant_share=0.1,
-                           severity={"traces_constant": "error"})
+    assert all(r.success for r in check_results(ds, _q(max_constant_share=0.6), sizes=RunSizes(n_train=40, n_query=8)))
+    strict = check_results(ds, _q(max_constant_share=0.1, severity={"traces_constant": "error"}),
+                           sizes=RunSizes(n_train=40, n_query=8))
     assert [(r.gate, r.unexpected_count) for r in _failed(strict)["traces_constant"]] == [("traces_constant", 2)]
     assert not QualityReport.from_results(strict).passed
     # a NaN in bif_corr is no longer explained away as a constant trace: it fails
     ds[S.BIF_CORR][30, 2] = np.nan
-    failed = _failed(check_results(ds, n_train=40, n_query=8, query_is_train=False))
+    failed = _failed(check_results(ds, _q(max_constant_share=1.0), sizes=RunSizes(n_train=40, n_query=8)))
     assert set(failed) == {"results_corr_range"}
     assert "bad_train=30 bad_query=2 bad_value=nan" in failed["results_corr_range"][0].detail
 
 
 # --- whole runs ---------------------------------------------------------------------------------
 def test_config_lists_every_gate():
-    key_type = typing.get_args(QualityConfig.model_fields["severity"].annotation)[0]
-    assert set(typing.get_args(key_type)) == set(GATES)
+    assert set(GATES) == set(gate_names())
+    assert QualityConfig(severity={g: "warning" for g in GATES}).severity == {g: "warning" for g in GATES}
+    description = QualityConfig.model_fields["severity"].description
+    assert all(g in description for g in GATES)
 
 
 def test_import_is_cheap():

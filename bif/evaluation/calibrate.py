@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from bif.config import RHAT_THRESHOLD
+
 #: γ as a multiple of nβ (the damping γ / nβ the BIF implicitly applies).
 DEFAULT_GAMMA_PER_NBETA = 0.1
 #: Fractions of the largest stable step size that the sweep tries.
@@ -96,7 +98,7 @@ def drift_ratio(distance: np.ndarray) -> float:
     return float(d[:, -q:].mean() / max(d[:, q:2 * q].mean(), 1e-300))
 
 
-def is_healthy(s: SettingScore, *, rhat_max: float = 1.1, ess_min: float = 50.0, drift_max: float = 1.5) -> bool:
+def is_healthy(s: SettingScore, *, rhat_max: float = RHAT_THRESHOLD, ess_min: float = 50.0, drift_max: float = 1.5) -> bool:
     """No divergence, R-hat ≤ rhat_max, median bulk ESS ≥ ess_min, and no growing drift from w*."""
     return (not s.diverged and s.max_rhat <= rhat_max and s.median_ess_bulk >= ess_min
             and (math.isnan(s.drift_ratio) or s.drift_ratio <= drift_max))

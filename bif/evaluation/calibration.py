@@ -1,10 +1,12 @@
 """Run one calibration setting (chains → diagnostics → BIF → LDS) and the step-size pilot.
 
 No Prefect here; :mod:`bif.flows.calibrate` wraps these in tasks. Diagnostics are ArviZ's
-rank R-hat and bulk ESS of every per-sample loss trace, computed by the private
-:func:`_rhat_ess` (``bif.quality.diagnostics.loss_diagnostics`` computes the same per sample for
-the attribution run; it was not importable when this was written, so this module does
-not depend on it).
+rank R-hat and bulk ESS of every per-sample loss trace, computed by the same function as the
+attribution run's diagnostics (:func:`bif.quality.diagnostics.rhat_ess`). A setting diverged
+when a chain raised :class:`bif.errors.ChainDivergedError`, left w* to a non-finite distance,
+or ran away by the rule of the ``health_loss`` gate (:func:`bif.quality.rules.runaway`, with
+the ``quality`` defaults; the pilot uses the stricter :data:`PILOT_LOSS_FACTOR` /
+:data:`PILOT_LOSS_SLACK`).
 """
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ import time
 import numpy as np
 
 from bif.evaluation.calibrate import SettingScore, drift_ratio
-from bif.config import SamplerConfig
+from bif.config import QualityConfig, SamplerConfig
 from bif.errors import ChainDivergedError
 from bif.evaluation.lds import lds
 from bif.problem import Problem
 from bif.moments import bif_in_memory
 from bif.evaluation.retrain import GroundTruth
+from bif.quality.rules import runaway
 from bif.sampling.chain import SGLDChain
+
+_QUALITY = QualityConfig()
+#: The step-size pilot's runaway rule is stricter than the gate's (a short chain from w*).
+PILOT_LOSS_FACTOR, PILOT_LOSS_SLACK = 3.0, 0.5
 
 
 def run_chains(problem: Problem, sampler: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -35,19 +42,23 @@ def run_chains(problem: Problem, sampler: SamplerConfig) -> tuple[np.ndarray, np
 
 
 def _rhat_ess(train: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ArviZ rank R-hat and bulk ESS of every loss trace; train and query (chains, draws, n) -> (n_train + n_query,) each."""
-    import arviz as az
-    import xarray as xr
+    """ArviZ rank R-hat and bulk ESS of every loss trace; train and query (chains, draws, n) -> (n_train + n_query,) each.
 
-    traces = np.concatenate([train, query], axis=2).astype(np.float64)  # (C, D, n_train + n_query)
-    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), traces)})
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return az.rhat(ds, method="rank")["loss"].values, az.ess(ds, method="bulk")["loss"].values
+    Raw ArviZ values (:func:`bif.quality.diagnostics.rhat_ess`): a constant trace has R-hat
+    NaN and bulk ESS chains x draws.
+    """
+    from bif.quality.diagnostics import rhat_ess
+
+    traces = np.concatenate([train, query], axis=2)  # (C, D, n_train + n_query)
+    out = rhat_ess(traces, tail=False)
+    return out["rhat"], out["ess_bulk"]
 
 
-def _diverged_by_loss(train: np.ndarray, reference_mean: float, factor: float = 10.0, slack: float = 1.0) -> bool:
-    """A chain ran away if its mean train loss exceeds factor × the loss at w* + slack."""
-    return bool((train.mean(axis=(1, 2)) > factor * reference_mean + slack).any())
+def _diverged_by_loss(train: np.ndarray, reference_mean: float, factor: float = _QUALITY.max_loss_factor,
+                      slack: float = _QUALITY.loss_slack) -> bool:
+    """A chain ran away (:func:`bif.quality.rules.runaway` on train (C, D, n_train)): its mean train loss
+    exceeds factor x the loss at w* + slack."""
+    return bool(runaway(train.mean(axis=(1, 2)), reference_mean, max_loss_factor=factor, loss_slack=slack).any())
 
 
 def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth | None) -> SettingScore:
@@ -82,4 +93,5 @@ def pilot_stable(problem: Problem, sampler: SamplerConfig, step_size: float, *, 
     except ChainDivergedError:
         return False
     ref = float(SGLDChain(problem, s, chain=0).reference_losses()[0].mean())
-    return bool(np.isfinite(dist).all() and not _diverged_by_loss(train, ref, factor=3.0, slack=0.5))
+    return bool(np.isfinite(dist).all() and not _diverged_by_loss(train, ref, factor=PILOT_LOSS_FACTOR,
+                                                                        slack=PILOT_LOSS_SLACK))

@@ -1,6 +1,7 @@
 """Compute one method's attribution on a problem, with its wall time and peak memory.
 
-No Prefect here: the LDS flow's tasks and the benchmark script call :func:`score_method`.
+No Prefect here: the LDS flow's tasks and the benchmark script call :func:`score_method`,
+which dispatches through the method registry :mod:`bif.evaluation.methods`.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bif.evaluation.baselines.common import as_scores
 from bif.config import CovarianceConfig, SamplerConfig
+from bif.evaluation.methods import MethodInputs, get_method
 from bif.evaluation.settings import MethodOptions
 from bif.problem import Problem
 
@@ -63,45 +64,18 @@ def bif_arrays(problem: Problem, sampler: SamplerConfig, *, pooling: str = "stac
     return bif_in_memory(*sample_traces(problem, sampler), pooling=pooling)
 
 
-def _baseline(problem: Problem, method: str, opts: MethodOptions):
-    if method in ("influence", "influence_cg", "influence_lissa"):
-        from bif.evaluation.baselines.influence import influence_scores
-
-        solver = {"influence": "explicit", "influence_cg": "cg", "influence_lissa": "lissa"}[method]
-        return influence_scores(problem, damping=opts.damping, solver=solver, lissa_depth=opts.lissa_depth)
-    if method == "graddot":
-        from bif.evaluation.baselines.graddot import graddot_scores
-
-        return graddot_scores(problem)
-    if method == "gradcos":
-        from bif.evaluation.baselines.graddot import gradcos_scores
-
-        return gradcos_scores(problem)
-    if method == "ekfac":
-        from bif.evaluation.baselines.ekfac import ekfac_scores
-
-        return ekfac_scores(problem, damping=opts.ekfac_damping)
-    if method == "trak":
-        from bif.evaluation.baselines.trak import trak_scores
-
-        return trak_scores(problem, proj_dim=opts.trak_proj_dim, lambda_reg=opts.trak_lambda_reg,
-                           num_models=opts.trak_num_models)
-    raise ValueError(f"unknown attribution method {method!r}")
-
-
 def score_method(problem: Problem, method: str, *, sampler: SamplerConfig | None = None,
                  covariance: CovarianceConfig | None = None, options: MethodOptions | None = None
                  ) -> list[Scored]:
-    """Scores of ``method`` on ``problem``; ``"bif"`` returns two entries, ``bif`` and ``bif_corr``.
+    """Scores of ``method`` (a name in :mod:`bif.evaluation.methods`) on ``problem``; ``"bif"`` returns two
+    entries, ``bif`` and ``bif_corr``.
 
     For BIF the whole sampling run is query-dependent (the chains must record the new
     queries' losses), so its ``query_seconds`` equals its ``seconds``.
     """
-    opts = options or MethodOptions()
-    if method == "bif":
-        pooling = (covariance or CovarianceConfig()).pooling
-        (b, bc), sec, mb = measure(lambda: bif_arrays(problem, sampler or SamplerConfig(), pooling=pooling))
-        return [Scored("bif", as_scores(b, name="bif").values, sec, sec, mb),
-                Scored("bif_corr", np.nan_to_num(bc, nan=0.0), sec, sec, mb)]  # NaN: a constant loss trace
-    da, sec, mb = measure(lambda: _baseline(problem, method, opts))
-    return [Scored(method, da.values, sec, float(da.attrs.get("query_seconds", sec)), mb)]
+    m = get_method(method)  # ConfigError naming the registered methods
+    inputs = MethodInputs(sampler=sampler or SamplerConfig(), covariance=covariance or CovarianceConfig(),
+                          options=options or MethodOptions())
+    out, sec, mb = measure(lambda: m.compute(problem, inputs))
+    query_seconds = sec if out.query_seconds is None else out.query_seconds
+    return [Scored(name, tau, sec, query_seconds, mb) for name, tau in out.scores.items()]

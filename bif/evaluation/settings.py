@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["bif", "influence", "influence_cg", "influence_lissa", "graddot", "gradcos", "ekfac", "trak"]
+from bif.config import RHAT_THRESHOLD
+from bif.evaluation.methods import method_names
+
+#: A registered attribution method's name (:mod:`bif.evaluation.methods`).
+Method = str
 #: ``bif`` yields two score arrays: ``bif`` (-Cov) and ``bif_corr`` (-Corr).
 DEFAULT_METHODS: tuple[Method, ...] = ("bif", "influence", "graddot", "gradcos")
 
@@ -40,6 +44,16 @@ class LDSSettings(BaseModel):
     seed: int = Field(0, ge=0, description="Root seed of the subsets and the retraining seeds.")
     methods: tuple[Method, ...] = Field(DEFAULT_METHODS, description="Attribution methods to score.")
     options: MethodOptions = Field(default_factory=MethodOptions, description="Baseline hyperparameters.")
+
+    @field_validator("methods")
+    @classmethod
+    def _registered(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in value if m not in method_names()]
+        if unknown:
+            raise ValueError(f"unknown attribution method {', '.join(map(repr, unknown))}; choose from "
+                             + ", ".join(method_names()))
+        return value
+
     retries: int = Field(2, ge=0, description="Retries of each retraining task.")
 
     def ground_truth_key(self, problem: str, problem_args: dict[str, Any]) -> str:
@@ -69,6 +83,6 @@ class CalibrationSettings(BaseModel):
     pilot_steps: int = Field(200, ge=10, description="SGLD steps of each pilot chain.")
     num_chains: int = Field(4, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
     num_draws: int = Field(300, ge=8, description="Draws per chain per evaluated setting.")
-    rhat_max: float = Field(1.1, gt=1, description="Largest acceptable R-hat of any loss trace.")
+    rhat_max: float = Field(RHAT_THRESHOLD, gt=1, description="Largest acceptable R-hat of any loss trace.")
     ess_min: float = Field(50.0, gt=0, description="Smallest acceptable median bulk ESS.")
     drift_max: float = Field(1.5, gt=1, description="Largest acceptable growth of the distance from w*.")

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
+from bif.config import RHAT_THRESHOLD
 
 RHAT, ESS_BULK, ESS_TAIL = S.RHAT, S.ESS_BULK, S.ESS_TAIL
 DIAGNOSTICS_FILE = S.DIAGNOSTICS_FILE
@@ -46,19 +47,29 @@ MCSE_METHOD = "batch means over contiguous draw batches within each chain (chain
 _QUANTILES = (0.05, 0.5, 0.95)
 
 
-def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.DataFrame:
-    """ArviZ rank R-hat and bulk / tail ESS of ``traces`` (chains, draws, n): one row per sample."""
+def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
+    """ArviZ rank R-hat and bulk (and tail) ESS of every trace in ``traces`` (chains, draws, n), in float64.
+
+    Returns {"rhat", "ess_bulk"[, "ess_tail"]}: (n,) float64 each, ArviZ's raw values (a
+    constant trace has R-hat NaN and ESS chains x draws; :func:`loss_diagnostics` masks
+    those). The one R-hat / ESS of the project: the diagnostics stage and calibration use it.
+    """
     import arviz as az
     import xarray as xr
 
-    n = traces.shape[2]
-    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), np.asarray(traces, dtype=np.float64))},
-                    coords={"chain": np.arange(traces.shape[0]), "draw": np.arange(traces.shape[1]),
-                            "sample": np.arange(start, start + n)})
+    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), np.asarray(traces, dtype=np.float64))})
     with np.errstate(invalid="ignore", divide="ignore"):
-        rhat = az.rhat(ds, method="rank")["loss"].values
-        bulk = az.ess(ds, method="bulk")["loss"].values
-        tail = az.ess(ds, method="tail")["loss"].values
+        out = {RHAT: az.rhat(ds, method="rank")["loss"].values, ESS_BULK: az.ess(ds, method="bulk")["loss"].values}
+        if tail:
+            out[ESS_TAIL] = az.ess(ds, method="tail")["loss"].values
+    return out
+
+
+def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.DataFrame:
+    """ArviZ rank R-hat and bulk / tail ESS of ``traces`` (chains, draws, n): one row per sample."""
+    n = traces.shape[2]
+    raw = rhat_ess(traces)
+    rhat, bulk, tail = raw[RHAT], raw[ESS_BULK], raw[ESS_TAIL]
     const = constant_traces(traces)
     rhat, bulk, tail = (np.where(const, np.nan, np.asarray(v, dtype=np.float64)) for v in (rhat, bulk, tail))
     return pd.DataFrame({S.SPLIT: pd.Categorical([split] * n, categories=list(S.SPLITS)),
@@ -142,7 +153,7 @@ def _quantiles(values: np.ndarray, *, low_is_bad: bool) -> dict[str, float | Non
     return qs | ({"min": float(v.min())} if low_is_bad else {"max": float(v.max())})
 
 
-def summarize(diag: pd.DataFrame, *, rhat_threshold: float = 1.1) -> dict[str, Any]:
+def summarize(diag: pd.DataFrame, *, rhat_threshold: float = RHAT_THRESHOLD) -> dict[str, Any]:
     """Quantiles of R-hat / ESS and the count of samples above ``rhat_threshold`` (JSON-able, for the manifest).
 
     Constant traces (``constant``) are counted per split under ``constant_traces``; their
@@ -202,7 +213,7 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
 
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
                       max_samples: int | None = None, block_samples: int = 2048, num_batches: int = 10,
-                      rhat_threshold: float = 1.1, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
+                      rhat_threshold: float = RHAT_THRESHOLD, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
     """Diagnose a run's traces, write ``<output>/diagnostics.parquet`` and return a JSON-able summary.
 
     Train samples are diagnosed in blocks through ``map_fn`` (default ``map``; pass e.g.

@@ -22,7 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-SEVERITIES = ("error", "warning")
+from bif.quality.registry import SEVERITIES  # noqa: E402  (the one list of severities)
+
 _GX_SEVERITY = {"error": "critical", "warning": "warning"}
 #: Rows named in a failure's detail.
 MAX_DETAIL_ROWS = 5

@@ -1,6 +1,8 @@
 """The quality gates as Great Expectations suites over one frame each (no Prefect, GE imported lazily).
 
-Gates (the keys of ``config.quality.severity``):
+Gates (the keys of ``config.quality.severity``; each is registered, with its default severity
+and a one-line description, in :mod:`bif.quality.registry`, and a check of an unregistered
+gate is refused):
 
 - ``trace_schema`` columns and dtypes of a trace block match :func:`bif.schema.trace_schema`.
 - ``trace_nulls`` no nulls in chain / draw / split / sample.
@@ -23,6 +25,10 @@ Gates (the keys of ``config.quality.severity``):
   legitimate state (e.g. float32 cross-entropy 0.0 of confidently classified samples), but
   such samples carry no attribution, so a large share deserves a look.
 
+Every ``check_*`` takes the config sections whole (``quality``, and ``sampler`` where the
+draws matter) plus the run's :class:`RunSizes`; ``allow_warnings`` (default
+``quality.allow_warnings``) turns every failure into a warning.
+
 Traces are checked either row by row (:func:`check_trace_block`, GE on the rows of a
 block) or, cheaply at any scale, on per-block aggregates (:func:`check_trace_stats` over
 :func:`bif.quality.aggregates.trace_block_stats`): both name the gate and the offending
@@ -31,6 +37,7 @@ chain / draw / split / sample.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,26 +46,42 @@ import pandas as pd
 from bif import schema as S
 from bif.quality.aggregates import chunk_stats_tasks
 from bif.quality.expectations import Check, GateResult, validate
+from bif.quality.registry import default_severity, gate_names, get_gate
+from bif.quality.rules import runaway_bound
 
 if TYPE_CHECKING:
     import xarray as xr
 
-GATES = ("trace_schema", "trace_nulls", "trace_finite", "trace_unique", "trace_complete", "trace_bounds",
-         "health_schema", "health_draws", "health_loss", "health_distance",
-         "results_shape", "results_finite", "results_corr_range", "results_self_influence", "traces_constant")
-#: Severity of gates not listed in ``quality.severity`` (all others: 'error').
-DEFAULT_SEVERITY = {"traces_constant": "warning"}
+    from bif.config import QualityConfig, SamplerConfig
+
+#: Names of the registered gates (:mod:`bif.quality.registry`).
+GATES = gate_names()
+#: Severity of gates not listed in ``quality.severity`` (all others: 'error'), from the registry.
+DEFAULT_SEVERITY = default_severity()
 TRACE_KEYS = (S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE)
 _FMAX = float(np.finfo(np.float64).max)
 
 
-def _validator(severity: Mapping[str, str] | None, allow_warnings: bool, raws: list[dict[str, Any]] | None,
+@dataclass(frozen=True)
+class RunSizes:
+    """What the gates check a run against, besides its config: the problem's sizes and loss bounds."""
+
+    n_train: int
+    n_query: int
+    loss_bounds: tuple[float, float] = (-np.inf, np.inf)  # (low, high); infinite ends are not checked
+    query_is_train: bool = False  # the query set is the train set (enables results_self_influence)
+
+
+def _validator(quality: "QualityConfig", allow_warnings: bool | None, raws: list[dict[str, Any]] | None,
                markdown: bool | None = True):
     """validate() bound to the severity settings; GE's JSON results are appended to ``raws`` when given."""
-    merged = DEFAULT_SEVERITY | dict(severity or {})
+    merged = default_severity() | dict(quality.severity)
+    allow = quality.allow_warnings if allow_warnings is None else allow_warnings
 
     def run(frame: pd.DataFrame, checks: list[Check], suite: str) -> list[GateResult]:
-        res, raw = validate(frame, checks, suite=suite, severity=merged, allow_warnings=allow_warnings,
+        for c in checks:
+            get_gate(c.gate)  # KeyError naming the registered gates: register a new gate first
+        res, raw = validate(frame, checks, suite=suite, severity=merged, allow_warnings=allow,
                             markdown=markdown)
         if raws is not None:
             raws.append(raw)
@@ -87,23 +110,32 @@ def _missing_rows(nd: int, d0: int, n_by_split: Mapping[str, int]):
     return explain
 
 
-def check_trace_block(df: pd.DataFrame, *, chain: int, num_draws_expected_in_block: int, draw_start: int,
-                      n_train: int, n_query: int, loss_bounds: tuple[float, float], loss_dtype: str = "float32",
-                      severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
-                      block: int | str | None = None, ge_results: list[dict[str, Any]] | None = None
+def block_draws(sampler: "SamplerConfig", block: int) -> tuple[int, int]:
+    """(first draw, number of draws) of trace block ``block`` under ``sampler``'s num_draws / draws_per_block."""
+    d0 = block * sampler.draws_per_block
+    return d0, max(0, min(sampler.draws_per_block, sampler.num_draws - d0))
+
+
+def check_trace_block(df: pd.DataFrame, quality: "QualityConfig", sampler: "SamplerConfig", *, sizes: RunSizes,
+                      chain: int, block: int, draws: tuple[int, int] | None = None,
+                      allow_warnings: bool | None = None, ge_results: list[dict[str, Any]] | None = None
                       ) -> list[GateResult]:
     """Validate one trace block frame (long format of :mod:`bif.schema`, as read by ``pq.read_table().to_pandas()``).
 
-    The frame may also hold several consecutive blocks of one chain: the draws
-    ``[draw_start, draw_start + num_draws_expected_in_block)``; ``block`` only labels details.
+    The expected draws are those of ``block`` under ``sampler`` (:func:`block_draws`); a frame
+    that holds several consecutive blocks of one chain passes ``draws`` = (first draw,
+    number of draws) instead, and ``block`` then only labels details. The loss dtype is
+    ``sampler.trace_dtype``.
 
     Gates trace_schema, trace_nulls, trace_finite, trace_unique, trace_complete and
-    trace_bounds. ``loss_bounds`` = (low, high); infinite ends are not checked. GE's JSON
-    results are appended to ``ge_results`` when given (as for every ``check_*``).
+    trace_bounds (``sizes.loss_bounds``; infinite ends are not checked). GE's JSON results
+    are appended to ``ge_results`` when given (as for every ``check_*``).
     """
+    draw_start, num_draws_expected_in_block = draws if draws is not None else block_draws(sampler, block)
+    n_train, n_query, loss_bounds, loss_dtype = sizes.n_train, sizes.n_query, sizes.loss_bounds, sampler.trace_dtype
     ctx = f"chain {chain} block {block if block is not None else '?'} (draws {draw_start}.." \
           f"{draw_start + num_draws_expected_in_block - 1})"
-    run = _validator(severity, allow_warnings, ge_results, markdown=None)  # GE's Markdown of failed blocks only
+    run = _validator(quality, allow_warnings, ge_results, markdown=None)  # GE's Markdown of failed blocks only
     suite = f"traces chain={chain} draw_start={draw_start}"
     cols = [S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE, S.LOSS]
     types = {S.CHAIN: "int32", S.DRAW: "int32", S.SPLIT: "CategoricalDtypeType", S.SAMPLE: "int64", S.LOSS: loss_dtype}
@@ -147,14 +179,14 @@ def check_trace_block(df: pd.DataFrame, *, chain: int, num_draws_expected_in_blo
     return res + run(df, checks, suite)
 
 
-def check_trace_stats(stats: pd.DataFrame, *, severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
+def check_trace_stats(stats: pd.DataFrame, quality: "QualityConfig", *, allow_warnings: bool | None = None,
                       ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
     """The trace gates on per-block aggregates: one row per trace file from :func:`bif.quality.aggregates.trace_block_stats`.
 
     Cheap at any scale (the rows were counted in numpy); each failure names the chain,
     block and the first offending (draw, split, sample).
     """
-    run = _validator(severity, allow_warnings, ge_results)
+    run = _validator(quality, allow_warnings, ge_results)
     block_keys = (S.CHAIN, "block")
     res = run(stats, [Check("trace_schema", "ExpectColumnValuesToBeInSet", {"column": "schema_ok", "value_set": [True]},
                             keys=block_keys, context="columns / dtypes differ from bif.schema.trace_schema")],
@@ -177,10 +209,14 @@ def check_trace_stats(stats: pd.DataFrame, *, severity: Mapping[str, str] | None
     ], "trace blocks")
 
 
-def check_trace_chains(blocks: pd.DataFrame, *, num_chains: int, num_draws: int,
-                       severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
-                       ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
-    """Each chain has ``num_draws`` committed draws: ``blocks`` has one row per committed block (chain, block, num_draws)."""
+def check_trace_chains(blocks: pd.DataFrame, quality: "QualityConfig", sampler: "SamplerConfig", *,
+                       allow_warnings: bool | None = None, ge_results: list[dict[str, Any]] | None = None
+                       ) -> list[GateResult]:
+    """Each of ``sampler.num_chains`` chains has ``sampler.num_draws`` committed draws.
+
+    ``blocks`` has one row per committed block (chain, block, num_draws).
+    """
+    num_chains, num_draws = sampler.num_chains, sampler.num_draws
     per_chain = (blocks.groupby(S.CHAIN, as_index=False).agg(committed_draws=("num_draws", "sum"),
                                                              num_blocks=("block", "size"))
                  if len(blocks) else pd.DataFrame({S.CHAIN: pd.Series([], "int64"), "committed_draws": [],
@@ -191,21 +227,25 @@ def check_trace_chains(blocks: pd.DataFrame, *, num_chains: int, num_draws: int,
         Check("trace_complete", "ExpectColumnValuesToBeBetween", {"column": "committed_draws", "min_value": num_draws,
               "max_value": num_draws}, keys=(S.CHAIN, "num_blocks"), context=f"expected {num_draws} draws per chain"),
     ]
-    return _validator(severity, allow_warnings, ge_results)(per_chain, checks, "trace chains")
+    return _validator(quality, allow_warnings, ge_results)(per_chain, checks, "trace chains")
 
 
 # --- sampler health ---------------------------------------------------------------------------
-def check_health(df_health: pd.DataFrame, *, num_draws: int, max_loss_factor: float, loss_slack: float = 0.0,
-                 max_distance: float | None = None, max_distance_factor: float = 10.0, num_chains: int | None = None,
-                 severity: Mapping[str, str] | None = None, allow_warnings: bool = False,
-                 ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+def check_health(df_health: pd.DataFrame, quality: "QualityConfig", sampler: "SamplerConfig", *,
+                 allow_warnings: bool | None = None, ge_results: list[dict[str, Any]] | None = None
+                 ) -> list[GateResult]:
     """Validate the per-draw health table (columns :data:`bif.schema.HEALTH_COLUMNS`, all chains and blocks).
 
-    Runaway (health_loss): per chain, mean over draws of train_loss_mean <=
-    max_loss_factor x ref_train_loss_mean + loss_slack. Localization (health_distance):
-    every draw's distance <= max_distance, or max_distance_factor x the median distance.
+    Runaway (health_loss, :func:`bif.quality.rules.runaway`): per chain, mean over draws of
+    train_loss_mean <= quality.max_loss_factor x ref_train_loss_mean + quality.loss_slack.
+    Localization (health_distance): every draw's distance <= quality.max_distance, or
+    quality.max_distance_factor x the median distance. health_draws: sampler.num_draws
+    draws for each of sampler.num_chains chains.
     """
-    run = _validator(severity, allow_warnings, ge_results)
+    num_draws, num_chains = sampler.num_draws, sampler.num_chains
+    max_loss_factor, loss_slack = quality.max_loss_factor, quality.loss_slack
+    max_distance, max_distance_factor = quality.max_distance, quality.max_distance_factor
+    run = _validator(quality, allow_warnings, ge_results)
     res = run(df_health, [Check("health_schema", "ExpectTableColumnsToMatchSet",
                                 {"column_set": list(S.HEALTH_COLUMNS), "exact_match": False})], "health columns")
     if not res[0].success:
@@ -235,7 +275,8 @@ def check_health(df_health: pd.DataFrame, *, num_draws: int, max_loss_factor: fl
         "worst_draw": g[S.TRAIN_LOSS_MEAN].idxmax().map(lambda i: int(df_health.loc[i, S.DRAW]) if i == i else -1),
         "worst_draw_loss": g[S.TRAIN_LOSS_MEAN].max(),
     }).reset_index()
-    per_chain["loss_bound"] = max_loss_factor * per_chain["ref_train_loss"] + loss_slack
+    per_chain["loss_bound"] = runaway_bound(per_chain["ref_train_loss"], max_loss_factor=max_loss_factor,
+                                            loss_slack=loss_slack)
     chain_checks = [
         Check("health_draws", "ExpectColumnValuesToBeBetween", {"column": "num_draws", "min_value": num_draws,
               "max_value": num_draws}, keys=(S.CHAIN,), context=f"expected {num_draws} draws per chain"),
@@ -244,8 +285,7 @@ def check_health(df_health: pd.DataFrame, *, num_draws: int, max_loss_factor: fl
               keys=(S.CHAIN, "mean_train_loss", "loss_bound", "ref_train_loss", "worst_draw", "worst_draw_loss"),
               context=f"chain ran away: mean train loss > {max_loss_factor} x ref + {loss_slack}"),
     ]
-    if num_chains is not None:
-        chain_checks.append(Check("health_draws", "ExpectColumnDistinctValuesToEqualSet",
+    chain_checks.append(Check("health_draws", "ExpectColumnDistinctValuesToEqualSet",
                                   {"column": S.CHAIN, "value_set": list(range(num_chains))}))
     return res + run(per_chain, chain_checks, "health chains")
 
@@ -266,19 +306,21 @@ def constant_trace_counts(ds: "xr.Dataset") -> dict[str, dict[str, float | int]]
     return constant_counts(flags[S.TRAIN_DIM], flags[S.QUERY_DIM])
 
 
-def check_results(ds: "xr.Dataset", *, n_train: int, n_query: int, query_is_train: bool, corr_atol: float = 1e-6,
-                  self_influence_rtol: float = 1e-6, max_constant_share: float = 1.0,
-                  severity: Mapping[str, str] | None = None,
-                  allow_warnings: bool = False, ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes, allow_warnings: bool | None = None,
+                  ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
     """Validate ``bif`` / ``bif_corr`` (dims (train, query)) through per-chunk aggregates computed by Dask.
 
     Memory and pandas work scale with the number of chunks, not with n_train x n_query.
-    ``traces_constant`` checks the share of constant-trace samples per split against
-    ``max_constant_share`` (skipped when bif.zarr has no constant flags).
+    Tolerances from ``quality`` (corr_atol, self_influence_rtol); ``traces_constant`` checks
+    the share of constant-trace samples per split against ``quality.max_constant_share``
+    (skipped when bif.zarr has no constant flags).
     """
     import dask
 
-    run = _validator(severity, allow_warnings, ge_results)
+    n_train, n_query, query_is_train = sizes.n_train, sizes.n_query, sizes.query_is_train
+    corr_atol, self_influence_rtol = quality.corr_atol, quality.self_influence_rtol
+    max_constant_share = quality.max_constant_share
+    run = _validator(quality, allow_warnings, ge_results)
     expected = {S.TRAIN_DIM: n_train, S.QUERY_DIM: n_query}
     rows = []
     for var in (S.BIF, S.BIF_CORR):

@@ -21,8 +21,8 @@ from bif import schema as S
 from bif.errors import QualityError
 from bif.quality.aggregates import trace_block_stats
 from bif.quality.expectations import GateResult
-from bif.quality.gates import (GATES, check_health, check_results, check_trace_block, check_trace_chains,
-                         check_trace_stats, constant_trace_counts)
+from bif.quality.gates import (GATES, RunSizes, block_draws, check_health, check_results, check_trace_block,
+                               check_trace_chains, check_trace_stats, constant_trace_counts)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from bif.config import RunConfig
     from bif.store.run import BlockRef, RunStore
 
-__all__ = ["GATES", "GateResult", "QualityReport", "check_trace_block", "check_trace_stats", "check_trace_chains",
+__all__ = ["GATES", "GateResult", "QualityReport", "RunSizes", "check_trace_block", "check_trace_stats", "check_trace_chains",
            "check_health", "check_results", "run_gates"]
 
 _MAX_SUMMARY_LINES = 20
@@ -115,44 +115,36 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
 
     t0 = time.perf_counter()
     q, smp = config.quality, config.sampler
-    kw = {"severity": q.severity, "allow_warnings": q.allow_warnings if allow_warnings is None else allow_warnings}
+    kw = {"allow_warnings": allow_warnings}
+    sizes = RunSizes(n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, query_is_train=query_is_train)
     store = RunStore(output_uri, storage_options or {})
     files = store.blocks(num_chains=smp.num_chains)
     raws: dict[str, list[dict[str, Any]]] = {"traces": [], "health": [], "results": []}
     results: list[GateResult] = []
 
     def draws(block: int) -> tuple[int, int]:  # (draw_start, expected draws) of a block
-        d0 = block * smp.draws_per_block
-        return d0, max(0, min(smp.draws_per_block, smp.num_draws - d0))
+        return block_draws(smp, block)
 
     if trace_rows:
         for ref in files:
-            d0, nd = draws(ref.block)
-            results += check_trace_block(store.read_trace_table(ref).to_pandas(), chain=ref.chain, block=ref.block,
-                                         num_draws_expected_in_block=nd, draw_start=d0, n_train=n_train,
-                                         n_query=n_query, loss_bounds=loss_bounds, loss_dtype=smp.trace_dtype,
-                                         ge_results=raws["traces"], **kw)
+            results += check_trace_block(store.read_trace_table(ref).to_pandas(), q, smp, sizes=sizes, chain=ref.chain,
+                                         block=ref.block, ge_results=raws["traces"], **kw)
     else:
         job = partial(_trace_stats, store=store, draws_per_block=smp.draws_per_block, num_draws=smp.num_draws,
                       n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, loss_dtype=smp.trace_dtype)
-        results += check_trace_stats(pd.DataFrame(list(map_fn(job, files))), ge_results=raws["traces"], **kw)
+        results += check_trace_stats(pd.DataFrame(list(map_fn(job, files))), q, ge_results=raws["traces"], **kw)
     # committed blocks per chain (the block gates above check what each block holds)
     blocks = pd.DataFrame([{S.CHAIN: r.chain, "block": r.block, "num_draws": draws(r.block)[1]} for r in files])
-    results += check_trace_chains(blocks, num_chains=smp.num_chains, num_draws=smp.num_draws,
-                                  ge_results=raws["traces"], **kw)
+    results += check_trace_chains(blocks, q, smp, ge_results=raws["traces"], **kw)
 
     # the health file of every committed block (written before its trace file)
     health = store.read_health(files)
     if health is None:
         health = pd.DataFrame({c: [] for c in S.HEALTH_COLUMNS})
-    results += check_health(health, num_draws=smp.num_draws, num_chains=smp.num_chains,
-                            max_loss_factor=q.max_loss_factor, loss_slack=q.loss_slack, max_distance=q.max_distance,
-                            max_distance_factor=q.max_distance_factor, ge_results=raws["health"], **kw)
+    results += check_health(health, q, smp, ge_results=raws["health"], **kw)
 
     ds = _open_results(store)
-    results += check_results(ds, n_train=n_train, n_query=n_query, query_is_train=query_is_train,
-                             corr_atol=q.corr_atol, self_influence_rtol=q.self_influence_rtol,
-                             max_constant_share=q.max_constant_share, ge_results=raws["results"], **kw)
+    results += check_results(ds, q, sizes=sizes, ge_results=raws["results"], **kw)
 
     report = QualityReport.from_results(results, elapsed_s=time.perf_counter() - t0,
                                         constant_traces=constant_trace_counts(ds))

@@ -10,6 +10,9 @@ equal to the sample ids (dataset indices), float64 values, and the sign conventi
   TracIn at the final checkpoint.
 - :func:`bif.evaluation.baselines.ekfac.ekfac_scores` (kronfluence) and :func:`bif.evaluation.baselines.trak.trak_scores`
   (traker): optional extras, ``pip install .[baselines]``.
+
+Each is registered by name in :mod:`bif.evaluation.methods`, through which
+:func:`bif.evaluation.scoring.score_method` and ``bif lds --methods`` reach it.
 """
 from bif.evaluation.baselines.common import as_scores, bif_scores
 
