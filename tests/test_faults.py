@@ -353,10 +353,10 @@ def test_lost_s3_endpoint_mid_run_is_a_clear_storage_error(dask_address):
         fs.invalidate_cache()
         manifest = json.loads(fs.cat_file(f"{root}/{S.MANIFEST_FILE}"))
         assert manifest["status"] in (S.STATUS_RUNNING, S.STATUS_FAILED)  # never complete
-        # the rerun resumes and completes (gates off to keep the test short; they are not in the config hash)
+        # the rerun resumes and completes (gates and diagnostics off to keep the test short; not in the config hash)
         t0 = time.monotonic()
         manifest = run_attribution(_cfg(uri, dask_address, storage_options=opts, sampler=dict(cfg.sampler),
-                                        quality={"enabled": False}), show_progress=False)
+                                        quality={"enabled": False, "diagnostics": False}), show_progress=False)
         print(f"rerun took {time.monotonic() - t0:.1f} s")
         assert manifest["status"] == S.STATUS_COMPLETE and sum(manifest["resumed_blocks"]) >= 1
     finally:

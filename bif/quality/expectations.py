@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from bif.quality.registry import SEVERITIES  # noqa: E402  (the one list of severities)
+from bif.quality.registry import SEVERITIES  # the one list of severities
 
 _GX_SEVERITY = {"error": "critical", "warning": "warning"}
 #: Rows named in a failure's detail.
