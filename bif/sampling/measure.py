@@ -28,7 +28,7 @@ from bif.errors import BifError
 
 
 class RowKeys(NamedTuple):
-    """Keys of the rows of a trace block, in row order: each (rows,) int64."""
+    """Keys of the rows of a trace block, in row order: each (rows,) integers."""
 
     split: np.ndarray  # index into Variables.splits
     sample: np.ndarray  # sample index within the split
@@ -173,16 +173,22 @@ class Variables:
         return v0 * num_draws, v1 * num_draws
 
     def row_keys(self, num_draws: int) -> RowKeys:
-        """Keys of every row of a block of ``num_draws`` draws, in row order (as the trace files store them)."""
+        """Keys of every row of a block of ``num_draws`` draws, in row order (as the trace files store them).
+
+        Compact dtypes (the trace writer's hot path): split int8, sample and position int64,
+        draw int32; for sample variables ``position`` is a read-only view of zeros.
+        """
         nd = int(num_draws)
         n = int(self._sample_start[-1])
-        split_of = np.repeat(np.arange(len(self.splits), dtype=np.int64), self.sample_counts)  # (samples,)
+        split_of = np.repeat(np.arange(len(self.splits), dtype=np.int8), self.sample_counts)  # (samples,)
         sample_of = np.arange(n, dtype=np.int64) - self._sample_start[split_of]
         if self._var_start is None:
-            position = np.zeros(n, dtype=np.int64)
+            position = None
         else:
             tokens = np.diff(self._var_start)
             split_of, sample_of = np.repeat(split_of, tokens), np.repeat(sample_of, tokens)  # (variables,)
             position = np.arange(len(split_of), dtype=np.int64) - np.repeat(self._var_start[:-1], tokens)
+        rows = len(split_of) * nd
         return RowKeys(split=np.repeat(split_of, nd), sample=np.repeat(sample_of, nd),
-                       position=np.repeat(position, nd), draw=np.tile(np.arange(nd, dtype=np.int64), len(split_of)))
+                       position=np.broadcast_to(np.int64(0), (rows,)) if position is None else np.repeat(position, nd),
+                       draw=np.tile(np.arange(nd, dtype=np.int32), len(split_of)))

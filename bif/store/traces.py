@@ -94,8 +94,9 @@ def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Ta
     table = pa.Table.from_arrays(
         [
             pa.array(np.full(variables.num_rows(nd), block.chain, dtype=np.int32)),
-            pa.array((keys.draw + block.draw_start).astype(np.int32)),
-            pa.DictionaryArray.from_arrays(pa.array(keys.split.astype(np.int8)), pa.array(list(variables.splits))),
+            pa.array((keys.draw + np.int32(block.draw_start)).astype(np.int32, copy=False)),
+            pa.DictionaryArray.from_arrays(pa.array(keys.split.astype(np.int8, copy=False)),
+                                           pa.array(list(variables.splits))),
             pa.array(keys.sample),
             pa.array(losses.reshape(-1)),
         ],
