@@ -22,7 +22,7 @@ from bif.problem import Problem
 from bif.moments import bif_in_memory
 from bif.evaluation.retrain import GroundTruth
 from bif.quality.rules import runaway
-from bif.sampling.chain import SGLDChain
+from bif.sampling.chain import SGLDChain, sample_chains
 
 _QUALITY = QualityConfig()
 #: The step-size pilot's runaway rule is stricter than the gate's (a short chain from w*).
@@ -30,15 +30,12 @@ PILOT_LOSS_FACTOR, PILOT_LOSS_SLACK = 3.0, 0.5
 
 
 def run_chains(problem: Problem, sampler: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All chains in-process: train (C, D, n_train), query (C, D, n_query), distance (C, D) from w*."""
-    train, query, dist = [], [], []
-    for c in range(sampler.num_chains):
-        chain = SGLDChain(problem, sampler, chain=c)
-        blocks = list(chain.run(num_draws=sampler.num_draws, draws_per_block=sampler.num_draws))
-        train.append(np.concatenate([b.train_losses for b in blocks]))
-        query.append(np.concatenate([b.query_losses for b in blocks]))
-        dist.append(np.concatenate([b.distance for b in blocks]))
-    return np.stack(train), np.stack(query), np.stack(dist)
+    """All chains in-process (:func:`bif.sampling.chain.sample_chains`).
+
+    Returns train (C, D, n_train), query (C, D, n_query) and distance (C, D) from w*.
+    """
+    traces = sample_chains(problem, sampler)
+    return traces.train, traces.query, traces.distance
 
 
 def _rhat_ess(train: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

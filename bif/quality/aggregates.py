@@ -68,11 +68,13 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
     import pyarrow as pa
 
     from bif import schema as S
+    from bif.sampling.measure import Variables
 
+    variables = Variables.of_samples(n_train=n_train, n_query=n_query)  # row offsets: bif.sampling.measure
     expected = S.trace_schema(loss_dtype)
     names_ok = table.schema.names == expected.names
     out: dict[str, Any] = {"chain": chain, "block": block, "rows": table.num_rows,
-                           "expected_rows": num_draws * (n_train + n_query),
+                           "expected_rows": variables.num_rows(num_draws),
                            "schema_ok": bool(names_ok and all(table.schema.field(f.name).type == f.type
                                                               for f in expected))}
     if not names_ok:
@@ -93,18 +95,15 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
     low, high = loss_bounds
     oob = ~bad & ((loss < low) | (loss > high))
     wrong_chain = ints[S.CHAIN] != chain
-    n_split = np.array([n_train, n_query, 0])[np.minimum(split_idx, 2)]
-    in_range = (split_idx <= 1) & (sample >= 0) & (sample < n_split) & (draw >= draw_start) & (
-        draw < draw_start + num_draws)
-    offset = np.where(split_idx == 1, n_train, 0)
-    key = ((offset + sample) * num_draws + (draw - draw_start))[in_range]
+    in_range = variables.in_range(split_idx, sample) & (draw >= draw_start) & (draw < draw_start + num_draws)
+    key = variables.row(variables.variable(split_idx[in_range], sample[in_range]), draw[in_range] - draw_start,
+                        num_draws)  # the row each in-range key has in a correct file
     counts = np.bincount(key, minlength=out["expected_rows"])
     missing = np.flatnonzero(counts == 0)
     first_missing = ""
     if missing.size:
-        s, d = divmod(int(missing[0]), num_draws)
-        split, s = (S.TRAIN, s) if s < n_train else (S.QUERY, s - n_train)
-        first_missing = f"draw={draw_start + d} split={split} sample={s}"
+        k = variables.unrow(int(missing[0]), num_draws)
+        first_missing = f"draw={draw_start + int(k.draw)} split={variables.splits[int(k.split)]} sample={int(k.sample)}"
     dup_rows = in_range.copy()
     dup_rows[in_range] = counts[key] > 1
     out.update({

@@ -36,7 +36,6 @@ chain / draw / split / sample.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,7 @@ from bif.quality.aggregates import chunk_stats_tasks
 from bif.quality.expectations import Check, GateResult, validate
 from bif.quality.registry import default_severity, gate_names, get_gate
 from bif.quality.rules import runaway_bound
+from bif.sampling.measure import Variables
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -90,14 +90,15 @@ def _validator(quality: "QualityConfig", allow_warnings: bool | None, raws: list
 
 
 # --- traces -------------------------------------------------------------------------------
-def _missing_rows(nd: int, d0: int, n_by_split: Mapping[str, int]):
+def _missing_rows(nd: int, d0: int, variables: Variables):
     """Explain a wrong row count: which (split, sample) lack which draws."""
     def explain(frame: pd.DataFrame, result: dict[str, Any]) -> str:
         got = result.get("observed_value")
-        want = nd * sum(n_by_split.values())
+        want = variables.num_rows(nd)
         counts = frame.groupby([S.SPLIT, S.SAMPLE], observed=True)[S.DRAW].size()
         msgs = []
-        for split, n in n_by_split.items():
+        for split in variables.splits:
+            n = variables.num_samples(split)
             present = counts.xs(split, level=0) if split in counts.index.get_level_values(0) else counts.iloc[:0]
             absent = np.setdiff1d(np.arange(n), present.index.to_numpy())
             msgs += [f"{split} sample {int(i)} has no rows" for i in absent[:3]]
@@ -106,7 +107,7 @@ def _missing_rows(nd: int, d0: int, n_by_split: Mapping[str, int]):
                 miss = np.setdiff1d(np.arange(d0, d0 + nd), draws)
                 what = f"missing draws {miss[:5].tolist()}" if len(miss) else "duplicated draws"
                 msgs.append(f"{split} sample {int(i)} has {int(c)} of {nd} draws ({what})")
-        return f"{got} rows, expected {want} = {nd} draws x {sum(n_by_split.values())} samples; " + "; ".join(msgs[:5])
+        return f"{got} rows, expected {want} = {nd} draws x {variables.num_variables()} samples; " + "; ".join(msgs[:5])
     return explain
 
 
@@ -152,6 +153,7 @@ def check_trace_block(df: pd.DataFrame, quality: "QualityConfig", sampler: "Samp
         return res
     nd, d0 = num_draws_expected_in_block, draw_start
     n_by_split = {k: v for k, v in ((S.TRAIN, n_train), (S.QUERY, n_query)) if v > 0}
+    variables = Variables.of_samples(n_train=n_train, n_query=n_query)  # row offsets: bif.sampling.measure
     low, high = loss_bounds
 
     def c(gate: str, name: str, **kwargs: Any) -> Check:
@@ -162,8 +164,8 @@ def check_trace_block(df: pd.DataFrame, quality: "QualityConfig", sampler: "Samp
         c("trace_finite", "ExpectColumnValuesToNotBeNull", column=S.LOSS),  # NaN reads as null in pandas
         c("trace_finite", "ExpectColumnValuesToBeBetween", column=S.LOSS, min_value=-_FMAX, max_value=_FMAX),
         c("trace_unique", "ExpectCompoundColumnsToBeUnique", column_list=list(TRACE_KEYS)),
-        Check("trace_complete", "ExpectTableRowCountToEqual", {"value": nd * sum(n_by_split.values())},
-              explain=_missing_rows(nd, d0, n_by_split), context=ctx),
+        Check("trace_complete", "ExpectTableRowCountToEqual", {"value": variables.num_rows(nd)},
+              explain=_missing_rows(nd, d0, variables), context=ctx),
         c("trace_complete", "ExpectColumnValuesToBeInSet", column=S.CHAIN, value_set=[chain]),
         c("trace_complete", "ExpectColumnDistinctValuesToEqualSet", column=S.DRAW, value_set=list(range(d0, d0 + nd))),
         c("trace_complete", "ExpectColumnValuesToBeBetween", column=S.DRAW, min_value=d0, max_value=d0 + nd - 1),

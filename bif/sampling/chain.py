@@ -1,4 +1,4 @@
-"""Localized SGLD over a model's parameters, with per-sample loss traces at every draw.
+"""Localized SGMCMC chains over a model's parameters, with per-sample loss traces at every draw.
 
 Pure torch: imports nothing from Prefect, Dask or fsspec.
 
@@ -6,15 +6,13 @@ The target is the localized, tempered posterior (Kreer et al. 2025, arXiv 2509.2
 
     p(w) ∝ exp(-nβ·L_n(w) - γ/2·‖w - w*‖²),
 
-with L_n the mean per-sample training loss. One SGLD step with a minibatch B is
+with L_n the mean per-sample training loss. The dynamics are a :class:`bif.sampling.kernels.Kernel`,
+whose docstrings hold the update equations: SGLD, ``w ← w - ε/2·(nβ·∇L_B(w) + γ(w - w*)) + N(0, ε)``
+for a minibatch B, or pSGLD (RMSProp-preconditioned), selected by ``sampler.preconditioner``
+(:func:`bif.sampling.kernels.kernel_name`).
 
-    w ← w - ε/2·(nβ·∇L_B(w) + γ(w - w*)) + N(0, ε)
-
-and with the optional RMSProp preconditioner (pSGLD, Li et al. 2016; the Γ correction
-term is dropped, as is usual), with d = nβ·∇L_B(w) + γ(w - w*),
-
-    V ← αV + (1-α)·d⊙d,   G = 1/(√V + eps),   w ← w - ε/2·G⊙d + N(0, ε·G).
-
+This module owns what every kernel shares: the model copy and w*, the minibatch gradient,
+the seeded generators, recording, the finite checks, blocks and the resume state.
 The model stays in ``eval()`` mode throughout (no dropout; batch norm uses running stats).
 After ``num_burnin_steps`` steps, a draw is recorded every ``steps_per_draw`` steps: the
 per-sample losses of every train and query example, evaluated without gradients in large
@@ -22,7 +20,6 @@ batches. A NaN or Inf stops the chain with :class:`bif.errors.ChainDivergedError
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +32,7 @@ from torch.utils.data._utils.collate import default_collate
 from bif.config import SamplerConfig
 from bif.errors import ChainDivergedError, ProblemError
 from bif.problem import Problem
+from bif.sampling.kernels import Kernel, get_kernel, kernel_name
 
 
 def chain_seed(root_seed: int, chain: int) -> int:
@@ -67,10 +65,29 @@ def collate_indices(ds: Dataset, idx: torch.Tensor) -> Any:
     return default_collate([ds[int(i)] for i in idx.tolist()])
 
 
-def eval_batches(ds: Dataset, batch_size: int, device: torch.device) -> list[Any]:
-    """All of ``ds`` collated once into batches of ``batch_size`` on ``device``."""
+def cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    """``batch`` with its floating-point tensors cast to ``dtype`` (nested lists / tuples / dicts; others kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cast_floats(v, dtype) for v in batch)
+    return batch
+
+
+def eval_batches(ds: Dataset, batch_size: int, device: torch.device, *, dtype: torch.dtype | None = None
+                 ) -> list[Any]:
+    """All of ``ds`` collated once into consecutive batches of ``batch_size`` on ``device``.
+
+    ``dtype``: cast the floating-point tensors to it (None: keep the dataset's dtypes).
+    """
     n = len(ds)
-    return [to_device(collate_indices(ds, torch.arange(s, min(s + batch_size, n))), device) for s in range(0, n, batch_size)]
+    out = []
+    for s in range(0, n, batch_size):
+        batch = to_device(collate_indices(ds, torch.arange(s, min(s + batch_size, n))), device)
+        out.append(batch if dtype is None else cast_floats(batch, dtype))
+    return out
 
 
 def checked_loss(problem: Problem, model: torch.nn.Module, batch: Any, expected: int) -> torch.Tensor:
@@ -98,12 +115,14 @@ def evaluate_losses(problem: Problem, model: torch.nn.Module, batches: Sequence[
 
 @dataclass
 class ChainState:
-    """Everything needed to continue a chain exactly: parameters, preconditioner, RNG."""
+    """Everything needed to continue a chain exactly: parameters, kernel state, RNG."""
 
     step: int  # SGLD steps taken so far
     num_recorded: int  # draws recorded so far
     params: dict[str, torch.Tensor]  # on CPU
-    precond: dict[str, torch.Tensor] | None  # RMSProp V, on CPU
+    # the kernel's state_dict(), on CPU: pSGLD's RMSProp V per parameter, None for SGLD
+    # (the name is that of the stored state files, which keep it)
+    precond: dict[str, torch.Tensor] | None
     rng_cpu: torch.Tensor  # state of the minibatch-index generator
     rng_noise: torch.Tensor  # state of the noise generator (on the chain's device)
 
@@ -126,14 +145,15 @@ class DrawBlock:
 
 
 class SGLDChain:
-    """One localized SGLD chain started at the problem's checkpoint w*.
+    """One localized SGMCMC chain started at the problem's checkpoint w*.
 
     The caller owns ``problem`` and this class never mutates it: it samples a deep copy of
-    the model.
+    the model. ``kernel``: a registered kernel name or a :class:`~bif.sampling.kernels.Kernel`
+    subclass; None takes the config's (:func:`~bif.sampling.kernels.kernel_name`).
     """
 
     def __init__(self, problem: Problem, settings: SamplerConfig, *, chain: int, device: torch.device | str = "cpu",
-                 loss_dtype: torch.dtype = torch.float64):
+                 loss_dtype: torch.dtype = torch.float64, kernel: str | type[Kernel] | None = None):
         import copy
 
         self.problem = problem
@@ -152,7 +172,9 @@ class SGLDChain:
         self.n_train = len(problem.train)
         self.n_query = len(problem.query)
         self.nbeta = float(settings.nbeta if settings.nbeta is not None else self.n_train)
-        self.precond = ([torch.zeros_like(p) for p in self.params] if settings.preconditioner == "rmsprop" else None)
+        kernel = kernel_name(settings) if kernel is None else kernel
+        kernel_cls = get_kernel(kernel) if isinstance(kernel, str) else kernel
+        self.kernel: Kernel = kernel_cls(self.names, self.params, settings)
         seed = chain_seed(settings.seed, chain)
         self.gen_cpu = torch.Generator().manual_seed(seed)
         self.gen_noise = torch.Generator(device=self.device).manual_seed(seed + 1)
@@ -171,7 +193,7 @@ class SGLDChain:
             step=self.step,
             num_recorded=self.num_recorded,
             params={n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
-            precond=None if self.precond is None else {n: v.cpu().clone() for n, v in zip(self.names, self.precond)},
+            precond=self.kernel.state_dict(),
             rng_cpu=self.gen_cpu.get_state(),
             rng_noise=self.gen_noise.get_state(),
         )
@@ -181,9 +203,7 @@ class SGLDChain:
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
                 p.copy_(state.params[n].to(self.device))
-            if self.precond is not None and state.precond is not None:
-                for n, v in zip(self.names, self.precond):
-                    v.copy_(state.precond[n].to(self.device))
+        self.kernel.load_state_dict(state.precond)
         self.gen_cpu.set_state(state.rng_cpu)
         self.gen_noise.set_state(state.rng_noise)
         self.step = state.step
@@ -191,7 +211,7 @@ class SGLDChain:
 
     # -- dynamics --------------------------------------------------------------------------
     def sgld_step(self) -> None:
-        """One SGLD (or pSGLD) step; see the module docstring for the equation."""
+        """One step of the chain's kernel on a fresh minibatch gradient (equations: :mod:`bif.sampling.kernels`)."""
         s = self.settings
         # minibatch without replacement; batch_size >= n_train gives the full-batch gradient
         idx = torch.randperm(self.n_train, generator=self.gen_cpu)[: s.batch_size]
@@ -200,18 +220,9 @@ class SGLDChain:
             p.grad = None
         loss = checked_loss(self.problem, self.model, batch, len(idx)).mean()
         loss.backward()
-        eps = s.step_size
         with torch.no_grad():
-            for i, (p, a) in enumerate(zip(self.params, self.anchor)):
-                drift = p.grad.mul(self.nbeta).add_(p - a, alpha=s.gamma)
-                noise = torch.randn(p.shape, generator=self.gen_noise, device=self.device, dtype=p.dtype)
-                if self.precond is None:
-                    p.add_(drift, alpha=-eps / 2).add_(noise, alpha=math.sqrt(eps))
-                else:
-                    v = self.precond[i]
-                    v.mul_(s.rmsprop_alpha).addcmul_(drift, drift, value=1 - s.rmsprop_alpha)
-                    g = v.sqrt().add_(s.rmsprop_eps).reciprocal_()
-                    p.addcmul_(g, drift, value=-eps / 2).addcmul_(g.sqrt_(), noise, value=math.sqrt(eps))
+            self.kernel.step(self.params, [p.grad for p in self.params], anchor=self.anchor, nbeta=self.nbeta,
+                             gamma=s.gamma, step_size=s.step_size, generator=self.gen_noise)
         self.step += 1
 
     @torch.no_grad()
@@ -271,17 +282,35 @@ class SGLDChain:
                             state=self.state())
 
 
-def sample_traces(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",
-                  loss_dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Run all chains in this process and return their traces, with no storage involved.
+@dataclass(frozen=True)
+class ChainTraces:
+    """All draws of all chains of one in-process run (see :func:`sample_chains`)."""
 
-    Returns ``(train, query)``: per-sample losses of shape (chains, draws, n_train) and
-    (chains, draws, n_query). For small problems, tests and calibration sweeps.
+    train: np.ndarray  # (chains, draws, n_train), per-sample train losses
+    query: np.ndarray  # (chains, draws, n_query), per-sample query losses
+    distance: np.ndarray  # (chains, draws) float64, ||w - w*|| at each draw
+
+
+def sample_chains(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",
+                  loss_dtype: torch.dtype = torch.float64, kernel: str | type[Kernel] | None = None) -> ChainTraces:
+    """Run all ``settings.num_chains`` chains in this process, one after the other, with no storage involved.
+
+    The one in-process chain loop (tests, in-memory scoring, calibration sweeps); each chain
+    records ``settings.num_draws`` draws in one block.
     """
-    train, query = [], []
+    train, query, dist = [], [], []
     for c in range(settings.num_chains):
-        chain = SGLDChain(problem, settings, chain=c, device=device, loss_dtype=loss_dtype)
+        chain = SGLDChain(problem, settings, chain=c, device=device, loss_dtype=loss_dtype, kernel=kernel)
         blocks = list(chain.run(num_draws=settings.num_draws, draws_per_block=settings.num_draws))
         train.append(np.concatenate([b.train_losses for b in blocks]))
         query.append(np.concatenate([b.query_losses for b in blocks]))
-    return np.stack(train), np.stack(query)
+        dist.append(np.concatenate([b.distance for b in blocks]))
+    return ChainTraces(train=np.stack(train), query=np.stack(query), distance=np.stack(dist))
+
+
+def sample_traces(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",
+                  loss_dtype: torch.dtype = torch.float64, kernel: str | type[Kernel] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, query)`` of :func:`sample_chains`: losses (chains, draws, n_train) and (chains, draws, n_query)."""
+    traces = sample_chains(problem, settings, device=device, loss_dtype=loss_dtype, kernel=kernel)
+    return traces.train, traces.query

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from bif import schema as S
 from bif.errors import StorageError
+from bif.sampling.measure import Variables
 from bif.store.fs import atomic_write, get_fs, join
 
 if TYPE_CHECKING:  # torch is imported lazily: readers of traces (the Dask reduction) never need it
@@ -69,6 +70,11 @@ class BlockLayout:
     n_query: int
     row_group_rows: int
 
+    @property
+    def variables(self) -> Variables:
+        """The variables of each draw in this file (their row offsets: :mod:`bif.sampling.measure`)."""
+        return Variables.of_samples(n_train=self.n_train, n_query=self.n_query)
+
     def to_bytes(self) -> bytes:
         return json.dumps(self.__dict__ | {"order": list(S.TRACE_ROW_ORDER)}, allow_nan=False).encode()
 
@@ -80,25 +86,27 @@ class BlockLayout:
 
 
 def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Table, BlockLayout]:
-    """Arrow table of a DrawBlock in the documented long format: one row per (chain, draw, sample)."""
+    """Arrow table of a DrawBlock in the documented long format: one row per (chain, draw, sample).
+
+    Row order and keys come from :meth:`bif.sampling.measure.Variables.row_keys`.
+    """
     nd, n_train = block.train_losses.shape
     n_query = block.query_losses.shape[1]
-    n = n_train + n_query
-    np_dtype = np.float32 if loss_dtype == "float32" else np.float64
-    # (D, n) -> (n, D) so rows run sample-major, draws ascending within a sample
-    losses = np.concatenate([block.train_losses, block.query_losses], axis=1).T.astype(np_dtype, copy=False)
-    draws = np.tile(np.arange(block.draw_start, block.draw_start + nd, dtype=np.int32), n)
-    samples = np.repeat(np.concatenate([np.arange(n_train), np.arange(n_query)]).astype(np.int64), nd)
-    split_idx = np.repeat(np.r_[np.zeros(n_train, np.int8), np.ones(n_query, np.int8)], nd)
     layout = BlockLayout(chain=block.chain, block=block.draw_start, draw_start=block.draw_start, num_draws=nd,
                          n_train=n_train, n_query=n_query, row_group_rows=ROW_GROUP_SAMPLES * nd)
+    variables = layout.variables
+    keys = variables.row_keys(nd)
+    np_dtype = np.float32 if loss_dtype == "float32" else np.float64
+    # (D, variables) -> (variables, D): rows run variable-major, draws ascending within a variable
+    losses = np.concatenate([block.train_losses, block.query_losses], axis=1).T.astype(np_dtype, copy=False)
     sch = S.trace_schema(loss_dtype).with_metadata({S.META_LAYOUT: layout.to_bytes()})
     table = pa.Table.from_arrays(
         [
-            pa.array(np.full(n * nd, block.chain, dtype=np.int32)),
-            pa.array(draws),
-            pa.DictionaryArray.from_arrays(pa.array(split_idx), pa.array(list(S.SPLITS))),
-            pa.array(samples),
+            pa.array(np.full(variables.num_rows(nd), block.chain, dtype=np.int32)),
+            pa.array((keys.draw + np.int32(block.draw_start)).astype(np.int32, copy=False)),
+            pa.DictionaryArray.from_arrays(pa.array(keys.split.astype(np.int8, copy=False)),
+                                           pa.array(list(variables.splits))),
+            pa.array(keys.sample),
             pa.array(losses.reshape(-1)),
         ],
         schema=sch,
@@ -330,10 +338,9 @@ def read_losses(fs, path: str, *, split: str, start: int, stop: int, layout: Blo
         pf = pq.ParquetFile(f)
         layout = layout or BlockLayout.from_bytes(pf.schema_arrow.metadata[S.META_LAYOUT])
         nd = layout.num_draws
-        offset = 0 if split == S.TRAIN else layout.n_train
-        r0, r1 = (offset + start) * nd, (offset + stop) * nd
+        r0, r1 = layout.variables.row_range(split, start, stop, nd)
         g = layout.row_group_rows
         groups = list(range(r0 // g, (r1 - 1) // g + 1))
         col = pf.read_row_groups(groups, columns=[S.LOSS]).column(0)
     vals = col.to_numpy()[r0 - groups[0] * g: r1 - groups[0] * g]
-    return vals.reshape(stop - start, nd).T.astype(np.float64)
+    return vals.reshape(-1, nd).T.astype(np.float64)  # (variables, D) -> (D, variables)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset
 
 from bif.problem import Problem
+from bif.sampling.chain import eval_batches
 
 TRAIN_DIM = "train"
 QUERY_DIM = "query"
@@ -43,28 +43,12 @@ def bif_scores(bif: np.ndarray, bif_corr: np.ndarray) -> xr.Dataset:
 
 
 # -- collation ---------------------------------------------------------------------------
-def _cast(batch: Any, dtype: torch.dtype) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _cast(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast(v, dtype) for v in batch)
-    return batch
-
-
 def batches(ds: Dataset, batch_size: int, dtype: torch.dtype) -> list[Any]:
-    """``ds`` collated (torch default collate) into consecutive batches, floats cast to ``dtype``."""
-    n = len(ds)
-    out = []
-    for s in range(0, n, batch_size):
-        idx = range(s, min(s + batch_size, n))
-        if isinstance(ds, TensorDataset):
-            b = [t[s:s + len(idx)] for t in ds.tensors]
-        else:
-            b = default_collate([ds[i] for i in idx])
-        out.append(_cast(b, dtype))
-    return out
+    """``ds`` collated (torch default collate) into consecutive batches on the CPU, floats cast to ``dtype``.
+
+    The sampler's collation (:func:`bif.sampling.chain.eval_batches`), so baselines see the data as the chains do.
+    """
+    return eval_batches(ds, batch_size, torch.device("cpu"), dtype=dtype)
 
 
 def batch_len(batch: Any) -> int:
