@@ -13,7 +13,8 @@ from bif.config import config_reference, load_config
 from bif.errors import ConfigError
 
 
-@pytest.mark.parametrize("module", ["bif.sampling.chain", "bif.moments", "bif.examples.linear", "bif.examples.digits"])
+@pytest.mark.parametrize("module", ["bif.sampling.chain", "bif.sampling.kernels", "bif.sampling.measure", "bif.moments",
+                                    "bif.examples.linear", "bif.examples.digits"])
 def test_math_modules_import_no_orchestration(module):
     code = (f"import sys, {module}; bad = [m for m in ('prefect', 'dask', 'distributed', 'fsspec', 's3fs') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
