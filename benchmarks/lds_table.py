@@ -33,6 +33,7 @@ from bif.config import SamplerConfig  # noqa: E402
 from bif.examples.digits import build, train_model  # noqa: E402
 from bif.evaluation.lds import lds  # noqa: E402
 from bif.evaluation.settings import LDSSettings, MethodOptions  # noqa: E402
+from bif.store.fs import strict_json_data  # noqa: E402
 from bif.evaluation import store as lds_store  # noqa: E402
 from bif.evaluation.retrain import retrain_query_losses  # noqa: E402
 from bif.evaluation.scoring import score_method  # noqa: E402
@@ -164,7 +165,9 @@ def main(argv=None) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     meta = {"num_subsets": args.num_subsets, "num_seeds": args.num_seeds, "bif_draws": args.bif_draws,
             "torch": torch.__version__, "rows": rows}
-    (docs / "lds_table.json").write_text(json.dumps(meta, indent=2, default=float))
+    # strict JSON: a non-finite LDS (e.g. a constant score) is written as null, never NaN
+    text = json.dumps(strict_json_data(meta), indent=2, default=float, allow_nan=False)
+    (docs / "lds_table.json").write_text(text)
     (docs / "lds_table.md").write_text(markdown(rows, args))
     plot(rows, docs / "lds_vs_n.png")
     print((docs / "lds_table.md").read_text())

@@ -31,6 +31,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def strict_json(obj, indent: int = 2) -> str:
+    """Strict JSON (no NaN / Infinity: non-finite numbers become null, as bif.store.fs writes them)."""
+    from bif.store.fs import strict_json_data
+
+    return json.dumps(strict_json_data(obj), indent=indent, allow_nan=False)
+
+
 class PeakRSS:
     """Samples the summed RSS of this process and all its children every 50 ms."""
 
@@ -383,20 +390,20 @@ def main(argv=None) -> int:
     try:
         if not args.only or "sampler" in args.only:
             results["sampler"] = bench_sampler(work, 100 if q else 1000)
-            print(json.dumps(results["sampler"], indent=1), flush=True)
+            print(strict_json(results["sampler"], indent=1), flush=True)
         if not args.only or "covariance" in args.only:
             results["covariance"] = bench_covariance(work, n_train=5000 if q else 20_000, n_query=1000, draws=400)
-            print(json.dumps(results["covariance"], indent=1), flush=True)
+            print(strict_json(results["covariance"], indent=1), flush=True)
         if not args.only or "ooc" in args.only:
             results["out_of_core"] = bench_out_of_core(work, n_train=10_000 if q else 100_000, n_query=1000,
                                                        draws=200)
-            print(json.dumps(results["out_of_core"], indent=1), flush=True)
+            print(strict_json(results["out_of_core"], indent=1), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     merged = old | results
-    Path(args.out).write_text(json.dumps(merged, indent=2))
+    Path(args.out).write_text(strict_json(merged))
     Path(args.out).with_suffix(".md").write_text(render_markdown(merged))
     print(render_markdown(merged))
     return 0

@@ -1,8 +1,9 @@
-"""Progress bars (rich) fed by Dask worker events: draws per chain, then covariance blocks."""
+"""Progress bars (rich, on stderr) fed by Dask worker events: draws per chain, then covariance blocks."""
 from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 TOPIC = "bif-progress"
@@ -17,7 +18,8 @@ class RunProgress:
         self.num_chains = num_chains
         self.num_draws = num_draws
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                                 console=Console(stderr=True))  # stdout carries only the summary
         self.chain_tasks: dict[int, Any] = {}
         self.cov_task = None
 

@@ -77,3 +77,11 @@ def dask_address(prefect_api_url):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as cluster:
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def user_prefect_home(tmp_path_factory):
+    """One PREFECT_HOME for the CLI subprocess tests (test_cli, test_credentials): each `bif` command
+    still starts its own local Prefect server on it, but the database is created once (~20 s), not
+    once per command. Tests that look inside the database identify their own rows (a unique bucket)."""
+    return tmp_path_factory.mktemp("prefect-home")

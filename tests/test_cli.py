@@ -1,6 +1,8 @@
 """Every command the README shows, run as a user types it: a subprocess of the `bif` console
 script, with no PREFECT_API_URL (so each command starts its own local Prefect server) and a
-private PREFECT_HOME. Small settings keep it quick; each test asserts the exit code and values."""
+PREFECT_HOME that is not the test session's (tests/conftest.py: user_prefect_home). Small settings keep
+it quick; each test asserts the exit code and values. `bif lds` and `bif calibrate` write to S3 (moto)
+with a marker secret and also get the credentials check of tests/test_credentials.py."""
 from __future__ import annotations
 
 import json
@@ -17,6 +19,7 @@ import pytest
 import yaml
 
 from bif import schema as S
+from leak_check import assert_no_leak
 
 pytestmark = pytest.mark.e2e
 
@@ -45,12 +48,12 @@ def assert_quiet(res: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> dict:
+def home(tmp_path_factory, user_prefect_home) -> dict:
     """A user's working directory with the example config where the README says, and their environment."""
     cwd = tmp_path_factory.mktemp("user")
     (cwd / "bif" / "examples").mkdir(parents=True)
     shutil.copy(REPO / "bif" / "examples" / "digits.yaml", cwd / "bif" / "examples" / "digits.yaml")
-    return {"cwd": cwd, "env": user_env(tmp_path_factory.mktemp("prefect-home"))}
+    return {"cwd": cwd, "env": user_env(user_prefect_home)}
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +84,12 @@ def test_run_prints_a_short_summary_and_logs_to_a_file(digits_run):
     res, out = digits_run["run"], digits_run["out"]
     assert res.returncode == 0, res.stdout + res.stderr
     assert_quiet(res)
+    # the progress bars go to stderr, so `bif run ... > out.txt` gets just the summary
+    bars = [ln for ln in res.stderr.splitlines() if ln.startswith(("chain ", "covariance blocks"))]
+    assert len(bars) == 3 and all("60/60" in b for b in bars[:2]), res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
-    bars = [ln for ln in lines if ln.startswith(("chain ", "covariance blocks"))]
-    assert len(bars) == 3 and all("60/60" in b for b in bars[:2]), res.stdout
-    lines = lines[lines.index("status: complete   output: runs/example/digits"):]  # the summary follows the bars
+    assert not any(ln.startswith(("chain ", "covariance blocks")) for ln in lines), res.stdout
+    assert lines[0] == "status: complete   output: runs/example/digits", res.stdout
     assert "sampler: nβ=200 (= n_train)  γ=170  ε=0.00035  device=cpu" in lines
     assert "bif show runs/example/digits --query 0" in res.stdout
     manifest = json.loads((out / S.MANIFEST_FILE).read_text())
@@ -152,6 +157,22 @@ def test_keys_help_and_errors(home, tmp_path):
     assert run_help.returncode == 0 and "--verbose" in run_help.stdout and "--set KEY=VALUE" in run_help.stdout
 
 
+def test_closed_stdout_exits_quietly(home):
+    """`bif keys | head -1`: a reader that closes the pipe early gets no BrokenPipeError traceback."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before bif writes: every write to stdout fails with EPIPE
+    try:
+        res = subprocess.run([BIF, "keys"], cwd=home["cwd"], env=home["env"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    with subprocess.Popen(f'"{BIF}" keys | head -1', shell=True, cwd=home["cwd"], env=home["env"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        out, err = p.communicate(timeout=120)
+    assert out.startswith("problem:") and len(out.splitlines()) == 1 and "Traceback" not in err, err
+
+
 @pytest.fixture(scope="module")
 def logistic_cfg(home) -> str:
     cfg = {"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6}, "output": "runs/logistic",
@@ -162,10 +183,25 @@ def logistic_cfg(home) -> str:
     return "logistic.yaml"
 
 
-def test_lds_prints_the_lds_of_every_method(home, logistic_cfg):
-    """`bif lds` (here with -v, which adds the logs; `bif run` and `bif calibrate` check the quiet default)."""
-    res = bif("lds", logistic_cfg, "-v", "--num-subsets", "6", "--num-seeds", "1", "--methods", "bif,graddot",
-              cwd=home["cwd"], env=home["env"])
+def s3_command(home: dict, tmp_path: Path, s3_bucket: tuple[str, dict], cfg: str,
+               *args: str) -> tuple[subprocess.CompletedProcess, Path, str]:
+    """Run `bif <args[0]> cfg.yaml <args[1:]>` on the logistic config, its output on S3 (moto) with
+    the marker secret in ``storage_options``, from a fresh directory; returns (result, that dir, bucket)."""
+    bucket, opts = s3_bucket
+    work = tmp_path / "work"
+    work.mkdir()
+    data = yaml.safe_load((home["cwd"] / cfg).read_text())
+    data |= {"output": f"s3://{bucket}/logistic", "storage_options": opts}
+    (work / "cfg.yaml").write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in home["env"].items() if not k.startswith("AWS_")}
+    return bif(args[0], "cfg.yaml", *args[1:], cwd=work, env=env), work, bucket
+
+
+def test_lds_prints_the_lds_of_every_method(home, logistic_cfg, tmp_path, s3_bucket):
+    """`bif lds` (here with -v, which adds the logs; `bif run` and `bif calibrate` check the quiet default),
+    writing to S3 with a marker secret that must leak nowhere (the credentials policy, as in test_credentials)."""
+    res, work, bucket = s3_command(home, tmp_path, s3_bucket, logistic_cfg, "lds", "-v", "--num-subsets", "6",
+                                   "--num-seeds", "1", "--methods", "bif,graddot")
     assert res.returncode == 0, res.stdout + res.stderr
     both = res.stdout + res.stderr
     assert "| INFO" in both and "Traceback" not in both, both
@@ -173,13 +209,17 @@ def test_lds_prints_the_lds_of_every_method(home, logistic_cfg):
     printed = {m: (float(v), float(e)) for m, v, e in
                re.findall(r"^\s+(\w+)\s+LDS ([+-][\d.]+) ± ([\d.]+)", res.stdout, re.M)}
     assert set(printed) == {"bif", "bif_corr", "graddot"}
+    # no marker on the terminal (the -v logs included), in Prefect's database, the bucket, local files;
+    # the flow's log file is in the bucket (logs/lds-*.log) and holds the flow run's logs
+    objects = assert_no_leak(res, Path(home["env"]["PREFECT_HOME"]), work, bucket, s3_bucket[1], "bif-lds", "lds")
     summary_uri = re.search(r"^summary: (\S+)", res.stdout, re.M).group(1)
-    summary = json.loads((home["cwd"] / summary_uri).read_text())
+    assert summary_uri.startswith(f"s3://{bucket}/logistic/") and summary_uri.endswith("/results/latest/summary.json")
+    summary = json.loads(objects[summary_uri.removeprefix("s3://")])
     for r in summary["methods"]:
         assert printed[r["method"]] == pytest.approx((r["lds"], r["stderr"]), abs=6e-4)
         assert -1 <= r["lds"] <= 1
     assert summary["num_retrained"] == 6
-    assert list((home["cwd"] / "runs" / "logistic" / "logs").glob("lds-*.log"))
+    assert sum("/retrain/" in p for p in objects) == 6  # the retrainings wrote to S3
 
 
 def test_lds_and_calibrate_bad_settings_exit_2_with_a_message(home, logistic_cfg):
@@ -192,24 +232,27 @@ def test_lds_and_calibrate_bad_settings_exit_2_with_a_message(home, logistic_cfg
     assert meth.returncode == 2 and "'nope'" in meth.stderr and "Traceback" not in meth.stderr
 
 
-def test_calibrate_writes_a_sampler_block(home, logistic_cfg):
+def test_calibrate_writes_a_sampler_block(home, logistic_cfg, tmp_path, s3_bucket):
+    """`bif calibrate`, writing to S3 with a marker secret that must leak nowhere (as in test_credentials)."""
     from bif.config import SamplerConfig
 
-    res = bif("calibrate", logistic_cfg, "--num-subsets", "4", "--num-draws", "20", "--num-chains", "2",
-              "--pilot-steps", "20", cwd=home["cwd"], env=home["env"])
+    res, work, bucket = s3_command(home, tmp_path, s3_bucket, logistic_cfg, "calibrate", "--num-subsets", "4",
+                                   "--num-draws", "20", "--num-chains", "2", "--pilot-steps", "20")
     assert res.returncode == 0, res.stdout + res.stderr
     assert_quiet(res)
-    out = home["cwd"] / "runs" / "logistic" / "calibration"
-    block = yaml.safe_load((out / "sampler.yaml").read_text())["sampler"]
+    # no marker on the terminal, in Prefect's database, the bucket, local files; logs/calibrate-*.log is in the bucket
+    objects = assert_no_leak(res, Path(home["env"]["PREFECT_HOME"]), work, bucket, s3_bucket[1], "bif-calibrate",
+                             "calibrate")
+    out = f"{bucket}/logistic/calibration"
+    block = yaml.safe_load(objects[f"{out}/sampler.yaml"])["sampler"]
     printed = yaml.safe_load(res.stdout.split("outputs:")[0])["sampler"]
     assert printed == block
     assert {"step_size", "nbeta", "gamma", "num_chains", "num_draws"} <= set(block)
     s = SamplerConfig(**block)
-    scores = json.loads((out / "scores.json").read_text())
+    scores = json.loads(objects[f"{out}/scores.json"])
     assert s.step_size == pytest.approx(scores["recommended"]["step_size"], rel=1e-3)
     assert s.nbeta == pytest.approx(scores["recommended"]["nbeta"], rel=1e-3) and s.gamma > 0
-    assert (out / "tradeoffs.png").stat().st_size > 5000
-    assert list((home["cwd"] / "runs" / "logistic" / "logs").glob("calibrate-*.log"))
+    assert len(objects[f"{out}/tradeoffs.png"]) > 5000
 
 
 @pytest.mark.slow  # ~60-115 s: a benchmark (retrainings, a damping grid, 4 BIF chains), even this small
