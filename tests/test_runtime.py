@@ -10,19 +10,19 @@ import uuid
 import numpy as np
 import pytest
 import xarray as xr
+from bif.flows import runtime
 from prefect import flow
 
 from bif import schema as S
 from bif.config import build_config
-from bif.flows import runtime
 from bif.store.manifest import read_manifest
 
 pytestmark = pytest.mark.e2e
 
 LINEAR_ARGS = {"n": 40, "d": 4, "m": 6, "singular": True, "seed": 2}
-SAMPLER = {"num_chains": 2, "num_draws": 600, "num_burnin_steps": 400, "steps_per_draw": 10,
+SAMPLER = {"num_chains": 2, "num_draws": 200, "num_burnin_steps": 100, "steps_per_draw": 10,
            "step_size": 2e-3, "gamma": 10.0, "nbeta": 40.0, "batch_size": 40, "seed": 3,
-           "draws_per_block": 300, "trace_dtype": "float64"}
+           "draws_per_block": 100, "trace_dtype": "float64"}
 
 
 def _data(output: str, compute: dict) -> dict:
@@ -66,8 +66,9 @@ def test_deployed_attribution_flow_runs_chains_on_its_own_dask_cluster(tmp_path,
 
 
 def test_deployed_lds_flow_retrains_on_its_own_dask_cluster(tmp_path, prefect_api_url):
-    from bif.evaluation.settings import LDSSettings
     from bif.flows.lds import lds_flow
+
+    from bif.evaluation.settings import LDSSettings
 
     data = {"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6},
             "output": str(tmp_path / "out"), "compute": {"n_workers": 2},
@@ -89,9 +90,8 @@ def _policy_flow(credentials_ref: str | None = None, secret_block: str | None = 
 
 def test_credentials_policy_inside_a_deployed_flow(tmp_path, prefect_api_url, dask_address, s3_bucket):
     import fsspec
-    from prefect.blocks.system import Secret
-
     from bif.flows.attribution import attribution_flow
+    from prefect.blocks.system import Secret
 
     bucket, opts = s3_bucket
     # (c) no registry ref, no block: ambient credentials
