@@ -30,7 +30,11 @@ from bif.tasks import pipeline, steps
 @flow(name="bif-attribution", log_prints=True)
 def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None, secret_block: str | None = None,
                      scheduler_address: str | None = None, cluster_startup_seconds: float = 0.0) -> dict[str, Any]:
-    """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`bif.flows.runtime`)."""
+    """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`bif.flows.runtime`).
+
+    Runs on the Dask cluster ``scheduler_address``, else ``compute.address``, else a LocalCluster of
+    its own; ``cluster_startup_seconds`` is what the caller paid for ``scheduler_address``.
+    """
     cfg = runtime.flow_config(config, credentials_ref, secret_block)
     with runtime.on_dask(cfg.compute, num_tasks=cfg.sampler.num_chains, address=scheduler_address) as rt:
         startup = rt.startup_seconds if rt.cluster.started_here else cluster_startup_seconds
