@@ -1,9 +1,13 @@
 """The attribution flow: prepare → chains on Dask (one task each) → covariance → manifest.
 
-``run_attribution(cfg)`` is the Python entry point (the CLI calls it): it starts a Dask
-LocalCluster, or joins ``compute.address``, shows progress, and runs the flow on that
-cluster through prefect-dask's ``DaskTaskRunner``. Cluster, credentials and logs follow
-the shared runtime (:mod:`bif.flows.runtime`): credentials are never flow parameters.
+:func:`attribution_flow` is the deployable flow: it builds its own runtime from
+``cfg.compute`` (:func:`bif.flows.runtime.on_dask`: join ``scheduler_address`` or
+``compute.address``, else start a LocalCluster) and runs the chains, the covariance
+reduction, the gates and the diagnostics on it, so a Prefect deployment runs on Dask like
+the CLI. ``run_attribution(cfg)`` is the Python entry point (the CLI calls it): it starts
+the cluster first (or joins one) to show progress from its events, then calls the flow
+with that ``scheduler_address``. Credentials and logs follow the shared runtime
+(:mod:`bif.flows.runtime`): credentials are never flow parameters.
 """
 from __future__ import annotations
 
@@ -26,8 +30,19 @@ from bif.tasks import pipeline, steps
 @flow(name="bif-attribution", log_prints=True)
 def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None, secret_block: str | None = None,
                      scheduler_address: str | None = None, cluster_startup_seconds: float = 0.0) -> dict[str, Any]:
-    """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`bif.flows.runtime`)."""
+    """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`bif.flows.runtime`).
+
+    Runs on the Dask cluster ``scheduler_address``, else ``compute.address``, else a LocalCluster of
+    its own; ``cluster_startup_seconds`` is what the caller paid for ``scheduler_address``.
+    """
     cfg = runtime.flow_config(config, credentials_ref, secret_block)
+    with runtime.on_dask(cfg.compute, num_tasks=cfg.sampler.num_chains, address=scheduler_address) as rt:
+        startup = rt.startup_seconds if rt.cluster.started_here else cluster_startup_seconds
+        return _attribution(cfg, rt, startup)
+
+
+def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_seconds: float) -> dict[str, Any]:
+    """The flow's body on its runtime ``rt``: chains, covariance, gates and diagnostics run on ``rt``'s cluster."""
     t0 = time.perf_counter()
     lease = pipeline.acquire_lease(cfg)  # OutputBusyError while another live run writes here
     try:
@@ -35,29 +50,28 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         if info.already_complete:
             print(f"run at {cfg.output} is already complete; nothing to do")
             return {"status": "complete", "skipped": True}
-        resolved = _resolved(cfg, info, scheduler_address)
+        resolved = _resolved(cfg, info, rt.address)
         update_manifest(cfg.output, cfg.storage_options, resolved=resolved)
         print("resolved: " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
         t1 = time.perf_counter()
-        futures = []
-        for c in range(cfg.sampler.num_chains):
-            with _gpu_claim(cfg.compute.gpus):
-                futures.append(steps.sample_chain.submit(cfg, c, info.ref_train_loss_mean))
+        futures = [rt.submit_gpu(steps.sample_chain, cfg, c, info.ref_train_loss_mean)
+                   for c in range(cfg.sampler.num_chains)]
         wait(futures)
         chains = [f.result() for f in futures]  # raises the first chain failure
         steps.check_traces(cfg)
         t2 = time.perf_counter()
-        summary = steps.reduce_covariance(cfg, info, scheduler_address)
+        summary = steps.reduce_covariance(cfg, info, rt.address)
         t3 = time.perf_counter()
-        gates = steps.quality_gates(cfg, info, scheduler_address) if cfg.quality.enabled else None
+        gates = steps.quality_gates(cfg, info, rt.address) if cfg.quality.enabled else None
         t4 = time.perf_counter()
-        diag = steps.diagnostics(cfg, scheduler_address) if cfg.quality.diagnostics else None  # gates: .enabled
+        diag = steps.diagnostics(cfg, rt.address) if cfg.quality.diagnostics else None  # gates: .enabled
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
                    "covariance_s": t3 - t2, "gates_s": t4 - t3, "diagnostics_s": t5 - t4,
                    "chain_s": [r.seconds for r in chains],
                    "chain_sampling_s": [r.sampling_seconds for r in chains],
                    "chain_draws_sampled": [r.draws_sampled for r in chains],
+                   "chain_pid": [r.pid for r in chains],
                    "sampling_started_at": min(r.sampling_started_at for r in chains)}
         extra = {"resolved": resolved, "num_output_blocks": summary.num_blocks, "resumed_blocks": [r.resumed_blocks for r in chains],
                  "diagnostics": diag, "quality": gates.to_dict() if gates is not None else None}
@@ -82,24 +96,12 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
         lease.release()
 
 
-@contextlib.contextmanager
-def _gpu_claim(gpus: int) -> Iterator[None]:
-    if gpus:
-        import dask
-
-        with dask.annotate(resources={"GPU": 1}):
-            yield
-    else:
-        yield
-
-
-def _resolved(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None) -> dict[str, Any]:
+def _resolved(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) -> dict[str, Any]:
     """The values the config leaves open, as this run uses them: nβ, γ, ε, device (manifest key ``resolved``)."""
     s = cfg.sampler
     device = cfg.compute.device
-    if scheduler_address:
-        with contextlib.suppress(Exception):  # only informative; the chains resolve it themselves
-            device = runtime.worker_device(cfg.compute.device, cfg.compute.gpus, scheduler_address)
+    with contextlib.suppress(Exception):  # only informative; the chains resolve it themselves
+        device = runtime.worker_device(cfg.compute.device, cfg.compute.gpus, scheduler_address)
     return {"nbeta": float(s.nbeta if s.nbeta is not None else info.n_train), "gamma": float(s.gamma),
             "step_size": float(s.step_size), "device": device, "n_train": info.n_train, "n_query": info.n_query}
 
@@ -135,4 +137,4 @@ def run_attribution(cfg: RunConfig, *, show_progress: bool = True, address: str 
                         enabled=show_progress):
         startup = cluster.startup_seconds if cluster.started_here else cluster_startup_seconds
         return runtime.call_flow(attribution_flow, cfg, address=cluster.address, log_name="run",
-                                 scheduler_address=cluster.address, cluster_startup_seconds=startup)
+                                 cluster_startup_seconds=startup)

@@ -1,10 +1,11 @@
 """The LDS flow: plan subsets → retrain on Dask (one task per subset × seed) → score methods → LDS.
 
-``run_lds(cfg, settings)`` is the Python entry point (``bif lds`` calls it): it starts a
-Dask LocalCluster (one torch thread per worker), or joins ``compute.address`` /
-``address``, and runs :func:`lds_flow` on it through prefect-dask's ``DaskTaskRunner``.
-Cluster, credentials and logs follow the shared runtime (:mod:`bif.flows.runtime`):
-credentials are never flow parameters.
+:func:`lds_flow` is the deployable flow: it builds its own runtime from ``cfg.compute``
+(:func:`bif.flows.runtime.on_dask`: join ``scheduler_address`` or ``compute.address``,
+else start a LocalCluster) and runs its retrainings and scorings there, so a Prefect
+deployment runs on Dask like the CLI. ``run_lds(cfg, settings)`` is the Python entry point
+(``bif lds`` calls it). Credentials and logs follow the shared runtime
+(:mod:`bif.flows.runtime`): credentials are never flow parameters.
 The ground truth is cached under ``<output>/lds/<key>/`` (see :mod:`bif.evaluation.store`):
 finished retrainings are never redone, and a complete ground truth is reused as is.
 All logic lives in :mod:`bif.evaluation.retrain`, :mod:`bif.evaluation.scoring`, :mod:`bif.evaluation.store`
@@ -12,6 +13,7 @@ and :mod:`bif.evaluation.lds`; the decorated functions only load, call and write
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -27,11 +29,14 @@ from bif.evaluation import store as lds_store
 from bif.evaluation.retrain import retrain_query_losses
 from bif.evaluation.scoring import Scored, score_method
 
+#: What LDS and calibration workers import while the cluster boots.
+PRELOAD = ("bif.flows.runtime", "bif.evaluation.retrain")
+
 
 @task(name="retrain", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, rep: int, fit_seed: int,
                  indices: np.ndarray, storage_options: dict[str, Any] | None = None) -> int:
-    """Retrain on one subset with one seed and commit its query losses; returns the subset."""
+    """Retrain on one subset with one seed and commit its query losses; returns the id of the process it ran in."""
     import torch
 
     torch.set_num_threads(1)
@@ -40,7 +45,7 @@ def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, re
     mask[indices] = True
     losses = retrain_query_losses(problem, mask, fit_seed)
     lds_store.write_retrain(root_uri, subset, rep, fit_seed, losses, storage_options=storage_options or {})
-    return subset
+    return os.getpid()
 
 
 @task(name="score-method", cache_policy=NO_CACHE)
@@ -56,21 +61,31 @@ def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) ->
 
 @flow(name="bif-lds", log_prints=True)
 def lds_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: str | None = None,
-             secret_block: str | None = None, run_name: str = "latest") -> dict[str, Any]:
-    """LDS of every method in ``settings`` on the problem of ``config`` (RunConfig data, no credentials)."""
+             secret_block: str | None = None, run_name: str = "latest",
+             scheduler_address: str | None = None) -> dict[str, Any]:
+    """LDS of every method in ``settings`` on the problem of ``config`` (RunConfig data, no credentials).
+
+    Runs on the Dask cluster ``scheduler_address``, else ``compute.address``, else a LocalCluster of its own.
+    """
     cfg, st = runtime.flow_config(config, credentials_ref, secret_block), LDSSettings.model_validate(settings)
+    with runtime.on_dask(cfg.compute, num_tasks=1 << 16, address=scheduler_address, preload=PRELOAD) as rt:
+        return _lds(config, settings, cfg, st, rt, run_name)
+
+
+def _lds(config: dict[str, Any], settings: dict[str, Any], cfg: RunConfig, st: LDSSettings,
+         rt: runtime.DaskRuntime, run_name: str) -> dict[str, Any]:
+    """The flow's body on its runtime ``rt``: retrainings and scorings run on ``rt``'s cluster."""
     opts = dict(cfg.storage_options)
     t0 = time.perf_counter()
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
     p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, st, n_train=len(problem.train),
                        n_query=len(problem.query), storage_options=opts)
     print(f"ground truth {p.root_uri}: {'cached' if p.cached else f'{len(p.missing)} retrainings to run'}")
-    score_futures = [score_task.submit(config, m, settings) for m in st.methods]
-    futures = [retrain_task.submit(cfg.problem, cfg.problem_args, p.root_uri, m, r, seed, np.flatnonzero(p.masks[m]),
-                                   opts) for m, r, seed in p.missing]
+    score_futures = [rt.submit(score_task, config, m, settings) for m in st.methods]
+    futures = [rt.submit(retrain_task, cfg.problem, cfg.problem_args, p.root_uri, m, r, seed,
+                         np.flatnonzero(p.masks[m]), opts) for m, r, seed in p.missing]
     wait(futures)
-    for f in futures:
-        f.result()  # raises the first failure after its retries
+    pids = sorted({f.result() for f in futures})  # raises the first failure after its retries
     gt = (lds_store.read_ground_truth(p, st, storage_options=opts) if p.cached
           else lds_store.consolidate(p, st, storage_options=opts))
     t1 = time.perf_counter()
@@ -82,13 +97,13 @@ def lds_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: 
     summary_uri = lds_store.write_results(p, run_name, reports, per_query, extra, storage_options=opts)
     for r in reports:
         print(f"{r.method:>16}: LDS {r.lds:+.3f} ± {r.stderr:.3f}  ({r.seconds:.1f} s)")
-    return {"methods": [r.__dict__ for r in reports], "summary_uri": summary_uri, **extra}
+    # retrain_pids: where the retrainings ran (returned, not written: the summary file is unchanged)
+    return {"methods": [r.__dict__ for r in reports], "summary_uri": summary_uri, **extra, "retrain_pids": pids}
 
 
 def run_lds(cfg: RunConfig, settings: LDSSettings, *, address: str | None = None, run_name: str = "latest"
             ) -> dict[str, Any]:
     """Run :func:`lds_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
-    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address,
-                              preload=("bif.flows.runtime", "bif.evaluation.retrain")) as cluster:
+    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address, preload=PRELOAD) as cluster:
         return runtime.call_flow(lds_flow, cfg, address=cluster.address, log_name="lds",
                                  settings=settings.model_dump(mode="json"), run_name=run_name)

@@ -8,6 +8,13 @@ worker processes, one BLAS/OpenMP thread per worker thread, Dask's
 ``MALLOC_TRIM_THRESHOLD_`` dropped (it slowed torch SGLD steps by ~33%), a ``GPU``
 resource per worker with ``compute.gpus``, heavy imports preloaded, quiet logging.
 
+**Runtime inside the flow.** Every flow builds its runtime in its own body with
+``with runtime.on_dask(cfg.compute, num_tasks=..., address=scheduler_address) as rt:`` and
+sends its Dask-bound tasks with ``rt.submit(task, ...)`` (prefect-dask's ``DaskTaskRunner``
+on that cluster). A flow run from a deployment (no ``scheduler_address``) therefore runs
+on Dask like the CLI's; the CLI only pre-starts the cluster, to overlap its start-up with
+the Prefect server's and to follow progress, and passes its address.
+
 **Credentials policy.** Credentials are never Prefect flow parameters: Prefect stores
 parameters in its database and API, and its ``SecretDict`` is stored in clear. A flow
 receives ``credentials_ref`` (an opaque key) and, optionally, ``secret_block`` (the *name*
@@ -140,6 +147,62 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
                       started_here=True)
 
 
+class DaskRuntime:
+    """The Dask side of one flow run: where it runs (:class:`Cluster`) and how tasks get there.
+
+    :meth:`submit` sends a Prefect task to the cluster through prefect-dask's
+    ``DaskTaskRunner`` (the task run reports to the flow run like ``task.submit``);
+    :meth:`submit_gpu` also claims one ``GPU`` resource when ``compute.gpus`` is set.
+    """
+
+    def __init__(self, cluster: Cluster, runner: Any, gpus: int) -> None:
+        self.cluster, self._runner, self._gpus = cluster, runner, gpus
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def startup_seconds(self) -> float:
+        return self.cluster.startup_seconds
+
+    def submit(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """``task(*args, **kwargs)`` as a task run on the cluster; returns its Prefect future."""
+        from prefect.utilities.callables import get_call_parameters
+
+        return self._runner.submit(task, get_call_parameters(task.fn, args, kwargs))
+
+    def submit_gpu(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`submit`, holding one worker ``GPU`` resource while it runs when ``compute.gpus`` is set."""
+        if not self._gpus:
+            return self.submit(task, *args, **kwargs)
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            return self.submit(task, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_dask(compute: Any, *, num_tasks: int, address: str | None = None,
+            preload: tuple[str, ...] = DEFAULT_PRELOAD) -> Iterator[DaskRuntime]:
+    """The runtime of one flow run, built inside the flow from ``cfg.compute``: every flow uses this.
+
+    Joins ``address`` (a cluster the CLI started early, to overlap its start-up with the
+    Prefect server's) or ``compute.address``, else starts a LocalCluster (:func:`dask_cluster`:
+    MALLOC fix, thread caps, GPU resources, quiet logs) that lives as long as the block.
+    So a flow run from a Prefect deployment runs its tasks on Dask exactly as the CLI does.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    with dask_cluster(compute, num_tasks=num_tasks, address=address, preload=preload) as cluster:
+        try:
+            with DaskTaskRunner(address=cluster.address) as runner:
+                yield DaskRuntime(cluster, runner, compute.gpus)
+        finally:
+            if cluster.started_here:  # the workers go with the cluster: flush their task-run logs first
+                _drain_workers(cluster.address)
+
+
 def worker_device(device: str, gpus: int, address: str) -> str:
     """The torch device a chain task gets on this cluster (``compute.device`` resolved on a worker)."""
     from distributed import Client
@@ -211,16 +274,14 @@ def flow_config(config: Mapping[str, Any], credentials_ref: str | None, secret_b
 def call_flow(flow_fn: Any, cfg: Any, *, address: str, log_name: str, **params: Any) -> Any:
     """Run ``flow_fn`` on the Dask scheduler ``address`` with ``cfg``'s credentials kept out of Prefect.
 
-    The flow gets ``config`` (public data, no credentials), ``credentials_ref`` and ``params``.
+    The flow gets ``config`` (public data, no credentials), ``credentials_ref``,
+    ``scheduler_address=address`` (its :func:`on_dask` joins that cluster) and ``params``.
     Afterwards, success or failure, the flow run's logs go to ``<cfg.output>/logs/``.
     Returns the flow's result; raises its error.
     """
-    from prefect_dask import DaskTaskRunner
-
-    runner = DaskTaskRunner(address=address)
     with credentials(cfg.storage_options) as ref:
-        state = flow_fn.with_options(task_runner=runner)(
-            config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref, return_state=True, **params)
+        state = flow_fn(config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref,
+                        scheduler_address=address, return_state=True, **params)
     _save_logs(state, cfg, address=address, name=log_name)
     return state.result()
 
@@ -264,17 +325,23 @@ def _drain_worker() -> None:
     t.join(timeout=15)
 
 
+def _drain_workers(address: str) -> None:
+    """Flush every worker's batch of task-run logs to the Prefect API (best effort)."""
+    from distributed import Client
+
+    with contextlib.suppress(Exception), Client(address, set_as_default=False, timeout=10) as client:
+        client.run(_drain_worker)  # task-run logs wait in each worker's batch until flushed
+
+
 def _fetch_logs(flow_run_id: Any, address: str) -> str:
     """Every log line of one flow run (worker task runs included), oldest first, as text."""
-    from distributed import Client
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
     from bif.flows.prefect_server import drain_prefect_workers
 
-    with contextlib.suppress(Exception), Client(address, set_as_default=False, timeout=10) as client:
-        client.run(_drain_worker)  # task-run logs wait in each worker's batch until flushed
+    _drain_workers(address)
     drain_prefect_workers()
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,6 +64,7 @@ class ChainResult:
     sampling_started_at: float  # epoch seconds when the first SGLD step ran
     sampling_seconds: float  # burn-in + draws + Parquet commits
     draws_sampled: int  # draws produced by this task (fewer after a resume)
+    pid: int = 0  # the process that ran the chain (a Dask worker's, in a flow run)
 
 
 def materialize_problem(cfg: RunConfig) -> tuple[Problem, str | None]:
@@ -320,7 +322,7 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
     t2 = time.perf_counter()
     return ChainResult(chain=chain, num_draws=s.num_draws, resumed_blocks=done_blocks, seconds=t2 - t0,
                        sampling_started_at=started_at, sampling_seconds=t2 - t1,
-                       draws_sampled=sampler.num_recorded - first)
+                       draws_sampled=sampler.num_recorded - first, pid=os.getpid())
 
 
 @_storage_errors
