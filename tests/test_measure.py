@@ -103,7 +103,8 @@ def test_agrees_with_stored_trace_files(tmp_path):
     for i, b in enumerate(blocks):
         store.write_block(b, block_index=i, ref_train_loss_mean=1.0)
     fs, _ = store.fs_path
-    for (c, i, path), blk in zip(store.block_files(), blocks):
+    for ref, blk in zip(store.block_files(), blocks):
+        c, i, path = ref.chain, ref.block, ref.path
         layout = read_layout(fs, path)
         v = layout.variables
         assert (v.num_variables(S.TRAIN), v.num_variables(S.QUERY)) == (11, 3)
