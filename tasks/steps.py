@@ -67,10 +67,13 @@ def check_traces(cfg: RunConfig) -> None:
     pipeline.check_traces_complete(cfg)
 
 
+def _mapper(client: Any):
+    """``map(f, xs)`` over the Dask workers of ``client`` (results in order)."""
+    return lambda f, xs: client.gather(client.map(f, list(xs)))
+
+
 @task(name="reduce-covariance", cache_policy=NO_CACHE)
-def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None) -> Any:
-    if scheduler_address is None:
-        return pipeline.reduce_covariance(cfg, info)
+def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) -> Any:
     from distributed import Client
 
     with Client(scheduler_address, set_as_default=False) as client:
@@ -80,23 +83,19 @@ def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address:
 
 
 @task(name="quality-gates", cache_policy=NO_CACHE)
-def quality_gates(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None) -> Any:
-    if scheduler_address is None:
-        return pipeline.quality_gates(cfg, info)
+def quality_gates(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) -> Any:
     from distributed import Client
 
     with Client(scheduler_address, set_as_default=False) as client:
-        return pipeline.quality_gates(cfg, info, map_fn=lambda f, xs: client.gather(client.map(f, list(xs))))
+        return pipeline.quality_gates(cfg, info, map_fn=_mapper(client))
 
 
 @task(name="diagnostics", cache_policy=NO_CACHE)
-def diagnostics(cfg: RunConfig, scheduler_address: str | None) -> dict[str, Any]:
-    if scheduler_address is None:
-        return pipeline.diagnostics(cfg)
+def diagnostics(cfg: RunConfig, scheduler_address: str) -> dict[str, Any]:
     from distributed import Client
 
     with Client(scheduler_address, set_as_default=False) as client:
-        return pipeline.diagnostics(cfg, map_fn=lambda f, xs: client.gather(client.map(f, list(xs))))
+        return pipeline.diagnostics(cfg, map_fn=_mapper(client))
 
 
 @task(name="report", cache_policy=NO_CACHE)

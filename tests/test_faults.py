@@ -303,9 +303,9 @@ def _moto(port: int = 0):
     return server, port
 
 
-@pytest.mark.e2e
-@pytest.mark.slow  # ~2.5 min here (a run and its resume on moto); the fast test below covers the error itself
-def test_lost_s3_endpoint_mid_run_is_a_clear_storage_error(dask_address):
+def _moto_bucket():
+    """A moto server of the test's own (so it can be stopped), a fresh bucket, and storage options that fail
+    fast while the endpoint is down (the defaults retry for much longer)."""
     import boto3
 
     server, port = _moto()
@@ -313,9 +313,15 @@ def test_lost_s3_endpoint_mid_run_is_a_clear_storage_error(dask_address):
     bucket = f"bif-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
                  region_name="us-east-1").create_bucket(Bucket=bucket)
-    # fail fast while the endpoint is down (the defaults retry for much longer)
     opts = {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    return server, port, endpoint, bucket, opts
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # ~2.5 min here (a run and its resume on moto); the fast test below covers the error itself
+def test_lost_s3_endpoint_mid_run_is_a_clear_storage_error(dask_address):
+    server, port, endpoint, bucket, opts = _moto_bucket()
     uri = f"s3://{bucket}/runs/outage"
     from bif.flows.attribution import run_attribution
 
@@ -364,15 +370,7 @@ def test_lost_s3_endpoint_mid_run_is_a_clear_storage_error(dask_address):
 
 
 def test_lost_endpoint_is_a_storage_error_and_failed_is_written_when_it_comes_back(tmp_path):
-    import boto3
-
-    server, port = _moto()
-    endpoint = f"http://127.0.0.1:{port}"
-    bucket = f"bif-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    opts = {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": endpoint},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    server, port, endpoint, bucket, opts = _moto_bucket()
     cfg = _cfg(f"s3://{bucket}/r", None, storage_options=opts)
     info = pipeline.prepare_run(cfg)
     server.stop()

@@ -21,8 +21,8 @@ import pandas as pd
 
 from bif import schema as S
 from bif.store import manifest as _manifest
-from bif.store.fs import atomic_write, get_fs, join, read_json, write_json
-from bif.store.tables import frame_bytes, read_arrow
+from bif.store.fs import atomic_write, get_fs, read_json, write_json
+from bif.store.tables import Located, frame_bytes, read_arrow
 from bif.store.traces import BlockLayout, BlockRef, TraceStore, read_layout, read_losses
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ __all__ = ["BifArray", "BlockRef", "RunStore"]
 
 
 @dataclass(frozen=True)
-class RunStore:
+class RunStore(Located):
     """One run directory at ``uri`` (a path or URI), reached with ``storage_options``."""
 
     uri: str
@@ -60,17 +60,6 @@ class RunStore:
     def root(self) -> str:
         """The protocol-free path of the run directory (for ``self.fs``)."""
         return get_fs(self.uri, self.storage_options)[1]
-
-    def path(self, *parts: str) -> str:
-        """Protocol-free path of ``parts`` inside the run directory."""
-        return join(self.root, *parts)
-
-    def url(self, *parts: str) -> str:
-        """URI of ``parts`` inside the run directory (what users and zarr / xarray are given)."""
-        return join(self.uri, *parts)
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
 
     # --- bytes, text, JSON ----------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> str:

@@ -64,7 +64,24 @@ def read_schema_metadata(fs: fsspec.AbstractFileSystem, path: str) -> dict[bytes
         return pq.read_schema(f).metadata or {}
 
 
-class Folder:
+class Located:
+    """Paths inside a folder, for classes with ``uri`` (as given), ``fs`` and ``root`` (protocol-free)."""
+
+    uri: str
+
+    def path(self, *parts: str) -> str:
+        """Protocol-free path of ``parts`` inside the folder (for ``self.fs``)."""
+        return join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        """URI of ``parts`` inside the folder (what users and zarr / xarray are given)."""
+        return join(self.uri, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+
+class Folder(Located):
     """A directory of tables and JSON files outside a run directory (e.g. an LDS ground truth).
 
     Paths given to its methods are relative to the folder; writes are atomic.
@@ -73,15 +90,6 @@ class Folder:
     def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
         self.uri, self.storage_options = uri, dict(storage_options or {})
         self.fs, self.root = get_fs(uri, self.storage_options)
-
-    def path(self, *parts: str) -> str:
-        return join(self.root, *parts)
-
-    def url(self, *parts: str) -> str:
-        return join(self.uri, *parts)
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
 
     def write_table(self, rel: str, df: pd.DataFrame) -> None:
         write_table(self.fs, self.path(rel), df)
