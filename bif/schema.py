@@ -128,3 +128,52 @@ def block_name(chain: int, block: int, suffix: str) -> str:
     ``pandas.read_parquet("<output>/traces")`` must read the folder as one table.
     """
     return f"chain-{chain}/block-{block:05d}.{suffix}"
+
+
+# --- operations: many runs under one output (bif watch / bif backfill; bif/store/catalog.py) ---------
+#   runs/<run_id>/                  one run directory per (checkpoint content, config) pair
+#   catalog/<run_id>-<ns>-<u>.parquet   one row: a run's state as recorded at one moment (never rewritten)
+#   catalog.parquet                 compacted: one row per run, its latest recorded state
+RUNS_DIR = "runs"
+CATALOG_DIR = "catalog"
+CATALOG_FILE = "catalog.parquet"
+
+RUN_ID = "run_id"
+CHECKPOINT_URI = "checkpoint_uri"
+CHECKPOINT_SHA256 = "checkpoint_sha256"
+CHECKPOINT_MTIME = "checkpoint_mtime"
+CONFIG_HASH = "config_hash"
+STATUS = "status"
+OUTPUT_URI = "output_uri"
+STARTED_AT = "started_at"
+FINISHED_AT = "finished_at"
+RECORDED_AT = "recorded_at"
+ERROR = "error"
+#: catalog timing columns (seconds), copied from the run manifest's ``timings`` (wall_s: measured by the sweep)
+CATALOG_TIMINGS = ("wall_s", "total_s", "prepare_s", "sampling_s", "covariance_s", "gates_s", "diagnostics_s")
+#: catalog quality columns: the gate verdict and the diagnostics' headline numbers
+QUALITY_PASSED = "quality_passed"
+FAILED_GATES = "failed_gates"
+NUM_WARNINGS = "num_warnings"
+RHAT_MAX = "rhat_max"
+NUM_RHAT_ABOVE = "num_rhat_above_threshold"
+ESS_BULK_MIN = "ess_bulk_min"
+N_TRAIN = "n_train"
+N_QUERY = "n_query"
+NUM_CHAINS = "num_chains"
+NUM_DRAWS = "num_draws"
+RESUMED_BLOCKS = "resumed_blocks"
+
+
+def catalog_schema() -> pa.Schema:
+    """Arrow schema of catalog rows (``catalog/*.parquet`` and ``catalog.parquet``)."""
+    ts = pa.timestamp("us", tz="UTC")
+    fields = [(RUN_ID, pa.string()), (CHECKPOINT_URI, pa.string()), (CHECKPOINT_SHA256, pa.string()),
+              (CHECKPOINT_MTIME, ts), (CONFIG_HASH, pa.string()), (STATUS, pa.string()), (OUTPUT_URI, pa.string()),
+              (STARTED_AT, ts), (FINISHED_AT, ts), (RECORDED_AT, ts)]
+    fields += [(name, pa.float64()) for name in CATALOG_TIMINGS]
+    fields += [(QUALITY_PASSED, pa.bool_()), (FAILED_GATES, pa.string()), (NUM_WARNINGS, pa.int64()),
+               (RHAT_MAX, pa.float64()), (NUM_RHAT_ABOVE, pa.int64()), (ESS_BULK_MIN, pa.float64()),
+               (N_TRAIN, pa.int64()), (N_QUERY, pa.int64()), (NUM_CHAINS, pa.int64()), (NUM_DRAWS, pa.int64()),
+               (RESUMED_BLOCKS, pa.int64()), (ERROR, pa.string())]
+    return pa.schema([pa.field(n, t) for n, t in fields])
