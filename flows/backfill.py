@@ -80,10 +80,14 @@ class RunOutcome:
 # ---------------------------------------------------------------- planning (no Prefect)
 
 
-def sweep_settings(config: dict[str, Any] | str, credentials_ref: str | None, secret_block: str | None) -> RunConfig:
-    """The sweep's RunConfig: ``config`` is public RunConfig data or a YAML path (deployments pass one)."""
+def sweep_settings(config: dict[str, Any] | str, credentials_ref: str | None, secret_block: str | None,
+                   output: str | None = None) -> RunConfig:
+    """The sweep's RunConfig: ``config`` is public RunConfig data or a YAML path (deployments pass one);
+    ``output`` replaces its ``output`` (the sweep's root)."""
     if isinstance(config, str):
         config = load_config(config).public_dict() | {"storage_options": {}}
+    if output:
+        config = {**config, "output": output}
     return runtime.flow_config(config, credentials_ref, secret_block)
 
 
@@ -236,15 +240,16 @@ def dry_run_summary(cfg: RunConfig, plan: list[PlannedRun], config_hash: str) ->
 
 @flow(name="bif-backfill", log_prints=True)
 def backfill_flow(config: dict[str, Any] | str, checkpoints: str, since: str | None = None, until: str | None = None,
-                  max_concurrent: int = 2, dry_run: bool = False, credentials_ref: str | None = None,
-                  secret_block: str | None = None, scheduler_address: str | None = None,
-                  events_ref: str | None = None) -> dict[str, Any]:
+                  max_concurrent: int = 2, dry_run: bool = False, output: str | None = None,
+                  credentials_ref: str | None = None, secret_block: str | None = None,
+                  scheduler_address: str | None = None, events_ref: str | None = None) -> dict[str, Any]:
     """Attribute every checkpoint matching ``checkpoints`` (modified in [since, until)) that has no complete run.
 
     ``config``: RunConfig data without credentials, or a YAML path; its ``output`` is the sweep's
-    root (runs under ``runs/<run_id>/``, the catalog beside them); its ``checkpoint`` is ignored.
+    root (runs under ``runs/<run_id>/``, the catalog beside them; ``output`` replaces it); its
+    ``checkpoint`` is ignored. ``since`` / ``until``: ISO dates on the checkpoint files' modification time.
     """
-    cfg = sweep_settings(config, credentials_ref, secret_block)
+    cfg = sweep_settings(config, credentials_ref, secret_block, output)
     config_hash, plan = plan_sweep(cfg, checkpoints, since=parse_when(since, name="since"),
                                    until=parse_when(until, name="until"))
     if dry_run:
@@ -254,11 +259,11 @@ def backfill_flow(config: dict[str, Any] | str, checkpoints: str, since: str | N
 
 
 @flow(name="bif-watch", log_prints=True)
-def watch_flow(config: dict[str, Any] | str, checkpoints: str, max_concurrent: int = 2,
+def watch_flow(config: dict[str, Any] | str, checkpoints: str, max_concurrent: int = 2, output: str | None = None,
                credentials_ref: str | None = None, secret_block: str | None = None,
                scheduler_address: str | None = None, events_ref: str | None = None) -> dict[str, Any]:
     """One sweep: attribute every checkpoint matching ``checkpoints`` that has no complete run for this config."""
-    cfg = sweep_settings(config, credentials_ref, secret_block)
+    cfg = sweep_settings(config, credentials_ref, secret_block, output)
     config_hash, plan = plan_sweep(cfg, checkpoints)
     return sweep(cfg, plan, config_hash, max_concurrent=max_concurrent, scheduler_address=scheduler_address,
                  events_ref=events_ref)

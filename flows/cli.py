@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its default and description")
     k.set_defaults(func=_cmd_keys)
 
-    for module in ("bif.flows.cli_report", "bif.flows.cli_lds"):
+    for module in ("bif.flows.cli_report", "bif.flows.cli_lds", "bif.flows.cli_ops"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:

@@ -281,6 +281,11 @@ class Catalog(Located):
         raise StorageError(f"the catalog under {self.url(S.CATALOG_DIR)!r} kept changing during "
                            f"{_COMPACT_ROUNDS} compactions; rerun `bif backfill` (or compact) when the runs settle")
 
+    def write_text(self, rel: str, text: str) -> str:
+        """Atomically write a page (e.g. a trend report) under the sweep output; returns its URI."""
+        atomic_write(self.fs, self.path(rel), text.encode())
+        return self.url(rel)
+
     def read(self) -> pd.DataFrame:
         """``catalog.parquet`` as written by the last compaction (empty if there is none)."""
         try:
