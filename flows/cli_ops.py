@@ -117,9 +117,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("output memory:// lives in one process and Dask workers cannot see it; use a path or s3://")
     from bif.flows import backfill as ops
 
+    config_hash, plan = ops.plan_sweep(cfg, args.checkpoints, since=since, until=until)  # seconds, no server
     if backfill and args.dry_run:
-        config_hash, plan = ops.plan_sweep(cfg, args.checkpoints, since=since, until=until)
         print_summary(ops.dry_run_summary(cfg, plan, config_hash))
+        return 0
+    if all(p.action == ops.SKIP for p in plan):  # nothing left: no server, no cluster
+        print_summary({"output": cfg.output, "catalog": f"{cfg.output.rstrip('/')}/catalog.parquet",
+                       "runs": [{"checkpoint_uri": p.checkpoint_uri, "run_id": p.run_id, "action": p.action,
+                                 "status": "skipped", "seconds": 0.0, "error": None} for p in plan],
+                       "counts": {"complete": 0, "failed": 0, "failed_quality": 0, "skipped": len(plan)}})
         return 0
     from bif.flows.prefect_server import prefect_api
     from bif.flows.runtime import credentials, dask_cluster
