@@ -149,3 +149,65 @@ def test_backfill_dry_run_cli_plans_without_a_server(tmp_path):
                           "ckpts/*.pt", "--since", "yesterday", "--dry-run"], cwd=tmp_path,
                          env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+
+
+REPO = Path(__file__).resolve().parents[1]
+#: the README's sweep commands run as typed, with these settings appended to keep the digits runs small
+SMALL = ["--set", "problem_args.n_train=200", "--set", "problem_args.n_query=12", "--set", "sampler.num_chains=2",
+         "--set", "sampler.num_draws=60", "--set", "sampler.num_burnin_steps=10",
+         "--set", "sampler.draws_per_block=30", "--set", "quality.allow_warnings=true"]
+
+
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Operations: many checkpoints")
+    return text[start:text.index("\n## ", start + 10)]
+
+
+def _blocks(section: str, lang: str) -> list[str]:
+    parts = section.split(f"```{lang}\n")[1:]
+    return [p.split("```", 1)[0] for p in parts]
+
+
+@pytest.mark.slow
+def test_readme_operations_commands_as_typed(tmp_path, user_prefect_home):
+    """Every command of the README's Operations section, in a user's shell (no PREFECT_API_URL), then
+    its DuckDB example exactly as written."""
+    import shlex
+    import shutil
+
+    from test_cli import user_env
+
+    (tmp_path / "bif" / "examples").mkdir(parents=True)
+    shutil.copy(REPO / "bif" / "examples" / "digits.yaml", tmp_path / "bif" / "examples" / "digits.yaml")
+    env = user_env(user_prefect_home)
+    section = _readme_section()
+    commands = [shlex.split(line, comments=True) for line in _blocks(section, "bash")[0].splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["bif", "example"]] * 3 + [["bif", "backfill"]] * 2 + [["bif", "watch"],
+                                                                                               ["bif", "trend"]]
+    results = []
+    for argv in commands:
+        extra = SMALL if argv[1] in ("backfill", "watch") else []
+        argv = [str(Path(sys.executable).parent / "bif"), *argv[1:], *extra]
+        results.append(subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600))
+        assert results[-1].returncode == 0, (argv, results[-1].stdout[-2000:], results[-1].stderr[-3000:])
+    dry, backfill, watch, trend = results[3:]
+    assert "plan: 3 to run, 0 to resume, 0 to retry, 0 skipped" in dry.stdout
+    assert "3 complete, 0 failed, 0 skipped" in backfill.stdout
+    assert "0 complete, 0 failed, 3 skipped" in watch.stdout
+    cat = pd.read_parquet(tmp_path / "runs" / "sweep" / S.CATALOG_FILE)
+    assert [Path(u).name for u in cat[S.CHECKPOINT_URI]] == ["digits-e010.pt", "digits-e030.pt", "digits-e100.pt"]
+    assert set(cat[S.STATUS]) == {S.STATUS_COMPLETE} and cat[S.RUN_ID].is_unique
+    assert "digits-e010.pt" in trend.stdout and "Jaccard" in trend.stdout
+    page = (tmp_path / "runs" / "sweep" / "trend-query-3.html").read_text()
+    assert "data:image/png;base64," in page and "Query 3" in page
+    # the DuckDB example, exactly as written
+    code = _blocks(section, "python")[0]
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if ".pt" in line]
+    assert len(rows) == 9  # 3 checkpoints x the 3 strongest train examples
+    top = pd.concat(pd.read_parquet(tmp_path / u / S.TOPK_FILE) for u in cat[S.OUTPUT_URI])
+    first = top[(top[S.QUERY] == 3) & (top[S.DIRECTION] == "positive") & (top[S.RANK] == 0)]
+    assert len(first) == 3 and all(f" {int(t)} " in res.stdout for t in first[S.TRAIN])
