@@ -195,6 +195,21 @@ def _attribute_one(cfg: RunConfig, p: PlannedRun, config_hash: str, *, address: 
     return RunOutcome(p.run_id, p.checkpoint_uri, p.action, status, seconds, error)
 
 
+def _save_sweep_log(cfg: RunConfig, address: str) -> None:
+    """The sweep flow run's own log lines (not its subflows', which each run folder has) to ``<output>/logs/``."""
+    from prefect.runtime import flow_run
+
+    from bif.store.run import RunStore
+
+    try:
+        text = runtime._fetch_logs(flow_run.id, address)
+        name = (flow_run.flow_name or "sweep").removeprefix("bif-")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        RunStore(cfg.output, cfg.storage_options).write_log(f"{name}-{stamp}.log", redact(text, cfg.storage_options))
+    except Exception as err:  # noqa: BLE001 - a log we cannot save must not fail a finished sweep
+        print(f"note: could not save the sweep log under {cfg.output}/logs ({type(err).__name__})")
+
+
 def sweep(cfg: RunConfig, plan: list[PlannedRun], config_hash: str, *, max_concurrent: int,
           scheduler_address: str | None, events_ref: str | None) -> dict[str, Any]:
     """Attribute every planned run that is not complete, ``max_concurrent`` at a time on one Dask runtime."""
@@ -217,6 +232,7 @@ def sweep(cfg: RunConfig, plan: list[PlannedRun], config_hash: str, *, max_concu
             for f in futures:
                 o = f.result()
                 outcomes[o.run_id] = o
+            _save_sweep_log(cfg, rt.address)
     catalog = Catalog(cfg.output, cfg.storage_options)
     catalog.compact()
     runs = [asdict(outcomes[p.run_id]) for p in plan]

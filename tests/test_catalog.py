@@ -123,3 +123,28 @@ def test_pandas_pyarrow_and_duckdb_read_the_catalog(tmp_path):
     assert got == [("complete", 2), ("failed", 1)]
     total = duckdb.sql(f"SELECT sum(total_s) FROM '{path}' WHERE status = 'complete'").fetchall()[0][0]
     assert total == pytest.approx(5.0 + 7.0)
+
+
+def test_topk_trend_known_ranks_and_overlaps(tmp_path):
+    from bif.trend import topk_trend, trend_html
+
+    def frame(order: list[int]) -> pd.DataFrame:  # query 0's positive list in this order; query 1 is noise
+        rows = [{S.QUERY: 0, S.DIRECTION: "positive", S.RANK: r, S.TRAIN: t, S.BIF: 1.0 - 0.1 * r, S.BIF_CORR: 0.5}
+                for r, t in enumerate(order)]
+        rows += [{S.QUERY: 1, S.DIRECTION: "positive", S.RANK: 0, S.TRAIN: 99, S.BIF: 9.0, S.BIF_CORR: 0.9},
+                 {S.QUERY: 0, S.DIRECTION: "negative", S.RANK: 0, S.TRAIN: 98, S.BIF: -9.0, S.BIF_CORR: -0.9}]
+        return pd.DataFrame(rows, columns=list(S.TOPK_COLUMNS))
+
+    runs = [("e010", frame([1, 2, 3, 4])), ("e030", frame([2, 1, 5, 3])), ("e100", frame([2, 5, 6, 7]))]
+    tr = topk_trend(runs, query=0, k=3)
+    assert tr.checkpoints == ["e010", "e030", "e100"]
+    assert sorted(tr.ranks.index) == [1, 2, 3, 5, 6]  # ever in a top 3; 4 and 7 never, 98 / 99 other lists
+    assert tr.ranks.loc[2].tolist() == [1.0, 0.0, 0.0]
+    assert tr.ranks.loc[6].isna().tolist() == [True, True, False]
+    assert tr.bif.loc[1, "e010"] == pytest.approx(1.0)
+    assert tr.jaccard == pytest.approx([2 / 4, 2 / 4])  # {1,2,3}->{2,1,5}; {2,1,5}->{2,5,6}
+    table = tr.table()
+    assert table.index[0] == 2 and table.loc[6].tolist() == ["-", "-", "2"]
+    page = trend_html(tr, source="runs/sweep")
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "e030" in page
+    assert topk_trend(runs[:1], query=0, k=3).jaccard == []

@@ -120,14 +120,21 @@ def test_bif_serve_registers_scheduled_deployments_and_a_triggered_run_completes
 DEPLOYED = textwrap.dedent("""
     # a deployed sweep: the Secret block holds the storage options; the flow gets only the block's name
     import json, os, sys
-    from bif.flows.prefect_server import prefect_api
-    with prefect_api() as ready:
-        ready()
-        from prefect.blocks.system import Secret
-        from bif.flows.backfill import watch_flow
-        Secret(value=json.loads(os.environ.pop("BIF_TEST_OPTIONS"))).save("bif-s3", overwrite=True)
-        res = watch_flow(config=json.loads(sys.argv[1]), checkpoints=sys.argv[2], secret_block="bif-s3")
-        print(json.dumps(res["counts"]))
+
+
+    def main():
+        from bif.flows.prefect_server import prefect_api
+        with prefect_api() as ready:
+            ready()
+            from prefect.blocks.system import Secret
+            from bif.flows.backfill import watch_flow
+            Secret(value=json.loads(os.environ.pop("BIF_TEST_OPTIONS"))).save("bif-s3", overwrite=True)
+            res = watch_flow(config=json.loads(sys.argv[1]), checkpoints=sys.argv[2], secret_block="bif-s3")
+            print(json.dumps(res["counts"]))
+
+
+    if __name__ == "__main__":  # Dask's worker processes import this module again
+        main()
 """)
 
 
@@ -147,6 +154,8 @@ def test_deployed_sweep_takes_s3_credentials_from_a_secret_block_never_parameter
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["complete"] == 1
-    objects = assert_no_leak(res, user_prefect_home, tmp_path, bucket, opts, "bif-watch", "run",
+    objects = assert_no_leak(res, user_prefect_home, tmp_path, bucket, opts, "bif-watch", "watch",
                              config_name="deployed.py")
     assert any(p.endswith(S.CATALOG_FILE) for p in objects)
+    run_logs = [p for p in objects if "/runs/" in p and "/logs/run-" in p]
+    assert run_logs and b"sample-chain" in objects[run_logs[0]]  # the subflow's own log, task runs included
