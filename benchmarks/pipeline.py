@@ -69,37 +69,47 @@ class PeakRSS:
 
 
 # ------------------------------------------------------------------------------------
-def bare_loop(cfg, num_draws: int) -> dict:
-    """The same SGLD steps and per-draw loss evaluations as one chain, as plain torch code."""
+def bare_loop(cfg, num_draws: int, *, device: str = "cpu") -> dict:
+    """One chain's SGLD steps and per-draw loss evaluations as plain torch code on ``device``.
+
+    Exactly the chain's work: ``num_burnin_steps`` steps, then ``num_draws`` x (``steps_per_draw``
+    steps of a ``batch_size`` minibatch drawn without replacement, then the per-sample losses of
+    every train and query sample into a float32 trace). No checks, no ||w - w*||, no storage.
+    On CUDA the data live on the GPU and the minibatch indices are drawn there (what a bare
+    CUDA loop does); the time ends after a synchronize.
+    """
     import torch
 
     from bif.examples.digits import per_sample_loss
     from bif.tasks.pipeline import materialize_problem
 
     torch.set_num_threads(1)
+    dev = torch.device(device)
     prob, _ = materialize_problem(cfg)
     s = cfg.sampler
-    model = prob.model
+    model = prob.model.to(dev)
     params = [p for p in model.parameters()]
     anchor = [p.detach().clone() for p in params]
-    xt, yt = prob.train.tensors
-    xq, yq = prob.query.tensors
+    xt, yt = (t.to(dev) for t in prob.train.tensors)
+    xq, yq = (t.to(dev) for t in prob.query.tensors)
     n = len(yt)
     nbeta = float(s.nbeta or n)
-    gen = torch.Generator().manual_seed(0)
-    out_t = torch.empty(num_draws, n)
-    out_q = torch.empty(num_draws, len(yq))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    out_t = torch.empty(num_draws, n, device=dev)
+    out_q = torch.empty(num_draws, len(yq), device=dev)
 
     def step():
-        idx = torch.randperm(n, generator=gen)[: s.batch_size]
+        idx = torch.randperm(n, generator=gen, device=dev)[: s.batch_size]
         for p in params:
             p.grad = None
         per_sample_loss(model, [xt[idx], yt[idx]]).mean().backward()
         with torch.no_grad():
             for p, a in zip(params, anchor):
                 p.add_(p.grad * nbeta + s.gamma * (p - a), alpha=-s.step_size / 2)
-                p.add_(torch.randn(p.shape, generator=gen), alpha=s.step_size ** 0.5)
+                p.add_(torch.randn(p.shape, generator=gen, device=dev), alpha=s.step_size ** 0.5)
 
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(s.num_burnin_steps):
         step()
@@ -109,7 +119,9 @@ def bare_loop(cfg, num_draws: int) -> dict:
         with torch.no_grad():
             out_t[d] = per_sample_loss(model, [xt, yt])
             out_q[d] = per_sample_loss(model, [xq, yq])
-    return {"seconds": time.perf_counter() - t0, "per_draw_s": (time.perf_counter() - t0) / num_draws}
+    out_t.cpu(), out_q.cpu()  # the traces reach the host, as the pipeline's do
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "per_draw_s": seconds / num_draws}
 
 
 def _bare_worker(args: tuple) -> float:

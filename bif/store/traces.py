@@ -114,9 +114,15 @@ def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Ta
     return table, layout
 
 
-def _table_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
+def _table_bytes(table: pa.Table, row_group_rows: int | None = None, *, dictionary: bool | list[str] = True) -> bytes:
+    """Parquet bytes of ``table`` (zstd). ``dictionary``: the columns to dictionary-encode (True: all).
+
+    Trace files dictionary-encode only ``split``: losses are distinct floats and the key
+    columns compress well plainly, so dictionary pages there cost ~5x the write time of the
+    whole file (the chain's commit path) and make it larger, not smaller.
+    """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd", use_dictionary=dictionary)
     return sink.getvalue().to_pybytes()
 
 
@@ -172,7 +178,7 @@ class TraceStore:
         table, layout = trace_table(block, loss_dtype=self.loss_dtype)
         layout = BlockLayout(**(layout.__dict__ | {"block": block_index}))
         table = table.replace_schema_metadata({S.META_LAYOUT: layout.to_bytes()})
-        trace_bytes = _table_bytes(table, layout.row_group_rows)
+        trace_bytes = _table_bytes(table, layout.row_group_rows, dictionary=[S.SPLIT])
         health = health.replace_schema_metadata({META_TRACES_SHA256: hashlib.sha256(trace_bytes).hexdigest().encode()})
         atomic_write(fs, self._path(S.HEALTH_DIR, c, block_index, "parquet"), _table_bytes(health))
         atomic_write(fs, self._path(S.TRACES_DIR, c, block_index, "parquet"), trace_bytes)
