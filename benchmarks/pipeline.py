@@ -158,8 +158,15 @@ def bench_sampler(workdir: Path, num_draws: int) -> dict:
     cfg_path = workdir / "digits.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_data))
     home = workdir / "prefect-home"
-    cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home)  # fresh Prefect DB (migrations)
-    wall, t0, manifest = _bif_run(cfg_path, workdir / "run", home)  # the usual case: an existing Prefect home
+    try:
+        # the first run on a fresh Prefect home creates its database and starts the kept server;
+        # the second is the usual case: the server from the first run is reused
+        cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home)
+        wall, t0, manifest = _bif_run(cfg_path, workdir / "run", home)
+    finally:
+        from bif.flows.prefect_server import stop_server
+
+        stop_server(home)
     t = manifest["timings"]
     ours_latency = max(t["chain_sampling_s"]) / num_draws  # per draw of one chain, chains running in parallel
     with mp.get_context("spawn").Pool(1) as pool:
@@ -180,7 +187,8 @@ def bench_sampler(workdir: Path, num_draws: int) -> dict:
         "whole_run_ratio_vs_bare_2_chains_sequential": wall / (2 * num_draws * bare_alone),
         "whole_run_ratio_vs_bare_2_chains_parallel": wall / (num_draws * bare_pair),
         "covariance_s": t["covariance_s"],
-        "gates_s": t["gates_s"], "diagnostics_s": t["diagnostics_s"], "sampling_s": t["sampling_s"],
+        "gates_s": t["gates_s"], "diagnostics_s": t["diagnostics_s"], "checks_s": t.get("checks_s"),
+        "report_s": t.get("report_s"), "sampling_s": t["sampling_s"],
         "gates_share_of_run": t["gates_s"] / wall, "diagnostics_share_of_run": t["diagnostics_s"] / wall,
     }
 
@@ -350,14 +358,18 @@ def render_markdown(r: dict) -> str:
             f"({m['chains']} chains x {m['draws_per_chain']} draws, digits, Parquet writes included)",
             f"{1e3 * m['ours_per_draw_s']:.2f} ms vs {1e3 * m['bare_per_draw_2_parallel_s']:.2f} ms = "
             f"{m['per_draw_ratio_vs_bare_same_parallelism']:.2f}x (vs one bare chain alone: "
-            f"{m['per_draw_ratio_vs_bare_alone']:.2f}x)", "<= 1.3x", m["per_draw_ratio_vs_bare_same_parallelism"] <= 1.3)
+            f"{m['per_draw_ratio_vs_bare_alone']:.2f}x)", "<= 1.1x", m["per_draw_ratio_vs_bare_same_parallelism"] <= 1.1)
         row("sampler: fixed start-up (process start to first SGLD step: Prefect server, Dask cluster, imports)",
-            f"{m['startup_s']:.1f} s ({m['startup_fresh_prefect_home_s']:.1f} s on a fresh Prefect home, "
-            "which creates its database)", "<= 20 s", m["startup_s"] <= 20)
-        row("sampler: whole run vs bare loop (2 chains sequential / 2 in parallel)",
+            f"{m['startup_s']:.1f} s with the kept Prefect server ({m['startup_fresh_prefect_home_s']:.1f} s on a "
+            "fresh Prefect home, which creates its database and starts the server)", "<= 20 s", m["startup_s"] <= 20)
+        checks = (f"gates {m['gates_s']:.1f} s and diagnostics {m['diagnostics_s']:.1f} s at once: "
+                  f"{m['checks_s']:.1f} s" if m.get("checks_s") is not None else
+                  f"gates {m['gates_s']:.1f} s, diagnostics {m['diagnostics_s']:.1f} s")
+        row("sampler: whole `bif run` vs a bare loop running the 2 chains one after another (/ at once)",
             f"{m['bif_run_wall_s']:.1f} s: {m['whole_run_ratio_vs_bare_2_chains_sequential']:.1f}x / "
-            f"{m['whole_run_ratio_vs_bare_2_chains_parallel']:.1f}x (teardown {m['teardown_s']:.1f} s, gates "
-            f"{m['gates_s']:.1f} s, diagnostics {m['diagnostics_s']:.1f} s)", "(reported)", True)
+            f"{m['whole_run_ratio_vs_bare_2_chains_parallel']:.1f}x (start-up {m['startup_s']:.1f} s, "
+            f"teardown {m['teardown_s']:.1f} s, {checks})", "<= 2x (then 1.5x)",
+            m["whole_run_ratio_vs_bare_2_chains_sequential"] <= 2)
     if "covariance" in r:
         c = r["covariance"]
         d, n, q = c["shape"]

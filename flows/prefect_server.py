@@ -351,7 +351,9 @@ def _serve(port: int, idle_timeout_s: float) -> None:
     def watchdog() -> None:
         while not server.should_exit:
             time.sleep(min(30.0, max(0.5, idle_timeout_s / 10)))
-            if time.monotonic() - last[0] > idle_timeout_s:
+            if not server.started:  # booting (database migrations): not idle yet
+                last[0] = time.monotonic()
+            elif time.monotonic() - last[0] > idle_timeout_s:
                 server.should_exit = True  # uvicorn's graceful shutdown
 
     threading.Thread(target=watchdog, name="idle-watchdog", daemon=True).start()

@@ -2,9 +2,9 @@
 `bif run` subprocesses with no PREFECT_API_URL.
 
 One Prefect home for the module's server-lifecycle tests (its database is created once); they run in
-order: a second command reuses the server; `bif server stop` stops it and frees its port; a killed
-server (stale server.json) is detected and replaced, the new one gets a scrubbed environment and stops
-by itself when idle; two commands started at once share one server. The last test runs a real
+order: a second command reuses the server (which holds none of the command's credentials); a killed
+server (stale server.json) is detected and replaced, and the new one stops by itself when idle; two
+commands started at once share one server; `bif server stop` stops it and frees its port. The last test runs a real
 `bif run` on the CLI tests' home and checks that it reported to the kept server without replacing it.
 """
 from __future__ import annotations
@@ -100,24 +100,8 @@ def test_second_command_reuses_the_kept_server(home):
     assert f"PREFECT_HOME={home}".encode() in environ.split(b"\0")
 
 
-def test_stop_ends_the_process_and_frees_the_port(home):
-    pid, url = running(bif(home, "server", "status")[0])
-    port = int(url.split(":")[2].split("/")[0])
-    res, _ = bif(home, "server", "stop")
-    assert res.returncode == 0 and f"stopped: {url}" in res.stdout, res.stdout
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert not health(url)
-    with socket.socket() as s:  # the port is free again
-        s.bind(("127.0.0.1", port))
-    assert not (server_dir(home) / "server.json").exists()
-    status, _ = bif(home, "server", "status")
-    assert status.returncode == 3
-    again, _ = bif(home, "server", "stop")
-    assert again.returncode == 0 and "no local Prefect server ran" in again.stdout
-
-
 def test_a_killed_server_is_detected_and_replaced_and_an_idle_one_stops(home):
-    old_pid, old_url = running(bif(home, "server", "start")[0])
+    old_pid, old_url = running(bif(home, "server", "status")[0])  # the first test's server
     os.killpg(old_pid, signal.SIGKILL)  # server.json now names a dead process
     deadline = time.monotonic() + 30
     while servers_of(home) and time.monotonic() < deadline:
@@ -137,7 +121,7 @@ def test_a_killed_server_is_detected_and_replaced_and_an_idle_one_stops(home):
 
 
 def test_two_commands_at_once_share_one_server(home):
-    bif(home, "server", "stop")
+    assert not servers_of(home)  # the idle one stopped itself
     env = _env(home)
     procs = [subprocess.Popen([BIF, "server", "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -147,6 +131,24 @@ def test_two_commands_at_once_share_one_server(home):
     assert len(found) == 1, found  # both got the same server
     (pid, url), = found
     assert [p.pid for p in servers_of(home)] == [pid] and health(url)
+
+
+def test_stop_ends_the_process_and_frees_the_port(home):
+    pid, url = running(bif(home, "server", "status")[0])  # the one the two commands share
+    port = int(url.split(":")[2].split("/")[0])
+    res, _ = bif(home, "server", "stop")
+    assert res.returncode == 0 and f"stopped: {url}" in res.stdout, res.stdout
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not health(url)
+    with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT of old connections aside)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    assert not (server_dir(home) / "server.json").exists()
+    status, _ = bif(home, "server", "status")
+    assert status.returncode == 3
+    again, _ = bif(home, "server", "stop")
+    assert again.returncode == 0 and "no local Prefect server ran" in again.stdout
 
 
 def test_bif_run_reports_to_the_kept_server(tmp_path, user_prefect_home):
@@ -159,8 +161,8 @@ def test_bif_run_reports_to_the_kept_server(tmp_path, user_prefect_home):
                        "step_size": 1e-3}, "covariance": {"topk": 3}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = _env(user_prefect_home)
-    res = subprocess.run([BIF, "run", str(tmp_path / "cfg.yaml"), "--no-progress"], env=env, capture_output=True,
-                         text=True, timeout=400)
+    res = subprocess.run([BIF, "run", "cfg.yaml", "--no-progress"], env=env, capture_output=True, text=True,
+                         timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     after = json.loads((server_dir(user_prefect_home) / "server.json").read_text())
     assert (after["pid"], after["url"]) == (before.pid, before.url)  # reused, still running
@@ -177,5 +179,7 @@ def test_bif_run_reports_to_the_kept_server(tmp_path, user_prefect_home):
     flow_run_ids = {r["id"] for r in runs}
     assert "Beginning flow run" in log
     assert any(fid in log for fid in flow_run_ids) or any(r["name"] in log for r in runs)
-    # no worker processes of the run are left behind (the command ends them when it is done)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "cfg.yaml") in (p.info["cmdline"] or [])]
+    # the command ended its Dask workers when it was done (they ran in its working directory)
+    left = [p for p in psutil.process_iter(["cwd", "status"])
+            if p.info["cwd"] == str(tmp_path) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
