@@ -339,6 +339,7 @@ def _serve(port: int, idle_timeout_s: float) -> None:
 
     app = create_app()
     last = [time.monotonic()]
+    home = Path.cwd().parent  # it runs in <PREFECT_HOME>/bif-server
 
     async def tracked(scope, receive, send):  # ASGI: note each request's time
         if scope["type"] != "lifespan":
@@ -353,7 +354,8 @@ def _serve(port: int, idle_timeout_s: float) -> None:
             time.sleep(min(30.0, max(0.5, idle_timeout_s / 10)))
             if not server.started:  # booting (database migrations): not idle yet
                 last[0] = time.monotonic()
-            elif time.monotonic() - last[0] > idle_timeout_s:
+            elif time.monotonic() - last[0] > idle_timeout_s or not home.exists():
+                # idle, or its Prefect home (a temporary one) was deleted: nobody can find it any more
                 server.should_exit = True  # uvicorn's graceful shutdown
 
     threading.Thread(target=watchdog, name="idle-watchdog", daemon=True).start()
