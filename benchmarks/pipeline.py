@@ -69,37 +69,47 @@ class PeakRSS:
 
 
 # ------------------------------------------------------------------------------------
-def bare_loop(cfg, num_draws: int) -> dict:
-    """The same SGLD steps and per-draw loss evaluations as one chain, as plain torch code."""
+def bare_loop(cfg, num_draws: int, *, device: str = "cpu") -> dict:
+    """One chain's SGLD steps and per-draw loss evaluations as plain torch code on ``device``.
+
+    Exactly the chain's work: ``num_burnin_steps`` steps, then ``num_draws`` x (``steps_per_draw``
+    steps of a ``batch_size`` minibatch drawn without replacement, then the per-sample losses of
+    every train and query sample into a float32 trace). No checks, no ||w - w*||, no storage.
+    On CUDA the data live on the GPU and the minibatch indices are drawn there (what a bare
+    CUDA loop does); the time ends after a synchronize.
+    """
     import torch
 
     from bif.examples.digits import per_sample_loss
     from bif.tasks.pipeline import materialize_problem
 
     torch.set_num_threads(1)
+    dev = torch.device(device)
     prob, _ = materialize_problem(cfg)
     s = cfg.sampler
-    model = prob.model
+    model = prob.model.to(dev)
     params = [p for p in model.parameters()]
     anchor = [p.detach().clone() for p in params]
-    xt, yt = prob.train.tensors
-    xq, yq = prob.query.tensors
+    xt, yt = (t.to(dev) for t in prob.train.tensors)
+    xq, yq = (t.to(dev) for t in prob.query.tensors)
     n = len(yt)
     nbeta = float(s.nbeta or n)
-    gen = torch.Generator().manual_seed(0)
-    out_t = torch.empty(num_draws, n)
-    out_q = torch.empty(num_draws, len(yq))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    out_t = torch.empty(num_draws, n, device=dev)
+    out_q = torch.empty(num_draws, len(yq), device=dev)
 
     def step():
-        idx = torch.randperm(n, generator=gen)[: s.batch_size]
+        idx = torch.randperm(n, generator=gen, device=dev)[: s.batch_size]
         for p in params:
             p.grad = None
         per_sample_loss(model, [xt[idx], yt[idx]]).mean().backward()
         with torch.no_grad():
             for p, a in zip(params, anchor):
                 p.add_(p.grad * nbeta + s.gamma * (p - a), alpha=-s.step_size / 2)
-                p.add_(torch.randn(p.shape, generator=gen), alpha=s.step_size ** 0.5)
+                p.add_(torch.randn(p.shape, generator=gen, device=dev), alpha=s.step_size ** 0.5)
 
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(s.num_burnin_steps):
         step()
@@ -109,7 +119,9 @@ def bare_loop(cfg, num_draws: int) -> dict:
         with torch.no_grad():
             out_t[d] = per_sample_loss(model, [xt, yt])
             out_q[d] = per_sample_loss(model, [xq, yq])
-    return {"seconds": time.perf_counter() - t0, "per_draw_s": (time.perf_counter() - t0) / num_draws}
+    out_t.cpu(), out_q.cpu()  # the traces reach the host, as the pipeline's do
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "per_draw_s": seconds / num_draws}
 
 
 def _bare_worker(args: tuple) -> float:
@@ -146,8 +158,15 @@ def bench_sampler(workdir: Path, num_draws: int) -> dict:
     cfg_path = workdir / "digits.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_data))
     home = workdir / "prefect-home"
-    cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home)  # fresh Prefect DB (migrations)
-    wall, t0, manifest = _bif_run(cfg_path, workdir / "run", home)  # the usual case: an existing Prefect home
+    try:
+        # the first run on a fresh Prefect home creates its database and starts the kept server;
+        # the second is the usual case: the server from the first run is reused
+        cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home)
+        wall, t0, manifest = _bif_run(cfg_path, workdir / "run", home)
+    finally:
+        from bif.flows.prefect_server import stop_server
+
+        stop_server(home)
     t = manifest["timings"]
     ours_latency = max(t["chain_sampling_s"]) / num_draws  # per draw of one chain, chains running in parallel
     with mp.get_context("spawn").Pool(1) as pool:
@@ -168,7 +187,8 @@ def bench_sampler(workdir: Path, num_draws: int) -> dict:
         "whole_run_ratio_vs_bare_2_chains_sequential": wall / (2 * num_draws * bare_alone),
         "whole_run_ratio_vs_bare_2_chains_parallel": wall / (num_draws * bare_pair),
         "covariance_s": t["covariance_s"],
-        "gates_s": t["gates_s"], "diagnostics_s": t["diagnostics_s"], "sampling_s": t["sampling_s"],
+        "gates_s": t["gates_s"], "diagnostics_s": t["diagnostics_s"], "checks_s": t.get("checks_s"),
+        "report_s": t.get("report_s"), "sampling_s": t["sampling_s"],
         "gates_share_of_run": t["gates_s"] / wall, "diagnostics_share_of_run": t["diagnostics_s"] / wall,
     }
 
@@ -338,14 +358,18 @@ def render_markdown(r: dict) -> str:
             f"({m['chains']} chains x {m['draws_per_chain']} draws, digits, Parquet writes included)",
             f"{1e3 * m['ours_per_draw_s']:.2f} ms vs {1e3 * m['bare_per_draw_2_parallel_s']:.2f} ms = "
             f"{m['per_draw_ratio_vs_bare_same_parallelism']:.2f}x (vs one bare chain alone: "
-            f"{m['per_draw_ratio_vs_bare_alone']:.2f}x)", "<= 1.3x", m["per_draw_ratio_vs_bare_same_parallelism"] <= 1.3)
+            f"{m['per_draw_ratio_vs_bare_alone']:.2f}x)", "<= 1.1x", m["per_draw_ratio_vs_bare_same_parallelism"] <= 1.1)
         row("sampler: fixed start-up (process start to first SGLD step: Prefect server, Dask cluster, imports)",
-            f"{m['startup_s']:.1f} s ({m['startup_fresh_prefect_home_s']:.1f} s on a fresh Prefect home, "
-            "which creates its database)", "<= 20 s", m["startup_s"] <= 20)
-        row("sampler: whole run vs bare loop (2 chains sequential / 2 in parallel)",
+            f"{m['startup_s']:.1f} s with the kept Prefect server ({m['startup_fresh_prefect_home_s']:.1f} s on a "
+            "fresh Prefect home, which creates its database and starts the server)", "<= 20 s", m["startup_s"] <= 20)
+        checks = (f"gates {m['gates_s']:.1f} s and diagnostics {m['diagnostics_s']:.1f} s at once: "
+                  f"{m['checks_s']:.1f} s" if m.get("checks_s") is not None else
+                  f"gates {m['gates_s']:.1f} s, diagnostics {m['diagnostics_s']:.1f} s")
+        row("sampler: whole `bif run` vs a bare loop running the 2 chains one after another (/ at once)",
             f"{m['bif_run_wall_s']:.1f} s: {m['whole_run_ratio_vs_bare_2_chains_sequential']:.1f}x / "
-            f"{m['whole_run_ratio_vs_bare_2_chains_parallel']:.1f}x (teardown {m['teardown_s']:.1f} s, gates "
-            f"{m['gates_s']:.1f} s, diagnostics {m['diagnostics_s']:.1f} s)", "(reported)", True)
+            f"{m['whole_run_ratio_vs_bare_2_chains_parallel']:.1f}x (start-up {m['startup_s']:.1f} s, "
+            f"teardown {m['teardown_s']:.1f} s, {checks})", "<= 2x (then 1.5x)",
+            m["whole_run_ratio_vs_bare_2_chains_sequential"] <= 2)
     if "covariance" in r:
         c = r["covariance"]
         d, n, q = c["shape"]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 
 from bif import schema as S
 from bif.config import RunConfig
@@ -62,12 +62,12 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         t2 = time.perf_counter()
         summary = steps.reduce_covariance(cfg, info, rt.address)
         t3 = time.perf_counter()
-        gates = steps.quality_gates(cfg, info, rt.address) if cfg.quality.enabled else None
-        t4 = time.perf_counter()
-        diag = steps.diagnostics(cfg, rt.address) if cfg.quality.diagnostics else None  # gates: .enabled
+        checks = _checks(cfg, info, rt.address)  # gates and diagnostics at once: both only read the traces
+        gates, diag = checks["gates"], checks["diagnostics"]
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
-                   "covariance_s": t3 - t2, "gates_s": t4 - t3, "diagnostics_s": t5 - t4,
+                   "covariance_s": t3 - t2, "gates_s": checks["gates_s"], "diagnostics_s": checks["diagnostics_s"],
+                   "checks_s": t5 - t3,
                    "chain_s": [r.seconds for r in chains],
                    "chain_sampling_s": [r.sampling_seconds for r in chains],
                    "chain_draws_sampled": [r.draws_sampled for r in chains],
@@ -79,8 +79,9 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
             pipeline.fail_run(cfg, QualityError(gates.summary()), status=S.STATUS_FAILED_QUALITY,
                               quality_failures=[f.__dict__ for f in gates.failed], timings=timings, **extra)
         final_status = S.STATUS_COMPLETE if gates is None or gates.passed else S.STATUS_FAILED_QUALITY
-        steps.report(cfg, final_status)
-        steps.publish_artifacts(cfg, final_status)
+        # the report and the artifacts read the same finished outputs: write them at once
+        for f in [steps.report.submit(cfg, final_status), steps.publish_artifacts.submit(cfg, final_status)]:
+            f.result()  # raises its error
         if gates is not None:
             gates.raise_if_failed()
         timings["report_s"] = time.perf_counter() - t5
@@ -94,6 +95,26 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         raise
     finally:
         lease.release()
+
+
+def _checks(cfg: RunConfig, info: pipeline.RunInfo, address: str) -> dict[str, Any]:
+    """Quality gates and diagnostics side by side (threads of the flow, each mapping over the cluster).
+
+    Returns ``gates`` (a QualityReport or None when ``quality.enabled`` is off), ``diagnostics``
+    (dict or None when ``quality.diagnostics`` is off) and the seconds each took from the start.
+    """
+    t0 = time.perf_counter()
+    futures: dict[Any, str] = {}
+    if cfg.quality.enabled:
+        futures[steps.quality_gates.submit(cfg, info, address)] = "gates"
+    if cfg.quality.diagnostics:
+        futures[steps.diagnostics.submit(cfg, address)] = "diagnostics"
+    out: dict[str, Any] = {"gates": None, "diagnostics": None, "gates_s": 0.0, "diagnostics_s": 0.0}
+    for f in as_completed(list(futures)):
+        out[f"{futures[f]}_s"] = time.perf_counter() - t0
+    for f, name in futures.items():
+        out[name] = f.result()  # raises the stage's error
+    return out
 
 
 def _resolved(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) -> dict[str, Any]:

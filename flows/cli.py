@@ -5,6 +5,7 @@
     bif example digits CHECKPOINT
     bif keys
     bif report OUTPUT        bif lds CONFIG        bif calibrate CONFIG        bif compare
+    bif server status|start|stop
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from collections.abc import Sequence
 
 from bif.errors import BifError
 
+#: Set by :func:`main` when it runs as the ``bif`` command (not called in-process with ``argv``):
+#: long commands may then end with :func:`bif.flows.runtime.exit_now` once their output is written.
+_EXIT_NOW = False
+
 EPILOG = """examples:
   bif example digits runs/example/digits.pt          # train the built-in example's checkpoint
   bif run bif/examples/digits.yaml                    # attribution on embedded defaults
@@ -26,8 +31,9 @@ EPILOG = """examples:
   bif report runs/example/digits                     # regenerate report.html
   bif lds cfg.yaml / bif calibrate cfg.yaml / bif compare   # LDS benchmark, sampler calibration, README table
 
-With no PREFECT_API_URL set, `bif run`, `bif lds` and `bif calibrate` start and stop a
-local Prefect server themselves; with it set, they report to that server. The terminal
+With no PREFECT_API_URL set, `bif run`, `bif lds` and `bif calibrate` use a local Prefect
+server that the first of them starts in the background and later ones reuse (it stops after
+an idle hour, or with `bif server stop`); with it set, they report to that server. The terminal
 shows progress and a summary; -v shows the logs, which always go to <output>/logs/.
 Exit codes: 0 ok, 1 unexpected error, 2 bad input or failed run (the message names the
 problem and the fix)."""
@@ -54,13 +60,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # -- pre-flight checks (config, problem, checkpoint; seconds) go here, before the server and cluster --
     t0 = time.perf_counter()
     with prefect_api() as ready, dask_cluster(cfg.compute, num_tasks=cfg.sampler.num_chains) as cluster:
-        url = ready()  # the server and the cluster boot concurrently
+        url = ready()  # the server (kept, or booting) and the cluster start concurrently
         startup = time.perf_counter() - t0
         if args.verbose:
             print(f"Prefect API: {url}  Dask scheduler: {cluster.address}", file=sys.stderr)
         manifest = run_attribution(cfg, show_progress=not args.no_progress, address=cluster.address,
                                    cluster_startup_seconds=startup)
-    wall: float | None = time.perf_counter() - t_start
+        code = _print_run_summary(manifest, cfg, wall=time.perf_counter() - t_start)
+        if _EXIT_NOW:  # everything is written: skip the cluster's graceful close and the interpreter teardown
+            from bif.flows.runtime import exit_now
+
+            exit_now(code)
+    return code
+
+
+def _print_run_summary(manifest: dict, cfg, *, wall: float | None) -> int:
     if manifest.get("skipped"):
         from bif.store.manifest import read_manifest
 
@@ -75,9 +89,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 #: Stage durations of the manifest's ``timings``, in run order, with their labels.
+#: The gates and the diagnostics run at once (``checks_s``); older manifests timed them one after the other.
 STAGES = (("cluster_startup_s", "server+cluster start"), ("prepare_s", "prepare"), ("sampling_s", "sampling"),
-          ("covariance_s", "covariance"), ("gates_s", "gates"), ("diagnostics_s", "diagnostics"),
-          ("report_s", "report"))
+          ("covariance_s", "covariance"), ("checks_s", "gates+diagnostics"), ("gates_s", "gates"),
+          ("diagnostics_s", "diagnostics"), ("report_s", "report"))
 
 
 def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = None) -> list[str]:
@@ -90,7 +105,8 @@ def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = Non
         lines.append(f"sampler: nβ={r.get('nbeta'):g}{nbeta_note}  γ={r.get('gamma'):g}  ε={r.get('step_size'):g}  "
                      f"device={r.get('device')}")
     t = manifest.get("timings") or {}
-    parts = [f"{label} {t[k]:.1f}s" for k, label in STAGES if isinstance(t.get(k), (int, float))]
+    skip = ("gates_s", "diagnostics_s") if isinstance(t.get("checks_s"), (int, float)) else ()
+    parts = [f"{label} {t[k]:.1f}s" for k, label in STAGES if isinstance(t.get(k), (int, float)) and k not in skip]
     if parts:
         total = wall_seconds if wall_seconds is not None else t.get("total_s")
         lines.append((f"time: {total:.1f}s = " if isinstance(total, (int, float)) else "time: ") + ", ".join(parts))
@@ -157,6 +173,33 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from bif.flows import prefect_server as ps
+
+    def describe(info: ps.ServerInfo) -> str:
+        since = datetime.fromtimestamp(info.started_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (f"{info.url}  (pid {info.pid}, Prefect {info.prefect_version}, since {since}, "
+                f"home {info.prefect_home})")
+
+    if args.action == "status":
+        info = ps.server_status()
+        if info is None:
+            print(f"no local Prefect server runs for {ps.prefect_home()} (the next `bif run` starts one)")
+            return 3
+        print(f"running: {describe(info)}")
+        return 0
+    if args.action == "start":
+        ps.quiet_prefect_env()
+        info = ps.ensure_server(idle_timeout_s=args.idle_timeout)
+        print(f"running: {describe(info)}")
+        return 0
+    info = ps.stop_server()
+    print(f"stopped: {describe(info)}" if info else f"no local Prefect server ran for {ps.prefect_home()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bif", description="Training-data attribution with local Bayesian "
                                 "influence functions (BIF = -Cov over SGLD draws).", epilog=EPILOG,
@@ -191,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its default and description")
     k.set_defaults(func=_cmd_keys)
 
+    sv = sub.add_parser("server", help="the local Prefect server that commands keep between runs",
+                        description="With no PREFECT_API_URL, `bif run` / `bif lds` / `bif calibrate` start a local "
+                        "Prefect server for <PREFECT_HOME> in the background on first use and reuse it afterwards. "
+                        "status: show it (exit 3 when none runs); start: start it now; stop: stop it.")
+    sv.add_argument("action", choices=["status", "start", "stop"])
+    sv.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
+                    help="with start: stop after this long without an API request (default 3600)")
+    sv.set_defaults(func=_cmd_server)
+
     for module in ("bif.flows.cli_report", "bif.flows.cli_lds", "bif.flows.cli_ops"):
         try:
             mod = __import__(module, fromlist=["register"])
@@ -201,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _EXIT_NOW
     parser = build_parser()
     args = parser.parse_args(argv)
+    _EXIT_NOW = argv is None
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit

@@ -1,15 +1,42 @@
-"""Run against a Prefect API: the one in PREFECT_API_URL, or a local server started for the run.
+"""Run against a Prefect API: the one in PREFECT_API_URL, or a local server kept between runs.
 
 Prefect's temporary-server mode breaks with Dask worker processes (each worker starts
-its own server against one SQLite file), so with no PREFECT_API_URL we start one real
-local server on 127.0.0.1, export its URL (worker processes inherit it), and stop it
-after draining Prefect's log and event workers.
+its own server against one SQLite file), so with no PREFECT_API_URL every flow path
+(:func:`prefect_api`: ``bif run``, ``bif lds``, ``bif calibrate``, the operations
+commands) uses one real local server on 127.0.0.1 and exports its URL (worker processes
+inherit it). Booting that server costs 5-20 s, so it is **kept**: the first command starts
+it in the background, detached, and the next commands reuse it (a health check, a few ms).
+
+**State** lives in ``<PREFECT_HOME>/bif-server/`` (the server serves that home's
+database, so one server per Prefect home): ``server.json`` (pid, port, API URL, Prefect
+version, start time), ``server.lock`` (an ``flock`` held while a command checks, starts or
+stops the server, so two commands started at once share one server) and ``server.log``.
+A stale ``server.json`` (process gone, or not answering, or another Prefect version) is
+detected under the lock and replaced by a new server.
+
+**Isolation.** The server gets a scrubbed environment (PATH, HOME, locale, ``PREFECT_*``
+and the quiet settings; no ``AWS_*`` or other variables of the command that started it)
+and runs in its state folder, so a long-lived server holds nothing of one user command's
+credentials or working directory. Credentials never reach Prefect anyway
+(:mod:`bif.flows.runtime`). It stops by itself after ``idle_timeout_s`` without an API
+request; a command keeps it alive while it runs (a health request every 30 s).
+``bif server stop`` stops it; ``bif server status`` shows it.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 #: Settings applied to every run: no telemetry, no DNS lookups to the outside.
 QUIET_ENV = {
@@ -18,6 +45,13 @@ QUIET_ENV = {
     "PREFECT_UI_ENABLED": "false",
     "DO_NOT_TRACK": "1",
 }
+#: A kept server stops after this long without an API request (a running command pings it).
+DEFAULT_IDLE_TIMEOUT_S = 3600.0
+#: How often a command using the server pings it (must stay well under any idle timeout).
+KEEPALIVE_S = 30.0
+#: Variables of the starting command that the kept server inherits (plus every PREFECT_*).
+_SERVER_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ",
+                    "VIRTUAL_ENV", "PYTHONPATH")
 
 
 def quiet_prefect_env() -> None:
@@ -26,61 +60,265 @@ def quiet_prefect_env() -> None:
         os.environ.setdefault(k, v)
 
 
+# ---------------------------------------------------------------- the kept local server
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A kept local Prefect server, as recorded in ``server.json``."""
+
+    pid: int
+    port: int
+    url: str  # the API URL, http://127.0.0.1:<port>/api
+    prefect_version: str
+    prefect_home: str
+    started_at: float  # UNIX time
+    idle_timeout_s: float
+
+
+def prefect_home() -> Path:
+    """The Prefect home this process uses: ``PREFECT_HOME``, else Prefect's default ``~/.prefect``."""
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def server_dir(home: Path | None = None) -> Path:
+    """Where the kept server's state lives: ``<PREFECT_HOME>/bif-server``."""
+    return (home or prefect_home()) / "bif-server"
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """Hold ``server.lock`` (exclusive flock; released when the process dies, so never stale)."""
+    import fcntl
+
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "server.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_info(state: Path) -> ServerInfo | None:
+    try:
+        return ServerInfo(**json.loads((state / "server.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def healthy(url: str, *, timeout: float = 2.0) -> bool:
+    """True when the Prefect API at ``url`` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 - 127.0.0.1 only
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _is_our_server(pid: int, port: int) -> bool:
+    """The process ``pid`` is alive and is a kept server serving ``port`` (not a recycled pid)."""
+    import psutil
+
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return "bif.flows.prefect_server" in cmd and str(port) in cmd
+
+
+def server_status(home: Path | None = None) -> ServerInfo | None:
+    """The kept server of this Prefect home if it runs and answers, else None (no lock taken)."""
+    info = _read_info(server_dir(home))
+    if info is None or not _is_our_server(info.pid, info.port) or not healthy(info.url):
+        return None
+    return info
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k in _SERVER_ENV_KEEP or (k.startswith("PREFECT_") and k != "PREFECT_API_URL")}
+    return env | QUIET_ENV | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                              "PREFECT__SERVER_FINAL": "1", "PREFECT_HOME": str(home)}
+
+
+def _terminate(pid: int, *, timeout: float = 10.0) -> None:
+    """Stop process group ``pid`` (SIGTERM, then SIGKILL after ``timeout`` s) and wait until it is gone."""
+    import psutil
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        try:
+            psutil.Process(pid).wait(timeout=timeout)  # reaps it when it is our child
+            return
+        except psutil.NoSuchProcess:
+            return
+        except psutil.TimeoutExpired:
+            continue
+
+
+def ensure_server(*, home: Path | None = None, timeout: float = 90.0,
+                  idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> ServerInfo:
+    """The kept local server of Prefect home ``home`` (default :func:`prefect_home`): reused when it answers, else started (and recorded).
+
+    Safe when several commands call it at once: they serialize on ``server.lock`` and the
+    first starts the server, the others find it running. A recorded server that is gone, does
+    not answer, or runs another Prefect version is replaced. Raises RuntimeError naming the
+    server log when a new server does not answer within ``timeout`` seconds.
+    """
+    info, wait = _claim_server(home=home, idle_timeout_s=idle_timeout_s)
+    if wait is not None:
+        wait(timeout)
+    return info
+
+
+def _claim_server(*, home: Path | None, idle_timeout_s: float) -> tuple[ServerInfo, Callable[[float], None] | None]:
+    """Take ``server.lock``; return the running server and None, or a just-spawned one and ``wait(timeout)``.
+
+    ``wait`` (callable from another thread) blocks until the new server answers, records it in
+    ``server.json`` and releases the lock; until then other commands wait on the lock, never
+    seeing a half-started server. Spawning takes milliseconds, so the URL is known at once.
+    """
+    home = Path(home or prefect_home())
+    state = server_dir(home)
+    version = _prefect_version()
+    lock = contextlib.ExitStack()
+    lock.enter_context(_locked(state))
+    try:
+        info = _read_info(state)
+        if info is not None:
+            ours = _is_our_server(info.pid, info.port)
+            if ours and info.prefect_version == version and healthy(info.url):
+                lock.close()
+                return info, None
+            if ours:  # hung, or another Prefect version: replace it
+                _terminate(info.pid)
+            (state / "server.json").unlink(missing_ok=True)
+        port = _free_port()
+        with open(state / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bif.flows.prefect_server", "serve", "--port", str(port),
+                 "--idle-timeout", str(idle_timeout_s)],
+                cwd=state, env=_server_env(home), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)  # its own session: survives this command and its Ctrl-C
+    except BaseException:
+        lock.close()
+        raise
+    info = ServerInfo(pid=proc.pid, port=port, url=f"http://127.0.0.1:{port}/api", prefect_version=version,
+                      prefect_home=str(home), started_at=time.time(), idle_timeout_s=idle_timeout_s)
+
+    def wait(timeout: float) -> None:
+        with lock:
+            deadline = time.monotonic() + timeout
+            while not healthy(info.url, timeout=1.0):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    _terminate(proc.pid)
+                    tail = (state / "server.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the local Prefect server did not start on port {port} "
+                                       f"(see {state / 'server.log'}):\n{tail}")
+                time.sleep(0.1)
+            tmp = state / f"server.json.{os.getpid()}"
+            tmp.write_text(json.dumps(asdict(info)))
+            tmp.replace(state / "server.json")
+
+    return info, wait
+
+
+def stop_server(home: Path | None = None) -> ServerInfo | None:
+    """Stop the kept server of this Prefect home (waits until its process is gone); returns what ran."""
+    state = server_dir(home)
+    if not state.exists():
+        return None
+    with _locked(state):
+        info = _read_info(state)
+        if info is None:
+            return None
+        if _is_our_server(info.pid, info.port):
+            _terminate(info.pid)
+        else:
+            info = None  # stale record: nothing ran
+        (state / "server.json").unlink(missing_ok=True)
+        return info
+
+
+def _keepalive(url: str, stop: threading.Event) -> None:
+    while not stop.wait(KEEPALIVE_S):
+        healthy(url)
+
+
 @contextlib.contextmanager
 def prefect_api(*, startup_timeout: int = 90) -> Iterator[Callable[[], str]]:
-    """Provide a Prefect API: the one in PREFECT_API_URL, or a local server started here.
+    """Provide a Prefect API: the one in PREFECT_API_URL, or the kept local server (:func:`ensure_server`).
 
-    Yields ``ready()``, which blocks until the API answers and returns its URL. A local
-    server boots in a background thread from entry on, with its URL already exported, so
-    the caller can start the Dask cluster (whose workers inherit PREFECT_API_URL) while the
-    server boots; the two start-up costs overlap instead of adding up.
+    Yields ``ready()``, which blocks until the API answers and returns its URL. A kept server
+    that answers is found in milliseconds; a new one boots in a background thread from entry
+    on, with its URL already exported, so the caller can start the Dask cluster (whose
+    workers inherit PREFECT_API_URL) meanwhile. On exit, Prefect's log and event workers are
+    drained; the server is kept for the next command.
     """
     quiet_prefect_env()
     url = os.environ.get("PREFECT_API_URL")
     if url:
-        yield lambda: url
-        return
-    import threading
-
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = SubprocessASGIServer(port=SubprocessASGIServer().find_available_port())
-    url = server.api_url
-    errors: list[BaseException] = []
-
-    def boot() -> None:
         try:
-            server.start(timeout=startup_timeout)
-        except BaseException as err:  # noqa: BLE001 - re-raised by ready()
-            errors.append(err)
+            yield lambda: url
+        finally:
+            drain_prefect_workers()
+        return
+    info, wait = _claim_server(home=None, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S)
+    errors: list[BaseException] = []
+    thread = None
+    if wait is not None:
+        def boot() -> None:
+            try:
+                wait(startup_timeout)
+            except BaseException as err:  # noqa: BLE001 - re-raised by ready()
+                errors.append(err)
 
-    thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
-    thread.start()
+        thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
+        thread.start()
 
     def ready() -> str:
-        thread.join()
+        if thread is not None:
+            thread.join()
         if errors:
             raise RuntimeError(f"the local Prefect server did not start: {errors[0]}") from errors[0]
-        if server.api_url != url:  # Prefect retried on another port after a clash
-            raise RuntimeError(f"the local Prefect server moved from {url} to {server.api_url}; rerun")
-        return url
+        return info.url
 
-    os.environ["PREFECT_API_URL"] = url
+    stop = threading.Event()
+    threading.Thread(target=_keepalive, args=(info.url, stop), name="prefect-server-keepalive", daemon=True).start()
+    os.environ["PREFECT_API_URL"] = info.url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: info.url}):
             try:
                 yield ready
             finally:
                 drain_prefect_workers()
     finally:
+        stop.set()
         os.environ.pop("PREFECT_API_URL", None)
-        thread.join()
-        server.stop()
+        if thread is not None:
+            thread.join()
 
 
 def drain_prefect_workers() -> None:
     """Flush Prefect's background log and event workers (else exit hangs ~80 s)."""
+    if "prefect" not in sys.modules:
+        return  # nothing of Prefect ran in this process
     with contextlib.suppress(Exception):
         from prefect.logging.handlers import APILogWorker
 
@@ -89,3 +327,47 @@ def drain_prefect_workers() -> None:
         from prefect.events.worker import EventsWorker
 
         EventsWorker.drain_all(timeout=10)
+
+
+# ---------------------------------------------------------------- the server process itself
+
+
+def _serve(port: int, idle_timeout_s: float) -> None:
+    """Serve Prefect's API on 127.0.0.1:``port`` until SIGTERM or ``idle_timeout_s`` without a request."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app()
+    last = [time.monotonic()]
+    home = Path.cwd().parent  # it runs in <PREFECT_HOME>/bif-server
+
+    async def tracked(scope, receive, send):  # ASGI: note each request's time
+        if scope["type"] != "lifespan":
+            last[0] = time.monotonic()
+        await app(scope, receive, send)
+
+    server = uvicorn.Server(uvicorn.Config(tracked, host="127.0.0.1", port=port, log_level="error",
+                                           lifespan="on"))
+
+    def watchdog() -> None:
+        while not server.should_exit:
+            time.sleep(min(30.0, max(0.5, idle_timeout_s / 10)))
+            if not server.started:  # booting (database migrations): not idle yet
+                last[0] = time.monotonic()
+            elif time.monotonic() - last[0] > idle_timeout_s or not home.exists():
+                # idle, or its Prefect home (a temporary one) was deleted: nobody can find it any more
+                server.should_exit = True  # uvicorn's graceful shutdown
+
+    threading.Thread(target=watchdog, name="idle-watchdog", daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":  # python -m bif.flows.prefect_server serve --port N --idle-timeout S
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The kept local Prefect server (started by ensure_server).")
+    ap.add_argument("mode", choices=["serve"])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S)
+    a = ap.parse_args()
+    _serve(a.port, a.idle_timeout)

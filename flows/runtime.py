@@ -367,3 +367,35 @@ def _fetch_logs(flow_run_id: Any, address: str) -> str:
             offset += len(page)
     return "\n".join(lines) + "\n"
 
+
+
+# ---------------------------------------------------------------- leaving quickly
+
+
+def exit_now(code: int) -> None:
+    """End this command at once: flush the terminal and Prefect's queues, kill our worker processes, ``os._exit``.
+
+    For the CLI after its work is done and its summary printed (the manifest, traces and
+    logs are all written): a LocalCluster's graceful close and the interpreter's teardown
+    take seconds and change nothing the user keeps. Child processes in this process's session
+    (Dask workers, their resource tracker) get SIGKILL; the kept Prefect server runs in a
+    session of its own and stays. Never call it from code that others import and continue.
+    """
+    import signal
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    from bif.flows.prefect_server import drain_prefect_workers
+
+    drain_prefect_workers()
+    with contextlib.suppress(Exception):
+        import psutil
+
+        me = os.getsid(0)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(Exception):
+                if os.getsid(child.pid) == me:
+                    child.send_signal(signal.SIGKILL)
+    os._exit(code)

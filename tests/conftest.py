@@ -81,7 +81,30 @@ def dask_address(prefect_api_url):
 
 @pytest.fixture(scope="session")
 def user_prefect_home(tmp_path_factory):
-    """One PREFECT_HOME for the CLI subprocess tests (test_cli, test_credentials): each `bif` command
-    still starts its own local Prefect server on it, but the database is created once (~20 s), not
-    once per command. Tests that look inside the database identify their own rows (a unique bucket)."""
-    return tmp_path_factory.mktemp("prefect-home")
+    """One PREFECT_HOME for the CLI subprocess tests (test_cli, test_credentials, test_server): its kept
+    local Prefect server (flows/prefect_server.py) boots in the background here, once, and every `bif`
+    command of those tests reuses it, as a user's commands do; it is stopped at the end of the session.
+    The server writes to this home's database, so the tests that grep the home for leaked secrets
+    still look at the database the run wrote to (they identify their own rows by a unique bucket)."""
+    import threading
+
+    from bif.flows.prefect_server import ensure_server, stop_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    boot = threading.Thread(target=lambda: ensure_server(home=home, timeout=180, idle_timeout_s=900),
+                            daemon=True)  # a first command started meanwhile waits on the server's lock
+    boot.start()
+    yield home
+    boot.join()
+    stop_server(home)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_kept_prefect_servers():
+    """`bif` commands run with the session's PREFECT_HOME (test_faults) leave its kept server running: stop it."""
+    yield
+    from pathlib import Path
+
+    from bif.flows.prefect_server import stop_server
+
+    stop_server(Path(os.environ["PREFECT_HOME"]))

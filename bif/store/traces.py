@@ -16,6 +16,7 @@ and raise a StorageError naming it; a rerun then redoes the block.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -85,6 +86,16 @@ class BlockLayout:
         return cls(**d)
 
 
+@functools.lru_cache(maxsize=8)
+def _row_keys(n_train: int, n_query: int, num_draws: int):
+    """:meth:`Variables.row_keys` of a sample-variable block, built once per shape (the chain's commit path:
+    every block of a chain has the same shape). Callers must not modify the arrays."""
+    keys = Variables.of_samples(n_train=n_train, n_query=n_query).row_keys(num_draws)
+    for arr in (keys.split, keys.sample, keys.draw):
+        arr.flags.writeable = False  # shared between blocks: a write would corrupt the next block's keys
+    return keys
+
+
 def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Table, BlockLayout]:
     """Arrow table of a DrawBlock in the documented long format: one row per (chain, draw, sample).
 
@@ -95,7 +106,7 @@ def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Ta
     layout = BlockLayout(chain=block.chain, block=block.draw_start, draw_start=block.draw_start, num_draws=nd,
                          n_train=n_train, n_query=n_query, row_group_rows=ROW_GROUP_SAMPLES * nd)
     variables = layout.variables
-    keys = variables.row_keys(nd)
+    keys = _row_keys(n_train, n_query, nd)
     np_dtype = np.float32 if loss_dtype == "float32" else np.float64
     # (D, variables) -> (variables, D): rows run variable-major, draws ascending within a variable
     losses = np.concatenate([block.train_losses, block.query_losses], axis=1).T.astype(np_dtype, copy=False)
@@ -114,9 +125,15 @@ def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Ta
     return table, layout
 
 
-def _table_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
+def _table_bytes(table: pa.Table, row_group_rows: int | None = None, *, dictionary: bool | list[str] = True) -> bytes:
+    """Parquet bytes of ``table`` (zstd). ``dictionary``: the columns to dictionary-encode (True: all).
+
+    Trace files dictionary-encode only ``split``: losses are distinct floats and the key
+    columns compress well plainly, so dictionary pages there cost ~5x the write time of the
+    whole file (the chain's commit path) and make it larger, not smaller.
+    """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd", use_dictionary=dictionary)
     return sink.getvalue().to_pybytes()
 
 
@@ -172,7 +189,7 @@ class TraceStore:
         table, layout = trace_table(block, loss_dtype=self.loss_dtype)
         layout = BlockLayout(**(layout.__dict__ | {"block": block_index}))
         table = table.replace_schema_metadata({S.META_LAYOUT: layout.to_bytes()})
-        trace_bytes = _table_bytes(table, layout.row_group_rows)
+        trace_bytes = _table_bytes(table, layout.row_group_rows, dictionary=[S.SPLIT])
         health = health.replace_schema_metadata({META_TRACES_SHA256: hashlib.sha256(trace_bytes).hexdigest().encode()})
         atomic_write(fs, self._path(S.HEALTH_DIR, c, block_index, "parquet"), _table_bytes(health))
         atomic_write(fs, self._path(S.TRACES_DIR, c, block_index, "parquet"), trace_bytes)

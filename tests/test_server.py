@@ -1,0 +1,185 @@
+"""The kept local Prefect server (flows/prefect_server.py), driven as a user does: `bif server ...` and
+`bif run` subprocesses with no PREFECT_API_URL.
+
+One Prefect home for the module's server-lifecycle tests (its database is created once); they run in
+order: a second command reuses the server (which holds none of the command's credentials); a killed
+server (stale server.json) is detected and replaced, and the new one stops by itself when idle; two
+commands started at once share one server; `bif server stop` stops it and frees its port. The last test runs a real
+`bif run` on the CLI tests' home and checks that it reported to the kept server without replacing it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from bif.flows.prefect_server import server_dir
+
+pytestmark = pytest.mark.e2e
+
+BIF = str(Path(sys.executable).parent / "bif")
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "aws-secret-that-the-kept-server-must-not-hold"
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    env["AWS_SECRET_ACCESS_KEY"] = MARKER  # the user's shell has credentials; the server must not keep them
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def bif(home: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    res = subprocess.run([BIF, *args], env=_env(home), capture_output=True, text=True, timeout=timeout)
+    return res, time.perf_counter() - t0
+
+
+def running(res: subprocess.CompletedProcess) -> tuple[int, str]:
+    """(pid, url) from `bif server start|status` output."""
+    m = re.search(r"(http://127\.0\.0\.1:\d+/api)\s+\(pid (\d+),", res.stdout)
+    assert m, res.stdout + res.stderr
+    return int(m.group(2)), m.group(1)
+
+
+def servers_of(home: Path) -> list[psutil.Process]:
+    """Live kept-server processes serving ``home`` (their working directory is its state folder)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = p.info.get("cmdline") or []
+        if "bif.flows.prefect_server" in cmd and "serve" in cmd and p.info.get("cwd") == str(server_dir(home)):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+def health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    h = tmp_path_factory.mktemp("server-home")
+    yield h
+    subprocess.run([BIF, "server", "stop"], env=_env(h), capture_output=True, timeout=60)
+
+
+def test_second_command_reuses_the_kept_server(home):
+    status, _ = bif(home, "server", "status")
+    assert status.returncode == 3 and "no local Prefect server" in status.stdout
+    first, t_first = bif(home, "server", "start")  # boots it (and creates the database)
+    assert first.returncode == 0, first.stderr
+    pid, url = running(first)
+    assert health(url)
+    second, t_second = bif(home, "server", "start")
+    assert second.returncode == 0, second.stderr
+    assert running(second) == (pid, url)  # the same process: reused, not replaced
+    assert t_second < t_first / 2, (t_first, t_second)
+    assert [p.pid for p in servers_of(home)] == [pid]
+    info = json.loads((server_dir(home) / "server.json").read_text())
+    assert (info["pid"], info["url"], info["prefect_home"]) == (pid, url, str(home))
+    # the kept server holds nothing of the environment of the command that started it
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert MARKER.encode() not in environ and b"AWS_SECRET_ACCESS_KEY" not in environ
+    assert f"PREFECT_HOME={home}".encode() in environ.split(b"\0")
+
+
+def test_a_killed_server_is_detected_and_replaced_and_an_idle_one_stops(home):
+    old_pid, old_url = running(bif(home, "server", "status")[0])  # the first test's server
+    os.killpg(old_pid, signal.SIGKILL)  # server.json now names a dead process
+    deadline = time.monotonic() + 30
+    while servers_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads((server_dir(home) / "server.json").read_text())["pid"] == old_pid  # stale record
+    status, _ = bif(home, "server", "status")
+    assert status.returncode == 3, status.stdout
+    res, _ = bif(home, "server", "start", "--idle-timeout", "4")
+    pid, url = running(res)
+    assert pid != old_pid and health(url)
+    assert [p.pid for p in servers_of(home)] == [pid]
+    # with no API request for 4 s it stops by itself
+    deadline = time.monotonic() + 60
+    while servers_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not servers_of(home) and not health(url)
+
+
+def test_two_commands_at_once_share_one_server(home):
+    assert not servers_of(home)  # the idle one stopped itself
+    env = _env(home)
+    procs = [subprocess.Popen([BIF, "server", "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    found = {running(subprocess.CompletedProcess([], 0, out, err)) for out, err in outs}
+    assert len(found) == 1, found  # both got the same server
+    (pid, url), = found
+    assert [p.pid for p in servers_of(home)] == [pid] and health(url)
+
+
+def test_stop_ends_the_process_and_frees_the_port(home):
+    pid, url = running(bif(home, "server", "status")[0])  # the one the two commands share
+    port = int(url.split(":")[2].split("/")[0])
+    res, _ = bif(home, "server", "stop")
+    assert res.returncode == 0 and f"stopped: {url}" in res.stdout, res.stdout
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not health(url)
+    with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT of old connections aside)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    assert not (server_dir(home) / "server.json").exists()
+    status, _ = bif(home, "server", "status")
+    assert status.returncode == 3
+    again, _ = bif(home, "server", "stop")
+    assert again.returncode == 0 and "no local Prefect server ran" in again.stdout
+
+
+def test_bif_run_reports_to_the_kept_server(tmp_path, user_prefect_home):
+    """A real run on the CLI tests' home: it uses the server already kept there and leaves it running."""
+    from bif.flows.prefect_server import ensure_server
+
+    before = ensure_server(home=user_prefect_home, timeout=180)
+    cfg = {"problem": "bif.examples.linear:build", "output": str(tmp_path / "out"), "compute": {"n_workers": 2},
+           "sampler": {"num_chains": 2, "num_draws": 20, "num_burnin_steps": 5, "draws_per_block": 20,
+                       "step_size": 1e-3}, "covariance": {"topk": 3}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = _env(user_prefect_home)
+    res = subprocess.run([BIF, "run", "cfg.yaml", "--no-progress"], env=env, capture_output=True, text=True,
+                         timeout=400, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    after = json.loads((server_dir(user_prefect_home) / "server.json").read_text())
+    assert (after["pid"], after["url"]) == (before.pid, before.url)  # reused, still running
+    assert health(before.url)
+    # the flow run is in that server's database: the run's flow-run id is in the API
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    req = urllib.request.Request(f"{before.url}/flow_runs/filter", data=json.dumps({"limit": 200}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        runs = json.loads(r.read())
+    assert any(r["state_type"] == "COMPLETED" for r in runs)
+    log = next((tmp_path / "out" / "logs").glob("run-*.log")).read_text()
+    flow_run_ids = {r["id"] for r in runs}
+    assert "Beginning flow run" in log
+    assert any(fid in log for fid in flow_run_ids) or any(r["name"] in log for r in runs)
+    # the command ended its Dask workers when it was done (they ran in its working directory)
+    left = [p for p in psutil.process_iter(["cwd", "status"])
+            if p.info["cwd"] == str(tmp_path) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
