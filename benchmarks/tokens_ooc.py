@@ -142,21 +142,29 @@ def main(argv=None) -> int:
     ap.add_argument("--draws-per-block", type=int, default=10, help="draws per trace block")
     ap.add_argument("--worker-memory", default="512MB", help="Dask memory limit per worker (2 workers)")
     ap.add_argument("--train-block", type=int, default=2048, help="train sequences per sequence-level block")
-    ap.add_argument("--token-block", type=int, default=65536, help="train tokens per token-level block")
+    ap.add_argument("--token-block", type=int, default=16384, help="train tokens per token-level block (memory per "
+                    "task ~ 3 x block x draws x 8 bytes)")
     ap.add_argument("--query-block", type=int, default=1024, help="query sequences / tokens per block")
     ap.add_argument("--topk", type=int, default=10, help="top-k per query token and sign")
     ap.add_argument("--workdir", default=None, help="where the traces go (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the traces in --workdir (and reuse them when there)")
     args = ap.parse_args(argv)
     from dask.utils import parse_bytes
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bif-tokens-ooc-"))
     root = str(work / "run")
-    shutil.rmtree(root, ignore_errors=True)
-    t = time.perf_counter()
-    sizes = write_token_traces(root, train_seqs=args.train_seqs, max_len=args.max_len, query_seqs=args.query_seqs,
-                               query_len=args.query_len, chains=2, draws=args.draws, per_block=args.draws_per_block)
-    sizes["write_s"] = time.perf_counter() - t
+    sizes_file = work / "sizes.json"
+    if args.keep and sizes_file.exists():
+        sizes = json.loads(sizes_file.read_text()) | {"reused_traces": True}
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.perf_counter()
+        sizes = write_token_traces(root, train_seqs=args.train_seqs, max_len=args.max_len,
+                                   query_seqs=args.query_seqs, query_len=args.query_len, chains=2, draws=args.draws,
+                                   per_block=args.draws_per_block)
+        sizes["write_s"] = time.perf_counter() - t
+        sizes_file.write_text(json.dumps(sizes))
     print(json.dumps(sizes, indent=2), flush=True)
     res = sizes | reduce(root, worker_memory=args.worker_memory, train_block=args.train_block,
                          token_block=args.token_block, query_block=args.query_block, topk=args.topk)
@@ -167,7 +175,8 @@ def main(argv=None) -> int:
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

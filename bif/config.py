@@ -83,8 +83,9 @@ class CovarianceConfig(BaseModel):
         "valid token pair plus the mixed bif_seq_tok / bif_tok_seq (an out-of-core Dask reduction; its size is "
         "train tokens x query tokens).")
     token_train_block_size: int | None = Field(
-        None, ge=1, description="Token runs: train tokens per token-level output block (memory ~ block x draws "
-        "stacked per leaf x 8 bytes). None: train_block_size. Query tokens per block: query_block_size.")
+        None, ge=1, description="Token runs: train tokens per token-level output block (a task's memory is about "
+        "3 x block x draws x 8 bytes, draws <= 1024 stacked per leaf). None: train_block_size. Query tokens per "
+        "block: query_block_size.")
     token_topk: int | None = Field(
         None, ge=1, description="Token runs: train tokens kept per query token and sign in topk_tokens.parquet "
         "(always written). None: topk.")

@@ -316,3 +316,29 @@ def test_token_chain_resumes_bit_identically_after_a_lost_block(tmp_path):
     res = pipeline.run_chain(cfg, 0, ref_train_loss_mean=info.ref_train_loss_mean)
     assert res.draws_sampled == 50
     assert [f.read_bytes() for f in files] == full
+
+
+def test_trace_gates_check_token_blocks_against_their_layout():
+    """A token block with a lost row or a row at a masked position is caught by the trace aggregates."""
+    import pyarrow as pa
+
+    from bif.quality.aggregates import trace_block_stats
+    from bif.store.traces import trace_table
+
+    prob = tp.build(**ARGS)
+    chain = SGLDChain(prob, SamplerConfig(num_burnin_steps=0, steps_per_draw=1, batch_size=4), chain=0)
+    block = next(chain.run(num_draws=3, draws_per_block=3))
+    table, _ = trace_table(block, loss_dtype="float32")
+    kw = dict(chain=0, block=0, draw_start=0, num_draws=3, n_train=ARGS["n_train"], n_query=ARGS["n_query"],
+              loss_bounds=(0.0, float("inf")))
+    ok = trace_block_stats(table, **kw)
+    assert ok["schema_ok"] and ok["n_missing"] == 0 and ok["n_out_of_range"] == 0 and ok["n_duplicate"] == 0
+    assert ok["expected_rows"] == 3 * (len(_valid_tokens(ARGS, S.TRAIN)) + len(_valid_tokens(ARGS, S.QUERY)))
+    lost = trace_block_stats(table.slice(1), **kw)
+    s0, p0 = _valid_tokens(ARGS, S.TRAIN)[0]
+    assert lost["n_missing"] == 1 and lost["first_missing"] == f"draw=0 split=train sample={s0} position={p0}"
+    pos = table.column(S.POSITION).to_numpy().copy()
+    pos[0] = 0  # the prompt position is masked: it must never be a variable
+    moved = table.set_column(table.schema.get_field_index(S.POSITION), S.POSITION, pa.array(pos))
+    bad = trace_block_stats(moved, **kw)
+    assert bad["n_out_of_range"] == 1 and bad["n_missing"] == 1
