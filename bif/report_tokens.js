@@ -1,0 +1,169 @@
+// report.html's token view (bif/report_tokens.py embeds this file and its data; no network).
+// Data: JSON in <script id="bif-token-data">: queries, trains (shown sequences), pairs (one per
+// query sequence and listed train sequence: q_by_t, t_by_q, tt). State comes from / goes to the
+// URL hash: #q=<query sample>&t=<train sample>&ttok=<train position>&qtok=<query position>&dir=q|t.
+(function () {
+  "use strict";
+  const D = JSON.parse(document.getElementById("bif-token-data").textContent);
+  const $ = (id) => document.getElementById(id);
+  const POS = [178, 24, 43], NEG = [33, 102, 172];  // RdBu ends: red = positive, blue = negative
+  const st = { dir: "q", pair: 0, tsel: null, qsel: null };  // tsel / qsel: index into the shown tokens
+  D.queries.forEach((s) => (s.pairs = []));
+  D.trains.forEach((s) => (s.pairs = []));
+  D.pairs.forEach((p, i) => { D.queries[p.q].pairs.push(i); D.trains[p.t].pairs.push(i); });
+  const absb = (i) => Math.abs(D.pairs[i].bif === null ? 0 : D.pairs[i].bif);
+  D.trains.forEach((s) => s.pairs.sort((a, b) => absb(b) - absb(a)));
+
+  function colour(v, vmax) {
+    const s = vmax > 0 ? Math.max(-1, Math.min(1, v / vmax)) : 0;
+    const c = s >= 0 ? POS : NEG, a = Math.abs(s);
+    return c.map((x) => Math.round(255 + a * (x - 255)));
+  }
+  const fmt = (v) => (v === null ? "not listed" : Number(v).toPrecision(4));
+  const text = (seq, i) => {
+    const t = seq.tok[i];
+    return t ? t.replace(/\n/g, "\u21b5\n") : "#" + seq.pos[i];
+  };
+  const quote = (seq, i) => (seq.tok[i] ? JSON.stringify(seq.tok[i]) : "#" + seq.pos[i]);
+
+  function panel(kind, seq, values, sel, heading, note, onpick) {
+    const div = document.createElement("div");
+    div.className = "tv-panel";
+    div.id = "tv-" + kind;
+    const h = document.createElement("h4");
+    h.textContent = heading;
+    div.appendChild(h);
+    const finite = values.filter((v) => v !== null && isFinite(v));
+    const vmax = finite.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    const box = document.createElement("div");
+    box.className = "tv-tokens";
+    seq.pos.forEach((pos, i) => {
+      const v = values[i], span = document.createElement("span");
+      span.className = "tok" + (v === null ? " na" : "") + (i === sel ? " sel" : "");
+      span.textContent = text(seq, i);
+      span.dataset.pos = pos;
+      span.dataset.v = v === null ? "" : String(v);
+      if (v !== null) {
+        const c = colour(v, vmax);
+        span.style.background = "rgb(" + c.join(",") + ")";
+        if (Math.abs(v) > 0.6 * vmax) span.style.color = "#fff";
+      }
+      const tip = kind + " " + seq.sample + " \u00b7 position " + pos + " \u00b7 token " + quote(seq, i) +
+        " \u00b7 bif " + fmt(v);
+      span.title = tip;
+      span.addEventListener("mouseover", () => ($("tv-info").textContent = tip));
+      span.addEventListener("click", () => onpick(i));
+      box.appendChild(span);
+    });
+    div.appendChild(box);
+    const more = seq.n_tokens - seq.pos.length;
+    if (more > 0 || note) {
+      const p = document.createElement("p");
+      p.className = "tv-note";
+      p.textContent = [note, more > 0 ? more + " later tokens not shown" : ""].filter(Boolean).join("; ");
+      div.appendChild(p);
+    }
+    const leg = document.createElement("div");
+    leg.className = "tv-legend";
+    const m = vmax > 0 ? vmax.toPrecision(3) : "0";
+    leg.innerHTML = '<span class="tv-lo"></span><span class="tv-bar"></span><span class="tv-hi"></span>' +
+      "<span>centre 0 \u00b7 red: raises the query's loss \u00b7 blue: lowers it</span>";
+    leg.querySelector(".tv-lo").textContent = "\u2212" + m;
+    leg.querySelector(".tv-hi").textContent = "+" + m;
+    div.dataset.vmax = String(vmax);
+    div.appendChild(leg);
+    return div;
+  }
+
+  function fillSelects() {
+    const first = $("tv-first"), second = $("tv-second"), p = D.pairs[st.pair];
+    const firsts = st.dir === "q" ? D.queries : D.trains, fi = st.dir === "q" ? p.q : p.t;
+    $("tv-first-label").textContent = st.dir === "q" ? "Query sequence" : "Train sequence";
+    $("tv-second-label").textContent = st.dir === "q" ? "Train sequence" : "Query sequence";
+    first.innerHTML = "";
+    firsts.forEach((s, i) => first.add(new Option((st.dir === "q" ? "query " : "train ") + s.sample, i, false, i === fi)));
+    second.innerHTML = "";
+    firsts[fi].pairs.forEach((pi) => {
+      const o = D.pairs[pi], other = st.dir === "q" ? "train " + D.trains[o.t].sample : "query " + D.queries[o.q].sample;
+      second.add(new Option(other + " (bif " + fmt(o.bif) + ")", pi, false, pi === st.pair));
+    });
+    $("tv-dir").value = st.dir;
+  }
+
+  function writeHash() {
+    const p = D.pairs[st.pair], Q = D.queries[p.q], T = D.trains[p.t];
+    let h = "q=" + Q.sample + "&t=" + T.sample + "&dir=" + st.dir;
+    if (st.tsel !== null) h += "&ttok=" + T.pos[st.tsel];
+    if (st.qsel !== null) h += "&qtok=" + Q.pos[st.qsel];
+    try { history.replaceState(null, "", "#" + h); } catch (e) { /* file:// in some browsers */ }
+  }
+
+  function render() {
+    const p = D.pairs[st.pair], Q = D.queries[p.q], T = D.trains[p.t];
+    const sparse = D.mode === "sparse" ? " (sparse: listed top-k entries only)" : "";
+    let qv, qh, qnote = "", tv, th, tnote = "";
+    if (st.tsel !== null) {
+      qv = p.tt ? p.tt[st.tsel] : Q.pos.map(() => null);
+      qh = "query " + Q.sample + ": each token coloured by the influence of train token " + quote(T, st.tsel) +
+        " (train " + T.sample + ", position " + T.pos[st.tsel] + "), bif[train token, query token]" + sparse;
+      if (!p.tt) qnote = "token x token values of this pair are not embedded (cap max_pair_values)";
+    } else {
+      qv = p.q_by_t;
+      qh = "query " + Q.sample + ": each token coloured by the influence of the whole train sequence " + T.sample +
+        (D.mode === "dense" ? ", bif_seq_tok[train, query token]" : sparse);
+    }
+    if (st.qsel !== null) {
+      tv = p.tt ? p.tt.map((row) => row[st.qsel]) : T.pos.map(() => null);
+      th = "train " + T.sample + ": each token coloured by its influence on query token " + quote(Q, st.qsel) +
+        " (query " + Q.sample + ", position " + Q.pos[st.qsel] + "), bif[train token, query token]" + sparse;
+      if (!p.tt) tnote = "token x token values of this pair are not embedded (cap max_pair_values)";
+    } else {
+      tv = p.t_by_q;
+      th = "train " + T.sample + ": each token coloured by its influence on the whole query sequence " + Q.sample +
+        (D.mode === "dense" ? ", bif_tok_seq[train token, query]" : sparse);
+    }
+    const qp = panel("query", Q, qv, st.qsel, qh, qnote, (i) => { st.qsel = st.qsel === i ? null : i; update(); });
+    const tp = panel("train", T, tv, st.tsel, th, tnote, (i) => { st.tsel = st.tsel === i ? null : i; update(); });
+    const box = $("tv-panels");
+    box.innerHTML = "";
+    const seqbif = document.createElement("p");
+    seqbif.id = "tv-pair";
+    seqbif.textContent = "Sequence level: bif[train " + T.sample + ", query " + Q.sample + "] = " + fmt(p.bif) +
+      (D.sequence_source && D.sequence_source !== "bif.zarr" ? " (" + D.sequence_source + ")" : "");
+    box.appendChild(seqbif);
+    if (st.dir === "q") { box.appendChild(qp); box.appendChild(tp); } else { box.appendChild(tp); box.appendChild(qp); }
+    document.getElementById("token-view").dataset.pair = st.pair;
+  }
+
+  function update() { fillSelects(); render(); writeHash(); }
+
+  function readHash() {
+    const h = new URLSearchParams((location.hash || "").replace(/^#/, ""));
+    if (h.get("dir") === "t") st.dir = "t";
+    const qs = h.get("q"), ts = h.get("t");
+    const ok = (i) => (qs === null || String(D.queries[D.pairs[i].q].sample) === qs) &&
+      (ts === null || String(D.trains[D.pairs[i].t].sample) === ts);
+    const i = D.pairs.findIndex((_, j) => ok(j));
+    if (i >= 0) st.pair = i;
+    const p = D.pairs[st.pair];
+    const at = (seq, v) => { const k = v === null ? -1 : seq.pos.indexOf(Number(v)); return k >= 0 ? k : null; };
+    st.tsel = at(D.trains[p.t], h.get("ttok"));
+    st.qsel = at(D.queries[p.q], h.get("qtok"));
+  }
+
+  $("tv-dir").addEventListener("change", (e) => { st.dir = e.target.value; update(); });
+  $("tv-first").addEventListener("change", (e) => {
+    const seq = (st.dir === "q" ? D.queries : D.trains)[Number(e.target.value)];
+    st.pair = seq.pairs[0]; st.tsel = null; st.qsel = null; update();
+  });
+  $("tv-second").addEventListener("change", (e) => {
+    st.pair = Number(e.target.value); st.tsel = null; st.qsel = null; update();
+  });
+  readHash();
+  update();
+  // a link to a view scrolls to it once the page (and its images) laid out
+  if (/(^#|&)(q|t)=/.test(location.hash)) {
+    const go = () => $("tv-panels").scrollIntoView({ block: "start" });
+    if (document.readyState === "complete") go(); else window.addEventListener("load", go);
+  }
+})();

@@ -1,0 +1,367 @@
+"""report.html's token view: the embedded data equals the stored arrays, caps hold, colours follow signs.
+
+The fixture writes a token run's outputs (tokens.parquet, topk_tokens.parquet, bif_tokens.zarr,
+bif.zarr) from a known token x token matrix through xarray / pyarrow, in the layout of the LM
+contract, with the tokens of bif_tokens.zarr in shuffled order (the view must not assume any).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bif import report_tokens as RT
+from bif import schema as S
+from bif.report import SECTIONS, build_report_html, write_report
+from bif.report_tokens import TokenViewLimits, token_view_data
+from bif.store.run import RunStore
+
+N_TRAIN, N_QUERY, T, TOPK = 7, 5, 9, 3
+NOTES = Path("/work/notes/s3")
+
+
+@dataclass(frozen=True)
+class TokenRun:
+    uri: str
+    bif: np.ndarray  # (train tokens, query tokens), tokens in (sample, position) order
+    train_tokens: pd.DataFrame  # sample, position, token; row i = row i of bif
+    query_tokens: pd.DataFrame  # column j = row j
+
+    def block(self, t: int, q: int) -> np.ndarray:
+        return self.bif[np.ix_(self.train_tokens.index[self.train_tokens[S.SAMPLE] == t],
+                               self.query_tokens.index[self.query_tokens[S.SAMPLE] == q])]
+
+    def seq(self) -> np.ndarray:
+        return np.array([[self.block(t, q).sum() for q in range(N_QUERY)] for t in range(N_TRAIN)])
+
+    def text(self, split: str, sample: int) -> list[str]:
+        df = self.train_tokens if split == S.TRAIN else self.query_tokens
+        return df[df[S.SAMPLE] == sample].sort_values(RT.POSITION)[RT.TOKEN].tolist()
+
+
+def _tokens(split: str, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    rows = []
+    for s in range(n):
+        valid = np.flatnonzero(rng.random(T) < 0.7)
+        valid = valid if valid.size else np.array([0])
+        for p in valid:  # masked positions (padding) get no row
+            word = {(0, 2): "</script>&x", (1, 1): "new\nline"}.get((s, int(p)), f" {split[0]}{s}.{p}")
+            rows.append((s, int(p), word))
+    return pd.DataFrame(rows, columns=[S.SAMPLE, RT.POSITION, RT.TOKEN])
+
+
+def make_token_run(root: Path, *, seed: int = 0) -> TokenRun:
+    """A token run directory written from a known float32 matrix (see the module docstring)."""
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    train, query = _tokens(S.TRAIN, N_TRAIN, rng), _tokens(S.QUERY, N_QUERY, rng)
+    bif = rng.normal(size=(len(train), len(query))).astype(np.float32)
+    bif[0, 0] = 0.0  # a zero value is white
+    run = RunStore(str(root))
+    frames = [df.assign(**{S.SPLIT: split, "ref_loss": rng.random(len(df))}) for split, df in
+              ((S.TRAIN, train), (S.QUERY, query))]
+    run.write_table(RT.TOKENS_FILE, pd.concat(frames, ignore_index=True)[
+        [S.SPLIT, S.SAMPLE, RT.POSITION, RT.TOKEN, "ref_loss"]])
+    # top-k train tokens of every query token, each sign
+    rows = []
+    for j, qrow in query.iterrows():
+        for sign, order in (("positive", np.argsort(-bif[:, j], kind="stable")),
+                            ("negative", np.argsort(bif[:, j], kind="stable"))):
+            for rank, i in enumerate(order[:TOPK]):
+                rows.append({RT.QUERY_SAMPLE: qrow[S.SAMPLE], RT.QUERY_POSITION: qrow[RT.POSITION], RT.SIGN: sign,
+                             S.RANK: rank, RT.TRAIN_SAMPLE: train[S.SAMPLE][i],
+                             RT.TRAIN_POSITION: train[RT.POSITION][i], S.BIF: float(bif[i, j]),
+                             S.BIF_CORR: float(np.tanh(bif[i, j])), "query_token": qrow[RT.TOKEN],
+                             "train_token": train[RT.TOKEN][i], "train_context": ""})
+    run.write_table(RT.TOPK_TOKENS_FILE, pd.DataFrame(rows))
+    # bif_tokens.zarr, tokens shuffled along both token dims
+    ti, qj = rng.permutation(len(train)), rng.permutation(len(query))
+    tseg = np.eye(N_TRAIN, dtype=np.float32)[train[S.SAMPLE]]  # (train tokens, train) one-hot
+    qseg = np.eye(N_QUERY, dtype=np.float32)[query[S.SAMPLE]]
+    ds = xr.Dataset(
+        {S.BIF: ((RT.TRAIN_TOKEN_DIM, RT.QUERY_TOKEN_DIM), bif[np.ix_(ti, qj)]),
+         S.BIF_CORR: ((RT.TRAIN_TOKEN_DIM, RT.QUERY_TOKEN_DIM), np.tanh(bif[np.ix_(ti, qj)])),
+         RT.BIF_SEQ_TOK: ((S.TRAIN_DIM, RT.QUERY_TOKEN_DIM), (tseg.T @ bif)[:, qj]),
+         RT.BIF_TOK_SEQ: ((RT.TRAIN_TOKEN_DIM, S.QUERY_DIM), (bif @ qseg)[ti])},
+        coords={RT.TRAIN_SAMPLE: (RT.TRAIN_TOKEN_DIM, train[S.SAMPLE].to_numpy()[ti]),
+                RT.TRAIN_POSITION: (RT.TRAIN_TOKEN_DIM, train[RT.POSITION].to_numpy()[ti]),
+                RT.QUERY_SAMPLE: (RT.QUERY_TOKEN_DIM, query[S.SAMPLE].to_numpy()[qj]),
+                RT.QUERY_POSITION: (RT.QUERY_TOKEN_DIM, query[RT.POSITION].to_numpy()[qj]),
+                S.TRAIN_DIM: np.arange(N_TRAIN), S.QUERY_DIM: np.arange(N_QUERY)})
+    ds.to_zarr(run.url(RT.BIF_TOKENS_ZARR), mode="w", consolidated=False, zarr_format=3)
+    seq = tseg.T.astype(float) @ bif.astype(float) @ qseg.astype(float)
+    xr.Dataset({S.BIF: ((S.TRAIN_DIM, S.QUERY_DIM), seq.astype(np.float32)),
+                S.BIF_CORR: ((S.TRAIN_DIM, S.QUERY_DIM), np.tanh(seq).astype(np.float32))},
+               coords={S.TRAIN_DIM: np.arange(N_TRAIN), S.QUERY_DIM: np.arange(N_QUERY)}).to_zarr(
+        run.url(S.BIF_ZARR), mode="w", consolidated=False, zarr_format=3)
+    return TokenRun(str(root), bif, train, query)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_token_run(tmp_path_factory.mktemp("tokview") / "run")
+
+
+@pytest.fixture(scope="module")
+def sparse(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokview-sparse") / "run"
+    shutil.copytree(tok.uri, root)
+    shutil.rmtree(root / RT.BIF_TOKENS_ZARR)
+    return TokenRun(str(root), tok.bif, tok.train_tokens, tok.query_tokens)
+
+
+ALL = TokenViewLimits(max_queries=100, top_train=100, max_tokens=100, max_pair_values=10**6)
+
+
+def embedded(text: str) -> dict:
+    """The JSON the report embeds for the view (parsed back from the HTML)."""
+    m = re.search(rf'<script type="application/json" id="{RT.DATA_ID}">(.*?)</script>', text, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+def close(a, b) -> bool:
+    a = np.array([np.nan if v is None else v for v in a], dtype=float)
+    return np.allclose(a, np.asarray(b, dtype=float), rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+# --- embedded data --------------------------------------------------------------------------------
+def test_dense_view_embeds_the_stored_arrays(tok):
+    text = build_report_html(tok.uri, token_limits=ALL)
+    data = embedded(text)
+    assert data["mode"] == "dense" and data["tt_dropped"] == 0
+    seq = tok.seq()
+    # every query, strongest |bif| first; every train sequence of each, largest |bif| first
+    assert [s["sample"] for s in data["queries"]] == list(np.argsort(-np.abs(seq).max(0), kind="stable"))
+    assert len(data["pairs"]) == N_TRAIN * N_QUERY
+    for s, split in [(s, S.QUERY) for s in data["queries"]] + [(s, S.TRAIN) for s in data["trains"]]:
+        df = tok.query_tokens if split == S.QUERY else tok.train_tokens
+        assert s["pos"] == sorted(df[df[S.SAMPLE] == s["sample"]][RT.POSITION].tolist())  # true positions
+        assert s["tok"] == tok.text(split, s["sample"]) and s["n_tokens"] == len(s["pos"])
+    for qi, q in enumerate(data["queries"]):
+        pairs = [p for p in data["pairs"] if p["q"] == qi]
+        assert [data["trains"][p["t"]]["sample"] for p in pairs] == list(
+            np.argsort(-np.abs(seq[:, q["sample"]]), kind="stable"))
+    for p in data["pairs"]:
+        t, q = data["trains"][p["t"]]["sample"], data["queries"][p["q"]]["sample"]
+        block = tok.block(t, q)  # rows / columns in position order, as the fixture wrote them
+        assert close(p["tt"], block) and close(p["q_by_t"], block.sum(0)) and close(p["t_by_q"], block.sum(1))
+        assert close([p["bif"]], [seq[t, q]])
+
+
+def test_dense_view_reads_the_mixed_arrays_as_stored(tok):
+    """q_by_t / t_by_q come from bif_seq_tok / bif_tok_seq themselves, not from sums of bif."""
+    import xarray as xr
+
+    ds = xr.open_zarr(RunStore(tok.uri).url(RT.BIF_TOKENS_ZARR), consolidated=False).load()
+    data = token_view_data(tok.uri, limits=ALL)
+    for p in data["pairs"][:6]:
+        T_, Q_ = data["trains"][p["t"]], data["queries"][p["q"]]
+        qcols = [int(np.flatnonzero((ds[RT.QUERY_SAMPLE].values == Q_["sample"]) &
+                                    (ds[RT.QUERY_POSITION].values == pos))[0]) for pos in Q_["pos"]]
+        trows = [int(np.flatnonzero((ds[RT.TRAIN_SAMPLE].values == T_["sample"]) &
+                                    (ds[RT.TRAIN_POSITION].values == pos))[0]) for pos in T_["pos"]]
+        assert close(p["q_by_t"], ds[RT.BIF_SEQ_TOK].values[T_["sample"], qcols])
+        assert close(p["t_by_q"], ds[RT.BIF_TOK_SEQ].values[trows, Q_["sample"]])
+        assert close(np.ravel(p["tt"]), ds[S.BIF].values[np.ix_(trows, qcols)].ravel())
+
+
+def test_sparse_view_embeds_only_listed_entries(sparse):
+    text = build_report_html(sparse.uri, token_limits=ALL)
+    data = embedded(text)
+    assert data["mode"] == "sparse" and "Sparse view" in text and "unknown, not 0" in text
+    topk = pd.read_parquet(Path(sparse.uri) / RT.TOPK_TOKENS_FILE).drop_duplicates(
+        [RT.QUERY_SAMPLE, RT.QUERY_POSITION, RT.TRAIN_SAMPLE, RT.TRAIN_POSITION])
+    n_listed = 0
+    for p in data["pairs"]:
+        T_, Q_ = data["trains"][p["t"]], data["queries"][p["q"]]
+        listed = topk[(topk[RT.QUERY_SAMPLE] == Q_["sample"]) & (topk[RT.TRAIN_SAMPLE] == T_["sample"])]
+        assert len(listed) > 0  # only train sequences with a listed token are paired
+        want = np.full((len(T_["pos"]), len(Q_["pos"])), np.nan)
+        for r in listed.itertuples(index=False):
+            want[T_["pos"].index(getattr(r, RT.TRAIN_POSITION)), Q_["pos"].index(getattr(r, RT.QUERY_POSITION))] = \
+                getattr(r, S.BIF)
+        n_listed += int(np.isfinite(want).sum())
+        assert close(np.ravel(p["tt"]), want.ravel())
+        with np.errstate(invalid="ignore"):
+            q_sum = np.where(np.isfinite(want).any(0), np.nansum(want, 0), np.nan)
+            t_sum = np.where(np.isfinite(want).any(1), np.nansum(want, 1), np.nan)
+        assert close(p["q_by_t"], q_sum) and close(p["t_by_q"], t_sum)
+        assert close([p["bif"]], [sparse.seq()[T_["sample"], Q_["sample"]]])  # sequence level from bif.zarr
+    assert n_listed == len(topk)  # every listed entry is shown once (all sequences shown)
+
+
+def test_caps_are_honoured_and_said(tok):
+    lim = TokenViewLimits(max_queries=2, top_train=3, max_tokens=4, max_pair_values=40)
+    text = build_report_html(tok.uri, token_limits=lim)
+    data = embedded(text)
+    assert len(data["queries"]) == 2 and data["limits"] == {"max_queries": 2, "top_train": 3, "max_tokens": 4,
+                                                            "max_pair_values": 40}
+    assert all(sum(p["q"] == qi for p in data["pairs"]) == 3 for qi in range(2))
+    assert len(data["trains"]) <= 6
+    assert all(len(s["pos"]) <= 4 and len(s["tok"]) == len(s["pos"]) for s in data["queries"] + data["trains"])
+    embedded_values = [len(p["tt"]) * len(p["tt"][0]) for p in data["pairs"] if p["tt"] is not None]
+    assert sum(embedded_values) <= 40 and data["tt_dropped"] == len(data["pairs"]) - len(embedded_values) > 0
+    assert f"2 of {N_QUERY} query sequences shown" in text
+    long_ = sum(s["n_tokens"] > 4 for s in data["queries"] + data["trains"])
+    assert long_ > 0 and f"{long_} sequences are longer than 4 tokens" in text
+    assert f"embedded for {len(embedded_values)} of {len(data['pairs'])} pairs" in text
+    # the shown tokens are each sequence's first ones, with their stored values
+    for p in data["pairs"]:
+        T_, Q_ = data["trains"][p["t"]], data["queries"][p["q"]]
+        full = tok.block(T_["sample"], Q_["sample"])
+        assert close(p["q_by_t"], full.sum(0)[:len(Q_["pos"])]) and close(p["t_by_q"], full.sum(1)[:len(T_["pos"])])
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        TokenViewLimits(max_tokens=0)
+
+
+def test_report_stays_self_contained_and_escapes_token_text(tok):
+    text = Path(write_report(tok.uri)).read_text()
+    assert f"<h2>{RT.TITLE}</h2>" in text and 'id="token-view"' in text
+    assert not re.search(r"(src|href)=\"(https?:|//)", text) and "<script src" not in text
+    assert text.count("</script>") == 2  # the data and the code: the token "</script>&x" is escaped
+    data = embedded(text)
+    assert "</script>&x" in data["queries"][[s["sample"] for s in data["queries"]].index(0)]["tok"] or \
+        "</script>&x" in [t for s in data["trains"] if s["sample"] == 0 for t in s["tok"]]
+
+
+def test_sequence_level_runs_get_no_token_view(tmp_path):
+    import xarray as xr
+
+    uri = tmp_path / "seqrun"
+    xr.Dataset({S.BIF: ((S.TRAIN_DIM, S.QUERY_DIM), np.ones((3, 2)))}).to_zarr(uri / S.BIF_ZARR, consolidated=False)
+    assert token_view_data(str(uri)) is None
+    text = build_report_html(str(uri))
+    assert "token-view" not in text and RT.TITLE not in text and "<script" not in text
+    assert text.count("<section") == len(SECTIONS)
+
+
+# --- headless Chromium --------------------------------------------------------------------------
+class _Spans(HTMLParser):
+    """The token spans of each panel in a DOM dump: (panel id, pos, data-v, style, classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.panel, self.depth, self.spans, self.headings, self._h = None, 0, [], {}, False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and (a.get("id") or "").startswith("tv-") and "tv-panel" in (a.get("class") or ""):
+            self.panel = a["id"]
+        if tag == "h4" and self.panel:
+            self._h = True
+        if tag == "span" and self.panel and "tok" in (a.get("class") or "").split():
+            self.spans.append((self.panel, int(a["data-pos"]), a.get("data-v"), a.get("style") or "",
+                               a.get("class"), a.get("title")))
+
+    def handle_data(self, data):
+        if self._h:
+            self.headings[self.panel] = self.headings.get(self.panel, "") + data
+
+    def handle_endtag(self, tag):
+        if tag == "h4":
+            self._h = False
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def _flags(tmp_path: Path) -> list[str]:
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}"]
+
+
+def _dom(chromium: str, tmp_path: Path, url: str) -> _Spans:
+    out = subprocess.run([chromium, *_flags(tmp_path), "--virtual-time-budget=3000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    parsed = _Spans()
+    parsed.feed(out)
+    return parsed
+
+
+def _rgb(style: str) -> tuple[int, int, int] | None:
+    m = re.search(r"background:\s*rgb\((\d+),\s*(\d+),\s*(\d+)\)", style)
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def _check_colours(spans, want: np.ndarray) -> None:
+    """Each span shows its value, and its colour follows the value's sign (red +, blue -, white 0)."""
+    assert len(spans) == len(want)
+    vmax = np.nanmax(np.abs(want))
+    for (_, pos, v, style, cls, title), w in zip(spans, want):
+        assert f"position {pos} " in title
+        if np.isnan(w):
+            assert v == "" and "na" in cls.split() and _rgb(style) is None and "not listed" in title
+            continue
+        assert float(v) == pytest.approx(w, rel=1e-6, abs=1e-7)
+        assert float(title.rsplit(" bif ", 1)[1]) == pytest.approx(w, rel=1e-3, abs=1e-7)  # the hover text
+        r, g, b = _rgb(style)
+        if w > 0:  # white -> (178, 24, 43): red dominates
+            assert r > g and r > b
+        elif w < 0:  # white -> (33, 102, 172): blue dominates
+            assert b > r and b > g
+        else:
+            assert (r, g, b) == (255, 255, 255)
+        if abs(w) == vmax:  # the strongest token gets the end colour of the scale
+            assert (r, g, b) == ((178, 24, 43) if w > 0 else (33, 102, 172))
+
+
+def test_token_view_renders_in_headless_chromium(tok, sparse, tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    uri = Path(write_report(tok.uri, token_limits=ALL))
+    data = embedded(uri.read_text())
+    q, t = data["queries"][0]["sample"], data["trains"][data["pairs"][1]["t"]]["sample"]
+    block = tok.block(t, q)
+    qpos = sorted(tok.query_tokens[tok.query_tokens[S.SAMPLE] == q][RT.POSITION])
+    tpos = sorted(tok.train_tokens[tok.train_tokens[S.SAMPLE] == t][RT.POSITION])
+
+    # whole sequences: query coloured by bif_seq_tok[t, .], train by bif_tok_seq[., q]
+    dom = _dom(chromium, tmp_path, f"{uri.as_uri()}#q={q}&t={t}")
+    qspans = [s for s in dom.spans if s[0] == "tv-query"]
+    tspans = [s for s in dom.spans if s[0] == "tv-train"]
+    assert [s[1] for s in qspans] == qpos and [s[1] for s in tspans] == tpos
+    _check_colours(qspans, block.sum(0))
+    _check_colours(tspans, block.sum(1))
+    assert f"whole train sequence {t}" in dom.headings["tv-query"]
+
+    # one train token (by position) and one query token picked through the hash
+    i, j = len(tpos) // 2, len(qpos) - 1
+    dom = _dom(chromium, tmp_path, f"{uri.as_uri()}#q={q}&t={t}&ttok={tpos[i]}&qtok={qpos[j]}&dir=t")
+    qspans = [s for s in dom.spans if s[0] == "tv-query"]
+    tspans = [s for s in dom.spans if s[0] == "tv-train"]
+    _check_colours(qspans, block[i])
+    _check_colours(tspans, block[:, j])
+    assert [s[1] for s in tspans if "sel" in s[4].split()] == [tpos[i]]
+    assert [s[1] for s in qspans if "sel" in s[4].split()] == [qpos[j]]
+    assert f"position {tpos[i]}" in dom.headings["tv-query"]
+
+    # sparse: unlisted tokens are grey, listed ones coloured by their value's sign
+    suri = Path(write_report(sparse.uri, token_limits=ALL))
+    sdata = embedded(suri.read_text())
+    p = sdata["pairs"][0]
+    sq, st = sdata["queries"][p["q"]]["sample"], sdata["trains"][p["t"]]["sample"]
+    dom = _dom(chromium, tmp_path, f"{suri.as_uri()}#q={sq}&t={st}")
+    want = np.array([np.nan if v is None else v for v in p["q_by_t"]])
+    _check_colours([s for s in dom.spans if s[0] == "tv-query"], want)
+
+    # a screenshot to look at: the dense view with a train token picked (the window holds the whole page:
+    # headless screenshots of a scrolled page come out blank above the fold)
+    shot = tmp_path / "token_view.png"
+    subprocess.run([chromium, *_flags(tmp_path), f"--screenshot={shot}", "--window-size=1100,2000",
+                    "--virtual-time-budget=3000", f"{uri.as_uri()}#q={q}&t={t}&ttok={tpos[i]}&qtok={qpos[j]}"],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 10_000
+    if NOTES.is_dir():
+        shutil.copy(shot, NOTES / "token_view.png")
