@@ -7,7 +7,8 @@
   const D = JSON.parse(document.getElementById("bif-token-data").textContent);
   const $ = (id) => document.getElementById(id);
   const POS = [178, 24, 43], NEG = [33, 102, 172];  // RdBu ends: red = positive, blue = negative
-  const st = { dir: "q", pair: 0, tsel: null, qsel: null };  // tsel / qsel: index into the shown tokens
+  // tsel / qsel: index into the shown tokens; shared: one colour scale for all partners of the first sequence
+  const st = { dir: "q", pair: 0, tsel: null, qsel: null, shared: false };
   D.queries.forEach((s) => (s.pairs = []));
   D.trains.forEach((s) => (s.pairs = []));
   D.pairs.forEach((p, i) => { D.queries[p.q].pairs.push(i); D.trains[p.t].pairs.push(i); });
@@ -26,15 +27,16 @@
   };
   const quote = (seq, i) => (seq.tok[i] ? JSON.stringify(seq.tok[i]) : "#" + seq.pos[i]);
 
-  function panel(kind, seq, values, sel, heading, note, onpick) {
+  const maxabs = (vs) => vs.reduce((m, v) => (v !== null && isFinite(v) ? Math.max(m, Math.abs(v)) : m), 0);
+
+  function panel(kind, seq, values, sel, heading, note, onpick, scale) {
     const div = document.createElement("div");
     div.className = "tv-panel";
     div.id = "tv-" + kind;
     const h = document.createElement("h4");
     h.textContent = heading;
     div.appendChild(h);
-    const finite = values.filter((v) => v !== null && isFinite(v));
-    const vmax = finite.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    const vmax = scale === null ? maxabs(values) : scale;
     const box = document.createElement("div");
     box.className = "tv-tokens";
     seq.pos.forEach((pos, i) => {
@@ -67,7 +69,8 @@
     leg.className = "tv-legend";
     const m = vmax > 0 ? vmax.toPrecision(3) : "0";
     leg.innerHTML = '<span class="tv-lo"></span><span class="tv-bar"></span><span class="tv-hi"></span>' +
-      "<span>centre 0 \u00b7 red: raises the query's loss \u00b7 blue: lowers it</span>";
+      "<span>centre 0 \u00b7 red: raises the query's loss \u00b7 blue: lowers it \u00b7 " +
+      (scale === null ? "scale: this panel" : "scale: shared by the listed partners") + "</span>";
     leg.querySelector(".tv-lo").textContent = "\u2212" + m;
     leg.querySelector(".tv-hi").textContent = "+" + m;
     div.dataset.vmax = String(vmax);
@@ -88,6 +91,7 @@
       second.add(new Option(other + " (bif " + fmt(o.bif) + ")", pi, false, pi === st.pair));
     });
     $("tv-dir").value = st.dir;
+    $("tv-scale").value = st.shared ? "shared" : "panel";
   }
 
   function writeHash() {
@@ -95,6 +99,7 @@
     let h = "q=" + Q.sample + "&t=" + T.sample + "&dir=" + st.dir;
     if (st.tsel !== null) h += "&ttok=" + T.pos[st.tsel];
     if (st.qsel !== null) h += "&qtok=" + Q.pos[st.qsel];
+    if (st.shared) h += "&scale=shared";
     try { history.replaceState(null, "", "#" + h); } catch (e) { /* file:// in some browsers */ }
   }
 
@@ -122,8 +127,14 @@
       th = "train " + T.sample + ": each token coloured by its influence on the whole query sequence " + Q.sample +
         (D.mode === "dense" ? ", bif_tok_seq[train token, query]" : sparse);
     }
-    const qp = panel("query", Q, qv, st.qsel, qh, qnote, (i) => { st.qsel = st.qsel === i ? null : i; update(); });
-    const tp = panel("train", T, tv, st.tsel, th, tnote, (i) => { st.tsel = st.tsel === i ? null : i; update(); });
+    // shared scale: the largest |value| of the same quantity over every pair of the first-picked sequence
+    const group = (st.dir === "q" ? Q : T).pairs.map((i) => D.pairs[i]);
+    const qs = !st.shared ? null : maxabs([].concat(...group.map((g) => (st.tsel !== null
+      ? (g.tt ? [].concat(...g.tt) : []) : g.q_by_t))));
+    const ts = !st.shared ? null : maxabs([].concat(...group.map((g) => (st.qsel !== null
+      ? (g.tt ? [].concat(...g.tt) : []) : g.t_by_q))));
+    const qp = panel("query", Q, qv, st.qsel, qh, qnote, (i) => { st.qsel = st.qsel === i ? null : i; update(); }, qs);
+    const tp = panel("train", T, tv, st.tsel, th, tnote, (i) => { st.tsel = st.tsel === i ? null : i; update(); }, ts);
     const box = $("tv-panels");
     box.innerHTML = "";
     const seqbif = document.createElement("p");
@@ -140,6 +151,7 @@
   function readHash() {
     const h = new URLSearchParams((location.hash || "").replace(/^#/, ""));
     if (h.get("dir") === "t") st.dir = "t";
+    st.shared = h.get("scale") === "shared";
     const qs = h.get("q"), ts = h.get("t");
     const ok = (i) => (qs === null || String(D.queries[D.pairs[i].q].sample) === qs) &&
       (ts === null || String(D.trains[D.pairs[i].t].sample) === ts);
@@ -152,6 +164,7 @@
   }
 
   $("tv-dir").addEventListener("change", (e) => { st.dir = e.target.value; update(); });
+  $("tv-scale").addEventListener("change", (e) => { st.shared = e.target.value === "shared"; update(); });
   $("tv-first").addEventListener("change", (e) => {
     const seq = (st.dir === "q" ? D.queries : D.trains)[Number(e.target.value)];
     st.pair = seq.pairs[0]; st.tsel = null; st.qsel = null; update();

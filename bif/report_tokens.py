@@ -359,11 +359,12 @@ def token_view_html(output_uri: str, storage_options: Any = None, *, limits: Tok
                   "A token is coloured by the sum of its listed entries; grey tokens have none listed (their value "
                   "is unknown, not 0).")
     intro = (f"<p>{source} Positive BIF (red): upweighting the train example raises the query's loss; negative "
-             "(blue): it lowers it. Colours are centred at 0 and scaled per panel (legend). Click a train token to "
+             "(blue): it lowers it. Colours are centred at 0 and scaled per panel, or shared by all partners listed "
+             "for the first-picked sequence so that their strengths compare (legend). Click a train token to "
              "colour the query by that token alone; click a query token to colour the train sequence by its "
              "influence on that token; click it again to go back to whole sequences. Hover a token for its value. "
-             "Link to a view: <code>report.html#q=QUERY&amp;t=TRAIN&amp;ttok=POS&amp;qtok=POS&amp;dir=q|t</code> "
-             "(sample ids and token positions).</p>")
+             "Link to a view: <code>report.html#q=QUERY&amp;t=TRAIN&amp;ttok=POS&amp;qtok=POS&amp;dir=q|t"
+             "&amp;scale=shared</code> (sample ids and token positions).</p>")
     notes = "".join(f'<p class="tv-note">{html.escape(n)}</p>' for n in _notes(data))
     if not data["has_text"]:
         notes += '<p class="tv-note">The problem renders no token texts: tokens are shown as #position.</p>'
@@ -372,7 +373,8 @@ def token_view_html(output_uri: str, storage_options: Any = None, *, limits: Tok
                 '</option><option value="t">a train sequence</option></select></label>'
                 '<label><span id="tv-first-label">Query sequence</span> <select id="tv-first"></select></label>'
                 '<label><span id="tv-second-label">Train sequence</span> <select id="tv-second"></select></label>'
-                "</div>")
+                '<label>Colour scale <select id="tv-scale"><option value="panel">each panel its own</option>'
+                '<option value="shared">shared by the listed partners</option></select></label></div>')
     return (f"<style>{_CSS}</style>{intro}{notes}<noscript><p class=\"missing\">The token view needs JavaScript."
             f"</p></noscript><div id=\"token-view\" data-mode=\"{data['mode']}\">{controls}"
             '<div id="tv-panels"></div><div id="tv-info">Hover a token.</div></div>'

@@ -294,10 +294,17 @@ def _rgb(style: str) -> tuple[int, int, int] | None:
     return tuple(int(x) for x in m.groups()) if m else None
 
 
-def _check_colours(spans, want: np.ndarray) -> None:
-    """Each span shows its value, and its colour follows the value's sign (red +, blue -, white 0)."""
+def _expected_rgb(w: float, vmax: float) -> tuple[int, int, int]:
+    """The diverging scale: white at 0 to (178, 24, 43) at +vmax, to (33, 102, 172) at -vmax."""
+    s = max(-1.0, min(1.0, w / vmax)) if vmax > 0 else 0.0
+    end = (178, 24, 43) if s >= 0 else (33, 102, 172)
+    return tuple(int(np.floor(255 + abs(s) * (c - 255) + 0.5)) for c in end)
+
+
+def _check_colours(spans, want: np.ndarray, vmax: float | None = None) -> None:
+    """Each span shows its value and the hover text; its colour follows the value's sign (red +, blue -, white 0)."""
     assert len(spans) == len(want)
-    vmax = np.nanmax(np.abs(want))
+    vmax = float(np.nanmax(np.abs(want))) if vmax is None else vmax
     for (_, pos, v, style, cls, title), w in zip(spans, want):
         assert f"position {pos} " in title
         if np.isnan(w):
@@ -312,8 +319,7 @@ def _check_colours(spans, want: np.ndarray) -> None:
             assert b > r and b > g
         else:
             assert (r, g, b) == (255, 255, 255)
-        if abs(w) == vmax:  # the strongest token gets the end colour of the scale
-            assert (r, g, b) == ((178, 24, 43) if w > 0 else (33, 102, 172))
+        assert np.abs(np.subtract((r, g, b), _expected_rgb(float(w), vmax))).max() <= 1
 
 
 def test_token_view_renders_in_headless_chromium(tok, sparse, tmp_path):
@@ -346,6 +352,12 @@ def test_token_view_renders_in_headless_chromium(tok, sparse, tmp_path):
     assert [s[1] for s in tspans if "sel" in s[4].split()] == [tpos[i]]
     assert [s[1] for s in qspans if "sel" in s[4].split()] == [qpos[j]]
     assert f"position {tpos[i]}" in dom.headings["tv-query"]
+
+    # a shared scale: the largest |bif_seq_tok| over all train sequences listed for this query
+    dom = _dom(chromium, tmp_path, f"{uri.as_uri()}#q={q}&t={t}&scale=shared")
+    shared = max(np.abs(tok.block(tt, q).sum(0)).max() for tt in range(N_TRAIN))
+    assert shared > np.abs(block.sum(0)).max()  # so the colours differ from the per-panel scale
+    _check_colours([s for s in dom.spans if s[0] == "tv-query"], block.sum(0), vmax=shared)
 
     # sparse: unlisted tokens are grey, listed ones coloured by their value's sign
     suri = Path(write_report(sparse.uri, token_limits=ALL))
