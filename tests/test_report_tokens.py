@@ -377,3 +377,12 @@ def test_token_view_renders_in_headless_chromium(tok, sparse, tmp_path):
     assert shot.stat().st_size > 10_000
     if NOTES.is_dir():
         shutil.copy(shot, NOTES / "token_view.png")
+
+
+def test_readme_states_the_default_limits():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Token view"):readme.index("## Does it predict retraining?")]
+    lim = TokenViewLimits()
+    for phrase in (f"the {lim.max_queries} query sequences", f"the\n{lim.top_train} train sequences",
+                   f"the first {lim.max_tokens} tokens", f"{lim.max_pair_values:,} token x token".replace(",", " ")):
+        assert phrase in section, phrase
