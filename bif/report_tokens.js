@@ -20,7 +20,9 @@
     const c = s >= 0 ? POS : NEG, a = Math.abs(s);
     return c.map((x) => Math.round(255 + a * (x - 255)));
   }
-  const fmt = (v) => (v === null ? "not listed" : Number(v).toPrecision(4));
+  // a missing token value: not in the top-k lists (sparse), or NaN in bif_tokens.zarr (dense: not computed)
+  const fmt = (v) => (v === null ? (D.mode === "sparse" ? "not listed" : "NaN") : Number(v).toPrecision(4));
+  const fmtSeq = (v) => (v === null ? "n/a" : Number(v).toPrecision(4));  // sequence level (bif.zarr)
   const text = (seq, i) => {
     const t = seq.tok[i];
     return t ? t.replace(/\n/g, "\u21b5\n") : "#" + seq.pos[i];
@@ -88,7 +90,7 @@
     second.innerHTML = "";
     firsts[fi].pairs.forEach((pi) => {
       const o = D.pairs[pi], other = st.dir === "q" ? "train " + D.trains[o.t].sample : "query " + D.queries[o.q].sample;
-      second.add(new Option(other + " (bif " + fmt(o.bif) + ")", pi, false, pi === st.pair));
+      second.add(new Option(other + " (bif " + fmtSeq(o.bif) + ")", pi, false, pi === st.pair));
     });
     $("tv-dir").value = st.dir;
     $("tv-scale").value = st.shared ? "shared" : "panel";
@@ -139,7 +141,7 @@
     box.innerHTML = "";
     const seqbif = document.createElement("p");
     seqbif.id = "tv-pair";
-    seqbif.textContent = "Sequence level: bif[train " + T.sample + ", query " + Q.sample + "] = " + fmt(p.bif) +
+    seqbif.textContent = "Sequence level: bif[train " + T.sample + ", query " + Q.sample + "] = " + fmtSeq(p.bif) +
       (D.sequence_source && D.sequence_source !== "bif.zarr" ? " (" + D.sequence_source + ")" : "");
     box.appendChild(seqbif);
     if (st.dir === "q") { box.appendChild(qp); box.appendChild(tp); } else { box.appendChild(tp); box.appendChild(qp); }

@@ -351,6 +351,10 @@ def _notes(data: dict[str, Any]) -> list[str]:
     if long_:
         notes.append(f"{len(long_)} sequences are longer than {lim['max_tokens']} tokens: their first "
                      f"{lim['max_tokens']} are shown.")
+    nan = sum(v is None for p in data["pairs"] for k in ("q_by_t", "t_by_q") for v in p[k])
+    if data["mode"] == "dense" and nan:
+        notes.append(f"{nan} shown token values are NaN in {BIF_TOKENS_ZARR} (shown grey): was it written by a run "
+                     "that did not finish?")
     if data["tt_dropped"]:
         notes.append(f"Token x token values are embedded for {len(data['pairs']) - data['tt_dropped']} of "
                      f"{len(data['pairs'])} pairs (cap {lim['max_pair_values']} values); clicking a token of the "
@@ -360,7 +364,10 @@ def _notes(data: dict[str, Any]) -> list[str]:
 
 def token_view_html(output_uri: str, storage_options: Any = None, *, limits: TokenViewLimits | None = None) -> str:
     """The token view section body (controls, panels, embedded JSON and script); "" for a sequence run."""
-    data = token_view_data(output_uri, storage_options, limits=limits)
+    try:
+        data = token_view_data(output_uri, storage_options, limits=limits)
+    except FileNotFoundError as err:  # a token run that stopped before its token results
+        return f'<p class="missing">{html.escape(str(err))}</p>'
     if data is None:
         return ""
     if not data["pairs"]:

@@ -21,7 +21,7 @@ import pytest
 from bif import report_tokens as RT
 from bif import schema as S
 from bif.report import SECTIONS, build_report_html, write_report
-from bif.report_tokens import TokenViewLimits, token_view_data
+from bif.report_tokens import TokenViewLimits, token_view_data, token_view_html
 from bif.store.run import RunStore
 
 N_TRAIN, N_QUERY, T, TOPK = 7, 5, 9, 3
@@ -136,7 +136,7 @@ def close(a, b) -> bool:
 
 # --- embedded data --------------------------------------------------------------------------------
 def test_dense_view_embeds_the_stored_arrays(tok):
-    text = build_report_html(tok.uri, token_limits=ALL)
+    text = token_view_html(tok.uri, limits=ALL)
     data = embedded(text)
     assert data["mode"] == "dense" and data["tt_dropped"] == 0
     seq = tok.seq()
@@ -176,7 +176,7 @@ def test_dense_view_reads_the_mixed_arrays_as_stored(tok):
 
 
 def test_sparse_view_embeds_only_listed_entries(sparse):
-    text = build_report_html(sparse.uri, token_limits=ALL)
+    text = token_view_html(sparse.uri, limits=ALL)
     data = embedded(text)
     assert data["mode"] == "sparse" and "Sparse view" in text and "unknown, not 0" in text
     topk = pd.read_parquet(Path(sparse.uri) / RT.TOPK_TOKENS_FILE).drop_duplicates(
@@ -202,7 +202,7 @@ def test_sparse_view_embeds_only_listed_entries(sparse):
 
 def test_caps_are_honoured_and_said(tok):
     lim = TokenViewLimits(max_queries=2, top_train=3, max_tokens=4, max_pair_values=40)
-    text = build_report_html(tok.uri, token_limits=lim)
+    text = token_view_html(tok.uri, limits=lim)
     data = embedded(text)
     assert len(data["queries"]) == 2 and data["limits"] == {"max_queries": 2, "top_train": 3, "max_tokens": 4,
                                                             "max_pair_values": 40}
@@ -386,3 +386,28 @@ def test_readme_states_the_default_limits():
     for phrase in (f"the {lim.max_queries} query sequences", f"the\n{lim.top_train} train sequences",
                    f"the first {lim.max_tokens} tokens", f"{lim.max_pair_values:,} token x token".replace(",", " ")):
         assert phrase in section, phrase
+
+
+def test_degenerate_token_runs_say_what_they_lack(tok, tmp_path):
+    import xarray as xr
+
+    # no token texts (the problem has no render_tokens): positions stand in, and the view says so
+    uri = tmp_path / "notext"
+    shutil.copytree(tok.uri, uri)
+    tokens = pd.read_parquet(uri / RT.TOKENS_FILE).assign(**{RT.TOKEN: ""})
+    RunStore(str(uri)).write_table(RT.TOKENS_FILE, tokens)
+    text = token_view_html(str(uri))
+    assert not embedded(text)["has_text"] and "tokens are shown as #position" in text
+    # a NaN in bif_tokens.zarr (an unfinished run) is counted, never shown as a value
+    ds = xr.open_zarr(uri / RT.BIF_TOKENS_ZARR, consolidated=False).load()
+    ds[RT.BIF_SEQ_TOK][:] = np.nan
+    ds.to_zarr(uri / RT.BIF_TOKENS_ZARR, mode="w", consolidated=False)
+    data = token_view_data(str(uri), limits=ALL)
+    n_nan = sum(len(p["q_by_t"]) for p in data["pairs"])
+    assert all(v is None for p in data["pairs"] for v in p["q_by_t"])
+    assert f"{n_nan} shown token values are NaN" in token_view_html(str(uri), limits=ALL)
+    # tokens.parquet alone (the run stopped before its token results): the section says what is missing
+    shutil.rmtree(uri / RT.BIF_TOKENS_ZARR)
+    (uri / RT.TOPK_TOKENS_FILE).unlink()
+    text = build_report_html(str(uri))
+    assert f"<h2>{RT.TITLE}</h2>" in text and f"needs {RT.BIF_TOKENS_ZARR}" in text and "<script" not in text
