@@ -28,6 +28,11 @@
     return t ? t.replace(/\n/g, "\u21b5\n") : "#" + seq.pos[i];
   };
   const quote = (seq, i) => (seq.tok[i] ? JSON.stringify(seq.tok[i]) : "#" + seq.pos[i]);
+  // a select option's preview of a sequence: its first characters
+  const preview = (seq) => {
+    const t = seq.tok.join("").replace(/\s+/g, " ").trim();
+    return t ? ": " + (t.length > 40 ? t.slice(0, 40) + "\u2026" : t) : "";
+  };
 
   const maxabs = (vs) => vs.reduce((m, v) => (v !== null && isFinite(v) ? Math.max(m, Math.abs(v)) : m), 0);
 
@@ -86,11 +91,13 @@
     $("tv-first-label").textContent = st.dir === "q" ? "Query sequence" : "Train sequence";
     $("tv-second-label").textContent = st.dir === "q" ? "Train sequence" : "Query sequence";
     first.innerHTML = "";
-    firsts.forEach((s, i) => first.add(new Option((st.dir === "q" ? "query " : "train ") + s.sample, i, false, i === fi)));
+    firsts.forEach((s, i) => first.add(new Option((st.dir === "q" ? "query " : "train ") + s.sample + preview(s), i,
+      false, i === fi)));
     second.innerHTML = "";
     firsts[fi].pairs.forEach((pi) => {
-      const o = D.pairs[pi], other = st.dir === "q" ? "train " + D.trains[o.t].sample : "query " + D.queries[o.q].sample;
-      second.add(new Option(other + " (bif " + fmtSeq(o.bif) + ")", pi, false, pi === st.pair));
+      const o = D.pairs[pi], seq = st.dir === "q" ? D.trains[o.t] : D.queries[o.q];
+      const other = (st.dir === "q" ? "train " : "query ") + seq.sample;
+      second.add(new Option(other + " (bif " + fmtSeq(o.bif) + ")" + preview(seq), pi, false, pi === st.pair));
     });
     $("tv-dir").value = st.dir;
     $("tv-scale").value = st.shared ? "shared" : "panel";
