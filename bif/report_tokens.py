@@ -35,22 +35,6 @@ import pandas as pd
 from bif import schema as S
 from bif.store.run import RunStore
 
-# Names of the LM contract (/work/notes/s3/LM_CONTRACT.md); lm-core defines them in bif.schema.
-TOKENS_FILE = getattr(S, "TOKENS_FILE", "tokens.parquet")
-TOPK_TOKENS_FILE = getattr(S, "TOPK_TOKENS_FILE", "topk_tokens.parquet")
-BIF_TOKENS_ZARR = getattr(S, "BIF_TOKENS_ZARR", "bif_tokens.zarr")
-POSITION = getattr(S, "POSITION", "position")
-TOKEN = getattr(S, "TOKEN", "token")
-TRAIN_TOKEN_DIM = getattr(S, "TRAIN_TOKEN_DIM", "train_token")
-QUERY_TOKEN_DIM = getattr(S, "QUERY_TOKEN_DIM", "query_token")
-TRAIN_SAMPLE = getattr(S, "TRAIN_SAMPLE", "train_sample")
-TRAIN_POSITION = getattr(S, "TRAIN_POSITION", "train_position")
-QUERY_SAMPLE = getattr(S, "QUERY_SAMPLE", "query_sample")
-QUERY_POSITION = getattr(S, "QUERY_POSITION", "query_position")
-BIF_SEQ_TOK = getattr(S, "BIF_SEQ_TOK", "bif_seq_tok")
-BIF_TOK_SEQ = getattr(S, "BIF_TOK_SEQ", "bif_tok_seq")
-SIGN = getattr(S, "SIGN", "sign")
-
 TITLE = "Token view"
 DATA_ID = "bif-token-data"  # id of the <script type="application/json"> holding the embedded data
 _CSS = (".tv-controls label{margin-right:1.2em}.tv-controls select{max-width:28em}"
@@ -85,7 +69,7 @@ class TokenViewLimits:
 
 def is_token_run(run: RunStore) -> bool:
     """True when the run wrote token-level outputs (the view is added); sequence runs get none."""
-    return any(run.exists(name) for name in (TOKENS_FILE, TOPK_TOKENS_FILE, BIF_TOKENS_ZARR))
+    return any(run.exists(name) for name in (S.TOKENS_FILE, S.TOPK_TOKENS_FILE, S.BIF_TOKENS_ZARR))
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -98,7 +82,7 @@ def _open_tokens_zarr(run: RunStore):
     """bif_tokens.zarr without Dask: the view reads many small orthogonal blocks, and zarr reads only the
     chunks each one touches; through Dask every block is its own graph (about 2x slower on a
     19 200 x 2 560 token matrix, measured on a shared machine)."""
-    return run.open_dataset(BIF_TOKENS_ZARR, dask=False)
+    return run.open_dataset(S.BIF_TOKENS_ZARR, dask=False)
 
 
 def _select(da: Any, dim: str, ids: np.ndarray) -> Any:
@@ -143,18 +127,18 @@ class _Seqs:
 
 def _sequences(run: RunStore, split: str, samples: list[int], known: dict[int, np.ndarray], max_tokens: int) -> _Seqs:
     """The first ``max_tokens`` valid positions of each sample (from ``known``, else tokens.parquet) and texts."""
-    rows = _read_filtered(run, TOKENS_FILE, [S.SPLIT, S.SAMPLE, POSITION, TOKEN],
+    rows = _read_filtered(run, S.TOKENS_FILE, [S.SPLIT, S.SAMPLE, S.POSITION, S.TOKEN],
                           [(S.SPLIT, "==", split), (S.SAMPLE, "in", [int(s) for s in samples])] if samples else None)
-    rows = rows if rows is not None else pd.DataFrame({S.SAMPLE: [], POSITION: [], TOKEN: []})
+    rows = rows if rows is not None else pd.DataFrame({S.SAMPLE: [], S.POSITION: [], S.TOKEN: []})
     by_sample = {int(s): g for s, g in rows.groupby(S.SAMPLE)} if len(rows) else {}
     positions, texts, totals = {}, {}, {}
     for s in samples:
         g = by_sample.get(s)
-        pos = np.sort(known[s]) if s in known else (np.sort(g[POSITION].to_numpy(np.int64)) if g is not None
+        pos = np.sort(known[s]) if s in known else (np.sort(g[S.POSITION].to_numpy(np.int64)) if g is not None
                                                   else np.zeros(0, np.int64))
         totals[s] = int(pos.size)
         pos = pos[:max_tokens]
-        text = dict(zip(g[POSITION].astype(int), g[TOKEN].astype(str))) if g is not None else {}
+        text = dict(zip(g[S.POSITION].astype(int), g[S.TOKEN].astype(str))) if g is not None else {}
         positions[s], texts[s] = pos, [text.get(int(p), "") for p in pos]
     return _Seqs(list(samples), positions, texts, totals)
 
@@ -168,16 +152,16 @@ def _sequence_bif(run: RunStore) -> Any | None:
 
 def _dense(run: RunStore, ds: Any, limits: TokenViewLimits) -> dict[str, Any]:
     """The embedded selection from bif_tokens.zarr (exact values)."""
-    t_sample = np.asarray(ds[TRAIN_SAMPLE].values, dtype=np.int64)
-    t_pos = np.asarray(ds[TRAIN_POSITION].values, dtype=np.int64)
-    q_sample = np.asarray(ds[QUERY_SAMPLE].values, dtype=np.int64)
-    q_pos = np.asarray(ds[QUERY_POSITION].values, dtype=np.int64)
+    t_sample = np.asarray(ds[S.TRAIN_SAMPLE].values, dtype=np.int64)
+    t_pos = np.asarray(ds[S.TRAIN_POSITION].values, dtype=np.int64)
+    q_sample = np.asarray(ds[S.QUERY_SAMPLE].values, dtype=np.int64)
+    q_pos = np.asarray(ds[S.QUERY_POSITION].values, dtype=np.int64)
     seq = _sequence_bif(run)
     seq_source = S.BIF_ZARR
     if seq is None:  # the segment sums over each query's tokens (equal by construction)
-        seq = ds[BIF_SEQ_TOK].assign_coords({QUERY_SAMPLE: (QUERY_TOKEN_DIM, q_sample)}).groupby(QUERY_SAMPLE).sum()
-        seq = seq.rename({QUERY_SAMPLE: S.QUERY_DIM})
-        seq_source = f"{BIF_SEQ_TOK} summed over each query's tokens"
+        seq = ds[S.BIF_SEQ_TOK].assign_coords({S.QUERY_SAMPLE: (S.QUERY_TOKEN_DIM, q_sample)}).groupby(S.QUERY_SAMPLE).sum()
+        seq = seq.rename({S.QUERY_SAMPLE: S.QUERY_DIM})
+        seq_source = f"{S.BIF_SEQ_TOK} summed over each query's tokens"
     n_query_all = int(seq.sizes[S.QUERY_DIM])
     query_ids = np.asarray(seq[S.QUERY_DIM].values if S.QUERY_DIM in seq.coords else np.arange(n_query_all))
     strength = np.asarray(abs(seq).max(S.TRAIN_DIM).values, dtype=float)
@@ -199,10 +183,10 @@ def _dense(run: RunStore, ds: Any, limits: TokenViewLimits) -> dict[str, Any]:
 
     all_q = np.concatenate([q_idx[q] for q in queries]) if queries else np.zeros(0, np.int64)
     all_t = np.concatenate([t_idx[t] for t in trains]) if trains else np.zeros(0, np.int64)
-    seq_tok = np.asarray(_select(ds[BIF_SEQ_TOK], S.TRAIN_DIM, np.asarray(trains)).isel(
-        {QUERY_TOKEN_DIM: all_q}).values, dtype=float) if trains else np.zeros((0, 0))
-    tok_seq = np.asarray(_select(ds[BIF_TOK_SEQ], S.QUERY_DIM, np.asarray(queries)).isel(
-        {TRAIN_TOKEN_DIM: all_t}).values, dtype=float) if queries else np.zeros((0, 0))
+    seq_tok = np.asarray(_select(ds[S.BIF_SEQ_TOK], S.TRAIN_DIM, np.asarray(trains)).isel(
+        {S.QUERY_TOKEN_DIM: all_q}).values, dtype=float) if trains else np.zeros((0, 0))
+    tok_seq = np.asarray(_select(ds[S.BIF_TOK_SEQ], S.QUERY_DIM, np.asarray(queries)).isel(
+        {S.TRAIN_TOKEN_DIM: all_t}).values, dtype=float) if queries else np.zeros((0, 0))
     q_off = dict(zip(queries, np.cumsum([0] + [len(q_idx[q]) for q in queries])))
     t_off = dict(zip(trains, np.cumsum([0] + [len(t_idx[t]) for t in trains])))
 
@@ -215,7 +199,7 @@ def _dense(run: RunStore, ds: Any, limits: TokenViewLimits) -> dict[str, Any]:
                 fits.append(t)
                 budget -= len(q_idx[q]) * len(t_idx[t])
         rows = np.concatenate([t_idx[t] for t in fits]) if fits else np.zeros(0, np.int64)
-        block = np.asarray(ds[S.BIF].isel({TRAIN_TOKEN_DIM: rows, QUERY_TOKEN_DIM: q_idx[q]}).values, dtype=float)
+        block = np.asarray(ds[S.BIF].isel({S.TRAIN_TOKEN_DIM: rows, S.QUERY_TOKEN_DIM: q_idx[q]}).values, dtype=float)
         starts = dict(zip(fits, np.cumsum([0] + [len(t_idx[t]) for t in fits])))
         for t, value in ranked[q]:
             ti = trains.index(t)
@@ -228,26 +212,26 @@ def _dense(run: RunStore, ds: Any, limits: TokenViewLimits) -> dict[str, Any]:
                 dropped += 1
             pairs.append({"q": qi, "t": ti, "bif": _num(value), "q_by_t": _nums(seq_tok[ti, qa:qb]),
                           "t_by_q": _nums(tok_seq[ta:tb, qi]), "tt": tt})
-    return {"mode": "dense", "source": BIF_TOKENS_ZARR, "sequence_source": seq_source,
+    return {"mode": "dense", "source": S.BIF_TOKENS_ZARR, "sequence_source": seq_source,
             "n_queries": n_query_all, "n_trains": int(cols.shape[0]), "pairs": pairs, "tt_dropped": dropped,
             "queries": _seq_json(qs), "trains": _seq_json(ts)}
 
 
 def _sparse(run: RunStore, limits: TokenViewLimits) -> dict[str, Any]:
     """The embedded selection from topk_tokens.parquet: listed entries only (partial sums)."""
-    cols = [QUERY_SAMPLE, QUERY_POSITION, TRAIN_SAMPLE, TRAIN_POSITION, S.BIF]
-    head = _read_filtered(run, TOPK_TOKENS_FILE, [QUERY_SAMPLE, S.BIF], None)
-    strength = head.assign(a=head[S.BIF].abs()).groupby(QUERY_SAMPLE)["a"].max()
+    cols = [S.QUERY_SAMPLE, S.QUERY_POSITION, S.TRAIN_SAMPLE, S.TRAIN_POSITION, S.BIF]
+    head = _read_filtered(run, S.TOPK_TOKENS_FILE, [S.QUERY_SAMPLE, S.BIF], None)
+    strength = head.assign(a=head[S.BIF].abs()).groupby(S.QUERY_SAMPLE)["a"].max()
     strength = strength.sort_index()
     queries = [int(strength.index[i]) for i in _rank(strength.to_numpy(), limits.max_queries)]
-    rows = _read_filtered(run, TOPK_TOKENS_FILE, cols, [(QUERY_SAMPLE, "in", queries)] if queries else None)
+    rows = _read_filtered(run, S.TOPK_TOKENS_FILE, cols, [(S.QUERY_SAMPLE, "in", queries)] if queries else None)
     # an entry listed under both signs (k near the number of train tokens) counts once
-    rows = rows.drop_duplicates([QUERY_SAMPLE, QUERY_POSITION, TRAIN_SAMPLE, TRAIN_POSITION])
+    rows = rows.drop_duplicates([S.QUERY_SAMPLE, S.QUERY_POSITION, S.TRAIN_SAMPLE, S.TRAIN_POSITION])
     seq = _sequence_bif(run)
     ranked: dict[int, list[tuple[int, float | None]]] = {}
     for q in queries:
-        g = rows[rows[QUERY_SAMPLE] == q]
-        score = g.assign(a=g[S.BIF].abs()).groupby(TRAIN_SAMPLE)["a"].sum().sort_index()
+        g = rows[rows[S.QUERY_SAMPLE] == q]
+        score = g.assign(a=g[S.BIF].abs()).groupby(S.TRAIN_SAMPLE)["a"].sum().sort_index()
         top = [int(score.index[i]) for i in _rank(score.to_numpy(), limits.top_train)]
         values = (np.asarray(_select(_select(seq, S.QUERY_DIM, np.asarray([q])), S.TRAIN_DIM, np.asarray(top))
                              .values, dtype=float).ravel() if seq is not None and top else [None] * len(top))
@@ -260,8 +244,8 @@ def _sparse(run: RunStore, limits: TokenViewLimits) -> dict[str, Any]:
     for qi, q in enumerate(queries):
         for t, value in ranked[q]:
             qpos, tpos = qs.positions[q], ts.positions[t]
-            g = rows[(rows[QUERY_SAMPLE] == q) & (rows[TRAIN_SAMPLE] == t)]
-            g = g[g[QUERY_POSITION].isin(qpos) & g[TRAIN_POSITION].isin(tpos)]
+            g = rows[(rows[S.QUERY_SAMPLE] == q) & (rows[S.TRAIN_SAMPLE] == t)]
+            g = g[g[S.QUERY_POSITION].isin(qpos) & g[S.TRAIN_POSITION].isin(tpos)]
             qj = {int(p): j for j, p in enumerate(qpos)}
             ti_ = {int(p): i for i, p in enumerate(tpos)}
             q_by_t: list = [None] * len(qpos)
@@ -269,7 +253,7 @@ def _sparse(run: RunStore, limits: TokenViewLimits) -> dict[str, Any]:
             size = len(qpos) * len(tpos)
             tt = [[None] * len(qpos) for _ in tpos] if size <= budget else None
             budget, dropped = (budget - size, dropped) if tt is not None else (budget, dropped + 1)
-            for qp, tp, v in zip(g[QUERY_POSITION].astype(int), g[TRAIN_POSITION].astype(int), g[S.BIF].astype(float)):
+            for qp, tp, v in zip(g[S.QUERY_POSITION].astype(int), g[S.TRAIN_POSITION].astype(int), g[S.BIF].astype(float)):
                 j, i = qj[qp], ti_[tp]
                 q_by_t[j] = (q_by_t[j] or 0.0) + v
                 t_by_q[i] = (t_by_q[i] or 0.0) + v
@@ -278,7 +262,7 @@ def _sparse(run: RunStore, limits: TokenViewLimits) -> dict[str, Any]:
             pairs.append({"q": qi, "t": trains.index(t), "bif": None if value is None else _num(value),
                           "q_by_t": [None if v is None else _num(v) for v in q_by_t],
                           "t_by_q": [None if v is None else _num(v) for v in t_by_q], "tt": tt})
-    return {"mode": "sparse", "source": TOPK_TOKENS_FILE,
+    return {"mode": "sparse", "source": S.TOPK_TOKENS_FILE,
             "sequence_source": S.BIF_ZARR if seq is not None else "none",
             "n_queries": int(len(strength)), "n_trains": int(seq.sizes[S.TRAIN_DIM]) if seq is not None else None,
             "pairs": pairs, "tt_dropped": dropped, "queries": _seq_json(qs), "trains": _seq_json(ts)}
@@ -307,13 +291,13 @@ def token_view_data(output_uri: str, storage_options: Any = None, *,
     if not is_token_run(run):
         return None
     ds = _open_tokens_zarr(run)
-    if ds is not None and all(v in ds for v in (S.BIF, BIF_SEQ_TOK, BIF_TOK_SEQ)):
+    if ds is not None and all(v in ds for v in (S.BIF, S.BIF_SEQ_TOK, S.BIF_TOK_SEQ)):
         data = _dense(run, ds, limits)
-    elif run.exists(TOPK_TOKENS_FILE):
+    elif run.exists(S.TOPK_TOKENS_FILE):
         data = _sparse(run, limits)
     else:
-        raise FileNotFoundError(f"a token run needs {BIF_TOKENS_ZARR} (with {S.BIF}, {BIF_SEQ_TOK}, {BIF_TOK_SEQ}) "
-                                f"or {TOPK_TOKENS_FILE}; neither is in {output_uri}")
+        raise FileNotFoundError(f"a token run needs {S.BIF_TOKENS_ZARR} (with {S.BIF}, {S.BIF_SEQ_TOK}, {S.BIF_TOK_SEQ}) "
+                                f"or {S.TOPK_TOKENS_FILE}; neither is in {output_uri}")
     data["limits"] = asdict(limits)
     data["has_text"] = any(any(s["tok"]) for s in data["queries"] + data["trains"])
     return data
@@ -343,7 +327,7 @@ def _notes(data: dict[str, Any]) -> list[str]:
                      f"{lim['max_tokens']} are shown.")
     nan = sum(v is None for p in data["pairs"] for k in ("q_by_t", "t_by_q") for v in p[k])
     if data["mode"] == "dense" and nan:
-        notes.append(f"{nan} shown token values are NaN in {BIF_TOKENS_ZARR} (shown grey): was it written by a run "
+        notes.append(f"{nan} shown token values are NaN in {S.BIF_TOKENS_ZARR} (shown grey): was it written by a run "
                      "that did not finish?")
     if data["tt_dropped"]:
         notes.append(f"Token x token values are embedded for {len(data['pairs']) - data['tt_dropped']} of "
@@ -363,13 +347,13 @@ def token_view_html(output_uri: str, storage_options: Any = None, *, limits: Tok
     if not data["pairs"]:
         return f'<p class="missing">No token values to show ({html.escape(data["source"])} lists none).</p>'
     if data["mode"] == "dense":
-        source = (f"Values from <code>{BIF_TOKENS_ZARR}</code> (dense): <code>{BIF_SEQ_TOK}</code> colours a "
-                  f"query sequence by a whole train sequence, <code>{BIF_TOK_SEQ}</code> a train sequence by a whole "
+        source = (f"Values from <code>{S.BIF_TOKENS_ZARR}</code> (dense): <code>{S.BIF_SEQ_TOK}</code> colours a "
+                  f"query sequence by a whole train sequence, <code>{S.BIF_TOK_SEQ}</code> a train sequence by a whole "
                   f"query sequence, <code>{S.BIF}</code> token by token.")
     else:
-        source = (f'<span class="warn">Sparse view</span>: this run has no <code>{BIF_TOKENS_ZARR}</code> (set '
+        source = (f'<span class="warn">Sparse view</span>: this run has no <code>{S.BIF_TOKENS_ZARR}</code> (set '
                   f"<code>covariance.token_matrix: true</code> for it), so the values come from "
-                  f"<code>{TOPK_TOKENS_FILE}</code>, which lists only the top-k train tokens of each query token. "
+                  f"<code>{S.TOPK_TOKENS_FILE}</code>, which lists only the top-k train tokens of each query token. "
                   "A token is coloured by the sum of its listed entries; grey tokens have none listed (their value "
                   "is unknown, not 0).")
     intro = (f"<p>{source} Positive BIF (red): upweighting the train example raises the query's loss; negative "

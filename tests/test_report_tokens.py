@@ -44,7 +44,7 @@ class TokenRun:
 
     def text(self, split: str, sample: int) -> list[str]:
         df = self.train_tokens if split == S.TRAIN else self.query_tokens
-        return df[df[S.SAMPLE] == sample].sort_values(RT.POSITION)[RT.TOKEN].tolist()
+        return df[df[S.SAMPLE] == sample].sort_values(S.POSITION)[S.TOKEN].tolist()
 
 
 def _tokens(split: str, n: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def _tokens(split: str, n: int, rng: np.random.Generator) -> pd.DataFrame:
         for p in valid:  # masked positions (padding) get no row
             word = {(0, 2): "</script>&x", (1, 1): "new\nline"}.get((s, int(p)), f" {split[0]}{s}.{p}")
             rows.append((s, int(p), word))
-    return pd.DataFrame(rows, columns=[S.SAMPLE, RT.POSITION, RT.TOKEN])
+    return pd.DataFrame(rows, columns=[S.SAMPLE, S.POSITION, S.TOKEN])
 
 
 def make_token_run(root: Path, *, seed: int = 0) -> TokenRun:
@@ -67,37 +67,36 @@ def make_token_run(root: Path, *, seed: int = 0) -> TokenRun:
     bif = rng.normal(size=(len(train), len(query))).astype(np.float32)
     bif[0, 0] = 0.0  # a zero value is white
     run = RunStore(str(root))
-    frames = [df.assign(**{S.SPLIT: split, "ref_loss": rng.random(len(df))}) for split, df in
+    frames = [df.assign(**{S.SPLIT: split, S.REF_LOSS: rng.random(len(df))}) for split, df in
               ((S.TRAIN, train), (S.QUERY, query))]
-    run.write_table(RT.TOKENS_FILE, pd.concat(frames, ignore_index=True)[
-        [S.SPLIT, S.SAMPLE, RT.POSITION, RT.TOKEN, "ref_loss"]])
+    run.write_table(S.TOKENS_FILE, pd.concat(frames, ignore_index=True)[list(S.TOKENS_COLUMNS)])
     # top-k train tokens of every query token, each sign
     rows = []
     for j, qrow in query.iterrows():
         for sign, order in (("positive", np.argsort(-bif[:, j], kind="stable")),
                             ("negative", np.argsort(bif[:, j], kind="stable"))):
             for rank, i in enumerate(order[:TOPK]):
-                rows.append({RT.QUERY_SAMPLE: qrow[S.SAMPLE], RT.QUERY_POSITION: qrow[RT.POSITION], RT.SIGN: sign,
-                             S.RANK: rank, RT.TRAIN_SAMPLE: train[S.SAMPLE][i],
-                             RT.TRAIN_POSITION: train[RT.POSITION][i], S.BIF: float(bif[i, j]),
-                             S.BIF_CORR: float(np.tanh(bif[i, j])), "query_token": qrow[RT.TOKEN],
-                             "train_token": train[RT.TOKEN][i], "train_context": ""})
-    run.write_table(RT.TOPK_TOKENS_FILE, pd.DataFrame(rows))
+                rows.append({S.QUERY_SAMPLE: qrow[S.SAMPLE], S.QUERY_POSITION: qrow[S.POSITION], S.SIGN: sign,
+                             S.RANK: rank, S.TRAIN_SAMPLE: train[S.SAMPLE][i],
+                             S.TRAIN_POSITION: train[S.POSITION][i], S.BIF: float(bif[i, j]),
+                             S.BIF_CORR: float(np.tanh(bif[i, j])), S.QUERY_TOKEN: qrow[S.TOKEN],
+                             S.TRAIN_TOKEN: train[S.TOKEN][i], S.TRAIN_CONTEXT: ""})
+    run.write_table(S.TOPK_TOKENS_FILE, pd.DataFrame(rows)[list(S.TOPK_TOKENS_COLUMNS)])
     # bif_tokens.zarr, tokens shuffled along both token dims
     ti, qj = rng.permutation(len(train)), rng.permutation(len(query))
     tseg = np.eye(N_TRAIN, dtype=np.float32)[train[S.SAMPLE]]  # (train tokens, train) one-hot
     qseg = np.eye(N_QUERY, dtype=np.float32)[query[S.SAMPLE]]
     ds = xr.Dataset(
-        {S.BIF: ((RT.TRAIN_TOKEN_DIM, RT.QUERY_TOKEN_DIM), bif[np.ix_(ti, qj)]),
-         S.BIF_CORR: ((RT.TRAIN_TOKEN_DIM, RT.QUERY_TOKEN_DIM), np.tanh(bif[np.ix_(ti, qj)])),
-         RT.BIF_SEQ_TOK: ((S.TRAIN_DIM, RT.QUERY_TOKEN_DIM), (tseg.T @ bif)[:, qj]),
-         RT.BIF_TOK_SEQ: ((RT.TRAIN_TOKEN_DIM, S.QUERY_DIM), (bif @ qseg)[ti])},
-        coords={RT.TRAIN_SAMPLE: (RT.TRAIN_TOKEN_DIM, train[S.SAMPLE].to_numpy()[ti]),
-                RT.TRAIN_POSITION: (RT.TRAIN_TOKEN_DIM, train[RT.POSITION].to_numpy()[ti]),
-                RT.QUERY_SAMPLE: (RT.QUERY_TOKEN_DIM, query[S.SAMPLE].to_numpy()[qj]),
-                RT.QUERY_POSITION: (RT.QUERY_TOKEN_DIM, query[RT.POSITION].to_numpy()[qj]),
+        {S.BIF: ((S.TRAIN_TOKEN_DIM, S.QUERY_TOKEN_DIM), bif[np.ix_(ti, qj)]),
+         S.BIF_CORR: ((S.TRAIN_TOKEN_DIM, S.QUERY_TOKEN_DIM), np.tanh(bif[np.ix_(ti, qj)])),
+         S.BIF_SEQ_TOK: ((S.TRAIN_DIM, S.QUERY_TOKEN_DIM), (tseg.T @ bif)[:, qj]),
+         S.BIF_TOK_SEQ: ((S.TRAIN_TOKEN_DIM, S.QUERY_DIM), (bif @ qseg)[ti])},
+        coords={S.TRAIN_SAMPLE: (S.TRAIN_TOKEN_DIM, train[S.SAMPLE].to_numpy()[ti]),
+                S.TRAIN_POSITION: (S.TRAIN_TOKEN_DIM, train[S.POSITION].to_numpy()[ti]),
+                S.QUERY_SAMPLE: (S.QUERY_TOKEN_DIM, query[S.SAMPLE].to_numpy()[qj]),
+                S.QUERY_POSITION: (S.QUERY_TOKEN_DIM, query[S.POSITION].to_numpy()[qj]),
                 S.TRAIN_DIM: np.arange(N_TRAIN), S.QUERY_DIM: np.arange(N_QUERY)})
-    ds.to_zarr(run.url(RT.BIF_TOKENS_ZARR), mode="w", consolidated=False, zarr_format=3)
+    ds.to_zarr(run.url(S.BIF_TOKENS_ZARR), mode="w", consolidated=False, zarr_format=3)
     seq = tseg.T.astype(float) @ bif.astype(float) @ qseg.astype(float)
     xr.Dataset({S.BIF: ((S.TRAIN_DIM, S.QUERY_DIM), seq.astype(np.float32)),
                 S.BIF_CORR: ((S.TRAIN_DIM, S.QUERY_DIM), np.tanh(seq).astype(np.float32))},
@@ -115,7 +114,7 @@ def tok(tmp_path_factory):
 def sparse(tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("tokview-sparse") / "run"
     shutil.copytree(tok.uri, root)
-    shutil.rmtree(root / RT.BIF_TOKENS_ZARR)
+    shutil.rmtree(root / S.BIF_TOKENS_ZARR)
     return TokenRun(str(root), tok.bif, tok.train_tokens, tok.query_tokens)
 
 
@@ -145,7 +144,7 @@ def test_dense_view_embeds_the_stored_arrays(tok):
     assert len(data["pairs"]) == N_TRAIN * N_QUERY
     for s, split in [(s, S.QUERY) for s in data["queries"]] + [(s, S.TRAIN) for s in data["trains"]]:
         df = tok.query_tokens if split == S.QUERY else tok.train_tokens
-        assert s["pos"] == sorted(df[df[S.SAMPLE] == s["sample"]][RT.POSITION].tolist())  # true positions
+        assert s["pos"] == sorted(df[df[S.SAMPLE] == s["sample"]][S.POSITION].tolist())  # true positions
         assert s["tok"] == tok.text(split, s["sample"]) and s["n_tokens"] == len(s["pos"])
     for qi, q in enumerate(data["queries"]):
         pairs = [p for p in data["pairs"] if p["q"] == qi]
@@ -162,16 +161,16 @@ def test_dense_view_reads_the_mixed_arrays_as_stored(tok):
     """q_by_t / t_by_q come from bif_seq_tok / bif_tok_seq themselves, not from sums of bif."""
     import xarray as xr
 
-    ds = xr.open_zarr(RunStore(tok.uri).url(RT.BIF_TOKENS_ZARR), consolidated=False).load()
+    ds = xr.open_zarr(RunStore(tok.uri).url(S.BIF_TOKENS_ZARR), consolidated=False).load()
     data = token_view_data(tok.uri, limits=ALL)
     for p in data["pairs"][:6]:
         T_, Q_ = data["trains"][p["t"]], data["queries"][p["q"]]
-        qcols = [int(np.flatnonzero((ds[RT.QUERY_SAMPLE].values == Q_["sample"]) &
-                                    (ds[RT.QUERY_POSITION].values == pos))[0]) for pos in Q_["pos"]]
-        trows = [int(np.flatnonzero((ds[RT.TRAIN_SAMPLE].values == T_["sample"]) &
-                                    (ds[RT.TRAIN_POSITION].values == pos))[0]) for pos in T_["pos"]]
-        assert close(p["q_by_t"], ds[RT.BIF_SEQ_TOK].values[T_["sample"], qcols])
-        assert close(p["t_by_q"], ds[RT.BIF_TOK_SEQ].values[trows, Q_["sample"]])
+        qcols = [int(np.flatnonzero((ds[S.QUERY_SAMPLE].values == Q_["sample"]) &
+                                    (ds[S.QUERY_POSITION].values == pos))[0]) for pos in Q_["pos"]]
+        trows = [int(np.flatnonzero((ds[S.TRAIN_SAMPLE].values == T_["sample"]) &
+                                    (ds[S.TRAIN_POSITION].values == pos))[0]) for pos in T_["pos"]]
+        assert close(p["q_by_t"], ds[S.BIF_SEQ_TOK].values[T_["sample"], qcols])
+        assert close(p["t_by_q"], ds[S.BIF_TOK_SEQ].values[trows, Q_["sample"]])
         assert close(np.ravel(p["tt"]), ds[S.BIF].values[np.ix_(trows, qcols)].ravel())
 
 
@@ -179,16 +178,16 @@ def test_sparse_view_embeds_only_listed_entries(sparse):
     text = token_view_html(sparse.uri, limits=ALL)
     data = embedded(text)
     assert data["mode"] == "sparse" and "Sparse view" in text and "unknown, not 0" in text
-    topk = pd.read_parquet(Path(sparse.uri) / RT.TOPK_TOKENS_FILE).drop_duplicates(
-        [RT.QUERY_SAMPLE, RT.QUERY_POSITION, RT.TRAIN_SAMPLE, RT.TRAIN_POSITION])
+    topk = pd.read_parquet(Path(sparse.uri) / S.TOPK_TOKENS_FILE).drop_duplicates(
+        [S.QUERY_SAMPLE, S.QUERY_POSITION, S.TRAIN_SAMPLE, S.TRAIN_POSITION])
     n_listed = 0
     for p in data["pairs"]:
         T_, Q_ = data["trains"][p["t"]], data["queries"][p["q"]]
-        listed = topk[(topk[RT.QUERY_SAMPLE] == Q_["sample"]) & (topk[RT.TRAIN_SAMPLE] == T_["sample"])]
+        listed = topk[(topk[S.QUERY_SAMPLE] == Q_["sample"]) & (topk[S.TRAIN_SAMPLE] == T_["sample"])]
         assert len(listed) > 0  # only train sequences with a listed token are paired
         want = np.full((len(T_["pos"]), len(Q_["pos"])), np.nan)
         for r in listed.itertuples(index=False):
-            want[T_["pos"].index(getattr(r, RT.TRAIN_POSITION)), Q_["pos"].index(getattr(r, RT.QUERY_POSITION))] = \
+            want[T_["pos"].index(getattr(r, S.TRAIN_POSITION)), Q_["pos"].index(getattr(r, S.QUERY_POSITION))] = \
                 getattr(r, S.BIF)
         n_listed += int(np.isfinite(want).sum())
         assert close(np.ravel(p["tt"]), want.ravel())
@@ -330,8 +329,8 @@ def test_token_view_renders_in_headless_chromium(tok, sparse, tmp_path):
     data = embedded(uri.read_text())
     q, t = data["queries"][0]["sample"], data["trains"][data["pairs"][1]["t"]]["sample"]
     block = tok.block(t, q)
-    qpos = sorted(tok.query_tokens[tok.query_tokens[S.SAMPLE] == q][RT.POSITION])
-    tpos = sorted(tok.train_tokens[tok.train_tokens[S.SAMPLE] == t][RT.POSITION])
+    qpos = sorted(tok.query_tokens[tok.query_tokens[S.SAMPLE] == q][S.POSITION])
+    tpos = sorted(tok.train_tokens[tok.train_tokens[S.SAMPLE] == t][S.POSITION])
 
     # whole sequences: query coloured by bif_seq_tok[t, .], train by bif_tok_seq[., q]
     dom = _dom(chromium, tmp_path, f"{uri.as_uri()}#q={q}&t={t}")
@@ -394,20 +393,20 @@ def test_degenerate_token_runs_say_what_they_lack(tok, tmp_path):
     # no token texts (the problem has no render_tokens): positions stand in, and the view says so
     uri = tmp_path / "notext"
     shutil.copytree(tok.uri, uri)
-    tokens = pd.read_parquet(uri / RT.TOKENS_FILE).assign(**{RT.TOKEN: ""})
-    RunStore(str(uri)).write_table(RT.TOKENS_FILE, tokens)
+    tokens = pd.read_parquet(uri / S.TOKENS_FILE).assign(**{S.TOKEN: ""})
+    RunStore(str(uri)).write_table(S.TOKENS_FILE, tokens)
     text = token_view_html(str(uri))
     assert not embedded(text)["has_text"] and "tokens are shown as #position" in text
     # a NaN in bif_tokens.zarr (an unfinished run) is counted, never shown as a value
-    ds = xr.open_zarr(uri / RT.BIF_TOKENS_ZARR, consolidated=False).load()
-    ds[RT.BIF_SEQ_TOK][:] = np.nan
-    ds.to_zarr(uri / RT.BIF_TOKENS_ZARR, mode="w", consolidated=False)
+    ds = xr.open_zarr(uri / S.BIF_TOKENS_ZARR, consolidated=False).load()
+    ds[S.BIF_SEQ_TOK][:] = np.nan
+    ds.to_zarr(uri / S.BIF_TOKENS_ZARR, mode="w", consolidated=False)
     data = token_view_data(str(uri), limits=ALL)
     n_nan = sum(len(p["q_by_t"]) for p in data["pairs"])
     assert all(v is None for p in data["pairs"] for v in p["q_by_t"])
     assert f"{n_nan} shown token values are NaN" in token_view_html(str(uri), limits=ALL)
     # tokens.parquet alone (the run stopped before its token results): the section says what is missing
-    shutil.rmtree(uri / RT.BIF_TOKENS_ZARR)
-    (uri / RT.TOPK_TOKENS_FILE).unlink()
+    shutil.rmtree(uri / S.BIF_TOKENS_ZARR)
+    (uri / S.TOPK_TOKENS_FILE).unlink()
     text = build_report_html(str(uri))
-    assert f"<h2>{RT.TITLE}</h2>" in text and f"needs {RT.BIF_TOKENS_ZARR}" in text and "<script" not in text
+    assert f"<h2>{RT.TITLE}</h2>" in text and f"needs {S.BIF_TOKENS_ZARR}" in text and "<script" not in text
