@@ -157,21 +157,35 @@ def test_dense_view_embeds_the_stored_arrays(tok):
         assert close([p["bif"]], [seq[t, q]])
 
 
-def test_dense_view_reads_the_mixed_arrays_as_stored(tok):
-    """q_by_t / t_by_q come from bif_seq_tok / bif_tok_seq themselves, not from sums of bif."""
+def check_against_store(data: dict, uri: str) -> int:
+    """Every embedded value equals bif_tokens.zarr at the token's stored (sample, position), every text
+    tokens.parquet's; returns the number of values checked. Reads the files directly."""
     import xarray as xr
 
-    ds = xr.open_zarr(RunStore(tok.uri).url(S.BIF_TOKENS_ZARR), consolidated=False).load()
-    data = token_view_data(tok.uri, limits=ALL)
-    for p in data["pairs"][:6]:
+    ds = xr.open_zarr(Path(uri) / S.BIF_TOKENS_ZARR, consolidated=False).load()
+    toks = pd.read_parquet(Path(uri) / S.TOKENS_FILE).set_index([S.SPLIT, S.SAMPLE, S.POSITION])[S.TOKEN]
+    for split, seqs in ((S.QUERY, data["queries"]), (S.TRAIN, data["trains"])):
+        for s in seqs:
+            assert s["tok"] == [toks[(split, s["sample"], p)] for p in s["pos"]]
+    n = 0
+    for p in data["pairs"]:
         T_, Q_ = data["trains"][p["t"]], data["queries"][p["q"]]
         qcols = [int(np.flatnonzero((ds[S.QUERY_SAMPLE].values == Q_["sample"]) &
                                     (ds[S.QUERY_POSITION].values == pos))[0]) for pos in Q_["pos"]]
         trows = [int(np.flatnonzero((ds[S.TRAIN_SAMPLE].values == T_["sample"]) &
                                     (ds[S.TRAIN_POSITION].values == pos))[0]) for pos in T_["pos"]]
-        assert close(p["q_by_t"], ds[S.BIF_SEQ_TOK].values[T_["sample"], qcols])
-        assert close(p["t_by_q"], ds[S.BIF_TOK_SEQ].values[trows, Q_["sample"]])
-        assert close(np.ravel(p["tt"]), ds[S.BIF].values[np.ix_(trows, qcols)].ravel())
+        assert close(p["q_by_t"], ds[S.BIF_SEQ_TOK].sel({S.TRAIN_DIM: T_["sample"]}).values[qcols])
+        assert close(p["t_by_q"], ds[S.BIF_TOK_SEQ].sel({S.QUERY_DIM: Q_["sample"]}).values[trows])
+        if p["tt"] is not None:
+            assert close(np.ravel(p["tt"]), ds[S.BIF].values[np.ix_(trows, qcols)].ravel())
+            n += len(trows) * len(qcols)
+        n += len(trows) + len(qcols)
+    return n
+
+
+def test_dense_view_reads_the_mixed_arrays_as_stored(tok):
+    """q_by_t / t_by_q come from bif_seq_tok / bif_tok_seq themselves, located by the stored coordinates."""
+    assert check_against_store(token_view_data(tok.uri, limits=ALL), tok.uri) > 0
 
 
 def test_sparse_view_embeds_only_listed_entries(sparse):
@@ -410,3 +424,45 @@ def test_degenerate_token_runs_say_what_they_lack(tok, tmp_path):
     (uri / S.TOPK_TOKENS_FILE).unlink()
     text = build_report_html(str(uri))
     assert f"<h2>{RT.TITLE}</h2>" in text and f"needs {S.BIF_TOKENS_ZARR}" in text and "<script" not in text
+
+
+# --- a real token run --------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_report_of_a_real_token_run(tmp_path_factory, dask_address):
+    """The flow's own report.html of lm-core's synthetic bigram LM (tests/token_problems.py): its token
+    view embeds exactly what bif_tokens.zarr and tokens.parquet hold; without the token matrix the
+    sparse view shows exactly topk_tokens.parquet's entries."""
+    from bif.config import build_config
+    from bif.flows.attribution import run_attribution
+
+    out = tmp_path_factory.mktemp("tokreal") / "run"
+    cfg = build_config({
+        "problem": "token_problems:build", "output": str(out),
+        "problem_args": {"n_train": 8, "n_query": 3, "length": 10, "prompt": 1, "min_len": 3},
+        "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 10, "steps_per_draw": 2,
+                    "step_size": 1e-3, "gamma": 100.0, "batch_size": 4, "seed": 3, "draws_per_block": 20},
+        "covariance": {"topk": 3, "token_matrix": True}, "compute": {"address": dask_address}})
+    manifest = run_attribution(cfg, show_progress=False)
+    assert manifest["status"] == S.STATUS_COMPLETE
+    text = (out / S.REPORT_FILE).read_text()  # written by the flow
+    data = embedded(text)
+    assert data["mode"] == "dense" and data["has_text"]
+    assert len(data["queries"]) == 3 and len(data["pairs"]) == 3 * 8 and data["tt_dropped"] == 0
+    assert check_against_store(data, str(out)) > 3 * 8 * 9
+    # the sparse view of the same run: only topk_tokens.parquet's entries, each once
+    shutil.rmtree(out / S.BIF_TOKENS_ZARR)
+    sdata = embedded(token_view_html(str(out), limits=ALL))
+    topk = pd.read_parquet(out / S.TOPK_TOKENS_FILE).drop_duplicates(
+        [S.QUERY_SAMPLE, S.QUERY_POSITION, S.TRAIN_SAMPLE, S.TRAIN_POSITION])
+    listed = {(r[0], r[1], r[2], r[3]): r[4] for r in topk[[S.QUERY_SAMPLE, S.QUERY_POSITION, S.TRAIN_SAMPLE,
+                                                           S.TRAIN_POSITION, S.BIF]].itertuples(index=False)}
+    shown = {}
+    for p in sdata["pairs"]:
+        T_, Q_ = sdata["trains"][p["t"]], sdata["queries"][p["q"]]
+        for i, tp in enumerate(T_["pos"]):
+            for j, qp in enumerate(Q_["pos"]):
+                if p["tt"][i][j] is not None:
+                    shown[(Q_["sample"], qp, T_["sample"], tp)] = p["tt"][i][j]
+    assert shown.keys() == listed.keys()
+    assert close(list(shown.values()), [listed[k] for k in shown])
