@@ -162,10 +162,14 @@
     if (h.get("dir") === "t") st.dir = "t";
     st.shared = h.get("scale") === "shared";
     const qs = h.get("q"), ts = h.get("t");
-    const ok = (i) => (qs === null || String(D.queries[D.pairs[i].q].sample) === qs) &&
-      (ts === null || String(D.trains[D.pairs[i].t].sample) === ts);
-    const i = D.pairs.findIndex((_, j) => ok(j));
-    if (i >= 0) st.pair = i;
+    // both given: that pair; one given: its strongest partner (as the selects pick)
+    const qi = D.queries.findIndex((s) => String(s.sample) === qs);
+    const ti = D.trains.findIndex((s) => String(s.sample) === ts);
+    const both = D.pairs.findIndex((p) => p.q === qi && p.t === ti);
+    if (both >= 0) st.pair = both;
+    else if (st.dir === "t" && ti >= 0) st.pair = D.trains[ti].pairs[0];
+    else if (qi >= 0) st.pair = D.queries[qi].pairs[0];
+    else if (ti >= 0) st.pair = D.trains[ti].pairs[0];
     const p = D.pairs[st.pair];
     const at = (seq, v) => { const k = v === null ? -1 : seq.pos.indexOf(Number(v)); return k >= 0 ? k : null; };
     st.tsel = at(D.trains[p.t], h.get("ttok"));
