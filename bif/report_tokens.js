@@ -30,7 +30,7 @@
   const quote = (seq, i) => (seq.tok[i] ? JSON.stringify(seq.tok[i]) : "#" + seq.pos[i]);
   // a select option's preview of a sequence: its first characters
   const preview = (seq) => {
-    const t = seq.tok.join("").replace(/\s+/g, " ").trim();
+    const t = seq.tok.join(D.spaced ? "" : " ").replace(/\s+/g, " ").trim();
     return t ? ": " + (t.length > 40 ? t.slice(0, 40) + "\u2026" : t) : "";
   };
 
@@ -45,7 +45,7 @@
     div.appendChild(h);
     const vmax = scale === null ? maxabs(values) : scale;
     const box = document.createElement("div");
-    box.className = "tv-tokens";
+    box.className = "tv-tokens" + (D.spaced ? "" : " gaps");
     seq.pos.forEach((pos, i) => {
       const v = values[i], span = document.createElement("span");
       span.className = "tok" + (v === null ? " na" : "") + (i === sel ? " sel" : "");

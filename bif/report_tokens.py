@@ -44,7 +44,7 @@ _CSS = (".tv-controls label{margin-right:1.2em}.tv-controls select{max-width:28e
         "word-break:break-all}"
         ".tok{padding:1px 0;margin:0 1px;border-radius:2px;cursor:pointer;border:1px solid transparent}"
         ".tok.na{background:repeating-linear-gradient(45deg,#eee,#eee 3px,#f8f8f8 3px,#f8f8f8 6px);color:#999}"
-        ".tok.sel{border:2px solid #000}.tok:hover{border-color:#555}"
+        ".tv-tokens.gaps .tok{margin-right:.5em}.tok.sel{border:2px solid #000}.tok:hover{border-color:#555}"
         ".tv-legend{display:flex;align-items:center;gap:.5em;font-size:12px;color:#444;margin-top:.3em}"
         ".tv-bar{width:220px;height:12px;border:1px solid #aaa;"
         "background:linear-gradient(to right,rgb(33,102,172),#fff,rgb(178,24,43))}"
@@ -115,6 +115,16 @@ def _rank(values: np.ndarray, n: int) -> np.ndarray:
     return np.argsort(-key, kind="stable")[:n]
 
 
+def _interleave(a: np.ndarray, b: np.ndarray, n: int) -> list[int]:
+    """The first ``n`` distinct items of a[0], b[0], a[1], b[1], ..."""
+    out: dict[int, None] = {}
+    for x in (int(v) for pair in zip(a, b) for v in pair):
+        if len(out) == n:
+            break
+        out.setdefault(x, None)
+    return list(out)
+
+
 @dataclass
 class _Seqs:
     """Shown sequences of one split: sample ids and, per sample, its shown token positions and texts."""
@@ -168,8 +178,16 @@ def _dense(run: RunStore, ds: Any, limits: TokenViewLimits) -> dict[str, Any]:
     queries = [int(query_ids[i]) for i in _rank(strength, limits.max_queries)]
     cols = np.asarray(_select(seq, S.QUERY_DIM, np.asarray(queries)).values, dtype=float)  # (n_train, nq)
     train_ids = np.asarray(seq[S.TRAIN_DIM].values if S.TRAIN_DIM in seq.coords else np.arange(cols.shape[0]))
-    ranked = {q: [(int(train_ids[i]), float(cols[i, c])) for i in _rank(cols[:, c], limits.top_train)]
-              for c, q in enumerate(queries)}
+    # A train sequence can matter to one query token while its sequence-level sum cancels: the partners
+    # alternate the sequence-level ranking with the ranking by the largest |bif_seq_tok| on one query token.
+    seq_tok_all = _select(ds[S.BIF_SEQ_TOK], S.TRAIN_DIM, train_ids)
+    ranked = {}
+    for c, q in enumerate(queries):
+        tok = np.abs(np.asarray(seq_tok_all.isel({S.QUERY_TOKEN_DIM: np.flatnonzero(q_sample == q)}).values,
+                                dtype=float))  # (n_train, tokens of q)
+        tok_max = np.where(np.isfinite(tok), tok, -1.0).max(axis=1, initial=-1.0)
+        order = _interleave(_rank(cols[:, c], len(train_ids)), _rank(tok_max, len(train_ids)), limits.top_train)
+        ranked[q] = [(int(train_ids[i]), float(cols[i, c])) for i in order]
     trains = list(dict.fromkeys(t for q in queries for t, _ in ranked[q]))
 
     t_idx = {t: np.flatnonzero(t_sample == t) for t in trains}
@@ -299,7 +317,10 @@ def token_view_data(output_uri: str, storage_options: Any = None, *,
         raise FileNotFoundError(f"a token run needs {S.BIF_TOKENS_ZARR} (with {S.BIF}, {S.BIF_SEQ_TOK}, {S.BIF_TOK_SEQ}) "
                                 f"or {S.TOPK_TOKENS_FILE}; neither is in {output_uri}")
     data["limits"] = asdict(limits)
-    data["has_text"] = any(any(s["tok"]) for s in data["queries"] + data["trains"])
+    texts = [t for s in data["queries"] + data["trains"] for t in s["tok"] if t]
+    data["has_text"] = bool(texts)
+    # word-level tokenizers render tokens without their spaces: the view then puts a gap between tokens
+    data["spaced"] = any(t[:1].isspace() or t[-1:].isspace() for t in texts)
     return data
 
 
@@ -317,8 +338,8 @@ def _notes(data: dict[str, Any]) -> list[str]:
         notes.append(f"{nq} of {data['n_queries']} query sequences shown (those with the strongest |bif|; "
                      f"cap {lim['max_queries']}).")
     per = max(sum(p["q"] == qi for p in data["pairs"]) for qi in range(nq)) if nq else 0
-    rank = ("the largest |bif|" if data["mode"] == "dense" else
-            "the largest sum of |bif| over their listed top-k tokens")
+    rank = ("alternately the largest sequence-level |bif| and the largest |bif_seq_tok| on one query token"
+            if data["mode"] == "dense" else "the largest sum of |bif| over their listed top-k tokens")
     notes.append(f"Per query sequence, up to {lim['top_train']} train sequences with {rank} (at most {per} here; "
                  f"{nt} distinct" + (f" of {data['n_trains']}" if data.get("n_trains") else "") + ").")
     long_ = [s for s in data["queries"] + data["trains"] if s["n_tokens"] > len(s["pos"])]
