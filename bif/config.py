@@ -35,7 +35,9 @@ class SamplerConfig(BaseModel):
     nbeta: float | None = Field(
         None,
         gt=0,
-        description="n*beta, multiplies the mean minibatch loss. None: n_train (beta = 1).",
+        description="n*beta, multiplies the mean minibatch loss. None: n_train (beta = 1); for token losses "
+        "((B, T) or ((B, T), mask)) the number of valid train tokens, since the minibatch loss is then the mean "
+        "over the batch's valid tokens and L_n the mean over all valid train tokens (the LM convention).",
     )
     gamma: float = Field(1000.0, ge=0, description="Localization strength gamma of the prior around w*.")
     batch_size: int = Field(64, ge=1, description="Minibatch size of the SGLD gradient.")
@@ -46,6 +48,20 @@ class SamplerConfig(BaseModel):
     draws_per_block: int = Field(50, ge=1, description="Draws per committed trace block (resume granularity).")
     eval_batch_size: int = Field(2048, ge=1, description="Batch size of the no-grad per-sample loss evaluation.")
     trace_dtype: Literal["float32", "float64"] = Field("float32", description="Stored dtype of per-sample losses.")
+    params: list[str] | None = Field(
+        None, description="Name globs (fnmatch over model.named_parameters(), e.g. ['transformer.h.3.*', "
+        "'lm_head.*']) of the parameters to sample; the others stay at w*, and the saved chain state holds only "
+        "the sampled ones. None: every parameter with requires_grad.")
+    autocast: Literal["bf16"] | None = Field(
+        None, description="'bf16': evaluate the losses (SGLD gradients and recorded draws) under torch.autocast "
+        "bfloat16 on CUDA; ignored with a warning on CPU. Losses are stored in trace_dtype.")
+
+    @field_validator("params")
+    @classmethod
+    def _params_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not isinstance(g, str) or not g for g in value)):
+            raise ValueError("sampler.params must be a non-empty list of name globs, e.g. ['lm_head.*'], or null")
+        return value
 
 
 class CovarianceConfig(BaseModel):
@@ -62,6 +78,13 @@ class CovarianceConfig(BaseModel):
     ddof: int = Field(1, ge=0, le=1, description="Delta degrees of freedom of the covariance.")
     topk: int = Field(20, ge=1, description="Most positive and most negative train examples kept per query.")
     compress: bool = Field(False, description="zstd-compress bif.zarr (saves ~8% on noisy floats, ~4x slower writes).")
+    token_matrix: bool = Field(
+        False, description="Token runs: also write bif_tokens.zarr, the (train_token, query_token) BIF of every "
+        "valid token pair plus the mixed bif_seq_tok / bif_tok_seq (an out-of-core Dask reduction; its size is "
+        "train tokens x query tokens). Token blocks use train_block_size x query_block_size tokens.")
+    token_topk: int | None = Field(
+        None, ge=1, description="Token runs: train tokens kept per query token and sign in topk_tokens.parquet "
+        "(always written). None: topk.")
 
 
 class ComputeConfig(BaseModel):

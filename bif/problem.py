@@ -5,8 +5,18 @@ The factory returns a :class:`Problem` or any object / mapping with these member
 
 - ``model``: ``torch.nn.Module`` at the checkpoint weights w*.
 - ``train``, ``query``: map-style ``torch.utils.data.Dataset``; sample ids are indices.
-- ``loss(model, batch) -> Tensor`` of shape ``(B,)``: per-sample losses of a batch made
-  by torch's default collate (tuples of tensors become lists of stacked tensors).
+- ``loss(model, batch)``: losses of a batch made by torch's default collate (tuples of
+  tensors become lists of stacked tensors), in one of three forms:
+
+  - per-sample losses, a Tensor of shape ``(B,)``;
+  - per-token losses, a Tensor of shape ``(B, T)`` (every position valid);
+  - a pair ``(losses (B, T), mask (B, T) bool)``: masked-out positions (False, e.g. padding)
+    are never counted, stored or attributed.
+
+  With token losses the SGLD minibatch loss is the mean over the batch's valid tokens, L_n
+  is the mean over all valid train tokens (the LM convention) and the default nβ is the
+  number of valid train tokens; the sequence-level BIF (``bif.zarr``) uses the sum of a
+  sequence's valid token losses. A token's *position* is its index along T.
 
 Optional members:
 
@@ -14,6 +24,14 @@ Optional members:
 - ``loss_bounds``: ``(low, high)`` bounds every per-sample loss must satisfy
   (default ``(0, inf)`` for negative log-likelihoods). Used by the quality gates.
 - ``render(split, index)``: a 2-D array (an image) or a string for reports.
+- ``render_tokens(split, index) -> list[str]``: token runs only; one display string per loss
+  position t of sample ``index`` (the text of the token whose loss sits at t, i.e. the
+  predicted token), length T. Fills the token texts of ``tokens.parquet`` and
+  ``topk_tokens.parquet``.
+
+Checkpoints (:func:`load_checkpoint`): a torch state dict (``torch.load(weights_only=True)``)
+or a ``.safetensors`` file; tied weights (e.g. GPT-2's ``lm_head.weight`` = ``wte.weight``)
+may be stored once.
 """
 from __future__ import annotations
 
@@ -45,10 +63,11 @@ class Problem:
     loss_bounds: tuple[float, float] = (0.0, math.inf)
     render: Callable[[str, int], Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    render_tokens: Callable[[str, int], list[str]] | None = None
 
 
 _REQUIRED = ("model", "train", "query", "loss")
-_OPTIONAL = ("fit", "loss_bounds", "render")
+_OPTIONAL = ("fit", "loss_bounds", "render", "render_tokens")
 
 
 def as_problem(obj: Any) -> Problem:
@@ -75,7 +94,10 @@ def as_problem(obj: Any) -> Problem:
         if len(ds) == 0:
             raise ProblemError(f"problem.{split} is empty")
     if not callable(prob.loss):
-        raise ProblemError("problem.loss must be callable as loss(model, batch) -> Tensor of shape (B,)")
+        raise ProblemError("problem.loss must be callable as loss(model, batch) -> Tensor of shape (B,) or (B, T), "
+                           "or a pair (losses (B, T), mask (B, T) bool)")
+    if prob.render_tokens is not None and not callable(prob.render_tokens):
+        raise ProblemError("problem.render_tokens must be callable as render_tokens(split, index) -> list[str]")
     return prob
 
 
@@ -132,24 +154,66 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
 
 
 def load_checkpoint(model: torch.nn.Module, uri: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Load a state dict with ``torch.load(weights_only=True)`` into ``model``; return its sha256."""
+    """Load a state dict into ``model``; return the file's sha256.
+
+    ``*.safetensors`` files are read with ``safetensors.torch.load``; anything else with
+    ``torch.load(weights_only=True)``. Keys that the file leaves out because they are tied to
+    a stored parameter (the same tensor in the model, e.g. GPT-2's ``lm_head.weight``) are
+    not missing: they are filled through the tie. Any other missing or unexpected key is a
+    CheckpointError naming it.
+    """
     data = read_bytes(uri, storage_options)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt / unsafe files
-        raise CheckpointError(
-            f"checkpoint {uri!r} could not be loaded as a state dict with weights_only=True: "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        ) from None
+    if uri.rsplit("?", 1)[0].lower().endswith(".safetensors"):
+        state = _safetensors_state(uri, data)
+    else:
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for corrupt / unsafe files
+            raise CheckpointError(
+                f"checkpoint {uri!r} could not be loaded as a state dict with weights_only=True: "
+                f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            ) from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {uri!r} holds {type(state).__name__}, expected a state dict")
+    state = dict(state)
+    for alias, source in _tied_aliases(model).items():  # fill a tied key the file stores once
+        if alias not in state and source in state:
+            state[alias] = state[source]
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {uri!r} does not match the model: {str(err)[:300]}") from None
     return hashlib.sha256(data).hexdigest()
+
+
+def _safetensors_state(uri: str, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load
+    except ImportError:
+        raise CheckpointError(f"checkpoint {uri!r} is a .safetensors file but the safetensors package is not "
+                              "installed; pip install safetensors (it comes with transformers)") from None
+    try:
+        return load(data)
+    except Exception as err:  # noqa: BLE001 - a corrupt header or truncated file
+        raise CheckpointError(f"checkpoint {uri!r} could not be read as safetensors: {type(err).__name__}: "
+                              f"{_first_line(err)}") from None
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{state-dict key: first key of the same tensor} for every parameter / buffer shared under several names."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    # either name of a tied pair may be the stored one: map both ways
+    out.update({v: k for k, v in list(out.items()) if v not in out})
+    return out
 
 
 def _first_line(err: BaseException) -> str:

@@ -6,8 +6,13 @@ Run layout under ``<output>`` (a local path or an fsspec URI):
 config.json                         resolved config (credentials removed), its hash, the run's identity
 manifest.json                       status, hashes, versions, timings; written last
 lease.json                          while a run works: its owner, host, pid, expiry (bif/store/lease.py)
-reference.parquet                   per-sample losses at the checkpoint w*
+reference.parquet                   per-sample losses at the checkpoint w* (token runs: sequence loss = sum of its tokens)
 traces/chain-C/block-B.parquet      per-sample losses, one row per (chain, draw, sample)
+                                    (token runs: one row per (chain, draw, sample, position), valid tokens only)
+tokens.parquet                      token runs: one row per valid token (split, sample, position, token, ref_loss)
+topk_tokens.parquet                 token runs: per query token, its top-k train tokens by BIF in each sign
+bif_tokens.zarr                     token runs with covariance.token_matrix: bif, bif_corr over
+                                    (train_token, query_token); bif_seq_tok, bif_tok_seq (mixed levels)
 health/chain-C/block-B.parquet      per-draw sampler health (distance to w*, mean losses)
 state/chain-C/block-B.pt            chain state after block B (params, preconditioner, RNG)
 bif.zarr                            xarray Dataset: bif, bif_corr over (train, query); train_constant, query_constant
@@ -43,19 +48,25 @@ TRAIN = "train"
 QUERY = "query"
 SPLITS = (TRAIN, QUERY)
 
+POSITION = "position"  # token runs: the token's true index along T of the loss tensor (B, T)
+
 #: Row order inside a trace file: split (train, then query), sample ascending, draw
 #: ascending. One trace file therefore reshapes to (n_samples, n_draws) per split.
+#: Token runs (loss (B, T)): split, sample, position ascending, then draw; valid tokens only
+#: (bif.sampling.measure.Variables computes every offset).
 TRACE_ROW_ORDER = (SPLIT, SAMPLE, DRAW)
+TOKEN_TRACE_ROW_ORDER = (SPLIT, SAMPLE, POSITION, DRAW)
 
 
-def trace_schema(loss_dtype: str = "float32") -> pa.Schema:
-    """Arrow schema of a trace block file."""
+def trace_schema(loss_dtype: str = "float32", *, tokens: bool = False) -> pa.Schema:
+    """Arrow schema of a trace block file (``tokens``: with the ``position`` column of token runs)."""
     return pa.schema(
         [
             pa.field(CHAIN, pa.int32(), nullable=False),
             pa.field(DRAW, pa.int32(), nullable=False),
             pa.field(SPLIT, pa.dictionary(pa.int8(), pa.string()), nullable=False),
             pa.field(SAMPLE, pa.int64(), nullable=False),
+        ] + ([pa.field(POSITION, pa.int64(), nullable=False)] if tokens else []) + [
             pa.field(LOSS, pa.float32() if loss_dtype == "float32" else pa.float64(), nullable=False),
         ]
     )
@@ -94,6 +105,31 @@ RANK = "rank"
 DIRECTION = "direction"  # "positive" (raises the query loss) or "negative"
 TOPK_COLUMNS = (QUERY, DIRECTION, RANK, TRAIN, BIF, BIF_CORR)
 
+# --- token runs (problem.loss returns (B, T) or ((B, T), mask)) --------------------------
+# tokens.parquet: one row per valid token, in variable order (split, sample, position)
+TOKEN = "token"  # problem.render_tokens(split, sample)[position], "" when the problem renders no tokens
+REF_LOSS = "ref_loss"  # the token's loss at w*
+TOKENS_COLUMNS = (SPLIT, SAMPLE, POSITION, TOKEN, REF_LOSS)
+
+# topk_tokens.parquet: per valid query token, the top-k train tokens by bif in each sign
+QUERY_SAMPLE = "query_sample"
+QUERY_POSITION = "query_position"
+TRAIN_SAMPLE = "train_sample"
+TRAIN_POSITION = "train_position"
+SIGN = "sign"  # "positive" | "negative", as topk.parquet's direction
+QUERY_TOKEN = "query_token"  # text of the query token ("" without render_tokens)
+TRAIN_TOKEN = "train_token"  # text of the train token
+TRAIN_CONTEXT = "train_context"  # a few train tokens around it, the token itself marked ⟦ ⟧
+TOPK_TOKENS_COLUMNS = (QUERY_SAMPLE, QUERY_POSITION, SIGN, RANK, TRAIN_SAMPLE, TRAIN_POSITION, BIF, BIF_CORR,
+                       QUERY_TOKEN, TRAIN_TOKEN, TRAIN_CONTEXT)
+CONTEXT_MARK = ("⟦", "⟧")
+
+# bif_tokens.zarr: dims and the mixed-level variables
+TRAIN_TOKEN_DIM = "train_token"
+QUERY_TOKEN_DIM = "query_token"
+BIF_SEQ_TOK = "bif_seq_tok"  # (train, query_token): -Cov(train sequence loss, query token loss)
+BIF_TOK_SEQ = "bif_tok_seq"  # (train_token, query): -Cov(train token loss, query sequence loss)
+
 # diagnostics.parquet columns (besides split, sample)
 RHAT = "rhat"  # rank-normalized split R-hat (ArviZ)
 ESS_BULK = "ess_bulk"
@@ -114,6 +150,9 @@ QUALITY_DIR = "quality"
 QUALITY_SUMMARY_FILE = "summary.json"  # inside QUALITY_DIR
 DIAGNOSTICS_FILE = "diagnostics.parquet"
 REPORT_FILE = "report.html"
+TOKENS_FILE = "tokens.parquet"
+TOPK_TOKENS_FILE = "topk_tokens.parquet"
+BIF_TOKENS_ZARR = "bif_tokens.zarr"
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"

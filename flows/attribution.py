@@ -102,7 +102,8 @@ def _resolved(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) ->
     device = cfg.compute.device
     with contextlib.suppress(Exception):  # only informative; the chains resolve it themselves
         device = runtime.worker_device(cfg.compute.device, cfg.compute.gpus, scheduler_address)
-    return {"nbeta": float(s.nbeta if s.nbeta is not None else info.n_train), "gamma": float(s.gamma),
+    nbeta = s.nbeta if s.nbeta is not None else (info.nbeta or info.n_train)  # token runs: valid train tokens
+    return {"nbeta": float(nbeta), "gamma": float(s.gamma),
             "step_size": float(s.step_size), "device": device, "n_train": info.n_train, "n_query": info.n_query}
 
 

@@ -51,6 +51,10 @@ class RunInfo:
     loss_bounds: tuple[float, float]
     query_is_train: bool
     already_complete: bool = False
+    # token runs (problem.loss returns (B, T) or ((B, T), mask)): valid tokens per split; None for sample runs
+    n_train_tokens: int | None = None
+    n_query_tokens: int | None = None
+    nbeta: float | None = None  # the chains' nβ (sampler.nbeta, else train samples or valid train tokens)
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,10 @@ def _reference(problem: Problem, cfg: RunConfig) -> tuple[SGLDChain, np.ndarray,
 class _Inspection:
     info: RunInfo
     identity: dict[str, Any]
-    ref_train: np.ndarray
+    ref_train: np.ndarray  # per variable (token runs: per valid token)
     ref_query: np.ndarray
+    chain: SGLDChain
+    problem: Problem
 
 
 def _inspect(cfg: RunConfig) -> _Inspection:
@@ -209,12 +215,15 @@ def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     check_reference_losses(problem, ref_train, ref_query)
     manifest = store.manifest() or {}
     done = manifest.get("status") == S.STATUS_COMPLETE and manifest.get("config") == cfg.public_dict()
+    tokens = chain.variables.is_tokens
     info = RunInfo(config_hash=cfg_hash, n_train=len(problem.train), n_query=len(problem.query),
                    checkpoint_sha256=ckpt, model_sha256=identity["model_sha256"],
                    data_sha256=identity["data_sha256"],
                    ref_train_loss_mean=float(ref_train.mean()), loss_bounds=tuple(problem.loss_bounds),
-                   query_is_train=problem.query is problem.train, already_complete=done)
-    return _Inspection(info, identity, ref_train, ref_query)
+                   query_is_train=problem.query is problem.train, already_complete=done,
+                   n_train_tokens=chain.n_train_vars if tokens else None,
+                   n_query_tokens=chain.n_query_vars if tokens else None, nbeta=chain.nbeta)
+    return _Inspection(info, identity, ref_train, ref_query, chain, problem)
 
 
 @_storage_errors
@@ -252,10 +261,22 @@ def prepare_run(cfg: RunConfig) -> RunInfo:
     if info.already_complete:
         return info
     store.write_config({"config_hash": info.config_hash, "config": cfg.public_dict(), "identity": ins.identity})
-    store.write_reference(ins.ref_train, ins.ref_query)
+    variables = ins.chain.variables
+    if variables.is_tokens:  # reference.parquet holds sequence losses; tokens.parquet every valid token
+        from bif.sampling.measure import sequence_sums
+        from bif.tasks.tokens import token_table
+
+        store.write_table(S.TOKENS_FILE, token_table(variables, ins.ref_train, ins.ref_query,
+                                                     ins.problem.render_tokens))
+        store.write_reference(sequence_sums(ins.ref_train, variables.token_counts[0]),
+                              sequence_sums(ins.ref_query, variables.token_counts[1]))
+    else:
+        store.write_reference(ins.ref_train, ins.ref_query)
     store.update_manifest(status=S.STATUS_RUNNING, config=cfg.public_dict(),
                     config_hash=info.config_hash, **ins.identity,
                     n_train=info.n_train, n_query=info.n_query, packages=package_versions(), error=None,
+                    **({"n_train_tokens": info.n_train_tokens, "n_query_tokens": info.n_query_tokens}
+                       if info.n_train_tokens is not None else {}),
                     started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return info
 
@@ -339,6 +360,12 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
                           progress=progress,
                           attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
     store.write_topk(summary.topk)
+    if info.n_train_tokens is not None:  # token runs: topk_tokens.parquet (and bif_tokens.zarr)
+        from bif.tasks.tokens import compute_token_bif
+
+        tokens = compute_token_bif(store, cv, files, client=client, progress=progress,
+                                   attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
+        store.update_manifest(token_outputs=tokens.outputs())
     return summary
 
 

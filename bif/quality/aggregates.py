@@ -71,7 +71,10 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
     from bif.sampling.measure import Variables
 
     variables = Variables.of_samples(n_train=n_train, n_query=n_query)  # row offsets: bif.sampling.measure
-    expected = S.trace_schema(loss_dtype)
+    tokens = _token_variables(table)  # token runs: the valid tokens the file's footer declares
+    if tokens is not None and tokens.sample_counts == (n_train, n_query):
+        variables = tokens
+    expected = S.trace_schema(loss_dtype, tokens=tokens is not None)
     names_ok = table.schema.names == expected.names
     out: dict[str, Any] = {"chain": chain, "block": block, "rows": table.num_rows,
                            "expected_rows": variables.num_rows(num_draws),
@@ -88,22 +91,27 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
         split_idx = remap[split_col.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)]
     else:
         split_idx = np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in split_col.to_pylist()])
-    ints = {k: cols[k].fill_null(-1).to_numpy().astype(np.int64) for k in (S.CHAIN, S.DRAW, S.SAMPLE)}
+    int_cols = (S.CHAIN, S.DRAW, S.SAMPLE) + ((S.POSITION,) if variables.is_tokens else ())
+    ints = {k: cols[k].fill_null(-1).to_numpy().astype(np.int64) for k in int_cols}
     draw, sample = ints[S.DRAW], ints[S.SAMPLE]
+    position = ints.get(S.POSITION, np.zeros_like(sample))
     loss = cols[S.LOSS].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
     bad = ~np.isfinite(loss)
     low, high = loss_bounds
     oob = ~bad & ((loss < low) | (loss > high))
     wrong_chain = ints[S.CHAIN] != chain
-    in_range = variables.in_range(split_idx, sample) & (draw >= draw_start) & (draw < draw_start + num_draws)
-    key = variables.row(variables.variable(split_idx[in_range], sample[in_range]), draw[in_range] - draw_start,
-                        num_draws)  # the row each in-range key has in a correct file
+    in_range = variables.in_range(split_idx, sample, position) & (draw >= draw_start) & \
+        (draw < draw_start + num_draws)
+    key = variables.row(variables.variable(split_idx[in_range], sample[in_range], position[in_range]),
+                        draw[in_range] - draw_start, num_draws)  # the row each in-range key has in a correct file
     counts = np.bincount(key, minlength=out["expected_rows"])
     missing = np.flatnonzero(counts == 0)
     first_missing = ""
     if missing.size:
         k = variables.unrow(int(missing[0]), num_draws)
         first_missing = f"draw={draw_start + int(k.draw)} split={variables.splits[int(k.split)]} sample={int(k.sample)}"
+        if variables.is_tokens:
+            first_missing += f" position={int(k.position)}"
     dup_rows = in_range.copy()
     dup_rows[in_range] = counts[key] > 1
     out.update({
@@ -116,3 +124,19 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
         "n_missing": int(missing.size), "first_missing": first_missing,
     })
     return out
+
+
+def _token_variables(table: Any) -> Any:
+    """The token Variables declared in a trace table's footer (its BlockLayout), or None for a sample run."""
+    from bif import schema as S
+    from bif.store.traces import BlockLayout
+
+    md = table.schema.metadata or {}
+    raw = md.get(S.META_LAYOUT)
+    if raw is None:
+        return None
+    try:
+        layout = BlockLayout.from_bytes(raw)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return layout.variables if layout.is_tokens else None

@@ -17,9 +17,22 @@ The model stays in ``eval()`` mode throughout (no dropout; batch norm uses runni
 After ``num_burnin_steps`` steps, a draw is recorded every ``steps_per_draw`` steps: the
 per-sample losses of every train and query example, evaluated without gradients in large
 batches. A NaN or Inf stops the chain with :class:`bif.errors.ChainDivergedError`.
+
+Token losses (``problem.loss`` returns ``(B, T)`` or ``((B, T), mask)``, see
+:mod:`bif.problem`): a draw records the loss of every *valid* token (the variables of
+:meth:`bif.sampling.measure.Variables.of_tokens`, positions = true indices along T; the
+masks are fixed by the first evaluation at w* and must not change); L_B is then the mean
+over the minibatch's valid tokens and the default nβ the number of valid train tokens.
+
+``sampler.params`` (name globs) restricts the sampled parameters: the others are frozen at
+w* in the chain's model copy and are not part of the chain state. ``sampler.autocast: bf16``
+evaluates the losses under ``torch.autocast`` bfloat16 on CUDA (a warning on CPU, ignored).
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +43,11 @@ from torch.utils.data import Dataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from bif.config import SamplerConfig
-from bif.errors import ChainDivergedError, ProblemError
+from bif.errors import ChainDivergedError, ConfigError, ProblemError
 from bif.problem import Problem
 from bif.sampling.kernels import Kernel, get_kernel, kernel_name
+from bif.sampling.measure import Variables, sequence_sums  # noqa: F401 - re-exported
+from bif.warnings import BifWarning
 
 
 def chain_seed(root_seed: int, chain: int) -> int:
@@ -90,26 +105,133 @@ def eval_batches(ds: Dataset, batch_size: int, device: torch.device, *, dtype: t
     return out
 
 
+def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Check a ``problem.loss`` result for a batch of ``expected``: (losses, mask or None, is_tokens).
+
+    Accepts ``(B,)`` per-sample losses, ``(B, T)`` per-token losses (mask None: all valid) or
+    a pair ``(losses (B, T), mask (B, T) bool)``; anything else is a ProblemError naming it.
+    """
+    def shape_of(x: Any) -> Any:
+        return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+    forms = (f"per-sample losses of shape ({expected},), per-token losses ({expected}, T), or a pair "
+             f"(losses ({expected}, T), mask ({expected}, T) bool)")
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ProblemError(f"problem.loss returned a {type(out).__name__} of {len(out)} items; it must return "
+                               f"{forms}")
+        losses, mask = out
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 2 or losses.shape[0] != expected:
+            raise ProblemError(f"problem.loss returned a pair whose losses have shape {shape_of(losses)} for a batch "
+                               f"of {expected}; they must have shape ({expected}, T) with reduction='none'")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != losses.shape:
+            what = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else \
+                type(mask).__name__
+            raise ProblemError(f"problem.loss returned a mask with {what}; it must be a bool Tensor of the losses' "
+                               f"shape {tuple(losses.shape)} (e.g. attention_mask[:, 1:].bool()), True where a "
+                               "token's loss counts")
+        return losses, mask, True
+    if isinstance(out, torch.Tensor) and out.shape == (expected,):
+        return out, None, False
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == expected:
+        return out, None, True
+    raise ProblemError(f"problem.loss must return {forms}; got {shape_of(out)} for a batch of {expected}. "
+                       "Use reduction='none' (e.g. F.cross_entropy(..., reduction='none'))")
+
+
 def checked_loss(problem: Problem, model: torch.nn.Module, batch: Any, expected: int) -> torch.Tensor:
-    """``problem.loss(model, batch)``, checked to have shape ``(expected,)``."""
-    out = problem.loss(model, batch)
-    if not isinstance(out, torch.Tensor) or out.shape != (expected,):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ProblemError(
-            f"problem.loss must return per-sample losses of shape ({expected},) for a batch of {expected}, "
-            f"got {shape}; use reduction='none' (e.g. F.cross_entropy(..., reduction='none'))"
-        )
-    return out
+    """``problem.loss(model, batch)`` reduced to per-sample losses ``(expected,)``.
+
+    Token losses become the sum of each sample's valid token losses (the sequence loss).
+    """
+    losses, mask, tokens = split_loss(problem.loss(model, batch), expected)
+    if not tokens:
+        return losses
+    return (losses if mask is None else torch.where(mask, losses, torch.zeros_like(losses))).sum(dim=1)
+
+
+def minibatch_loss(problem: Problem, model: torch.nn.Module, batch: Any, expected: int) -> torch.Tensor:
+    """L_B: the mean per-sample loss, or for token losses the mean over the batch's valid tokens (0-d)."""
+    losses, mask, tokens = split_loss(problem.loss(model, batch), expected)
+    if mask is None:
+        return losses.mean()
+    return torch.where(mask, losses, torch.zeros_like(losses)).sum() / mask.sum().clamp(min=1)
 
 
 @torch.no_grad()
 def evaluate_losses(problem: Problem, model: torch.nn.Module, batches: Sequence[Any], sizes: Sequence[int],
                     out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` (n,) with the per-sample losses of the collated ``batches``."""
+    """Fill ``out`` (n,) with the per-sample losses of the collated ``batches`` (token losses: sequence sums)."""
     start = 0
     for batch, size in zip(batches, sizes, strict=True):
         out[start:start + size] = checked_loss(problem, model, batch, size).to(out.dtype)
         start += size
+    return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a draw records for one split, fixed by the first evaluation at w*.
+
+    ``tokens``: per-token losses; ``masks``: per eval batch the (B, T) bool mask of valid
+    tokens on the chain's device (None: all valid, or sample losses); ``counts`` (n,) valid
+    tokens per sample; ``positions`` (variables,) their indices along T.
+    """
+
+    tokens: bool
+    masks: tuple[torch.Tensor | None, ...]
+    counts: np.ndarray
+    positions: np.ndarray
+
+    @property
+    def num_variables(self) -> int:
+        return int(self.counts.sum()) if self.tokens else len(self.counts)
+
+
+@torch.no_grad()
+def measure(problem: Problem, model: torch.nn.Module, batches: Sequence[Any], sizes: Sequence[int],
+            split: str) -> tuple[Measurement, torch.Tensor]:
+    """Evaluate ``batches`` once: (the split's Measurement, its per-variable losses as a 1-D float64 tensor)."""
+    masks, counts, positions, values, kinds = [], [], [], [], set()
+    for batch, size in zip(batches, sizes, strict=True):
+        losses, mask, tokens = split_loss(problem.loss(model, batch), size)
+        kinds.add(tokens)
+        if len(kinds) > 1:
+            raise ProblemError(f"problem.loss returned per-sample losses for some {split} batches and per-token "
+                               "losses for others; return one form for every batch")
+        if not tokens:
+            values.append(losses.to(torch.float64))
+            masks.append(None)
+            continue
+        full = mask if mask is not None else torch.ones_like(losses, dtype=torch.bool)
+        masks.append(mask)
+        counts.append(full.sum(dim=1).cpu().numpy())
+        positions.append(full.nonzero()[:, 1].cpu().numpy())  # row-major: sample, then position ascending
+        values.append(losses[full].to(torch.float64))
+    is_tokens = kinds == {True}
+    n = sum(sizes)
+    m = Measurement(tokens=is_tokens, masks=tuple(masks),
+                    counts=np.concatenate(counts).astype(np.int64) if is_tokens else np.ones(n, dtype=np.int64),
+                    positions=np.concatenate(positions).astype(np.int64) if is_tokens else np.zeros(n, np.int64))
+    return m, torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def record_losses(problem: Problem, model: torch.nn.Module, batches: Sequence[Any], sizes: Sequence[int],
+                  m: Measurement, out: torch.Tensor, *, split: str) -> torch.Tensor:
+    """Fill ``out`` (variables,) with the losses of every variable of ``m`` (valid tokens only for token losses)."""
+    if not m.tokens:
+        return evaluate_losses(problem, model, batches, sizes, out)
+    start = 0
+    for b, (batch, size, want) in enumerate(zip(batches, sizes, m.masks, strict=True)):
+        losses, mask, _ = split_loss(problem.loss(model, batch), size)
+        if (mask is None) != (want is None) or (mask is not None and (mask.shape != want.shape
+                                                                      or not torch.equal(mask, want))):
+            raise ProblemError(f"problem.loss returned another token mask for {split} batch {b} than at w*; the "
+                               "mask must depend on the data only (e.g. padding), never on the weights")
+        vals = losses.reshape(-1) if mask is None else losses[mask]
+        out[start:start + vals.numel()] = vals.to(out.dtype)
+        start += vals.numel()
     return out
 
 
@@ -138,6 +260,8 @@ class DrawBlock:
     steps: np.ndarray  # (D,) int64, SGLD step index of each draw
     distance: np.ndarray  # (D,) float64, ||w - w*|| at each draw
     state: ChainState
+    #: the variables of each draw (None: one per sample); token runs: train_losses is (D, train tokens)
+    variables: Variables | None = None
 
     @property
     def num_draws(self) -> int:
@@ -162,8 +286,9 @@ class SGLDChain:
         self.device = torch.device(device)
         self.loss_dtype = loss_dtype
         self.model = copy.deepcopy(problem.model).to(self.device).eval()
-        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = select_params(self.model, settings.params)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ProblemError("problem.model has no parameters with requires_grad=True to sample: every parameter "
                                "is frozen. Set requires_grad=True on the parameters whose posterior the BIF "
@@ -171,7 +296,10 @@ class SGLDChain:
         self.anchor = [p.detach().clone() for p in self.params]
         self.n_train = len(problem.train)
         self.n_query = len(problem.query)
-        self.nbeta = float(settings.nbeta if settings.nbeta is not None else self.n_train)
+        self.autocast = settings.autocast if self.device.type == "cuda" else None
+        if settings.autocast is not None and self.autocast is None:
+            warnings.warn(f"sampler.autocast={settings.autocast!r} applies on CUDA only; the chain runs on "
+                          f"{self.device} and evaluates the losses in full precision", BifWarning, stacklevel=2)
         kernel = kernel_name(settings) if kernel is None else kernel
         kernel_cls = get_kernel(kernel) if isinstance(kernel, str) else kernel
         self.kernel: Kernel = kernel_cls(self.names, self.params, settings)
@@ -185,6 +313,59 @@ class SGLDChain:
         self._query_batches = eval_batches(problem.query, bs, self.device)
         self._train_sizes = [min(bs, self.n_train - s) for s in range(0, self.n_train, bs)]
         self._query_sizes = [min(bs, self.n_query - s) for s in range(0, self.n_query, bs)]
+        self._measured: tuple | None = None  # set by the first evaluation at w* (:meth:`_measure`)
+
+    def _measure(self) -> tuple:
+        """The first evaluation fixes what a draw records (samples or valid tokens); lazy, once.
+
+        Masks depend on the data only, so the layout does not depend on when it is taken; its
+        losses serve :meth:`reference_losses` only while the chain is still at w*.
+        """
+        if self._measured is not None:
+            return self._measured
+        problem = self.problem
+        with self.autocast_context():
+            m_train, ref_tr = measure(problem, self.model, self._train_batches, self._train_sizes, "train")
+            m_query, ref_qu = measure(problem, self.model, self._query_batches, self._query_sizes, "query")
+        if m_train.tokens != m_query.tokens:
+            raise ProblemError("problem.loss returned per-token losses for one split and per-sample losses for the "
+                               "other; return one form for both train and query")
+        if m_train.tokens:
+            for split, m in (("train", m_train), ("query", m_query)):
+                if m.num_variables == 0:
+                    raise ProblemError(f"the {split} set has no valid token (every mask position is False); "
+                                       "nothing can be sampled or attributed there")
+            variables = Variables.of_tokens(train_tokens=m_train.counts, query_tokens=m_query.counts,
+                                            train_positions=m_train.positions, query_positions=m_query.positions)
+        else:
+            variables = Variables.of_samples(n_train=self.n_train, n_query=self.n_query)
+        self._measured = (m_train, m_query, variables, (ref_tr.cpu().numpy(), ref_qu.cpu().numpy()))
+        return self._measured
+
+    @property
+    def variables(self) -> Variables:
+        """What each draw records: one variable per sample, or per valid token (:mod:`bif.sampling.measure`)."""
+        return self._measure()[2]
+
+    @property
+    def n_train_vars(self) -> int:
+        return self.variables.num_variables("train")
+
+    @property
+    def n_query_vars(self) -> int:
+        return self.variables.num_variables("query")
+
+    @property
+    def nbeta(self) -> float:
+        """nβ: ``sampler.nbeta``, else the number of train variables (n_train, or the valid train tokens)."""
+        s = self.settings.nbeta
+        return float(s) if s is not None else float(self.n_train_vars)
+
+    def autocast_context(self):
+        """``torch.autocast`` bfloat16 on CUDA when ``sampler.autocast: bf16``, else a no-op context."""
+        if self.autocast == "bf16":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> ChainState:
@@ -200,6 +381,7 @@ class SGLDChain:
 
     def load_state(self, state: ChainState) -> None:
         """Continue from ``state`` (as produced by :meth:`state`)."""
+        self._measure()  # at w*, before the weights move
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
                 p.copy_(state.params[n].to(self.device))
@@ -218,7 +400,8 @@ class SGLDChain:
         batch = to_device(collate_indices(self.problem.train, idx), self.device)
         for p in self.params:
             p.grad = None
-        loss = checked_loss(self.problem, self.model, batch, len(idx)).mean()
+        with self.autocast_context():
+            loss = minibatch_loss(self.problem, self.model, batch, len(idx))
         loss.backward()
         with torch.no_grad():
             self.kernel.step(self.params, [p.grad for p in self.params], anchor=self.anchor, nbeta=self.nbeta,
@@ -233,7 +416,8 @@ class SGLDChain:
     def _check_finite(self, row: torch.Tensor, split: str, draw: int) -> None:
         if not bool(torch.isfinite(row).all()):
             bad = int((~torch.isfinite(row)).nonzero()[0, 0])
-            raise ChainDivergedError(chain=self.chain, draw=draw, split=split, sample=bad, value=float(row[bad]))
+            sample = int(self.variables.token_samples(split)[bad])  # the sample of variable `bad`
+            raise ChainDivergedError(chain=self.chain, draw=draw, split=split, sample=sample, value=float(row[bad]))
 
     @property
     def eval_data(self) -> tuple[list[Any], list[Any]]:
@@ -241,12 +425,24 @@ class SGLDChain:
         return self._train_batches, self._query_batches
 
     def reference_losses(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-sample train and query losses at the current weights, as float64 numpy arrays."""
-        tr = evaluate_losses(self.problem, self.model, self._train_batches, self._train_sizes,
-                             torch.empty(self.n_train, dtype=torch.float64, device=self.device))
-        qu = evaluate_losses(self.problem, self.model, self._query_batches, self._query_sizes,
-                             torch.empty(self.n_query, dtype=torch.float64, device=self.device))
+        """Train and query losses of every variable at the current weights (float64 numpy arrays).
+
+        Per-sample losses, or for token losses the loss of every valid token in variable order
+        (:attr:`variables`); sequence losses are their per-sample sums (:func:`sequence_sums`).
+        """
+        if self._measured is None or (self.step == 0 and self.num_recorded == 0):  # at w*: the first evaluation
+            ref = self._measure()[3]
+            return ref[0].copy(), ref[1].copy()
+        tr = torch.empty(self.n_train_vars, dtype=torch.float64, device=self.device)
+        qu = torch.empty(self.n_query_vars, dtype=torch.float64, device=self.device)
+        with self.autocast_context():
+            self._record(tr, qu)
         return tr.cpu().numpy(), qu.cpu().numpy()
+
+    def _record(self, tr: torch.Tensor, qu: torch.Tensor) -> None:
+        m_train, m_query = self._measure()[:2]
+        record_losses(self.problem, self.model, self._train_batches, self._train_sizes, m_train, tr, split="train")
+        record_losses(self.problem, self.model, self._query_batches, self._query_sizes, m_query, qu, split="query")
 
     def run(self, *, num_draws: int, draws_per_block: int,
             on_draw: Callable[[int], None] | None = None) -> Iterator[DrawBlock]:
@@ -258,18 +454,19 @@ class SGLDChain:
         s = self.settings
         while self.step < s.num_burnin_steps:
             self.sgld_step()
+        self._measure()
         while self.num_recorded < num_draws:
             d0 = self.num_recorded
             nd = min(draws_per_block, num_draws - d0)
-            tr = torch.empty((nd, self.n_train), dtype=self.loss_dtype, device=self.device)
-            qu = torch.empty((nd, self.n_query), dtype=self.loss_dtype, device=self.device)
+            tr = torch.empty((nd, self.n_train_vars), dtype=self.loss_dtype, device=self.device)
+            qu = torch.empty((nd, self.n_query_vars), dtype=self.loss_dtype, device=self.device)
             dist = torch.empty(nd, dtype=torch.float64, device=self.device)
             steps = np.empty(nd, dtype=np.int64)
             for k in range(nd):
                 for _ in range(s.steps_per_draw):
                     self.sgld_step()
-                evaluate_losses(self.problem, self.model, self._train_batches, self._train_sizes, tr[k])
-                evaluate_losses(self.problem, self.model, self._query_batches, self._query_sizes, qu[k])
+                with self.autocast_context():
+                    self._record(tr[k], qu[k])
                 self._check_finite(tr[k], "train", d0 + k)
                 self._check_finite(qu[k], "query", d0 + k)
                 dist[k] = self.distance()
@@ -279,16 +476,40 @@ class SGLDChain:
                     on_draw(self.num_recorded)
             yield DrawBlock(chain=self.chain, draw_start=d0, train_losses=tr.cpu().numpy(),
                             query_losses=qu.cpu().numpy(), steps=steps, distance=dist.cpu().numpy(),
-                            state=self.state())
+                            state=self.state(), variables=self.variables if self.variables.is_tokens else None)
+
+
+def select_params(model: torch.nn.Module, globs: Sequence[str] | None) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) to sample: those with requires_grad, restricted to names matching ``globs`` (fnmatch).
+
+    Unmatched parameters get ``requires_grad_(False)`` on ``model`` (the chain's own copy), so
+    no gradient is computed for them and they stay at w*. ConfigError naming the globs when
+    none matches.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if globs is None:
+        return named
+    chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    if not chosen and named:
+        names = [n for n, _ in named]
+        raise ConfigError(f"sampler.params {list(globs)} matches none of the model's {len(names)} trainable "
+                          f"parameters ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); fix the globs "
+                          "(fnmatch patterns over model.named_parameters(), e.g. 'lm_head.*')")
+    keep = {n for n, _ in chosen}
+    for n, p in named:
+        if n not in keep:
+            p.requires_grad_(False)
+    return chosen
 
 
 @dataclass(frozen=True)
 class ChainTraces:
     """All draws of all chains of one in-process run (see :func:`sample_chains`)."""
 
-    train: np.ndarray  # (chains, draws, n_train), per-sample train losses
-    query: np.ndarray  # (chains, draws, n_query), per-sample query losses
+    train: np.ndarray  # (chains, draws, n_train), per-sample train losses (token runs: per valid token)
+    query: np.ndarray  # (chains, draws, n_query), per-sample query losses (token runs: per valid token)
     distance: np.ndarray  # (chains, draws) float64, ||w - w*|| at each draw
+    variables: Variables | None = None  # token runs: the token variables of the columns
 
 
 def sample_chains(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",
@@ -305,7 +526,8 @@ def sample_chains(problem: Problem, settings: SamplerConfig, *, device: torch.de
         train.append(np.concatenate([b.train_losses for b in blocks]))
         query.append(np.concatenate([b.query_losses for b in blocks]))
         dist.append(np.concatenate([b.distance for b in blocks]))
-    return ChainTraces(train=np.stack(train), query=np.stack(query), distance=np.stack(dist))
+    return ChainTraces(train=np.stack(train), query=np.stack(query), distance=np.stack(dist),
+                       variables=chain.variables if chain.variables.is_tokens else None)
 
 
 def sample_traces(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",

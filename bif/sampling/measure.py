@@ -13,6 +13,13 @@ block of D draws holds the loss of variable v at draw ``draw_start + d`` in row
 
 so each split's rows reshape to (variables, D). :class:`Variables` computes these offsets
 and their inverse; the trace store, the trace aggregates and the trace gates all use it.
+
+Token positions: a token variable's ``position`` is its true index along T of the loss
+tensor ``(B, T)`` (masked positions are skipped and never become variables). Without
+explicit ``positions`` the valid tokens of a sample are positions ``0..count-1``; with them
+(:meth:`Variables.of_tokens` ``train_positions`` / ``query_positions``: per split one int64
+array over its variables, ascending within each sample) every ``position`` argument and
+result is that true index.
 """
 from __future__ import annotations
 
@@ -49,6 +56,9 @@ class Variables:
     sample_counts: tuple[int, ...]
     token_counts: tuple[np.ndarray, ...] | None = None
     splits: tuple[str, ...] = field(default=S.SPLITS)
+    #: per split an int64 array (variables of the split,): true position of each token variable
+    #: along T (None: positions 0..count-1 of each sample)
+    positions: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.sample_counts) != len(self.splits) or any(int(n) < 0 for n in self.sample_counts):
@@ -60,6 +70,23 @@ class Variables:
                 raise BifError(f"token_counts must give, per split {self.splits}, one count >= 0 per sample "
                                f"(sample_counts {self.sample_counts}); got lengths {[len(t) for t in tokens]}")
             object.__setattr__(self, "token_counts", tokens)
+        if self.positions is not None:
+            if self.token_counts is None:
+                raise BifError("positions are given for sample variables; they belong to token variables only")
+            pos = tuple(np.asarray(p, dtype=np.int64).reshape(-1) for p in self.positions)
+            if len(pos) != len(self.splits) or any(len(p) != int(t.sum()) for p, t in zip(pos, self.token_counts)):
+                raise BifError(f"positions must give, per split {self.splits}, one position per token variable "
+                               f"({[int(t.sum()) for t in self.token_counts]}); got {[len(p) for p in pos]}")
+            flat = np.concatenate(pos)
+            if (flat < 0).any():
+                raise BifError("token positions must be >= 0")
+            starts = self._var_start[:-1][np.diff(self._var_start) > 0]  # first variable of each non-empty sample
+            step = np.diff(flat)
+            first = np.zeros(len(flat), dtype=bool)
+            first[starts] = True
+            if (step <= 0)[~first[1:]].any():
+                raise BifError("token positions must be strictly ascending within each sample")
+            object.__setattr__(self, "positions", pos)
 
     @classmethod
     def of_samples(cls, *, n_train: int, n_query: int) -> "Variables":
@@ -67,11 +94,64 @@ class Variables:
         return cls(sample_counts=(int(n_train), int(n_query)))
 
     @classmethod
-    def of_tokens(cls, *, train_tokens: Sequence[int] | np.ndarray, query_tokens: Sequence[int] | np.ndarray
+    def of_tokens(cls, *, train_tokens: Sequence[int] | np.ndarray, query_tokens: Sequence[int] | np.ndarray,
+                  train_positions: np.ndarray | None = None, query_positions: np.ndarray | None = None
                   ) -> "Variables":
-        """One variable per (sample, position) token; ``train_tokens[i]``: positions of train sample i (and query)."""
+        """One variable per (sample, position) token; ``train_tokens[i]``: valid tokens of train sample i (and query).
+
+        ``train_positions`` / ``query_positions``: the true index along T of each token
+        variable of the split (ascending within a sample); None: ``0..count-1``.
+        """
         tr, qu = (np.asarray(t, dtype=np.int64).reshape(-1) for t in (train_tokens, query_tokens))
-        return cls(sample_counts=(len(tr), len(qu)), token_counts=(tr, qu))
+        if (train_positions is None) != (query_positions is None):
+            raise BifError("give both train_positions and query_positions, or neither")
+        pos = None if train_positions is None else (train_positions, query_positions)
+        return cls(sample_counts=(len(tr), len(qu)), token_counts=(tr, qu), positions=pos)
+
+    @cached_property
+    def _true_positions(self) -> np.ndarray | None:
+        """(variables,) true position of every variable, or None when positions are implicit."""
+        return None if self.positions is None else np.concatenate(self.positions)
+
+    @cached_property
+    def _keys(self) -> np.ndarray:
+        """(variables,) strictly increasing key g·M + position (M > every position): the inverse of :meth:`variable`."""
+        g = np.repeat(np.arange(len(self._var_start) - 1, dtype=np.int64), np.diff(self._var_start))
+        return g * self._span + self._true_positions
+
+    @cached_property
+    def _span(self) -> int:
+        return int(self._true_positions.max()) + 1 if self._true_positions.size else 1
+
+    def token_positions(self, split: str) -> np.ndarray:
+        """(variables of ``split``,) int64: the true position of each token variable of ``split``."""
+        k = self.split_index(split)
+        if self.positions is not None:
+            return self.positions[k]
+        if self.token_counts is None:
+            return np.zeros(self.num_samples(split), dtype=np.int64)
+        t = self.token_counts[k]
+        return np.arange(int(t.sum()), dtype=np.int64) - np.repeat(np.r_[0, np.cumsum(t)[:-1]], t)
+
+    def token_samples(self, split: str) -> np.ndarray:
+        """(variables of ``split``,) int64: the sample of each variable of ``split``."""
+        k = self.split_index(split)
+        n = self.num_samples(split)
+        if self.token_counts is None:
+            return np.arange(n, dtype=np.int64)
+        return np.repeat(np.arange(n, dtype=np.int64), self.token_counts[k])
+
+    def first_variable(self, split: str) -> int:
+        """Variable index (over all splits) of ``split``'s first variable."""
+        return int(self._split_var_start[self.split_index(split)])
+
+    def sample_var_bounds(self, split: str) -> np.ndarray:
+        """(samples + 1,) int64: variables ``[b[i], b[i+1])`` of ``split`` belong to its sample i (split-local)."""
+        k = self.split_index(split)
+        n = self.num_samples(split)
+        if self.token_counts is None:
+            return np.arange(n + 1, dtype=np.int64)
+        return np.r_[0, np.cumsum(self.token_counts[k])].astype(np.int64)
 
     # -- counts ----------------------------------------------------------------------------
     @property
@@ -124,7 +204,11 @@ class Variables:
     def variable(self, split, sample, position=0):
         """Variable index of (split index, sample within the split, token position); vectorized."""
         g = self._sample_start[split] + sample
-        return (g if self._var_start is None else self._var_start[g]) + position
+        if self._var_start is None:
+            return g + position
+        if self.positions is None:
+            return self._var_start[g] + position
+        return np.searchsorted(self._keys, np.asarray(g, dtype=np.int64) * self._span + position)
 
     def locate(self, variable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inverse of :meth:`variable`: (split index, sample within the split, position), each int64."""
@@ -133,7 +217,7 @@ class Variables:
             g, pos = v, np.zeros_like(v)
         else:  # the last sample starting at or before v (samples with 0 tokens are skipped by 'right')
             g = np.searchsorted(self._var_start, v, side="right") - 1
-            pos = v - self._var_start[g]
+            pos = v - self._var_start[g] if self.positions is None else self._true_positions[v]
         split = np.searchsorted(self._sample_start, g, side="right") - 1
         return split, g - self._sample_start[split], pos
 
@@ -149,7 +233,14 @@ class Variables:
             return ok & (position == 0)
         tokens = np.r_[np.diff(self._var_start), 0]  # per global sample, and 0 for "no sample"
         g = np.where(ok, self._sample_start[k] + sample, len(tokens) - 1)
-        return ok & (position >= 0) & (position < tokens[g])
+        if self.positions is None:
+            return ok & (position >= 0) & (position < tokens[g])
+        ok = ok & (position >= 0) & (position < self._span)
+        key = np.where(ok, g * self._span + position, -1)
+        if not len(self._keys):
+            return ok & False
+        at = np.clip(np.searchsorted(self._keys, key), 0, len(self._keys) - 1)
+        return ok & (self._keys[at] == key)
 
     # -- rows of a trace block -------------------------------------------------------------
     @staticmethod
@@ -187,8 +278,24 @@ class Variables:
         else:
             tokens = np.diff(self._var_start)
             split_of, sample_of = np.repeat(split_of, tokens), np.repeat(sample_of, tokens)  # (variables,)
-            position = np.arange(len(split_of), dtype=np.int64) - np.repeat(self._var_start[:-1], tokens)
+            position = (np.arange(len(split_of), dtype=np.int64) - np.repeat(self._var_start[:-1], tokens)
+                        if self.positions is None else self._true_positions)
         rows = len(split_of) * nd
         return RowKeys(split=np.repeat(split_of, nd), sample=np.repeat(sample_of, nd),
                        position=np.broadcast_to(np.int64(0), (rows,)) if position is None else np.repeat(position, nd),
                        draw=np.tile(np.arange(nd, dtype=np.int32), len(split_of)))
+
+
+def sequence_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-sample sums of token values along the last axis: ``values`` (..., variables), ``counts`` (n,) → (..., n).
+
+    float64; a sample with 0 valid tokens sums to 0.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros(values.shape[:-1] + (len(counts),), dtype=np.float64)
+    nz = np.flatnonzero(counts > 0)
+    if nz.size:
+        starts = np.r_[0, np.cumsum(counts)[:-1]][nz]
+        out[..., nz] = np.add.reduceat(values, starts, axis=-1)
+    return out

@@ -23,7 +23,7 @@ from bif import schema as S
 from bif.store import manifest as _manifest
 from bif.store.fs import atomic_write, get_fs, read_json, write_json
 from bif.store.tables import Located, frame_bytes, read_arrow
-from bif.store.traces import BlockLayout, BlockRef, TraceStore, read_layout, read_losses
+from bif.store.traces import BlockLayout, BlockRef, TraceStore, read_layout, read_losses, read_token_losses
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -176,6 +176,10 @@ class RunStore(Located):
         """Losses of samples ``[start, stop)`` of ``split`` in one block: float64 (num_draws, stop - start)."""
         return read_losses(self.fs, ref.path, split=split, start=start, stop=stop)
 
+    def read_token_losses(self, ref: BlockRef, *, split: str, start: int, stop: int) -> np.ndarray:
+        """Losses of variables ``[start, stop)`` of ``split`` (token runs: valid tokens) in one block: (D, stop - start)."""
+        return read_token_losses(self.fs, ref.path, split=split, start=start, stop=stop)
+
     def read_health(self, refs: Sequence[BlockRef] | None = None) -> pd.DataFrame | None:
         """The health rows of ``refs`` (their health files that exist), or of every health file when
         ``refs`` is None (sorted by chain and draw); None when there is none."""
@@ -240,6 +244,66 @@ class RunStore(Located):
             return None
         return xr.open_zarr(self.bif_uri, storage_options=self.storage_options or None, consolidated=False)
 
+    # --- token runs: bif_tokens.zarr -------------------------------------------------------------
+    @property
+    def token_bif_uri(self) -> str:
+        return self.url(S.BIF_TOKENS_ZARR)
+
+    def create_token_bif(self, *, train_samples: np.ndarray, train_positions: np.ndarray,
+                         query_samples: np.ndarray, query_positions: np.ndarray, n_train: int, n_query: int,
+                         train_block: int, query_block: int, dtype: str, attrs: Mapping[str, Any],
+                         compress: bool = False) -> None:
+        """Create ``bif_tokens.zarr`` (coords + NaN-filled arrays chunked like the token blocks) without computing.
+
+        ``bif`` / ``bif_corr`` over (train_token, query_token), ``bif_seq_tok`` over (train,
+        query_token), ``bif_tok_seq`` over (train_token, query); the token dims carry the
+        ``*_sample`` / ``*_position`` coordinates of each valid token.
+        """
+        import dask.array as da
+        import xarray as xr
+
+        nt, nq = len(train_samples), len(query_samples)
+
+        def empty(rows: int, cols: int, rb: int, cb: int):
+            return da.full((rows, cols), np.nan, dtype=dtype, chunks=(max(1, min(rb, rows)), max(1, min(cb, cols))))
+
+        tt, qt, tr, qu = S.TRAIN_TOKEN_DIM, S.QUERY_TOKEN_DIM, S.TRAIN_DIM, S.QUERY_DIM
+        ds = xr.Dataset(
+            {S.BIF: ((tt, qt), empty(nt, nq, train_block, query_block)),
+             S.BIF_CORR: ((tt, qt), empty(nt, nq, train_block, query_block)),
+             S.BIF_SEQ_TOK: ((tr, qt), empty(n_train, nq, train_block, query_block)),
+             S.BIF_TOK_SEQ: ((tt, qu), empty(nt, n_query, train_block, query_block))},
+            coords={tt: np.arange(nt, dtype=np.int64), qt: np.arange(nq, dtype=np.int64),
+                    tr: np.arange(n_train, dtype=np.int64), qu: np.arange(n_query, dtype=np.int64),
+                    S.TRAIN_SAMPLE: (tt, np.asarray(train_samples, dtype=np.int64)),
+                    S.TRAIN_POSITION: (tt, np.asarray(train_positions, dtype=np.int64)),
+                    S.QUERY_SAMPLE: (qt, np.asarray(query_samples, dtype=np.int64)),
+                    S.QUERY_POSITION: (qt, np.asarray(query_positions, dtype=np.int64))},
+            attrs=dict(attrs),
+        )
+        ds[S.BIF].attrs["description"] = "-Cov(train token loss, query token loss) over SGLD draws (valid tokens)"
+        ds[S.BIF_CORR].attrs["description"] = "-Corr(train token loss, query token loss); 0 where a trace is constant"
+        ds[S.BIF_SEQ_TOK].attrs["description"] = "-Cov(train sequence loss, query token loss) (row segment sums of bif)"
+        ds[S.BIF_TOK_SEQ].attrs["description"] = "-Cov(train token loss, query sequence loss) (column segment sums of bif)"
+        names = (S.BIF, S.BIF_CORR, S.BIF_SEQ_TOK, S.BIF_TOK_SEQ)
+        encoding = None if compress else {k: {"compressors": None} for k in names}
+        ds.to_zarr(self.token_bif_uri, mode="w", compute=False, storage_options=self.storage_options or None,
+                   consolidated=False, zarr_format=3, encoding=encoding)
+
+    def token_bif_array(self) -> "ZarrRegions":
+        """``bif_tokens.zarr`` opened for region writes."""
+        import zarr
+
+        return ZarrRegions(zarr.open_group(self.token_bif_uri, mode="r+", storage_options=self.storage_options or None))
+
+    def open_token_bif(self) -> "xr.Dataset | None":
+        """``bif_tokens.zarr`` as a lazy Dataset; None when it does not exist."""
+        import xarray as xr
+
+        if not self.exists(S.BIF_TOKENS_ZARR):
+            return None
+        return xr.open_zarr(self.token_bif_uri, storage_options=self.storage_options or None, consolidated=False)
+
     # --- quality/, report.html, logs/ -----------------------------------------------------------
     def write_quality_json(self, name: str, obj: Any) -> None:
         self.write_json(posixpath.join(S.QUALITY_DIR, name), obj)
@@ -282,3 +346,16 @@ class BifArray:
     def write_constant_flags(self, train_constant: np.ndarray, query_constant: np.ndarray) -> None:
         self.group[S.constant_var(S.TRAIN_DIM)][:] = train_constant
         self.group[S.constant_var(S.QUERY_DIM)][:] = query_constant
+
+
+@dataclass(frozen=True)
+class ZarrRegions:
+    """A zarr group open for region writes of its 2-D arrays (each output block writes its own chunks)."""
+
+    group: Any  # zarr.Group
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.group[name].dtype
+
+    def write(self, name: str, rows: tuple[int, int], cols: tuple[int, int], values: np.ndarray) -> None:
+        self.group[name][rows[0]:rows[1], cols[0]:cols[1]] = values

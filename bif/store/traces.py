@@ -16,11 +16,14 @@ and raise a StorageError naming it; a rerun then redoes the block.
 """
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import io
 import json
 import logging
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,7 @@ import pyarrow.parquet as pq
 
 from bif import schema as S
 from bif.errors import StorageError
-from bif.sampling.measure import Variables
+from bif.sampling.measure import Variables, sequence_sums
 from bif.store.fs import atomic_write, get_fs, join
 
 if TYPE_CHECKING:  # torch is imported lazily: readers of traces (the Dask reduction) never need it
@@ -69,14 +72,26 @@ class BlockLayout:
     n_train: int
     n_query: int
     row_group_rows: int
+    #: token runs: the token variables (counts per sample, true positions), :func:`encode_tokens`; None: samples
+    tokens: str | None = None
 
     @property
     def variables(self) -> Variables:
         """The variables of each draw in this file (their row offsets: :mod:`bif.sampling.measure`)."""
+        if self.tokens is not None:
+            return decode_tokens(self.tokens, self.n_train, self.n_query)
         return Variables.of_samples(n_train=self.n_train, n_query=self.n_query)
 
+    @property
+    def is_tokens(self) -> bool:
+        return self.tokens is not None
+
     def to_bytes(self) -> bytes:
-        return json.dumps(self.__dict__ | {"order": list(S.TRACE_ROW_ORDER)}, allow_nan=False).encode()
+        order = S.TOKEN_TRACE_ROW_ORDER if self.tokens is not None else S.TRACE_ROW_ORDER
+        d = dict(self.__dict__)
+        if d["tokens"] is None:
+            d.pop("tokens")  # sample runs keep the old footer
+        return json.dumps(d | {"order": list(order)}, allow_nan=False).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "BlockLayout":
@@ -85,21 +100,48 @@ class BlockLayout:
         return cls(**d)
 
 
+def encode_tokens(variables: Variables) -> str:
+    """The token variables (counts per sample, true positions, both splits) as one compact string for a footer."""
+    tr, qu = variables.token_counts
+    flat = np.concatenate([tr, qu, variables.token_positions(S.TRAIN), variables.token_positions(S.QUERY)])
+    return base64.b64encode(zlib.compress(flat.astype("<i8").tobytes(), 6)).decode()
+
+
+@functools.lru_cache(maxsize=16)
+def decode_tokens(text: str, n_train: int, n_query: int) -> Variables:
+    """Inverse of :func:`encode_tokens` (cached: every read of a file of the run decodes the same string)."""
+    flat = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").astype(np.int64)
+    tr, qu = flat[:n_train], flat[n_train:n_train + n_query]
+    a = n_train + n_query
+    b = a + int(tr.sum())
+    return Variables.of_tokens(train_tokens=tr, query_tokens=qu, train_positions=flat[a:b],
+                               query_positions=flat[b:b + int(qu.sum())])
+
+
 def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Table, BlockLayout]:
     """Arrow table of a DrawBlock in the documented long format: one row per (chain, draw, sample).
 
-    Row order and keys come from :meth:`bif.sampling.measure.Variables.row_keys`.
+    Token runs (``block.variables`` of tokens): one row per (chain, draw, sample, position) of
+    every valid token, with a ``position`` column. Row order and keys come from
+    :meth:`bif.sampling.measure.Variables.row_keys`.
     """
-    nd, n_train = block.train_losses.shape
-    n_query = block.query_losses.shape[1]
+    nd = block.train_losses.shape[0]
+    tokens = block.variables is not None and block.variables.is_tokens
+    if tokens:
+        n_train, n_query = block.variables.sample_counts
+        variables = block.variables
+    else:
+        n_train, n_query = block.train_losses.shape[1], block.query_losses.shape[1]
+        variables = Variables.of_samples(n_train=n_train, n_query=n_query)
+    # row groups of about ROW_GROUP_SAMPLES variables (token runs: as many rows as a sample run's group)
     layout = BlockLayout(chain=block.chain, block=block.draw_start, draw_start=block.draw_start, num_draws=nd,
-                         n_train=n_train, n_query=n_query, row_group_rows=ROW_GROUP_SAMPLES * nd)
-    variables = layout.variables
+                         n_train=n_train, n_query=n_query, row_group_rows=ROW_GROUP_SAMPLES * nd,
+                         tokens=encode_tokens(variables) if tokens else None)
     keys = variables.row_keys(nd)
     np_dtype = np.float32 if loss_dtype == "float32" else np.float64
     # (D, variables) -> (variables, D): rows run variable-major, draws ascending within a variable
     losses = np.concatenate([block.train_losses, block.query_losses], axis=1).T.astype(np_dtype, copy=False)
-    sch = S.trace_schema(loss_dtype).with_metadata({S.META_LAYOUT: layout.to_bytes()})
+    sch = S.trace_schema(loss_dtype, tokens=tokens).with_metadata({S.META_LAYOUT: layout.to_bytes()})
     table = pa.Table.from_arrays(
         [
             pa.array(np.full(variables.num_rows(nd), block.chain, dtype=np.int32)),
@@ -107,6 +149,7 @@ def trace_table(block: DrawBlock, *, loss_dtype: str = "float32") -> tuple[pa.Ta
             pa.DictionaryArray.from_arrays(pa.array(keys.split.astype(np.int8, copy=False)),
                                            pa.array(list(variables.splits))),
             pa.array(keys.sample),
+        ] + ([pa.array(keys.position)] if tokens else []) + [
             pa.array(losses.reshape(-1)),
         ],
         schema=sch,
@@ -332,15 +375,52 @@ def read_losses(fs, path: str, *, split: str, start: int, stop: int, layout: Blo
                 ) -> np.ndarray:
     """Losses of samples ``[start, stop)`` of ``split`` in one trace file, as float64 (num_draws, stop - start).
 
-    Reads only the loss column of the row groups that overlap the range.
+    Reads only the loss column of the row groups that overlap the range. Token runs: the
+    sequence loss of each sample, the sum of its valid token losses (float64).
     """
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         layout = layout or BlockLayout.from_bytes(pf.schema_arrow.metadata[S.META_LAYOUT])
-        nd = layout.num_draws
-        r0, r1 = layout.variables.row_range(split, start, stop, nd)
-        g = layout.row_group_rows
-        groups = list(range(r0 // g, (r1 - 1) // g + 1))
-        col = pf.read_row_groups(groups, columns=[S.LOSS]).column(0)
+        variables = layout.variables
+        if not variables.is_tokens:
+            r0, r1 = variables.row_range(split, start, stop, layout.num_draws)
+            return _read_rows(pf, layout, r0, r1)
+        bounds = variables.sample_var_bounds(split)
+        v0, v1 = int(bounds[start]), int(bounds[stop])
+        vals = _read_variables(pf, layout, split, v0, v1)  # (D, v1 - v0)
+    return sequence_sums(vals, np.diff(bounds[start:stop + 1]))
+
+
+def read_token_losses(fs, path: str, *, split: str, start: int, stop: int, layout: BlockLayout | None = None
+                      ) -> np.ndarray:
+    """Losses of variables ``[start, stop)`` of ``split`` (split-local token indices), float64 (num_draws, stop - start).
+
+    The variables of a token run are its valid tokens in (sample, position) order; for a
+    sample run they are the samples (as :func:`read_losses`).
+    """
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        layout = layout or BlockLayout.from_bytes(pf.schema_arrow.metadata[S.META_LAYOUT])
+        return _read_variables(pf, layout, split, start, stop)
+
+
+def _read_variables(pf, layout: BlockLayout, split: str, v0: int, v1: int) -> np.ndarray:
+    variables = layout.variables
+    n = variables.num_variables(split)
+    if not 0 <= v0 <= v1 <= n:
+        raise StorageError(f"variables [{v0}, {v1}) are outside {split!r}'s {n} variables")
+    base = variables.first_variable(split)
+    nd = layout.num_draws
+    return _read_rows(pf, layout, (base + v0) * nd, (base + v1) * nd)
+
+
+def _read_rows(pf, layout: BlockLayout, r0: int, r1: int) -> np.ndarray:
+    """Rows ``[r0, r1)`` of the loss column (whole variables) as float64 (num_draws, variables)."""
+    nd = layout.num_draws
+    if r1 <= r0:
+        return np.zeros((nd, 0), dtype=np.float64)
+    g = layout.row_group_rows
+    groups = list(range(r0 // g, (r1 - 1) // g + 1))
+    col = pf.read_row_groups(groups, columns=[S.LOSS]).column(0)
     vals = col.to_numpy()[r0 - groups[0] * g: r1 - groups[0] * g]
     return vals.reshape(-1, nd).T.astype(np.float64)  # (variables, D) -> (D, variables)
