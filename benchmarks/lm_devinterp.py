@@ -254,15 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     result: dict = {"sampler": sampler, "padded_length": length, "machine": f"{os.cpu_count()} cores, shared"}
+    partial = work / "partial.json"  # finished stages, so a rerun with the same --work skips them
+    done = json.loads(partial.read_text()) if partial.exists() else {}
     for level, token_matrix in (("sequence", False), ("token", True)):
         out = str(work / f"bif-{level}")
-        cfg = bif_config(model_dir, sampler, length, out, token_matrix, work / f"{level}.yaml")
-        wall, peak, _ = timed([bif, "run", str(cfg), "--no-progress"], env=env)
-        result[f"bif_{level}"] = {"wall_s": round(wall, 1), "peak_gib": round(peak, 2)}
+        if f"bif_{level}" not in done:
+            cfg = bif_config(model_dir, sampler, length, out, token_matrix, work / f"{level}.yaml")
+            wall, peak, _ = timed([bif, "run", str(cfg), "--no-progress"], env=env)
+            done[f"bif_{level}"] = {"wall_s": round(wall, 1), "peak_gib": round(peak, 2)}
+            partial.write_text(json.dumps(done))
+        result[f"bif_{level}"] = done[f"bif_{level}"]
         print(level, result[f"bif_{level}"], file=sys.stderr, flush=True)
     npz = str(work / "devinterp.npz")
     args = json.dumps({"model_dir": model_dir, "sampler": sampler, "length": length, "out": npz})
-    wall, peak, _ = timed([sys.executable, "-m", "benchmarks.lm_devinterp", "--worker", "devinterp", "--args", args])
+    if "devinterp" not in done:
+        wall, peak, _ = timed([sys.executable, "-m", "benchmarks.lm_devinterp", "--worker", "devinterp",
+                               "--args", args])
+        done["devinterp"] = [wall, peak]
+        partial.write_text(json.dumps(done))
+    wall, peak = done["devinterp"]
     dv = dict(np.load(npz))
     setup, t_sample, t_seq, t_tok = dv["timings"]
     result["devinterp"] = {"process_wall_s": round(wall, 1), "peak_gib": round(peak, 2),

@@ -8,6 +8,8 @@ precision@k (k = copies per fact) of fact-carrying train texts among the top-k:
 
 - ``token``: the query token's top-k train *tokens* in topk_tokens.parquet (sign negative);
 - ``value``: the same, counting only the carriers' VALUE tokens (the exact planted token);
+- ``token_corr``: the query token's top-k train tokens by ``bif_corr`` (bif_tokens.zarr): the
+  correlation does not favour the high-variance filler tokens that ``bif`` (a covariance) does;
 - ``seq_tok``: the top-k train *texts* by ``bif_seq_tok`` (bif_tokens.zarr);
 - ``seq``: the top-k train texts for the whole query text (bif.zarr), which also sums the
   filler tokens' noise.
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # precision@4 means over the 16 query value tokens; chance 0.0625 (value: 4/928).
 # Measured with the tinylm.yaml sampler at example seeds 0, 1, 2 (see README "Language models").
-THRESHOLDS = {"token": 0.30, "value": 0.25, "seq_tok": 0.15, "seq": 0.10}
+THRESHOLDS = {"token": 0.30, "value": 0.25, "token_corr": 0.30, "seq_tok": 0.15, "seq": 0.10}
 
 
 def user_env(prefect_home: Path) -> dict[str, str]:
@@ -58,8 +60,10 @@ def structure(run: Path, facts: dict) -> dict[str, list[float]]:
     seq = xr.open_zarr(run / "bif.zarr", consolidated=False)["bif"].values  # (train, query)
     tok = xr.open_zarr(run / "bif_tokens.zarr", consolidated=False)
     seq_tok = tok["bif_seq_tok"].values  # (train, query_token)
+    corr = tok["bif_corr"].values  # (train_token, query_token)
+    ts = tok["train_sample"].values
     qs, qp = tok["query_sample"].values, tok["query_position"].values
-    out: dict[str, list[float]] = {"token": [], "value": [], "seq_tok": [], "seq": []}
+    out: dict[str, list[float]] = {"token": [], "value": [], "token_corr": [], "seq_tok": [], "seq": []}
     for fact in facts["facts"]:
         carriers = set(fact["train_samples"])
         values = set(zip(fact["train_samples"], fact["train_positions"]))
@@ -73,6 +77,8 @@ def structure(run: Path, facts: dict) -> dict[str, list[float]]:
                                                zip(rows["train_sample"], rows["train_position"])])))
             col = np.flatnonzero((qs == q) & (qp == pos))
             assert len(col) == 1
+            top = np.argsort(corr[:, col[0]], kind="stable")[:k]
+            out["token_corr"].append(float(np.mean([ts[t] in carriers for t in top])))
             top = np.argsort(seq_tok[:, col[0]], kind="stable")[:k]  # most negative first
             out["seq_tok"].append(float(np.mean([t in carriers for t in top])))
             top = np.argsort(seq[:, q], kind="stable")[:k]
@@ -113,8 +119,7 @@ def test_example_writes_model_tokenizer_corpus_and_facts(example):
         for split, samples, positions in (("train", f["train_samples"], f["train_positions"]),
                                           ("query", f["query_samples"], f["query_positions"])):
             for s, p in zip(samples, positions):
-                toks = prob.render_tokens(split, s) if hasattr(prob, "render_tokens") else \
-                    prob.extras["render_tokens"](split, s)
+                toks = prob.render_tokens(split, s)
                 assert toks[p - 2:p + 1] == [f["key"], "is", f["value"]]
     others = set(range(64)) - set(carriers)
     assert all("code" not in prob.train.texts[i] for i in others)
