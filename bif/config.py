@@ -81,7 +81,10 @@ class CovarianceConfig(BaseModel):
     token_matrix: bool = Field(
         False, description="Token runs: also write bif_tokens.zarr, the (train_token, query_token) BIF of every "
         "valid token pair plus the mixed bif_seq_tok / bif_tok_seq (an out-of-core Dask reduction; its size is "
-        "train tokens x query tokens). Token blocks use train_block_size x query_block_size tokens.")
+        "train tokens x query tokens).")
+    token_train_block_size: int | None = Field(
+        None, ge=1, description="Token runs: train tokens per token-level output block (memory ~ block x draws "
+        "stacked per leaf x 8 bytes). None: train_block_size. Query tokens per block: query_block_size.")
     token_topk: int | None = Field(
         None, ge=1, description="Token runs: train tokens kept per query token and sign in topk_tokens.parquet "
         "(always written). None: topk.")

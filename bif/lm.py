@@ -30,7 +30,6 @@ The model runs in float32 (on CPU, or CUDA when the chain puts it there).
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import io
 import json
 import os
@@ -247,10 +246,5 @@ def build(model: str, train: str, query: str | None = None, *, text_field: str =
     def render(split: str, index: int) -> str:
         return sets[split].texts[int(index)]
 
-    kwargs: dict[str, Any] = dict(model=net, train=sets["train"], query=sets["query"], loss=token_losses,
-                                  render=render, extras={"tokenizer": tokenizer, "model_dir": model_dir})
-    if "render_tokens" in {f.name for f in dataclasses.fields(Problem)}:
-        kwargs["render_tokens"] = render_tokens
-    else:  # until bif.problem.Problem has the field (issue 9, lm-core)
-        kwargs["extras"]["render_tokens"] = render_tokens
-    return Problem(**kwargs)
+    return Problem(model=net, train=sets["train"], query=sets["query"], loss=token_losses, render=render,
+                   render_tokens=render_tokens, extras={"tokenizer": tokenizer, "model_dir": model_dir})

@@ -127,6 +127,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     store = RunStore(args.output)
     store.require_complete()
+    if getattr(args, "tokens", False):
+        from bif.tasks.tokens import show_tokens
+
+        Console().print(show_tokens(store, query=args.query, k=args.k))
+        return 0
     df = store.read_topk()
     if df is None:
         raise BifError(f"{args.output!r} has no {S.TOPK_FILE}; rerun the run to write it")
@@ -191,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="run output directory or URI")
     s.add_argument("--query", type=int, required=True, help="query sample id")
     s.add_argument("-k", "--k", type=int, default=10, help="rows per direction (default 10)")
+    s.add_argument("--tokens", action="store_true",
+                   help="token runs: for each valid token of query sequence QUERY, its top-k train tokens per sign "
+                        "(from topk_tokens.parquet)")
     s.set_defaults(func=_cmd_show)
 
     e = sub.add_parser("example", help="train and save a built-in example's checkpoint")

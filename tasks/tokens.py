@@ -5,7 +5,8 @@ A token run's traces hold one loss per valid token per draw (:mod:`bif.sampling.
 ordinary reduction of :mod:`bif.tasks.covariance`: the trace store reads a sample's loss as
 the sum of its valid token losses. This module adds the token level, as the same kind of
 Dask map-reduce over mergeable moments (:mod:`bif.moments`), cut into output blocks of
-``train_block_size`` train tokens x ``query_block_size`` query tokens:
+``train_block_size`` train tokens x ``query_block_size`` query tokens
+(``token_train_block_size``, when set, overrides the train side):
 
 - ``topk_tokens.parquet`` (always): for every valid query token, its top-k train tokens by
   ``bif`` in each sign (``covariance.token_topk``, default ``topk``), in the total order of
@@ -206,7 +207,7 @@ def compute_token_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[
     nt, nq = variables.num_variables(S.TRAIN), variables.num_variables(S.QUERY)
     n_train, n_query = variables.num_samples(S.TRAIN), variables.num_samples(S.QUERY)
     k = cov.token_topk or cov.topk
-    tb, qb = cov.train_block_size, cov.query_block_size
+    tb, qb = cov.token_train_block_size or cov.train_block_size, cov.query_block_size
     fpl = max(1, leaf_draws // max(1, layout.num_draws))
     write = bool(cov.token_matrix)
     if write:
@@ -214,8 +215,8 @@ def compute_token_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[
                                train_positions=variables.token_positions(S.TRAIN),
                                query_samples=variables.token_samples(S.QUERY),
                                query_positions=variables.token_positions(S.QUERY), n_train=n_train, n_query=n_query,
-                               train_block=tb, query_block=qb, dtype=dtype, attrs=dict(attrs or {}),
-                               compress=cov.compress)
+                               train_block=tb, query_block=qb, seq_block=cov.train_block_size, dtype=dtype,
+                               attrs=dict(attrs or {}), compress=cov.compress)
     tt, qt = Level(S.TRAIN, True), Level(S.QUERY, True)
     finals = []
     for tr in _ranges(nt, tb):
@@ -225,8 +226,9 @@ def compute_token_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[
                                                         write=write))
     if write:
         ts, qs = Level(S.TRAIN, False), Level(S.QUERY, False)
-        for name, x, nx, y, ny in ((S.BIF_SEQ_TOK, ts, n_train, qt, nq), (S.BIF_TOK_SEQ, tt, nt, qs, n_query)):
-            for xr_ in _ranges(nx, tb):
+        for name, x, nx, xb, y, ny in ((S.BIF_SEQ_TOK, ts, n_train, cov.train_block_size, qt, nq),
+                                       (S.BIF_TOK_SEQ, tt, nt, tb, qs, n_query)):
+            for xr_ in _ranges(nx, xb):
                 for yr_ in _ranges(ny, qb):
                     finals.append(dask.delayed(finalize_mixed)(_merged(store, cov, files, x, xr_, y, yr_, fpl),
                                                                store=store, name=name, rows=xr_, cols=yr_,
@@ -274,3 +276,30 @@ def _context(texts: np.ndarray, v: int, lo: int, hi: int) -> str:
     left = "".join(texts[max(lo, v - CONTEXT_TOKENS):v])
     right = "".join(texts[v + 1:min(hi, v + 1 + CONTEXT_TOKENS)])
     return f"{left}{S.CONTEXT_MARK[0]}{texts[v]}{S.CONTEXT_MARK[1]}{right}"
+
+
+def show_tokens(store: RunStore, *, query: int, k: int) -> Any:
+    """A rich Table of ``bif show --tokens``: per valid token of query sequence ``query``, its top-k train tokens."""
+    from rich.table import Table
+
+    from bif.errors import BifError
+
+    df = store.read_table(S.TOPK_TOKENS_FILE)
+    if df is None:
+        raise BifError(f"{store.uri!r} has no {S.TOPK_TOKENS_FILE}: it is not a token run (its problem.loss returns "
+                       "per-sample losses), or it predates per-token BIF")
+    sel = df[(df[S.QUERY_SAMPLE] == query) & (df[S.RANK] < k)]
+    if sel.empty:
+        have = sorted(df[S.QUERY_SAMPLE].unique().tolist())
+        raise BifError(f"query sequence {query} has no valid token in {store.uri} (query sequences with tokens: "
+                       f"{have[:10]}{' ...' if len(have) > 10 else ''})")
+    table = Table(title=f"query {query}: per token, the train tokens whose upweighting would raise (+) / lower (-) "
+                        "its loss")
+    for col in ("pos", "query token", "sign", "rank", "train", "train pos", "context", "bif"):
+        table.add_column(col, justify="left" if col in ("query token", "context") else "right")
+    for r in sel.itertuples(index=False):
+        table.add_row(str(getattr(r, S.QUERY_POSITION)), getattr(r, S.QUERY_TOKEN),
+                      "+" if getattr(r, S.SIGN) == "positive" else "-", str(getattr(r, S.RANK)),
+                      str(getattr(r, S.TRAIN_SAMPLE)), str(getattr(r, S.TRAIN_POSITION)),
+                      getattr(r, S.TRAIN_CONTEXT), f"{getattr(r, S.BIF):.4g}")
+    return table

@@ -71,7 +71,7 @@ def test_padding_is_right_and_masked_and_never_changes_a_texts_losses(model_dir,
     expect = -logp[torch.arange(lengths[3] - 1), ds.input_ids[3, 1:lengths[3]]]
     torch.testing.assert_close(losses[3, 1:lengths[3]], expect, atol=1e-5, rtol=1e-5)
     # render_tokens: the text of the token whose loss sits at each position; "" at padding
-    tokens = prob.render_tokens("train", 2) if hasattr(prob, "render_tokens") else prob.extras["render_tokens"]("train", 2)
+    tokens = prob.render_tokens("train", 2)
     assert tokens == TEXTS[2].split() + [""] * (max(lengths) - lengths[2])
     assert prob.render("query", 1) == TEXTS[1]
 
@@ -132,3 +132,21 @@ def test_model_and_texts_from_an_s3_uri_match_the_local_ones(model_dir, tmp_path
         torch.testing.assert_close(remote.loss(remote.model, batch)[0], local.loss(local.model, batch)[0])
     with pytest.raises(ProblemError, match="does not exist"):
         build(f"s3://{bucket}/models/none", f"s3://{bucket}/data/t.parquet", storage_options=opts)
+
+
+def test_the_pipeline_loads_the_factory_and_its_safetensors_checkpoint(model_dir, tmp_path):
+    """`problem: bif.lm:build` + `checkpoint: DIR/model.safetensors` (GPT-2's tied lm_head loads without error)."""
+    from safetensors.torch import save_file
+
+    from bif.problem import load_problem, model_hash
+
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS))
+    args = {"model": str(model_dir), "train": str(tmp_path / "t.txt"), "max_length": 16}
+    base = load_problem("bif.lm:build", args)
+    moved = {k: v + 0.5 for k, v in base.model.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp_path / "w.safetensors"))
+    prob = load_problem("bif.lm:build", args, checkpoint=str(tmp_path / "w.safetensors"))
+    assert model_hash(prob.model) != model_hash(base.model)
+    torch.testing.assert_close(prob.model.lm_head.weight, moved["transformer.wte.weight"])  # still tied
+    same = load_problem("bif.lm:build", args, checkpoint=str(model_dir / "model.safetensors"))
+    assert model_hash(same.model) == model_hash(base.model)

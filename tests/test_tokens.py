@@ -147,6 +147,19 @@ def test_token_run_matches_numpy_on_its_stored_traces(token_run):
 
 
 @pytest.mark.e2e
+def test_bif_show_tokens_prints_the_token_table(token_run, capsys):
+    from bif.flows.cli import main
+
+    out, _ = token_run
+    top = pd.read_parquet(out / S.TOPK_TOKENS_FILE)
+    assert main(["show", str(out), "--query", "1", "--tokens", "-k", "1"]) == 0
+    text = capsys.readouterr().out
+    row = top[(top[S.QUERY_SAMPLE] == 1) & (top[S.RANK] == 0)].iloc[0]
+    assert "⟦" in text and f"{row[S.BIF]:.4g}" in text
+    assert main(["show", str(out), "--query", "99", "--tokens"]) == 2  # clear error, exit 2
+
+
+@pytest.mark.e2e
 def test_token_results_do_not_depend_on_blocks_or_the_token_matrix(token_run, tmp_path):
     """Re-reduce the same traces with other block sizes, fan-in and token_matrix off: same results."""
     from bif.tasks import pipeline
@@ -157,7 +170,8 @@ def test_token_results_do_not_depend_on_blocks_or_the_token_matrix(token_run, tm
     ref_tok = xr.open_zarr(out / S.BIF_TOKENS_ZARR, consolidated=False)[S.BIF].values
     info = pipeline.RunInfo(**manifest["run_info"] | {"loss_bounds": tuple(manifest["run_info"]["loss_bounds"])})
     for i, cov in enumerate([{"train_block_size": 2, "query_block_size": 1, "split_every": 2, "token_matrix": False},
-                             {"train_block_size": 64, "query_block_size": 64, "split_every": 3}]):
+                             {"train_block_size": 64, "query_block_size": 64, "split_every": 3,
+                              "token_train_block_size": 7}]):
         copy = tmp_path / f"copy{i}"
         shutil.copytree(out, copy, ignore=shutil.ignore_patterns(S.BIF_TOKENS_ZARR, S.TOPK_TOKENS_FILE))
         cfg = _cfg(copy, covariance=cov)

@@ -262,12 +262,13 @@ class RunStore(Located):
     def create_token_bif(self, *, train_samples: np.ndarray, train_positions: np.ndarray,
                          query_samples: np.ndarray, query_positions: np.ndarray, n_train: int, n_query: int,
                          train_block: int, query_block: int, dtype: str, attrs: Mapping[str, Any],
-                         compress: bool = False) -> None:
+                         compress: bool = False, seq_block: int | None = None) -> None:
         """Create ``bif_tokens.zarr`` (coords + NaN-filled arrays chunked like the token blocks) without computing.
 
         ``bif`` / ``bif_corr`` over (train_token, query_token), ``bif_seq_tok`` over (train,
         query_token), ``bif_tok_seq`` over (train_token, query); the token dims carry the
-        ``*_sample`` / ``*_position`` coordinates of each valid token.
+        ``*_sample`` / ``*_position`` coordinates of each valid token. Chunks: ``train_block`` train
+        tokens (``seq_block`` train sequences, default ``train_block``) x ``query_block`` query tokens or sequences.
         """
         import dask.array as da
         import xarray as xr
@@ -281,7 +282,7 @@ class RunStore(Located):
         ds = xr.Dataset(
             {S.BIF: ((tt, qt), empty(nt, nq, train_block, query_block)),
              S.BIF_CORR: ((tt, qt), empty(nt, nq, train_block, query_block)),
-             S.BIF_SEQ_TOK: ((tr, qt), empty(n_train, nq, train_block, query_block)),
+             S.BIF_SEQ_TOK: ((tr, qt), empty(n_train, nq, seq_block or train_block, query_block)),
              S.BIF_TOK_SEQ: ((tt, qu), empty(nt, n_query, train_block, query_block))},
             coords={tt: np.arange(nt, dtype=np.int64), qt: np.arange(nq, dtype=np.int64),
                     tr: np.arange(n_train, dtype=np.int64), qu: np.arange(n_query, dtype=np.int64),
