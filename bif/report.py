@@ -6,8 +6,10 @@ traces per chain and distance to w* (health/), R-hat and ESS histograms
 (diagnostics.parquet), the BIF heatmap with the number and share of constant loss traces
 (bif.zarr), and the most influential train
 examples of a few queries (topk.parquet, drawn with ``problem.render`` when given: images
-for 2-D arrays, snippets for strings). :func:`markdown_summary` and :func:`topk_markdown`
-give the same key tables as Markdown for Prefect artifacts.
+for 2-D arrays, snippets for strings). Token runs get one more section, the interactive
+token view (:mod:`bif.report_tokens`); sequence-level runs render without it.
+:func:`markdown_summary` and :func:`topk_markdown` give the same key tables as Markdown for
+Prefect artifacts.
 """
 from __future__ import annotations
 
@@ -269,13 +271,23 @@ def _topk_section(run: RunStore, problem: Any, *, num_queries: int = 3, k: int =
 
 # --- public API ------------------------------------------------------------------------------
 def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
-                      num_queries: int = 3, k: int = 5, status: str | None = None) -> str:
-    """The report as an HTML string (see the module docstring). ``status`` overrides the manifest's."""
+                      num_queries: int = 3, k: int = 5, status: str | None = None,
+                      token_limits: Any = None) -> str:
+    """The report as an HTML string (see the module docstring). ``status`` overrides the manifest's.
+
+    ``token_limits`` (a :class:`bif.report_tokens.TokenViewLimits`) bounds the token view's data.
+    """
+    from bif import report_tokens
+
     run = RunStore(output_uri, storage_options or {})
-    builders = (lambda r, p: _summary(r, p, status), _quality, _traces, _diagnostics, _heatmap,
-                lambda r, p: _topk_section(r, p, num_queries=num_queries, k=k))
+    builders = [lambda r, p: _summary(r, p, status), _quality, _traces, _diagnostics, _heatmap,
+                lambda r, p: _topk_section(r, p, num_queries=num_queries, k=k)]
+    titles = list(SECTIONS)
+    if report_tokens.is_token_run(run):
+        titles.append(report_tokens.TITLE)
+        builders.append(lambda r, p: report_tokens.token_view_html(r.uri, r.storage_options, limits=token_limits))
     body = []
-    for title, build in zip(SECTIONS, builders):
+    for title, build in zip(titles, builders):
         try:
             content = build(run, problem)
         except Exception as err:  # one unreadable input must not cost the whole report
@@ -288,14 +300,14 @@ def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None
 
 
 def write_report(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
-                 num_queries: int = 3, k: int = 5, status: str | None = None) -> str:
+                 num_queries: int = 3, k: int = 5, status: str | None = None, token_limits: Any = None) -> str:
     """Write ``<output>/report.html`` (one self-contained file) and return its URI.
 
     The flow writes the report just before the final manifest write and passes the final
     ``status``; ``bif report`` regenerates it from the manifest.
     """
     text = build_report_html(output_uri, storage_options, problem=problem, num_queries=num_queries, k=k,
-                             status=status)
+                             status=status, token_limits=token_limits)
     return RunStore(output_uri, storage_options or {}).write_report(text)
 
 

@@ -25,6 +25,8 @@ _EXIT_NOW = False
 EPILOG = """examples:
   bif example digits runs/example/digits.pt          # train the built-in example's checkpoint
   bif run bif/examples/digits.yaml                    # attribution on embedded defaults
+  bif example tinylm                                  # a tiny GPT-2 with planted facts (runs/example/tinylm)
+  bif run bif/examples/tinylm.yaml                    # per-token attribution of the tiny LM
   bif run cfg.yaml --set sampler.num_draws=400 --output s3://bucket/runs/x
   bif show runs/example/digits --query 3             # top train examples for query 3
   bif keys                                           # every config key, default and meaning
@@ -164,8 +166,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
+    if args.name == "tinylm":
+        from bif.examples.tinylm import DEFAULT_DIR, save_example
+
+        out = save_example(args.checkpoint or DEFAULT_DIR, seed=args.seed)
+        print(f"wrote the tiny LM (query fact accuracy {out['query_fact_accuracy']:.2f}, "
+              f"{out['seconds']:.0f} s) to {out['dir']}")
+        return 0
     from bif.examples.digits import save_checkpoint
 
+    if args.checkpoint is None:
+        raise BifError("bif example digits needs the checkpoint path, e.g. runs/example/digits.pt")
     path = save_checkpoint(args.checkpoint, epochs=args.epochs)
     print(f"wrote digits checkpoint to {path}")
     return 0
@@ -234,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_show)
 
     e = sub.add_parser("example", help="train and save a built-in example's checkpoint")
-    e.add_argument("name", choices=["digits"], help="example problem")
-    e.add_argument("checkpoint", help="where to save the state dict")
+    e.add_argument("name", choices=["digits", "tinylm"], help="example problem")
+    e.add_argument("checkpoint", nargs="?", metavar="PATH", help="digits: where to save the state dict; "
+                   "tinylm: the model + corpus directory (default runs/example/tinylm)")
+    e.add_argument("--seed", type=int, default=0, help="tinylm: corpus, init and training seed (default 0)")
     e.add_argument("--epochs", type=int, default=300, help="full-batch Adam epochs (default 300)")
     e.set_defaults(func=_cmd_example)
 

@@ -116,12 +116,22 @@ class RunStore(Located):
         """Atomically write ``df`` (index dropped) as Parquet at ``rel``."""
         self.write_bytes(rel, frame_bytes(df))
 
-    def read_table(self, *parts: str, columns: Sequence[str] | None = None) -> pd.DataFrame | None:
-        """The Parquet file at ``parts`` as a DataFrame; None if it does not exist."""
+    def read_table(self, *parts: str, columns: Sequence[str] | None = None, filters: Any = None) -> pd.DataFrame | None:
+        """The Parquet file at ``parts`` as a DataFrame (``filters``: pyarrow row filters); None if it does not exist."""
         path = self.path(*parts)
         if not self.fs.exists(path):
             return None
-        return read_arrow(self.fs, path, columns=columns).to_pandas()
+        return read_arrow(self.fs, path, columns=columns, filters=filters).to_pandas()
+
+    def open_dataset(self, rel: str, *, dask: bool = True) -> "xr.Dataset | None":
+        """The Zarr store at ``rel`` as a lazy Dataset, None when it does not exist. ``dask=False``: no Dask
+        graph; each indexing reads the chunks it touches through zarr (cheaper for many small reads)."""
+        import xarray as xr
+
+        if not self.exists(rel):
+            return None
+        return xr.open_zarr(self.url(rel), storage_options=self.storage_options or None, consolidated=False,
+                            **({} if dask else {"chunks": None}))
 
     def write_topk(self, df: pd.DataFrame) -> None:
         self.write_table(S.TOPK_FILE, df)

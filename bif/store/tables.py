@@ -45,10 +45,10 @@ def write_table(uri_or_fs: FsLike, path: str, df: pd.DataFrame, *,
 
 
 def read_arrow(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = None,
-               storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """The Parquet file at ``path`` as an Arrow table."""
+               storage_options: Mapping[str, Any] | None = None, filters: Any = None) -> pa.Table:
+    """The Parquet file at ``path`` as an Arrow table (``filters``: pyarrow's row filters, row groups pruned)."""
     with _fs(uri_or_fs, storage_options).open(path, "rb") as f:
-        return pq.read_table(f, columns=list(columns) if columns is not None else None)
+        return pq.read_table(f, columns=list(columns) if columns is not None else None, filters=filters)
 
 
 def read_table(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = None,

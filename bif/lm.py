@@ -1,0 +1,250 @@
+"""A ready problem factory for any Hugging Face ``transformers`` causal language model.
+
+``problem: "bif.lm:build"`` with ``problem_args``::
+
+    model: runs/example/tinylm          # a local directory or fsspec URI of a saved model
+                                        # (config.json, weights, tokenizer files)
+    train: runs/example/tinylm/train.jsonl   # texts: .jsonl / .json (one object per line),
+    query: runs/example/tinylm/query.jsonl   # .parquet, or .txt (one text per non-empty line)
+    text_field: text                    # the JSONL field / Parquet column holding the text
+    max_length: 128                     # tokens per text (longer texts are truncated)
+    padding: longest                    # pad each split to its longest text, or max_length
+
+The model and its tokenizer are loaded with ``local_files_only=True`` from the directory
+(an fsspec URI is first copied to a temporary directory): nothing is ever downloaded from
+a hub, and a missing directory is a :class:`bif.errors.ProblemError` that says so.
+
+Every text is tokenized once by the model's own tokenizer (truncated to ``max_length``,
+right-padded with the tokenizer's pad id, else its eos id, else 0). A sample is a dict
+``{"input_ids": (T,) int64, "attention_mask": (T,) int64}``; torch's default collate stacks
+them to (B, T).
+
+The loss is per token: ``loss(model, batch) -> (losses (B, T) float32, mask (B, T) bool)``
+(the contract of issue 9). Position t holds the next-token loss of token t given tokens
+< t, ``-log p(x_t | x_<t)``; so position 0 (no prediction) and padding are masked:
+``mask[:, t] = attention_mask[:, t] & attention_mask[:, t-1]`` for t >= 1, ``mask[:, 0] = False``.
+Masked entries of ``losses`` are 0. ``render_tokens(split, i)`` gives the text of token t of
+sample i at every position t (length T, "" at padding), i.e. the token whose loss sits at t.
+The model runs in float32 (on CPU, or CUDA when the chain puts it there).
+"""
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from bif.errors import ProblemError
+from bif.problem import Problem
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+PADDING = ("longest", "max_length")
+
+
+class TokenizedTexts(Dataset):
+    """Texts tokenized once: ``input_ids`` and ``attention_mask`` (N, T) int64, right-padded."""
+
+    def __init__(self, texts: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.texts = list(texts)
+        self.input_ids = input_ids  # (N, T)
+        self.attention_mask = attention_mask  # (N, T)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+
+
+def token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token losses of a collated batch: ``(losses (B, T) float32, mask (B, T) bool)``.
+
+    ``losses[b, t] = -log p(x_t | x_<t)`` for t >= 1; position 0 and padding are masked
+    (``mask`` False) and hold 0.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, T), (B, T)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
+    b, t, v = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1),
+                          reduction="none").view(b, t - 1)  # (B, T-1): predicts tokens 1..T-1
+    valid = (attn[:, 1:] > 0) & (attn[:, :-1] > 0)  # (B, T-1)
+    mask = torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1)  # (B, T)
+    losses = torch.cat([nll.new_zeros(b, 1), nll.masked_fill(~valid, 0.0)], dim=1)  # (B, T)
+    return losses, mask
+
+
+def local_model_dir(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A local directory holding the model at ``uri``: ``uri`` itself if local, else a temporary copy.
+
+    Never downloads from a hub: ``uri`` must be an existing directory (local or fsspec) with a
+    ``config.json``. The temporary copy is removed when the process exits.
+    """
+    from bif.store.fs import get_fs, is_local
+
+    how = ("bif never downloads models from a hub: save the model and its tokenizer with "
+           "save_pretrained(DIR) (or `huggingface-cli download NAME --local-dir DIR` on a machine "
+           "with internet) and pass that DIR (a local path or an fsspec URI) as problem_args.model")
+    fs, path = get_fs(uri, storage_options)
+    try:
+        is_dir = fs.isdir(path)
+        has_config = is_dir and fs.exists(path.rstrip("/") + "/config.json")
+    except Exception as err:  # noqa: BLE001 - an unreachable store
+        raise ProblemError(f"cannot read the model directory {uri!r}: {type(err).__name__}: {err}") from None
+    if not is_dir:
+        raise ProblemError(f"model directory {uri!r} does not exist; {how}")
+    if not has_config:
+        raise ProblemError(f"model directory {uri!r} has no config.json, so it is not a saved transformers "
+                           f"model; {how}")
+    if is_local(fs):
+        return path
+    tmp = tempfile.mkdtemp(prefix="bif-lm-model-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    for name in fs.ls(path, detail=False):
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if fs.isfile(name):  # a model directory is flat; subfolders (e.g. checkpoints) are not needed
+            fs.get(name, os.path.join(tmp, base))
+    return tmp
+
+
+def read_texts(uri: str, *, text_field: str = "text", storage_options: Mapping[str, Any] | None = None,
+               limit: int | None = None) -> list[str]:
+    """The texts of a .jsonl / .json (one JSON object or string per line), .parquet or .txt file.
+
+    ``text_field``: the JSON field or Parquet column holding the text. ``limit``: keep the
+    first ``limit`` texts. Empty .txt lines are skipped.
+    """
+    from bif.store.fs import read_uri
+
+    suffix = next((s for s in TEXT_SUFFIXES if uri.lower().endswith(s)), None)
+    if suffix is None:
+        raise ProblemError(f"texts {uri!r}: unknown format; use a file ending in one of {list(TEXT_SUFFIXES)}")
+    try:
+        data = read_uri(uri, storage_options)
+    except FileNotFoundError:
+        raise ProblemError(f"texts file {uri!r} does not exist; check problem_args train / query") from None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        if text_field not in table.column_names:
+            raise ProblemError(f"Parquet file {uri!r} has no column {text_field!r} (columns: {table.column_names}); "
+                               "set problem_args.text_field")
+        texts = table.column(text_field).to_pylist()
+    elif suffix == ".txt":
+        texts = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    else:
+        texts = []
+        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ProblemError(f"{uri!r} line {n} is not JSON ({err}); one JSON object per line") from None
+            if isinstance(obj, str):
+                texts.append(obj)
+            elif isinstance(obj, dict) and text_field in obj:
+                texts.append(obj[text_field])
+            else:
+                raise ProblemError(f"{uri!r} line {n} has no field {text_field!r}; set problem_args.text_field")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ProblemError(f"{uri!r}: text {bad[0]} is {type(texts[bad[0]]).__name__}, not a string")
+    texts = texts[:limit] if limit is not None else texts
+    if not texts:
+        raise ProblemError(f"{uri!r} holds no texts")
+    return texts
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, padding: str = "longest") -> TokenizedTexts:
+    """Tokenize ``texts`` with ``tokenizer`` (truncated to ``max_length``), right-padded to one length T.
+
+    ``padding``: "longest" (T = the longest text, at most ``max_length``) or "max_length".
+    The pad id is the tokenizer's pad id, else its eos id, else 0 (padding is masked anyway).
+    """
+    if padding not in PADDING:
+        raise ProblemError(f"padding {padding!r} is not one of {list(PADDING)}")
+    if int(max_length) < 2:
+        raise ProblemError(f"max_length {max_length} leaves no next-token loss; use max_length >= 2")
+    enc = tokenizer(list(texts), truncation=True, max_length=int(max_length), padding=False)["input_ids"]
+    longest = max(len(e) for e in enc)
+    width = int(max_length) if padding == "max_length" else max(longest, 1)
+    pad = next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
+    ids = torch.full((len(enc), width), int(pad), dtype=torch.int64)
+    attn = torch.zeros((len(enc), width), dtype=torch.int64)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = torch.as_tensor(e, dtype=torch.int64)
+        attn[i, :len(e)] = 1
+    return TokenizedTexts(texts, ids, attn)
+
+
+def load_pretrained(model_dir: str) -> tuple[torch.nn.Module, Any]:
+    """(model in float32 eval mode, tokenizer) from a local directory, offline (local_files_only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter every chain's log
+    try:
+        return _load_pretrained(model_dir, AutoModelForCausalLM, AutoTokenizer)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_pretrained(model_dir: str, auto_model: Any, auto_tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError / ValueError / KeyError
+        raise ProblemError(f"cannot load a tokenizer from {model_dir!r}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:300] if str(err) else ''}; save it with "
+                           "tokenizer.save_pretrained(DIR) next to the model") from None
+    try:
+        model = auto_model.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001
+        raise ProblemError(f"cannot load a causal LM from {model_dir!r}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
+    return model.float().eval(), tokenizer
+
+
+def build(model: str, train: str, query: str | None = None, *, text_field: str = "text", max_length: int = 128,
+          padding: str = "longest", n_train: int | None = None, n_query: int | None = None,
+          storage_options: Mapping[str, Any] | None = None) -> Problem:
+    """The problem of a saved causal LM and two text files (see the module docstring).
+
+    ``model``: directory (local or fsspec URI) with config.json, weights and tokenizer.
+    ``train`` / ``query``: text files (query defaults to train). ``n_train`` / ``n_query``:
+    keep the first texts only. ``storage_options``: fsspec options for these URIs (they are
+    stored with the config's problem_args: prefer ambient credentials, e.g. ``AWS_*``).
+    """
+    model_dir = local_model_dir(model, storage_options=storage_options)
+    net, tokenizer = load_pretrained(model_dir)
+    sets = {}
+    for split, uri, limit in (("train", train, n_train), ("query", query or train, n_query)):
+        texts = read_texts(uri, text_field=text_field, storage_options=storage_options, limit=limit)
+        sets[split] = tokenize(tokenizer, texts, max_length=max_length, padding=padding)
+    cache: dict[tuple[str, int], list[str]] = {}
+
+    def render_tokens(split: str, index: int) -> list[str]:
+        """Text of token t of sample ``index`` at every position t ("" at padding)."""
+        key = (split, int(index))
+        if key not in cache:
+            ds = sets[split]
+            ids, attn = ds.input_ids[int(index)], ds.attention_mask[int(index)]
+            cache[key] = [tokenizer.decode([int(i)], clean_up_tokenization_spaces=False) if a else ""
+                          for i, a in zip(ids.tolist(), attn.tolist())]
+        return list(cache[key])
+
+    def render(split: str, index: int) -> str:
+        return sets[split].texts[int(index)]
+
+    return Problem(model=net, train=sets["train"], query=sets["query"], loss=token_losses, render=render,
+                   render_tokens=render_tokens, extras={"tokenizer": tokenizer, "model_dir": model_dir})

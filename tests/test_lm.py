@@ -1,0 +1,152 @@
+"""bif.lm, the Hugging Face causal-LM problem factory: inputs, padding mask, per-token losses, offline loading."""
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from bif.errors import ProblemError
+from bif.examples.tinylm import TinyLMSpec, make_model, make_tokenizer
+from bif.lm import build, read_texts, token_losses
+
+TEXTS = ["the red cat sees a dog .", "the code of alpha is one .", "a big fish .",
+         "the small girl likes the old man . the code of kilo is nine ."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny GPT-2 with the example's word-level tokenizer, saved with save_pretrained."""
+    d = tmp_path_factory.mktemp("tinylm")
+    make_model(TinyLMSpec(n_embd=16, n_layer=1), n_positions=32, seed=0).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def _write_all(d, texts):
+    """The texts as .jsonl (field 'body'), .parquet (column 'body') and .txt; returns the three paths."""
+    jsonl, parquet, txt = d / "t.jsonl", d / "t.parquet", d / "t.txt"
+    jsonl.write_text("".join(json.dumps({"body": t, "other": 1}) + "\n" for t in texts))
+    pd.DataFrame({"body": texts, "n": range(len(texts))}).to_parquet(parquet)
+    txt.write_text("\n".join(texts) + "\n\n")
+    return jsonl, parquet, txt
+
+
+def test_jsonl_parquet_and_txt_give_the_same_texts_and_tokens(model_dir, tmp_path):
+    paths = _write_all(tmp_path, TEXTS)
+    probs = [build(str(model_dir), str(p), text_field="body") for p in paths]
+    for p in probs:
+        assert p.train.texts == TEXTS and p.query.texts == TEXTS  # query defaults to train
+        assert torch.equal(p.train.input_ids, probs[0].train.input_ids)
+    words = TEXTS[3].split()
+    vocab = make_tokenizer().get_vocab()
+    assert probs[0].train.input_ids[3, :len(words)].tolist() == [vocab[w] for w in words]
+    assert read_texts(str(paths[0]), text_field="body", limit=2) == TEXTS[:2]
+
+
+def test_padding_is_right_and_masked_and_never_changes_a_texts_losses(model_dir, tmp_path):
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    prob = build(str(model_dir), str(tmp_path / "t.jsonl"))
+    ds = prob.train
+    lengths = [len(t.split()) for t in TEXTS]
+    assert ds.input_ids.shape == (len(TEXTS), max(lengths))  # padding="longest"
+    assert ds.attention_mask.sum(1).tolist() == lengths
+    batch = {"input_ids": ds.input_ids, "attention_mask": ds.attention_mask}
+    with torch.no_grad():
+        losses, mask = prob.loss(prob.model, batch)
+    assert losses.shape == mask.shape == ds.input_ids.shape and mask.dtype == torch.bool
+    # mask = attention mask shifted: token t >= 1 of a text is a loss position, position 0 and padding are not
+    assert mask.sum(1).tolist() == [n - 1 for n in lengths]
+    assert not mask[:, 0].any() and (losses[~mask] == 0).all() and (losses[mask] > 0).all()
+    for i, n in enumerate(lengths):  # each text alone (no padding) has the same losses
+        alone = {"input_ids": ds.input_ids[i:i + 1, :n], "attention_mask": ds.attention_mask[i:i + 1, :n]}
+        with torch.no_grad():
+            ref, _ = token_losses(prob.model, alone)
+        torch.testing.assert_close(losses[i, :n], ref[0], atol=1e-5, rtol=1e-5)
+    # and they are the next-token cross-entropies, -log p(x_t | x_<t)
+    with torch.no_grad():
+        logp = torch.log_softmax(prob.model(input_ids=ds.input_ids[3:4]).logits[0], -1)
+    expect = -logp[torch.arange(lengths[3] - 1), ds.input_ids[3, 1:lengths[3]]]
+    torch.testing.assert_close(losses[3, 1:lengths[3]], expect, atol=1e-5, rtol=1e-5)
+    # render_tokens: the text of the token whose loss sits at each position; "" at padding
+    tokens = prob.render_tokens("train", 2)
+    assert tokens == TEXTS[2].split() + [""] * (max(lengths) - lengths[2])
+    assert prob.render("query", 1) == TEXTS[1]
+
+
+def test_max_length_truncates_and_max_length_padding(model_dir, tmp_path):
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS))
+    short = build(str(model_dir), str(tmp_path / "t.txt"), max_length=5)
+    assert short.train.input_ids.shape == (4, 5) and short.train.attention_mask.sum(1).tolist() == [5, 5, 4, 5]
+    wide = build(str(model_dir), str(tmp_path / "t.txt"), max_length=20, padding="max_length", n_query=2)
+    assert wide.train.input_ids.shape == (4, 20) and len(wide.query) == 2
+    pad = make_tokenizer().pad_token_id
+    assert (wide.train.input_ids[wide.train.attention_mask == 0] == pad).all()
+    with pytest.raises(ProblemError, match="padding 'left'"):
+        build(str(model_dir), str(tmp_path / "t.txt"), padding="left")
+
+
+def test_a_missing_model_is_a_clear_error_and_nothing_is_downloaded(model_dir, tmp_path):
+    (tmp_path / "t.txt").write_text("a b\n")
+    t0 = time.perf_counter()
+    for name in (str(tmp_path / "nowhere"), "gpt2", "openai-community/gpt2"):
+        with pytest.raises(ProblemError, match="does not exist; bif never downloads models from a hub"):
+            build(name, str(tmp_path / "t.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProblemError, match="has no config.json"):
+        build(str(tmp_path / "empty"), str(tmp_path / "t.txt"))
+    assert time.perf_counter() - t0 < 5  # no network round trips
+
+
+def test_bad_text_inputs_are_clear_errors(model_dir, tmp_path):
+    jsonl, parquet, _ = _write_all(tmp_path, TEXTS)
+    with pytest.raises(ProblemError, match="line 1 has no field 'text'"):
+        build(str(model_dir), str(jsonl))
+    with pytest.raises(ProblemError, match="no column 'text'"):
+        build(str(model_dir), str(parquet))
+    with pytest.raises(ProblemError, match="does not exist"):
+        build(str(model_dir), str(tmp_path / "missing.jsonl"))
+    (tmp_path / "t.csv").write_text("x")
+    with pytest.raises(ProblemError, match="unknown format"):
+        build(str(model_dir), str(tmp_path / "t.csv"))
+
+
+def test_model_and_texts_from_an_s3_uri_match_the_local_ones(model_dir, tmp_path, s3_bucket):
+    import fsspec
+
+    bucket, opts = s3_bucket
+    fs = fsspec.filesystem("s3", **opts)
+    for f in model_dir.iterdir():
+        fs.put(str(f), f"{bucket}/models/tiny/{f.name}")
+    jsonl, parquet, _ = _write_all(tmp_path, TEXTS)
+    fs.put(str(parquet), f"{bucket}/data/t.parquet")
+    remote = build(f"s3://{bucket}/models/tiny", f"s3://{bucket}/data/t.parquet", text_field="body",
+                   storage_options=opts)
+    local = build(str(model_dir), str(jsonl), text_field="body")
+    assert remote.extras["model_dir"] != str(model_dir)  # a temporary copy
+    assert torch.equal(remote.train.input_ids, local.train.input_ids)
+    batch = {"input_ids": local.train.input_ids, "attention_mask": local.train.attention_mask}
+    with torch.no_grad():
+        torch.testing.assert_close(remote.loss(remote.model, batch)[0], local.loss(local.model, batch)[0])
+    with pytest.raises(ProblemError, match="does not exist"):
+        build(f"s3://{bucket}/models/none", f"s3://{bucket}/data/t.parquet", storage_options=opts)
+
+
+def test_the_pipeline_loads_the_factory_and_its_safetensors_checkpoint(model_dir, tmp_path):
+    """`problem: bif.lm:build` + `checkpoint: DIR/model.safetensors` (GPT-2's tied lm_head loads without error)."""
+    from safetensors.torch import save_file
+
+    from bif.problem import load_problem, model_hash
+
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS))
+    args = {"model": str(model_dir), "train": str(tmp_path / "t.txt"), "max_length": 16}
+    base = load_problem("bif.lm:build", args)
+    moved = {k: v + 0.5 for k, v in base.model.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp_path / "w.safetensors"))
+    prob = load_problem("bif.lm:build", args, checkpoint=str(tmp_path / "w.safetensors"))
+    assert model_hash(prob.model) != model_hash(base.model)
+    torch.testing.assert_close(prob.model.lm_head.weight, moved["transformer.wte.weight"])  # still tied
+    same = load_problem("bif.lm:build", args, checkpoint=str(model_dir / "model.safetensors"))
+    assert model_hash(same.model) == model_hash(base.model)
