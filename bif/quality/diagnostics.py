@@ -157,8 +157,14 @@ def _empty_frame() -> pd.DataFrame:
 
 
 def _batch_means_state(train: np.ndarray, query: np.ndarray, num_batches: int
-                       ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(K, Σ_b m_b, Σ_b m_b²) of the batch means m_b (n_train, n_query) of z, accumulated in float64."""
+                       ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(K, Σ_b m_b, Σ_b m_b², C) of the batch means m_b (n_train, n_query) of z, accumulated in float64.
+
+    C = Σ_b L_b m_b is the comoment (Σ over all draws of z), so the BIF costs no extra GEMM.
+    The K batch means of a slab of train rows come from one batched matmul per batch length
+    (at most two lengths), and their sums from one pass each, instead of three (a, b) passes
+    per batch.
+    """
     chains, draws = train.shape[:2]
     if draws < num_batches:
         raise ValueError(f"need at least num_batches={num_batches} draws per chain for batch means, got {draws}")
@@ -166,16 +172,25 @@ def _batch_means_state(train: np.ndarray, query: np.ndarray, num_batches: int
     y = np.asarray(query, dtype=np.float64)
     xc = x - x.mean(axis=(0, 1))  # (C, D, a), centred at the pooled means
     yc = y - y.mean(axis=(0, 1))  # (C, D, b)
-    total = np.zeros((x.shape[2], y.shape[2]))
-    total_sq = np.zeros_like(total)
-    k = 0
-    for c in range(chains):
-        for idx in np.array_split(np.arange(draws), num_batches):
-            m = xc[c, idx].T @ yc[c, idx] / len(idx)  # (a, b) batch mean of z
-            total += m
-            total_sq += m * m
-            k += 1
-    return k, total, total_sq
+    a, b = x.shape[2], y.shape[2]
+    bounds = np.cumsum([0] + [len(i) for i in np.array_split(np.arange(draws), num_batches)])
+    groups: dict[int, list[int]] = {}  # batch length -> batch starts (within a chain)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        groups.setdefault(int(e - s), []).append(int(s))
+    total, total_sq, comoment = np.zeros((a, b)), np.zeros((a, b)), np.zeros((a, b))
+    k = chains * num_batches
+    rows = max(1, (32 << 20) // max(1, 8 * k * b))  # train rows per slab: the (K, rows, b) means stay ~32 MB
+    for length, starts in groups.items():
+        take = (np.asarray(starts)[:, None] + np.arange(length)[None, :]).ravel()  # draws of these batches
+        yb = yc[:, take].reshape(chains * len(starts), length, b)  # (K', L, b)
+        for r0 in range(0, a, rows):
+            r1 = min(a, r0 + rows)
+            xb = xc[:, take, r0:r1].reshape(chains * len(starts), length, r1 - r0)  # (K', L, r)
+            sums = np.matmul(xb.transpose(0, 2, 1), yb)  # (K', r, b): L x the batch means
+            total[r0:r1] += sums.sum(axis=0) / length
+            total_sq[r0:r1] += np.einsum("kab,kab->ab", sums, sums) / (length * length)
+            comoment[r0:r1] += sums.sum(axis=0)
+    return k, total, total_sq, comoment
 
 
 def bif_mcse(train: np.ndarray, query: np.ndarray, *, num_batches: int = 10) -> np.ndarray:
@@ -187,9 +202,14 @@ def bif_mcse(train: np.ndarray, query: np.ndarray, *, num_batches: int = 10) -> 
     """
     if train.ndim != 3 or query.ndim != 3 or train.shape[:2] != query.shape[:2]:
         raise ValueError(f"expected (chains, draws, n) arrays with equal leading dims, got {train.shape}, {query.shape}")
-    k, total, total_sq = _batch_means_state(train, query, num_batches)
+    return _mcse_and_comoment(train, query, num_batches)[0]
+
+
+def _mcse_and_comoment(train: np.ndarray, query: np.ndarray, num_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """(MCSE of BIF (a, b), comoment Σ_t (x_t - x̄)(y_t - ȳ) (a, b)) from one pass of batch means."""
+    k, total, total_sq, comoment = _batch_means_state(train, query, num_batches)
     var = np.maximum(total_sq - total * total / k, 0.0) / (k - 1)  # sample variance of the batch means
-    return np.sqrt(var / k)
+    return np.sqrt(var / k), comoment
 
 
 def _quantiles(values: np.ndarray, *, low_is_bad: bool) -> dict[str, float | None]:
@@ -247,10 +267,9 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
     empty = np.array([])
     if not query.shape[2] or train.shape[1] < num_batches:
         return frame, empty, empty, 0, 0
-    mcse = bif_mcse(train, query, num_batches=num_batches).ravel()
-    flat = np.concatenate(train, axis=0)
-    yflat = np.concatenate(query, axis=0)
-    bif = -((flat - flat.mean(0)).T @ (yflat - yflat.mean(0)) / (flat.shape[0] - 1)).ravel()
+    mcse, comoment = _mcse_and_comoment(train, query, num_batches)
+    mcse = mcse.ravel()
+    bif = -(comoment / (train.shape[0] * train.shape[1] - 1)).ravel()  # the stacked BIF, from the same pass
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.abs(bif) / mcse
     # pairs with a constant trace (BIF = MCSE = 0) carry no information: left out of the summary
