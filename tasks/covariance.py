@@ -95,8 +95,9 @@ def leaf_moments(store: RunStore, refs: Sequence[BlockRef], train: tuple[int, in
     """
     from bif.moments import from_draws
 
-    x = np.concatenate([store.read_losses(r, split=S.TRAIN, start=train[0], stop=train[1]) for r in refs])  # (D, a)
-    y = np.concatenate([store.read_losses(r, split=S.QUERY, start=query[0], stop=query[1]) for r in refs])  # (D, b)
+    parts = [store.read_loss_ranges(r, {S.TRAIN: train, S.QUERY: query}) for r in refs]  # one open per file
+    x = np.concatenate([p[S.TRAIN] for p in parts])  # (D, a)
+    y = np.concatenate([p[S.QUERY] for p in parts])  # (D, b)
     return from_draws(x, y, dtype=gemm_dtype)
 
 
