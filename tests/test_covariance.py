@@ -256,3 +256,24 @@ def test_verify_names_a_damaged_file_during_the_reduction(tmp_path, damage):
                      + raw[len(raw) // 2 + 1:])
     with pytest.raises(StorageError, match=r"trace block 2 of chain 1 is damaged: .*block-00002\.parquet"):
         _reduce(root, files, verify=True)
+
+
+@pytest.mark.slow  # ~1-3 min: writes traces, starts a LocalCluster, runs the limit benchmark at its quick size
+def test_scale_benchmark_runs_and_reports_its_rows(tmp_path):
+    """`python -m benchmarks.scale` (README, Benchmarks): its quick sizes run end to end and give the table rows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "scale.json"
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--only", "limit", "--out", str(out)],
+                         cwd=repo, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("limit_100k", "limit_20k"):
+        m = figures[key]
+        assert m["limit_s"] == max(m["gemm64_s"], m["zarr_write_s"], m["trace_read_s"]) > 0
+        assert m["ratio_vs_limit"] == pytest.approx(m["stage_s"] / m["limit_s"])
+    assert "covariance stage vs one float64 GEMM" in out.with_suffix(".md").read_text()
