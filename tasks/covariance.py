@@ -195,11 +195,9 @@ def finalize_block(states: Moments | list[Moments], *, store: RunStore, train: t
     array.write_region(train, query, bif, bif_corr)
     key_t = np.ascontiguousarray(bif.T)  # (bq, bt)
     ids = np.arange(train[0], train[1])
-    a, kk = bif.shape[0], min(k, bif.shape[0])
-    cuts = sorted({kk - 1, a - kk}) if 0 < kk < a else None
-    part = np.argpartition(key_t, cuts, axis=1) if cuts else None  # both directions' cuts in one partition
-    pos = _topk(bif, bif_corr, train[0], k, largest=True, key_t=key_t, ids=ids, part=part)
-    neg = _topk(bif, bif_corr, train[0], k, largest=False, key_t=key_t, ids=ids, part=part)
+    # one partition per direction: numpy's argpartition at two cuts at once measured 3-4x slower than two single cuts
+    pos = _topk(bif, bif_corr, train[0], k, largest=True, key_t=key_t, ids=ids)
+    neg = _topk(bif, bif_corr, train[0], k, largest=False, key_t=key_t, ids=ids)
     return BlockResult(train[0], query[0], *pos, *neg, train_constant=_pooled_constant(states, "x"),
                        query_constant=_pooled_constant(states, "y"))
 
