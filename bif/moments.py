@@ -28,22 +28,29 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Moments:
-    """Cross-moment state of n draws of x (a,) and y (b,); all arrays float64."""
+    """Cross-moment state of n draws of x (a,) and y (b,); float64 arrays (``comoment`` may be float32, see from_draws)."""
 
     n: int
     mean_x: np.ndarray  # (a,)
     mean_y: np.ndarray  # (b,)
     m2_x: np.ndarray  # (a,)
     m2_y: np.ndarray  # (b,)
-    comoment: np.ndarray  # (a, b)
+    comoment: np.ndarray  # (a, b); float32 when from_draws ran its GEMM in float32 (a merge promotes to float64)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.comoment.shape
 
 
-def from_draws(x: np.ndarray, y: np.ndarray) -> Moments:
-    """Moments of draws ``x`` (n, a) and ``y`` (n, b), rows paired by draw. One GEMM."""
+def from_draws(x: np.ndarray, y: np.ndarray, *, dtype: np.dtype | str | None = None) -> Moments:
+    """Moments of draws ``x`` (n, a) and ``y`` (n, b), rows paired by draw. One GEMM.
+
+    Means and m2 are computed in float64, and the draws centred in float64. ``dtype`` is the
+    GEMM's (default float64): float32 halves its time and memory traffic, and the comoment
+    then carries float32 rounding, about sqrt(n) x 6e-8 relative to sqrt(m2_x m2_y) (the
+    scale of a correlation); ``tests/test_covariance.py`` bounds it against float64. Merges
+    promote the comoment to float64.
+    """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of draws, got {x.shape[0]} and {y.shape[0]}")
     x = np.asarray(x, dtype=np.float64)
@@ -53,8 +60,10 @@ def from_draws(x: np.ndarray, y: np.ndarray) -> Moments:
         mx = np.where(np.all(x == x[:1], axis=0), x[0], mx)
         my = np.where(np.all(y == y[:1], axis=0), y[0], my)
     xc, yc = x - mx, y - my  # (n, a), (n, b)
+    gemm = np.dtype(dtype or np.float64)
+    comoment = xc.T @ yc if gemm == np.float64 else xc.astype(gemm).T @ yc.astype(gemm)  # (a, b)
     return Moments(n=x.shape[0], mean_x=mx, mean_y=my, m2_x=np.einsum("ij,ij->j", xc, xc),
-                   m2_y=np.einsum("ij,ij->j", yc, yc), comoment=xc.T @ yc)
+                   m2_y=np.einsum("ij,ij->j", yc, yc), comoment=comoment)
 
 
 def merge(a: Moments, b: Moments) -> Moments:

@@ -354,10 +354,11 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
 
     store = run_store(cfg)
     files = store.blocks(num_chains=cfg.sampler.num_chains)
-    store.verify_blocks(files)  # StorageError naming a damaged file; a rerun redoes it
     cv = cfg.covariance
+    # verify=True: each file's sha256 is checked beside the reduction; a damaged file raises a
+    # StorageError naming it, and a rerun redoes it
     summary = compute_bif(store, cv, files, n_train=info.n_train, n_query=info.n_query, client=client,
-                          progress=progress,
+                          progress=progress, verify=True,
                           attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
     store.write_topk(summary.topk)
     if info.n_train_tokens is not None:  # token runs: topk_tokens.parquet (and bif_tokens.zarr)

@@ -129,7 +129,7 @@ def test_reduction_on_a_real_local_cluster_and_s3(s3_bucket, run_dirs):
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0", processes=True) as cl, \
             Client(cl) as client:
         summary = compute_bif(store, _cov(5, 4, split_every=2, k=3), store.blocks(), n_train=N_TRAIN,
-                              n_query=N_QUERY, dtype="float64", client=client, max_in_flight=3)
+                              n_query=N_QUERY, dtype="float64", client=client, max_in_flight=3, verify=True)
     ds = xr.open_zarr(summary.bif_uri, storage_options=opts, consolidated=False).load()
     ref_bif, _ = bif_in_memory(train, query)
     np.testing.assert_allclose(ds[S.BIF].values, ref_bif, rtol=1e-10, atol=1e-14)
@@ -191,3 +191,89 @@ def test_topk_lists_are_disjoint_when_n_train_is_below_2k(run_dirs):
             assert not set(pos) & set(neg)
             order = np.argsort(-bif[:, q], kind="stable").tolist()
             assert pos == order[:n_pos] and neg == order[::-1][:n_neg]
+
+
+# --- float32 GEMMs (issue 11): the error against float64, stated and bounded ------------------------------------
+#: Largest error of the float32-GEMM path, in units of sqrt(m2_x m2_y) (i.e. of a correlation); measured 3-4e-7
+#: for 50-4,000 draws, about the float32 output's own rounding.
+F32_CORR_TOL = 2e-6
+
+
+@pytest.mark.parametrize("draws", [50, 400, 4000])
+def test_float32_gemm_is_within_tolerance_of_float64(draws):
+    """Known low-rank data (losses ~5 and ~2 with shared factors): the float32 GEMM's comoment and correlation
+    stay within F32_CORR_TOL of float64; means and m2 are float64 in both."""
+    from bif.moments import correlation, from_draws
+
+    rng = np.random.default_rng(draws)
+    z = rng.normal(size=(draws, 3))
+    x = (5.0 + 0.3 * z @ rng.normal(size=(3, 300)) + 0.05 * rng.normal(size=(draws, 300))).astype(np.float32)
+    y = (2.0 + 0.3 * z @ rng.normal(size=(3, 40)) + 0.2 * rng.normal(size=(draws, 40))).astype(np.float32)
+    m64, m32 = from_draws(x, y), from_draws(x, y, dtype="float32")
+    assert m32.comoment.dtype == np.float32 and m32.m2_x.dtype == np.float64
+    np.testing.assert_array_equal(m32.m2_x, m64.m2_x)
+    scale = np.sqrt(np.outer(m64.m2_x, m64.m2_y))
+    err = np.abs(m32.comoment - m64.comoment) / scale
+    assert err.max() < F32_CORR_TOL, err.max()
+    assert np.abs(correlation(m32) - correlation(m64)).max() < F32_CORR_TOL
+    assert np.abs(correlation(m64)).max() > 0.9  # strongly correlated pairs are in the test
+
+
+def test_float32_output_uses_float32_gemms_within_tolerance(run_dirs):
+    """The pipeline's float32 output: bif / bif_corr within F32_CORR_TOL (x the pair's scale) of float64, the
+    top-k identical, and block sizes change it only by that rounding."""
+    root, store, train, query = run_dirs[5]
+    ref_bif, ref_corr = bif_in_memory(train, query)
+    x, y = train.reshape(-1, N_TRAIN), query.reshape(-1, N_QUERY)
+    scale = np.outer(x.std(0, ddof=1), y.std(0, ddof=1))  # sqrt(var_x var_y)
+    outs = []
+    for tb, qb in ((N_TRAIN, N_QUERY), (4, 3)):
+        ds, summary = _reduce(root, store.blocks(), train_block=tb, query_block=qb, dtype="float32")
+        assert ds[S.BIF].dtype == np.float32
+        assert np.abs(ds[S.BIF].values - ref_bif).max() <= F32_CORR_TOL * scale.max()
+        assert np.all(np.abs(ds[S.BIF].values - ref_bif) <= F32_CORR_TOL * scale + 1e-7 * np.abs(ref_bif))
+        assert np.abs(ds[S.BIF_CORR].values - ref_corr).max() < F32_CORR_TOL
+        outs.append((ds, summary))
+    (a, sa), (b, sb) = outs
+    assert np.abs(a[S.BIF_CORR].values - b[S.BIF_CORR].values).max() < F32_CORR_TOL
+    pd.testing.assert_frame_equal(sa.topk[[S.QUERY, S.DIRECTION, S.RANK, S.TRAIN]],
+                                  sb.topk[[S.QUERY, S.DIRECTION, S.RANK, S.TRAIN]])
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_verify_names_a_damaged_file_during_the_reduction(tmp_path, damage):
+    """verify=True checks every file's sha256 beside the reduction (no separate pass): a flipped byte, or a
+    truncated file whose read fails first, is a StorageError naming the file."""
+    from bif.errors import StorageError
+
+    root = str(tmp_path / "run")
+    store, *_ = _write_run(root, 8)
+    files = store.blocks()
+    _reduce(root, files, verify=True)  # intact
+    path = tmp_path / "run" / "traces" / "chain-1" / "block-00002.parquet"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:200] if damage == "truncated" else raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF])
+                     + raw[len(raw) // 2 + 1:])
+    with pytest.raises(StorageError, match=r"trace block 2 of chain 1 is damaged: .*block-00002\.parquet"):
+        _reduce(root, files, verify=True)
+
+
+@pytest.mark.slow  # ~1-3 min: writes traces, starts a LocalCluster, runs the limit benchmark at its quick size
+def test_scale_benchmark_runs_and_reports_its_rows(tmp_path):
+    """`python -m benchmarks.scale` (README, Benchmarks): its quick sizes run end to end and give the table rows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "scale.json"
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--only", "limit", "--out", str(out)],
+                         cwd=repo, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("limit_100k", "limit_20k"):
+        m = figures[key]
+        assert m["limit_s"] == max(m["gemm64_s"], m["zarr_write_s"], m["trace_read_s"]) > 0
+        assert m["ratio_vs_limit"] == pytest.approx(m["stage_s"] / m["limit_s"])
+    assert "covariance stage vs one float64 GEMM" in out.with_suffix(".md").read_text()

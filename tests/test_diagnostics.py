@@ -179,3 +179,77 @@ def test_import_is_light():
             "bad = [m for m in ('prefect', 'arviz', 'great_expectations', 'matplotlib') if m in sys.modules]; "
             "sys.exit(str(bad) if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the vectorized R-hat / ESS (arviz-stats' numba backend) against ArviZ 0.23, one sample at a time ---------
+def _arviz_reference(traces: np.ndarray) -> dict[str, np.ndarray]:
+    """ArviZ 0.23's rank R-hat, bulk ESS and tail ESS of (chains, draws, n) traces (its per-sample loop)."""
+    import logging
+    import warnings
+
+    import arviz as az
+    import xarray as xr
+
+    logging.getLogger("arviz").setLevel(logging.ERROR)  # its 'shape validation failed' notes on purpose-made cases
+    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), traces)})
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")
+        return {"rhat": az.rhat(ds, method="rank")["loss"].values, "ess_bulk": az.ess(ds, method="bulk")["loss"].values,
+                "ess_tail": az.ess(ds, method="tail")["loss"].values}
+
+
+def _known_traces() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    odd = rng.normal(size=(4, 101, 12))  # an odd number of draws: splitting drops the middle draw
+    odd[..., 1] = 0.0  # constant: rhat NaN, ESS = chains x draws (of the split halves)
+    odd[0, :, 2] = 1.0  # constant within one chain only: not constant
+    odd[..., 3] = np.round(odd[..., 3])  # many ties: average ranks
+    odd[1, 7, 4] = np.nan  # a NaN: NaN everywhere, as in ArviZ
+    odd[..., 5] = (rng.random((4, 101)) < 0.03).astype(float)  # the tail indicator at q05 is constant
+    odd[..., 6] += np.arange(4)[:, None]  # separated chains: large R-hat
+    return {
+        "odd_draws": odd,
+        "autocorrelated": _ar1(rng, (3, 400, 9), 0.9),
+        "random_walk": rng.normal(size=(2, 100, 7)).cumsum(axis=1),
+        "single_chain": rng.normal(size=(1, 100, 5)),  # rhat NaN, ESS defined
+        "too_short": rng.normal(size=(2, 3, 4)),  # fewer than 4 draws: all NaN
+        "gamma_losses": rng.gamma(2.0, 0.5, (2, 64, 8)).astype(np.float32).astype(np.float64),
+    }
+
+
+@pytest.mark.parametrize("name", list(_known_traces()))
+def test_rhat_ess_matches_arviz_per_sample(name):
+    """Every value equals ArviZ 0.23's (rtol 1e-10), constant traces, ties, NaN, odd draws and one chain included."""
+    from bif.quality.diagnostics import rhat_ess
+
+    traces = _known_traces()[name]
+    got, want = rhat_ess(traces), _arviz_reference(traces)
+    for key in ("rhat", "ess_bulk", "ess_tail"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=1e-12, equal_nan=True, err_msg=key)
+        assert np.array_equal(np.isnan(got[key]), np.isnan(want[key])), key
+    if name == "odd_draws":
+        assert np.isnan(got["rhat"][1]) and got["ess_bulk"][1] == got["ess_tail"][1] == 4 * 100
+        assert got["rhat"][6] > 1.5 and np.isnan(got["ess_bulk"][4])
+    if name == "single_chain":
+        assert np.isnan(got["rhat"]).all() and np.isfinite(got["ess_bulk"]).all()
+    if name == "too_short":
+        assert all(np.isnan(v).all() for v in got.values())
+
+
+def test_rhat_ess_is_vectorized_over_samples():
+    """One block of 4,000 samples costs far less than ArviZ's one-call-per-sample loop on 200 of them x 20."""
+    import time
+
+    from bif.quality.diagnostics import rhat_ess
+
+    rng = np.random.default_rng(3)
+    many = rng.normal(size=(2, 100, 4000))
+    rhat_ess(many[..., :8])  # imports and numba's compiled gufuncs
+    t = time.process_time()
+    got = rhat_ess(many)
+    ours = time.process_time() - t
+    t = time.process_time()
+    want = _arviz_reference(many[..., :200])
+    per_sample_arviz = (time.process_time() - t) / 200
+    np.testing.assert_allclose(got["ess_bulk"][:200], want["ess_bulk"], rtol=1e-10)
+    assert ours < 0.25 * per_sample_arviz * 4000, (ours, per_sample_arviz)

@@ -15,16 +15,22 @@ DEFAULT_CHUNKS = (4096, 1024)
 
 
 def block_stats(block: np.ndarray, t0: int, q0: int) -> dict[str, Any]:
-    """Aggregates of one (train, query) chunk: count of non-finite values, min and max with their positions."""
-    a = np.asarray(block, dtype=np.float64)
-    bad = ~np.isfinite(a)
-    out: dict[str, Any] = {"train_start": t0, "query_start": q0, "n_nonfinite": int(bad.sum()),
+    """Aggregates of one (train, query) chunk: count of non-finite values, min and max with their positions.
+
+    Works in the block's own dtype (no float64 copy); masks only when a value is non-finite.
+    """
+    a = np.asarray(block)
+    if not np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    n_bad = int(a.size - np.count_nonzero(finite))
+    out: dict[str, Any] = {"train_start": t0, "query_start": q0, "n_nonfinite": n_bad,
                            "bad_train": -1, "bad_query": -1, "bad_value": np.nan}
-    if out["n_nonfinite"]:
-        i, j = np.argwhere(bad)[0]
+    if n_bad:
+        i, j = np.argwhere(~finite)[0]
         out.update(bad_train=t0 + int(i), bad_query=q0 + int(j), bad_value=float(a[i, j]))
     for name, fill, arg in (("min", np.inf, np.argmin), ("max", -np.inf, np.argmax)):
-        masked = np.where(bad, fill, a)
+        masked = np.where(finite, a, fill) if n_bad else a
         i, j = np.unravel_index(arg(masked), a.shape) if a.size else (0, 0)
         ok = a.size and np.isfinite(masked[i, j])
         out.update({name: float(masked[i, j]) if ok else np.nan, f"{name}_train": t0 + int(i) if ok else -1,
@@ -91,14 +97,36 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
         split_idx = remap[split_col.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)]
     else:
         split_idx = np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in split_col.to_pylist()])
+    low, high = loss_bounds
+    loss = cols[S.LOSS].to_numpy(zero_copy_only=False)  # nulls become NaN
+    if not all(np.isinf(v) or loss.dtype.type(v) == v for v in (low, high)):  # a bound float32 cannot hold exactly
+        loss = loss.astype(np.float64)
+    bad = ~np.isfinite(loss)
+    oob = ~bad & ((loss < low) | (loss > high))
+    if out["rows"] == out["expected_rows"] and not out["n_null_keys"]:
+        # fast path: the keys are exactly the written layout (the usual case), checked by equality instead of
+        # counting every key; any difference falls through to the counts below, which name the first offender
+        keys = variables.row_keys(num_draws)
+        raw = {k: cols[k].to_numpy() for k in (S.CHAIN, S.DRAW, S.SAMPLE)}
+        same_positions = (not variables.is_tokens
+                          or np.array_equal(cols[S.POSITION].to_numpy(), keys.position))
+        if (same_positions and np.array_equal(split_idx, keys.split) and np.array_equal(raw[S.SAMPLE], keys.sample)
+                and np.array_equal(raw[S.DRAW] - np.int64(draw_start), keys.draw)
+                and bool(np.all(raw[S.CHAIN] == chain))):
+            n_bad, n_oob = int(np.count_nonzero(bad)), int(np.count_nonzero(oob))
+            out.update({
+                "n_nonfinite": n_bad, "first_nonfinite": _first_key(split_idx, raw[S.SAMPLE], raw[S.DRAW], bad, loss)
+                if n_bad else "",
+                "n_out_of_bounds": n_oob, "first_out_of_bounds": _first_key(split_idx, raw[S.SAMPLE], raw[S.DRAW],
+                                                                            oob, loss) if n_oob else "",
+                "n_wrong_chain": 0, "first_wrong_chain": "", "n_out_of_range": 0, "first_out_of_range": "",
+                "n_duplicate": 0, "first_duplicate": "", "n_missing": 0, "first_missing": "",
+            })
+            return out
     int_cols = (S.CHAIN, S.DRAW, S.SAMPLE) + ((S.POSITION,) if variables.is_tokens else ())
     ints = {k: cols[k].fill_null(-1).to_numpy().astype(np.int64) for k in int_cols}
     draw, sample = ints[S.DRAW], ints[S.SAMPLE]
     position = ints.get(S.POSITION, np.zeros_like(sample))
-    loss = cols[S.LOSS].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
-    bad = ~np.isfinite(loss)
-    low, high = loss_bounds
-    oob = ~bad & ((loss < low) | (loss > high))
     wrong_chain = ints[S.CHAIN] != chain
     in_range = variables.in_range(split_idx, sample, position) & (draw >= draw_start) & \
         (draw < draw_start + num_draws)

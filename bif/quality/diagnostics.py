@@ -1,10 +1,17 @@
 """MCMC diagnostics of the per-sample loss traces (ArviZ) and the Monte-Carlo standard error of the BIF.
 
-No Prefect imports. R-hat and ESS come from ArviZ, never hand-written: for each sample's
-loss trace (chains x draws), ``arviz.rhat(method="rank")`` is the rank-normalized split
-R-hat and ``arviz.ess(method="bulk" / "tail")`` the bulk / tail ESS (Vehtari et al. 2021,
-arXiv 1903.08008). One call covers all samples of a block: the traces go in as an
-xarray Dataset with dims (chain, draw, sample).
+No Prefect imports. R-hat and ESS come from ArviZ, never hand-written: the rank-normalized
+split R-hat and the bulk / tail ESS of Vehtari et al. 2021 (arXiv 1903.08008), as
+``arviz.rhat(method="rank")`` and ``arviz.ess(method="bulk" / "tail")`` define them. They are
+computed by arviz-stats' vectorized backend (``arviz_stats.numba.diagnostics``: rank
+normalization over (chain, draw) for all samples at once, FFT autocovariances, and Geyer's
+initial monotone sequence as one numba gufunc over the samples), so a block of thousands of
+samples costs a few array passes instead of one Python call per sample (ArviZ 0.23 and
+arviz-stats' ``array_stats`` loop over the samples, about 3.5 ms a sample here). The tail ESS
+is composed as ArviZ composes it, ``min(ess(split(x <= q05)), ess(split(x <= q95)))`` with the
+same backend's ``_ess`` and ``_split_chains``; ArviZ's validity rules are applied around it
+(fewer than 4 draws or a NaN: NaN; R-hat needs 2 chains; an odd number of draws drops the
+middle one when splitting). ``tests/test_diagnostics.py`` checks every value against ArviZ 0.23.
 
 A constant loss trace (the same value at every draw of every chain, e.g. a float32
 cross-entropy of exactly 0.0) has no defined R-hat or ESS: ArviZ gives R-hat NaN and ESS =
@@ -51,18 +58,59 @@ def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
     """ArviZ rank R-hat and bulk (and tail) ESS of every trace in ``traces`` (chains, draws, n), in float64.
 
     Returns {"rhat", "ess_bulk"[, "ess_tail"]}: (n,) float64 each, ArviZ's raw values (a
-    constant trace has R-hat NaN and ESS chains x draws; :func:`loss_diagnostics` masks
-    those). The one R-hat / ESS of the project: the diagnostics stage and calibration use it.
+    constant trace has R-hat NaN and ESS = chains x draws; :func:`loss_diagnostics` masks
+    those), computed for all n traces at once (see the module docstring). The one R-hat /
+    ESS of the project: the diagnostics stage and calibration use it.
     """
-    import arviz as az
+    t = np.asarray(traces, dtype=np.float64)
+    if t.ndim != 3:
+        raise ValueError(f"traces must be (chains, draws, n), got shape {t.shape}")
+    chains, draws, n = t.shape
+    keys = (RHAT, ESS_BULK, ESS_TAIL) if tail else (RHAT, ESS_BULK)
+    out = {k: np.full(n, np.nan) for k in keys}
+    if n == 0 or chains == 0 or draws < 4:  # ArviZ: fewer than 4 draws gives NaN
+        return out
+    half = draws // 2
+    split_size = 2 * chains * half  # ArviZ's ESS of a constant (split) array is its size
+    valid = ~np.isnan(t).any(axis=(0, 1))  # ArviZ: a NaN anywhere gives NaN
+    const = valid & constant_traces(t)
+    for k in (ESS_BULK, ESS_TAIL) if tail else (ESS_BULK,):
+        out[k][const] = split_size
+    idx = np.flatnonzero(valid & ~const)
+    if not idx.size:
+        return out
     import xarray as xr
+    from arviz_stats.numba import diagnostics as azd
 
-    ds = xr.Dataset({"loss": (("chain", "draw", "sample"), np.asarray(traces, dtype=np.float64))})
+    sub = t[:, :, idx]
+    even = sub if draws == 2 * half else np.concatenate([sub[:, :half], sub[:, draws - half:]], axis=1)
+    da = xr.DataArray(even, dims=("chain", "draw", "sample"))  # halves as ArviZ splits them
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {RHAT: az.rhat(ds, method="rank")["loss"].values, ESS_BULK: az.ess(ds, method="bulk")["loss"].values}
+        split = azd._split_chains(da)
+        z = azd._z_scale(split)  # rank-normalized split draws: shared by the bulk R-hat and the bulk ESS
+        if chains >= 2:  # ArviZ: R-hat needs at least 2 chains; rank R-hat = max(bulk, folded), as azd.rhat
+            bulk, folded = azd._rhat(z), azd._rhat(azd._z_fold(split))
+            out[RHAT][idx] = np.asarray(xr.where(bulk > folded, bulk, folded).transpose("sample"), dtype=np.float64)
+        out[ESS_BULK][idx] = _vector_ess(azd, z)
         if tail:
-            out[ESS_TAIL] = az.ess(ds, method="tail")["loss"].values
+            qs = np.quantile(sub, (0.05, 0.95), axis=(0, 1))  # (2, m): ArviZ takes them on the unsplit draws
+            out[ESS_TAIL][idx] = np.minimum(*(_vector_ess(azd, azd._split_chains((da <= q).astype(np.float64)))
+                                              for q in qs))
     return out
+
+
+def _vector_ess(azd: Any, split: Any) -> np.ndarray:
+    """arviz-stats' vectorized ``_ess`` of already split (chain, draw, sample) data, ArviZ's rule for constant
+    samples included (ESS = the array's size; the backend itself cannot mix constant and varying samples)."""
+    split = split.transpose("chain", "draw", "sample")
+    values = split.values
+    c, d, m = values.shape
+    flat = values.reshape(c * d, m)
+    varying = (flat.max(axis=0) - flat.min(axis=0)) >= np.finfo(float).resolution
+    res = np.full(m, float(c * d))
+    if varying.any():
+        res[varying] = np.asarray(azd._ess(split.isel(sample=np.flatnonzero(varying))), dtype=np.float64)
+    return res
 
 
 def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.DataFrame:
@@ -109,8 +157,16 @@ def _empty_frame() -> pd.DataFrame:
 
 
 def _batch_means_state(train: np.ndarray, query: np.ndarray, num_batches: int
-                       ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(K, Σ_b m_b, Σ_b m_b²) of the batch means m_b (n_train, n_query) of z, accumulated in float64."""
+                       ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(K, Σ_b m_b, Σ_b m_b², C) of the batch means m_b (n_train, n_query) of z, accumulated in float64.
+
+    C = Σ_b L_b m_b is the comoment (Σ over all draws of z), so the BIF costs no extra GEMM.
+    Σ_b m_b and C are one GEMM over all draws. For short batches (L <= 15 draws, the usual
+    case) Σ_b m_b² is one GEMM too, through the identity
+    (Σ_{t in b} x_t y_tᵀ)²_ij = Σ_{t, s in b} (x_t x_s)_i (y_t y_s)_j over the L(L+1)/2 pairs
+    t <= s of each batch (products of draws, elementwise); longer batches take one GEMM per
+    batch and accumulate its square in place.
+    """
     chains, draws = train.shape[:2]
     if draws < num_batches:
         raise ValueError(f"need at least num_batches={num_batches} draws per chain for batch means, got {draws}")
@@ -118,16 +174,31 @@ def _batch_means_state(train: np.ndarray, query: np.ndarray, num_batches: int
     y = np.asarray(query, dtype=np.float64)
     xc = x - x.mean(axis=(0, 1))  # (C, D, a), centred at the pooled means
     yc = y - y.mean(axis=(0, 1))  # (C, D, b)
-    total = np.zeros((x.shape[2], y.shape[2]))
-    total_sq = np.zeros_like(total)
-    k = 0
-    for c in range(chains):
-        for idx in np.array_split(np.arange(draws), num_batches):
-            m = xc[c, idx].T @ yc[c, idx] / len(idx)  # (a, b) batch mean of z
-            total += m
-            total_sq += m * m
-            k += 1
-    return k, total, total_sq
+    a, b = x.shape[2], y.shape[2]
+    bounds = np.cumsum([0] + [len(i) for i in np.array_split(np.arange(draws), num_batches)])
+    lengths = np.diff(bounds)  # (num_batches,) draws per batch
+    w = np.repeat(1.0 / lengths, lengths)  # (D,) 1 / L of each draw's batch
+    xf = xc.reshape(chains * draws, a)
+    both = xf.T @ np.concatenate([(yc * w[None, :, None]).reshape(-1, b), yc.reshape(-1, b)], axis=1)  # (a, 2b)
+    total, comoment = both[:, :b], both[:, b:]
+    total_sq = np.zeros((a, b))
+    for length in np.unique(lengths):
+        starts = bounds[:-1][lengths == length]
+        take = (starts[:, None] + np.arange(length)[None, :]).ravel()
+        xb = xc[:, take].reshape(-1, length, a)  # (K', L, a)
+        yb = yc[:, take].reshape(-1, length, b)  # (K', L, b)
+        if length <= 15:
+            iu, ju = np.triu_indices(length)
+            weight = np.where(iu == ju, 1.0, 2.0) / float(length * length)  # pairs t < s stand for (t, s) and (s, t)
+            u = (xb[:, iu] * xb[:, ju]).reshape(-1, a)  # (K' P, a)
+            v = (yb[:, iu] * yb[:, ju] * weight[None, :, None]).reshape(-1, b)  # (K' P, b)
+            total_sq += u.T @ v
+        else:
+            for k in range(xb.shape[0]):
+                m = xb[k].T @ yb[k]  # (a, b): L x the batch mean
+                m *= m
+                total_sq += m / float(length * length)
+    return chains * num_batches, total, total_sq, comoment
 
 
 def bif_mcse(train: np.ndarray, query: np.ndarray, *, num_batches: int = 10) -> np.ndarray:
@@ -139,9 +210,14 @@ def bif_mcse(train: np.ndarray, query: np.ndarray, *, num_batches: int = 10) -> 
     """
     if train.ndim != 3 or query.ndim != 3 or train.shape[:2] != query.shape[:2]:
         raise ValueError(f"expected (chains, draws, n) arrays with equal leading dims, got {train.shape}, {query.shape}")
-    k, total, total_sq = _batch_means_state(train, query, num_batches)
+    return _mcse_and_comoment(train, query, num_batches)[0]
+
+
+def _mcse_and_comoment(train: np.ndarray, query: np.ndarray, num_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """(MCSE of BIF (a, b), comoment Σ_t (x_t - x̄)(y_t - ȳ) (a, b)) from one pass of batch means."""
+    k, total, total_sq, comoment = _batch_means_state(train, query, num_batches)
     var = np.maximum(total_sq - total * total / k, 0.0) / (k - 1)  # sample variance of the batch means
-    return np.sqrt(var / k)
+    return np.sqrt(var / k), comoment
 
 
 def _quantiles(values: np.ndarray, *, low_is_bad: bool) -> dict[str, float | None]:
@@ -191,24 +267,49 @@ def _read_split(store: Any, files: list[Any], *, split: str, start: int, stop: i
     return np.stack([a[:draws] for a in arrays])
 
 
-def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int]:
-    """Diagnostics and MCSE of one block of train samples (a picklable unit of work for map_fn)."""
+def _pair_mcse(train: np.ndarray, query: np.ndarray, ti: np.ndarray, qj: np.ndarray, num_batches: int,
+               chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """(MCSE, BIF) of the pairs (ti[p], qj[p]) only, each (P,): the batch means of z of those pairs, as bif_mcse
+    computes them for all pairs (O(P x draws) work instead of a GEMM per pair of blocks)."""
+    chains, draws = train.shape[:2]
+    xc = np.asarray(train, dtype=np.float64) - train.mean(axis=(0, 1))  # (C, D, a)
+    yc = np.asarray(query, dtype=np.float64) - query.mean(axis=(0, 1))  # (C, D, b)
+    starts = np.cumsum([0] + [len(i) for i in np.array_split(np.arange(draws), num_batches)])[:-1]
+    lengths = np.diff(np.r_[starts, draws])
+    k = chains * num_batches
+    mcse, bif = np.empty(len(ti)), np.empty(len(ti))
+    for p0 in range(0, len(ti), chunk):
+        sl = slice(p0, p0 + chunk)
+        z = xc[:, :, ti[sl]] * yc[:, :, qj[sl]]  # (C, D, P)
+        means = np.add.reduceat(z, starts, axis=1) / lengths[None, :, None]  # (C, num_batches, P)
+        total, total_sq = means.sum(axis=(0, 1)), np.einsum("cbp,cbp->p", means, means)
+        mcse[sl] = np.sqrt(np.maximum(total_sq - total * total / k, 0.0) / (k - 1) / k)
+        bif[sl] = -z.sum(axis=(0, 1)) / (chains * draws - 1)
+    return mcse, bif
+
+
+def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int, int]:
+    """Diagnostics and MCSE of one block of train samples (a picklable unit of work for map_fn).
+
+    Returns (frame, MCSE and |BIF| / MCSE of the kept pairs, pairs among them with |BIF| > 2 MCSE, number of
+    kept pairs, number of defined pairs). The kept pairs are all defined pairs when there are at most ``keep``,
+    else a seeded uniform sample of ``keep`` of them; only their MCSE is computed.
+    """
     store, files, start, stop, num_chains, query, num_batches, keep, seed = job
     train = _read_split(store, files, split=S.TRAIN, start=start, stop=stop, num_chains=num_chains)
     frame = _split_diagnostics(train, split=S.TRAIN, start=start)
     empty = np.array([])
     if not query.shape[2] or train.shape[1] < num_batches:
-        return frame, empty, empty, 0, 0
-    mcse = bif_mcse(train, query, num_batches=num_batches).ravel()
-    flat = np.concatenate(train, axis=0)
-    yflat = np.concatenate(query, axis=0)
-    bif = -((flat - flat.mean(0)).T @ (yflat - yflat.mean(0)) / (flat.shape[0] - 1)).ravel()
+        return frame, empty, empty, 0, 0, 0
+    # pairs with a constant trace (BIF = MCSE = 0) carry no information: left out of the summary
+    ti_all, qj_all = np.flatnonzero(~constant_traces(train)), np.flatnonzero(~constant_traces(query))
+    defined = ti_all.size * qj_all.size
+    rng = np.random.default_rng([seed, start])
+    pick = (np.arange(defined) if defined <= keep else np.sort(rng.choice(defined, size=keep, replace=False)))
+    mcse, bif = _pair_mcse(train, query, ti_all[pick // qj_all.size], qj_all[pick % qj_all.size], num_batches)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.abs(bif) / mcse
-    # pairs with a constant trace (BIF = MCSE = 0) carry no information: left out of the summary
-    defined = np.flatnonzero(~(constant_traces(train)[:, None] | constant_traces(query)[None, :]).ravel())
-    pick = np.random.default_rng([seed, start]).choice(defined, size=min(keep, defined.size), replace=False)
-    return frame, mcse[pick], snr[pick], int(np.sum(snr[defined] > 2)), int(defined.size)
+    return frame, mcse, snr, int(np.sum(snr > 2)), int(pick.size), int(defined)
 
 
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
@@ -220,10 +321,13 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     ``lambda f, xs: client.gather(client.map(f, list(xs)))`` to spread blocks over Dask workers).
 
     Reads ``block_samples`` samples of every chain at a time (memory ~ chains x draws x
-    block_samples x 8 bytes, plus the query traces and one (block_samples, n_query) MCSE
-    block). ``max_samples`` limits each split to its first samples. The MCSE summary
-    (quantiles over train x query pairs, from a seeded subsample of at most 200,000 pairs,
-    and the fraction of pairs with |BIF| > 2 MCSE) uses the same samples.
+    block_samples x 8 bytes, plus the query traces). ``max_samples`` limits each split to its
+    first samples. R-hat and ESS cover every sample. The MCSE summary (quantiles over train x
+    query pairs, and the fraction of pairs with |BIF| > 2 MCSE) is computed over all defined
+    pairs when there are at most about 200,000, else over a seeded uniform sample of about
+    200,000 of them (``num_pairs_evaluated``; the fraction's standard error is then at most
+    0.0012): only those pairs' batch means are formed, O(pairs x draws), instead of a batch-means
+    GEMM over every pair, which cost several times the covariance itself.
     """
     from bif.store.run import RunStore
 
@@ -240,12 +344,13 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles
     jobs = [(store, files, start, min(start + block_samples, n_train), num_chains,
              query, num_batches, keep, seed) for start in range(0, n_train, block_samples)]
-    mcse_kept, snr_kept, n_sig, n_pairs = [], [], 0, 0
-    for frame, mcse_pick, snr_pick, sig, pairs in (map_fn or map)(_diagnose_train_block, jobs):
+    mcse_kept, snr_kept, n_sig, n_kept, n_pairs = [], [], 0, 0, 0
+    for frame, mcse_pick, snr_pick, sig, kept, pairs in (map_fn or map)(_diagnose_train_block, jobs):
         frames.append(frame)
         mcse_kept.append(mcse_pick)
         snr_kept.append(snr_pick)
         n_sig += sig
+        n_kept += kept
         n_pairs += pairs
     diag = pd.concat(frames, ignore_index=True)
     store.write_diagnostics(diag)
@@ -257,6 +362,7 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     summary["bif_mcse"] = {"method": MCSE_METHOD, "num_batches": num_batches, "num_pairs": n_pairs,
                            **_quantiles(mcse_all, low_is_bad=False),
                            "abs_bif_over_mcse": _quantiles(snr_all, low_is_bad=True),
-                           "frac_pairs_abs_bif_above_2_mcse": (n_sig / n_pairs) if n_pairs else None}
+                           "frac_pairs_abs_bif_above_2_mcse": (n_sig / n_kept) if n_kept else None,
+                           "num_pairs_evaluated": n_kept}
     summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return summary

@@ -73,8 +73,12 @@ class RunSizes:
 
 
 def _validator(quality: "QualityConfig", allow_warnings: bool | None, raws: list[dict[str, Any]] | None,
-               markdown: bool | None = True):
-    """validate() bound to the severity settings; GE's JSON results are appended to ``raws`` when given."""
+               markdown: bool | None = None):
+    """validate() bound to the severity settings; GE's JSON results are appended to ``raws`` when given.
+
+    GE's Markdown is rendered for failed suites only (``markdown=None``): rendering costs about as
+    much as validating, and a passed suite's JSON result says all there is.
+    """
     merged = default_severity() | dict(quality.severity)
     allow = quality.allow_warnings if allow_warnings is None else allow_warnings
 

@@ -152,8 +152,8 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
         markdown = [r.pop("markdown", None) for r in items]
         store.write_quality_json(f"{group}.json", {"validation_results": items})
         text = "\n\n".join(m for m in markdown if m) or (
-            f"# {group}\n\nAll {len(items)} {group} suites passed (GE's Markdown is rendered for failed row-level "
-            "trace suites only; every result is in the JSON file beside this one).\n")
+            f"# {group}\n\nAll {len(items)} {group} suites passed (GE's Markdown is rendered for failed suites "
+            "only; every result is in the JSON file beside this one).\n")
         store.write_quality_text(f"{group}.md", text)
     store.write_quality_json(S.QUALITY_SUMMARY_FILE, report.to_dict() | {"summary": report.summary()})
     return report

@@ -190,6 +190,32 @@ class RunStore(Located):
         """Losses of variables ``[start, stop)`` of ``split`` (token runs: valid tokens) in one block: (D, stop - start)."""
         return read_token_losses(self.fs, ref.path, split=split, start=start, stop=stop)
 
+    def read_loss_ranges(self, ref: BlockRef, ranges: Mapping[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Losses of several sample ranges of one block, {split: float64 (num_draws, stop - start)}, with one
+        open, one footer parse and one decode of the loss column's overlapping row groups (the covariance's leaves
+        read a train range and a query range of every block)."""
+        import pyarrow.parquet as pq
+
+        with self.fs.open(ref.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            layout = BlockLayout.from_bytes(pf.schema_arrow.metadata[S.META_LAYOUT])
+            if layout.variables.is_tokens:  # token runs: sequence losses (sums of valid token losses)
+                return {split: read_losses(self.fs, ref.path, split=split, start=start, stop=stop, layout=layout)
+                        for split, (start, stop) in ranges.items()}
+            nd, g = layout.num_draws, layout.row_group_rows
+            spans = {split: layout.variables.row_range(split, start, stop, nd) for split, (start, stop) in ranges.items()}
+            groups = sorted({i for r0, r1 in spans.values() if r1 > r0 for i in range(r0 // g, (r1 - 1) // g + 1)})
+            col = pf.read_row_groups(groups, columns=[S.LOSS]).column(0).to_numpy() if groups else np.zeros(0)
+        offset = {grp: i * g for i, grp in enumerate(groups)}  # where each row group starts in ``col``
+        out = {}
+        for split, (r0, r1) in spans.items():
+            if r1 <= r0:
+                out[split] = np.zeros((nd, 0))
+                continue
+            lo = offset[r0 // g] + r0 % g
+            out[split] = col[lo: lo + (r1 - r0)].reshape(-1, nd).T.astype(np.float64)  # (variables, D) -> (D, n)
+        return out
+
     def read_health(self, refs: Sequence[BlockRef] | None = None) -> pd.DataFrame | None:
         """The health rows of ``refs`` (their health files that exist), or of every health file when
         ``refs`` is None (sorted by chain and draw); None when there is none."""
