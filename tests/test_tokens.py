@@ -180,8 +180,10 @@ def test_token_results_do_not_depend_on_blocks_or_the_token_matrix(token_run, tm
         pd.testing.assert_frame_equal(top.drop(columns=[S.BIF, S.BIF_CORR]),
                                       ref_top.drop(columns=[S.BIF, S.BIF_CORR]))
         np.testing.assert_allclose(top[S.BIF], ref_top[S.BIF], rtol=1e-10)
+        # a float32 output is reduced with float32 GEMMs (tasks/covariance.py): another grouping of the draws moves
+        # an entry by float32 rounding of the accumulation, bounded relative to the matrix's scale, not the entry's
         np.testing.assert_allclose(xr.open_zarr(copy / S.BIF_ZARR, consolidated=False)[S.BIF].values, ref_seq,
-                                   rtol=1e-6)
+                                   rtol=1e-6, atol=1e-6 * np.abs(ref_seq).max())
         tok = copy / S.BIF_TOKENS_ZARR
         assert tok.exists() == bool(cov.get("token_matrix", True))
         if tok.exists():
