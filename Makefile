@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml infra/constraints.txt
 	$(BIN)/pip install -q -c infra/constraints.txt -e ".[test]"
 	# optional baselines (EK-FAC, TRAK): kronfluence declares torchvision, which breaks CPU torch
 	$(BIN)/pip install -q --no-deps "kronfluence==1.0.1" "traker==0.3.2" "devinterp==2.0.1" && \
-	  $(BIN)/pip install -q -c infra/constraints.txt accelerate einconv einops opt_einsum safetensors tqdm || \
+	  $(BIN)/pip install -q -c infra/constraints.txt accelerate datasets einconv einops opt_einsum safetensors tqdm || \
 	  echo "optional baselines not installed; their tests will be skipped"
 	touch $(STAMP)
 

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     length = padded_length(model_dir)
     work = Path(a.work or tempfile.mkdtemp(prefix="bif-lm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = dict(os.environ)  # PREFECT_API_URL, if set, is used: a server of your own spares each run its start-up
     result: dict = {"sampler": sampler, "padded_length": length, "machine": f"{os.cpu_count()} cores, shared"}
     partial = work / "partial.json"  # finished stages, so a rerun with the same --work skips them
     done = json.loads(partial.read_text()) if partial.exists() else {}

@@ -30,7 +30,6 @@ The model runs in float32 (on CPU, or CUDA when the chain puts it there).
 from __future__ import annotations
 
 import atexit
-import io
 import json
 import os
 import shutil
@@ -87,15 +86,17 @@ def local_model_dir(uri: str, *, storage_options: Mapping[str, Any] | None = Non
     Never downloads from a hub: ``uri`` must be an existing directory (local or fsspec) with a
     ``config.json``. The temporary copy is removed when the process exits.
     """
-    from bif.store.fs import get_fs, is_local
+    from bif.store.fs import is_local
+    from bif.store.tables import Folder
 
     how = ("bif never downloads models from a hub: save the model and its tokenizer with "
            "save_pretrained(DIR) (or `huggingface-cli download NAME --local-dir DIR` on a machine "
            "with internet) and pass that DIR (a local path or an fsspec URI) as problem_args.model")
-    fs, path = get_fs(uri, storage_options)
+    folder = Folder(uri, storage_options)
+    fs, path = folder.fs, folder.root
     try:
         is_dir = fs.isdir(path)
-        has_config = is_dir and fs.exists(path.rstrip("/") + "/config.json")
+        has_config = is_dir and folder.exists("config.json")
     except Exception as err:  # noqa: BLE001 - an unreachable store
         raise ProblemError(f"cannot read the model directory {uri!r}: {type(err).__name__}: {err}") from None
     if not is_dir:
@@ -131,13 +132,14 @@ def read_texts(uri: str, *, text_field: str = "text", storage_options: Mapping[s
     except FileNotFoundError:
         raise ProblemError(f"texts file {uri!r} does not exist; check problem_args train / query") from None
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from bif.store.tables import Folder
 
-        table = pq.read_table(io.BytesIO(data))
-        if text_field not in table.column_names:
-            raise ProblemError(f"Parquet file {uri!r} has no column {text_field!r} (columns: {table.column_names}); "
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        table = Folder(parent or ".", storage_options).read_table(name)
+        if text_field not in table.columns:
+            raise ProblemError(f"Parquet file {uri!r} has no column {text_field!r} (columns: {list(table.columns)}); "
                                "set problem_args.text_field")
-        texts = table.column(text_field).to_pylist()
+        texts = table[text_field].tolist()
     elif suffix == ".txt":
         texts = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     else:

@@ -15,8 +15,7 @@ precision@k (k = copies per fact) of fact-carrying train texts among the top-k:
   filler tokens' noise.
 
 Chance is copies / n_train (1/16) for text-level and token-level counts, and far less for
-``value``. Thresholds: the minimum over seeds 0, 1, 2 of the example minus a margin
-(measured figures in the comment of THRESHOLDS and in the README).
+``value``. Thresholds: the measured figures (comment of THRESHOLDS, README) less a margin.
 """
 from __future__ import annotations
 
@@ -33,9 +32,11 @@ import pytest
 BIF = str(Path(sys.executable).parent / "bif")
 REPO = Path(__file__).resolve().parents[1]
 
-# precision@4 means over the 16 query value tokens; chance 0.0625 (value: 4/928).
-# Measured with the tinylm.yaml sampler at example seeds 0, 1, 2 (see README "Language models").
-THRESHOLDS = {"token": 0.30, "value": 0.25, "token_corr": 0.30, "seq_tok": 0.15, "seq": 0.10}
+# precision@4 means over the 16 query value tokens; chance 0.0625 (value: 4/928 = 0.004).
+# Measured with tinylm.yaml on the example's seed 0 (the one `bif example tinylm` builds):
+# token 0.406, value 0.406, token_corr 0.516, seq_tok 0.344, seq 0.328. Only one seed could be
+# run through the pipeline on the shared machine; the thresholds keep a margin of about half.
+THRESHOLDS = {"token": 0.20, "value": 0.20, "token_corr": 0.25, "seq_tok": 0.15, "seq": 0.12}
 
 
 def user_env(prefect_home: Path) -> dict[str, str]:

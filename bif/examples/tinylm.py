@@ -184,10 +184,19 @@ def save_example(out_dir: str = DEFAULT_DIR, *, seed: int = 0, spec: TinyLMSpec 
 
     Returns a summary: the directory, the loss history, the query fact accuracy, seconds.
     """
-    from bif.lm import tokenize
-
     spec = spec or TinyLMSpec()
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from more; spare cores stay free
+    try:
+        return _save_example(out_dir, seed=seed, spec=spec, t0=t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _save_example(out_dir: str, *, seed: int, spec: TinyLMSpec, t0: float) -> dict:
+    from bif.lm import tokenize
+
     train_texts, query_texts, meta = make_corpus(spec, seed)
     tokenizer = make_tokenizer()
     tr = tokenize(tokenizer, train_texts, max_length=512)
