@@ -260,16 +260,19 @@ def _keepalive(url: str, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(*, startup_timeout: int = 90) -> Iterator[Callable[[], str]]:
+def prefect_api(*, startup_timeout: int | None = None) -> Iterator[Callable[[], str]]:
     """Provide a Prefect API: the one in PREFECT_API_URL, or the kept local server (:func:`ensure_server`).
 
     Yields ``ready()``, which blocks until the API answers and returns its URL. A kept server
     that answers is found in milliseconds; a new one boots in a background thread from entry
     on, with its URL already exported, so the caller can start the Dask cluster (whose
     workers inherit PREFECT_API_URL) meanwhile. On exit, Prefect's log and event workers are
-    drained; the server is kept for the next command.
+    drained; the server is kept for the next command. ``startup_timeout`` (seconds a new server
+    may take to answer): default ``BIF_SERVER_START_TIMEOUT`` or 90 (raise it on a loaded machine).
     """
     quiet_prefect_env()
+    if startup_timeout is None:
+        startup_timeout = int(float(os.environ.get("BIF_SERVER_START_TIMEOUT", "90")))
     url = os.environ.get("PREFECT_API_URL")
     if url:
         try:

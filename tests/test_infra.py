@@ -29,9 +29,6 @@ BIN = Path(sys.executable).parent
 
 SCHEDULER = "tcp://dask-scheduler:8786"
 PIPELINE_SERVICES = ("dask-worker", "dask-cuda-worker", "prefect-worker", "bif-serve", "bif")
-# Subcommands that the operations work of issue 10 adds; until then the service that uses one
-# must sit under a non-default profile and the README must say it is not there yet.
-PENDING = {("bif", "serve")}
 
 
 def _compose() -> dict:
@@ -262,9 +259,8 @@ def test_every_command_the_containers_run_exists_here():
         if words == ("dask", "cuda", "worker") and not have_dask_cuda:
             assert {"--resources", "--nthreads"} <= options
             continue
-        if words[:2] in PENDING and words[1] not in bif_commands:
-            _assert_pending(words)
-            continue
+        if words[0] == "bif" and len(words) > 1:
+            assert words[1] in bif_commands, f"compose runs `{' '.join(words)}`, which bif does not have"
         exe = BIN / words[0]
         assert exe.exists(), f"{words[0]} is not installed next to {sys.executable}"
         procs[words] = subprocess.Popen([str(exe), *words[1:], "--help"], stdout=subprocess.PIPE,
@@ -283,13 +279,6 @@ def _bif_subcommands() -> set[str]:
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001
     return set(action.choices)
-
-
-def _assert_pending(words: tuple[str, ...]) -> None:
-    name = next(n for n, s in _services().items() if _subcommand(_argv(s)) == words)
-    assert _services()[name].get("profiles"), f"{name} runs {' '.join(words)}, which does not exist yet"
-    readme = (INFRA / "README.md").read_text()
-    assert f"`{' '.join(words)}`" in readme and "not there yet" in readme
 
 
 def _clean_env() -> dict[str, str]:

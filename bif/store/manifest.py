@@ -17,7 +17,8 @@ from bif.errors import IncompleteRunError
 from bif.store.fs import get_fs, join, read_json, write_json
 
 _PACKAGES = ("bif-pipeline", "torch", "numpy", "prefect", "prefect-dask", "dask", "distributed", "pyarrow",
-             "fsspec", "s3fs", "xarray", "zarr", "great-expectations", "arviz")
+             "fsspec", "s3fs", "xarray", "zarr", "great-expectations", "arviz", "arviz-stats", "numba",
+             "transformers", "safetensors")
 
 
 def package_versions() -> dict[str, str]:
