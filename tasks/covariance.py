@@ -271,6 +271,42 @@ def _verify_block(store: RunStore, ref: BlockRef) -> None:
     store.verify_blocks([ref])
 
 
+def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | None,
+                    progress: Callable[[int, int], None] | None, beside: Sequence[Any] = ()) -> list[Any]:
+    """Compute ``finals`` (Delayed), at most ``max_in_flight`` at a time; results in completion order.
+
+    ``beside``: Delayed run alongside (the sha256 checks): with the first batch on the local
+    scheduler, or submitted up front and gathered at the end on ``client`` (their errors raise).
+    """
+    total, results = len(finals), []
+    if client is None:
+        step = max_in_flight or total
+        pending_beside = list(beside)
+        for s in range(0, total, step):
+            *done, _ = dask.compute(*finals[s:s + step], pending_beside)
+            pending_beside = []
+            results.extend(done)
+            if progress:
+                progress(len(results), total)
+        return results
+    from distributed import as_completed
+
+    limit = max_in_flight or max(1, len(client.scheduler_info().get("workers", {})))
+    beside_futures = client.compute(list(beside)) if beside else []
+    pending = list(finals)
+    futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
+    pending = pending[limit:]
+    for fut in futures:
+        results.append(fut.result())
+        fut.release()
+        if pending:
+            futures.add(client.compute(pending.pop(0)))
+        if progress:
+            progress(len(results), total)
+    client.gather(beside_futures)
+    return results
+
+
 def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockRef], *, n_train: int,
                 n_query: int, dtype: str = "float32", client: Any = None, max_in_flight: int | None = None,
                 attrs: Mapping[str, Any] | None = None, progress: Callable[[int, int], None] | None = None,
@@ -301,34 +337,9 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
                          files_per_leaf=max(1, leaf_draws // draws_per_file), gemm_dtype=gemm_dtype or dtype)
     checks = [dask.delayed(_verify_block, pure=False)(store, f) for f in files] if verify else []
     total = len(finals)
-    results: list[BlockResult] = []
     try:
-        if client is None:
-            step = max_in_flight or total
-            pending_checks = checks
-            for s in range(0, total, step):
-                # the checks ride along with the first batch of blocks on the same thread pool
-                *done, _ = dask.compute(*finals[s:s + step], pending_checks)
-                pending_checks = []
-                results.extend(done)
-                if progress:
-                    progress(len(results), total)
-        else:
-            from distributed import as_completed
-
-            limit = max_in_flight or max(1, len(client.scheduler_info().get("workers", {})))
-            check_futures = client.compute(checks) if checks else []
-            pending = list(finals)
-            futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
-            pending = pending[limit:]
-            for fut in futures:
-                results.append(fut.result())
-                fut.release()
-                if pending:
-                    futures.add(client.compute(pending.pop(0)))
-                if progress:
-                    progress(len(results), total)
-            client.gather(check_futures)  # StorageError naming a damaged file
+        results = compute_bounded(finals, client=client, max_in_flight=max_in_flight, progress=progress,
+                                  beside=checks)
     except Exception:
         if verify and client is not None:  # a damaged file is the better explanation of a failed read
             client.gather(client.compute(checks))

@@ -42,7 +42,7 @@ from bif.errors import ProblemError
 from bif.moments import Moments, from_draws, merge_all
 from bif.sampling.measure import Variables
 from bif.store.run import BlockRef, RunStore
-from bif.tasks.covariance import BlockResult, _negated_outputs, _ranges, _topk, merge_topk
+from bif.tasks.covariance import BlockResult, _negated_outputs, _ranges, _topk, compute_bounded, merge_topk
 
 if TYPE_CHECKING:
     from bif.config import CovarianceConfig
@@ -162,33 +162,6 @@ class TokenSummary:
         return [S.TOKENS_FILE, S.TOPK_TOKENS_FILE] + ([S.BIF_TOKENS_ZARR] if self.token_matrix_uri else [])
 
 
-def _run(finals: Sequence[Any], *, client: Any, max_in_flight: int | None,
-         progress: Callable[[int, int], None] | None) -> list[Any]:
-    """Compute ``finals`` (Delayed), at most ``max_in_flight`` at a time; results in completion order."""
-    total, results = len(finals), []
-    if client is None:
-        step = max_in_flight or total
-        for s in range(0, total, step):
-            results.extend(dask.compute(*finals[s:s + step]))
-            if progress:
-                progress(len(results), total)
-        return results
-    from distributed import as_completed
-
-    limit = max_in_flight or max(1, len(client.scheduler_info().get("workers", {})))
-    pending = list(finals)
-    futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
-    pending = pending[limit:]
-    for fut in futures:
-        results.append(fut.result())
-        fut.release()
-        if pending:
-            futures.add(client.compute(pending.pop(0)))
-        if progress:
-            progress(len(results), total)
-    return results
-
-
 def compute_token_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockRef], *, dtype: str = "float32",
                       client: Any = None, max_in_flight: int | None = None, attrs: Mapping[str, Any] | None = None,
                       progress: Callable[[int, int], None] | None = None, leaf_draws: int = 1024) -> TokenSummary:
@@ -233,7 +206,7 @@ def compute_token_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[
                     finals.append(dask.delayed(finalize_mixed)(_merged(store, cov, files, x, xr_, y, yr_, fpl),
                                                                store=store, name=name, rows=xr_, cols=yr_,
                                                                ddof=cov.ddof, pooling=cov.pooling))
-    results = [r for r in _run(finals, client=client, max_in_flight=max_in_flight, progress=progress)
+    results = [r for r in compute_bounded(finals, client=client, max_in_flight=max_in_flight, progress=progress)
                if r is not None]
     table = topk_tokens_table(merge_topk(results, n_query=nq, k=k, n_train=nt), variables,
                               store.read_table(S.TOKENS_FILE, columns=[S.SPLIT, S.TOKEN]))

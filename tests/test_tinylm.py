@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_cli import user_env  # the user's shell of the README command tests
 
 BIF = str(Path(sys.executable).parent / "bif")
 REPO = Path(__file__).resolve().parents[1]
@@ -38,16 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 # later build of each, quiet machine) the minima were token 0.297, value 0.266, token_corr 0.562,
 # seq_tok 0.25, seq 0.266 (README): every threshold keeps a margin of at least 0.10 over them.
 THRESHOLDS = {"token": 0.20, "value": 0.20, "token_corr": 0.25, "seq_tok": 0.15, "seq": 0.12}
-
-
-def user_env(prefect_home: Path) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "BIF_QUIET_TERMINAL")
-           and not k.startswith("PREFECT_LOGGING_")}
-    env["PREFECT_HOME"] = str(prefect_home)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
 
 
 def bif(*args: str, cwd: Path, env: dict[str, str], timeout: int = 1200) -> subprocess.CompletedProcess:
