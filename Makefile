@@ -29,11 +29,16 @@ demo: $(STAMP)
 	@test -f runs/example/digits.pt || $(BIN)/bif example digits runs/example/digits.pt
 	$(BIN)/bif run bif/examples/digits.yaml
 
+# Two pytest-xdist workers: each test file (or group of files sharing a session fixture) runs whole
+# in one worker, longest first (tests/conftest.py). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+PYTEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_XDIST)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest $(PYTEST_XDIST) -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline
