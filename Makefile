@@ -32,7 +32,7 @@ demo: $(STAMP)
 # Two pytest-xdist workers: each test file (or group of files sharing a session fixture) runs whole
 # in one worker, longest first (tests/conftest.py). TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-PYTEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+PYTEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_XDIST)

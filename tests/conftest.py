@@ -169,21 +169,22 @@ def _stop_kept_prefect_servers():
     stop_server(Path(os.environ["PREFECT_HOME"]))
 
 
-# ---------------------------------------------------------------- pytest-xdist: groups and order
-# `make test` runs the default suite on two pytest-xdist workers with `--dist loadgroup`. Every test
-# is put in a group (below), and a group is one unit of work: all its tests run in one worker, in
-# file order, so module-scoped fixtures (an example trained once per module, the server-lifecycle
-# tests of test_server.py that run in order) behave as in a plain `pytest` run. A group is its file,
-# except files that share one expensive session fixture, which share a group so the fixture runs
-# once. Units go out longest first, so that no long file starts last while the other worker idles.
+# ---------------------------------------------------------------- pytest-xdist: units and order
+# `make test` runs the default suite on two pytest-xdist workers with `--dist loadfile`: a unit of
+# work is one test file, run whole in one worker in file order, so module-scoped fixtures (an
+# example trained once per module, the server-lifecycle tests of test_server.py that run in order)
+# behave as in a plain `pytest` run. Files that share one expensive session fixture share a unit
+# (XDIST_GROUPS), so the fixture runs once. Units go out longest first, so that no long file starts
+# last while the other worker idles. (xdist 3.8's `--dist loadgroup` groups nothing under pytest 9.2:
+# it renames node ids through ``item._nodeid``, which pytest 9.2 no longer reads.)
 
-#: Files that share a group, with the session fixture they share.
+#: Files that share a unit of work, with the session fixture they share.
 XDIST_GROUPS = {
     "test_credentials.py": "cli-linear-run",  # linear_cli_run: one `bif run` on S3 for both files
     "test_server.py": "cli-linear-run",
 }
 
-#: Rough serial wall time of a file's tests, seconds (2-core machine; tests/test_*.py::durations in
+#: Rough serial wall time of a file's tests, seconds (2-core machine, quiet; see
 #: /work/notes/s4/note-suite.md). Only the order matters: the longest units go out first.
 XDIST_COST_S = {
     "test_flow.py": 125, "test_cli.py": 115, "test_server.py": 60, "test_credentials.py": 30,
@@ -194,23 +195,35 @@ XDIST_COST_S = {
 }
 
 
-def _group_of(item) -> str:
-    name = item.path.name
-    return XDIST_GROUPS.get(name, name)
+def _unit_of(path: str | Path) -> str:
+    """The unit of work of a test file: its XDIST_GROUPS group, else the file itself."""
+    return XDIST_GROUPS.get(Path(path).name, str(path))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which appends the group to the node id
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist; `-p no:xdist` runs without it
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of XDIST_GROUPS in one unit, units in the workers' order."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit_of(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False  # keep the order of pytest_collection_modifyitems below
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """In an xdist worker: mark every test with its group, and order the groups longest first
-    (tests keep their order within a group). A plain `pytest` run keeps pytest's order."""
+    """In an xdist worker: order the units of work longest first (tests keep their order within a
+    unit; the scheduler hands units out in this order). A plain `pytest` run keeps pytest's order."""
     if not _XDIST_WORKER:
         return
     cost: dict[str, float] = {}
     for file, seconds in XDIST_COST_S.items():
-        group = XDIST_GROUPS.get(file, file)
-        cost[group] = cost.get(group, 0) + seconds
+        cost[_unit_of(file)] = cost.get(_unit_of(file), 0) + seconds
     first_seen: dict[str, int] = {}
     for i, item in enumerate(items):
-        first_seen.setdefault(_group_of(item), i)
-        item.add_marker(pytest.mark.xdist_group(_group_of(item)))
-    items.sort(key=lambda it: (-cost.get(_group_of(it), 0), first_seen[_group_of(it)]))  # stable
+        first_seen.setdefault(_unit_of(item.path), i)
+    items.sort(key=lambda it: (-cost.get(_unit_of(it.path), 0), first_seen[_unit_of(it.path)]))  # stable
