@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 # Quiet, offline Prefect for every test process and its children (Dask workers inherit env).
-# Under pytest-xdist (`make test` runs two workers) every worker gets a Prefect home of its own:
+# Under pytest-xdist (`make test TEST_WORKERS=2`) every worker gets a Prefect home of its own:
 # the workers inherit the controller's environment, and a shared home would share one kept local
 # server (flows/prefect_server.py: its state file, lock and database), which one worker's teardown
 # stops while the other still uses it.
@@ -170,7 +170,7 @@ def _stop_kept_prefect_servers():
 
 
 # ---------------------------------------------------------------- pytest-xdist: units and order
-# `make test` runs the default suite on two pytest-xdist workers with `--dist loadfile`: a unit of
+# `make test TEST_WORKERS=2` runs the default suite on two pytest-xdist workers, `--dist loadfile`: a unit of
 # work is one test file, run whole in one worker in file order, so module-scoped fixtures (an
 # example trained once per module, the server-lifecycle tests of test_server.py that run in order)
 # behave as in a plain `pytest` run. Files that share one expensive session fixture share a unit
