@@ -4,13 +4,25 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 # Quiet, offline Prefect for every test process and its children (Dask workers inherit env).
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bif-prefect-home-"))
+# Under pytest-xdist (`make test TEST_WORKERS=2`) every worker gets a Prefect home of its own:
+# the workers inherit the controller's environment, and a shared home would share one kept local
+# server (flows/prefect_server.py: its state file, lock and database), which one worker's teardown
+# stops while the other still uses it.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"bif-prefect-home-{_XDIST_WORKER}-")
+else:
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bif-prefect-home-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_UI_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
@@ -20,6 +32,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+REPO = Path(__file__).resolve().parents[1]
 S3_KEY = "AKIAEXAMPLEKEY123456"
 S3_SECRET = "s3cr3t-value-that-must-never-leak-0123456789"
 
@@ -99,6 +112,52 @@ def user_prefect_home(tmp_path_factory):
     stop_server(home)
 
 
+@dataclass(frozen=True)
+class CliRun:
+    """One finished `bif run` subprocess (see :func:`linear_cli_run`)."""
+
+    res: subprocess.CompletedProcess
+    home: Path  # the PREFECT_HOME it ran with (the CLI tests' home)
+    workdir: Path  # its working directory (holds the user's cfg.yaml)
+    bucket: str  # its output is s3://<bucket>/out
+    opts: dict  # storage_options with the marker credentials
+    server: object  # bif.flows.prefect_server.ServerInfo of the kept server before the run
+
+
+@pytest.fixture(scope="session")
+def linear_cli_run(tmp_path_factory, moto_server, user_prefect_home) -> CliRun:
+    """`bif run cfg.yaml` on the linear example as a user types it: the console script in a subprocess,
+    no PREFECT_API_URL and no AWS_* variables, the CLI tests' Prefect home (whose kept server it must
+    reuse), its output on S3 (moto) with the marker secret in the config's ``storage_options``.
+
+    One run, two sets of assertions on it (they used to run the same command twice):
+    test_credentials.py::test_run_credentials_stay_out_of_prefect_logs_and_outputs (the marker is
+    nowhere) and test_server.py::test_bif_run_reports_to_the_kept_server (it reported to the kept
+    server without replacing it, and ended its Dask workers). Under xdist both files are one group."""
+    import boto3
+    import yaml
+
+    from bif.flows.prefect_server import ensure_server
+
+    server = ensure_server(home=user_prefect_home, timeout=180)  # kept there by an earlier command
+    bucket = f"bif-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_server, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    opts = {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": moto_server}}
+    cfg = {"problem": "bif.examples.linear:build", "compute": {"n_workers": 2},
+           "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 5, "draws_per_block": 20,
+                       "step_size": 1e-3}, "covariance": {"topk": 3}}
+    work = tmp_path_factory.mktemp("linear-cli-run") / "work"
+    work.mkdir()
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg | {"output": f"s3://{bucket}/out", "storage_options": opts}))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL" and not k.startswith("AWS_")}
+    env["PREFECT_HOME"] = str(user_prefect_home)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    res = subprocess.run([str(Path(sys.executable).parent / "bif"), "run", "cfg.yaml"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=600)
+    return CliRun(res=res, home=user_prefect_home, workdir=work, bucket=bucket, opts=opts, server=server)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_kept_prefect_servers():
     """`bif` commands run with the session's PREFECT_HOME (test_faults) leave its kept server running: stop it."""
@@ -108,3 +167,63 @@ def _stop_kept_prefect_servers():
     from bif.flows.prefect_server import stop_server
 
     stop_server(Path(os.environ["PREFECT_HOME"]))
+
+
+# ---------------------------------------------------------------- pytest-xdist: units and order
+# `make test TEST_WORKERS=2` runs the default suite on two pytest-xdist workers, `--dist loadfile`: a unit of
+# work is one test file, run whole in one worker in file order, so module-scoped fixtures (an
+# example trained once per module, the server-lifecycle tests of test_server.py that run in order)
+# behave as in a plain `pytest` run. Files that share one expensive session fixture share a unit
+# (XDIST_GROUPS), so the fixture runs once. Units go out longest first, so that no long file starts
+# last while the other worker idles. (xdist 3.8's `--dist loadgroup` groups nothing under pytest 9.2:
+# it renames node ids through ``item._nodeid``, which pytest 9.2 no longer reads.)
+
+#: Files that share a unit of work, with the session fixture they share.
+XDIST_GROUPS = {
+    "test_credentials.py": "cli-linear-run",  # linear_cli_run: one `bif run` on S3 for both files
+    "test_server.py": "cli-linear-run",
+}
+
+#: Rough serial wall time of a file's tests, seconds (2-core machine, quiet; see
+#: /work/notes/s4/note-suite.md). Only the order matters: the longest units go out first.
+XDIST_COST_S = {
+    "test_flow.py": 125, "test_cli.py": 115, "test_server.py": 60, "test_credentials.py": 30,
+    "test_faults.py": 70, "test_degenerate.py": 60, "test_sampler.py": 62, "test_runtime.py": 60,
+    "test_calibrate.py": 57, "test_baselines.py": 30, "test_tinylm.py": 30, "test_covariance.py": 30,
+    "test_ops.py": 25, "test_tokens.py": 20, "test_report_tokens.py": 15, "test_notebook.py": 13,
+    "test_lds_flow.py": 12, "test_registry.py": 12, "test_architecture.py": 10, "test_strict_json.py": 8,
+}
+
+
+def _unit_of(path: str | Path) -> str:
+    """The unit of work of a test file: its XDIST_GROUPS group, else the file itself."""
+    return XDIST_GROUPS.get(Path(path).name, str(path))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist; `-p no:xdist` runs without it
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of XDIST_GROUPS in one unit, units in the workers' order."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit_of(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False  # keep the order of pytest_collection_modifyitems below
+    return FileGroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker: order the units of work longest first (tests keep their order within a
+    unit; the scheduler hands units out in this order). A plain `pytest` run keeps pytest's order."""
+    if not _XDIST_WORKER:
+        return
+    cost: dict[str, float] = {}
+    for file, seconds in XDIST_COST_S.items():
+        cost[_unit_of(file)] = cost.get(_unit_of(file), 0) + seconds
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(_unit_of(item.path), i)
+    items.sort(key=lambda it: (-cost.get(_unit_of(it.path), 0), first_seen[_unit_of(it.path)]))  # stable

@@ -4,8 +4,9 @@
 One Prefect home for the module's server-lifecycle tests (its database is created once); they run in
 order: a second command reuses the server (which holds none of the command's credentials); a killed
 server (stale server.json) is detected and replaced, and the new one stops by itself when idle; two
-commands started at once share one server; `bif server stop` stops it and frees its port. The last test runs a real
-`bif run` on the CLI tests' home and checks that it reported to the kept server without replacing it.
+commands started at once share one server; `bif server stop` stops it and frees its port. The last test checks
+that a real `bif run` on the CLI tests' home (tests/conftest.py::linear_cli_run, shared with test_credentials.py)
+reported to the kept server without replacing it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from bif.flows.prefect_server import server_dir
 
@@ -151,35 +151,33 @@ def test_stop_ends_the_process_and_frees_the_port(home):
     assert again.returncode == 0 and "no local Prefect server ran" in again.stdout
 
 
-def test_bif_run_reports_to_the_kept_server(tmp_path, user_prefect_home):
-    """A real run on the CLI tests' home: it uses the server already kept there and leaves it running."""
-    from bif.flows.prefect_server import ensure_server
+def test_bif_run_reports_to_the_kept_server(linear_cli_run):
+    """A real `bif run` on the CLI tests' home uses the server already kept there and leaves it running.
 
-    before = ensure_server(home=user_prefect_home, timeout=180)
-    cfg = {"problem": "bif.examples.linear:build", "output": str(tmp_path / "out"), "compute": {"n_workers": 2},
-           "sampler": {"num_chains": 2, "num_draws": 20, "num_burnin_steps": 5, "draws_per_block": 20,
-                       "step_size": 1e-3}, "covariance": {"topk": 3}}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    env = _env(user_prefect_home)
-    res = subprocess.run([BIF, "run", "cfg.yaml", "--no-progress"], env=env, capture_output=True, text=True,
-                         timeout=400, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    after = json.loads((server_dir(user_prefect_home) / "server.json").read_text())
+    The run is the session fixture ``linear_cli_run`` (tests/conftest.py: the linear example on S3,
+    no PREFECT_API_URL), which test_credentials.py checks for leaks: one run of the command, both checks."""
+    import s3fs
+
+    run, before = linear_cli_run, linear_cli_run.server
+    assert run.res.returncode == 0, run.res.stdout + run.res.stderr
+    after = json.loads((server_dir(run.home) / "server.json").read_text())
     assert (after["pid"], after["url"]) == (before.pid, before.url)  # reused, still running
     assert health(before.url)
     # the flow run is in that server's database: the run's flow-run id is in the API
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    fs = s3fs.S3FileSystem(**run.opts)
+    manifest = json.loads(fs.cat_file(f"{run.bucket}/out/manifest.json"))
     assert manifest["status"] == "complete"
     req = urllib.request.Request(f"{before.url}/flow_runs/filter", data=json.dumps({"limit": 200}).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=10) as r:
         runs = json.loads(r.read())
     assert any(r["state_type"] == "COMPLETED" for r in runs)
-    log = next((tmp_path / "out" / "logs").glob("run-*.log")).read_text()
+    (log_path,) = fs.glob(f"{run.bucket}/out/logs/run-*.log")
+    log = fs.cat_file(log_path).decode()
     flow_run_ids = {r["id"] for r in runs}
     assert "Beginning flow run" in log
     assert any(fid in log for fid in flow_run_ids) or any(r["name"] in log for r in runs)
     # the command ended its Dask workers when it was done (they ran in its working directory)
     left = [p for p in psutil.process_iter(["cwd", "status"])
-            if p.info["cwd"] == str(tmp_path) and p.info["status"] != psutil.STATUS_ZOMBIE]
+            if p.info["cwd"] == str(run.workdir) and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert not left, [p.cmdline() for p in left]
