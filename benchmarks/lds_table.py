@@ -151,15 +151,27 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,800,full", help="comma-separated training-set sizes ('full' = 1697)")
-    ap.add_argument("--num-subsets", type=int, default=50, help="M subsets per size (default 50)")
-    ap.add_argument("--num-seeds", type=int, default=2, help="retraining seeds per subset (default 2)")
+    ap.add_argument("--num-subsets", type=int, default=100, help="M subsets per size (default 100)")
+    ap.add_argument("--num-seeds", type=int, default=3, help="retraining seeds per subset (default 3)")
     ap.add_argument("--bif-draws", type=int, default=1000, help="draws per BIF chain (4 chains)")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "lds_bench"), help="ground-truth cache (path or URI)")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where the table, JSON and PNG go")
     ap.add_argument("--skip-optional", action="store_true", help="leave out EK-FAC and TRAK")
+    ap.add_argument("--ground-truth-only", action="store_true",
+                    help="only build (or check) the cached ground truths, size by size, and touch <cache>/DONE-<size>")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.ground_truth_only:
+        for s in args.sizes.split(","):
+            n = None if s == "full" else int(s)
+            problem = build(n_train=n)
+            settings = LDSSettings(num_subsets=args.num_subsets, num_seeds=args.num_seeds, seed=0)
+            gt, cached, gt_s = ground_truth(problem, str(n or "full"), settings, args.cache)
+            Path(args.cache, f"DONE-{s}").touch()
+            print(f"n={len(problem.train)}: ground truth {gt.losses.shape} "
+                  f"{'cached' if cached else f'retrained in {gt_s:.0f} s'}", flush=True)
+        return 0
     rows = [run_size(None if s == "full" else int(s), args) for s in args.sizes.split(",")]
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
