@@ -80,6 +80,29 @@ def estimators(train: np.ndarray, query: np.ndarray) -> dict[str, np.ndarray]:
     return {"stack": b, "corr": bc, "chain_mean": cm, "partial": partial_cov(train, query)}
 
 
+def report(path: str, ref: dict[str, str]) -> None:
+    """Print every recorded setting's LDS and its paired difference (mean ± SE over queries) to the reference setting."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for n in sorted({r["n"] for r in recs}):
+        rows = [r for r in recs if r["n"] == n and "estimators" in r]
+        base = next((r for r in rows if all(r["setting"].get(k) == v for k, v in ref.items())
+                     and r["dtype"] == "float32"), None)
+        b = np.asarray(base["estimators"]["stack"]["per_query"]) if base else None
+        print(f"n={n}" + (f" (paired differences against {ref})" if base else ""))
+        for r in rows:
+            s = r["setting"]
+            desc = (f"nb={s['nbeta']:>5}n lam={s['lam']:<6} batch={s['batch']:<5} c={s['c']:<4} spd={s['spd']} "
+                    f"burn={s['burnin']} draws={s['draws']} {r['dtype']}")
+            cells = []
+            for k, v in r["estimators"].items():
+                cell = f"{k}={v['lds']:.3f}±{v['stderr']:.3f}"
+                if b is not None:
+                    d = np.asarray(v["per_query"]) - b
+                    cell += f" (Δ{np.nanmean(d):+.3f}±{np.nanstd(d, ddof=1) / np.sqrt(np.isfinite(d).sum()):.3f})"
+                cells.append(cell)
+            print(f"  {desc} {r['seconds']:5.0f}s  " + "  ".join(cells))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="200", help="training-set size: 200, 800 or full")
@@ -95,7 +118,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/work/cache/lds")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bif_sweep.jsonl"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--report", action="store_true",
+                    help="print the results in --out, with paired differences against today's rule, and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        report(args.out, {"nbeta": "1", "lam": "0.1", "batch": "128", "c": "0.6", "spd": "5", "burnin": "500",
+                          "draws": "1000"})
+        return 0
     torch.set_num_threads(1)
     os.environ.setdefault("TQDM_DISABLE", "1")
     n_arg = None if args.n == "full" else int(args.n)
