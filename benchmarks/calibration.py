@@ -40,8 +40,8 @@ from bif.evaluation.settings import LDSSettings  # noqa: E402
 from bif.moments import bif_in_memory  # noqa: E402
 from bif.store.fs import strict_json_data  # noqa: E402
 
-NBETA_MULTS = (1, 3, 10, 30, 100)
-LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1)
+NBETA_MULTS = (1, 10, 100)
+LAMBDAS = (0.01, 0.03, 0.1, 0.3)
 BURNIN, STEPS_PER_DRAW = 500, 5
 FULL_GT = LDSSettings(num_subsets=100, num_seeds=3, seed=0)
 PROBLEMS = {
@@ -145,16 +145,23 @@ def cmd_grid(args) -> None:
     path = out / "grid.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     done = {r["id"] for r in rows}
-    todo = [(m, lam, "full", args.frac) for m in NBETA_MULTS for lam in LAMBDAS]
+    mults = tuple(float(v) for v in args.mults.split(",")) if args.mults else NBETA_MULTS
+    lams = tuple(float(v) for v in args.lams.split(",")) if args.lams else LAMBDAS
+    todo = [(m, lam, "full", args.frac) for m in mults for lam in lams]
+    if args.only:  # explicit "mult:lam" pairs, in this order
+        todo = [(float(a), float(b), "full", args.frac) for a, b in (x.split(":") for x in args.only.split(","))]
     if args.variants:  # batch / eps variants around the best full-batch settings (needs the ground truth)
         gt, _ = full_ground_truth(name, problem, args)
         scored = sorted((r for r in rows if not r["diverged"] and r["batch"] == "full"),
                         key=lambda r: -_score(np.load(out / "tau" / f"{r['id']}.npz")[f"d{args.draws}"], gt)[0])
         small = min(64, n // 4)
         for r in scored[:args.variants]:
-            todo += [(r["mult"], r["lam"], small, args.frac), (r["mult"], r["lam"], "full", 0.15),
-                     (r["mult"], r["lam"], small, 0.15)]
+            todo += [(r["mult"], r["lam"], small, args.frac), (r["mult"], r["lam"], "full", 0.05),
+                     (r["mult"], r["lam"], small, 0.05)]
     for mult, lam, batch, frac in todo:
+        if args.until and time.strftime("%H:%M", time.gmtime()) >= args.until:
+            print(f"{name}: stopping the grid at {args.until} UTC (--until)", flush=True)
+            break
         sid = setting_id(mult, lam, batch, frac)
         if sid in done:
             continue
@@ -252,6 +259,11 @@ def score_grid(name: str, args) -> dict:
                 if key == f"d{r['draws']}":
                     per_query[r["id"]] = pq
             row["lds"], row["stderr"] = row[f"lds_d{r['draws']}"], row[f"se_d{r['draws']}"]
+            from bif.evaluation.calibrate import projected_lds
+
+            for f in (4, 100):  # the halves' noise projected to 4x and 100x the draws
+                row[f"lds_proj{f}"] = float(np.nanmean(projected_lds(taus["h0"], taus["h1"], gt.masks,
+                                                                      per_query[r["id"]], factor=f)))
         rows.append(row)
     live = [r for r in rows if not r["diverged"]]
     best = max(live, key=lambda r: r["lds"])
@@ -273,9 +285,82 @@ def cmd_score(args) -> None:
                 continue
             d = r["draws"]
             print(f"  {r['id']:<28} LDS {r['lds']:.3f} ± {r['stderr']:.3f}  (d{d // 4} {r[f'lds_d{d // 4}']:.3f}, "
-                  f"d{d // 2} {r[f'lds_d{d // 2}']:.3f}, halves {r['lds_h0']:.3f}/{r['lds_h1']:.3f})  "
+                  f"d{d // 2} {r[f'lds_d{d // 2}']:.3f}, halves {r['lds_h0']:.3f}/{r['lds_h1']:.3f}, "
+                  f"proj x4 {r['lds_proj4']:.3f} x100 {r['lds_proj100']:.3f})  "
                   f"vs best {r['paired_vs_best']:+.3f} ± {r['paired_se']:.3f}  R-hat {r['max_rhat']:.2f}  "
                   f"{r['seconds']:.0f} s", flush=True)
+
+
+def cmd_report(args) -> None:
+    """docs/calibration.json (every number), docs/calibration.md (the table) and docs/calibration_grid.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bif.evaluation.calibrate import paired
+
+    names = [p for p in PROBLEMS if (Path(args.cache) / p / "grid.json").exists()]
+    report, lines = {"problems": {}}, []
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), squeeze=False)
+    lines += ["| problem | n | grid best (4 x 800 draws) | LDS | calibrated pick | its draws | LDS | "
+              "paired diff vs grid best | calibrator time / GT build |", "|---" * 9 + "|"]
+    for ax, name in zip(axes[0], names):
+        g = score_grid(name, args)
+        per_query = g.pop("per_query")
+        entry = {"grid": g}
+        cal_path = Path(args.cache) / name / "calibration.json"
+        best = g["best"]
+        cal = json.loads(cal_path.read_text()) if cal_path.exists() else None
+        cell = ["n/a"] * 5
+        if cal:
+            problem = make_problem(name)
+            gt, _ = full_ground_truth(name, problem, args)
+            v = cal["validation"]
+            diff, se = paired(v["per_query"], per_query[best["id"]])
+            entry["calibration"] = cal | {"paired_vs_grid_best": diff, "paired_se": se}
+            r = cal["recommended"]
+            gt_build = 300 * cal["seconds_per_retraining"]
+            cell = [f"nβ={r['mult']:g}n, λ={r['lam']:g}, batch {r['batch_size']}, frac {r['frac']:.3g}",
+                    f"{cal['num_chains']} x {cal['num_draws']}", f"{v['lds']:.3f} ± {v['lds_stderr']:.3f}",
+                    f"{diff:+.3f} ± {se:.3f}", f"{cal['calibrator_seconds']:.0f} s / {gt_build:.0f} s"]
+            if "validation_grid_budget" in cal:
+                v2 = cal["validation_grid_budget"]
+                d2, se2 = paired(v2["per_query"], per_query[best["id"]])
+                entry["calibration"] |= {"paired_vs_grid_best_same_draws": d2, "paired_se_same_draws": se2}
+                cell[2] += f" (4 x {best['draws']}: {v2['lds']:.3f})"
+        report["problems"][name] = entry
+        lines.append(f"| {name} | {g['n_train']} | nβ={best['mult']:g}n, λ={best['lam']:g}, batch {best['batch']}, "
+                     f"frac {best['frac']:g} | {best['lds']:.3f} ± {best['stderr']:.3f} | " + " | ".join(cell) + " |")
+        full = [r for r in g["rows"] if r["batch"] == "full" and r["frac"] == args.frac]
+        mults = sorted({r["mult"] for r in full})
+        lams = sorted({r["lam"] for r in full})
+        grid = np.full((len(mults), len(lams)), np.nan)
+        for r in full:
+            if not r["diverged"]:
+                grid[mults.index(r["mult"]), lams.index(r["lam"])] = r["lds"]
+        im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lams)), [f"{v:g}" for v in lams])
+        ax.set_yticks(range(len(mults)), [f"{v:g}" for v in mults])
+        for i in range(len(mults)):
+            for j in range(len(lams)):
+                ax.text(j, i, "div" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center",
+                        fontsize=8, color="white")
+        if cal and cal["recommended"]["mult"] in mults and cal["recommended"]["lam"] in lams:
+            ax.scatter([lams.index(cal["recommended"]["lam"])], [mults.index(cal["recommended"]["mult"])], s=600,
+                       facecolors="none", edgecolors="red", linewidths=2, label="calibrated pick")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set(xlabel="damping λ = γ/nβ", ylabel="nβ / n", title=f"{name}: LDS, full batch, frac {args.frac:g}")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    docs = Path(args.docs)
+    fig.savefig(docs / "calibration_grid.png", dpi=110)
+    (docs / "calibration.json").write_text(json.dumps(strict_json_data(report), indent=1, default=float))
+    text = ("Calibration benchmark (`python benchmarks/calibration.py ...`): LDS ± SE against the full 100 x 3 "
+            "ground truth; paired diff = mean per-query LDS difference ± its SE. Machine shared by 3 jobs.\n\n"
+            + "\n".join(lines) + "\n")
+    (docs / "calibration.md").write_text(text)
+    print(text)
 
 
 def main(argv=None) -> int:
@@ -285,12 +370,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(ROOT / "runs" / "calib_bench"), help="own results and ground truths")
     ap.add_argument("--lds-cache", default="/work/cache/lds", help="shared digits ground truths (read only)")
     ap.add_argument("--draws", type=int, default=800, help="draws per chain of every grid setting (4 chains)")
-    ap.add_argument("--frac", type=float, default=0.5, help="step fraction of the stability limit on the grid")
+    ap.add_argument("--frac", type=float, default=0.15, help="step fraction of the stability limit on the grid")
     ap.add_argument("--variants", type=int, default=0, help="batch / eps variants around the best N settings")
+    ap.add_argument("--mults", default=None, help="nbeta/n values of the grid (default 1,3,10,30,100)")
+    ap.add_argument("--lams", default=None, help="damping values of the grid (default 0.001,...,0.1)")
+    ap.add_argument("--only", default=None, help="explicit grid points 'mult:lam,...' (overrides --mults/--lams)")
+    ap.add_argument("--until", default=None, help="HH:MM UTC: start no grid setting after it")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where the report goes")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    {"gt": cmd_gt, "grid": cmd_grid, "calibrate": cmd_calibrate, "score": cmd_score}[args.command](args)
+    {"gt": cmd_gt, "grid": cmd_grid, "calibrate": cmd_calibrate, "score": cmd_score,
+     "report": cmd_report}[args.command](args)
     return 0
 
 

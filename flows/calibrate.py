@@ -72,7 +72,7 @@ def evaluate_task(config: dict[str, Any], job: calibration.Job, gt: GroundTruth)
     """Diagnostics, LDS and MCSE of one setting."""
     _, problem = _problem(config)
     return calibration.evaluate_setting(problem, job.sampler, gt, head=job.head, target_share=job.target_share,
-                                        diagnostics=job.diagnostics)
+                                        diagnostics=job.diagnostics, project_draws=job.project_draws)
 
 
 def _num_workers(address: str) -> int:

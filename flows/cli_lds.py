@@ -100,7 +100,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    "nbeta_mults": _floats(args.nbeta_mults), "lambdas": _floats(args.lambdas),
                                    "num_rounds": args.num_rounds}.items() if v is not None}
         if args.quick:
-            extra = {"nbeta_mults": (3.0, 30.0), "lambdas": (0.003, 0.03), "num_rounds": 2} | extra
+            extra = {"nbeta_mults": (1.0, 10.0), "lambdas": (0.01, 0.1), "num_rounds": 2} | extra
         settings = CalibrationSettings(num_subsets=args.num_subsets, num_chains=args.num_chains,
                                        pilot_steps=args.pilot_steps, target_share=args.target_share, **extra)
     from bif.flows.calibrate import run_calibration
@@ -194,7 +194,7 @@ def register(subparsers) -> None:
     c.add_argument("--target-share", type=float, default=0.5,
                    help="recommend num_draws so this share of pairs has |BIF| > 2 MCSE (default 0.5)")
     c.add_argument("--quick", action="store_true",
-                   help="a 2 x 2 grid (nbeta 3n, 30n; damping 0.003, 0.03) and 2 rounds: a first look")
+                   help="a 2 x 2 grid (nbeta n, 10n; damping 0.01, 0.1) and 2 rounds: a first look")
     c.set_defaults(func=cmd_calibrate)
 
     m = subparsers.add_parser("compare", help="regenerate the README LDS table and plot on the digits example")

@@ -42,11 +42,11 @@ import numpy as np
 from bif.config import RHAT_THRESHOLD
 
 #: nβ / n of round 0 (and of the grid the benchmark scores).
-NBETA_MULTS = (1.0, 3.0, 10.0, 30.0, 100.0)
+NBETA_MULTS = (1.0, 10.0, 100.0)
 #: Damping λ = γ/nβ of round 0.
-LAMBDAS = (0.001, 0.003, 0.01, 0.03, 0.1)
+LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3)
 #: Step sizes as fractions of the stability limit 4 / (nβ·(λ_max + λ)).
-STEP_FRACTIONS = (0.5, 0.15)
+STEP_FRACTIONS = (0.15, 0.05)
 #: Defaults when you do not calibrate: nβ = n, γ = 0.1·nβ.
 DEFAULT_GAMMA_PER_NBETA = 0.1
 
@@ -114,12 +114,20 @@ class SettingScore:
     drift_ratio: float = math.nan  # mean distance of the last quarter / of the second quarter of draws
     lds: float = math.nan
     lds_stderr: float = math.nan
+    lds_projected: float = math.nan  # LDS projected to CalibrationSettings.project_draws (projected_lds)
     seconds: float = math.nan
     seconds_per_step: float = math.nan  # wall seconds per chain step (sampling + its share of evaluation)
     draws_for_target: float = math.nan  # draws per chain for the target share of |BIF| > 2 MCSE
     share_now: float = math.nan  # share of pairs with |BIF| > 2 MCSE at num_draws
     draws_curve: tuple[float, ...] = field(default=(), repr=False)  # draws per chain for each of CURVE_SHARES
     per_query: tuple[float, ...] = field(default=(), repr=False)  # LDS per query (cheap ground truth)
+    per_query_projected: tuple[float, ...] = field(default=(), repr=False)  # the same, projected
+
+    def metric(self, projected: bool) -> tuple[float, tuple[float, ...]]:
+        """(LDS, per-query LDS) used for ranking: the projected ones when asked and available."""
+        if projected and math.isfinite(self.lds_projected) and self.per_query_projected:
+            return self.lds_projected, self.per_query_projected
+        return self.lds, self.per_query
 
 
 def drift_ratio(distance: np.ndarray) -> float:
@@ -160,32 +168,38 @@ def _robustness(s: SettingScore, rhat_max: float, ess_min: float, drift_max: flo
 
 
 def pick(scores: Sequence[SettingScore], *, tie_se: float = 1.0, rhat_max: float = RHAT_THRESHOLD,
-         ess_min: float = 50.0, drift_max: float = 1.5) -> tuple[SettingScore, list[SettingScore]]:
+         ess_min: float = 50.0, drift_max: float = 1.5, projected: bool = False
+         ) -> tuple[SettingScore, list[SettingScore]]:
     """The winner among ``scores`` (one round) and the settings that tie with the best.
 
-    The best is the non-diverged setting with the highest LDS. A setting ties when its paired
-    difference to the best is within ``tie_se`` paired SEs. Among ties the most robust wins
-    (:func:`_robustness`: healthy, larger λ, cheaper). Raises ValueError when every setting diverged.
+    The best is the non-diverged setting with the highest LDS (the projected LDS with ``projected``,
+    where known). A setting ties when its paired difference to the best is within ``tie_se`` paired
+    SEs. Among ties the most robust wins (:func:`_robustness`: healthy, larger λ, cheaper). Raises
+    ValueError when every setting diverged.
     """
-    live = [s for s in scores if not s.diverged and math.isfinite(s.lds)]
+    live = [s for s in scores if not s.diverged and math.isfinite(s.metric(projected)[0])]
     if not live:
         raise ValueError("every calibration setting diverged (or gave no LDS); lower the step fraction or raise gamma")
-    best = max(live, key=lambda s: s.lds)
+    best = max(live, key=lambda s: s.metric(projected)[0])
+    top, top_q = best.metric(projected)
     ties = []
     for s in live:
         if s is best:
             ties.append(s)
             continue
-        diff, se = paired(best.per_query, s.per_query) if best.per_query and s.per_query else (best.lds - s.lds, 0.0)
+        val, q = s.metric(projected)
+        diff, se = paired(top_q, q) if top_q and q else (top - val, 0.0)
         if math.isfinite(diff) and diff <= tie_se * (se if math.isfinite(se) else 0.0):
             ties.append(s)
     winner = max(ties, key=lambda s: _robustness(s, rhat_max, ess_min, drift_max))
     return winner, ties
 
 
-def survivors(scores: Sequence[SettingScore], *, keep: float = 1 / 3, minimum: int = 2) -> list[SettingScore]:
-    """The best ``keep`` share by LDS (at least ``minimum``) of the non-diverged settings, best first."""
-    live = sorted((s for s in scores if not s.diverged and math.isfinite(s.lds)), key=lambda s: -s.lds)
+def survivors(scores: Sequence[SettingScore], *, keep: float = 1 / 3, minimum: int = 2,
+              projected: bool = False) -> list[SettingScore]:
+    """The best ``keep`` share by LDS (projected with ``projected``; at least ``minimum``) of the live settings."""
+    live = sorted((s for s in scores if not s.diverged and math.isfinite(s.metric(projected)[0])),
+                  key=lambda s: -s.metric(projected)[0])
     return live[:max(minimum, math.ceil(keep * len(live)))]
 
 
@@ -241,6 +255,31 @@ def share_at(bif: np.ndarray, mcse: np.ndarray, num_draws: int, draws: float) ->
     if not ok.any():
         return math.nan
     return float(np.mean(b[ok] > 2.0 * m[ok] * math.sqrt(num_draws / draws)))
+
+
+def projected_lds(tau_a: np.ndarray, tau_b: np.ndarray, masks: np.ndarray, per_query: Sequence[float], *,
+                  factor: float) -> np.ndarray:
+    """Per-query LDS projected to ``factor`` times the draws, from two independent halves of the chains.
+
+    τ_a, τ_b (n_train, n_query) come from disjoint chains; the datamodel predictions g = masks·τ of
+    their average carry Monte-Carlo noise of variance N_q = var_m(g_a - g_b)/4 against a total variance
+    V_q, so the reliability is r = S/(S + N) with S = V - N. A correlation shrinks like √r under
+    independent noise (Spearman's attenuation); with ``factor`` x the draws N shrinks by ``factor``, so
+
+        LDS_q(factor) = LDS_q · √(r(factor) / r),   r(factor) = S / (S + N / factor),
+
+    clipped to [-1, 1]. Queries without signal (S <= 0) keep their observed value. An approximation
+    (Pearson attenuation applied to a rank correlation) used to compare settings run with few draws.
+    """
+    m = np.asarray(masks, dtype=np.float64)
+    ga, gb = m @ np.asarray(tau_a, np.float64), m @ np.asarray(tau_b, np.float64)  # (M, Q)
+    noise = np.var(ga - gb, axis=0, ddof=1) / 4.0
+    total = np.var((ga + gb) / 2.0, axis=0, ddof=1)
+    signal = total - noise
+    lq = np.asarray(per_query, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(signal > 0, (signal + noise) / (signal + noise / factor), 1.0)
+    return np.clip(lq * np.sqrt(ratio), -1.0, 1.0)
 
 
 #: Shares at which :func:`bif.evaluation.calibration.evaluate_setting` records the draws needed.

@@ -73,10 +73,11 @@ def _diverged_by_loss(train: np.ndarray, reference_mean: float, factor: float = 
 
 def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth | None, *,
                      head: dict | None = None, target_share: float | None = None,
-                     diagnostics: bool = True) -> SettingScore:
+                     diagnostics: bool = True, project_draws: int | None = None) -> SettingScore:
     """Diagnostics, drift and LDS (per query, against ``gt`` if given) of one sampler setting.
 
-    ``diagnostics=False`` skips R-hat / ESS (round 0 of the search: short chains, and ArviZ's numba
+    ``project_draws`` (total draws over all chains) adds ``lds_projected`` (:func:`bif.evaluation.calibrate.
+    projected_lds` from the two halves of the chains). ``diagnostics=False`` skips R-hat / ESS (round 0 of the search: short chains, and ArviZ's numba
     backend compiles for ~10 s in every fresh process). ``head`` adds the search's labels (mult, lam, frac, round) to the score. With ``target_share``,
     also the draws per chain at which that share of BIF pairs has |BIF| > 2·MCSE
     (:func:`bif.evaluation.calibrate.draws_for_share`, batch-means MCSE of
@@ -109,6 +110,13 @@ def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth |
         bif, _ = bif_in_memory(train, query)
         res = lds(bif, gt.masks, gt.outputs)
         score |= {"lds": res.mean, "lds_stderr": res.stderr, "per_query": tuple(float(v) for v in res.per_query)}
+        c = train.shape[0]
+        if project_draws and c >= 2:
+            h = c // 2
+            ta, tb = bif_in_memory(train[:h], query[:h])[0], bif_in_memory(train[h:], query[h:])[0]
+            proj = C.projected_lds(ta, tb, gt.masks, res.per_query, factor=project_draws / (c * train.shape[1]))
+            score["lds_projected"] = float(np.nanmean(proj)) if np.isfinite(proj).any() else float("nan")
+            score["per_query_projected"] = tuple(float(v) for v in proj)
     if target_share is not None and train.shape[1] >= 20:
         from bif.quality.diagnostics import bif_mcse
 
@@ -227,6 +235,7 @@ class Job:
     head: dict
     target_share: float | None
     diagnostics: bool = True
+    project_draws: int | None = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +284,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     if map_fn is None:
         def map_fn(jobs):
             return [evaluate_setting(problem, j.sampler, gt, head=j.head, target_share=j.target_share,
-                                     diagnostics=j.diagnostics) for j in jobs]
+                                     diagnostics=j.diagnostics, project_draws=j.project_draws) for j in jobs]
     pr = probe_result or probe(problem, base, st)
     full = pr.full_step_seconds <= st.full_batch_max_cost * pr.mini_step_seconds
     batch0, other = (0, pr.minibatch) if full else (pr.minibatch, 0)
@@ -319,7 +328,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
         jobs = [Job(base.model_copy(update={**c.sampler_values(n, pr.lambda_max), "num_chains": chains,
                                             "num_draws": draws}),
                     {"mult": c.mult, "lam": c.lam, "frac": c.frac, "round": r}, st.target_share,
-                    diagnostics=r > 0 or st.num_rounds == 1) for c in cands]
+                    diagnostics=r > 0 or st.num_rounds == 1, project_draws=st.project_draws) for c in cands]
         t0 = time.perf_counter()
         last = map_fn(jobs)
         scores += last
@@ -328,10 +337,12 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
         live = [s for s in last if not s.diverged]
         log(f"round {r}: {len(jobs)} settings x {draws} draws in {rounds[-1]['seconds']:.1f} s; "
             f"{len(jobs) - len(live)} diverged; best LDS "
-            + (f"{max(s.lds for s in live):+.3f}" if live else "n/a"))
+            + (f"{max(s.lds for s in live):+.3f}" if live else "n/a")
+            + (f" (projected to {st.project_draws} draws {max(s.lds_projected for s in live):+.3f})"
+               if live and st.project_draws else ""))
         if r == st.num_rounds - 1:
             break
-        keep = C.survivors(last, keep=st.keep)
+        keep = C.survivors(last, keep=st.keep, projected=bool(st.project_draws))
         if not keep:
             break
         nxt = [C.Candidate(s.mult, s.lam, 0 if s.batch_size >= n else s.batch_size, s.frac) for s in keep]
@@ -340,7 +351,8 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
             if other == 0:  # round 0 ran a minibatch: the variant is the full batch
                 nxt += [C.Candidate(nxt[0].mult, nxt[0].lam, 0, f) for f in fracs]
         cands = list(dict.fromkeys(nxt))
-    best, ties = C.pick(last, tie_se=st.tie_se, rhat_max=st.rhat_max, ess_min=st.ess_min, drift_max=st.drift_max)
+    best, ties = C.pick(last, tie_se=st.tie_se, rhat_max=st.rhat_max, ess_min=st.ess_min, drift_max=st.drift_max,
+                        projected=bool(st.project_draws))
     healthy = C.is_healthy(best, rhat_max=st.rhat_max, ess_min=st.ess_min, drift_max=st.drift_max)
     total = best.draws_for_target * best.num_chains if math.isfinite(best.draws_for_target) else math.inf
     num_draws = int(min(max(math.ceil(total / st.num_chains), 100), st.max_num_draws))

@@ -84,11 +84,11 @@ class CalibrationSettings(BaseModel):
         "passes this many times the measured wall time per retraining (300 = one full 100 x 3 ground truth).")
     budget_seconds: float | None = Field(None, gt=0, description="Explicit budget in wall seconds (overrides "
                                          "budget_retrainings).")
-    nbeta_mults: tuple[float, ...] = Field((1.0, 3.0, 10.0, 30.0, 100.0), min_length=1,
+    nbeta_mults: tuple[float, ...] = Field((1.0, 10.0, 100.0), min_length=1,
                                            description="nβ / n of round 0.")
-    lambdas: tuple[float, ...] = Field((0.001, 0.003, 0.01, 0.03, 0.1), min_length=1,
+    lambdas: tuple[float, ...] = Field((0.003, 0.01, 0.03, 0.1, 0.3), min_length=1,
                                        description="Damping λ = γ / nβ of round 0.")
-    step_fractions: tuple[float, ...] = Field((0.5, 0.15), min_length=1, description=(
+    step_fractions: tuple[float, ...] = Field((0.15, 0.05), min_length=1, description=(
         "Step sizes as fractions of the stability limit 4 / (nβ (λ_max + λ)); round 0 uses the first."))
     minibatch: int = Field(64, ge=1, description="Minibatch size tried besides the full batch (capped at n / 2).")
     full_batch_max_cost: float = Field(2.0, gt=0, description=(
@@ -98,7 +98,11 @@ class CalibrationSettings(BaseModel):
     round0_draws: int | None = Field(None, ge=8, description="Draws per chain in round 0; None: sized to the budget.")
     max_draws: int = Field(2000, ge=8, description="Most draws per chain of any round.")
     search_chains: int = Field(2, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
-    num_chains: int = Field(4, ge=1, description="Chains in the recommended sampler block.")
+    num_chains: int = Field(4, ge=2, description="Chains in the recommended sampler block (R-hat needs >= 2).")
+    project_draws: int | None = Field(
+        4000, ge=2, description="Rank settings by their LDS projected to this many draws in all (chains x draws; "
+        "bif.evaluation.calibrate.projected_lds, from the two halves of the chains), so short search chains do "
+        "not penalize settings that are noisy but win with the draws a real run uses. None: the observed LDS.")
     tie_se: float = Field(1.0, ge=0, description="Settings within this many paired SEs of the best tie; ties go "
                           "to the healthiest, then the larger λ, then the cheaper one.")
     target_share: float = Field(0.5, gt=0, lt=1, description=(
