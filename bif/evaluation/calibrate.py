@@ -28,7 +28,8 @@ healthiest (R-hat, ESS), then the larger λ, then the cheaper one.
 **Draw budget** (:func:`draws_for_share`). With the Monte-Carlo standard error of every BIF
 pair from the winner's traces (batch means, :func:`bif.quality.diagnostics.bif_mcse`), MCSE
 scales as 1/√draws, so pair p passes |BIF_p| > 2·MCSE_p from D_p = D·(2·MCSE_p/|BIF_p|)²
-draws on; the recommended draws are the ``target_share`` quantile of D_p.
+draws on (|BIF_p| debiased as √max(BIF² - MCSE², 0)); the recommended draws are the ``target_share``
+quantile of D_p.
 """
 from __future__ import annotations
 
@@ -233,13 +234,14 @@ def round_draws(remaining_s: float, num_settings: int, *, num_chains: int, secon
 def draws_for_share(bif: np.ndarray, mcse: np.ndarray, num_draws: int, *, target_share: float) -> float:
     """Draws (in the units of ``num_draws``) at which a ``target_share`` of the pairs have |BIF| > 2·MCSE.
 
-    MCSE ∝ 1/√draws, so pair p passes from D_p = num_draws·(2·MCSE_p/|BIF_p|)² on; the answer is
+    MCSE ∝ 1/√draws, so pair p passes from D_p = num_draws·(2·MCSE_p/|BIF_p|)² on, with |BIF_p|
+    debiased for its own noise (:func:`_debiased`); the answer is
     the ``target_share`` quantile of D_p over pairs with MCSE > 0 (a pair with BIF = 0 never passes:
     D_p = inf). ``inf`` when fewer than ``target_share`` of the pairs can ever pass.
     """
     if not 0.0 < target_share < 1.0:
         raise ValueError(f"target_share must lie in (0, 1), got {target_share}")
-    b, m = np.abs(np.asarray(bif, np.float64)).ravel(), np.asarray(mcse, np.float64).ravel()
+    b, m = _debiased(bif, mcse)
     ok = np.isfinite(b) & np.isfinite(m) & (m > 0)
     if not ok.any():
         return math.nan
@@ -248,9 +250,27 @@ def draws_for_share(bif: np.ndarray, mcse: np.ndarray, num_draws: int, *, target
     return float(np.quantile(need, target_share, method="inverted_cdf"))  # no interpolation with inf
 
 
+def _debiased(bif: np.ndarray, mcse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|BIF| with its noise removed, √max(BIF² - MCSE², 0), and MCSE), flattened.
+
+    An estimated |BIF| is inflated by its own noise (E BIF̂² = BIF² + MCSE²); without this, pairs
+    with a true BIF near 0 would look as if they passed soon, and the draws would be underestimated
+    (measured on digits n = 200: a 0.5 target predicted from 2 x 630 draws gave 0.26 at 4 x 1507).
+    """
+    b, m = np.asarray(bif, np.float64).ravel(), np.asarray(mcse, np.float64).ravel()
+    return np.sqrt(np.maximum(b * b - m * m, 0.0)), m
+
+
 def share_at(bif: np.ndarray, mcse: np.ndarray, num_draws: int, draws: float) -> float:
-    """Predicted share of pairs (MCSE > 0) with |BIF| > 2·MCSE after ``draws`` draws (MCSE ∝ 1/√draws)."""
-    b, m = np.abs(np.asarray(bif, np.float64)).ravel(), np.asarray(mcse, np.float64).ravel()
+    """Share of pairs (MCSE > 0) with |BIF| > 2·MCSE after ``draws`` draws (MCSE ∝ 1/√draws).
+
+    At ``draws == num_draws`` the observed share; otherwise predicted from the debiased |BIF|
+    (:func:`_debiased`).
+    """
+    if draws == num_draws:
+        b, m = np.abs(np.asarray(bif, np.float64)).ravel(), np.asarray(mcse, np.float64).ravel()
+    else:
+        b, m = _debiased(bif, mcse)
     ok = np.isfinite(b) & np.isfinite(m) & (m > 0)
     if not ok.any():
         return math.nan
