@@ -201,7 +201,7 @@ def cmd_calibrate(args) -> None:
     problem = make_problem(name)
     n = len(problem.train)
     full_gt, _ = full_ground_truth(name, problem, args)
-    st = CalibrationSettings()
+    st = CalibrationSettings(budget_retrainings=args.budget_retrainings)
     base = SamplerConfig(num_burnin_steps=BURNIN, steps_per_draw=STEPS_PER_DRAW, seed=0)
     t0 = time.perf_counter()
     cheap = ground_truth(problem, draw_subsets(n, num_subsets=st.num_subsets, alpha=st.alpha, seed=st.seed),
@@ -213,7 +213,7 @@ def cmd_calibrate(args) -> None:
                  log=lambda m: print(f"  {m}", flush=True))
     wall = time.perf_counter() - t0
     b = res.best
-    print(f"{name}: calibrator {wall:.0f} s (budget {budget:.0f} s = 300 x {per_retrain:.2f} s): nβ={b.mult:g}n "
+    print(f"{name}: calibrator {wall:.0f} s (budget {budget:.0f} s = {st.budget_retrainings:g} x {per_retrain:.2f} s): nβ={b.mult:g}n "
           f"λ={b.lam:g} batch={b.batch_size} frac={b.frac:.3g}; {res.num_chains} x {res.num_draws} draws", flush=True)
     rec = base.model_copy(update={"step_size": b.step_size, "nbeta": b.nbeta, "gamma": b.gamma,
                                   "batch_size": b.batch_size, "num_chains": res.num_chains,
@@ -376,6 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lams", default=None, help="damping values of the grid (default 0.001,...,0.1)")
     ap.add_argument("--only", default=None, help="explicit grid points 'mult:lam,...' (overrides --mults/--lams)")
     ap.add_argument("--until", default=None, help="HH:MM UTC: start no grid setting after it")
+    ap.add_argument("--budget-retrainings", type=float, default=300.0, help="calibrator budget in retrainings")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where the report goes")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -163,7 +163,7 @@ def _calibrate(config: dict[str, Any], cfg: RunConfig, st: CalibrationSettings, 
     res = calibration.search(problem if cfg.checkpoint is None else lds_store.cached_problem(
         cfg.problem, cfg.problem_args, cfg.checkpoint), cfg.sampler, gt, st, budget_seconds=budget,
         spent_seconds=time.perf_counter() - t_start, parallelism=parallelism, map_fn=map_fn,
-        probe_result=probe.result())
+        probe_result=probe.result(), log=lambda m: print(m))  # print at call time: the flow logs it
     b = res.best
     block = C.sampler_block(cfg.sampler.model_dump(mode="json"), b, num_draws=res.num_draws,
                             num_chains=res.num_chains)

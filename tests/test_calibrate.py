@@ -164,10 +164,12 @@ def test_huge_step_size_is_flagged_diverged_and_a_small_one_is_not(problem):
     assert pilot_stable(problem, base, 1e-2, num_steps=50)
 
 
-def test_search_beats_a_deliberately_bad_setting(problem):
-    """In-process search on the logistic problem (exact fit, so BIF at a good setting ≈ the exact IF) must
-    pick a setting whose LDS on an independent ground truth beats a bad start (nβ = n, λ = 3: far too
-    much damping, and a step 0.02 of the limit that barely moves)."""
+def test_search_beats_a_deliberately_bad_setting():
+    """In-process search on the logistic problem must pick a setting whose LDS on an independent ground
+    truth beats a deliberately bad start: nβ = 100n with damping λ = 0.001, where the chains wander along
+    weakly curved directions and the BIF is mostly Monte-Carlo noise at 2 x 200 draws (measured: ~0.19 vs
+    ~0.88 for nβ = n, λ = 0.1)."""
+    problem = build(n=40, n_query=30)
     n = len(problem.train)
     gt = ground_truth(problem, draw_subsets(n, num_subsets=30, seed=1), num_seeds=1)
     st = CalibrationSettings(num_subsets=30, nbeta_mults=(1.0, 30.0), lambdas=(0.003, 0.1), num_rounds=2,
@@ -176,22 +178,22 @@ def test_search_beats_a_deliberately_bad_setting(problem):
     res = search(problem, base, gt, st, budget_seconds=600.0, log=lambda _: None)
     assert len(res.rounds) == 2 and res.rounds[0]["settings"] == 4 and res.rounds[1]["draws"] == 120
     assert not res.best.diverged and res.best.round == 1 and res.best.lds > 0.5
-    assert res.best.num_draws == 120 and math.isfinite(res.best.max_rhat)
+    assert res.best.num_draws == 120 and math.isfinite(res.best.max_rhat) and math.isfinite(res.best.lds_projected)
     assert 100 <= res.num_draws <= st.max_num_draws and res.run_seconds > 0
     # scored against an independent ground truth (other subsets), the pick beats the bad start
     check = ground_truth(problem, draw_subsets(n, num_subsets=30, seed=7), num_seeds=1)
-    lmax = res.probe.lambda_max
     good = base.model_copy(update={"step_size": res.best.step_size, "nbeta": res.best.nbeta,
                                    "gamma": res.best.gamma, "batch_size": res.best.batch_size,
                                    "num_chains": 2, "num_draws": 200})
-    bad = base.model_copy(update={**C.Candidate(1.0, 3.0, 0, 0.02).sampler_values(n, lmax), "num_chains": 2,
-                                  "num_draws": 200})
-    g, b = evaluate_setting(problem, good, check, diagnostics=False), evaluate_setting(problem, bad, check,
-                                                                                       diagnostics=False)
+    bad = base.model_copy(update={**C.Candidate(100.0, 0.001, 0, 0.15).sampler_values(n, res.probe.lambda_max),
+                                  "num_chains": 2, "num_draws": 200})
+    g, b = (evaluate_setting(problem, s, check, diagnostics=False) for s in (good, bad))
     diff, se = C.paired(g.per_query, b.per_query)
-    assert g.lds > b.lds + 0.1 and diff > 2 * se, (g.lds, b.lds, diff, se)
+    assert g.lds > b.lds + 0.2 and diff > 3 * se, (g.lds, b.lds, diff, se)
 
 
+@pytest.mark.slow  # ~100 s on the shared 2-core box (Dask cluster, Prefect, numba compile per worker); the
+# default suite runs the same flow through `bif calibrate --quick` in tests/test_cli.py
 def test_calibration_flow_writes_a_block_within_its_budget(tmp_path, prefect_api_url):
     from bif.flows.calibrate import calibrate_flow
 
