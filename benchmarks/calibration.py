@@ -336,20 +336,24 @@ def cmd_report(args) -> None:
         mults = sorted({r["mult"] for r in full})
         lams = sorted({r["lam"] for r in full})
         grid = np.full((len(mults), len(lams)), np.nan)
+        diverged = set()
         for r in full:
-            if not r["diverged"]:
+            if r["diverged"]:
+                diverged.add((mults.index(r["mult"]), lams.index(r["lam"])))
+            else:
                 grid[mults.index(r["mult"]), lams.index(r["lam"])] = r["lds"]
         im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(lams)), [f"{v:g}" for v in lams])
         ax.set_yticks(range(len(mults)), [f"{v:g}" for v in mults])
         for i in range(len(mults)):
             for j in range(len(lams)):
-                ax.text(j, i, "div" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center",
-                        fontsize=8, color="white")
+                txt = f"{grid[i, j]:.2f}" if np.isfinite(grid[i, j]) else ("div" if (i, j) in diverged else "not run")
+                ax.text(j, i, txt, ha="center", va="center", fontsize=8,
+                        color="white" if np.isfinite(grid[i, j]) else "grey")
         if cal and cal["recommended"]["mult"] in mults and cal["recommended"]["lam"] in lams:
             ax.scatter([lams.index(cal["recommended"]["lam"])], [mults.index(cal["recommended"]["mult"])], s=600,
                        facecolors="none", edgecolors="red", linewidths=2, label="calibrated pick")
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="lower right", markerscale=0.3)
         ax.set(xlabel="damping λ = γ/nβ", ylabel="nβ / n", title=f"{name}: LDS, full batch, frac {args.frac:g}")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

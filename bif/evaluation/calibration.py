@@ -50,15 +50,8 @@ def _rhat_ess(train: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndar
     Raw ArviZ values (:func:`bif.quality.diagnostics.rhat_ess`): a constant trace has R-hat
     NaN and bulk ESS chains x draws.
     """
-    import numba
-
     from bif.quality.diagnostics import rhat_ess
 
-    # numba's default (OpenMP) threading layer, once started, slowed the torch SGLD steps that follow
-    # in the same process 1.3-30x on a busy 2-core machine (measured 2026-11-30); the workqueue layer
-    # does not. It takes effect only before the process's first parallel numba call.
-    if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"
     traces = np.concatenate([train, query], axis=2)  # (C, D, n_train + n_query)
     out = rhat_ess(traces, tail=False)
     return out["rhat"], out["ess_bulk"]
