@@ -197,8 +197,13 @@ class RunConfig(BaseModel):
         return data
 
     def hash(self) -> str:
-        """Short sha256 of the settings that determine the traces: problem, checkpoint, sampler."""
-        data = self.model_dump(mode="json", include={"problem", "problem_args", "checkpoint", "sampler"})
+        """Short sha256 of the settings that determine the traces: problem and sampler.
+
+        The checkpoint enters by content, not by path: the run's identity (``checkpoint_sha256``,
+        see :mod:`bif.tasks.pipeline`) is checked on every start and resume, so a checkpoint that
+        was moved or copied elsewhere resumes its half-finished run, and a replaced one is refused.
+        """
+        data = self.model_dump(mode="json", include={"problem", "problem_args", "sampler"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,8 @@ Built once here, used by the attribution, LDS and calibration flows (and the ope
 flows to come), so the three cannot drift apart again.
 
 **Cluster.** :func:`dask_cluster` joins ``compute.address``, or starts a ``LocalCluster``:
-worker processes, one BLAS/OpenMP thread per worker thread, Dask's
+worker processes, one BLAS/OpenMP/numba thread per worker thread (idle OpenMP threads
+sleep), Dask's
 ``MALLOC_TRIM_THRESHOLD_`` dropped (it slowed torch SGLD steps by ~33%), a ``GPU``
 resource per worker with ``compute.gpus``, heavy imports preloaded, quiet logging.
 
@@ -140,6 +141,10 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
                if k != "MALLOC_TRIM_THRESHOLD_"}
     environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    # numba (the diagnostics' ArviZ backend) would start an OpenMP pool of one spinning thread per
+    # core in each worker; torch steps after it ran 10-30x slower (bif.quality.diagnostics). Cap it,
+    # and let idle OpenMP threads sleep instead of spinning.
+    environ |= {"NUMBA_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
     if not _VERBOSE:
         _quiet_this_process()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(**kwargs) as cluster:

@@ -197,6 +197,14 @@ def _inspect(cfg: RunConfig) -> _Inspection:
         torch.set_num_threads(threads)
 
 
+def _same_run(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a complete run's stored public config equals ``current``, the checkpoint's path aside
+    (the checkpoint is compared by content through the identity check)."""
+    if not isinstance(stored, dict):
+        return False
+    return {k: v for k, v in stored.items() if k != "checkpoint"} == {k: v for k, v in current.items() if k != "checkpoint"}
+
+
 def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     check_writable(cfg.output, cfg.storage_options)
     store = run_store(cfg)
@@ -205,7 +213,7 @@ def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     if existing is not None and existing.get("config_hash") != cfg_hash:
         raise RunConflictError(
             f"output {cfg.output!r} holds a run with config hash {existing.get('config_hash')} but this config "
-            f"hashes to {cfg_hash} (problem, checkpoint or sampler settings differ). The existing run is left "
+            f"hashes to {cfg_hash} (problem or sampler settings differ). The existing run is left "
             "untouched. Use another --output, or delete the old run."
         )
     problem, ckpt = materialize_problem(cfg)
@@ -214,7 +222,7 @@ def _inspect_pinned(cfg: RunConfig) -> _Inspection:
     check_identity(cfg, identity, stored_identity(cfg), where="refusing to reuse the output")
     check_reference_losses(problem, ref_train, ref_query)
     manifest = store.manifest() or {}
-    done = manifest.get("status") == S.STATUS_COMPLETE and manifest.get("config") == cfg.public_dict()
+    done = manifest.get("status") == S.STATUS_COMPLETE and _same_run(manifest.get("config"), cfg.public_dict())
     tokens = chain.variables.is_tokens
     info = RunInfo(config_hash=cfg_hash, n_train=len(problem.train), n_query=len(problem.query),
                    checkpoint_sha256=ckpt, model_sha256=identity["model_sha256"],

@@ -154,6 +154,7 @@ def test_pipeline_containers_get_ambient_credentials_and_the_prefect_api():
         assert env["AWS_ACCESS_KEY_ID"].startswith("${BIF_S3_ACCESS_KEY:?"), name
         assert env["AWS_SECRET_ACCESS_KEY"].startswith("${BIF_S3_SECRET_KEY:?"), name
         assert env["OMP_NUM_THREADS"] == "1", name
+        assert env["NUMBA_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE", name
     for name, service in svc.items():
         # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 unless the image's Dask config drops it;
         # an empty value is worse (glibc reads "" as 0), so no service may set it at all.
@@ -299,6 +300,8 @@ def test_image_dask_config_drops_the_nanny_malloc_trim_setting():
     merged = dask.config.merge(dask.config.config, collected)["distributed"]["nanny"]["pre-spawn-environ"]
     spawned = {k: v for k, v in merged.items() if v is not None}  # what the nanny exports (None = unset)
     assert "MALLOC_TRIM_THRESHOLD_" not in spawned and spawned["OMP_NUM_THREADS"] == 1
+    # the image's workers get the same thread caps as a LocalCluster that bif.flows.runtime starts
+    assert spawned["NUMBA_NUM_THREADS"] == 1 and spawned["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_ambient_s3_variables_are_enough_for_the_pipeline(moto_server, s3_bucket):

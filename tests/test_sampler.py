@@ -97,6 +97,29 @@ def test_nan_chain_names_chain_draw_and_sample():
     assert ei.value.chain == 3 and ei.value.draw >= 0
 
 
+def test_divergence_names_the_first_bad_draw_and_sample_of_the_block():
+    """The finite check runs once per block, yet names exactly the first non-finite draw (and its sample)."""
+    import torch
+
+    prob = linear.build(n=20, d=3, m=2)
+    calls = {"train_evals": 0}
+
+    def loss(model, batch):
+        out = linear.per_sample_loss(model, batch)
+        if not torch.is_grad_enabled() and len(out) == 20:  # a full evaluation of the train set
+            calls["train_evals"] += 1  # the 1st is the measurement at w*, the (k+2)-th is draw k
+            if calls["train_evals"] == 8:
+                out = out.clone()
+                out[13] = float("inf")  # one transient bad loss: draw 6, train sample 13
+        return out
+
+    bad = Problem(model=prob.model, train=prob.train, query=prob.query, loss=loss)
+    s = SamplerConfig(num_chains=1, num_draws=20, num_burnin_steps=0, steps_per_draw=1, batch_size=4)
+    with pytest.raises(ChainDivergedError, match=r"chain 0 diverged: train sample 13 has loss inf") as ei:
+        list(SGLDChain(bad, s, chain=0).run(num_draws=20, draws_per_block=10))
+    assert ei.value.draw == 6
+
+
 def test_loss_of_wrong_shape_is_a_problem_error():
     prob = linear.build(n=20, d=3, m=2)
     bad = Problem(model=prob.model, train=prob.train, query=prob.query,

@@ -34,6 +34,15 @@ K = C x num_batches,
 Batches much longer than the autocorrelation time make this valid for correlated draws
 (Flegal & Jones 2010); differences between chains enter through the batches too. For
 independent Gaussian x, y with correlation rho it estimates sqrt((1 + rho²) / N).
+
+**numba and torch in one process.** numba's default OpenMP threading layer starts its own
+thread pool (one thread per core), whose idle threads spin. Torch steps taken later in the same
+process then ran 10-30x slower here (digits SGLD: 13 -> 365 ms a draw after one
+:func:`rhat_ess` call, with ``OMP_NUM_THREADS=1`` as in a Dask worker). That hits every worker
+that diagnoses a run and then samples the next (a backfill on one cluster, a calibration sweep,
+a kept cluster). :func:`limit_numba_threads` sets ``NUMBA_NUM_THREADS`` before numba loads: 1
+unless set; Dask workers get ``compute.threads_per_worker`` and ``OMP_WAIT_POLICY=PASSIVE``
+from :mod:`bif.flows.runtime`. Measured by ``python -m benchmarks.numba_torch``.
 """
 from __future__ import annotations
 
@@ -52,6 +61,21 @@ DIAGNOSTICS_FILE = S.DIAGNOSTICS_FILE
 DIAGNOSTICS_COLUMNS = S.DIAGNOSTICS_COLUMNS
 MCSE_METHOD = "batch means over contiguous draw batches within each chain (chains x num_batches batches)"
 _QUANTILES = (0.05, 0.5, 0.95)
+
+
+def limit_numba_threads() -> None:
+    """Cap numba's thread pool before numba loads (``NUMBA_NUM_THREADS``, default 1; see the module docstring).
+
+    A no-op when ``NUMBA_NUM_THREADS`` is already set (a Dask worker gets
+    ``compute.threads_per_worker``) or numba is already loaded (numba reads the variable at
+    import; in a process that imports numba itself before the first diagnostics, set
+    ``NUMBA_NUM_THREADS`` in its environment).
+    """
+    import os
+    import sys
+
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 
 def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
@@ -80,6 +104,8 @@ def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
     if not idx.size:
         return out
     import xarray as xr
+
+    limit_numba_threads()
     from arviz_stats.numba import diagnostics as azd
 
     sub = t[:, :, idx]

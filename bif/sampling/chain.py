@@ -308,6 +308,10 @@ class SGLDChain:
         self.gen_noise = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.step = 0
         self.num_recorded = 0
+        # TensorDataset: the train tensors move to the chain's device once and every minibatch is
+        # gathered there (no host-to-device copy per step on CUDA); other datasets collate per step
+        self._train_tensors = ([t.to(self.device) for t in problem.train.tensors]
+                               if isinstance(problem.train, TensorDataset) else None)
         bs = settings.eval_batch_size
         self._train_batches = eval_batches(problem.train, bs, self.device)
         self._query_batches = eval_batches(problem.query, bs, self.device)
@@ -397,7 +401,11 @@ class SGLDChain:
         s = self.settings
         # minibatch without replacement; batch_size >= n_train gives the full-batch gradient
         idx = torch.randperm(self.n_train, generator=self.gen_cpu)[: s.batch_size]
-        batch = to_device(collate_indices(self.problem.train, idx), self.device)
+        if self._train_tensors is not None:
+            dev_idx = idx.to(self.device, non_blocking=True)
+            batch = [t[dev_idx] for t in self._train_tensors]
+        else:
+            batch = to_device(collate_indices(self.problem.train, idx), self.device)
         for p in self.params:
             p.grad = None
         with self.autocast_context():
@@ -411,13 +419,23 @@ class SGLDChain:
     @torch.no_grad()
     def distance(self) -> torch.Tensor:
         """||w - w*||_2 as a 0-d tensor on the chain's device."""
-        return torch.sqrt(sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor)))
+        norms = torch._foreach_norm(torch._foreach_sub(self.params, self.anchor))
+        return torch.linalg.vector_norm(torch.stack(norms))
 
-    def _check_finite(self, row: torch.Tensor, split: str, draw: int) -> None:
-        if not bool(torch.isfinite(row).all()):
-            bad = int((~torch.isfinite(row)).nonzero()[0, 0])
-            sample = int(self.variables.token_samples(split)[bad])  # the sample of variable `bad`
-            raise ChainDivergedError(chain=self.chain, draw=draw, split=split, sample=sample, value=float(row[bad]))
+    def _check_finite(self, tr: torch.Tensor, qu: torch.Tensor, d0: int) -> None:
+        """ChainDivergedError naming the first draw (train before query) with a non-finite loss in a block.
+
+        One check per block, not per draw: a single device sync per block on CUDA.
+        """
+        if bool(torch.isfinite(tr).all()) and bool(torch.isfinite(qu).all()):
+            return
+        for k in range(tr.shape[0]):
+            for split, row in (("train", tr[k]), ("query", qu[k])):
+                if not bool(torch.isfinite(row).all()):
+                    bad = int((~torch.isfinite(row)).nonzero()[0, 0])
+                    sample = int(self.variables.token_samples(split)[bad])  # the sample of variable `bad`
+                    raise ChainDivergedError(chain=self.chain, draw=d0 + k, split=split, sample=sample,
+                                             value=float(row[bad]))
 
     @property
     def eval_data(self) -> tuple[list[Any], list[Any]]:
@@ -467,13 +485,12 @@ class SGLDChain:
                     self.sgld_step()
                 with self.autocast_context():
                     self._record(tr[k], qu[k])
-                self._check_finite(tr[k], "train", d0 + k)
-                self._check_finite(qu[k], "query", d0 + k)
                 dist[k] = self.distance()
                 steps[k] = self.step
                 self.num_recorded += 1
                 if on_draw is not None:
                     on_draw(self.num_recorded)
+            self._check_finite(tr, qu, d0)
             yield DrawBlock(chain=self.chain, draw_start=d0, train_losses=tr.cpu().numpy(),
                             query_losses=qu.cpu().numpy(), steps=steps, distance=dist.cpu().numpy(),
                             state=self.state(), variables=self.variables if self.variables.is_tokens else None)

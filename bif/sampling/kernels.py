@@ -123,11 +123,14 @@ class SGLD(Kernel):
     """
 
     def step(self, params, grads, *, anchor, nbeta, gamma, step_size, generator):
+        # the same elementwise arithmetic as localized_drift per tensor, batched over the parameter
+        # list with torch._foreach_* (one kernel launch per op, not per op and tensor)
         eps = step_size
-        for p, g, a in zip(params, grads, anchor, strict=True):
-            drift = localized_drift(g, p, a, nbeta=nbeta, gamma=gamma)
-            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            p.add_(drift, alpha=-eps / 2).add_(noise, alpha=math.sqrt(eps))
+        drift = torch._foreach_mul(list(grads), nbeta)
+        torch._foreach_add_(drift, torch._foreach_sub(list(params), list(anchor)), alpha=gamma)
+        noise = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
+        torch._foreach_add_(list(params), drift, alpha=-eps / 2)
+        torch._foreach_add_(list(params), noise, alpha=math.sqrt(eps))
 
 
 @register_kernel("psgld")
