@@ -185,16 +185,16 @@ class Probe:
 
 
 def _step_seconds(problem: Problem, sampler: SamplerConfig, num_steps: int = 10, repeats: int = 3) -> float:
-    """Seconds of one SGLD step (the fastest of ``repeats`` timings of ``num_steps`` steps, robust to a busy machine)."""
+    """Seconds of one SGLD step (the median of ``repeats`` timings of ``num_steps`` steps)."""
     chain = SGLDChain(problem, sampler, chain=0)
     chain.sgld_step()  # warm-up
-    best = math.inf
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(num_steps):
             chain.sgld_step()
-        best = min(best, (time.perf_counter() - t0) / num_steps)
-    return best
+        times.append((time.perf_counter() - t0) / num_steps)
+    return float(np.median(times))
 
 
 def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings) -> Probe:
@@ -327,6 +327,9 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
         scores += last
         rounds.append({"round": r, "settings": len(jobs), "draws": draws, "chains": chains,
                        "seconds": time.perf_counter() - t0})
+        measured = [s.seconds_per_step for s in last if math.isfinite(s.seconds_per_step)]
+        if measured:  # plan the next rounds with the cost per chain step actually measured (evaluation included)
+            step_s = float(np.median(measured)) / (1 + 1 / spd)  # _planned_seconds adds one step per draw
         live = [s for s in last if not s.diverged]
         log(f"round {r}: {len(jobs)} settings x {draws} draws in {rounds[-1]['seconds']:.1f} s; "
             f"{len(jobs) - len(live)} diverged; best LDS "
