@@ -303,7 +303,7 @@ def cmd_report(args) -> None:
     names = [p for p in PROBLEMS if (Path(args.cache) / p / "grid.json").exists()]
     report, lines = {"problems": {}}, []
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), squeeze=False)
-    lines += ["| problem | n | grid best (4 x 800 draws) | LDS | calibrated pick | its draws | LDS | "
+    lines += ["| problem | n | grid best (4 x 800 draws; grid size) | LDS | calibrated pick | its draws | LDS | "
               "paired diff vs grid best | calibrator time / GT build |", "|---" * 9 + "|"]
     for ax, name in zip(axes[0], names):
         g = score_grid(name, args)
@@ -323,7 +323,9 @@ def cmd_report(args) -> None:
             gt_build = 300 * cal["seconds_per_retraining"]
             cell = [f"nβ={r['mult']:g}n, λ={r['lam']:g}, batch {r['batch_size']}, frac {r['frac']:.3g}",
                     f"{cal['num_chains']} x {cal['num_draws']}", f"{v['lds']:.3f} ± {v['lds_stderr']:.3f}",
-                    f"{diff:+.3f} ± {se:.3f}", f"{cal['calibrator_seconds']:.0f} s / {gt_build:.0f} s"]
+                    f"{diff:+.3f} ± {se:.3f}",
+                    f"{cal['calibrator_seconds']:.0f} s / {gt_build:.0f} s (budget "
+                    f"{cal['budget_seconds'] / cal['seconds_per_retraining']:.0f} retrainings)"]
             if "validation_grid_budget" in cal:
                 v2 = cal["validation_grid_budget"]
                 d2, se2 = paired(v2["per_query"], per_query[best["id"]])
@@ -331,7 +333,7 @@ def cmd_report(args) -> None:
                 cell[2] += f" (4 x {best['draws']}: {v2['lds']:.3f})"
         report["problems"][name] = entry
         lines.append(f"| {name} | {g['n_train']} | nβ={best['mult']:g}n, λ={best['lam']:g}, batch {best['batch']}, "
-                     f"frac {best['frac']:g} | {best['lds']:.3f} ± {best['stderr']:.3f} | " + " | ".join(cell) + " |")
+                     f"frac {best['frac']:g}; {sum(not r['diverged'] for r in g['rows'])} settings | {best['lds']:.3f} ± {best['stderr']:.3f} | " + " | ".join(cell) + " |")
         full = [r for r in g["rows"] if r["batch"] == "full" and r["frac"] == args.frac]
         mults = sorted({r["mult"] for r in full})
         lams = sorted({r["lam"] for r in full})
