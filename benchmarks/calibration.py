@@ -361,7 +361,15 @@ def cmd_report(args) -> None:
     fig.tight_layout()
     docs = Path(args.docs)
     fig.savefig(docs / "calibration_grid.png", dpi=110)
-    (docs / "calibration.json").write_text(json.dumps(strict_json_data(report), indent=1, default=float))
+    def slim(obj):  # per-query arrays stay in the cache's JSON files, not in docs/
+        if isinstance(obj, dict):
+            return {k: slim(v) for k, v in obj.items() if k not in ("per_query", "per_query_projected",
+                                                                    "draws_curve")}
+        if isinstance(obj, list):
+            return [slim(v) for v in obj]
+        return obj
+
+    (docs / "calibration.json").write_text(json.dumps(strict_json_data(slim(report)), indent=1, default=float))
     text = ("Calibration benchmark (`python benchmarks/calibration.py ...`): LDS ± SE against the full 100 x 3 "
             "ground truth; paired diff = mean per-query LDS difference ± its SE. Machine shared by 3 jobs.\n\n"
             + "\n".join(lines) + "\n")
