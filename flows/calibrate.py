@@ -1,20 +1,22 @@
-"""The calibration flow: cheap ground truth + step-size pilot → sweep of (ε, nβ, γ) on Dask → YAML + PNG.
+"""The calibration flow: cheap ground truth + probe → successive halving on Dask → sampler.yaml, scores, plot.
 
 :func:`calibrate_flow` is the deployable flow: it builds its own runtime from
 ``cfg.compute`` (:func:`bif.flows.runtime.on_dask`: join ``scheduler_address`` or
-``compute.address``, else start a LocalCluster) and runs every retraining, pilot and grid
-point there, so a Prefect deployment runs on Dask like the CLI.
+``compute.address``, else start a LocalCluster) and runs every retraining, the probe and every
+evaluated setting there, so a Prefect deployment runs on Dask like the CLI.
 ``run_calibration(cfg, settings)`` is the entry point (``bif calibrate`` calls it). The
 retrainings reuse the LDS flow's task and cache (a cheap ground truth of ``num_subsets``
-subsets under ``<output>/lds/<key>/``); each pilot step size and each grid point is a task.
-Outputs under ``<output>/calibration/``: ``sampler.yaml`` (the recommended ``sampler:``
-block), ``tradeoffs.png``, ``scores.json``. Logic lives in :mod:`bif.evaluation.calibrate` and
-:mod:`bif.evaluation.calibration`. Credentials and logs follow the shared runtime
-(:mod:`bif.flows.runtime`): credentials are never flow parameters.
+subsets under ``<output>/lds/<key>/``); their wall time per retraining sets the budget
+(``budget_retrainings`` of them). The search itself is :func:`bif.evaluation.calibration.search`
+with a ``map_fn`` that submits each round's settings as tasks. Outputs under
+``<output>/calibration/``: ``sampler.yaml`` (the recommended ``sampler:`` block),
+``search.png``, ``scores.json`` (schema in docs/lds.md). Credentials and logs follow the shared
+runtime (:mod:`bif.flows.runtime`): credentials are never flow parameters.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -34,36 +36,56 @@ from bif.evaluation.retrain import GroundTruth
 PRELOAD = (*LDS_PRELOAD, "bif.evaluation.calibration")
 
 
-@task(name="pilot-step", cache_policy=NO_CACHE)
-def pilot_task(config: dict[str, Any], step_size: float, nbeta: float, gamma: float, pilot_steps: int) -> bool:
-    """Whether one short chain at ``step_size`` stays stable."""
+def _problem(config: dict[str, Any]):
     import torch
 
     torch.set_num_threads(1)
     cfg = build_config(config)
-    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
-    s = cfg.sampler.model_copy(update={"nbeta": nbeta, "gamma": gamma})
-    return calibration.pilot_stable(problem, s, step_size, num_steps=pilot_steps)
+    return cfg, lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
+
+
+@task(name="calibration-probe", cache_policy=NO_CACHE)
+def probe_task(config: dict[str, Any], settings: dict[str, Any]) -> calibration.Probe:
+    """λ_max, step costs and the stability pilot (:func:`bif.evaluation.calibration.probe`)."""
+    cfg, problem = _problem(config)
+    return calibration.probe(problem, cfg.sampler, CalibrationSettings.model_validate(settings))
+
+
+@task(name="time-retraining", cache_policy=NO_CACHE)
+def time_retrain_task(spec: str, args: dict[str, Any], indices: np.ndarray, fit_seed: int) -> float:
+    """Seconds of one retraining (when the cheap ground truth is cached and no retraining was timed)."""
+    import torch
+
+    from bif.evaluation.retrain import retrain_query_losses
+
+    torch.set_num_threads(1)
+    problem = lds_store.cached_problem(spec, args)
+    mask = np.zeros(len(problem.train), dtype=bool)
+    mask[indices] = True
+    t0 = time.perf_counter()
+    retrain_query_losses(problem, mask, fit_seed)
+    return time.perf_counter() - t0
 
 
 @task(name="evaluate-setting", cache_policy=NO_CACHE)
-def evaluate_task(config: dict[str, Any], point: tuple[float, float, float], num_chains: int, num_draws: int,
-                  gt: GroundTruth) -> C.SettingScore:
-    """Diagnostics and LDS of one (step_size, nbeta, gamma)."""
-    import torch
-
-    torch.set_num_threads(1)
-    cfg = build_config(config)
-    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
-    eps, nbeta, gamma = point
-    s = cfg.sampler.model_copy(update={"step_size": eps, "nbeta": nbeta, "gamma": gamma,
-                                       "num_chains": num_chains, "num_draws": num_draws})
-    return calibration.evaluate_setting(problem, s, gt)
+def evaluate_task(config: dict[str, Any], job: calibration.Job, gt: GroundTruth) -> C.SettingScore:
+    """Diagnostics, LDS and MCSE of one setting."""
+    _, problem = _problem(config)
+    return calibration.evaluate_setting(problem, job.sampler, gt, head=job.head, target_share=job.target_share,
+                                        diagnostics=job.diagnostics, project_draws=job.project_draws)
 
 
-def _write_outputs(cfg: RunConfig, settings: CalibrationSettings, scores, best, healthy, largest,
-                   opts) -> dict[str, Any]:
+def _num_workers(address: str) -> int:
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        return max(1, sum(client.nthreads().values()))
+
+
+def _write_outputs(cfg: RunConfig, st: CalibrationSettings, res: calibration.SearchResult, block: dict[str, Any],
+                   extra: dict[str, Any], opts) -> dict[str, Any]:
     import tempfile
+    from dataclasses import asdict
 
     import yaml
 
@@ -71,24 +93,28 @@ def _write_outputs(cfg: RunConfig, settings: CalibrationSettings, scores, best, 
     from bif.store.run import RunStore
 
     store = RunStore(cfg.output, opts)
-    block = C.sampler_block(cfg.sampler.model_dump(mode="json"), best)
     store.write_text(join("calibration", "sampler.yaml"), yaml.safe_dump({"sampler": block}, sort_keys=False))
     with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, "tradeoffs.png")
-        C.plot_tradeoffs(scores, best, png)
+        png = os.path.join(tmp, "search.png")
+        C.plot_search(res.scores, res.best, png)
         with open(png, "rb") as f:
-            store.write_bytes(join("calibration", "tradeoffs.png"), f.read())
-    result = {"recommended": C.as_records([best])[0], "healthy": healthy, "largest_stable_step": largest,
-              "sampler": block, "scores": C.as_records(scores), "output_uri": join(cfg.output, "calibration"),
-              "settings": settings.model_dump(mode="json")}
-    store.write_json(join("calibration", "scores.json"), result)
-    return result
+            store.write_bytes(join("calibration", "search.png"), f.read())
+    out = {"recommended": C.as_records([res.best])[0], "healthy": res.healthy, "sampler": block,
+           "num_draws": res.num_draws, "num_chains": res.num_chains, "predicted_share": res.predicted_share,
+           "run_seconds": res.run_seconds, "budget_seconds": res.budget_seconds,
+           "spent_seconds": res.spent_seconds, "probe": asdict(res.probe), "rounds": res.rounds,
+           "ties": [{"mult": t.mult, "lam": t.lam, "batch_size": t.batch_size, "frac": t.frac, "lds": t.lds}
+                    for t in res.ties],
+           "note": res.note, "scores": C.as_records(res.scores),
+           "output_uri": join(cfg.output, "calibration"), "settings": st.model_dump(mode="json"), **extra}
+    store.write_json(join("calibration", "scores.json"), out)
+    return out
 
 
 @flow(name="bif-calibrate", log_prints=True)
 def calibrate_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: str | None = None,
                    secret_block: str | None = None, scheduler_address: str | None = None) -> dict[str, Any]:
-    """Pilot, sweep and recommend a sampler block for the problem of ``config`` (RunConfig data, no credentials).
+    """Search and recommend a sampler block for the problem of ``config`` (RunConfig data, no credentials).
 
     Runs on the Dask cluster ``scheduler_address``, else ``compute.address``, else a LocalCluster of its own.
     """
@@ -100,38 +126,57 @@ def calibrate_flow(config: dict[str, Any], settings: dict[str, Any], credentials
 
 def _calibrate(config: dict[str, Any], cfg: RunConfig, st: CalibrationSettings, rt: runtime.DaskRuntime
                ) -> dict[str, Any]:
-    """The flow's body on its runtime ``rt``: retrainings, pilots and grid points run on ``rt``'s cluster."""
+    """The flow's body on its runtime ``rt``: retrainings, the probe and every setting run on ``rt``'s cluster."""
+    t_start = time.perf_counter()
     opts = dict(cfg.storage_options)
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
+    n = len(problem.train)
     lds_settings = LDSSettings(alpha=st.alpha, num_subsets=st.num_subsets, num_seeds=st.num_seeds, seed=st.seed)
-    p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, lds_settings, n_train=len(problem.train),
+    p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, lds_settings, n_train=n,
                        n_query=len(problem.query), storage_options=opts)
+    parallelism = _num_workers(rt.address)
+    t_gt = time.perf_counter()
     retrains = [rt.submit(retrain_task, cfg.problem, cfg.problem_args, p.root_uri, m, r, seed,
                           np.flatnonzero(p.masks[m]), opts) for m, r, seed in p.missing]
-    nbeta = st.nbeta or C.default_nbeta(len(problem.train))
-    largest = None
-    if st.step_sizes is None:
-        cands = C.pilot_step_sizes(nbeta)
-        pilots = [rt.submit(pilot_task, config, e, nbeta, C.default_gamma(nbeta), st.pilot_steps) for e in cands]
-        largest = C.largest_stable({e: f.result() for e, f in zip(cands, pilots)})
-        print(f"pilot: largest stable step size {largest:.3g} (nβ = {nbeta:.4g})")
-        points = C.grid(largest, nbeta, gamma_per_nbeta=[g / nbeta for g in st.gammas] if st.gammas
-                        else C.GAMMA_PER_NBETA)
-    else:
-        gammas = st.gammas or tuple(g * nbeta for g in C.GAMMA_PER_NBETA)
-        points = [(e, nbeta, g) for e in st.step_sizes for g in gammas]
+    if not retrains:  # cached: time one retraining for the budget
+        timer = rt.submit(time_retrain_task, cfg.problem, cfg.problem_args, np.flatnonzero(p.masks[0]), 0)
+    probe = rt.submit(probe_task, config, st.model_dump(mode="json"))
     wait(retrains)
     for f in retrains:
         f.result()
+    if retrains:
+        per_retrain = (time.perf_counter() - t_gt) / len(retrains)  # wall, at this cluster's parallelism
+    else:
+        per_retrain = timer.result() / parallelism
+    budget = st.budget_seconds or st.budget_retrainings * per_retrain
     gt = (lds_store.read_ground_truth(p, lds_settings, storage_options=opts) if p.cached
           else lds_store.consolidate(p, lds_settings, storage_options=opts))
-    futures = [rt.submit(evaluate_task, config, pt, st.num_chains, st.num_draws, gt) for pt in points]
-    scores = [f.result() for f in futures]
-    best, healthy = C.recommend(scores, rhat_max=st.rhat_max, ess_min=st.ess_min, drift_max=st.drift_max)
-    for s in scores:
-        print(f"ε={s.step_size:.3g} nβ={s.nbeta:.4g} γ={s.gamma:.4g}: "
+    how = f"{st.budget_seconds:g} s (--budget-seconds)" if st.budget_seconds else \
+        f"{st.budget_retrainings:g} retrainings x {per_retrain:.3g} s wall each"
+    print(f"cheap ground truth: {st.num_subsets} subsets x {st.num_seeds} seed(s) "
+          f"({'reused' if p.cached else f'{len(retrains)} retrainings'}); budget {budget:.0f} s = {how}")
+
+    def map_fn(jobs):
+        futures = [rt.submit(evaluate_task, config, j, gt) for j in jobs]
+        return [f.result() for f in futures]
+
+    res = calibration.search(problem if cfg.checkpoint is None else lds_store.cached_problem(
+        cfg.problem, cfg.problem_args, cfg.checkpoint), cfg.sampler, gt, st, budget_seconds=budget,
+        spent_seconds=time.perf_counter() - t_start, parallelism=parallelism, map_fn=map_fn,
+        probe_result=probe.result(), log=lambda m: print(m))  # print at call time: the flow logs it
+    b = res.best
+    block = C.sampler_block(cfg.sampler.model_dump(mode="json"), b, num_draws=res.num_draws,
+                            num_chains=res.num_chains)
+    for s in sorted(res.scores, key=lambda s: (s.round, -s.lds if np.isfinite(s.lds) else 0.0)):
+        print(f"  round {s.round} nβ={s.mult:g}n λ={s.lam:g} batch={s.batch_size} frac={s.frac:.3g}: "
               + ("DIVERGED" if s.diverged else f"LDS {s.lds:+.3f} R-hat {s.max_rhat:.3f} ESS {s.median_ess_bulk:.0f}"))
-    return _write_outputs(cfg, st, scores, best, healthy, largest, opts)
+    print(f"pick: nβ = {b.mult:g}n = {b.nbeta:.4g}, λ = {b.lam:g} (γ = {b.gamma:.4g}), ε = {b.step_size:.3g}, "
+          f"batch {b.batch_size}; cheap LDS {b.lds:+.3f} ± {b.lds_stderr:.3f} ({len(res.ties)} tied)")
+    print(f"draws: {res.num_chains} chains x {res.num_draws} draws for {st.target_share:.0%} of pairs with "
+          f"|BIF| > 2 MCSE (predicted {res.predicted_share:.0%}); that run takes ~{res.run_seconds:.0f} s here")
+    print(f"spent {time.perf_counter() - t_start:.0f} s of a {budget:.0f} s budget" + (f" ({res.note})" if res.note else ""))
+    return _write_outputs(cfg, st, res, block, {"seconds_per_retraining": per_retrain,
+                                                "total_seconds": time.perf_counter() - t_start}, opts)
 
 
 def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``bif lds``, ``bif calibrate`` and ``bif compare``: registered on the main CLI by :func:`register`.
 
     bif lds CONFIG [--num-subsets 100 --num-seeds 3 --alpha 0.5 --methods bif,influence,graddot,gradcos]
-    bif calibrate CONFIG [--num-subsets 20]      # writes <output>/calibration/sampler.yaml + tradeoffs.png
+    bif calibrate CONFIG [--quick]               # writes <output>/calibration/sampler.yaml + search.png
     bif compare [--sizes 200,800,full]           # the README table and plot (benchmarks/lds_table.py)
 """
 from __future__ import annotations
@@ -96,8 +96,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from bif.flows.prefect_server import prefect_api
 
     with _flow_errors("calibrate"):
-        settings = CalibrationSettings(num_subsets=args.num_subsets, num_draws=args.num_draws,
-                                       num_chains=args.num_chains, pilot_steps=args.pilot_steps)
+        extra = {k: v for k, v in {"round0_draws": args.num_draws, "budget_seconds": args.budget_seconds,
+                                   "nbeta_mults": _floats(args.nbeta_mults), "lambdas": _floats(args.lambdas),
+                                   "num_rounds": args.num_rounds}.items() if v is not None}
+        if args.quick:
+            extra = {"nbeta_mults": (1.0, 10.0), "lambdas": (0.01, 0.1), "num_rounds": 2} | extra
+        settings = CalibrationSettings(num_subsets=args.num_subsets, num_chains=args.num_chains,
+                                       pilot_steps=args.pilot_steps, target_share=args.target_share, **extra)
     from bif.flows.calibrate import run_calibration
 
     t0 = time.perf_counter()
@@ -110,10 +115,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump({"sampler": res["sampler"]}, sort_keys=False))
     if not res["healthy"]:
         print("warning: no setting passed every diagnostic; the best non-diverged one is shown", file=sys.stderr)
-    print(f"outputs: {res['output_uri']} (sampler.yaml, tradeoffs.png, scores.json)  "
+    print(f"outputs: {res['output_uri']} (sampler.yaml, search.png, scores.json)  "
           f"wall time {time.perf_counter() - t0:.1f} s")
+    r = res["recommended"]
+    print(f"pick: nbeta = {r['mult']:g} n, damping gamma/nbeta = {r['lam']:g}, step {r['frac']:.3g} of the stability "
+          f"limit, batch {r['batch_size']}; cheap LDS {r['lds']:+.3f} ± {r['lds_stderr']:.3f} "
+          f"(projected to {settings.project_draws} draws {r['lds_projected']:+.3f}); {len(res['ties'])} tied")
+    print(f"draws: {res['num_chains']} chains x {res['num_draws']} draws for {settings.target_share:.0%} of pairs with "
+          f"|BIF| > 2 MCSE (predicted {res['predicted_share']:.0%}); that run takes ~{res['run_seconds']:.0f} s here")
+    print(f"spent {res['spent_seconds']:.0f} s of a {res['budget_seconds']:.0f} s budget"
+          + (f" ({res['note']})" if res["note"] else ""))
     print(f"logs: {cfg.output.rstrip('/')}/logs/")
     return 0
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    """'1,3,10' -> (1.0, 3.0, 10.0); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        from bif.errors import ConfigError
+
+        raise ConfigError(f"expected comma-separated numbers, got {text!r} (e.g. --lambdas 0.003,0.03)") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -155,13 +180,29 @@ def register(subparsers) -> None:
     p.add_argument("--run-name", default="latest", help="results/<run-name>/ under the ground-truth folder")
     p.set_defaults(func=cmd_lds)
 
-    c = subparsers.add_parser("calibrate", help="pick step_size, nbeta and gamma (pilot + sweep + cheap LDS)",
-                              description="Writes <output>/calibration/{sampler.yaml, tradeoffs.png, scores.json}.")
+    c = subparsers.add_parser(
+        "calibrate", help="pick nbeta, gamma, step_size, batch_size and num_draws (search sized to a budget)",
+        description="Builds a cheap ground truth (subsets x 1 seed), measures the curvature at w*, and runs a "
+        "successive-halving search over nbeta/n x damping (gamma/nbeta) x batch x step fraction, scored by a "
+        "paired LDS, within the wall time of --budget-retrainings retrainings (default 300: one full 100 x 3 "
+        "ground truth). Then recommends num_draws for a target Monte-Carlo error. Writes "
+        "<output>/calibration/{sampler.yaml, search.png, scores.json}.")
     _common(c)
-    c.add_argument("--num-subsets", type=int, default=20, help="subsets of the cheap ground truth (default 20)")
-    c.add_argument("--num-draws", type=int, default=300, help="draws per chain per setting (default 300)")
-    c.add_argument("--num-chains", type=int, default=4, help="chains per setting (default 4)")
-    c.add_argument("--pilot-steps", type=int, default=200, help="SGLD steps of each pilot chain (default 200)")
+    c.add_argument("--num-subsets", type=int, default=60, help="subsets of the cheap ground truth (default 60)")
+    c.add_argument("--num-draws", type=int, default=None,
+                   help="draws per chain in round 0 (default: sized to the budget; x3 each round)")
+    c.add_argument("--num-chains", type=int, default=4, help="chains of the recommended block (default 4)")
+    c.add_argument("--pilot-steps", type=int, default=200, help="SGLD steps of the stability pilot (default 200)")
+    c.add_argument("--budget-seconds", type=float, default=None,
+                   help="wall-time budget in seconds (default: 300 x the measured time of one retraining)")
+    c.add_argument("--nbeta-mults", default=None, help="nbeta/n values of round 0 (default 1,3,10,30,100)")
+    c.add_argument("--lambdas", default=None, help="damping gamma/nbeta values of round 0 (default "
+                   "0.001,0.003,0.01,0.03,0.1)")
+    c.add_argument("--num-rounds", type=int, default=None, help="successive-halving rounds (default 3)")
+    c.add_argument("--target-share", type=float, default=0.5,
+                   help="recommend num_draws so this share of pairs has |BIF| > 2 MCSE (default 0.5)")
+    c.add_argument("--quick", action="store_true",
+                   help="a 2 x 2 grid (nbeta n, 10n; damping 0.01, 0.1) and 2 rounds: a first look")
     c.set_defaults(func=cmd_calibrate)
 
     m = subparsers.add_parser("compare", help="regenerate the README LDS table and plot on the digits example")

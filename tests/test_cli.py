@@ -235,11 +235,11 @@ def test_lds_and_calibrate_bad_settings_exit_2_with_a_message(home, logistic_cfg
 
 
 def test_calibrate_writes_a_sampler_block(home, logistic_cfg, tmp_path, s3_bucket):
-    """`bif calibrate`, writing to S3 with a marker secret that must leak nowhere (as in test_credentials)."""
+    """`bif calibrate --quick`, writing to S3 with a marker secret that must leak nowhere (as in test_credentials)."""
     from bif.config import SamplerConfig
 
-    res, work, bucket = s3_command(home, tmp_path, s3_bucket, logistic_cfg, "calibrate", "--num-subsets", "4",
-                                   "--num-draws", "20", "--num-chains", "2", "--pilot-steps", "20")
+    res, work, bucket = s3_command(home, tmp_path, s3_bucket, logistic_cfg, "calibrate", "--quick", "--num-subsets",
+                                   "6", "--num-draws", "20", "--pilot-steps", "20", "--budget-seconds", "900")
     assert res.returncode == 0, res.stdout + res.stderr
     assert_quiet(res)
     # no marker on the terminal, in Prefect's database, the bucket, local files; logs/calibrate-*.log is in the bucket
@@ -249,12 +249,19 @@ def test_calibrate_writes_a_sampler_block(home, logistic_cfg, tmp_path, s3_bucke
     block = yaml.safe_load(objects[f"{out}/sampler.yaml"])["sampler"]
     printed = yaml.safe_load(res.stdout.split("outputs:")[0])["sampler"]
     assert printed == block
-    assert {"step_size", "nbeta", "gamma", "num_chains", "num_draws"} <= set(block)
+    assert {"step_size", "nbeta", "gamma", "batch_size", "num_chains", "num_draws"} <= set(block)
     s = SamplerConfig(**block)
     scores = json.loads(objects[f"{out}/scores.json"])
     assert s.step_size == pytest.approx(scores["recommended"]["step_size"], rel=1e-3)
     assert s.nbeta == pytest.approx(scores["recommended"]["nbeta"], rel=1e-3) and s.gamma > 0
-    assert len(objects[f"{out}/tradeoffs.png"]) > 5000
+    assert s.num_draws == scores["num_draws"] and s.num_chains == 4
+    # --quick: a 2 x 2 round 0 (nbeta n, 10n x damping 0.01, 0.1) at 20 draws, then round 1 at 60
+    r0 = [r for r in scores["scores"] if r["round"] == 0]
+    assert {(r["mult"], r["lam"]) for r in r0} == {(1.0, 0.01), (1.0, 0.1), (10.0, 0.01), (10.0, 0.1)}
+    assert {r["num_draws"] for r in r0} == {20}
+    assert scores["recommended"]["round"] == 1 and scores["recommended"]["num_draws"] == 60
+    assert re.search(r"^spent \d+ s of a \d+ s budget", res.stdout, re.M), res.stdout
+    assert len(objects[f"{out}/search.png"]) > 5000
 
 
 @pytest.mark.slow  # ~60-115 s: a benchmark (retrainings, a damping grid, 4 BIF chains), even this small

@@ -1,92 +1,134 @@
-"""Choosing the SGLD settings (step size ε, nβ, γ) from diagnostics and a cheap LDS: the pure parts.
+"""Choosing the SGLD settings (nβ, γ, ε, batch, draws) on a problem never seen before: the pure parts.
 
 No Prefect, Dask, torch or fsspec here; :mod:`bif.evaluation.calibration` runs the chains and
-:mod:`bif.flows.calibrate` wires the sweep.
+:mod:`bif.flows.calibrate` wires the search.
 
-Defaults, and why (measured on the digits MLP, see README "Calibration"):
+**Theory that shapes the search.** The localized, tempered posterior around w* has covariance
+≈ (nβ·H + γ·I)⁻¹, so as nβ grows the BIF tends to the classical influence function with damping
+λ = γ/nβ (the Laplace limit). Two axes matter: λ (how much the flat directions are damped) and
+nβ/n (how far from the Laplace limit). The SGLD drift ε/2·(nβ·H + γ) is stable iff
+ε < 4 / (nβ·(λ_max + λ)) with λ_max the top Hessian eigenvalue of L_n at w*
+(:func:`step_limit`), so one curvature estimate fixes ε for every (nβ, λ) as a fraction of that
+limit; the mixing time in steps, ≈ (λ_max + λ)/(λ_min + λ), does not depend on nβ, so a larger
+nβ is nearly free while a smaller λ costs mixing. Full batch is used whenever its step costs at
+most ``full_batch_max_cost`` times a minibatch step (minibatch noise grows with nβ).
 
-- **nβ = n** (β = 1, the untempered posterior). The localized posterior's covariance is
-  ≈ (nβ·H + γ·I)⁻¹, so the BIF behaves like a classical influence function with damping
-  γ / nβ; keeping γ as a multiple of nβ keeps that damping fixed as n grows.
-- **γ = 0.1·nβ** (damping 0.1 per unit of mean-loss curvature).
-- **ε·nβ ≈ const**: the drift ε/2·(nβ·∇²L + γ) must stay below 2 in its largest
-  eigen-direction, so the largest stable step shrinks like 1/nβ. The pilot
-  (:func:`largest_stable`) finds it; the sweep then tries fractions of it.
+**Search** (:func:`plan_round`, :func:`survivors`): successive halving. Round 0 scores every
+(nβ/n, λ) of a coarse grid on short chains; each later round keeps the best third by LDS
+(at least 2), adds the batch / step-fraction variants of the leader, and triples the draws.
+Its cost is predicted from the measured seconds per chain step and sized to the budget
+(300 retrainings, i.e. one full ground-truth build, by default).
 
-Scoring. A setting is *healthy* when no chain diverged, the worst loss-trace R-hat is at
-most ``rhat_max``, the median bulk ESS is at least ``ess_min``, and the distance from w*
-has stopped growing (the mean distance of the last quarter of draws is at most
-``drift_max`` times that of the second quarter). Among healthy settings the one with the
-best LDS against the cheap ground truth wins; if none is healthy, the non-diverged one
-with the best LDS is returned, flagged unhealthy.
+**Scoring** (:func:`paired`, :func:`pick`). Each setting's per-query LDS against a cheap ground
+truth (many subsets, one seed, independent of the evaluation subsets); two settings are
+compared by the paired difference of their per-query LDS, whose standard error is far smaller
+than either LDS's. Within ``tie_se`` paired SEs of the best, a setting ties; ties go to the
+healthiest (R-hat, ESS), then the larger λ, then the cheaper one.
+
+**Draw budget** (:func:`draws_for_share`). With the Monte-Carlo standard error of every BIF
+pair from the winner's traces (batch means, :func:`bif.quality.diagnostics.bif_mcse`), MCSE
+scales as 1/√draws, so pair p passes |BIF_p| > 2·MCSE_p from D_p = D·(2·MCSE_p/|BIF_p|)²
+draws on (|BIF_p| debiased as √max(BIF² - MCSE², 0)); the recommended draws are the ``target_share``
+quantile of D_p.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from bif.config import RHAT_THRESHOLD
 
-#: γ as a multiple of nβ (the damping γ / nβ the BIF implicitly applies).
+#: nβ / n of round 0 (and of the grid the benchmark scores).
+NBETA_MULTS = (1.0, 10.0, 100.0)
+#: Damping λ = γ/nβ of round 0.
+LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3)
+#: Step sizes as fractions of the stability limit 4 / (nβ·(λ_max + λ)).
+STEP_FRACTIONS = (0.15, 0.05)
+#: Defaults when you do not calibrate: nβ = n, γ = 0.1·nβ.
 DEFAULT_GAMMA_PER_NBETA = 0.1
-#: Fractions of the largest stable step size that the sweep tries.
-STEP_FRACTIONS = (0.5, 0.15)
-#: Damping multiples γ / nβ that the sweep tries.
-GAMMA_PER_NBETA = (0.03, 0.1, 0.3)
 
 
 def default_nbeta(n_train: int) -> float:
-    """nβ = n (β = 1); see the module docstring."""
+    """nβ = n (β = 1), the uncalibrated default."""
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1, got {n_train}")
     return float(n_train)
 
 
 def default_gamma(nbeta: float) -> float:
-    """γ = 0.1·nβ."""
+    """γ = 0.1·nβ, the uncalibrated default."""
     return DEFAULT_GAMMA_PER_NBETA * nbeta
 
 
-def pilot_step_sizes(nbeta: float, *, top: float = 10.0, factor: float = 3.0, num: int = 8) -> list[float]:
-    """Candidate step sizes for the pilot, descending geometrically from ``top``/nβ by ``factor``."""
-    return [top / nbeta / factor**k for k in range(num)]
+def step_limit(lambda_max: float, nbeta: float, lam: float) -> float:
+    """Largest stable SGLD step of the drift ε/2·(nβ·H + γ) on a quadratic: 4 / (nβ·(λ_max + λ)), λ = γ/nβ."""
+    if nbeta <= 0:
+        raise ValueError(f"nbeta must be > 0, got {nbeta}")
+    denom = nbeta * (max(lambda_max, 0.0) + lam)
+    if denom <= 0:
+        raise ValueError("lambda_max + lambda must be > 0 (a flat loss needs gamma > 0)")
+    return 4.0 / denom
 
 
-def largest_stable(results: Mapping[float, bool]) -> float:
-    """The largest step size whose pilot stayed stable, such that every smaller tried one was stable too.
+@dataclass(frozen=True)
+class Candidate:
+    """One sampler setting: nβ = mult·n, γ = λ·nβ, ε = frac·step_limit, minibatch ``batch`` (0 = full)."""
 
-    ``results`` maps step size -> stable. Raises ValueError when even the smallest diverged.
-    """
-    best = None
-    for eps in sorted(results):
-        if not results[eps]:
-            break
-        best = eps
-    if best is None:
-        raise ValueError(f"every pilot step size diverged (smallest {min(results):.3g}); "
-                         "lower the candidates or raise gamma")
-    return best
+    mult: float
+    lam: float
+    batch: int = 0
+    frac: float = STEP_FRACTIONS[0]
+
+    def key(self) -> str:
+        return f"nb{self.mult:g}n_lam{self.lam:g}_b{self.batch or 'full'}_f{self.frac:g}"
+
+    def sampler_values(self, n_train: int, lambda_max: float) -> dict[str, float | int]:
+        """``nbeta``, ``gamma``, ``step_size``, ``batch_size`` for a SamplerConfig."""
+        nbeta = self.mult * n_train
+        return {"nbeta": nbeta, "gamma": self.lam * nbeta,
+                "step_size": self.frac * step_limit(lambda_max, nbeta, self.lam),
+                "batch_size": n_train if self.batch in (0, None) or self.batch >= n_train else int(self.batch)}
 
 
 @dataclass(frozen=True)
 class SettingScore:
-    """Diagnostics and LDS of one (step_size, nbeta, gamma) setting."""
+    """Diagnostics and LDS of one setting at one draw count (one round of the search)."""
 
     step_size: float
     nbeta: float
     gamma: float
     diverged: bool
+    batch_size: int = 0
+    mult: float = math.nan
+    lam: float = math.nan
+    frac: float = math.nan
+    round: int = 0
+    num_chains: int = 0
+    num_draws: int = 0
     max_rhat: float = math.nan
     median_ess_bulk: float = math.nan
     distance_mean: float = math.nan  # mean ||w - w*|| over all draws and chains
     drift_ratio: float = math.nan  # mean distance of the last quarter / of the second quarter of draws
     lds: float = math.nan
     lds_stderr: float = math.nan
+    lds_projected: float = math.nan  # LDS projected to CalibrationSettings.project_draws (projected_lds)
     seconds: float = math.nan
+    seconds_per_step: float = math.nan  # wall seconds per chain step (sampling + its share of evaluation)
+    draws_for_target: float = math.nan  # draws per chain for the target share of |BIF| > 2 MCSE
+    share_now: float = math.nan  # share of pairs with |BIF| > 2 MCSE at num_draws
+    draws_curve: tuple[float, ...] = field(default=(), repr=False)  # draws per chain for each of CURVE_SHARES
+    per_query: tuple[float, ...] = field(default=(), repr=False)  # LDS per query (cheap ground truth)
+    per_query_projected: tuple[float, ...] = field(default=(), repr=False)  # the same, projected
+
+    def metric(self, projected: bool) -> tuple[float, tuple[float, ...]]:
+        """(LDS, per-query LDS) used for ranking: the projected ones when asked and available."""
+        if projected and math.isfinite(self.lds_projected) and self.per_query_projected:
+            return self.lds_projected, self.per_query_projected
+        return self.lds, self.per_query
 
 
 def drift_ratio(distance: np.ndarray) -> float:
@@ -104,55 +146,227 @@ def is_healthy(s: SettingScore, *, rhat_max: float = RHAT_THRESHOLD, ess_min: fl
             and (math.isnan(s.drift_ratio) or s.drift_ratio <= drift_max))
 
 
-def recommend(scores: Sequence[SettingScore], **thresholds: float) -> tuple[SettingScore, bool]:
-    """The best setting and whether it is healthy (see the module docstring for the rule)."""
-    live = [s for s in scores if not s.diverged]
+def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-query LDS difference a - b over queries where both are finite.
+
+    The paired SE is sd(a_q - b_q)/√Q; it is much smaller than either LDS's SE when the two
+    settings err on the same queries. (nan, nan) with fewer than 2 common queries.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"per-query LDS of different lengths: {x.shape} and {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return math.nan, math.nan
+    d = x[ok] - y[ok]
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(ok.sum()))
+
+
+def _robustness(s: SettingScore, rhat_max: float, ess_min: float, drift_max: float) -> tuple:
+    """Tie-break key, larger is better: healthy, then larger λ, then cheaper per step."""
+    return (is_healthy(s, rhat_max=rhat_max, ess_min=ess_min, drift_max=drift_max),
+            -np.inf if math.isnan(s.lam) else s.lam, -(s.seconds_per_step if math.isfinite(s.seconds_per_step) else 0.0))
+
+
+def pick(scores: Sequence[SettingScore], *, tie_se: float = 1.0, rhat_max: float = RHAT_THRESHOLD,
+         ess_min: float = 50.0, drift_max: float = 1.5, projected: bool = False
+         ) -> tuple[SettingScore, list[SettingScore]]:
+    """The winner among ``scores`` (one round) and the settings that tie with the best.
+
+    The best is the non-diverged setting with the highest LDS (the projected LDS with ``projected``,
+    where known). A setting ties when its paired difference to the best is within ``tie_se`` paired
+    SEs. Among ties the most robust wins (:func:`_robustness`: healthy, larger λ, cheaper). Raises
+    ValueError when every setting diverged.
+    """
+    live = [s for s in scores if not s.diverged and math.isfinite(s.metric(projected)[0])]
     if not live:
-        raise ValueError("every calibration setting diverged; lower step_size or raise gamma")
-    healthy = [s for s in live if is_healthy(s, **thresholds)]
-    pool = healthy or live
-    key = (lambda s: (-np.inf if math.isnan(s.lds) else s.lds, -s.max_rhat))
-    return max(pool, key=key), bool(healthy)
+        raise ValueError("every calibration setting diverged (or gave no LDS); lower the step fraction or raise gamma")
+    best = max(live, key=lambda s: s.metric(projected)[0])
+    top, top_q = best.metric(projected)
+    ties = []
+    for s in live:
+        if s is best:
+            ties.append(s)
+            continue
+        val, q = s.metric(projected)
+        diff, se = paired(top_q, q) if top_q and q else (top - val, 0.0)
+        if math.isfinite(diff) and diff <= tie_se * (se if math.isfinite(se) else 0.0):
+            ties.append(s)
+    winner = max(ties, key=lambda s: _robustness(s, rhat_max, ess_min, drift_max))
+    return winner, ties
 
 
-def grid(largest_stable_step: float, nbeta: float, *, step_fractions: Iterable[float] = STEP_FRACTIONS,
-         gamma_per_nbeta: Iterable[float] = GAMMA_PER_NBETA) -> list[tuple[float, float, float]]:
-    """(step_size, nbeta, gamma) points of the sweep around the pilot's largest stable step."""
-    return [(largest_stable_step * f, nbeta, g * nbeta) for f in step_fractions for g in gamma_per_nbeta]
+def survivors(scores: Sequence[SettingScore], *, keep: float = 1 / 3, minimum: int = 2,
+              projected: bool = False) -> list[SettingScore]:
+    """The best ``keep`` share by LDS (projected with ``projected``; at least ``minimum``) of the live settings."""
+    live = sorted((s for s in scores if not s.diverged and math.isfinite(s.metric(projected)[0])),
+                  key=lambda s: -s.metric(projected)[0])
+    return live[:max(minimum, math.ceil(keep * len(live)))]
 
 
-def sampler_block(base: Mapping[str, Any], best: SettingScore) -> dict[str, Any]:
-    """The ``sampler:`` mapping to put in a config: ``base`` with ε, nβ and γ replaced."""
-    return {**dict(base), "step_size": float(f"{best.step_size:.4g}"), "nbeta": float(f"{best.nbeta:.6g}"),
-            "gamma": float(f"{best.gamma:.4g}")}
+def variants(c: Candidate, *, minibatch: int | None, fractions: Iterable[float] = STEP_FRACTIONS) -> list[Candidate]:
+    """The batch / step-fraction neighbours of ``c``: the other fractions, and ``minibatch`` if given."""
+    out = [replace(c, frac=f) for f in fractions if f != c.frac]
+    if minibatch:
+        out += [replace(c, batch=minibatch, frac=f) for f in fractions]
+    return [v for v in out if v != c]
+
+
+def chain_steps(num_draws: int, *, burnin: int, steps_per_draw: int) -> int:
+    """SGLD steps of one chain."""
+    return burnin + num_draws * steps_per_draw
+
+
+def round_draws(remaining_s: float, num_settings: int, *, num_chains: int, seconds_per_step: float, burnin: int,
+                steps_per_draw: int, parallelism: int, lo: int = 40, hi: int = 2000) -> int:
+    """Draws per chain so that ``num_settings`` settings of ``num_chains`` chains fit in ``remaining_s`` seconds.
+
+    The wall time of a round is Σ chains x steps x seconds_per_step / parallelism; the result is
+    clipped to [lo, hi] (``lo`` may overrun a tiny budget; the flow then stops after the round).
+    """
+    if num_settings < 1:
+        return lo
+    per_chain = remaining_s * parallelism / (num_settings * num_chains * max(seconds_per_step, 1e-9))
+    draws = (per_chain - burnin) / steps_per_draw
+    return int(min(max(draws, lo), hi))
+
+
+def draws_for_share(bif: np.ndarray, mcse: np.ndarray, num_draws: int, *, target_share: float) -> float:
+    """Draws (in the units of ``num_draws``) at which a ``target_share`` of the pairs have |BIF| > 2·MCSE.
+
+    MCSE ∝ 1/√draws, so pair p passes from D_p = num_draws·(2·MCSE_p/|BIF_p|)² on, with |BIF_p|
+    debiased for its own noise (:func:`_debiased`); the answer is
+    the ``target_share`` quantile of D_p over pairs with MCSE > 0 (a pair with BIF = 0 never passes:
+    D_p = inf). ``inf`` when fewer than ``target_share`` of the pairs can ever pass.
+    """
+    if not 0.0 < target_share < 1.0:
+        raise ValueError(f"target_share must lie in (0, 1), got {target_share}")
+    b, m = _debiased(bif, mcse)
+    ok = np.isfinite(b) & np.isfinite(m) & (m > 0)
+    if not ok.any():
+        return math.nan
+    with np.errstate(divide="ignore"):
+        need = np.where(b[ok] > 0, num_draws * (2.0 * m[ok] / np.where(b[ok] > 0, b[ok], 1.0)) ** 2, np.inf)
+    return float(np.quantile(need, target_share, method="inverted_cdf"))  # no interpolation with inf
+
+
+def _debiased(bif: np.ndarray, mcse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(|BIF| with its noise removed, √max(BIF² - MCSE², 0), and MCSE), flattened.
+
+    An estimated |BIF| is inflated by its own noise (E BIF̂² = BIF² + MCSE²); without this, pairs
+    with a true BIF near 0 would look as if they passed soon, and the draws would be underestimated
+    (measured on digits n = 200: a 0.5 target predicted from 2 x 630 draws gave 0.26 at 4 x 1507).
+    """
+    b, m = np.asarray(bif, np.float64).ravel(), np.asarray(mcse, np.float64).ravel()
+    return np.sqrt(np.maximum(b * b - m * m, 0.0)), m
+
+
+def share_at(bif: np.ndarray, mcse: np.ndarray, num_draws: int, draws: float) -> float:
+    """Share of pairs (MCSE > 0) with |BIF| > 2·MCSE after ``draws`` draws (MCSE ∝ 1/√draws).
+
+    At ``draws == num_draws`` the observed share; otherwise predicted from the debiased |BIF|
+    (:func:`_debiased`).
+    """
+    if draws == num_draws:
+        b, m = np.abs(np.asarray(bif, np.float64)).ravel(), np.asarray(mcse, np.float64).ravel()
+    else:
+        b, m = _debiased(bif, mcse)
+    ok = np.isfinite(b) & np.isfinite(m) & (m > 0)
+    if not ok.any():
+        return math.nan
+    return float(np.mean(b[ok] > 2.0 * m[ok] * math.sqrt(num_draws / draws)))
+
+
+def projected_lds(tau_a: np.ndarray, tau_b: np.ndarray, masks: np.ndarray, per_query: Sequence[float], *,
+                  factor: float) -> np.ndarray:
+    """Per-query LDS projected to ``factor`` times the draws, from two independent halves of the chains.
+
+    τ_a, τ_b (n_train, n_query) come from disjoint chains; the datamodel predictions g = masks·τ of
+    their average carry Monte-Carlo noise of variance N_q = var_m(g_a - g_b)/4 against a total variance
+    V_q, so the reliability is r = S/(S + N) with S = V - N. A correlation shrinks like √r under
+    independent noise (Spearman's attenuation); with ``factor`` x the draws N shrinks by ``factor``, so
+
+        LDS_q(factor) = LDS_q · √(r(factor) / r),   r(factor) = S / (S + N / factor),
+
+    clipped to [-1, 1]. Queries without signal (S <= 0) keep their observed value. An approximation
+    (Pearson attenuation applied to a rank correlation) used to compare settings run with few draws.
+    """
+    m = np.asarray(masks, dtype=np.float64)
+    ga, gb = m @ np.asarray(tau_a, np.float64), m @ np.asarray(tau_b, np.float64)  # (M, Q)
+    noise = np.var(ga - gb, axis=0, ddof=1) / 4.0
+    total = np.var((ga + gb) / 2.0, axis=0, ddof=1)
+    signal = total - noise
+    lq = np.asarray(per_query, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(signal > 0, (signal + noise) / (signal + noise / factor), 1.0)
+    return np.clip(lq * np.sqrt(ratio), -1.0, 1.0)
+
+
+#: Shares at which :func:`bif.evaluation.calibration.evaluate_setting` records the draws needed.
+CURVE_SHARES = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def share_from_curve(curve: Sequence[float], draws: float) -> float:
+    """Share of pairs with |BIF| > 2 MCSE after ``draws`` draws per chain, from (CURVE_SHARES, draws needed)."""
+    if not curve:
+        return math.nan
+    passed = [q for q, d in zip(CURVE_SHARES, curve) if math.isfinite(d) and d <= draws]
+    return max(passed, default=0.0)
+
+
+def sampler_block(base: Mapping[str, Any], best: SettingScore, *, num_draws: int | None = None,
+                  num_chains: int | None = None, burnin: int | None = None, steps_per_draw: int | None = None
+                  ) -> dict[str, Any]:
+    """The ``sampler:`` mapping to put in a config: ``base`` with the calibrated values replaced."""
+    out = {**dict(base), "step_size": float(f"{best.step_size:.4g}"), "nbeta": float(f"{best.nbeta:.6g}"),
+           "gamma": float(f"{best.gamma:.4g}")}
+    if best.batch_size:
+        out["batch_size"] = int(best.batch_size)
+    for k, v in (("num_draws", num_draws), ("num_chains", num_chains), ("num_burnin_steps", burnin),
+                 ("steps_per_draw", steps_per_draw)):
+        if v is not None:
+            out[k] = int(v)
+    return out
 
 
 def as_records(scores: Iterable[SettingScore]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in scores]
+    """JSON-able rows (per-query LDS included)."""
+    return [asdict(s) | {"per_query": list(s.per_query)} for s in scores]
 
 
-def plot_tradeoffs(scores: Sequence[SettingScore], best: SettingScore, path: str) -> None:
-    """Two panels: LDS and worst R-hat against step size, one line per γ; diverged settings as ×."""
+def plot_search(scores: Sequence[SettingScore], best: SettingScore, path: str) -> None:
+    """Left: LDS heat map over λ x nβ/n (round 0, full batch; the pick circled). Right: LDS by round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for g in sorted({s.gamma for s in scores}):
-        pts = sorted((s for s in scores if s.gamma == g and not s.diverged), key=lambda s: s.step_size)
-        if pts:
-            xs = [s.step_size for s in pts]
-            a1.plot(xs, [s.lds for s in pts], marker="o", label=f"γ={g:.3g}")
-            a2.plot(xs, [s.max_rhat for s in pts], marker="o", label=f"γ={g:.3g}")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    r0 = [s for s in scores if s.round == 0]
+    mults = sorted({s.mult for s in r0})
+    lams = sorted({s.lam for s in r0})
+    grid = np.full((len(mults), len(lams)), np.nan)
+    for s in r0:
+        if not s.diverged:
+            grid[mults.index(s.mult), lams.index(s.lam)] = s.lds
+    im = a1.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    a1.set_xticks(range(len(lams)), [f"{v:g}" for v in lams])
+    a1.set_yticks(range(len(mults)), [f"{v:g}" for v in mults])
+    for i in range(len(mults)):
+        for j in range(len(lams)):
+            a1.text(j, i, "div" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center",
+                    fontsize=7, color="white")
+    if best.mult in mults and best.lam in lams:
+        a1.scatter([lams.index(best.lam)], [mults.index(best.mult)], s=500, facecolors="none", edgecolors="red",
+                   linewidths=2)
+    a1.set(xlabel="damping λ = γ / nβ", ylabel="nβ / n", title="round 0 LDS (cheap ground truth)")
+    fig.colorbar(im, ax=a1, fraction=0.046)
     for s in scores:
-        if s.diverged:
-            a1.scatter([s.step_size], [0.0], marker="x", color="red")
-    a1.scatter([best.step_size], [best.lds], s=160, facecolors="none", edgecolors="black", label="recommended")
-    a1.set(xscale="log", xlabel="step size ε", ylabel="LDS (cheap ground truth)", title="LDS (× = diverged)")
-    a2.axhline(1.1, color="grey", ls="--")
-    a2.set(xscale="log", xlabel="step size ε", ylabel="max R-hat of loss traces", title="Convergence")
-    a1.legend(fontsize=7)
+        if not s.diverged:
+            a2.scatter([s.round], [s.lds], color="tab:blue", alpha=0.6)
+    a2.scatter([best.round], [best.lds], s=200, facecolors="none", edgecolors="red", linewidths=2, label="pick")
+    a2.set(xlabel="round (draws x3 each)", ylabel="LDS (cheap ground truth)", title="successive halving")
+    a2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

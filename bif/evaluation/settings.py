@@ -68,21 +68,48 @@ class LDSSettings(BaseModel):
 
 
 class CalibrationSettings(BaseModel):
-    """The ``bif calibrate`` sweep: a pilot for the largest stable step, then a small grid scored on LDS."""
+    """The ``bif calibrate`` search (:mod:`bif.evaluation.calibrate`): a cheap ground truth, a curvature probe,
+    successive halving over (nβ/n, λ, batch, step fraction) sized to a budget, and a draw budget."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_subsets: int = Field(20, ge=2, description="Subsets of the cheap LDS ground truth.")
+    num_subsets: int = Field(60, ge=2, description="Subsets of the cheap LDS ground truth (one seed each by default).")
     num_seeds: int = Field(1, ge=1, description="Retraining seeds per subset of the cheap ground truth.")
     alpha: float = Field(0.5, gt=0, lt=1, description="Fraction of the training set in each subset.")
-    seed: int = Field(0, ge=0, description="Root seed of subsets and retraining seeds.")
-    nbeta: float | None = Field(None, gt=0, description="nβ of the sweep; None: bif.evaluation.calibrate.default_nbeta(n).")
-    step_sizes: tuple[float, ...] | None = Field(
-        None, description="Explicit step sizes to sweep; None: fractions of the pilot's largest stable step.")
-    gammas: tuple[float, ...] | None = Field(None, description="Explicit gammas; None: (0.03, 0.1, 0.3)·nβ.")
-    pilot_steps: int = Field(200, ge=10, description="SGLD steps of each pilot chain.")
-    num_chains: int = Field(4, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
-    num_draws: int = Field(300, ge=8, description="Draws per chain per evaluated setting.")
+    seed: int = Field(1, ge=0, description="Root seed of the cheap ground truth's subsets and retrainings (1: "
+                      "independent of `bif lds`'s default seed 0, so a later `bif lds` does not score the "
+                      "calibrator on the subsets it was tuned on).")
+    budget_retrainings: float = Field(
+        300.0, gt=0, description="Budget in retrainings: the search stops planning new rounds once its wall time "
+        "passes this many times the measured wall time per retraining (300 = one full 100 x 3 ground truth).")
+    budget_seconds: float | None = Field(None, gt=0, description="Explicit budget in wall seconds (overrides "
+                                         "budget_retrainings).")
+    nbeta_mults: tuple[float, ...] = Field((1.0, 10.0, 100.0), min_length=1,
+                                           description="nβ / n of round 0.")
+    lambdas: tuple[float, ...] = Field((0.003, 0.01, 0.03, 0.1, 0.3), min_length=1,
+                                       description="Damping λ = γ / nβ of round 0.")
+    step_fractions: tuple[float, ...] = Field((0.15, 0.05), min_length=1, description=(
+        "Step sizes as fractions of the stability limit 4 / (nβ (λ_max + λ)); round 0 uses the first."))
+    minibatch: int = Field(64, ge=1, description="Minibatch size tried besides the full batch (capped at n / 2).")
+    full_batch_max_cost: float = Field(2.0, gt=0, description=(
+        "Use the full batch in round 0 when its step costs at most this many minibatch steps; else the minibatch."))
+    num_rounds: int = Field(3, ge=1, description="Rounds of successive halving (the draws triple each round).")
+    keep: float = Field(1 / 3, gt=0, le=1, description="Share of settings kept after each round.")
+    round0_draws: int | None = Field(None, ge=8, description="Draws per chain in round 0; None: sized to the budget.")
+    max_draws: int = Field(2000, ge=8, description="Most draws per chain of any round.")
+    search_chains: int = Field(2, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
+    num_chains: int = Field(4, ge=2, description="Chains in the recommended sampler block (R-hat needs >= 2).")
+    project_draws: int | None = Field(
+        4000, ge=2, description="Rank settings by their LDS projected to this many draws in all (chains x draws; "
+        "bif.evaluation.calibrate.projected_lds, from the two halves of the chains), so short search chains do "
+        "not penalize settings that are noisy but win with the draws a real run uses. None: the observed LDS.")
+    tie_se: float = Field(1.0, ge=0, description="Settings within this many paired SEs of the best tie; ties go "
+                          "to the healthiest, then the larger λ, then the cheaper one.")
+    target_share: float = Field(0.5, gt=0, lt=1, description=(
+        "Draw budget: recommend num_draws so that this share of the (train, query) pairs has |BIF| > 2 MCSE "
+        "(batch-means MCSE from the winner's traces, scaled as 1/sqrt(draws))."))
+    max_num_draws: int = Field(4000, ge=8, description="Cap on the recommended num_draws per chain.")
+    pilot_steps: int = Field(200, ge=10, description="SGLD steps of the stability pilot at the largest nβ.")
     rhat_max: float = Field(RHAT_THRESHOLD, gt=1, description="Largest acceptable R-hat of any loss trace.")
-    ess_min: float = Field(50.0, gt=0, description="Smallest acceptable median bulk ESS.")
+    ess_min: float = Field(20.0, gt=0, description="Smallest acceptable median bulk ESS.")
     drift_max: float = Field(1.5, gt=1, description="Largest acceptable growth of the distance from w*.")
