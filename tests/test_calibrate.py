@@ -128,6 +128,11 @@ def test_draw_budget_matches_the_known_mcse_of_an_ar1_trace():
     z = np.concatenate([bif, np.zeros_like(bif)], axis=1)
     m = np.concatenate([mcse, mcse], axis=1)
     assert C.draws_for_share(z, m, draws, target_share=0.75) == math.inf
+    # an unreachable (inf) or undefined (NaN) target recommends the cap, never crashes (digits n = 800 did)
+    assert C.recommended_draws(math.inf, num_chains=4, max_num_draws=4000) == 4000
+    assert C.recommended_draws(math.nan, num_chains=4, max_num_draws=4000) == 4000
+    assert C.recommended_draws(6001.0, num_chains=4, max_num_draws=4000) == 1501
+    assert C.recommended_draws(40.0, num_chains=4, max_num_draws=4000) == 100
     assert C.share_from_curve(tuple(np.full(19, 50.0)), 60) == 0.95 and C.share_from_curve((), 1) != 0.0
     with pytest.raises(ValueError, match="target_share"):
         C.draws_for_share(bif, mcse, draws, target_share=1.0)

@@ -231,6 +231,17 @@ def round_draws(remaining_s: float, num_settings: int, *, num_chains: int, secon
     return int(min(max(draws, lo), hi))
 
 
+def recommended_draws(total_draws: float, *, num_chains: int, max_num_draws: int, min_num_draws: int = 100) -> int:
+    """Draws per chain for ``total_draws`` over ``num_chains`` chains, within [min_num_draws, max_num_draws].
+
+    ``total_draws`` is inf (the target share is never reached) or NaN (no pair with MCSE > 0):
+    then ``max_num_draws``, the most the calibrator recommends.
+    """
+    if not math.isfinite(total_draws):
+        return int(max_num_draws)
+    return int(min(max(math.ceil(total_draws / num_chains), min_num_draws), max_num_draws))
+
+
 def draws_for_share(bif: np.ndarray, mcse: np.ndarray, num_draws: int, *, target_share: float) -> float:
     """Draws (in the units of ``num_draws``) at which a ``target_share`` of the pairs have |BIF| > 2·MCSE.
 

@@ -351,7 +351,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
                         projected=bool(st.project_draws))
     healthy = C.is_healthy(best, rhat_max=st.rhat_max, ess_min=st.ess_min, drift_max=st.drift_max)
     total = best.draws_for_target * best.num_chains if math.isfinite(best.draws_for_target) else math.inf
-    num_draws = int(min(max(math.ceil(total / st.num_chains), 100), st.max_num_draws))
+    num_draws = C.recommended_draws(total, num_chains=st.num_chains, max_num_draws=st.max_num_draws)
     if not math.isfinite(total) or total / st.num_chains > st.max_num_draws:
         note += ("; " if note else "") + (f"the target share {st.target_share:g} of |BIF| > 2 MCSE is not reached "
                                           f"within {st.max_num_draws} draws per chain")
