@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Modules every worker imports while the cluster boots, not in its first task.
+#: distributed's default ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_``.
+_DASK_MALLOC_TRIM = 65536
 DEFAULT_PRELOAD = ("bif.flows.runtime", "bif.tasks.pipeline", "bif.tasks.steps")
 #: Set in worker processes (and this one) when logs should stay off the terminal.
 _QUIET_ENV = "BIF_QUIET_TERMINAL"
@@ -145,6 +147,12 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     # core in each worker; torch steps after it ran 10-30x slower (bif.quality.diagnostics). Cap it,
     # and let idle OpenMP threads sleep instead of spinning.
     environ |= {"NUMBA_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+    # distributed's nanny also writes its pre-spawn environ into *this* process's os.environ
+    # (WorkerProcess.start: os.environ.update), so a plain LocalCluster started earlier in the
+    # process (a notebook's, a test's) leaves Dask's value behind, and every later worker would
+    # inherit it from us. Drop exactly that leaked value; a value the user chose is kept.
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(_DASK_MALLOC_TRIM):
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
     if not _VERBOSE:
         _quiet_this_process()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(**kwargs) as cluster:

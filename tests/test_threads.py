@@ -30,10 +30,14 @@ def _worker_threads() -> dict:
     return env | {"numba_threads": numba.get_num_threads(), "rhat_finite": bool(np.isfinite(out["rhat"]).all())}
 
 
-def test_runtime_workers_cap_numba_and_let_openmp_threads_sleep():
+def test_runtime_workers_cap_numba_and_let_openmp_threads_sleep(monkeypatch):
     from distributed import Client
 
     from bif.flows.runtime import dask_cluster
+
+    # what a plain LocalCluster started earlier in this process leaves in os.environ (distributed's
+    # nanny writes its pre-spawn environ into the parent): our workers must not inherit it
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
 
     with dask_cluster(ComputeConfig(n_workers=1, threads_per_worker=1), num_tasks=1) as cluster, \
             Client(cluster.address) as client:
