@@ -144,7 +144,7 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
                if k != "MALLOC_TRIM_THRESHOLD_"}
     environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     # numba (the diagnostics' ArviZ backend) would start an OpenMP pool of one spinning thread per
-    # core in each worker; torch steps after it ran 10-30x slower (bif.quality.diagnostics). Cap it,
+    # core in each worker; torch steps after it ran 5-35x slower (bif.quality.diagnostics). Cap it,
     # and let idle OpenMP threads sleep instead of spinning.
     environ |= {"NUMBA_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
     # distributed's nanny also writes its pre-spawn environ into *this* process's os.environ

@@ -1,7 +1,7 @@
 """Thread pools that share a process with torch: numba's (the diagnostics' ArviZ backend) is capped.
 
 numba's default OpenMP pool (one spinning thread per core) made later torch SGLD steps in the
-same process 10-30x slower (``python -m benchmarks.numba_torch``). Dask workers started by
+same process 5-35x slower when every core was busy (``python -m benchmarks.numba_torch``). Dask workers started by
 :mod:`bif.flows.runtime` get ``NUMBA_NUM_THREADS = threads_per_worker`` and
 ``OMP_WAIT_POLICY=PASSIVE``; in any other process :func:`bif.quality.diagnostics.rhat_ess`
 caps numba at one thread unless ``NUMBA_NUM_THREADS`` is set.

@@ -37,8 +37,9 @@ independent Gaussian x, y with correlation rho it estimates sqrt((1 + rho²) / N
 
 **numba and torch in one process.** numba's default OpenMP threading layer starts its own
 thread pool (one thread per core), whose idle threads spin. Torch steps taken later in the same
-process then ran 10-30x slower here (digits SGLD: 13 -> 365 ms a draw after one
-:func:`rhat_ess` call, with ``OMP_NUM_THREADS=1`` as in a Dask worker). That hits every worker
+process then ran slower whenever every core was busy: 4.9x with one such process per core on a
+quiet 2-core machine (digits SGLD after one :func:`rhat_ess` call, ``OMP_NUM_THREADS=1`` as in
+a Dask worker), 14-35x on a machine loaded by other jobs. That hits every worker
 that diagnoses a run and then samples the next (a backfill on one cluster, a calibration sweep,
 a kept cluster). :func:`limit_numba_threads` sets ``NUMBA_NUM_THREADS`` before numba loads: 1
 unless set; Dask workers get ``compute.threads_per_worker`` and ``OMP_WAIT_POLICY=PASSIVE``
