@@ -164,19 +164,30 @@ def _calibrate(config: dict[str, Any], cfg: RunConfig, st: CalibrationSettings, 
         cfg.problem, cfg.problem_args, cfg.checkpoint), cfg.sampler, gt, st, budget_seconds=budget,
         spent_seconds=time.perf_counter() - t_start, parallelism=parallelism, map_fn=map_fn,
         probe_result=probe.result(), log=lambda m: print(m))  # print at call time: the flow logs it
-    b = res.best
-    block = C.sampler_block(cfg.sampler.model_dump(mode="json"), b, num_draws=res.num_draws,
+    block = C.sampler_block(cfg.sampler.model_dump(mode="json"), res.best, num_draws=res.num_draws,
                             num_chains=res.num_chains)
     for s in sorted(res.scores, key=lambda s: (s.round, -s.lds if np.isfinite(s.lds) else 0.0)):
         print(f"  round {s.round} nβ={s.mult:g}n λ={s.lam:g} batch={s.batch_size} frac={s.frac:.3g}: "
               + ("DIVERGED" if s.diverged else f"LDS {s.lds:+.3f} R-hat {s.max_rhat:.3f} ESS {s.median_ess_bulk:.0f}"))
-    print(f"pick: nβ = {b.mult:g}n = {b.nbeta:.4g}, λ = {b.lam:g} (γ = {b.gamma:.4g}), ε = {b.step_size:.3g}, "
-          f"batch {b.batch_size}; cheap LDS {b.lds:+.3f} ± {b.lds_stderr:.3f} ({len(res.ties)} tied)")
-    print(f"draws: {res.num_chains} chains x {res.num_draws} draws for {st.target_share:.0%} of pairs with "
-          f"|BIF| > 2 MCSE (predicted {res.predicted_share:.0%}); that run takes ~{res.run_seconds:.0f} s here")
-    print(f"spent {time.perf_counter() - t_start:.0f} s of a {budget:.0f} s budget" + (f" ({res.note})" if res.note else ""))
-    return _write_outputs(cfg, st, res, block, {"seconds_per_retraining": per_retrain,
-                                                "total_seconds": time.perf_counter() - t_start}, opts)
+    out = _write_outputs(cfg, st, res, block, {"seconds_per_retraining": per_retrain,
+                                               "total_seconds": time.perf_counter() - t_start}, opts)
+    for line in summary_lines(out, st):
+        print(line)
+    return out
+
+
+def summary_lines(result: dict[str, Any], st: CalibrationSettings) -> list[str]:
+    """The pick, the draw budget and the time spent, from the flow's result (the flow's log and ``bif calibrate``)."""
+    r = result["recommended"]
+    return [f"pick: nbeta = {r['mult']:g} n = {r['nbeta']:.4g}, damping gamma/nbeta = {r['lam']:g} "
+            f"(gamma = {r['gamma']:.4g}), step {r['frac']:.3g} of the stability limit (= {r['step_size']:.3g}), "
+            f"batch {r['batch_size']}; cheap LDS {r['lds']:+.3f} ± {r['lds_stderr']:.3f} (projected to "
+            f"{st.project_draws} draws {r['lds_projected']:+.3f}); {len(result['ties'])} tied",
+            f"draws: {result['num_chains']} chains x {result['num_draws']} draws for {st.target_share:.0%} of pairs "
+            f"with |BIF| > 2 MCSE (predicted {result['predicted_share']:.0%}); that run takes "
+            f"~{result['run_seconds']:.0f} s here",
+            f"spent {result['spent_seconds']:.0f} s of a {result['budget_seconds']:.0f} s budget"
+            + (f" ({result['note']})" if result["note"] else "")]
 
 
 def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             extra = {"nbeta_mults": (1.0, 10.0), "lambdas": (0.01, 0.1), "num_rounds": 2} | extra
         settings = CalibrationSettings(num_subsets=args.num_subsets, num_chains=args.num_chains,
                                        pilot_steps=args.pilot_steps, target_share=args.target_share, **extra)
-    from bif.flows.calibrate import run_calibration
+    from bif.flows.calibrate import run_calibration, summary_lines
 
     t0 = time.perf_counter()
     with prefect_api() as ready:
@@ -117,14 +117,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print("warning: no setting passed every diagnostic; the best non-diverged one is shown", file=sys.stderr)
     print(f"outputs: {res['output_uri']} (sampler.yaml, search.png, scores.json)  "
           f"wall time {time.perf_counter() - t0:.1f} s")
-    r = res["recommended"]
-    print(f"pick: nbeta = {r['mult']:g} n, damping gamma/nbeta = {r['lam']:g}, step {r['frac']:.3g} of the stability "
-          f"limit, batch {r['batch_size']}; cheap LDS {r['lds']:+.3f} ± {r['lds_stderr']:.3f} "
-          f"(projected to {settings.project_draws} draws {r['lds_projected']:+.3f}); {len(res['ties'])} tied")
-    print(f"draws: {res['num_chains']} chains x {res['num_draws']} draws for {settings.target_share:.0%} of pairs with "
-          f"|BIF| > 2 MCSE (predicted {res['predicted_share']:.0%}); that run takes ~{res['run_seconds']:.0f} s here")
-    print(f"spent {res['spent_seconds']:.0f} s of a {res['budget_seconds']:.0f} s budget"
-          + (f" ({res['note']})" if res["note"] else ""))
+    for line in summary_lines(res, settings):
+        print(line)
     print(f"logs: {cfg.output.rstrip('/')}/logs/")
     return 0
 

@@ -51,8 +51,6 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Modules every worker imports while the cluster boots, not in its first task.
-#: distributed's default ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_``.
-_DASK_MALLOC_TRIM = 65536
 DEFAULT_PRELOAD = ("bif.flows.runtime", "bif.tasks.pipeline", "bif.tasks.steps")
 #: Set in worker processes (and this one) when logs should stay off the terminal.
 _QUIET_ENV = "BIF_QUIET_TERMINAL"
@@ -140,8 +138,8 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in workers; it makes glibc trim on every
     # large free and slowed SGLD steps by ~33% here (4.6 -> 6.1 ms per digits draw). Keep the
     # thread caps (one BLAS / OpenMP thread per worker thread), drop the trim setting.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-               if k != "MALLOC_TRIM_THRESHOLD_"}
+    spawn_env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    environ = {k: v for k, v in spawn_env.items() if k != "MALLOC_TRIM_THRESHOLD_"}
     environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     # numba (the diagnostics' ArviZ backend) would start an OpenMP pool of one spinning thread per
     # core in each worker; torch steps after it ran 5-35x slower (bif.quality.diagnostics). Cap it,
@@ -151,7 +149,8 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     # (WorkerProcess.start: os.environ.update), so a plain LocalCluster started earlier in the
     # process (a notebook's, a test's) leaves Dask's value behind, and every later worker would
     # inherit it from us. Drop exactly that leaked value; a value the user chose is kept.
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(_DASK_MALLOC_TRIM):
+    leaked = spawn_env.get("MALLOC_TRIM_THRESHOLD_")
+    if leaked is not None and os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(leaked):
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
     if not _VERBOSE:
         _quiet_this_process()

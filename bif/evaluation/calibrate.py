@@ -13,7 +13,7 @@ limit; the mixing time in steps, ≈ (λ_max + λ)/(λ_min + λ), does not depen
 nβ is nearly free while a smaller λ costs mixing. Full batch is used whenever its step costs at
 most ``full_batch_max_cost`` times a minibatch step (minibatch noise grows with nβ).
 
-**Search** (:func:`plan_round`, :func:`survivors`): successive halving. Round 0 scores every
+**Search** (:func:`bif.evaluation.calibration.search`, :func:`survivors`): successive halving. Round 0 scores every
 (nβ/n, λ) of a coarse grid on short chains; each later round keeps the best third by LDS
 (at least 2), adds the batch / step-fraction variants of the leader, and triples the draws.
 Its cost is predicted from the measured seconds per chain step and sized to the budget
@@ -48,22 +48,6 @@ NBETA_MULTS = (1.0, 10.0, 100.0)
 LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3)
 #: Step sizes as fractions of the stability limit 4 / (nβ·(λ_max + λ)).
 STEP_FRACTIONS = (0.15, 0.05)
-#: Defaults when you do not calibrate: nβ = n, γ = 0.1·nβ.
-DEFAULT_GAMMA_PER_NBETA = 0.1
-
-
-def default_nbeta(n_train: int) -> float:
-    """nβ = n (β = 1), the uncalibrated default."""
-    if n_train < 1:
-        raise ValueError(f"n_train must be >= 1, got {n_train}")
-    return float(n_train)
-
-
-def default_gamma(nbeta: float) -> float:
-    """γ = 0.1·nβ, the uncalibrated default."""
-    return DEFAULT_GAMMA_PER_NBETA * nbeta
-
-
 def step_limit(lambda_max: float, nbeta: float, lam: float) -> float:
     """Largest stable SGLD step of the drift ε/2·(nβ·H + γ) on a quadratic: 4 / (nβ·(λ_max + λ)), λ = γ/nβ."""
     if nbeta <= 0:
@@ -215,20 +199,6 @@ def variants(c: Candidate, *, minibatch: int | None, fractions: Iterable[float] 
 def chain_steps(num_draws: int, *, burnin: int, steps_per_draw: int) -> int:
     """SGLD steps of one chain."""
     return burnin + num_draws * steps_per_draw
-
-
-def round_draws(remaining_s: float, num_settings: int, *, num_chains: int, seconds_per_step: float, burnin: int,
-                steps_per_draw: int, parallelism: int, lo: int = 40, hi: int = 2000) -> int:
-    """Draws per chain so that ``num_settings`` settings of ``num_chains`` chains fit in ``remaining_s`` seconds.
-
-    The wall time of a round is Σ chains x steps x seconds_per_step / parallelism; the result is
-    clipped to [lo, hi] (``lo`` may overrun a tiny budget; the flow then stops after the round).
-    """
-    if num_settings < 1:
-        return lo
-    per_chain = remaining_s * parallelism / (num_settings * num_chains * max(seconds_per_step, 1e-9))
-    draws = (per_chain - burnin) / steps_per_draw
-    return int(min(max(draws, lo), hi))
 
 
 def recommended_draws(total_draws: float, *, num_chains: int, max_num_draws: int, min_num_draws: int = 100) -> int:

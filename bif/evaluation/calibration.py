@@ -76,8 +76,6 @@ def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth |
     (:func:`bif.evaluation.calibrate.draws_for_share`, batch-means MCSE of
     :func:`bif.quality.diagnostics.bif_mcse`), as ``draws_for_target``, and the share now.
     """
-    from bif.evaluation.calibrate import draws_for_share, share_at
-
     nbeta = float(sampler.nbeta if sampler.nbeta is not None else len(problem.train))
     n = len(problem.train)
     head = {"step_size": sampler.step_size, "nbeta": nbeta, "gamma": sampler.gamma,
@@ -116,9 +114,9 @@ def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth |
         bif = bif_in_memory(train, query)[0] if bif is None else bif
         mcse = bif_mcse(train, query, num_batches=10)
         d = train.shape[1]
-        score |= {"draws_for_target": draws_for_share(bif, mcse, d, target_share=target_share),
-                  "share_now": share_at(bif, mcse, d, d),
-                  "draws_curve": tuple(draws_for_share(bif, mcse, d, target_share=q) for q in C.CURVE_SHARES)}
+        score |= {"draws_for_target": C.draws_for_share(bif, mcse, d, target_share=target_share),
+                  "share_now": C.share_at(bif, mcse, d, d),
+                  "draws_curve": tuple(C.draws_for_share(bif, mcse, d, target_share=q) for q in C.CURVE_SHARES)}
     return SettingScore(**head, diverged=False, **score, seconds=sec, seconds_per_step=sec / steps)
 
 
@@ -148,28 +146,22 @@ def top_hessian_eigenvalue(problem: Problem, *, num_iter: int = 30, max_samples:
 
     import torch
 
+    from bif.evaluation.baselines.influence import top_eigenvalue
     from bif.sampling.chain import collate_indices, minibatch_loss, select_params
 
     model = copy.deepcopy(problem.model).eval()
-    named = select_params(model, params)
-    ps = [p for _, p in named]
+    ps = [p for _, p in select_params(model, params)]
     n = min(len(problem.train), max_samples)
-    batch = collate_indices(problem.train, torch.arange(n))
-    dtype = ps[0].dtype
-    loss = minibatch_loss(problem, model, batch, n)
+    loss = minibatch_loss(problem, model, collate_indices(problem.train, torch.arange(n)), n)
     grads = torch.autograd.grad(loss, ps, create_graph=True)
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in ps]
-    lam = 0.0
-    for _ in range(num_iter):
-        norm = torch.sqrt(sum((x * x).sum() for x in v))
-        if float(norm) == 0.0:
-            return 0.0
-        v = [x / norm for x in v]
-        hv = torch.autograd.grad(grads, ps, grad_outputs=v, retain_graph=True)
-        lam = float(sum((a * b).sum() for a, b in zip(hv, v)))  # Rayleigh quotient vᵀHv
-        v = [h.detach() for h in hv]
-    return abs(lam)
+    sizes = [p.numel() for p in ps]
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:  # (P, 1) -> H v (P, 1), by double backward
+        parts = [x.view_as(p) for x, p in zip(torch.split(v[:, 0], sizes), ps)]
+        hv = torch.autograd.grad(grads, ps, grad_outputs=parts, retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).unsqueeze(1)
+
+    return top_eigenvalue(hvp, sum(sizes), iters=num_iter, seed=seed, dtype=ps[0].dtype)
 
 
 @dataclass(frozen=True)

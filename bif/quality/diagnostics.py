@@ -47,6 +47,8 @@ from :mod:`bif.flows.runtime`. Measured by ``python -m benchmarks.numba_torch``.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -72,9 +74,6 @@ def limit_numba_threads() -> None:
     import; in a process that imports numba itself before the first diagnostics, set
     ``NUMBA_NUM_THREADS`` in its environment).
     """
-    import os
-    import sys
-
     if "numba" not in sys.modules:
         os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
