@@ -51,12 +51,17 @@ EXAMPLE_YAML = ROOT / "bif" / "examples" / "tinylm.yaml"
 
 
 class PeakRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled every ``interval`` s."""
+    """Peak of the summed memory of a process and all its descendants, sampled every ``interval`` s.
+
+    Summed PSS (proportional set size: a page shared by k processes counts 1/k in each), so
+    pages that forked Dask workers share with their forkserver count once; the summed RSS of
+    the same samples is kept too (``peak_rss``), which counts them in every process.
+    """
 
     def __init__(self, pid: int, interval: float = 0.1):
         import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self.proc, self.interval, self.peak, self.peak_rss = psutil.Process(pid), interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -69,13 +74,14 @@ class PeakRSS:
                 procs = [self.proc] + self.proc.children(recursive=True)
             except psutil.NoSuchProcess:
                 return
-            total = 0
+            total = total_rss = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    full = p.memory_full_info()
+                    total, total_rss = total + full.pss, total_rss + full.rss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_rss = max(self.peak, total), max(self.peak_rss, total_rss)
             self._stop.wait(self.interval)
 
     def stop(self) -> float:
@@ -93,7 +99,7 @@ def timed(cmd: list[str], *, env: dict | None = None) -> tuple[float, float, str
     wall, peak = time.perf_counter() - t0, mem.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, peak, out
+    return wall, {"peak_gib": round(peak, 2), "peak_rss_sum_gib": round(mem.peak_rss / 2**30, 2)}, out
 
 
 def settings(num_draws: int | None) -> dict:
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)  # PREFECT_API_URL, if set, is used: a server of your own spares each run its start-up
     result: dict = {"sampler": sampler, "padded_length": length, "machine": f"{os.cpu_count()} cores, shared"}
+    if not env.get("PREFECT_API_URL"):  # runs after the first find the kept server: time those
+        subprocess.run([bif, "server", "start"], check=True, cwd=ROOT, capture_output=True)
     partial = work / "partial.json"  # finished stages, so a rerun with the same --work skips them
     done = json.loads(partial.read_text()) if partial.exists() else {}
     for level, token_matrix in (("sequence", False), ("token", True)):
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if f"bif_{level}" not in done:
             cfg = bif_config(model_dir, sampler, length, out, token_matrix, work / f"{level}.yaml")
             wall, peak, _ = timed([bif, "run", str(cfg), "--no-progress"], env=env)
-            done[f"bif_{level}"] = {"wall_s": round(wall, 1), "peak_gib": round(peak, 2)}
+            done[f"bif_{level}"] = {"wall_s": round(wall, 1), **peak}
             partial.write_text(json.dumps(done))
         result[f"bif_{level}"] = done[f"bif_{level}"]
         print(level, result[f"bif_{level}"], file=sys.stderr, flush=True)
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, peak = done["devinterp"]
     dv = dict(np.load(npz))
     setup, t_sample, t_seq, t_tok = dv["timings"]
-    result["devinterp"] = {"process_wall_s": round(wall, 1), "peak_gib": round(peak, 2),
+    result["devinterp"] = {"process_wall_s": round(wall, 1), **peak,
                            "setup_s": round(float(setup), 1), "sample_s": round(float(t_sample), 1),
                            "bif_sequence_s": round(float(t_seq), 2), "bif_token_s": round(float(t_tok), 2),
                            "maxrss_gib_after": {k: round(float(v), 3) for k, v in zip(("sample", "sequence", "token"),

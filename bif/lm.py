@@ -45,6 +45,9 @@ from bif.errors import ProblemError
 from bif.problem import Problem
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+#: What a Dask worker that runs this problem imports ahead of its first chain (the transformers
+#: model and tokenizer classes: ~5 s of one core); see ``bif.flows.runtime.FORKSERVER_PRELOAD``.
+WORKER_PRELOAD = ("transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto")
 PADDING = ("longest", "max_length")
 
 

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import time
@@ -47,26 +49,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     configure_terminal(verbose=args.verbose)  # before Prefect is imported
     from bif.config import load_config
-    from bif.flows.prefect_server import prefect_api, quiet_prefect_env
+    from bif.flows.prefect_server import api_available_now, prefect_api, quiet_prefect_env
 
     overrides = list(args.set or []) + (["quality.allow_warnings=true"] if args.allow_warnings else [])
     cfg = load_config(args.config, overrides=overrides, output=args.output)
-    from bif.tasks.pipeline import preflight
-    preflight(cfg)  # output, problem, checkpoint, losses at w*, identity, lease: in seconds, before any server
     quiet_prefect_env()
-    from bif.store.fs import check_writable
-    from bif.flows.attribution import run_attribution
-    from bif.flows.runtime import dask_cluster
+    from bif.flows.runtime import cluster_in_background, import_in_background, problem_preload
 
-    check_writable(cfg.output, cfg.storage_options)  # fail before paying for a server and a cluster
-    # -- pre-flight checks (config, problem, checkpoint; seconds) go here, before the server and cluster --
-    t0 = time.perf_counter()
-    with prefect_api() as ready, dask_cluster(cfg.compute, num_tasks=cfg.sampler.num_chains) as cluster:
+    def cluster():
+        # the workers boot (and build the problem: imports, checkpoint) on the other cores
+        return cluster_in_background(cfg.compute, num_tasks=cfg.sampler.num_chains,
+                                     warm_modules=problem_preload(cfg.problem),
+                                     warm=functools.partial(_warm_problem, cfg))
+
+    with contextlib.ExitStack() as stack:
+        # A Prefect API that is already up (the kept server, or PREFECT_API_URL) costs nothing to
+        # use, so the Dask cluster starts now, beside the pre-flight checks. Otherwise nothing
+        # starts before those checks pass: bad input fails in seconds, before any server.
+        early = api_available_now()
+        if early:
+            ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
+        from bif.tasks import pipeline
+
+        try:
+            # output, problem, checkpoint, losses at w*, identity, lease: before any server starts
+            pipeline.preflight(cfg)
+        except BifError as err:
+            if early and _EXIT_NOW:  # leave at once: the starting cluster's workers are killed with us
+                from bif.flows.runtime import exit_now
+
+                exit_now(_report_error(err))
+            raise
+        from bif.flows.attribution import run_attribution
+
+        t0 = time.perf_counter()  # what the run waits for the server and the cluster after its checks
+        import_in_background(*_after_sampling_imports(cfg))  # meanwhile: what the checks and the report import
+        if not early:
+            ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
         url = ready()  # the server (kept, or booting) and the cluster start concurrently
+        address = pending().address
         startup = time.perf_counter() - t0
         if args.verbose:
-            print(f"Prefect API: {url}  Dask scheduler: {cluster.address}", file=sys.stderr)
-        manifest = run_attribution(cfg, show_progress=not args.no_progress, address=cluster.address,
+            print(f"Prefect API: {url}  Dask scheduler: {address}", file=sys.stderr)
+        manifest = run_attribution(cfg, show_progress=not args.no_progress, address=address,
                                    cluster_startup_seconds=startup)
         code = _print_run_summary(manifest, cfg, wall=time.perf_counter() - t_start)
         if _EXIT_NOW:  # everything is written: skip the cluster's graceful close and the interpreter teardown
@@ -74,6 +99,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             exit_now(code)
     return code
+
+
+def _after_sampling_imports(cfg) -> list:
+    """What the flow's gates and report will import in this process, as warm-up calls."""
+    from bif.quality import expectations
+
+    def plots() -> None:
+        import matplotlib.figure  # noqa: F401
+
+    return ([expectations.warm] if cfg.quality.enabled else []) + [plots]
+
+
+def _warm_problem(cfg) -> float:
+    """:func:`bif.tasks.pipeline.warm_problem` on a worker (this module, not the pipeline, is what gets pickled)."""
+    from bif.tasks.pipeline import warm_problem
+
+    return warm_problem(cfg)
 
 
 def _print_run_summary(manifest: dict, cfg, *, wall: float | None) -> int:
@@ -273,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_error(err: BifError) -> int:
+    """Print a user error the one way every command does; returns its exit code."""
+    print(f"error: {err}", file=sys.stderr)
+    return err.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     global _EXIT_NOW
     parser = build_parser()
@@ -283,8 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
         return code
     except BifError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _report_error(err)
     except KeyboardInterrupt:
         print("interrupted; committed blocks are kept and a rerun resumes them", file=sys.stderr)
         return 130

@@ -141,6 +141,11 @@ def server_status(home: Path | None = None) -> ServerInfo | None:
     return info
 
 
+def api_available_now(home: Path | None = None) -> bool:
+    """Whether :func:`prefect_api` would start nothing: PREFECT_API_URL is set, or the kept server answers."""
+    return bool(os.environ.get("PREFECT_API_URL")) or server_status(home) is not None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

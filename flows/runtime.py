@@ -41,12 +41,13 @@ every log line of the flow run, including the task-run logs sent from Dask worke
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,8 @@ from typing import Any
 DEFAULT_PRELOAD = ("bif.flows.runtime", "bif.tasks.pipeline", "bif.tasks.steps")
 #: Set in worker processes (and this one) when logs should stay off the terminal.
 _QUIET_ENV = "BIF_QUIET_TERMINAL"
+#: Set in forked workers: the names of the client's environment variables (see :func:`dask_setup`).
+_ENV_KEYS = "BIF_CLIENT_ENV_KEYS"
 _NOISY_LOGGERS = ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core",
                   "distributed.worker", "distributed.http.proxy", "distributed.diskutils",
                   "great_expectations", "prefect.task_runner.dask", "prefect.server", "prefect")
@@ -94,7 +97,13 @@ def _quiet_this_process() -> None:
 
 
 def dask_setup(worker: Any = None) -> None:
-    """Dask preload hook: quiet the worker process like the client (see :func:`configure_terminal`)."""
+    """Dask preload hook: the worker's environment is its client's (see :func:`_use_forkserver`); quiet
+    the worker process like the client (see :func:`configure_terminal`)."""
+    keys = os.environ.get(_ENV_KEYS)
+    if keys:
+        keep = set(json.loads(keys))
+        for k in [k for k in os.environ if k not in keep]:
+            del os.environ[k]
     if os.environ.get(_QUIET_ENV):
         _quiet_this_process()
 
@@ -113,12 +122,14 @@ class Cluster:
 
 @contextlib.contextmanager
 def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
-                 preload: tuple[str, ...] = DEFAULT_PRELOAD) -> Iterator[Cluster]:
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = ()) -> Iterator[Cluster]:
     """Yield a :class:`Cluster`: ``address``, else ``compute.address``, else a LocalCluster started here.
 
     ``compute`` is a :class:`bif.config.ComputeConfig`; ``num_tasks`` is how many tasks can
     run at once (chains, retrainings), so the LocalCluster gets
-    ``compute.n_workers or min(num_tasks, cores)`` workers.
+    ``compute.n_workers or min(num_tasks, cores)`` workers, forked from a forkserver
+    that has imported the heavy modules once (:func:`_use_forkserver`; ``warm_modules`` are
+    added to its imports when this is the process's first cluster, e.g. :func:`problem_preload`).
     """
     address = address or compute.address
     if address:
@@ -154,9 +165,159 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
     if not _VERBOSE:
         _quiet_this_process()
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(**kwargs) as cluster:
+    settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environ}
+    if _use_forkserver((*preload, *warm_modules)):
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
+        # A forked worker inherits the forkserver's environment, frozen when it started; a spawned
+        # one inherits ours as it is now. Send ours along (the nanny sets it in the worker) and let
+        # the worker drop what we no longer have (dask_setup), so both see the same variables.
+        extra = dask.config.get("distributed.nanny.environ", {}) or {}
+        os.environ.pop(_ENV_KEYS, None)  # the nanny leaks the last list into os.environ, which overrides ours
+        environ = {**os.environ, **{k: str(v) for k, v in environ.items()}}
+        environ[_ENV_KEYS] = json.dumps(sorted({*environ, *extra, _ENV_KEYS}))
+        settings["distributed.nanny.pre-spawn-environ"] = environ
+        if "bif.flows.runtime" not in preload:
+            kwargs["preload"] = ["bif.flows.runtime", *preload]
+    with dask.config.set(settings), LocalCluster(**kwargs) as cluster:
         yield Cluster(address=cluster.scheduler_address, startup_seconds=time.perf_counter() - t0,
                       started_here=True)
+
+
+@contextlib.contextmanager
+def cluster_in_background(compute: Any, *, num_tasks: int, address: str | None = None,
+                          preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = (),
+                          warm: Callable[[], Any] | None = None) -> Iterator[Callable[[], Cluster]]:
+    """:func:`dask_cluster` started on a thread from entry on; yields ``wait()``, which returns the :class:`Cluster`.
+
+    The caller checks its inputs meanwhile (the CLI's pre-flight: imports, the problem, the
+    losses at w*, one core's work for seconds) while the workers boot on the other cores.
+    ``warm``: run once on every worker of a cluster started here, as soon as it is up, as a
+    Dask task pinned to that worker, so the tasks sent later queue behind it (e.g.
+    :func:`bif.tasks.pipeline.warm_problem`: imports and the problem, before the first chain);
+    its errors are ignored (the real task meets and reports them). ``wait()`` re-raises a
+    failed start. On exit the cluster closes, after its start and the warm tasks end.
+    """
+    import threading
+
+    stack = contextlib.ExitStack()
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    def start() -> None:
+        try:
+            cluster = stack.enter_context(dask_cluster(compute, num_tasks=num_tasks, address=address,
+                                                       preload=preload, warm_modules=warm_modules))
+            box["cluster"] = cluster
+        except BaseException as err:  # noqa: BLE001 - re-raised by wait()
+            box["error"] = err
+            return
+        finally:
+            started.set()
+        if warm is not None and cluster.started_here:
+            _warm_workers(cluster.address, warm)
+
+    thread = threading.Thread(target=start, name="bif-cluster-start", daemon=True)
+    thread.start()
+
+    def wait() -> Cluster:
+        started.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["cluster"]
+
+    try:
+        yield wait
+    finally:
+        thread.join()
+        stack.close()
+
+
+def _warm_workers(address: str, warm: Callable[[], Any]) -> None:
+    """Run ``warm()`` once on every worker of ``address`` as a task pinned there; wait for all (errors ignored)."""
+    from distributed import Client, wait
+
+    with contextlib.suppress(Exception), Client(address, set_as_default=False) as client:
+        workers = list(client.scheduler_info()["workers"])
+        futures = [client.submit(warm, key=f"bif-warm-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
+                                 allow_other_workers=False, pure=False) for i, w in enumerate(workers)]
+        wait(futures)
+
+
+#: Imported once by the forkserver that forks the LocalCluster's workers (see :func:`_use_forkserver`).
+FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "xarray", "zarr",
+                      "arviz_stats.numba.diagnostics")
+
+
+def problem_preload(problem: str) -> tuple[str, ...]:
+    """Modules a worker needs for the problem factory ``problem`` ("module:function"), for the forkserver.
+
+    Only bif's own factories (user modules may do anything on import): the factory's module
+    and its ``WORKER_PRELOAD`` (e.g. :mod:`bif.lm`'s transformers classes).
+    """
+    import importlib
+
+    module = problem.partition(":")[0]
+    if not module.startswith("bif."):
+        return ()
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the pre-flight reports a bad factory
+        return ()
+    return (module, *getattr(mod, "WORKER_PRELOAD", ()))
+
+
+def _use_forkserver(preload: tuple[str, ...]) -> bool:
+    """Fork the workers from one warm process instead of spawning fresh interpreters (POSIX only).
+
+    A spawned worker imports torch, Prefect, distributed and bif itself: ~5 s of one core
+    each, paid by every worker of every cluster. Python's forkserver imports them once (the
+    first LocalCluster of this process starts it, with that cluster's worker environment:
+    thread caps, numba's pool size) and forks every later worker ready to run, in
+    milliseconds; a process that starts several clusters (a test session, a calibration
+    sweep) pays once. The forkserver is single-threaded and imports nothing that starts
+    threads or CUDA, so forking it is safe. Set ``distributed.worker.multiprocessing-method``
+    in Dask's config to choose another method; that choice is kept.
+    """
+    import multiprocessing
+
+    import dask
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    if dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "spawn":
+        return False  # the user chose a method
+    from distributed import utils as dutils
+
+    if not getattr(dutils, "_forkserver_preload_set", True):
+        modules = [m for m in FORKSERVER_PRELOAD + tuple(preload) if _importable(m)]
+        multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
+        dutils._forkserver_preload_set = True  # distributed would replace the list with its own
+    return True
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def import_in_background(*warmers: Callable[[], Any]) -> None:
+    """Call each of ``warmers`` (imports, caches) on a daemon thread of this process; errors are ignored.
+
+    For what a command will need after a wait it cannot shorten (its cluster starting, its
+    chains sampling): the quality gates' great_expectations context, matplotlib.
+    """
+    import threading
+
+    def run() -> None:
+        for w in warmers:
+            with contextlib.suppress(Exception):
+                w()
+
+    threading.Thread(target=run, name="bif-warm-imports", daemon=True).start()
 
 
 class DaskRuntime:

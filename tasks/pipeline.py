@@ -71,8 +71,48 @@ class ChainResult:
     pid: int = 0  # the process that ran the chain (a Dask worker's, in a flow run)
 
 
-def materialize_problem(cfg: RunConfig) -> tuple[Problem, str | None]:
-    """Build the problem and load the checkpoint; returns (problem, checkpoint sha256 or None)."""
+#: Problems built ahead of their first chain by :func:`warm_problem`, one per key, used once.
+_WARMED: dict[tuple[str, str, str | None], tuple[float, Problem, str | None]] = {}
+#: A warmed problem older than this is built again (it was meant for a chain that never came).
+WARM_TTL_S = 600.0
+
+
+def _problem_key(cfg: RunConfig) -> tuple[str, str, str | None]:
+    import json
+
+    return cfg.problem, json.dumps(cfg.problem_args, sort_keys=True, default=str), cfg.checkpoint
+
+
+def warm_problem(cfg: RunConfig) -> float:
+    """Build ``cfg``'s problem in this process ahead of its first chain; returns the seconds it took.
+
+    Runs on each Dask worker while the command still checks the run (:func:`preflight`), so the
+    worker's first chain finds its imports loaded (``transformers`` for a language model: ~5 s)
+    and the problem built. The first :func:`materialize_problem` ``(cfg, warmed=True)`` in this
+    process takes the warmed problem (once; later chains build their own); it is never reused
+    across runs, and the chain still checks its identity (checkpoint, weights, data) against the
+    run's. Errors are left to the chain, which reports them.
+    """
+    t0 = time.perf_counter()
+    now = time.monotonic()
+    for key in [k for k, (t, _, _) in _WARMED.items() if now - t > WARM_TTL_S]:
+        _WARMED.pop(key, None)
+    torch.set_num_threads(cfg.compute.threads_per_worker)  # as the chain will: same floats, same hashes
+    problem, ckpt = materialize_problem(cfg)
+    _WARMED[_problem_key(cfg)] = (time.monotonic(), problem, ckpt)
+    return time.perf_counter() - t0
+
+
+def materialize_problem(cfg: RunConfig, *, warmed: bool = False) -> tuple[Problem, str | None]:
+    """Build the problem and load the checkpoint; returns (problem, checkpoint sha256 or None).
+
+    ``warmed``: take the problem :func:`warm_problem` built in this process for ``cfg``, if any
+    (once, and only within :data:`WARM_TTL_S`).
+    """
+    if warmed:
+        entry = _WARMED.pop(_problem_key(cfg), None)
+        if entry is not None and time.monotonic() - entry[0] <= WARM_TTL_S:
+            return entry[1], entry[2]
     problem = load_problem(cfg.problem, cfg.problem_args)
     ckpt = None
     if cfg.checkpoint is not None:
@@ -310,7 +350,7 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
     """Sample one chain, committing a trace block every ``draws_per_block`` draws; resumes if blocks exist."""
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.compute.threads_per_worker)
-    problem, ckpt = materialize_problem(cfg)
+    problem, ckpt = materialize_problem(cfg, warmed=True)
     s = cfg.sampler
     loss_dtype = torch.float32 if s.trace_dtype == "float32" else torch.float64
     sampler = SGLDChain(problem, s, chain=chain, device=pick_device(cfg), loss_dtype=loss_dtype)

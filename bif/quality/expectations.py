@@ -72,6 +72,11 @@ def _batch_definition():
     return asset.add_batch_definition_whole_dataframe("whole")
 
 
+def warm() -> None:
+    """Import great_expectations and build its ephemeral context now (~5 s of one core), not at the first gate."""
+    _batch_definition()
+
+
 def resolve_severity(gate: str, severity: Mapping[str, str] | None, *, allow_warnings: bool = False) -> str:
     """The severity of ``gate``: 'warning' under allow_warnings, else the mapping's entry, else 'error'."""
     if allow_warnings:

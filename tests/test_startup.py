@@ -1,0 +1,114 @@
+"""Start-up of a run: forked Dask workers, the cluster started beside the pre-flight, the warmed problem.
+
+``bif.flows.runtime.dask_cluster`` forks its workers from Python's forkserver, which imports
+torch, Prefect, distributed and bif once per process; ``cluster_in_background`` starts the
+cluster on a thread and runs a warm-up task on every worker; ``bif.tasks.pipeline.warm_problem``
+builds the problem there ahead of the first chain. Real LocalClusters throughout.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bif.config import ComputeConfig, build_config
+from bif.tasks import pipeline
+
+
+def _env_of_worker(names: tuple[str, ...]) -> dict:
+    import os
+
+    return {k: os.environ.get(k) for k in names} | {"ppid": os.getppid(), "torch_loaded": "torch" in __import__("sys").modules}
+
+
+def test_forked_workers_see_the_clients_environment_as_it_is_now(monkeypatch):
+    """Two clusters in one process: the second's workers come from the same forkserver, yet see variables set
+    after the first started and not those removed since (a spawned worker would inherit them the same way)."""
+    from distributed import Client
+
+    from bif.flows.runtime import dask_cluster
+
+    names = ("BIF_TEST_KEPT", "BIF_TEST_REMOVED", "BIF_TEST_ADDED", "OMP_NUM_THREADS")
+    monkeypatch.setenv("BIF_TEST_KEPT", "1")
+    monkeypatch.setenv("BIF_TEST_REMOVED", "old")
+    monkeypatch.delenv("BIF_TEST_ADDED", raising=False)
+    compute = ComputeConfig(n_workers=2, threads_per_worker=1)
+    with dask_cluster(compute, num_tasks=2) as cluster, Client(cluster.address) as client:
+        first = list(client.run(_env_of_worker, names).values())
+    monkeypatch.delenv("BIF_TEST_REMOVED")
+    monkeypatch.setenv("BIF_TEST_ADDED", "new")
+    with dask_cluster(compute, num_tasks=2) as cluster, Client(cluster.address) as client:
+        second = list(client.run(_env_of_worker, names).values())
+    for env in first:
+        assert (env["BIF_TEST_KEPT"], env["BIF_TEST_REMOVED"], env["BIF_TEST_ADDED"]) == ("1", "old", None)
+    for env in second:
+        assert (env["BIF_TEST_KEPT"], env["BIF_TEST_REMOVED"], env["BIF_TEST_ADDED"]) == ("1", None, "new")
+    for env in first + second:
+        assert env["OMP_NUM_THREADS"] == "1" and env["torch_loaded"]  # thread caps; torch came with the fork
+    parents = {env["ppid"] for env in first + second}
+    assert len(parents) == 1 and os.getpid() not in parents  # one forkserver forked all four workers
+
+
+def _linear_cfg(tmp_path, **compute):
+    return build_config({"problem": "bif.examples.linear:build", "output": str(tmp_path / "out"),
+                         "sampler": {"num_chains": 2, "num_draws": 4, "draws_per_block": 2},
+                         "compute": compute})
+
+
+def test_warmed_problem_is_taken_once(tmp_path):
+    cfg = _linear_cfg(tmp_path)
+    assert pipeline.warm_problem(cfg) >= 0.0
+    warmed, _ = pipeline.materialize_problem(cfg, warmed=True)
+    again, _ = pipeline.materialize_problem(cfg, warmed=True)  # the warmed one is gone: a fresh build
+    plain, _ = pipeline.materialize_problem(cfg)
+    assert warmed is not again and again is not plain
+    for a, b in zip(warmed.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)  # the same problem either way
+    # another config's chain never takes it
+    pipeline.warm_problem(cfg)
+    other = build_config(cfg.public_dict() | {"storage_options": {}, "problem_args": {"n": 7}})
+    first_other, _ = pipeline.materialize_problem(other, warmed=True)
+    assert len(first_other.train) == 7
+    taken, _ = pipeline.materialize_problem(cfg, warmed=True)
+    assert len(taken.train) != 7 and pipeline._problem_key(cfg) not in pipeline._WARMED
+
+
+def _warmed_here() -> list:
+    from bif.tasks import pipeline as p
+
+    return sorted(k[0] for k in p._WARMED)
+
+
+def test_cluster_in_background_warms_every_worker(tmp_path):
+    """The warm task runs once on each worker before anything sent later; ``wait()`` gives the cluster."""
+    from distributed import Client
+
+    from bif.flows.runtime import cluster_in_background
+
+    cfg = _linear_cfg(tmp_path)
+    with cluster_in_background(cfg.compute, num_tasks=2, warm=lambda: pipeline.warm_problem(cfg)) as wait:
+        cluster = wait()
+        assert cluster.started_here
+        with Client(cluster.address) as client:
+            # the warm tasks were submitted before this one, pinned to their worker: they ran first there
+            ran = client.gather([client.submit(_warmed_here, workers=[w], pure=False)
+                                 for w in client.scheduler_info()["workers"]])
+    assert ran == [["bif.examples.linear:build"], ["bif.examples.linear:build"]]
+
+
+def test_cluster_in_background_joins_a_given_scheduler_without_warming_it(tmp_path):
+    """With ``compute.address`` the cluster is someone else's: joined as it is, nothing warmed on it."""
+    from distributed import Client, LocalCluster
+
+    from bif.flows.runtime import cluster_in_background
+
+    calls = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as plain:
+        compute = ComputeConfig(address=plain.scheduler_address)
+        with cluster_in_background(compute, num_tasks=2, warm=lambda: calls.append(1)) as wait:
+            cluster = wait()
+            assert (cluster.address, cluster.started_here, cluster.startup_seconds) == (plain.scheduler_address,
+                                                                                       False, 0.0)
+            with Client(cluster.address) as client:
+                assert client.submit(lambda: 2 + 2).result() == 4
+    assert calls == []
