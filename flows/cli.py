@@ -103,12 +103,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _after_sampling_imports(cfg) -> list:
     """What the flow's gates and report will import in this process, as warm-up calls."""
+    from bif import report
     from bif.quality import expectations
 
-    def plots() -> None:
-        import matplotlib.figure  # noqa: F401
-
-    return ([expectations.warm] if cfg.quality.enabled else []) + [plots]
+    return ([expectations.warm] if cfg.quality.enabled else []) + [report.warm]
 
 
 def _warm_problem(cfg) -> float:

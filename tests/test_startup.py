@@ -112,3 +112,50 @@ def test_cluster_in_background_joins_a_given_scheduler_without_warming_it(tmp_pa
             with Client(cluster.address) as client:
                 assert client.submit(lambda: 2 + 2).result() == 4
     assert calls == []
+
+
+def test_bad_checkpoint_with_a_kept_server_exits_fast_and_leaves_no_worker_behind(tmp_path, user_prefect_home):
+    """With the Prefect server already up, `bif run` starts its cluster beside the pre-flight. A bad checkpoint
+    still fails with exit 2 and the pre-flight's message, and takes the starting cluster (forkserver and
+    workers) with it: no process carrying this command's environment outlives it."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    import psutil
+    import yaml
+
+    from bif.flows.prefect_server import ensure_server
+
+    ensure_server(home=user_prefect_home, timeout=180, idle_timeout_s=900)  # up: the early path is taken
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"problem": "bif.examples.linear:build", "checkpoint": str(tmp_path / "bad.pt"),
+                                   "output": str(tmp_path / "o")}))
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(user_prefect_home), "BIF_TEST_MARKER": marker}
+    t0 = time.monotonic()
+    proc = subprocess.run([str(Path(sys.executable).parent / "bif"), "run", str(cfg), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    secs = time.monotonic() - t0
+    assert proc.returncode == 2 and "could not be loaded as a state dict" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and secs < 60, secs
+
+    def carriers() -> list[int]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("BIF_TEST_MARKER") == marker:
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.monotonic() + 10  # SIGKILLed children are reaped by init within moments
+    while carriers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert carriers() == []
+    assert not (tmp_path / "o" / "manifest.json").exists()
