@@ -243,6 +243,8 @@ def _warm_workers(address: str, warm: Callable[[], Any]) -> None:
         wait(futures)
 
 
+#: ``BIF_WORKER_START=spawn`` makes LocalClusters spawn their workers (Dask's default) instead of forking them.
+WORKER_START_ENV = "BIF_WORKER_START"
 #: Imported once by the forkserver that forks the LocalCluster's workers (see :func:`_use_forkserver`).
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "xarray", "zarr",
                       "arviz_stats.numba.diagnostics")
@@ -275,17 +277,19 @@ def _use_forkserver(preload: tuple[str, ...]) -> bool:
     thread caps, numba's pool size) and forks every later worker ready to run, in
     milliseconds; a process that starts several clusters (a test session, a calibration
     sweep) pays once. The forkserver is single-threaded and imports nothing that starts
-    threads or CUDA, so forking it is safe. Set ``distributed.worker.multiprocessing-method``
-    in Dask's config to choose another method; that choice is kept.
+    threads or CUDA, so forking it is safe. ``BIF_WORKER_START=spawn`` (or another
+    ``distributed.worker.multiprocessing-method`` in Dask's config) keeps Dask's way.
     """
     import multiprocessing
 
     import dask
 
+    if os.environ.get(WORKER_START_ENV, "forkserver") != "forkserver":
+        return False  # BIF_WORKER_START=spawn: Dask's own way
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return False
     if dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "spawn":
-        return False  # the user chose a method
+        return False  # the user chose another method in Dask's config
     from distributed import utils as dutils
 
     if not getattr(dutils, "_forkserver_preload_set", True):
