@@ -276,7 +276,10 @@ def _inspect_pinned(cfg: RunConfig) -> _Inspection:
 
 @_storage_errors
 def preflight(cfg: RunConfig) -> RunInfo:
-    """Fast checks before any server or cluster starts (about a second on small problems).
+    """Fast checks before any server starts (about a second on small problems, plus the problem's imports).
+
+    ``bif run`` starts its Dask cluster beside them when a Prefect API is already up; a failure
+    then ends the command at once, cluster and all (:func:`bif.flows.runtime.exit_now`).
 
     Validates the output (writable, not leased by a live run, no conflicting run), builds the
     problem, loads the checkpoint, computes the losses at w* and checks them and the run's
