@@ -166,7 +166,7 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     if not _VERBOSE:
         _quiet_this_process()
     settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environ}
-    if _use_forkserver((*preload, *warm_modules)):
+    if _use_forkserver((*preload, *warm_modules), {k: environ[k] for k in _THREAD_VARS if k in environ}):
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
         # A forked worker inherits the forkserver's environment, frozen when it started; a spawned
         # one inherits ours as it is now. Send ours along (the nanny sets it in the worker) and let
@@ -178,9 +178,25 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
         settings["distributed.nanny.pre-spawn-environ"] = environ
         if "bif.flows.runtime" not in preload:
             kwargs["preload"] = ["bif.flows.runtime", *preload]
-    with dask.config.set(settings), LocalCluster(**kwargs) as cluster:
-        yield Cluster(address=cluster.scheduler_address, startup_seconds=time.perf_counter() - t0,
-                      started_here=True)
+    before = dict(os.environ)
+    try:
+        with dask.config.set(settings), LocalCluster(**kwargs) as cluster:
+            _restore_environ(before)
+            yield Cluster(address=cluster.scheduler_address, startup_seconds=time.perf_counter() - t0,
+                          started_here=True)
+    finally:
+        _restore_environ(before)
+
+
+def _restore_environ(before: Mapping[str, str]) -> None:
+    """Undo what distributed's nanny wrote into this process's os.environ (its pre-spawn environ, at each
+    worker start): our thread caps would otherwise override the next cluster's own (Dask prefers a
+    variable of os.environ to its config), and they are not this process's settings."""
+    for k in [k for k in os.environ if k not in before]:
+        del os.environ[k]
+    for k, v in before.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -208,13 +224,15 @@ def cluster_in_background(compute: Any, *, num_tasks: int, address: str | None =
             cluster = stack.enter_context(dask_cluster(compute, num_tasks=num_tasks, address=address,
                                                        preload=preload, warm_modules=warm_modules))
             box["cluster"] = cluster
+            # the warm tasks are queued before wait() returns, so every task sent later runs after them
+            pending = _warm_workers(cluster.address, warm) if warm is not None and cluster.started_here else None
         except BaseException as err:  # noqa: BLE001 - re-raised by wait()
             box["error"] = err
             return
         finally:
             started.set()
-        if warm is not None and cluster.started_here:
-            _warm_workers(cluster.address, warm)
+        if pending is not None:
+            pending()
 
     thread = threading.Thread(target=start, name="bif-cluster-start", daemon=True)
     thread.start()
@@ -232,19 +250,38 @@ def cluster_in_background(compute: Any, *, num_tasks: int, address: str | None =
         stack.close()
 
 
-def _warm_workers(address: str, warm: Callable[[], Any]) -> None:
-    """Run ``warm()`` once on every worker of ``address`` as a task pinned there; wait for all (errors ignored)."""
+def _warm_workers(address: str, warm: Callable[[], Any]) -> Callable[[], None] | None:
+    """Queue ``warm()`` once on every worker of ``address``, as a task pinned there; returns ``finish()``,
+    which waits for them and closes the client (errors ignored; None when nothing could be queued)."""
     from distributed import Client, wait
 
-    with contextlib.suppress(Exception), Client(address, set_as_default=False) as client:
+    try:
+        client = Client(address, set_as_default=False)
+    except Exception:  # noqa: BLE001 - warming is an optimisation
+        return None
+    try:
         workers = list(client.scheduler_info()["workers"])
         futures = [client.submit(warm, key=f"bif-warm-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
                                  allow_other_workers=False, pure=False) for i, w in enumerate(workers)]
-        wait(futures)
+    except Exception:  # noqa: BLE001
+        client.close()
+        return None
+
+    def finish() -> None:
+        with contextlib.suppress(Exception):
+            wait(futures)
+        with contextlib.suppress(Exception):
+            client.close()
+
+    return finish
 
 
 #: ``BIF_WORKER_START=spawn`` makes LocalClusters spawn their workers (Dask's default) instead of forking them.
 WORKER_START_ENV = "BIF_WORKER_START"
+#: The thread settings of the workers of the forkserver this process started (None: not started).
+_FORKSERVER_THREADS: dict[str, str] | None = None
+#: Worker variables that size thread pools when a library loads (see :func:`_use_forkserver`).
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY")
 #: Imported once by the forkserver that forks the LocalCluster's workers (see :func:`_use_forkserver`).
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "xarray", "zarr",
                       "arviz_stats.numba.diagnostics")
@@ -268,7 +305,7 @@ def problem_preload(problem: str) -> tuple[str, ...]:
     return (module, *getattr(mod, "WORKER_PRELOAD", ()))
 
 
-def _use_forkserver(preload: tuple[str, ...]) -> bool:
+def _use_forkserver(preload: tuple[str, ...], threads: Mapping[str, str]) -> bool:
     """Fork the workers from one warm process instead of spawning fresh interpreters (POSIX only).
 
     A spawned worker imports torch, Prefect, distributed and bif itself: ~5 s of one core
@@ -277,9 +314,13 @@ def _use_forkserver(preload: tuple[str, ...]) -> bool:
     thread caps, numba's pool size) and forks every later worker ready to run, in
     milliseconds; a process that starts several clusters (a test session, a calibration
     sweep) pays once. The forkserver is single-threaded and imports nothing that starts
-    threads or CUDA, so forking it is safe. ``BIF_WORKER_START=spawn`` (or another
-    ``distributed.worker.multiprocessing-method`` in Dask's config) keeps Dask's way.
+    threads or CUDA, so forking it is safe. Thread pools (OpenMP, BLAS, numba) size
+    themselves when they load, in the forkserver, so a later cluster with other thread
+    settings (``threads``: the thread variables of its workers) spawns its workers instead.
+    ``BIF_WORKER_START=spawn`` (or another ``distributed.worker.multiprocessing-method`` in
+    Dask's config, or a forkserver that something else started) keeps Dask's way.
     """
+    global _FORKSERVER_THREADS
     import multiprocessing
 
     import dask
@@ -290,12 +331,17 @@ def _use_forkserver(preload: tuple[str, ...]) -> bool:
         return False
     if dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "spawn":
         return False  # the user chose another method in Dask's config
+    threads = {k: str(v) for k, v in threads.items()}
+    if _FORKSERVER_THREADS is not None:
+        return _FORKSERVER_THREADS == threads
     from distributed import utils as dutils
 
-    if not getattr(dutils, "_forkserver_preload_set", True):
-        modules = [m for m in FORKSERVER_PRELOAD + tuple(preload) if _importable(m)]
-        multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
-        dutils._forkserver_preload_set = True  # distributed would replace the list with its own
+    if getattr(dutils, "_forkserver_preload_set", True):
+        return False  # a forkserver someone else set up: its environment is unknown
+    modules = [m for m in FORKSERVER_PRELOAD + tuple(preload) if _importable(m)]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
+    dutils._forkserver_preload_set = True  # distributed would replace the list with its own
+    _FORKSERVER_THREADS = threads
     return True
 
 

@@ -159,3 +159,23 @@ def test_bad_checkpoint_with_a_kept_server_exits_fast_and_leaves_no_worker_behin
         time.sleep(0.2)
     assert carriers() == []
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_cluster_with_other_thread_settings_spawns_its_workers():
+    """Thread pools size themselves when their library loads (in the forkserver): a cluster whose workers need
+    other thread settings than the forkserver's gets spawned workers, with its own caps."""
+    from distributed import Client
+
+    from bif.flows.runtime import dask_cluster
+
+    names = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
+    with dask_cluster(ComputeConfig(n_workers=1, threads_per_worker=1), num_tasks=1) as cluster, \
+            Client(cluster.address) as client:
+        (one,) = client.run(_env_of_worker, names).values()
+    with dask_cluster(ComputeConfig(n_workers=1, threads_per_worker=2), num_tasks=1) as cluster, \
+            Client(cluster.address) as client:
+        (two,) = client.run(_env_of_worker, names).values()
+        numba_threads = list(client.run(lambda: __import__("numba").config.NUMBA_NUM_THREADS).values())
+    assert (one["OMP_NUM_THREADS"], one["NUMBA_NUM_THREADS"]) == ("1", "1")
+    assert (two["OMP_NUM_THREADS"], two["NUMBA_NUM_THREADS"]) == ("2", "2") and numba_threads == [2]
+    assert one["ppid"] != two["ppid"]  # the 2-thread worker was not forked from the 1-thread forkserver
