@@ -179,6 +179,9 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
         if "bif.flows.runtime" not in preload:
             kwargs["preload"] = ["bif.flows.runtime", *preload]
     before = dict(os.environ)
+    # Dask takes a pre-spawn variable from os.environ when it is set there (e.g. the OMP_NUM_THREADS=1
+    # that a plain LocalCluster started earlier leaves behind): for the start, ours are os.environ's
+    os.environ.update({k: str(environ[k]) for k in _THREAD_VARS if k in environ})
     try:
         with dask.config.set(settings), LocalCluster(**kwargs) as cluster:
             _restore_environ(before)
