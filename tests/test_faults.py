@@ -160,17 +160,15 @@ def test_changed_data_or_model_changes_the_identity(tmp_path):
 
 # --- 2. a refused rerun leaves the existing run untouched ---------------------------------------------
 
-@pytest.fixture(scope="module")
-def complete_run(tmp_path_factory, dask_address) -> Path:
-    """One complete run of the default config (``_cfg``) on the session cluster; its output folder.
-
-    Two tests use it read-only (they used to run the same config twice): the refused rerun checks
-    that it stays byte for byte untouched, and the corrupt-block test takes its traces as the
-    uninterrupted reference."""
-    from bif.flows.attribution import run_attribution
-
-    out = tmp_path_factory.mktemp("complete") / "run"
-    assert run_attribution(_cfg(out, dask_address), show_progress=False)["status"] == S.STATUS_COMPLETE
+@pytest.fixture
+def complete_run(linear_complete_run, dask_address) -> Path:
+    """The output folder of one complete run of the default config (``_cfg``): the session's
+    ``linear_complete_run`` (tests/conftest.py), which is exactly that config. Two tests here use it
+    read-only (they used to run the same config twice): the refused rerun checks that it stays byte for
+    byte untouched, and the corrupt-block test takes its traces as the uninterrupted reference."""
+    out = linear_complete_run.out
+    assert _cfg(out, dask_address).hash() == linear_complete_run.cfg.hash()  # the same config
+    assert linear_complete_run.manifest["status"] == S.STATUS_COMPLETE
     return out
 
 
