@@ -91,6 +91,42 @@ def test_variants_and_round_sizing():
     assert got == pytest.approx((10 * 2 * (100 + 100 * 6) + 3 * 2 * (100 + 300 * 6)) * 1e-3 / 2)
 
 
+def test_relaxation_rate_burnin_and_the_budget_sized_round_0():
+    # the flat-direction contraction of ε/2·(nβ h + γ) with ε = frac·4/(nβ(λ_max + λ)), h = 0, whatever nβ
+    assert C.relaxation_rate(0.98, 0.1, 0.15) == pytest.approx(2 * 0.15 * 0.1 / 1.08)
+    assert C.relaxation_rate(0.0, 0.1, 0.9) == 1.0 and C.relaxation_rate(1.0, 0.0, 0.15) == 0.0
+    nbeta, lam, lmax, frac = 800.0, 0.1, 0.98, 0.15  # the rate is the drift's contraction on a flat direction
+    eps = frac * C.step_limit(lmax, nbeta, lam)
+    assert eps / 2 * (nbeta * 0.0 + lam * nbeta) == pytest.approx(C.relaxation_rate(lmax, lam, frac))
+    assert C.burnin_steps(0.0278, relaxations=3, cap=500) == 108
+    assert C.burnin_steps(0.001, relaxations=3, cap=500) == 500 and C.burnin_steps(0.5, relaxations=None, cap=500) == 500
+    # 500 steps: 0.5, 5 and 50 relaxation times; the fastest always runs
+    assert C.admitted([0.001, 0.01, 0.1], 100, steps_per_draw=5, min_relaxations=10) == [False, False, True]
+    assert C.admitted([0.001, 0.01, 0.1], 100, steps_per_draw=5, min_relaxations=0) == [True] * 3
+    assert C.admitted([0.001, 0.001], 1, steps_per_draw=1, min_relaxations=10) == [True, True]
+
+    def cost(d, mask):  # seconds: draws x admitted candidates
+        return d * sum(mask)
+
+    kw = dict(floor=40, max_draws=2000, steps_per_draw=5, min_relaxations=10)
+    # admitted from d >= 2/rate: 20, 200, 2000 draws
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=150, **kw) == (150, [False, False, True])
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=1000, **kw) == (500, [False, True, True])
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=1e5, **kw) == (2000, [True, True, True])
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=10, **kw) == (40, [False, False, True])
+
+    def later(d, last):  # this round d, the rest (when planned) as much again
+        return d * (1 if last else 2)
+
+    assert C.next_draws(100, later, remaining=700, max_draws=2000) == (300, False)
+    d, last = C.next_draws(100, later, remaining=400, max_draws=2000)
+    assert 150 <= d <= 200 and not last
+    d, last = C.next_draws(100, later, remaining=200, max_draws=2000)
+    assert 150 <= d <= 200 and last
+    assert C.next_draws(100, later, remaining=100, max_draws=2000) is None
+    assert C.next_draws(1500, later, remaining=1e9, max_draws=2000) == (2000, False)
+
+
 def _ar1(rng, shape, phi):
     """Stationary unit-variance AR(1) along axis 1 of shape (chains, draws, k)."""
     x = np.empty(shape)
