@@ -13,11 +13,17 @@ limit; the mixing time in steps, ≈ (λ_max + λ)/(λ_min + λ), does not depen
 nβ is nearly free while a smaller λ costs mixing. Full batch is used whenever its step costs at
 most ``full_batch_max_cost`` times a minibatch step (minibatch noise grows with nβ).
 
-**Search** (:func:`bif.evaluation.calibration.search`, :func:`survivors`): successive halving. Round 0 scores every
+**Search** (:func:`bif.evaluation.calibration.search`, :func:`survivors`): successive halving. Round 0 scores the
 (nβ/n, λ) of a coarse grid on short chains; each later round keeps the best third by LDS
-(at least 2), adds the batch / step-fraction variants of the leader, and triples the draws.
-Its cost is predicted from the measured seconds per chain step and sized to the budget
-(300 retrainings, i.e. one full ground-truth build, by default).
+(at least 2), adds the batch / step-fraction variants of the leader, and triples the draws
+(or less: :func:`next_draws` scales them to what is left of the budget). Its cost is predicted
+from the probe's seconds per step, corrected after each round by the round's measured wall time,
+and sized to the budget (300 retrainings, i.e. one full ground-truth build, by default).
+Mixing sets the floor (:func:`relaxation_rate`): a flat direction relaxes at 2·frac·λ/(λ_max + λ)
+per step whatever nβ, so each search chain burns in for a few relaxation times
+(:func:`burnin_steps`) and round 0 runs, at the largest draw count the budget affords, only the
+candidates that relax ``min_relaxations`` times in it (:func:`plan_round0`, :func:`admitted`): a small
+budget runs fewer, longer chains instead of every candidate at a draw count where its LDS is noise.
 
 **Scoring** (:func:`paired`, :func:`pick`). Each setting's per-query LDS against a cheap ground
 truth (many subsets, one seed, independent of the evaluation subsets); two settings are

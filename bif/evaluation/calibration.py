@@ -263,7 +263,8 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     0, and triples the draws. Round 0's draws are the most that fit the budget
     (:func:`bif.evaluation.calibrate.plan_round0`, at least ``min_round0_draws``); a candidate that would
     not relax ``min_relaxations`` times in them sits out (only when the draws are sized to the budget).
-    Each search chain burns in for ``burnin_relaxations`` relaxation times (at most the base burn-in).
+    Every plan keeps ``1 - plan_margin`` of what is left in reserve (the wall time of a round on a shared
+    machine varies by tens of percent). Each search chain burns in for ``burnin_relaxations`` relaxation times (at most the base burn-in).
     A later round gets the draws that fit what is left (:func:`bif.evaluation.calibrate.next_draws`:
     x3, or less, or as the last round); a round that fits at less than 1.5x the previous draws is skipped.
     The winner is :func:`bif.evaluation.calibrate.pick` of the last round; its MCSE gives the recommended
@@ -319,7 +320,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     if st.round0_draws is not None:
         d0, mask = st.round0_draws, [True] * len(grid)
     else:
-        d0, mask = C.plan_round0([rate(c) for c in grid], plan_cost, remaining=remaining,
+        d0, mask = C.plan_round0([rate(c) for c in grid], plan_cost, remaining=st.plan_margin * remaining,
                                  floor=st.min_round0_draws, max_draws=st.max_draws, steps_per_draw=spd,
                                  min_relaxations=st.min_relaxations)
     cands = [c for c, ok in zip(grid, mask) if ok]
@@ -348,7 +349,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
                 ds = [min(st.max_draws, d * 3 ** k) for k in range(1, len(rest) + 1)]
                 return round_cost(cands, d) + seconds(rest, ds, later_burnin(cands), worst)
 
-            nxt = C.next_draws(draws, cost, remaining=left, max_draws=st.max_draws)
+            nxt = C.next_draws(draws, cost, remaining=st.plan_margin * left, max_draws=st.max_draws)
             if nxt is None:
                 msg = (f"stopped after round {r - 1}: round {r} would take ~{cost(math.ceil(1.5 * draws), True):.0f} s "
                        f"at 1.5x the draws, {max(left, 0):.0f} s left")

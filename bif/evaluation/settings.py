@@ -106,6 +106,9 @@ class CalibrationSettings(BaseModel):
     burnin_relaxations: float | None = Field(3.0, gt=0, description=(
         "Burn-in of each search chain, in relaxation times 1/rate (at most the config's num_burnin_steps); "
         "None: the config's burn-in. The recommended block keeps the config's burn-in."))
+    plan_margin: float = Field(0.85, gt=0, le=1, description=(
+        "Each round is planned to fit this share of the budget that is left (the rest is a reserve: a round's "
+        "wall time on a shared machine varies by tens of percent)."))
     max_draws: int = Field(2000, ge=8, description="Most draws per chain of any round.")
     search_chains: int = Field(2, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
     num_chains: int = Field(4, ge=2, description="Chains in the recommended sampler block (R-hat needs >= 2).")
