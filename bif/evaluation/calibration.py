@@ -176,32 +176,34 @@ class Probe:
     seconds: float
 
 
-def _step_seconds(problem: Problem, sampler: SamplerConfig, num_steps: int = 10, repeats: int = 3) -> float:
+def _step_seconds(problem: Problem, sampler: SamplerConfig, num_steps: int = 10, repeats: int = 3,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds of one SGLD step (the median of ``repeats`` timings of ``num_steps`` steps)."""
     chain = SGLDChain(problem, sampler, chain=0)
     chain.sgld_step()  # warm-up
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(num_steps):
             chain.sgld_step()
-        times.append((time.perf_counter() - t0) / num_steps)
+        times.append((clock() - t0) / num_steps)
     return float(np.median(times))
 
 
-def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings) -> Probe:
+def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings, *,
+          clock: Callable[[], float] = time.perf_counter) -> Probe:
     """λ_max (:func:`top_hessian_eigenvalue`), the cost of a full-batch and a minibatch step, and a stability pilot.
 
     The pilot runs one short chain at the largest nβ/n and smallest λ of the grid with the first step
     fraction; if it diverges or runs away, the fractions are halved (at most 5 times).
     """
-    t0 = time.perf_counter()
+    t0 = clock()
     n = len(problem.train)
     lmax = top_hessian_eigenvalue(problem, params=base.params)
     mini = max(1, min(st.minibatch, n // 2))
     tiny = base.model_copy(update={"step_size": 1e-12, "nbeta": float(n), "gamma": 1.0})
-    full_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": n}))
-    mini_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": mini}))
+    full_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": n}), clock=clock)
+    mini_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": mini}), clock=clock)
     scale = 1.0
     for _ in range(5):
         c = C.Candidate(max(st.nbeta_mults), min(st.lambdas), 0, st.step_fractions[0] * scale)
@@ -209,7 +211,7 @@ def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings) -> Pro
         if pilot_stable(problem, s, s.step_size, num_steps=st.pilot_steps):
             break
         scale /= 2
-    return Probe(lmax, full_s, mini_s, mini, scale, time.perf_counter() - t0)
+    return Probe(lmax, full_s, mini_s, mini, scale, clock() - t0)
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def _planned_seconds(counts: list[int], draws: list[int], *, chains: int, burnin
 def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: CalibrationSettings, *,
            budget_seconds: float, spent_seconds: float = 0.0, parallelism: int = 1,
            map_fn: Callable[[list[Job]], list[SettingScore]] | None = None, probe_result: Probe | None = None,
-           log: Callable[[str], None] = print) -> SearchResult:
+           log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> SearchResult:
     """Successive halving over (nβ/n, λ, batch, step fraction), sized to ``budget_seconds`` of wall time.
 
     ``spent_seconds`` already went (the cheap ground truth); ``map_fn(jobs)`` evaluates a round's
@@ -267,16 +269,18 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     machine varies by tens of percent). Each search chain burns in for ``burnin_relaxations`` relaxation times (at most the base burn-in).
     A later round gets the draws that fit what is left (:func:`bif.evaluation.calibrate.next_draws`:
     x3, or less, or as the last round); a round that fits at less than 1.5x the previous draws is skipped.
-    The winner is :func:`bif.evaluation.calibrate.pick` of the last round; its MCSE gives the recommended
+    ``clock`` measures the budget (wall time by default; the benchmark passes the process's CPU time,
+    which a shared machine's load does not inflate). The winner is :func:`bif.evaluation.calibrate.pick`
+    of the last round; its MCSE gives the recommended
     ``num_draws``.
     """
-    t_start = time.perf_counter() - spent_seconds
+    t_start = clock() - spent_seconds
     n = len(problem.train)
     if map_fn is None:
         def map_fn(jobs):
             return [evaluate_setting(problem, j.sampler, gt, head=j.head, target_share=j.target_share,
                                      diagnostics=j.diagnostics, project_draws=j.project_draws) for j in jobs]
-    pr = probe_result or probe(problem, base, st)
+    pr = probe_result or probe(problem, base, st, clock=clock)
     full = pr.full_step_seconds <= st.full_batch_max_cost * pr.mini_step_seconds
     batch0, other = (0, pr.minibatch) if full else (pr.minibatch, 0)
     step_s = [pr.full_step_seconds if full else pr.mini_step_seconds]  # of round 0's batch; corrected each round
@@ -316,7 +320,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
         draws = [min(st.max_draws, d0 * 3 ** r) for r in range(1, st.num_rounds)]
         return round_cost(cands, d0) + seconds(later_counts(len(cands)), draws, later_burnin(cands), worst)
 
-    remaining = budget_seconds - (time.perf_counter() - t_start)
+    remaining = budget_seconds - (clock() - t_start)
     if st.round0_draws is not None:
         d0, mask = st.round0_draws, [True] * len(grid)
     else:
@@ -339,7 +343,7 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     draws, final = d0, st.num_rounds == 1
     for r in range(st.num_rounds):
         if r > 0:
-            left = budget_seconds - (time.perf_counter() - t_start)
+            left = budget_seconds - (clock() - t_start)
 
             def cost(d: int, last_round: bool) -> float:
                 rest, k = [], len(cands)
@@ -362,11 +366,11 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
                     {"mult": c.mult, "lam": c.lam, "frac": c.frac, "round": r}, st.target_share,
                     diagnostics=r > 0 or st.num_rounds == 1, project_draws=st.project_draws) for c in cands]
         planned = round_cost(cands, draws)
-        t0 = time.perf_counter()
+        t0 = clock()
         last = map_fn(jobs)
         scores += last
         rounds.append({"round": r, "settings": len(jobs), "draws": draws, "chains": chains,
-                       "seconds": time.perf_counter() - t0})
+                       "seconds": clock() - t0})
         if planned > 0:  # plan the next rounds at the cost this round actually had (evaluation, load included)
             step_s[0] *= rounds[-1]["seconds"] / planned
         live = [s for s in last if not s.diverged]
@@ -398,6 +402,6 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     run_s = best.seconds_per_step * st.num_chains * C.chain_steps(num_draws, burnin=burnin, steps_per_draw=spd) \
         / max(1, min(st.num_chains, parallelism))
     return SearchResult(best=best, healthy=healthy, ties=ties, scores=scores, probe=pr, rounds=rounds,
-                        budget_seconds=budget_seconds, spent_seconds=time.perf_counter() - t_start,
+                        budget_seconds=budget_seconds, spent_seconds=clock() - t_start,
                         num_draws=num_draws, num_chains=st.num_chains, predicted_share=share, run_seconds=run_s,
                         note=note)
