@@ -127,6 +127,59 @@ def test_relaxation_rate_burnin_and_the_budget_sized_round_0():
     assert C.next_draws(1500, later, remaining=1e9, max_draws=2000) == (2000, False)
 
 
+def test_search_sizes_rounds_by_mixing_and_stays_inside_its_budget():
+    """The search's planning on a simulated clock (chains cost 2x the probe's step, evaluation included):
+    a small budget runs only the candidates that relax 10 times in round 0's draws, burns each in for 3
+    relaxation times, and ends inside the budget; a large one runs the whole grid."""
+    from bif.evaluation.calibration import Probe
+
+    class Sim:  # a problem of n = 800 and a clock that only chains advance
+        train = range(800)
+        now = 0.0
+
+    pr = Probe(lambda_max=0.98, full_step_seconds=1.3e-3, mini_step_seconds=0.8e-3, minibatch=64,
+               fraction_scale=1.0, seconds=0.5)
+
+    def fake_map(jobs):
+        out = []
+        for j in jobs:
+            s = j.sampler
+            steps = s.num_chains * (s.num_burnin_steps + s.num_draws * (s.steps_per_draw + 1))
+            sec = steps * 2 * (pr.full_step_seconds if s.batch_size == 800 else pr.mini_step_seconds)
+            Sim.now += sec
+            lds = 0.6 - 0.1 * abs(math.log10(j.head["lam"] / 0.1)) - 0.02 * math.log10(j.head["mult"])
+            out.append(C.SettingScore(step_size=s.step_size, nbeta=s.nbeta, gamma=s.gamma, diverged=False,
+                                      batch_size=s.batch_size, num_chains=s.num_chains, num_draws=s.num_draws,
+                                      num_burnin_steps=s.num_burnin_steps, lds=lds, per_query=(lds,) * 4,
+                                      max_rhat=1.0, median_ess_bulk=500.0, seconds=sec,
+                                      seconds_per_step=sec / steps, **j.head))
+        return out
+
+    base = SamplerConfig(num_burnin_steps=500, steps_per_draw=5)
+    st = CalibrationSettings()
+    Sim.now = 0.0
+    res = search(Sim(), base, None, st, budget_seconds=110.0, spent_seconds=22.0, map_fn=fake_map, probe_result=pr,
+                 log=lambda _: None, clock=lambda: Sim.now)
+    r0 = [s for s in res.scores if s.round == 0]
+    d0 = res.rounds[0]["draws"]
+    assert len(r0) < len(st.nbeta_mults) * len(st.lambdas) and "left out" in res.note
+    for s in res.scores:
+        rate = C.relaxation_rate(pr.lambda_max, s.lam, s.frac)
+        assert s.num_burnin_steps == min(500, math.ceil(3 / rate))
+        if s.round == 0:
+            assert rate * d0 * base.steps_per_draw >= st.min_relaxations or s.lam == max(st.lambdas)
+    assert len(res.rounds) >= 2 and res.rounds[1]["draws"] > d0 and res.spent_seconds <= 110.0
+    assert res.best.lam == 0.1 and res.best.mult == 1.0
+    Sim.now = 0.0
+    big = search(Sim(), base, None, st, budget_seconds=1e5, map_fn=fake_map, probe_result=pr,
+                 log=lambda _: None, clock=lambda: Sim.now)
+    # round 0 at the most draws a round may have (2000); λ = 0.003 relaxes only 9.2 times in them
+    assert big.rounds[0]["draws"] == st.max_draws and big.spent_seconds <= 1e5
+    assert big.rounds[0]["settings"] == len(st.nbeta_mults) * (len(st.lambdas) - 1)
+    assert C.relaxation_rate(0.98, 0.003, 0.15) * 2000 * 5 == pytest.approx(9.16, abs=0.01)
+    assert [r["draws"] for r in big.rounds] == [2000] * st.num_rounds
+
+
 def _ar1(rng, shape, phi):
     """Stationary unit-variance AR(1) along axis 1 of shape (chains, draws, k)."""
     x = np.empty(shape)
