@@ -184,14 +184,15 @@ def register(subparsers) -> None:
     _common(c)
     c.add_argument("--num-subsets", type=int, default=60, help="subsets of the cheap ground truth (default 60)")
     c.add_argument("--num-draws", type=int, default=None,
-                   help="draws per chain in round 0 (default: sized to the budget; x3 each round)")
+                   help="draws per chain in round 0, every setting runs (default: sized to the budget, and settings too "
+                   "slow to mix in those draws sit out; up to x3 each round, as the budget allows)")
     c.add_argument("--num-chains", type=int, default=4, help="chains of the recommended block (default 4)")
     c.add_argument("--pilot-steps", type=int, default=200, help="SGLD steps of the stability pilot (default 200)")
     c.add_argument("--budget-seconds", type=float, default=None,
                    help="wall-time budget in seconds (default: 300 x the measured time of one retraining)")
-    c.add_argument("--nbeta-mults", default=None, help="nbeta/n values of round 0 (default 1,3,10,30,100)")
+    c.add_argument("--nbeta-mults", default=None, help="nbeta/n values of round 0 (default 1,10,100)")
     c.add_argument("--lambdas", default=None, help="damping gamma/nbeta values of round 0 (default "
-                   "0.001,0.003,0.01,0.03,0.1)")
+                   "0.003,0.01,0.03,0.1,0.3)")
     c.add_argument("--num-rounds", type=int, default=None, help="successive-halving rounds (default 3)")
     c.add_argument("--target-share", type=float, default=0.5,
                    help="recommend num_draws so this share of pairs has |BIF| > 2 MCSE (default 0.5)")

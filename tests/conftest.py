@@ -92,6 +92,40 @@ def dask_address(prefect_api_url):
         yield cluster.scheduler_address
 
 
+#: The default linear run of tests/test_faults.py (its ``_cfg``), made once per session by
+#: :func:`linear_complete_run`; ``compute`` and ``output`` are added there.
+LINEAR_RUN_DATA = {
+    "problem": "bif.examples.linear:build", "problem_args": {"n": 40, "d": 4, "m": 6, "singular": True, "seed": 2},
+    "sampler": {"num_chains": 2, "num_draws": 60, "num_burnin_steps": 20, "steps_per_draw": 2, "step_size": 2e-3,
+                "gamma": 10.0, "nbeta": 40.0, "batch_size": 40, "seed": 3, "draws_per_block": 20,
+                "trace_dtype": "float64"},
+    "covariance": {"train_block_size": 16, "query_block_size": 4, "topk": 5},
+}
+
+
+@dataclass(frozen=True)
+class CompleteRun:
+    """One complete run of :data:`LINEAR_RUN_DATA` (see :func:`linear_complete_run`)."""
+
+    out: Path  # its local output folder
+    cfg: object  # its bif.config.RunConfig
+    manifest: dict  # what run_attribution returned
+
+
+@pytest.fixture(scope="session")
+def linear_complete_run(tmp_path_factory, dask_address) -> CompleteRun:
+    """One complete `run_attribution` of :data:`LINEAR_RUN_DATA` on the session cluster, under the session's
+    Prefect server, read (never written) by several tests that used to run it, or a config like it, each:
+    test_faults.py (the refused rerun leaves it untouched; the corrupt-block test's uninterrupted
+    reference) and test_strict_json.py (every JSON file of a run is strict)."""
+    from bif.config import build_config
+    from bif.flows.attribution import run_attribution
+
+    out = tmp_path_factory.mktemp("linear-complete") / "run"
+    cfg = build_config(LINEAR_RUN_DATA | {"output": str(out), "compute": {"address": dask_address}})
+    return CompleteRun(out=out, cfg=cfg, manifest=run_attribution(cfg, show_progress=False))
+
+
 @pytest.fixture(scope="session")
 def user_prefect_home(tmp_path_factory):
     """One PREFECT_HOME for the CLI subprocess tests (test_cli, test_credentials, test_server): its kept
@@ -182,6 +216,8 @@ def _stop_kept_prefect_servers():
 XDIST_GROUPS = {
     "test_credentials.py": "cli-linear-run",  # linear_cli_run: one `bif run` on S3 for both files
     "test_server.py": "cli-linear-run",
+    "test_faults.py": "linear-complete-run",  # linear_complete_run: one run_attribution, read by both files
+    "test_strict_json.py": "linear-complete-run",
 }
 
 #: Rough serial wall time of a file's tests, seconds (2-core machine, quiet; see

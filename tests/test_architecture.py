@@ -13,13 +13,41 @@ from bif.config import config_reference, load_config
 from bif.errors import ConfigError
 
 
-@pytest.mark.parametrize("module", ["bif.sampling.chain", "bif.sampling.kernels", "bif.sampling.measure", "bif.moments",
-                                    "bif.examples.linear", "bif.examples.digits"])
-def test_math_modules_import_no_orchestration(module):
-    code = (f"import sys, {module}; bad = [m for m in ('prefect', 'dask', 'distributed', 'fsspec', 's3fs') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+MATH_MODULES = ["bif.sampling.chain", "bif.sampling.kernels", "bif.sampling.measure", "bif.moments",
+                "bif.examples.linear", "bif.examples.digits"]
+_BANNED = "('prefect', 'dask', 'distributed', 'fsspec', 's3fs')"
+
+
+def _orchestration_after_import(modules: list[str]) -> list[list[str]]:
+    """In one fresh interpreter, import ``modules`` in order; after each, the banned modules loaded so far."""
+    code = ("import importlib, json, sys\n"
+            f"out = []\nfor m in {modules!r}:\n"
+            "    importlib.import_module(m)\n"
+            f"    out.append([b for b in {_BANNED} if b in sys.modules])\n"
+            "print(json.dumps(out))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+    return __import__("json").loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def math_imports() -> dict[str, list[str]]:
+    """Module -> orchestration modules its import loads, exactly as in a fresh interpreter of its own.
+
+    One interpreter imports them all in order (one torch import instead of six); while nothing banned is
+    loaded, a module's verdict there is the one it would get alone. Once something is, each later module
+    gets a fresh interpreter of its own, so every module is still judged alone."""
+    seq = _orchestration_after_import(MATH_MODULES)
+    out = {}
+    for i, m in enumerate(MATH_MODULES):
+        clean_before = i == 0 or not seq[i - 1]
+        out[m] = seq[i] if clean_before else _orchestration_after_import([m])[0]
+    return out
+
+
+@pytest.mark.parametrize("module", MATH_MODULES)
+def test_math_modules_import_no_orchestration(module, math_imports):
+    assert math_imports[module] == [], f"importing {module} loads {math_imports[module]}"
 
 
 def test_help_lists_commands_and_examples(capsys):

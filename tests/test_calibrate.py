@@ -91,6 +91,95 @@ def test_variants_and_round_sizing():
     assert got == pytest.approx((10 * 2 * (100 + 100 * 6) + 3 * 2 * (100 + 300 * 6)) * 1e-3 / 2)
 
 
+def test_relaxation_rate_burnin_and_the_budget_sized_round_0():
+    # the flat-direction contraction of ε/2·(nβ h + γ) with ε = frac·4/(nβ(λ_max + λ)), h = 0, whatever nβ
+    assert C.relaxation_rate(0.98, 0.1, 0.15) == pytest.approx(2 * 0.15 * 0.1 / 1.08)
+    assert C.relaxation_rate(0.0, 0.1, 0.9) == 1.0 and C.relaxation_rate(1.0, 0.0, 0.15) == 0.0
+    nbeta, lam, lmax, frac = 800.0, 0.1, 0.98, 0.15  # the rate is the drift's contraction on a flat direction
+    eps = frac * C.step_limit(lmax, nbeta, lam)
+    assert eps / 2 * (nbeta * 0.0 + lam * nbeta) == pytest.approx(C.relaxation_rate(lmax, lam, frac))
+    assert C.burnin_steps(0.0278, relaxations=3, cap=500) == 108
+    assert C.burnin_steps(0.001, relaxations=3, cap=500) == 500 and C.burnin_steps(0.5, relaxations=None, cap=500) == 500
+    # 500 steps: 0.5, 5 and 50 relaxation times; the fastest always runs
+    assert C.admitted([0.001, 0.01, 0.1], 100, steps_per_draw=5, min_relaxations=10) == [False, False, True]
+    assert C.admitted([0.001, 0.01, 0.1], 100, steps_per_draw=5, min_relaxations=0) == [True] * 3
+    assert C.admitted([0.001, 0.001], 1, steps_per_draw=1, min_relaxations=10) == [True, True]
+
+    def cost(d, mask):  # seconds: draws x admitted candidates
+        return d * sum(mask)
+
+    kw = dict(floor=40, max_draws=2000, steps_per_draw=5, min_relaxations=10)
+    # admitted from d >= 2/rate: 20, 200, 2000 draws
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=150, **kw) == (150, [False, False, True])
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=1000, **kw) == (500, [False, True, True])
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=1e5, **kw) == (2000, [True, True, True])
+    assert C.plan_round0([0.001, 0.01, 0.1], cost, remaining=10, **kw) == (40, [False, False, True])
+
+    def later(d, last):  # this round d, the rest (when planned) as much again
+        return d * (1 if last else 2)
+
+    assert C.next_draws(100, later, remaining=700, max_draws=2000) == (300, False)
+    d, last = C.next_draws(100, later, remaining=400, max_draws=2000)
+    assert 150 <= d <= 200 and not last
+    d, last = C.next_draws(100, later, remaining=200, max_draws=2000)
+    assert 150 <= d <= 200 and last
+    assert C.next_draws(100, later, remaining=100, max_draws=2000) is None
+    assert C.next_draws(1500, later, remaining=1e9, max_draws=2000) == (2000, False)
+
+
+def test_search_sizes_rounds_by_mixing_and_stays_inside_its_budget():
+    """The search's planning on a simulated clock (chains cost 2x the probe's step, evaluation included):
+    a small budget runs only the candidates that relax 10 times in round 0's draws, burns each in for 3
+    relaxation times, and ends inside the budget; a large one runs the whole grid."""
+    from bif.evaluation.calibration import Probe
+
+    class Sim:  # a problem of n = 800 and a clock that only chains advance
+        train = range(800)
+        now = 0.0
+
+    pr = Probe(lambda_max=0.98, full_step_seconds=1.3e-3, mini_step_seconds=0.8e-3, minibatch=64,
+               fraction_scale=1.0, seconds=0.5)
+
+    def fake_map(jobs):
+        out = []
+        for j in jobs:
+            s = j.sampler
+            steps = s.num_chains * (s.num_burnin_steps + s.num_draws * (s.steps_per_draw + 1))
+            sec = steps * 2 * (pr.full_step_seconds if s.batch_size == 800 else pr.mini_step_seconds)
+            Sim.now += sec
+            lds = 0.6 - 0.1 * abs(math.log10(j.head["lam"] / 0.1)) - 0.02 * math.log10(j.head["mult"])
+            out.append(C.SettingScore(step_size=s.step_size, nbeta=s.nbeta, gamma=s.gamma, diverged=False,
+                                      batch_size=s.batch_size, num_chains=s.num_chains, num_draws=s.num_draws,
+                                      num_burnin_steps=s.num_burnin_steps, lds=lds, per_query=(lds,) * 4,
+                                      max_rhat=1.0, median_ess_bulk=500.0, seconds=sec,
+                                      seconds_per_step=sec / steps, **j.head))
+        return out
+
+    base = SamplerConfig(num_burnin_steps=500, steps_per_draw=5)
+    st = CalibrationSettings()
+    Sim.now = 0.0
+    res = search(Sim(), base, None, st, budget_seconds=110.0, spent_seconds=22.0, map_fn=fake_map, probe_result=pr,
+                 log=lambda _: None, clock=lambda: Sim.now)
+    r0 = [s for s in res.scores if s.round == 0]
+    d0 = res.rounds[0]["draws"]
+    assert len(r0) < len(st.nbeta_mults) * len(st.lambdas) and "left out" in res.note
+    for s in res.scores:
+        rate = C.relaxation_rate(pr.lambda_max, s.lam, s.frac)
+        assert s.num_burnin_steps == min(500, math.ceil(3 / rate))
+        if s.round == 0:
+            assert rate * d0 * base.steps_per_draw >= st.min_relaxations or s.lam == max(st.lambdas)
+    assert len(res.rounds) >= 2 and res.rounds[1]["draws"] > d0 and res.spent_seconds <= 110.0
+    assert res.best.lam == 0.1 and res.best.mult == 1.0
+    Sim.now = 0.0
+    big = search(Sim(), base, None, st, budget_seconds=1e5, map_fn=fake_map, probe_result=pr,
+                 log=lambda _: None, clock=lambda: Sim.now)
+    # round 0 at the most draws a round may have (2000); λ = 0.003 relaxes only 9.2 times in them
+    assert big.rounds[0]["draws"] == st.max_draws and big.spent_seconds <= 1e5
+    assert big.rounds[0]["settings"] == len(st.nbeta_mults) * (len(st.lambdas) - 1)
+    assert C.relaxation_rate(0.98, 0.003, 0.15) * 2000 * 5 == pytest.approx(9.16, abs=0.01)
+    assert [r["draws"] for r in big.rounds] == [2000] * st.num_rounds
+
+
 def _ar1(rng, shape, phi):
     """Stationary unit-variance AR(1) along axis 1 of shape (chains, draws, k)."""
     x = np.empty(shape)

@@ -43,9 +43,18 @@ def _cfg(output, address, **over):
     return build_config(data)
 
 
-def test_flow_matches_closed_form_and_reruns_are_skipped(tmp_path, dask_address, capsys):
-    cfg = _cfg(tmp_path / "run", dask_address)
-    manifest = run_attribution(cfg, show_progress=False)
+@pytest.fixture(scope="module")
+def closed_form_run(tmp_path_factory, dask_address) -> tuple:
+    """One complete run of the closed-form config on the session cluster, under the session's Prefect
+    server: (root, cfg, manifest). Two tests check it: the closed form, the outputs and the skipped
+    rerun; and the Prefect artifacts it published (they used to run the flow once each)."""
+    root = tmp_path_factory.mktemp("closed-form")
+    cfg = _cfg(root / "run", dask_address)
+    return root, cfg, run_attribution(cfg, show_progress=False)
+
+
+def test_flow_matches_closed_form_and_reruns_are_skipped(closed_form_run, capsys):
+    tmp_path, cfg, manifest = closed_form_run
     assert manifest["status"] == S.STATUS_COMPLETE
     assert manifest["config_hash"] == cfg.hash()
     ds = xr.open_zarr(tmp_path / "run" / S.BIF_ZARR, consolidated=False).load()
@@ -145,20 +154,26 @@ def test_divergent_step_size_fails_a_quality_gate(tmp_path, dask_address, capsys
     assert "warning: gate health_loss" in capsys.readouterr().err
 
 
-def test_prefect_artifacts_published(prefect_api_url, tmp_path, dask_address):
+def test_prefect_artifacts_published(prefect_api_url, closed_form_run):
+    """The complete run of ``closed_form_run`` published its summary and top-k as Prefect artifacts."""
     import asyncio
 
     from prefect.client.orchestration import get_client
 
-    cfg = _cfg(tmp_path / "art", dask_address, sampler=SAMPLER | {"num_draws": 30, "draws_per_block": 30})
-    assert run_attribution(cfg, show_progress=False)["status"] == "complete"
+    _, cfg, manifest = closed_form_run
+    assert manifest["status"] == "complete"
 
     async def artifacts():
         async with get_client() as client:
             return await client.read_artifacts()
 
-    keys = {a.key for a in asyncio.run(artifacts())}
+    arts = asyncio.run(artifacts())
+    keys = {a.key for a in arts}
     assert {"bif-run-summary", "bif-topk"} <= keys
+    # this run's own: its summary names its output, and its flow run published the top-k table too
+    (mine,) = [a for a in arts if a.key == "bif-run-summary" and a.description == f"BIF run at {cfg.output}"]
+    assert f"# BIF run `{cfg.output}`" in mine.data and mine.flow_run_id is not None
+    assert "bif-topk" in {a.key for a in arts if a.flow_run_id == mine.flow_run_id}
 
 
 def _write_yaml(path: Path, data: dict) -> str:

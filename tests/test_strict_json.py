@@ -7,7 +7,6 @@ import math
 import pytest
 
 from bif import schema as S
-from bif.config import build_config
 from bif.store.fs import dumps_strict, get_fs, read_json, write_json
 
 
@@ -31,18 +30,10 @@ def test_write_json_is_strict_and_documents_infinite_bounds_as_null(tmp_path):
 
 
 @pytest.mark.e2e
-def test_every_json_file_of_a_run_is_strict(tmp_path, dask_address):
-    from bif.flows.attribution import run_attribution
-
-    out = tmp_path / "run"
-    cfg = build_config({"problem": "bif.examples.linear:build", "problem_args": {"n": 30, "d": 3, "m": 4, "seed": 1},
-                        "output": str(out), "compute": {"address": dask_address},
-                        "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 10, "steps_per_draw": 2,
-                                    "step_size": 2e-3, "gamma": 10.0, "nbeta": 30.0, "batch_size": 30,
-                                    "draws_per_block": 20},
-                        "covariance": {"topk": 3}})
-    manifest = run_attribution(cfg, show_progress=False)
-    assert manifest["status"] == S.STATUS_COMPLETE
+def test_every_json_file_of_a_run_is_strict(linear_complete_run):
+    """The JSON files of a complete linear run (the session's ``linear_complete_run``, tests/conftest.py)."""
+    out = linear_complete_run.out
+    assert linear_complete_run.manifest["status"] == S.STATUS_COMPLETE
     files = sorted(out.rglob("*.json"))
     names = {str(p.relative_to(out)) for p in files}
     assert {S.CONFIG_FILE, S.MANIFEST_FILE, f"{S.QUALITY_DIR}/{S.QUALITY_SUMMARY_FILE}"} <= names, names

@@ -13,11 +13,17 @@ limit; the mixing time in steps, ≈ (λ_max + λ)/(λ_min + λ), does not depen
 nβ is nearly free while a smaller λ costs mixing. Full batch is used whenever its step costs at
 most ``full_batch_max_cost`` times a minibatch step (minibatch noise grows with nβ).
 
-**Search** (:func:`bif.evaluation.calibration.search`, :func:`survivors`): successive halving. Round 0 scores every
+**Search** (:func:`bif.evaluation.calibration.search`, :func:`survivors`): successive halving. Round 0 scores the
 (nβ/n, λ) of a coarse grid on short chains; each later round keeps the best third by LDS
-(at least 2), adds the batch / step-fraction variants of the leader, and triples the draws.
-Its cost is predicted from the measured seconds per chain step and sized to the budget
-(300 retrainings, i.e. one full ground-truth build, by default).
+(at least 2), adds the batch / step-fraction variants of the leader, and triples the draws
+(or less: :func:`next_draws` scales them to what is left of the budget). Its cost is predicted
+from the probe's seconds per step, corrected after each round by the round's measured wall time,
+and sized to the budget (300 retrainings, i.e. one full ground-truth build, by default).
+Mixing sets the floor (:func:`relaxation_rate`): a flat direction relaxes at 2·frac·λ/(λ_max + λ)
+per step whatever nβ, so each search chain burns in for a few relaxation times
+(:func:`burnin_steps`) and round 0 runs, at the largest draw count the budget affords, only the
+candidates that relax ``min_relaxations`` times in it (:func:`plan_round0`, :func:`admitted`): a small
+budget runs fewer, longer chains instead of every candidate at a draw count where its LDS is noise.
 
 **Scoring** (:func:`paired`, :func:`pick`). Each setting's per-query LDS against a cheap ground
 truth (many subsets, one seed, independent of the evaluation subsets); two settings are
@@ -34,7 +40,7 @@ quantile of D_p.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -93,6 +99,7 @@ class SettingScore:
     round: int = 0
     num_chains: int = 0
     num_draws: int = 0
+    num_burnin_steps: int = 0
     max_rhat: float = math.nan
     median_ess_bulk: float = math.nan
     distance_mean: float = math.nan  # mean ||w - w*|| over all draws and chains
@@ -194,6 +201,87 @@ def variants(c: Candidate, *, minibatch: int | None, fractions: Iterable[float] 
     if minibatch:
         out += [replace(c, batch=minibatch, frac=f) for f in fractions]
     return [v for v in out if v != c]
+
+
+def relaxation_rate(lambda_max: float, lam: float, frac: float) -> float:
+    """Per-step contraction of the SGLD drift along a flat direction of L_n (curvature 0): 2·frac·λ/(λ_max + λ).
+
+    With ε = frac · 4/(nβ(λ_max + λ)) the drift ε/2·(nβ·h + γ) contracts a direction of curvature h by
+    2·frac·(h + λ)/(λ_max + λ) per step, whatever nβ; the flat directions (h ≈ 0) are the slowest, so
+    1/rate is the relaxation time of the chain in steps (its mixing time on the quadratic model), capped at 1.
+    """
+    denom = max(lambda_max, 0.0) + lam
+    if denom <= 0 or frac <= 0:
+        return 0.0
+    return min(1.0, 2.0 * frac * lam / denom)
+
+
+def burnin_steps(rate: float, *, relaxations: float | None, cap: int) -> int:
+    """Burn-in of a search chain from w*: ``relaxations`` relaxation times (1/rate), at most ``cap`` (the base burn-in).
+
+    A chain started at w* reaches the stationary spread of the quadratic model as 1 - exp(-2·rate·t), so 3
+    relaxation times leave 0.25% of it; ``relaxations`` None (or rate 0) keeps ``cap``.
+    """
+    if relaxations is None or rate <= 0:
+        return int(cap)
+    return int(min(cap, max(1, math.ceil(relaxations / rate))))
+
+
+def admitted(rates: Sequence[float], draws: int, *, steps_per_draw: int, min_relaxations: float) -> list[bool]:
+    """Which candidates relax at least ``min_relaxations`` times over ``draws`` x ``steps_per_draw`` steps.
+
+    A chain shorter than a few relaxation times gives a BIF that is mostly the start's memory, so its LDS
+    says little about the setting; such candidates sit out a round that cannot afford them. The fastest
+    relaxing candidates (largest rate) are always admitted, so a round is never empty.
+    """
+    if not rates:
+        return []
+    top = max(rates)
+    return [r * draws * steps_per_draw >= min_relaxations or r >= top * (1 - 1e-12) for r in rates]
+
+
+def plan_round0(rates: Sequence[float], cost: Callable[[int, list[bool]], float], *, remaining: float,
+                floor: int, max_draws: int, steps_per_draw: int, min_relaxations: float,
+                step: int = 10) -> tuple[int, list[bool]]:
+    """Round 0's draws per chain and its candidates, sized to the budget.
+
+    The largest ``draws`` in [floor, max_draws] (in steps of ``step``) whose whole plan fits:
+    ``cost(draws, mask) <= remaining`` with ``mask = admitted(rates, draws, ...)``. A larger round 0 both
+    buys draws and admits the slower-mixing candidates, so a small budget runs fewer, longer chains instead
+    of every candidate at a draw count where its LDS is noise. When nothing fits: (floor, its mask).
+    """
+    best = None
+    d = floor
+    while d <= max_draws:
+        mask = admitted(rates, d, steps_per_draw=steps_per_draw, min_relaxations=min_relaxations)
+        if cost(d, mask) <= remaining:
+            best = (d, mask)
+        d += step
+    if best is None:
+        return floor, admitted(rates, floor, steps_per_draw=steps_per_draw, min_relaxations=min_relaxations)
+    return best
+
+
+def next_draws(prev: int, cost: Callable[[int, bool], float], *, remaining: float, growth: float = 3.0,
+               min_growth: float = 1.5, max_draws: int) -> tuple[int, bool] | None:
+    """Draws of the next round and whether it must be the last: (draws, last), or None to stop.
+
+    Tries ``growth`` x ``prev`` draws (capped at ``max_draws``) and less, down to ``min_growth`` x ``prev``,
+    with the later rounds still planned (``cost(draws, False)``: this round and the rest); if none fits,
+    the same range with this round as the last one (``cost(draws, True)``). Draws that scale with what is
+    left, instead of skipping a round that would overrun the budget by a little.
+    """
+    hi = int(min(max_draws, math.floor(growth * prev)))
+    lo = int(min(max_draws, math.ceil(min_growth * prev)))
+    if hi < prev:
+        return None
+    for last in (False, True):
+        d = hi
+        while d >= lo:
+            if cost(d, last) <= remaining:
+                return d, last
+            d -= max(1, (hi - lo) // 20)
+    return None
 
 
 def chain_steps(num_draws: int, *, burnin: int, steps_per_draw: int) -> int:

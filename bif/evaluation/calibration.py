@@ -80,7 +80,7 @@ def evaluate_setting(problem: Problem, sampler: SamplerConfig, gt: GroundTruth |
     n = len(problem.train)
     head = {"step_size": sampler.step_size, "nbeta": nbeta, "gamma": sampler.gamma,
             "batch_size": min(sampler.batch_size, n), "num_chains": sampler.num_chains,
-            "num_draws": sampler.num_draws, **(head or {})}
+            "num_draws": sampler.num_draws, "num_burnin_steps": sampler.num_burnin_steps, **(head or {})}
     steps = sampler.num_chains * (sampler.num_burnin_steps + sampler.num_draws * sampler.steps_per_draw)
     t0 = time.perf_counter()
     try:
@@ -176,32 +176,34 @@ class Probe:
     seconds: float
 
 
-def _step_seconds(problem: Problem, sampler: SamplerConfig, num_steps: int = 10, repeats: int = 3) -> float:
+def _step_seconds(problem: Problem, sampler: SamplerConfig, num_steps: int = 10, repeats: int = 3,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds of one SGLD step (the median of ``repeats`` timings of ``num_steps`` steps)."""
     chain = SGLDChain(problem, sampler, chain=0)
     chain.sgld_step()  # warm-up
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(num_steps):
             chain.sgld_step()
-        times.append((time.perf_counter() - t0) / num_steps)
+        times.append((clock() - t0) / num_steps)
     return float(np.median(times))
 
 
-def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings) -> Probe:
+def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings, *,
+          clock: Callable[[], float] = time.perf_counter) -> Probe:
     """λ_max (:func:`top_hessian_eigenvalue`), the cost of a full-batch and a minibatch step, and a stability pilot.
 
     The pilot runs one short chain at the largest nβ/n and smallest λ of the grid with the first step
     fraction; if it diverges or runs away, the fractions are halved (at most 5 times).
     """
-    t0 = time.perf_counter()
+    t0 = clock()
     n = len(problem.train)
     lmax = top_hessian_eigenvalue(problem, params=base.params)
     mini = max(1, min(st.minibatch, n // 2))
     tiny = base.model_copy(update={"step_size": 1e-12, "nbeta": float(n), "gamma": 1.0})
-    full_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": n}))
-    mini_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": mini}))
+    full_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": n}), clock=clock)
+    mini_s = _step_seconds(problem, tiny.model_copy(update={"batch_size": mini}), clock=clock)
     scale = 1.0
     for _ in range(5):
         c = C.Candidate(max(st.nbeta_mults), min(st.lambdas), 0, st.step_fractions[0] * scale)
@@ -209,7 +211,7 @@ def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings) -> Pro
         if pilot_stable(problem, s, s.step_size, num_steps=st.pilot_steps):
             break
         scale /= 2
-    return Probe(lmax, full_s, mini_s, mini, scale, time.perf_counter() - t0)
+    return Probe(lmax, full_s, mini_s, mini, scale, clock() - t0)
 
 
 @dataclass(frozen=True)
@@ -253,82 +255,131 @@ def _planned_seconds(counts: list[int], draws: list[int], *, chains: int, burnin
 def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: CalibrationSettings, *,
            budget_seconds: float, spent_seconds: float = 0.0, parallelism: int = 1,
            map_fn: Callable[[list[Job]], list[SettingScore]] | None = None, probe_result: Probe | None = None,
-           log: Callable[[str], None] = print) -> SearchResult:
+           log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> SearchResult:
     """Successive halving over (nβ/n, λ, batch, step fraction), sized to ``budget_seconds`` of wall time.
 
     ``spent_seconds`` already went (the cheap ground truth); ``map_fn(jobs)`` evaluates a round's
     settings (default: in this process, one after the other) and ``parallelism`` says how many run at
     once. Round 0: every (nβ/n, λ) of the settings at the first step fraction and the batch the probe
     chose; round r+1 keeps the best ``keep`` share, adds the leader's batch / step variants after round
-    0, and triples the draws. Round 0's draws are the most that fit the budget (at least 40); a later
-    round that would overrun the budget is skipped. The winner is :func:`bif.evaluation.calibrate.pick`
-    of the last round; its MCSE gives the recommended ``num_draws``.
+    0, and triples the draws. Round 0's draws are the most that fit the budget
+    (:func:`bif.evaluation.calibrate.plan_round0`, at least ``min_round0_draws``); a candidate that would
+    not relax ``min_relaxations`` times in them sits out (only when the draws are sized to the budget).
+    Every plan keeps ``1 - plan_margin`` of what is left in reserve (the wall time of a round on a shared
+    machine varies by tens of percent). Each search chain burns in for ``burnin_relaxations`` relaxation times (at most the base burn-in).
+    A later round gets the draws that fit what is left (:func:`bif.evaluation.calibrate.next_draws`:
+    x3, or less, or as the last round); a round that fits at less than 1.5x the previous draws is skipped.
+    ``clock`` measures the budget (wall time by default; the benchmark passes the process's CPU time,
+    which a shared machine's load does not inflate). The winner is :func:`bif.evaluation.calibrate.pick`
+    of the last round; its MCSE gives the recommended
+    ``num_draws``.
     """
-    t_start = time.perf_counter() - spent_seconds
+    t_start = clock() - spent_seconds
     n = len(problem.train)
     if map_fn is None:
         def map_fn(jobs):
             return [evaluate_setting(problem, j.sampler, gt, head=j.head, target_share=j.target_share,
                                      diagnostics=j.diagnostics, project_draws=j.project_draws) for j in jobs]
-    pr = probe_result or probe(problem, base, st)
+    pr = probe_result or probe(problem, base, st, clock=clock)
     full = pr.full_step_seconds <= st.full_batch_max_cost * pr.mini_step_seconds
     batch0, other = (0, pr.minibatch) if full else (pr.minibatch, 0)
-    step_s = pr.full_step_seconds if full else pr.mini_step_seconds
+    step_s = [pr.full_step_seconds if full else pr.mini_step_seconds]  # of round 0's batch; corrected each round
+    # a step of the other batch costs what the probe measured, relative to round 0's batch
+    rel = {batch0: 1.0, other: (pr.mini_step_seconds / pr.full_step_seconds if full
+                                else pr.full_step_seconds / pr.mini_step_seconds)}
     fracs = [f * pr.fraction_scale for f in st.step_fractions]
-    cands = [C.Candidate(m, lam, batch0, fracs[0]) for m in st.nbeta_mults for lam in st.lambdas]
-    counts = [len(cands)]
-    for r in range(1, st.num_rounds):
-        counts.append(max(2, math.ceil(st.keep * counts[-1])) + (len(fracs) * 2 - 1 if r == 1 else 0))
+    grid = [C.Candidate(m, lam, batch0, fracs[0]) for m in st.nbeta_mults for lam in st.lambdas]
     burnin, spd, chains = base.num_burnin_steps, base.steps_per_draw, st.search_chains
 
-    def draws_of(d0: int) -> list[int]:
-        return [min(st.max_draws, d0 * 3 ** r) for r in range(st.num_rounds)]
+    def rate(c: C.Candidate) -> float:
+        return C.relaxation_rate(pr.lambda_max, c.lam, c.frac)
 
-    remaining = budget_seconds - (time.perf_counter() - t_start)
-    d0 = st.round0_draws
-    if d0 is None:
-        d0 = 40
-        while d0 < st.max_draws and _planned_seconds(counts, draws_of(d0 + 10), chains=chains, burnin=burnin,
-                                                     steps_per_draw=spd, step_s=step_s,
-                                                     parallelism=parallelism) <= remaining:
-            d0 += 10
+    def burn(c: C.Candidate) -> int:
+        return C.burnin_steps(rate(c), relaxations=st.burnin_relaxations, cap=burnin)
+
+    def seconds(counts: list[int], draws: list[int], b: int, factor: float = 1.0) -> float:
+        return _planned_seconds(counts, draws, chains=chains, burnin=b, steps_per_draw=spd,
+                                step_s=step_s[0] * factor, parallelism=parallelism)
+
+    def round_cost(cands: list[C.Candidate], d: int) -> float:
+        return sum(seconds([1], [d], burn(c), rel.get(c.batch, 1.0)) for c in cands)
+
+    worst = max(rel.values())  # later rounds hold both batches: plan them at the dearer step
+
+    def later_counts(k0: int) -> list[int]:
+        counts = [k0]
+        for r in range(1, st.num_rounds):
+            counts.append(max(2, math.ceil(st.keep * counts[-1])) + (len(fracs) * 2 - 1 if r == 1 else 0))
+        return counts[1:]
+
+    def later_burnin(cands: list[C.Candidate]) -> int:  # the slowest of the candidates and their step variants
+        return max((burn(C.Candidate(c.mult, c.lam, c.batch, f)) for c in cands for f in fracs), default=burnin)
+
+    def plan_cost(d0: int, mask: list[bool]) -> float:
+        cands = [c for c, ok in zip(grid, mask) if ok]
+        draws = [min(st.max_draws, d0 * 3 ** r) for r in range(1, st.num_rounds)]
+        return round_cost(cands, d0) + seconds(later_counts(len(cands)), draws, later_burnin(cands), worst)
+
+    remaining = budget_seconds - (clock() - t_start)
+    if st.round0_draws is not None:
+        d0, mask = st.round0_draws, [True] * len(grid)
+    else:
+        d0, mask = C.plan_round0([rate(c) for c in grid], plan_cost, remaining=st.plan_margin * remaining,
+                                 floor=st.min_round0_draws, max_draws=st.max_draws, steps_per_draw=spd,
+                                 min_relaxations=st.min_relaxations)
+    cands = [c for c, ok in zip(grid, mask) if ok]
+    left_out = [c for c, ok in zip(grid, mask) if not ok]
     log(f"probe: λ_max {pr.lambda_max:.4g}, step {pr.full_step_seconds * 1e3:.2f} ms full batch / "
         f"{pr.mini_step_seconds * 1e3:.2f} ms batch {pr.minibatch} -> round 0 with "
         f"{'the full batch' if full else f'batch {pr.minibatch}'}; step fractions {', '.join(f'{f:g}' for f in fracs)}")
-    log(f"budget {budget_seconds:.0f} s, {budget_seconds - remaining:.0f} s spent; rounds of {counts} settings "
-        f"at {draws_of(d0)} draws x {chains} chains")
+    log(f"budget {budget_seconds:.0f} s, {budget_seconds - remaining:.0f} s spent; round 0: {len(cands)} settings "
+        f"at {d0} draws x {chains} chains (planned {plan_cost(d0, mask):.0f} s for all rounds)"
+        + (f"; left out, too slow to mix in {d0} draws: λ = "
+           + ", ".join(sorted({f'{c.lam:g}' for c in left_out})) if left_out else ""))
     scores: list[SettingScore] = []
     rounds: list[dict] = []
     last: list[SettingScore] = []
-    note = ""
-    for r, draws in enumerate(draws_of(d0)):
+    note = f"round 0 left out {len(left_out)} slow-mixing settings" if left_out else ""
+    draws, final = d0, st.num_rounds == 1
+    for r in range(st.num_rounds):
         if r > 0:
-            left = budget_seconds - (time.perf_counter() - t_start)
-            cost = _planned_seconds([len(cands)], [draws], chains=chains, burnin=burnin, steps_per_draw=spd,
-                                    step_s=step_s, parallelism=parallelism)
-            if cost > left:
-                note = f"stopped after round {r - 1}: round {r} would take ~{cost:.0f} s, {max(left, 0):.0f} s left"
-                log(note)
+            left = budget_seconds - (clock() - t_start)
+
+            def cost(d: int, last_round: bool) -> float:
+                rest, k = [], len(cands)
+                for _ in range(0 if last_round else st.num_rounds - 1 - r):
+                    k = max(2, math.ceil(st.keep * k))
+                    rest.append(k)
+                ds = [min(st.max_draws, d * 3 ** k) for k in range(1, len(rest) + 1)]
+                return round_cost(cands, d) + seconds(rest, ds, later_burnin(cands), worst)
+
+            nxt = C.next_draws(draws, cost, remaining=st.plan_margin * left, max_draws=st.max_draws)
+            if nxt is None:
+                msg = (f"stopped after round {r - 1}: round {r} would take ~{cost(math.ceil(1.5 * draws), True):.0f} s "
+                       f"at 1.5x the draws, {max(left, 0):.0f} s left")
+                note += ("; " if note else "") + msg
+                log(msg)
                 break
+            draws, final = nxt[0], nxt[1] or r == st.num_rounds - 1
         jobs = [Job(base.model_copy(update={**c.sampler_values(n, pr.lambda_max), "num_chains": chains,
-                                            "num_draws": draws}),
+                                            "num_draws": draws, "num_burnin_steps": burn(c)}),
                     {"mult": c.mult, "lam": c.lam, "frac": c.frac, "round": r}, st.target_share,
                     diagnostics=r > 0 or st.num_rounds == 1, project_draws=st.project_draws) for c in cands]
-        t0 = time.perf_counter()
+        planned = round_cost(cands, draws)
+        t0 = clock()
         last = map_fn(jobs)
         scores += last
         rounds.append({"round": r, "settings": len(jobs), "draws": draws, "chains": chains,
-                       "seconds": time.perf_counter() - t0})
-        measured = [s.seconds_per_step for s in last if math.isfinite(s.seconds_per_step)]
-        if measured:  # plan the next rounds with the cost per chain step actually measured (evaluation included)
-            step_s = float(np.median(measured)) / (1 + 1 / spd)  # _planned_seconds adds one step per draw
+                       "seconds": clock() - t0})
+        if planned > 0:  # plan the next rounds at the cost this round actually had (evaluation, load included)
+            step_s[0] *= rounds[-1]["seconds"] / planned
         live = [s for s in last if not s.diverged]
         log(f"round {r}: {len(jobs)} settings x {draws} draws in {rounds[-1]['seconds']:.1f} s; "
             f"{len(jobs) - len(live)} diverged; best LDS "
             + (f"{max(s.lds for s in live):+.3f}" if live else "n/a")
             + (f" (projected to {st.project_draws} draws {max(s.lds_projected for s in live):+.3f})"
                if live and st.project_draws else ""))
-        if r == st.num_rounds - 1:
+        if final:
             break
         keep = C.survivors(last, keep=st.keep, projected=bool(st.project_draws))
         if not keep:
@@ -351,6 +402,6 @@ def search(problem: Problem, base: SamplerConfig, gt: GroundTruth, st: Calibrati
     run_s = best.seconds_per_step * st.num_chains * C.chain_steps(num_draws, burnin=burnin, steps_per_draw=spd) \
         / max(1, min(st.num_chains, parallelism))
     return SearchResult(best=best, healthy=healthy, ties=ties, scores=scores, probe=pr, rounds=rounds,
-                        budget_seconds=budget_seconds, spent_seconds=time.perf_counter() - t_start,
+                        budget_seconds=budget_seconds, spent_seconds=clock() - t_start,
                         num_draws=num_draws, num_chains=st.num_chains, predicted_share=share, run_seconds=run_s,
                         note=note)

@@ -96,6 +96,19 @@ class CalibrationSettings(BaseModel):
     num_rounds: int = Field(3, ge=1, description="Rounds of successive halving (the draws triple each round).")
     keep: float = Field(1 / 3, gt=0, le=1, description="Share of settings kept after each round.")
     round0_draws: int | None = Field(None, ge=8, description="Draws per chain in round 0; None: sized to the budget.")
+    min_round0_draws: int = Field(40, ge=8, description="Fewest draws per chain of round 0 when it is sized to the "
+                                  "budget (round0_draws None).")
+    min_relaxations: float = Field(10.0, ge=0, description=(
+        "When round 0 is sized to the budget, a candidate runs in it only if its chain relaxes at least this many "
+        "times (draws x steps_per_draw x the flat-direction contraction rate 2 frac λ/(λ_max + λ)); a small "
+        "budget then runs fewer, longer chains instead of every candidate at a draw count where its LDS is noise. "
+        "0: every candidate always runs."))
+    burnin_relaxations: float | None = Field(3.0, gt=0, description=(
+        "Burn-in of each search chain, in relaxation times 1/rate (at most the config's num_burnin_steps); "
+        "None: the config's burn-in. The recommended block keeps the config's burn-in."))
+    plan_margin: float = Field(0.85, gt=0, le=1, description=(
+        "Each round is planned to fit this share of the budget that is left (the rest is a reserve: a round's "
+        "wall time on a shared machine varies by tens of percent)."))
     max_draws: int = Field(2000, ge=8, description="Most draws per chain of any round.")
     search_chains: int = Field(2, ge=2, description="Chains per evaluated setting (R-hat needs >= 2).")
     num_chains: int = Field(4, ge=2, description="Chains in the recommended sampler block (R-hat needs >= 2).")
