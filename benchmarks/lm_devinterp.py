@@ -69,7 +69,7 @@ class PeakRSS:
     def _run(self) -> None:
         import psutil
 
-        last_pss, next_pss = -1.0, 0.0
+        rss_at_pss, next_pss = 0, 0.0
         while not self._stop.is_set():
             try:
                 procs = [self.proc] + self.proc.children(recursive=True)
@@ -77,11 +77,11 @@ class PeakRSS:
                 return
             total_rss = sum(_memory(p, "rss") for p in procs)
             now = time.monotonic()
-            if now >= next_pss or (total_rss > self.peak_rss and now >= last_pss + 0.3):
-                # PSS reads every mapping of every process: ~25% of a core every 0.1 s. So: on a new
-                # RSS peak (at most every 0.3 s), else once a second
+            if now >= next_pss or total_rss > 1.05 * rss_at_pss:
+                # PSS reads every mapping of every process: ~25% of a core every 0.1 s. So: when the RSS
+                # sum has grown 5% since the last PSS reading, else every 5 s
                 self.peak = max(self.peak, sum(_memory(p, "pss") for p in procs))
-                last_pss, next_pss = now, now + 1.0
+                rss_at_pss, next_pss = total_rss, now + 5.0
             self.peak_rss = max(self.peak_rss, total_rss)
             self._stop.wait(self.interval)
 
