@@ -68,6 +68,12 @@ _VERBOSE = False
 # ---------------------------------------------------------------- terminal and logging
 
 
+def _quiet_teardown_noise() -> None:
+    """distributed logs a closed batched stream at teardown with its traceback ("Batched Comm Closed", INFO):
+    a normal end of a connection, not an error; -v must not show users a traceback for it."""
+    logging.getLogger("distributed.batched").setLevel(logging.WARNING)
+
+
 def configure_terminal(*, verbose: bool) -> None:
     """Quiet (default) or verbose terminal for this process and the workers it starts.
 
@@ -76,6 +82,7 @@ def configure_terminal(*, verbose: bool) -> None:
     """
     global _VERBOSE
     _VERBOSE = verbose
+    _quiet_teardown_noise()
     if verbose:
         os.environ.pop(_QUIET_ENV, None)
         return
@@ -104,6 +111,7 @@ def dask_setup(worker: Any = None) -> None:
         keep = set(json.loads(keys))
         for k in [k for k in os.environ if k not in keep]:
             del os.environ[k]
+    _quiet_teardown_noise()
     if os.environ.get(_QUIET_ENV):
         _quiet_this_process()
 
