@@ -145,8 +145,10 @@ def devinterp_worker(model_dir: str, sampler: dict, length: int, out: str) -> No
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    # the model as transformers loads it: bif's fused tanh-GELU (bif.lm.fuse_activations) is bif's own
+    # speed-up, not something a devinterp user gets
     prob = build(model_dir, f"{model_dir}/train.jsonl", f"{model_dir}/query.jsonl", max_length=length,
-                 padding="max_length")
+                 padding="max_length", fused_activations=False)
     pad = int(prob.extras["tokenizer"].pad_token_id)
     tr, qu = prob.train.input_ids, prob.query.input_ids  # (n, T) each, same T
     bs = int(sampler["batch_size"])

@@ -9,6 +9,7 @@
     text_field: text                    # the JSONL field / Parquet column holding the text
     max_length: 128                     # tokens per text (longer texts are truncated)
     padding: longest                    # pad each split to its longest text, or max_length
+    fused_activations: true             # torch's fused tanh-GELU for gelu_new / gelu_fast (same function)
 
 The model and its tokenizer are loaded with ``local_files_only=True`` from the directory
 (an fsspec URI is first copied to a temporary directory): nothing is ever downloaded from
@@ -26,6 +27,13 @@ The loss is per token: ``loss(model, batch) -> (losses (B, T) float32, mask (B, 
 Masked entries of ``losses`` are 0. ``render_tokens(split, i)`` gives the text of token t of
 sample i at every position t (length T, "" at padding), i.e. the token whose loss sits at t.
 The model runs in float32 (on CPU, or CUDA when the chain puts it there).
+
+``fused_activations: true`` (the default) swaps transformers' Python-formula tanh-GELUs
+(``gelu_new``: GPT-2, GPT-J, ...; ``gelu_fast``) for torch's fused ``gelu(approximate="tanh")``,
+the same function in one kernel (:func:`fuse_activations`). Each forward and backward of a small
+model spends a large share of its time in those eight elementwise ops: a draw of the tinylm
+example (2 SGLD steps and one evaluation of 80 texts) is ~14% faster. Losses differ by float32
+rounding only (<= 2e-6 on the example); the weights, and so the run's identity, are unchanged.
 """
 from __future__ import annotations
 
@@ -81,6 +89,31 @@ def token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> t
     mask = torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1)  # (B, T)
     losses = torch.cat([nll.new_zeros(b, 1), nll.masked_fill(~valid, 0.0)], dim=1)  # (B, T)
     return losses, mask
+
+
+#: transformers activation classes that compute 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) in Python
+#: ops (names as in ``transformers.activations``); :func:`fuse_activations` replaces them.
+TANH_GELU_CLASSES = ("NewGELUActivation", "FastGELUActivation")
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replace every tanh-approximated GELU written as Python ops by ``torch.nn.GELU(approximate="tanh")``.
+
+    Same function, one fused kernel forward and backward instead of ~8 elementwise ops each way.
+    Only modules whose class is exactly one of :data:`TANH_GELU_CLASSES` are replaced (a subclass
+    may compute something else); activations have no parameters or buffers, so the state dict is
+    unchanged. Returns how many modules were replaced.
+    """
+    from transformers import activations
+
+    classes = tuple(c for c in (getattr(activations, n, None) for n in TANH_GELU_CLASSES) if c is not None)
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in classes:
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                count += 1
+    return count
 
 
 def local_model_dir(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -191,18 +224,24 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, padding: 
     return TokenizedTexts(texts, ids, attn)
 
 
-def load_pretrained(model_dir: str) -> tuple[torch.nn.Module, Any]:
-    """(model in float32 eval mode, tokenizer) from a local directory, offline (local_files_only)."""
+def load_pretrained(model_dir: str, *, fused_activations: bool = True) -> tuple[torch.nn.Module, Any]:
+    """(model in float32 eval mode, tokenizer) from a local directory, offline (local_files_only).
+
+    ``fused_activations``: apply :func:`fuse_activations` to the model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter every chain's log
     try:
-        return _load_pretrained(model_dir, AutoModelForCausalLM, AutoTokenizer)
+        model, tokenizer = _load_pretrained(model_dir, AutoModelForCausalLM, AutoTokenizer)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if fused_activations:
+        fuse_activations(model)
+    return model, tokenizer
 
 
 def _load_pretrained(model_dir: str, auto_model: Any, auto_tokenizer: Any) -> tuple[torch.nn.Module, Any]:
@@ -222,16 +261,17 @@ def _load_pretrained(model_dir: str, auto_model: Any, auto_tokenizer: Any) -> tu
 
 def build(model: str, train: str, query: str | None = None, *, text_field: str = "text", max_length: int = 128,
           padding: str = "longest", n_train: int | None = None, n_query: int | None = None,
-          storage_options: Mapping[str, Any] | None = None) -> Problem:
+          fused_activations: bool = True, storage_options: Mapping[str, Any] | None = None) -> Problem:
     """The problem of a saved causal LM and two text files (see the module docstring).
 
     ``model``: directory (local or fsspec URI) with config.json, weights and tokenizer.
     ``train`` / ``query``: text files (query defaults to train). ``n_train`` / ``n_query``:
-    keep the first texts only. ``storage_options``: fsspec options for these URIs (they are
+    keep the first texts only. ``fused_activations``: :func:`fuse_activations` (default on; the
+    same function, faster). ``storage_options``: fsspec options for these URIs (they are
     stored with the config's problem_args: prefer ambient credentials, e.g. ``AWS_*``).
     """
     model_dir = local_model_dir(model, storage_options=storage_options)
-    net, tokenizer = load_pretrained(model_dir)
+    net, tokenizer = load_pretrained(model_dir, fused_activations=fused_activations)
     sets = {}
     for split, uri, limit in (("train", train, n_train), ("query", query or train, n_query)):
         texts = read_texts(uri, text_field=text_field, storage_options=storage_options, limit=limit)

@@ -357,10 +357,16 @@ def _use_forkserver(preload: tuple[str, ...], threads: Mapping[str, str]) -> boo
 
 
 def _importable(module: str) -> bool:
+    """Whether ``module``'s top-level package is installed, without importing anything.
+
+    ``find_spec("a.b.c")`` imports ``a.b`` to find ``c``: for ``arviz_stats.numba.diagnostics``
+    that cost the command ~3 s of a core (numba) only to check a name the forkserver imports
+    anyway. The forkserver skips a submodule that fails to import, so the top level is enough.
+    """
     import importlib.util
 
     try:
-        return importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(module.partition(".")[0]) is not None
     except (ImportError, ValueError):
         return False
 

@@ -150,3 +150,38 @@ def test_the_pipeline_loads_the_factory_and_its_safetensors_checkpoint(model_dir
     torch.testing.assert_close(prob.model.lm_head.weight, moved["transformer.wte.weight"])  # still tied
     same = load_problem("bif.lm:build", args, checkpoint=str(model_dir / "model.safetensors"))
     assert model_hash(same.model) == model_hash(base.model)
+
+
+def test_fused_activations_compute_the_same_losses_and_gradients(model_dir, tmp_path):
+    """gelu_new as torch's fused tanh-GELU: same per-token losses and gradients (float32 rounding), same weights."""
+    import copy
+
+    from transformers.activations import NewGELUActivation
+
+    from bif.lm import fuse_activations
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    plain = build(str(model_dir), str(tmp_path / "t.jsonl"), fused_activations=False)
+    fused = build(str(model_dir), str(tmp_path / "t.jsonl"))
+    assert any(isinstance(m, NewGELUActivation) for m in plain.model.modules())  # the example uses gelu_new
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.model.modules())
+    assert sum(isinstance(m, torch.nn.GELU) for m in fused.model.modules()) == plain.model.config.n_layer
+    sd_plain, sd_fused = plain.model.state_dict(), fused.model.state_dict()
+    assert sd_plain.keys() == sd_fused.keys() and all(torch.equal(sd_plain[k], sd_fused[k]) for k in sd_plain)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move off the untrained init so the activations see a spread of inputs
+        for a, b in zip(plain.model.parameters(), fused.model.parameters()):
+            a.add_(0.1 * torch.randn_like(a)); b.copy_(a)
+    batch = {"input_ids": plain.train.input_ids, "attention_mask": plain.train.attention_mask}
+    grads = []
+    for prob in (plain, fused):
+        prob.model.zero_grad()
+        losses, mask = prob.loss(prob.model, batch)
+        losses[mask].sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in prob.model.parameters()]))
+        if prob is plain:
+            ref = losses.detach()
+    assert torch.allclose(losses.detach(), ref, rtol=1e-5, atol=1e-5)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-5
+    assert not torch.equal(losses.detach(), torch.zeros_like(ref))
+    assert fuse_activations(copy.deepcopy(fused.model)) == 0  # nothing left to replace

@@ -179,3 +179,18 @@ def test_a_cluster_with_other_thread_settings_spawns_its_workers():
     assert (one["OMP_NUM_THREADS"], one["NUMBA_NUM_THREADS"]) == ("1", "1")
     assert (two["OMP_NUM_THREADS"], two["NUMBA_NUM_THREADS"]) == ("2", "2") and numba_threads == [2]
     assert one["ppid"] != two["ppid"]  # the 2-thread worker was not forked from the 1-thread forkserver
+
+
+def test_checking_the_forkserver_preload_imports_nothing():
+    """The command checks which preload modules exist without importing them: find_spec on a dotted name
+    would import its parents (arviz_stats.numba loads numba: ~3 s of a core in every `bif run`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bif.flows.runtime import FORKSERVER_PRELOAD, _importable; "
+            "before = set(sys.modules); "
+            "ok = [_importable(m) for m in FORKSERVER_PRELOAD + ('bif.lm', 'no_such_package_bif.x')]; "
+            "new = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('numba', 'arviz_stats', 'transformers')); "
+            "print(ok[-1], all(ok[:-1]), new)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "[]"]
