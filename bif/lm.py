@@ -8,7 +8,7 @@
     query: runs/example/tinylm/query.jsonl   # .parquet, or .txt (one text per non-empty line)
     text_field: text                    # the JSONL field / Parquet column holding the text
     max_length: 128                     # tokens per text (longer texts are truncated)
-    padding: longest                    # pad each split to its longest text, or max_length
+    padding: longest                    # pad both splits to the longest text of either, or max_length
     fused_activations: true             # torch's fused tanh-GELU for gelu_new / gelu_fast (same function)
 
 The model and its tokenizer are loaded with ``local_files_only=True`` from the directory
@@ -16,7 +16,8 @@ The model and its tokenizer are loaded with ``local_files_only=True`` from the d
 a hub, and a missing directory is a :class:`bif.errors.ProblemError` that says so.
 
 Every text is tokenized once by the model's own tokenizer (truncated to ``max_length``,
-right-padded with the tokenizer's pad id, else its eos id, else 0). A sample is a dict
+right-padded with the tokenizer's pad id, else its eos id, else 0, to one length T for both
+splits). A sample is a dict
 ``{"input_ids": (T,) int64, "attention_mask": (T,) int64}``; torch's default collate stacks
 them to (B, T).
 
@@ -215,13 +216,27 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, padding: 
     enc = tokenizer(list(texts), truncation=True, max_length=int(max_length), padding=False)["input_ids"]
     longest = max(len(e) for e in enc)
     width = int(max_length) if padding == "max_length" else max(longest, 1)
-    pad = next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
+    pad = pad_id(tokenizer)
     ids = torch.full((len(enc), width), int(pad), dtype=torch.int64)
     attn = torch.zeros((len(enc), width), dtype=torch.int64)
     for i, e in enumerate(enc):
         ids[i, :len(e)] = torch.as_tensor(e, dtype=torch.int64)
         attn[i, :len(e)] = 1
     return TokenizedTexts(texts, ids, attn)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad id, else its eos id, else 0."""
+    return int(next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0))
+
+
+def pad_to(ds: TokenizedTexts, width: int, pad: int) -> TokenizedTexts:
+    """``ds`` right-padded with ``pad`` (attention mask 0) to ``width`` tokens (itself if already that wide)."""
+    extra = int(width) - ds.input_ids.shape[1]
+    if extra <= 0:
+        return ds
+    return TokenizedTexts(ds.texts, F.pad(ds.input_ids, (0, extra), value=int(pad)),
+                          F.pad(ds.attention_mask, (0, extra), value=0))
 
 
 def load_pretrained(model_dir: str, *, fused_activations: bool = True) -> tuple[torch.nn.Module, Any]:
@@ -276,6 +291,10 @@ def build(model: str, train: str, query: str | None = None, *, text_field: str =
     for split, uri, limit in (("train", train, n_train), ("query", query or train, n_query)):
         texts = read_texts(uri, text_field=text_field, storage_options=storage_options, limit=limit)
         sets[split] = tokenize(tokenizer, texts, max_length=max_length, padding=padding)
+    # one length T for both splits (padding is masked, so no loss changes): a draw then evaluates
+    # train and query in one forward pass (bif.sampling.chain.SGLDChain._joint_evaluation)
+    width = max(ds.input_ids.shape[1] for ds in sets.values())
+    sets = {split: pad_to(ds, width, pad_id(tokenizer)) for split, ds in sets.items()}
     cache: dict[tuple[str, int], list[str]] = {}
 
     def render_tokens(split: str, index: int) -> list[str]:

@@ -26,6 +26,12 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _separate(chain: SGLDChain) -> SGLDChain:
+    """``chain`` forced to evaluate train and query in separate forward passes."""
+    chain._joint_evaluation = lambda *a: None
+    return chain
+
+
 @pytest.mark.parametrize("singular", [False, True], ids=["full-rank", "singular-XtX"])
 def test_bif_matches_closed_form(singular):
     prob = linear.build(n=40, d=4, m=6, singular=singular, seed=2)
@@ -97,27 +103,36 @@ def test_nan_chain_names_chain_draw_and_sample():
     assert ei.value.chain == 3 and ei.value.draw >= 0
 
 
-def test_divergence_names_the_first_bad_draw_and_sample_of_the_block():
-    """The finite check runs once per block, yet names exactly the first non-finite draw (and its sample)."""
+@pytest.mark.parametrize("joint", [True, False], ids=["joint-pass", "separate-passes"])
+def test_divergence_names_the_first_bad_draw_and_sample_of_the_block(joint):
+    """The finite check runs once per block, yet names exactly the first non-finite draw (and its sample),
+    whether a draw evaluates train and query in one forward pass (train rows first) or in two."""
     import torch
 
     prob = linear.build(n=20, d=3, m=2)
     calls = {"train_evals": 0}
+    # no-grad evaluations that hold the train set: the measurement at w* (joint: and the joint check at w*),
+    # then one per draw; so draw 6 is evaluation 9 (joint) or 8 (separate)
+    bad_eval = 9 if joint else 8
 
     def loss(model, batch):
         out = linear.per_sample_loss(model, batch)
-        if not torch.is_grad_enabled() and len(out) == 20:  # a full evaluation of the train set
-            calls["train_evals"] += 1  # the 1st is the measurement at w*, the (k+2)-th is draw k
-            if calls["train_evals"] == 8:
+        if not torch.is_grad_enabled() and len(out) >= 20:  # an evaluation that holds the train set
+            calls["train_evals"] += 1
+            if calls["train_evals"] == bad_eval:
                 out = out.clone()
                 out[13] = float("inf")  # one transient bad loss: draw 6, train sample 13
         return out
 
     bad = Problem(model=prob.model, train=prob.train, query=prob.query, loss=loss)
     s = SamplerConfig(num_chains=1, num_draws=20, num_burnin_steps=0, steps_per_draw=1, batch_size=4)
+    chain = SGLDChain(bad, s, chain=0)
+    if not joint:
+        _separate(chain)
     with pytest.raises(ChainDivergedError, match=r"chain 0 diverged: train sample 13 has loss inf") as ei:
-        list(SGLDChain(bad, s, chain=0).run(num_draws=20, draws_per_block=10))
+        list(chain.run(num_draws=20, draws_per_block=10))
     assert ei.value.draw == 6
+    assert (chain._joint is not None) == joint
 
 
 def test_loss_of_wrong_shape_is_a_problem_error():
@@ -127,3 +142,51 @@ def test_loss_of_wrong_shape_is_a_problem_error():
     s = SamplerConfig(num_chains=1, num_draws=2, num_burnin_steps=1, batch_size=4)
     with pytest.raises(ProblemError, match=r"shape \(4,\).*got \(\)"):
         list(SGLDChain(bad, s, chain=0).run(num_draws=2, draws_per_block=2))
+
+
+@pytest.mark.parametrize("which", ["linear", "tokens"])
+def test_one_joint_forward_pass_records_what_two_separate_ones_record(which):
+    """Train and query joined into one evaluation batch (small problems): the same draws as two passes."""
+    import token_problems
+
+    prob = linear.build(n=20, d=3, m=5) if which == "linear" else token_problems.build(n_train=6, n_query=3)
+    s = SamplerConfig(num_chains=1, num_draws=30, num_burnin_steps=5, steps_per_draw=2, step_size=1e-3,
+                      batch_size=5, gamma=1.0)
+    joint, separate = SGLDChain(prob, s, chain=0), _separate(SGLDChain(prob, s, chain=0))
+    a = list(joint.run(num_draws=30, draws_per_block=10))
+    b = list(separate.run(num_draws=30, draws_per_block=10))
+    assert joint._joint is not None and separate._joint is None
+    for x, y in zip(a, b):
+        assert x.train_losses.shape == y.train_losses.shape and x.query_losses.shape == y.query_losses.shape
+        np.testing.assert_allclose(x.train_losses, y.train_losses, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(x.query_losses, y.query_losses, rtol=1e-9, atol=1e-12)
+        assert np.ptp(x.query_losses, axis=0).max() > 0  # the draws move
+    assert joint.variables.num_variables() == separate.variables.num_variables()
+
+
+def test_no_joint_pass_when_shapes_differ_or_the_loss_couples_the_batch():
+    """Batches of other trailing shapes cannot join; a loss that depends on the batch (here: centred on the
+    batch mean) would record other values joined, so the check at w* keeps the separate passes."""
+    import token_problems
+
+    s = SamplerConfig(num_chains=1, num_draws=3, num_burnin_steps=0, steps_per_draw=1, step_size=1e-3,
+                      batch_size=5, gamma=1.0)
+    short = token_problems.build(n_train=6, n_query=3)
+    ids, valid = short.query.tensors
+    short = Problem(model=short.model, train=short.train,
+                    query=torch.utils.data.TensorDataset(ids[:, :6], valid[:, :6]), loss=short.loss)
+    chain = SGLDChain(short, s, chain=0)
+    list(chain.run(num_draws=3, draws_per_block=3))
+    assert chain._joint is None
+
+    lin = linear.build(n=20, d=3, m=5)
+
+    def centred(model, batch):
+        x, y = batch
+        err = (model(x).squeeze(-1) - y) ** 2
+        return err - err.mean() + 1.0
+
+    coupled = Problem(model=lin.model, train=lin.train, query=lin.query, loss=centred)
+    chain = SGLDChain(coupled, s, chain=0)
+    list(chain.run(num_draws=3, draws_per_block=3))
+    assert chain._joint is None

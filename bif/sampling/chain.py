@@ -105,6 +105,34 @@ def eval_batches(ds: Dataset, batch_size: int, device: torch.device, *, dtype: t
     return out
 
 
+class _Mismatch(Exception):
+    pass
+
+
+def concat_batches(a: Any, b: Any) -> Any | None:
+    """One collated batch holding ``a``'s samples, then ``b``'s; None when they cannot be joined.
+
+    Tensors are concatenated along dim 0 and must agree in trailing shape, dtype and device;
+    dicts (same keys), lists and tuples (same length) are joined leaf by leaf. Any other leaf
+    (a string, a number) makes the batches unjoinable.
+    """
+    def join(x: Any, y: Any) -> Any:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.ndim == 0 or x.shape[1:] != y.shape[1:] or x.dtype != y.dtype or x.device != y.device:
+                raise _Mismatch
+            return torch.cat([x, y])
+        if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
+            return {k: join(x[k], y[k]) for k in x}
+        if isinstance(x, (list, tuple)) and type(x) is type(y) and len(x) == len(y):
+            return type(x)(join(u, v) for u, v in zip(x, y))
+        raise _Mismatch
+
+    try:
+        return join(a, b)
+    except _Mismatch:
+        return None
+
+
 def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Check a ``problem.loss`` result for a batch of ``expected``: (losses, mask or None, is_tokens).
 
@@ -318,6 +346,8 @@ class SGLDChain:
         self._train_sizes = [min(bs, self.n_train - s) for s in range(0, self.n_train, bs)]
         self._query_sizes = [min(bs, self.n_query - s) for s in range(0, self.n_query, bs)]
         self._measured: tuple | None = None  # set by the first evaluation at w* (:meth:`_measure`)
+        #: (batch, Measurement, buffer): train and query evaluated in one forward pass (:meth:`_joint_evaluation`)
+        self._joint: tuple | None = None
 
     def _measure(self) -> tuple:
         """The first evaluation fixes what a draw records (samples or valid tokens); lazy, once.
@@ -343,8 +373,39 @@ class SGLDChain:
                                             train_positions=m_train.positions, query_positions=m_query.positions)
         else:
             variables = Variables.of_samples(n_train=self.n_train, n_query=self.n_query)
+        with self.autocast_context():
+            self._joint = self._joint_evaluation(m_train, m_query, ref_tr, ref_qu)
         self._measured = (m_train, m_query, variables, (ref_tr.cpu().numpy(), ref_qu.cpu().numpy()))
         return self._measured
+
+    def _joint_evaluation(self, m_train: Measurement, m_query: Measurement, ref_tr: torch.Tensor,
+                          ref_qu: torch.Tensor) -> tuple | None:
+        """Train and query in one forward pass per draw, when that computes the same losses; else None.
+
+        Small problems pay a forward pass's fixed cost (Python, kernel launches) once per split
+        and draw; joined, once per draw (the tinylm example: 8.7 -> 7.6 ms per evaluation). Taken
+        when each split is one evaluation batch, the two batches join (:func:`concat_batches`:
+        same structure and trailing shapes; ``bif.lm`` pads both splits to one length for this),
+        and at w* the joined batch gives the same variables (masks) and the same losses as the
+        separate ones (rtol 1e-5: batched kernels may round differently). Checked once per
+        chain, at w*, before any step.
+        """
+        n = self.n_train + self.n_query
+        if len(self._train_batches) != 1 or len(self._query_batches) != 1 or n > self.settings.eval_batch_size:
+            return None
+        batch = concat_batches(self._train_batches[0], self._query_batches[0])
+        if batch is None:
+            return None
+        try:
+            m, ref = measure(self.problem, self.model, [batch], [n], "train and query")
+        except ProblemError:
+            return None
+        if m.tokens != m_train.tokens or not np.array_equal(m.counts, np.r_[m_train.counts, m_query.counts]) \
+                or not np.array_equal(m.positions, np.r_[m_train.positions, m_query.positions]):
+            return None
+        if not torch.allclose(ref, torch.cat([ref_tr, ref_qu]), rtol=1e-5, atol=1e-6, equal_nan=True):
+            return None
+        return batch, m, torch.empty(m.num_variables, dtype=self.loss_dtype, device=self.device)
 
     @property
     def variables(self) -> Variables:
@@ -459,6 +520,13 @@ class SGLDChain:
 
     def _record(self, tr: torch.Tensor, qu: torch.Tensor) -> None:
         m_train, m_query = self._measure()[:2]
+        if self._joint is not None:
+            batch, m, out = self._joint
+            record_losses(self.problem, self.model, [batch], [self.n_train + self.n_query], m, out,
+                          split="train and query")
+            tr.copy_(out[:tr.numel()])
+            qu.copy_(out[tr.numel():])
+            return
         record_losses(self.problem, self.model, self._train_batches, self._train_sizes, m_train, tr, split="train")
         record_losses(self.problem, self.model, self._query_batches, self._query_sizes, m_query, qu, split="query")
 
