@@ -253,3 +253,26 @@ def test_rhat_ess_is_vectorized_over_samples():
     per_sample_arviz = (time.process_time() - t) / 200
     np.testing.assert_allclose(got["ess_bulk"][:200], want["ess_bulk"], rtol=1e-10)
     assert ours < 0.25 * per_sample_arviz * 4000, (ours, per_sample_arviz)
+
+
+def test_sampled_pairs_get_the_mcse_and_bif_of_every_pair_computation():
+    """_pair_mcse (the sampled-pairs path of write_diagnostics, large runs) against bif_mcse and the BIF over
+    all pairs (the GEMM path): the same values at the sampled pairs, uneven batches included."""
+    from bif.quality.diagnostics import _mcse_and_comoment, _pair_mcse
+
+    rng = np.random.default_rng(3)
+    chains, draws, a, b = 3, 107, 40, 9  # 107 draws: batches of 10 and 11
+    shared = rng.normal(size=(chains, draws, 1))
+    train = (rng.gamma(2.0, 0.5, (chains, draws, a)) + shared).astype(np.float32)
+    query = (rng.gamma(2.0, 0.5, (chains, draws, b)) - shared).astype(np.float32)
+    pick = np.sort(rng.choice(a * b, size=150, replace=False))
+    ti, qj = pick // b, pick % b
+    mcse, bif = _pair_mcse(train, query, ti, qj, 10, chunk=64)  # several chunks
+    all_mcse, comoment = _mcse_and_comoment(train, query, 10)
+    np.testing.assert_allclose(mcse, bif_mcse(train, query, num_batches=10)[ti, qj], rtol=1e-9)
+    np.testing.assert_allclose(mcse, all_mcse[ti, qj], rtol=1e-9)
+    flat_t, flat_q = train.reshape(-1, a).astype(np.float64), query.reshape(-1, b).astype(np.float64)
+    want = -((flat_t - flat_t.mean(0)).T @ (flat_q - flat_q.mean(0))) / (flat_t.shape[0] - 1)
+    np.testing.assert_allclose(bif, want[ti, qj], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(-comoment / (flat_t.shape[0] - 1), want, rtol=1e-9, atol=1e-12)
+    assert (bif > 0).mean() > 0.9  # the shared component (+ in train, - in query): Cov < 0, BIF > 0 for most pairs

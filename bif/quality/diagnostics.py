@@ -296,21 +296,28 @@ def _read_split(store: Any, files: list[Any], *, split: str, start: int, stop: i
 def _pair_mcse(train: np.ndarray, query: np.ndarray, ti: np.ndarray, qj: np.ndarray, num_batches: int,
                chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """(MCSE, BIF) of the pairs (ti[p], qj[p]) only, each (P,): the batch means of z of those pairs, as bif_mcse
-    computes them for all pairs (O(P x draws) work instead of a GEMM per pair of blocks)."""
+    computes them for all pairs (O(P x draws) work instead of a GEMM per pair of blocks).
+
+    The traces are transposed once to (samples, chains·draws) rows, so each pair gathers two
+    contiguous rows (4x faster than gathering along the last axis of (chains, draws, samples)).
+    """
     chains, draws = train.shape[:2]
-    xc = np.asarray(train, dtype=np.float64) - train.mean(axis=(0, 1))  # (C, D, a)
-    yc = np.asarray(query, dtype=np.float64) - query.mean(axis=(0, 1))  # (C, D, b)
+    x64, y64 = np.asarray(train, dtype=np.float64), np.asarray(query, dtype=np.float64)
+    x = (x64 - x64.mean(axis=(0, 1))).reshape(chains * draws, -1).T.copy()  # centred as bif_mcse centres, in float64
+    y = (y64 - y64.mean(axis=(0, 1))).reshape(chains * draws, -1).T.copy()
     starts = np.cumsum([0] + [len(i) for i in np.array_split(np.arange(draws), num_batches)])[:-1]
     lengths = np.diff(np.r_[starts, draws])
+    cuts = (np.arange(chains)[:, None] * draws + starts[None, :]).ravel()  # batch starts along chains·draws
+    inv_len = np.tile(1.0 / lengths, chains)  # (chains·num_batches,)
     k = chains * num_batches
     mcse, bif = np.empty(len(ti)), np.empty(len(ti))
     for p0 in range(0, len(ti), chunk):
         sl = slice(p0, p0 + chunk)
-        z = xc[:, :, ti[sl]] * yc[:, :, qj[sl]]  # (C, D, P)
-        means = np.add.reduceat(z, starts, axis=1) / lengths[None, :, None]  # (C, num_batches, P)
-        total, total_sq = means.sum(axis=(0, 1)), np.einsum("cbp,cbp->p", means, means)
+        z = x[ti[sl]] * y[qj[sl]]  # (P, chains·draws)
+        means = np.add.reduceat(z, cuts, axis=1) * inv_len  # (P, chains·num_batches)
+        total, total_sq = means.sum(axis=1), np.einsum("pk,pk->p", means, means)
         mcse[sl] = np.sqrt(np.maximum(total_sq - total * total / k, 0.0) / (k - 1) / k)
-        bif[sl] = -z.sum(axis=(0, 1)) / (chains * draws - 1)
+        bif[sl] = -z.sum(axis=1) / (chains * draws - 1)
     return mcse, bif
 
 
@@ -332,7 +339,13 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
     defined = ti_all.size * qj_all.size
     rng = np.random.default_rng([seed, start])
     pick = (np.arange(defined) if defined <= keep else np.sort(rng.choice(defined, size=keep, replace=False)))
-    mcse, bif = _pair_mcse(train, query, ti_all[pick // qj_all.size], qj_all[pick % qj_all.size], num_batches)
+    if pick.size == defined:
+        # every defined pair: the batch means by GEMMs (bif_mcse's way) cost far less than gathering each pair's
+        # products (digits, 1,697 x 100 pairs x 2 x 1,000 draws: 0.18 s against 1.8 s, 7.8 s before the rows)
+        sub_mcse, comoment = _mcse_and_comoment(train[:, :, ti_all], query[:, :, qj_all], num_batches)
+        mcse, bif = sub_mcse.ravel(), -comoment.ravel() / (train.shape[0] * train.shape[1] - 1)
+    else:
+        mcse, bif = _pair_mcse(train, query, ti_all[pick // qj_all.size], qj_all[pick % qj_all.size], num_batches)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.abs(bif) / mcse
     return frame, mcse, snr, int(np.sum(snr > 2)), int(pick.size), int(defined)
