@@ -276,3 +276,39 @@ def test_sampled_pairs_get_the_mcse_and_bif_of_every_pair_computation():
     np.testing.assert_allclose(bif, want[ti, qj], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(-comoment / (flat_t.shape[0] - 1), want, rtol=1e-9, atol=1e-12)
     assert (bif > 0).mean() > 0.9  # the shared component (+ in train, - in query): Cov < 0, BIF > 0 for most pairs
+
+
+def test_with_a_map_fn_the_caller_never_loads_numba(tmp_path):
+    """Every R-hat / ESS, the query split's included, runs inside map_fn: `bif run`'s command (which maps onto
+    its Dask workers) no longer imports arviz-stats, numba and scipy.stats for the query split (~3-5 s)."""
+    import subprocess
+    import sys
+
+    from bif.sampling.chain import ChainState, DrawBlock
+    from bif.store.traces import TraceStore
+
+    rng = np.random.default_rng(5)
+    chains, draws, n_train, n_query = 2, 40, 12, 3
+    train = rng.gamma(2.0, 0.5, (chains, draws, n_train)).astype(np.float32).astype(np.float64)  # as stored
+    query = rng.gamma(2.0, 0.5, (chains, draws, n_query)).astype(np.float32).astype(np.float64)
+    store = TraceStore(str(tmp_path))
+    state = ChainState(step=0, num_recorded=0, params={}, precond=None, rng_cpu=np.zeros(1), rng_noise=np.zeros(1))
+    for c in range(chains):
+        store.write_block(DrawBlock(chain=c, draw_start=0, train_losses=train[c], query_losses=query[c],
+                                    steps=np.arange(draws), distance=np.ones(draws), state=state),
+                          block_index=0, ref_train_loss_mean=1.0)
+    code = f"""
+import multiprocessing, sys
+from concurrent.futures import ProcessPoolExecutor
+from bif.quality.diagnostics import write_diagnostics
+with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    summary = write_diagnostics({str(tmp_path)!r}, None, num_chains=2, block_samples=5,
+                                map_fn=lambda f, xs: list(pool.map(f, xs)))
+loaded = sorted(m for m in ("numba", "arviz_stats", "scipy.stats", "xarray") if m in sys.modules)
+print(summary["num_samples"]["train"], summary["num_samples"]["query"], loaded)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+    assert out == f"{n_train} {n_query} []"
+    got = pd.read_parquet(tmp_path / DIAGNOSTICS_FILE).sort_values([S.SPLIT, S.SAMPLE]).reset_index(drop=True)
+    want = loss_diagnostics(train, query).sort_values([S.SPLIT, S.SAMPLE]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_categorical=False)

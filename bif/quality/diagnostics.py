@@ -351,6 +351,16 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
     return frame, mcse, snr, int(np.sum(snr > 2)), int(pick.size), int(defined)
 
 
+def _diagnose_job(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int, int]:
+    """One unit of :func:`write_diagnostics`' map: ``(QUERY, traces)`` (the query split's diagnostics) or
+    ``(TRAIN, block job)`` (:func:`_diagnose_train_block`); both return its 6-tuple."""
+    kind, payload = job
+    if kind == S.QUERY:
+        empty = np.array([])
+        return _split_diagnostics(payload, split=S.QUERY), empty, empty, 0, 0, 0
+    return _diagnose_train_block(payload)
+
+
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
                       max_samples: int | None = None, block_samples: int = 2048, num_batches: int = 10,
                       rhat_threshold: float = RHAT_THRESHOLD, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
@@ -379,12 +389,14 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
     n_train, n_query = cap(layout.n_train), cap(layout.n_query)
     query = _read_split(store, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
-    frames = [_split_diagnostics(query, split=S.QUERY)] if n_query else []
     keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles
-    jobs = [(store, files, start, min(start + block_samples, n_train), num_chains,
-             query, num_batches, keep, seed) for start in range(0, n_train, block_samples)]
-    mcse_kept, snr_kept, n_sig, n_kept, n_pairs = [], [], 0, 0, 0
-    for frame, mcse_pick, snr_pick, sig, kept, pairs in (map_fn or map)(_diagnose_train_block, jobs):
+    # the query split's R-hat / ESS is a job like the train blocks: with a Dask map_fn, this process never
+    # loads arviz-stats, numba or scipy.stats (~3-5 s of a core in `bif run`'s command; its workers have them)
+    jobs = ([(S.QUERY, query)] if n_query else []) + [
+        (S.TRAIN, (store, files, start, min(start + block_samples, n_train), num_chains, query, num_batches, keep,
+                   seed)) for start in range(0, n_train, block_samples)]
+    frames, mcse_kept, snr_kept, n_sig, n_kept, n_pairs = [], [], [], 0, 0, 0
+    for frame, mcse_pick, snr_pick, sig, kept, pairs in (map_fn or map)(_diagnose_job, jobs):
         frames.append(frame)
         mcse_kept.append(mcse_pick)
         snr_kept.append(snr_pick)
