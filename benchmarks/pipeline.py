@@ -39,25 +39,37 @@ def strict_json(obj, indent: int = 2) -> str:
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and all its children every 50 ms."""
+    """Samples the summed RSS of this process and all its children every 50 ms.
 
-    def __init__(self, pid: int | None = None):
+    ``pss=True``: the summed PSS instead, every 0.25 s (reading smaps costs more). Workers forked
+    from one forkserver (``bif.flows.runtime``) share its pages, which a sum of RSS counts once per
+    worker; PSS counts every page once.
+    """
+
+    def __init__(self, pid: int | None = None, *, pss: bool = False):
         self.proc = psutil.Process(pid or os.getpid())
         self.peak = 0
+        self.pss = pss
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample_once(self) -> int:
+        total = 0
         try:
             procs = [self.proc, *self.proc.children(recursive=True)]
-            return sum(p.memory_info().rss for p in procs if p.is_running())
         except psutil.Error:
             return 0
+        for p in procs:
+            try:
+                total += p.memory_full_info().pss if self.pss else p.memory_info().rss
+            except psutil.Error:
+                pass  # exited meanwhile
+        return total
 
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self._sample_once())
-            time.sleep(0.05)
+            time.sleep(0.25 if self.pss else 0.05)
 
     def __enter__(self):
         self._t.start()
