@@ -15,7 +15,15 @@ Measures, all in one run, on ``--device`` (auto: CUDA when present, else CPU as 
 4. when ``bif.examples.tinylm`` exists: evaluation tokens per second of the pipeline's
    per-sample loss evaluation against the model's bare forward pass on the same batches.
 
-Writes ``gpu.json`` and ``gpu.md`` to ``--out`` (default ``$OUT``, else ``gpu-bench/``).
+Writes ``gpu.json`` and ``gpu.md`` to ``--out`` (default ``$OUT``, else ``gpu-bench/``). A stage that
+fails is recorded with its traceback and the others still run.
+
+On a machine whose Python lacks the project's packages (the lent H200: torch, pyarrow, xarray are
+there, Prefect, Dask and great-expectations are not), carry their wheels and run from a checkout
+(``flows/`` and ``tasks/`` are the ``bif.flows`` / ``bif.tasks`` packages of an install, hence the links)::
+
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+    ln -sfn ../tasks bif/tasks; ln -sfn ../flows bif/flows; python3 -m benchmarks.gpu --out $OUT
 Sized to finish in well under 8 minutes on one H200 (~1 minute on CPU with ``--quick``).
 """
 from __future__ import annotations
@@ -207,11 +215,11 @@ def render_markdown(r: dict) -> str:
     rows = [f"GPU benchmark on {dev} ({r['machine'].get('gpu') or 'no GPU'}), torch {r['machine']['torch']}, "
             f"measured {r['machine']['date']} in one run.", "", "| what | measured |", "|---|---|"]
     p = r.get("per_draw")
-    if p:
+    if isinstance(p, dict):
         rows.append(f"| digits: time per draw, pipeline chain task vs bare {dev} loop (1 chain, {p['draws']} draws) | "
                     f"{1e3 * p['pipeline_per_draw_s']:.2f} ms vs {1e3 * p['bare_per_draw_s']:.2f} ms = "
                     f"{p['ratio']:.2f}x |")
-    for s in r.get("sharing") or []:
+    for s in r.get("sharing") if isinstance(r.get("sharing"), list) else []:
         rows.append(f"| digits: {s['chains']} chain(s) sharing one {dev}: total draws/s, pipeline vs bare | "
                     f"{s['pipeline_draws_per_s']:.0f} vs {s['bare_draws_per_s']:.0f} (bare {s['ratio']:.2f}x) |")
     w = r.get("whole_run")
@@ -225,7 +233,7 @@ def render_markdown(r: dict) -> str:
         rows.append(f"| tinylm: evaluation tokens/s, pipeline loss evaluation vs bare forward | "
                     f"{t['pipeline_tokens_per_s']:,.0f} vs {t['bare_forward_tokens_per_s']:,.0f} "
                     f"(bare {t['ratio']:.2f}x) |")
-    for key in ("whole_run", "tinylm"):
+    for key in ("per_draw", "sharing", "whole_run", "tinylm"):
         if isinstance(r.get(key), str):
             rows.append(f"| {key} | failed: {r[key].splitlines()[-1][:200]} |")
         elif r.get(key, "absent") is None:

@@ -101,6 +101,10 @@ class ComputeConfig(BaseModel):
     threads_per_worker: int = Field(1, ge=1, description="Threads (and torch threads) per worker.")
     gpus: int = Field(0, ge=0, description="GPUs per LocalCluster; chain tasks then claim resources={'GPU': 1}.")
     device: str = Field("auto", description="Torch device for chains: 'auto' (CUDA when available), 'cpu', 'cuda'.")
+    keep_cluster: bool = Field(
+        True, description="CLI commands keep their LocalCluster between commands (bif.flows.kept_cluster): the next "
+        "command with the same set-up reuses it, with fresh workers; it stops after 10 idle minutes or with "
+        "`bif server stop`. Env BIF_KEEP_CLUSTER=0 turns it off too. Ignored with 'address'.")
 
 
 class QualityConfig(BaseModel):

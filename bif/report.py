@@ -279,28 +279,61 @@ def _topk_section(run: RunStore, problem: Any, *, num_queries: int = 3, k: int =
 
 
 # --- public API ------------------------------------------------------------------------------
-def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
-                      num_queries: int = 3, k: int = 5, status: str | None = None,
-                      token_limits: Any = None) -> str:
-    """The report as an HTML string (see the module docstring). ``status`` overrides the manifest's.
+#: Sections that read only the traces' health and the reduction's outputs (bif.zarr, topk.parquet), not the
+#: gates' or the diagnostics' files: a flow builds them while its checks run (:func:`build_sections`).
+EARLY_SECTIONS = ("Loss traces and distance to w*", "BIF heatmap", "Most influential training examples")
 
-    ``token_limits`` (a :class:`bif.report_tokens.TokenViewLimits`) bounds the token view's data.
+
+def _builders(num_queries: int, k: int, status: str | None, token_limits: Any, run: RunStore
+              ) -> dict[str, Callable[[RunStore, Any], str]]:
+    """Every section of ``run``'s report, title -> builder, in report order."""
+    from bif import report_tokens
+
+    out: dict[str, Callable[[RunStore, Any], str]] = dict(zip(SECTIONS, [
+        lambda r, p: _summary(r, p, status), _quality, _traces, _diagnostics, _heatmap,
+        lambda r, p: _topk_section(r, p, num_queries=num_queries, k=k)]))
+    if report_tokens.is_token_run(run):
+        out[report_tokens.TITLE] = lambda r, p: report_tokens.token_view_html(r.uri, r.storage_options,
+                                                                              limits=token_limits)
+    return out
+
+
+def _build(title: str, build: Callable[[RunStore, Any], str], run: RunStore, problem: Any) -> str:
+    try:
+        return build(run, problem)
+    except Exception as err:  # one unreadable input must not cost the whole report
+        return _missing(f"Could not build this section: {type(err).__name__}: {str(err)[:300]}")
+
+
+def build_sections(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
+                   titles: tuple[str, ...] = EARLY_SECTIONS, num_queries: int = 3, k: int = 5,
+                   token_limits: Any = None) -> dict[str, str]:
+    """The HTML of the sections ``titles`` (title -> HTML), for :func:`build_report_html`'s ``prebuilt``.
+
+    The token view joins :data:`EARLY_SECTIONS` on token runs (it reads the token outputs only).
     """
     from bif import report_tokens
 
     run = RunStore(output_uri, storage_options or {})
-    builders = [lambda r, p: _summary(r, p, status), _quality, _traces, _diagnostics, _heatmap,
-                lambda r, p: _topk_section(r, p, num_queries=num_queries, k=k)]
-    titles = list(SECTIONS)
-    if report_tokens.is_token_run(run):
-        titles.append(report_tokens.TITLE)
-        builders.append(lambda r, p: report_tokens.token_view_html(r.uri, r.storage_options, limits=token_limits))
+    builders = _builders(num_queries, k, None, token_limits, run)
+    wanted = (*titles, report_tokens.TITLE) if titles == EARLY_SECTIONS else titles
+    return {t: _build(t, builders[t], run, problem) for t in wanted if t in builders}
+
+
+def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
+                      num_queries: int = 3, k: int = 5, status: str | None = None,
+                      token_limits: Any = None, prebuilt: Mapping[str, str] | None = None) -> str:
+    """The report as an HTML string (see the module docstring). ``status`` overrides the manifest's.
+
+    ``token_limits`` (a :class:`bif.report_tokens.TokenViewLimits`) bounds the token view's data.
+    ``prebuilt``: sections already built (title -> HTML, from :func:`build_sections` on the same
+    outputs); the others are built here.
+    """
+    run = RunStore(output_uri, storage_options or {})
+    prebuilt = prebuilt or {}
     body = []
-    for title, build in zip(titles, builders):
-        try:
-            content = build(run, problem)
-        except Exception as err:  # one unreadable input must not cost the whole report
-            content = _missing(f"Could not build this section: {type(err).__name__}: {str(err)[:300]}")
+    for title, build in _builders(num_queries, k, status, token_limits, run).items():
+        content = prebuilt[title] if title in prebuilt else _build(title, build, run, problem)
         anchor = title.lower().split()[0]
         body.append(f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{content}</section>')
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>BIF run report</title><style>{_CSS}</style>"
@@ -309,14 +342,15 @@ def build_report_html(output_uri: str, storage_options: Mapping[str, Any] | None
 
 
 def write_report(output_uri: str, storage_options: Mapping[str, Any] | None = None, *, problem: Any = None,
-                 num_queries: int = 3, k: int = 5, status: str | None = None, token_limits: Any = None) -> str:
+                 num_queries: int = 3, k: int = 5, status: str | None = None, token_limits: Any = None,
+                 prebuilt: Mapping[str, str] | None = None) -> str:
     """Write ``<output>/report.html`` (one self-contained file) and return its URI.
 
     The flow writes the report just before the final manifest write and passes the final
     ``status``; ``bif report`` regenerates it from the manifest.
     """
     text = build_report_html(output_uri, storage_options, problem=problem, num_queries=num_queries, k=k,
-                             status=status, token_limits=token_limits)
+                             status=status, token_limits=token_limits, prebuilt=prebuilt)
     return RunStore(output_uri, storage_options or {}).write_report(text)
 
 

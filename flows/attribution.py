@@ -29,24 +29,28 @@ from bif.tasks import pipeline, steps
 
 @flow(name="bif-attribution", log_prints=True)
 def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None, secret_block: str | None = None,
-                     scheduler_address: str | None = None, cluster_startup_seconds: float = 0.0) -> dict[str, Any]:
+                     scheduler_address: str | None = None, cluster_startup_seconds: float = 0.0,
+                     gates_on_workers: bool = False) -> dict[str, Any]:
     """Run one attribution: ``config`` is RunConfig data without credentials (see :mod:`bif.flows.runtime`).
 
     Runs on the Dask cluster ``scheduler_address``, else ``compute.address``, else a LocalCluster of
     its own; ``cluster_startup_seconds`` is what the caller paid for ``scheduler_address``.
+    ``gates_on_workers``: run the quality gates as a task on a worker (a kept cluster's workers have
+    great_expectations loaded), not in this process.
     """
     cfg = runtime.flow_config(config, credentials_ref, secret_block)
     with runtime.on_dask(cfg.compute, num_tasks=cfg.sampler.num_chains, address=scheduler_address) as rt:
         startup = rt.startup_seconds if rt.cluster.started_here else cluster_startup_seconds
-        return _attribution(cfg, rt, startup)
+        return _attribution(cfg, rt, startup, gates_on_workers=gates_on_workers)
 
 
-def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_seconds: float) -> dict[str, Any]:
+def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_seconds: float, *,
+                 gates_on_workers: bool = False) -> dict[str, Any]:
     """The flow's body on its runtime ``rt``: chains, covariance, gates and diagnostics run on ``rt``'s cluster."""
     t0 = time.perf_counter()
     lease = pipeline.acquire_lease(cfg)  # OutputBusyError while another live run writes here
     try:
-        info = steps.prepare(cfg)
+        info = rt.submit(steps.prepare, cfg).result()  # on a worker: the problem is built there, not here
         if info.already_complete:
             print(f"run at {cfg.output} is already complete; nothing to do")
             return {"status": "complete", "skipped": True}
@@ -62,7 +66,9 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         t2 = time.perf_counter()
         summary = steps.reduce_covariance(cfg, info, rt.address)
         t3 = time.perf_counter()
-        checks = _checks(cfg, info, rt.address)  # gates and diagnostics at once: both only read the traces
+        # the report's sections that need neither check are drawn on a worker meanwhile
+        early_report = rt.submit(steps.report_sections, cfg)
+        checks = _checks(cfg, info, rt, gates_on_workers=gates_on_workers)  # at once: both only read the traces
         gates, diag = checks["gates"], checks["diagnostics"]
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
@@ -80,7 +86,8 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
                               quality_failures=[f.__dict__ for f in gates.failed], timings=timings, **extra)
         final_status = S.STATUS_COMPLETE if gates is None or gates.passed else S.STATUS_FAILED_QUALITY
         # the report and the artifacts read the same finished outputs: write them at once
-        for f in [steps.report.submit(cfg, final_status), steps.publish_artifacts.submit(cfg, final_status)]:
+        prebuilt = _result_or_none(early_report)
+        for f in [steps.report.submit(cfg, final_status, prebuilt), steps.publish_artifacts.submit(cfg, final_status)]:
             f.result()  # raises its error
         if gates is not None:
             gates.raise_if_failed()
@@ -97,8 +104,18 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         lease.release()
 
 
-def _checks(cfg: RunConfig, info: pipeline.RunInfo, address: str) -> dict[str, Any]:
-    """Quality gates and diagnostics side by side (threads of the flow, each mapping over the cluster).
+def _result_or_none(future: Any) -> Any:
+    """``future``'s result, or None when it failed (the caller has a slower way to the same thing)."""
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - the report task builds the sections itself
+        return None
+
+
+def _checks(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *,
+            gates_on_workers: bool = False) -> dict[str, Any]:
+    """Quality gates and diagnostics side by side, threads of the flow (the gates a task on a worker with
+    ``gates_on_workers``); each maps its reads over the cluster.
 
     Returns ``gates`` (a QualityReport or None when ``quality.enabled`` is off), ``diagnostics``
     (dict or None when ``quality.diagnostics`` is off) and the seconds each took from the start.
@@ -106,9 +123,11 @@ def _checks(cfg: RunConfig, info: pipeline.RunInfo, address: str) -> dict[str, A
     t0 = time.perf_counter()
     futures: dict[Any, str] = {}
     if cfg.quality.enabled:
-        futures[steps.quality_gates.submit(cfg, info, address)] = "gates"
+        gates = rt.submit(steps.quality_gates, cfg, info) if gates_on_workers else \
+            steps.quality_gates.submit(cfg, info, rt.address)
+        futures[gates] = "gates"
     if cfg.quality.diagnostics:
-        futures[steps.diagnostics.submit(cfg, address)] = "diagnostics"
+        futures[steps.diagnostics.submit(cfg, rt.address)] = "diagnostics"
     out: dict[str, Any] = {"gates": None, "diagnostics": None, "gates_s": 0.0, "diagnostics_s": 0.0}
     for f in as_completed(list(futures)):
         out[f"{futures[f]}_s"] = time.perf_counter() - t0
@@ -136,7 +155,7 @@ def dask_cluster(cfg: RunConfig) -> Iterator[str]:
 
 
 def run_attribution(cfg: RunConfig, *, show_progress: bool = True, address: str | None = None,
-                    cluster_startup_seconds: float = 0.0) -> dict[str, Any]:
+                    cluster_startup_seconds: float = 0.0, gates_on_workers: bool = False) -> dict[str, Any]:
     """Run the flow on a Dask cluster and return the final manifest. Raises the run's error on failure.
 
     ``address``: a running scheduler to use; default ``compute.address`` or a LocalCluster started
@@ -159,4 +178,4 @@ def run_attribution(cfg: RunConfig, *, show_progress: bool = True, address: str 
                         enabled=show_progress):
         startup = cluster.startup_seconds if cluster.started_here else cluster_startup_seconds
         return runtime.call_flow(attribution_flow, cfg, address=cluster.address, log_name="run",
-                                 cluster_startup_seconds=startup)
+                                 cluster_startup_seconds=startup, gates_on_workers=gates_on_workers)

@@ -190,8 +190,11 @@ def summary_lines(result: dict[str, Any], st: CalibrationSettings) -> list[str]:
             + (f" ({result['note']})" if result["note"] else "")]
 
 
-def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None) -> dict[str, Any]:
-    """Run :func:`calibrate_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
-    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address, preload=PRELOAD) as cluster:
+def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: str | None = None,
+                    keep: bool = False) -> dict[str, Any]:
+    """Run :func:`calibrate_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster; ``keep``:
+    the kept cluster of :mod:`bif.flows.kept_cluster`, as ``bif calibrate`` does)."""
+    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address, preload=PRELOAD,
+                              keep=keep) as cluster:
         return runtime.call_flow(calibrate_flow, cfg, address=cluster.address, log_name="calibrate",
                                  settings=settings.model_dump(mode="json"))

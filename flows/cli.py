@@ -60,7 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # the workers boot (and build the problem: imports, checkpoint) on the other cores
         return cluster_in_background(cfg.compute, num_tasks=cfg.sampler.num_chains,
                                      warm_modules=problem_preload(cfg.problem),
-                                     warm=functools.partial(_warm_problem, cfg))
+                                     warm=functools.partial(_warm_problem, cfg), keep=True)
 
     with contextlib.ExitStack() as stack:
         # A Prefect API that is already up (the kept server, or PREFECT_API_URL) costs nothing to
@@ -69,11 +69,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         early = api_available_now()
         if early:
             ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
-        from bif.tasks import pipeline
+        from bif.flows.kept_cluster import enabled as keep_enabled
 
         try:
             # output, problem, checkpoint, losses at w*, identity, lease: before any server starts
-            pipeline.preflight(cfg)
+            if early and keep_enabled(cfg.compute):
+                _preflight_on_kept_cluster(cfg, pending)
+            else:
+                from bif.tasks import pipeline
+
+                pipeline.preflight(cfg)
         except BifError as err:
             if early and _EXIT_NOW:  # leave at once: the starting cluster's workers are killed with us
                 from bif.flows.runtime import exit_now
@@ -83,16 +88,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from bif.flows.attribution import run_attribution
 
         t0 = time.perf_counter()  # what the run waits for the server and the cluster after its checks
-        import_in_background(*_after_sampling_imports(cfg))  # meanwhile: what the checks and the report import
         if not early:
             ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
+        # the gates run where great_expectations is loaded already: a kept cluster's workers, else this process,
+        # which loads it (and matplotlib, for the report) while the cluster starts
+        import_in_background(*_after_sampling_imports(cfg, gates_here=not keep_enabled(cfg.compute)))
         url = ready()  # the server (kept, or booting) and the cluster start concurrently
         address = pending().address
         startup = time.perf_counter() - t0
         if args.verbose:
             print(f"Prefect API: {url}  Dask scheduler: {address}", file=sys.stderr)
         manifest = run_attribution(cfg, show_progress=not args.no_progress, address=address,
-                                   cluster_startup_seconds=startup)
+                                   cluster_startup_seconds=startup, gates_on_workers=pending().kept)
         code = _print_run_summary(manifest, cfg, wall=time.perf_counter() - t_start)
         if _EXIT_NOW:  # everything is written: skip the cluster's graceful close and the interpreter teardown
             from bif.flows.runtime import exit_now
@@ -101,12 +108,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def _after_sampling_imports(cfg) -> list:
-    """What the flow's gates and report will import in this process, as warm-up calls."""
+def _preflight(cfg) -> None:
+    """:func:`bif.tasks.pipeline.preflight` as a Dask task (this module, not the pipeline, is what gets pickled)."""
+    from bif.tasks import pipeline
+
+    pipeline.preflight(cfg)
+
+
+def _preflight_on_kept_cluster(cfg, pending) -> None:
+    """The pre-flight on a worker of the kept cluster, whose workers are idle while this process imports the flow
+    (torch, Prefect: seconds of its core). Builds the problem there, not here. Without a kept cluster (another
+    command uses it, or it did not start) the pre-flight runs here, as before."""
+    from bif.flows.attribution import run_attribution  # noqa: F401 - imported now, while the cluster comes up
+
+    cluster = pending()
+    if not cluster.kept:
+        from bif.tasks import pipeline
+
+        pipeline.preflight(cfg)
+        return
+    from distributed import Client
+
+    with Client(cluster.address, set_as_default=False) as client:
+        client.submit(_preflight, cfg, pure=False).result()  # raises the pre-flight's BifError here
+
+
+def _after_sampling_imports(cfg, *, gates_here: bool = True) -> list:
+    """What the flow's gates (when they run in this process) and report will import here, as warm-up calls."""
     from bif import report
     from bif.quality import expectations
 
-    return ([expectations.warm] if cfg.quality.enabled else []) + [report.warm]
+    return ([expectations.warm] if cfg.quality.enabled and gates_here else []) + [report.warm]
 
 
 def _warm_problem(cfg) -> float:
@@ -239,8 +271,17 @@ def _cmd_server(args: argparse.Namespace) -> int:
         return (f"{info.url}  (pid {info.pid}, Prefect {info.prefect_version}, since {since}, "
                 f"home {info.prefect_home})")
 
+    from bif.flows import kept_cluster as kc
+
+    def describe_cluster(info: kc.KeptClusterInfo) -> str:
+        since = datetime.fromtimestamp(info.started_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"{info.address}  (pid {info.pid}, since {since}, stops after {info.idle_timeout_s:.0f} s idle)"
+
     if args.action == "status":
         info = ps.server_status()
+        cluster = kc.status()
+        print(f"kept Dask cluster: {describe_cluster(cluster)}" if cluster else
+              "no kept Dask cluster runs (the next `bif run` starts one)")
         if info is None:
             print(f"no local Prefect server runs for {ps.prefect_home()} (the next `bif run` starts one)")
             return 3
@@ -251,6 +292,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
         info = ps.ensure_server(idle_timeout_s=args.idle_timeout)
         print(f"running: {describe(info)}")
         return 0
+    cluster = kc.stop()
+    if cluster is not None:
+        print(f"stopped the kept Dask cluster: {describe_cluster(cluster)}")
     info = ps.stop_server()
     print(f"stopped: {describe(info)}" if info else f"no local Prefect server ran for {ps.prefect_home()}")
     return 0
@@ -295,10 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its default and description")
     k.set_defaults(func=_cmd_keys)
 
-    sv = sub.add_parser("server", help="the local Prefect server that commands keep between runs",
+    sv = sub.add_parser("server", help="the local Prefect server and Dask cluster that commands keep between runs",
                         description="With no PREFECT_API_URL, `bif run` / `bif lds` / `bif calibrate` start a local "
                         "Prefect server for <PREFECT_HOME> in the background on first use and reuse it afterwards. "
-                        "status: show it (exit 3 when none runs); start: start it now; stop: stop it.")
+                        "They also keep their Dask cluster (compute.keep_cluster; BIF_KEEP_CLUSTER=0 turns it off), "
+                        "reused by the next command with the same set-up and stopped after 10 idle minutes. "
+                        "status: show both (exit 3 when no server runs); start: start the server now; "
+                        "stop: stop both.")
     sv.add_argument("action", choices=["status", "start", "stop"])
     sv.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
                     help="with start: stop after this long without an API request (default 3600)")

@@ -77,7 +77,7 @@ def cmd_lds(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"Prefect API: {url}", file=sys.stderr)
         with _flow_errors("lds"):
-            res = run_lds(cfg, settings, address=args.address, run_name=args.run_name)
+            res = run_lds(cfg, settings, address=args.address, run_name=args.run_name, keep=True)
     print(f"ground truth: {res['ground_truth_uri']} ({'reused' if res['cached'] else 'retrained'}, "
           f"{res['num_retrained']} retrainings)")
     for r in res["methods"]:
@@ -111,7 +111,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"Prefect API: {url}", file=sys.stderr)
         with _flow_errors("calibrate"):
-            res = run_calibration(cfg, settings, address=args.address)
+            res = run_calibration(cfg, settings, address=args.address, keep=True)
     print(yaml.safe_dump({"sampler": res["sampler"]}, sort_keys=False))
     if not res["healthy"]:
         print("warning: no setting passed every diagnostic; the best non-diverged one is shown", file=sys.stderr)

@@ -138,7 +138,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         params |= {"since": args.since, "until": args.until}
     flow_fn = ops.backfill_flow if backfill else ops.watch_flow
     t0 = time.perf_counter()
-    with prefect_api() as ready, dask_cluster(cfg.compute, num_tasks=args.max_concurrent * cfg.sampler.num_chains) \
+    with prefect_api() as ready, dask_cluster(cfg.compute, num_tasks=args.max_concurrent * cfg.sampler.num_chains, keep=True) \
             as cluster:
         url = ready()
         if args.verbose:

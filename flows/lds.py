@@ -101,9 +101,11 @@ def _lds(config: dict[str, Any], settings: dict[str, Any], cfg: RunConfig, st: L
     return {"methods": [r.__dict__ for r in reports], "summary_uri": summary_uri, **extra, "retrain_pids": pids}
 
 
-def run_lds(cfg: RunConfig, settings: LDSSettings, *, address: str | None = None, run_name: str = "latest"
-            ) -> dict[str, Any]:
-    """Run :func:`lds_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster)."""
-    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address, preload=PRELOAD) as cluster:
+def run_lds(cfg: RunConfig, settings: LDSSettings, *, address: str | None = None, run_name: str = "latest",
+            keep: bool = False) -> dict[str, Any]:
+    """Run :func:`lds_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster; ``keep``:
+    the kept cluster of :mod:`bif.flows.kept_cluster`, as ``bif lds`` does)."""
+    with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address, preload=PRELOAD,
+                              keep=keep) as cluster:
         return runtime.call_flow(lds_flow, cfg, address=cluster.address, log_name="lds",
                                  settings=settings.model_dump(mode="json"), run_name=run_name)

@@ -95,10 +95,17 @@ def _prefect_version() -> str:
 @contextlib.contextmanager
 def _locked(state: Path) -> Iterator[None]:
     """Hold ``server.lock`` (exclusive flock; released when the process dies, so never stale)."""
+    with _locked_file(state / "server.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def _locked_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created, with its folder, when missing)."""
     import fcntl
 
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "server.lock", "a+") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -166,13 +173,19 @@ def _terminate(pid: int, *, timeout: float = 10.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
-        try:
-            psutil.Process(pid).wait(timeout=timeout)  # reaps it when it is our child
-            return
-        except psutil.NoSuchProcess:
-            return
-        except psutil.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                proc = psutil.Process(pid)
+                proc.wait(timeout=0.2)  # reaps it when it is our child
+                return
+            except psutil.NoSuchProcess:
+                return
+            except psutil.TimeoutExpired:
+                # not our child (its parent exited): once it has exited it is a zombie until init reaps it
+                with contextlib.suppress(psutil.Error):
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        return
 
 
 def ensure_server(*, home: Path | None = None, timeout: float = 90.0,

@@ -44,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -126,12 +127,20 @@ class Cluster:
     address: str
     startup_seconds: float  # 0 when joining a running scheduler
     started_here: bool
+    kept: bool = False  # the kept cluster of bif.flows.kept_cluster (its workers restarted for this command)
+    reused: bool = False  # kept, and running before this command
 
 
 @contextlib.contextmanager
 def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
-                 preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = ()) -> Iterator[Cluster]:
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = (),
+                 keep: bool = False) -> Iterator[Cluster]:
     """Yield a :class:`Cluster`: ``address``, else ``compute.address``, else a LocalCluster started here.
+
+    ``keep`` (the CLI commands): instead of a LocalCluster of this process, use the kept cluster
+    of :mod:`bif.flows.kept_cluster` (started on first use, reused while the set-up is the same,
+    its workers restarted for this command) unless ``compute.keep_cluster`` or
+    ``BIF_KEEP_CLUSTER=0`` says no, or another command is using it.
 
     ``compute`` is a :class:`bif.config.ComputeConfig`; ``num_tasks`` is how many tasks can
     run at once (chains, retrainings), so the LocalCluster gets
@@ -143,12 +152,24 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     if address:
         yield Cluster(address=address, startup_seconds=0.0, started_here=False)
         return
-    import dask
-    from distributed import LocalCluster
-
     t0 = time.perf_counter()
     threads = compute.threads_per_worker
     n_workers = compute.n_workers or max(1, min(num_tasks, os.cpu_count() or 1))
+    if keep:
+        from bif.flows import kept_cluster
+
+        if kept_cluster.enabled(compute):
+            spec = {"compute": {**compute.model_dump(), "n_workers": n_workers}, "num_tasks": n_workers,
+                    "preload": list(preload), "warm_modules": [*warm_modules, *KEPT_PRELOAD]}
+            with kept_cluster.use_kept_cluster(spec) as kept:
+                if kept is not None:
+                    info, reused = kept
+                    yield Cluster(address=info.address, startup_seconds=time.perf_counter() - t0, started_here=True,
+                                  kept=True, reused=reused)
+                    return
+    import dask
+    from distributed import LocalCluster
+
     kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": threads, "processes": True,
                               "dashboard_address": ":0", "silence_logs": logging.WARNING,
                               "preload": list(preload)}
@@ -157,13 +178,7 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in workers; it makes glibc trim on every
     # large free and slowed SGLD steps by ~33% here (4.6 -> 6.1 ms per digits draw). Keep the
     # thread caps (one BLAS / OpenMP thread per worker thread), drop the trim setting.
-    spawn_env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
-    environ = {k: v for k, v in spawn_env.items() if k != "MALLOC_TRIM_THRESHOLD_"}
-    environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-    # numba (the diagnostics' ArviZ backend) would start an OpenMP pool of one spinning thread per
-    # core in each worker; torch steps after it ran 5-35x slower (bif.quality.diagnostics). Cap it,
-    # and let idle OpenMP threads sleep instead of spinning.
-    environ |= {"NUMBA_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+    spawn_env, environ = _worker_environ(threads)
     # distributed's nanny also writes its pre-spawn environ into *this* process's os.environ
     # (WorkerProcess.start: os.environ.update), so a plain LocalCluster started earlier in the
     # process (a notebook's, a test's) leaves Dask's value behind, and every later worker would
@@ -210,10 +225,53 @@ def _restore_environ(before: Mapping[str, str]) -> None:
             os.environ[k] = v
 
 
+def _worker_environ(threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Dask's pre-spawn environ, and the workers' own: Dask's without ``MALLOC_TRIM_THRESHOLD_``, thread caps."""
+    import dask
+
+    spawn_env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    environ = {k: v for k, v in spawn_env.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    environ |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    # numba (the diagnostics' ArviZ backend) would start an OpenMP pool of one spinning thread per
+    # core in each worker; torch steps after it ran 5-35x slower (bif.quality.diagnostics). Cap it,
+    # and let idle OpenMP threads sleep instead of spinning.
+    environ |= {"NUMBA_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
+    return spawn_env, environ
+
+
+def start_forkserver(compute: Any, *, preload: tuple[str, ...] = DEFAULT_PRELOAD,
+                     warm_modules: tuple[str, ...] = ()) -> bool:
+    """Start the forkserver that :func:`dask_cluster` will fork its workers from, now; True when it runs.
+
+    The forkserver spends seconds of its own core importing torch, Prefect and distributed
+    (:func:`_use_forkserver`). Started by the cluster itself, it would begin only after this
+    process has imported distributed and started the scheduler, seconds of a core that the
+    command shares with its pre-flight. Started here, first, its imports overlap both. Same
+    preload and thread settings as the cluster's own start (the cluster then finds it running);
+    nothing happens for a cluster that joins an address, or where workers are spawned.
+    """
+    from multiprocessing import forkserver
+
+    if compute.address:
+        return False
+    _, environ = _worker_environ(compute.threads_per_worker)
+    threads = {k: environ[k] for k in _THREAD_VARS if k in environ}
+    if not _use_forkserver((*preload, *warm_modules), threads):
+        return False
+    before = dict(os.environ)
+    os.environ.update({k: str(v) for k, v in threads.items()})  # the forkserver's thread pools size on import
+    try:
+        forkserver.ensure_running()
+    finally:
+        _restore_environ(before)
+    return True
+
+
 @contextlib.contextmanager
 def cluster_in_background(compute: Any, *, num_tasks: int, address: str | None = None,
                           preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = (),
-                          warm: Callable[[], Any] | None = None) -> Iterator[Callable[[], Cluster]]:
+                          warm: Callable[[], Any] | None = None, keep: bool = False
+                          ) -> Iterator[Callable[[], Cluster]]:
     """:func:`dask_cluster` started on a thread from entry on; yields ``wait()``, which returns the :class:`Cluster`.
 
     The caller checks its inputs meanwhile (the CLI's pre-flight: imports, the problem, the
@@ -233,7 +291,7 @@ def cluster_in_background(compute: Any, *, num_tasks: int, address: str | None =
     def start() -> None:
         try:
             cluster = stack.enter_context(dask_cluster(compute, num_tasks=num_tasks, address=address,
-                                                       preload=preload, warm_modules=warm_modules))
+                                                       preload=preload, warm_modules=warm_modules, keep=keep))
             box["cluster"] = cluster
             # the warm tasks are queued before wait() returns, so every task sent later runs after them
             pending = _warm_workers(cluster.address, warm) if warm is not None and cluster.started_here else None
@@ -245,6 +303,10 @@ def cluster_in_background(compute: Any, *, num_tasks: int, address: str | None =
         if pending is not None:
             pending()
 
+    from bif.flows import kept_cluster
+
+    if address is None and not (keep and kept_cluster.enabled(compute)):
+        start_forkserver(compute, preload=preload, warm_modules=warm_modules)
     thread = threading.Thread(target=start, name="bif-cluster-start", daemon=True)
     thread.start()
 
@@ -295,7 +357,11 @@ _FORKSERVER_THREADS: dict[str, str] | None = None
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY")
 #: Imported once by the forkserver that forks the LocalCluster's workers (see :func:`_use_forkserver`).
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "xarray", "zarr",
-                      "arviz_stats.numba.diagnostics")
+                      "arviz_stats.numba.diagnostics", "dask.array")
+#: Added to the forkserver's imports of a kept cluster, which pays for them once: its workers run the
+#: quality gates (great_expectations: ~5 s of a core to import). A command with a cluster of its own
+#: runs the gates itself and imports great_expectations while its cluster starts.
+KEPT_PRELOAD = ("great_expectations", "bif.quality.run")
 
 
 def problem_preload(problem: str) -> tuple[str, ...]:
@@ -304,16 +370,28 @@ def problem_preload(problem: str) -> tuple[str, ...]:
     Only bif's own factories (user modules may do anything on import): the factory's module
     and its ``WORKER_PRELOAD`` (e.g. :mod:`bif.lm`'s transformers classes).
     """
-    import importlib
+    import ast
+    import importlib.util
 
     module = problem.partition(":")[0]
     if not module.startswith("bif."):
         return ()
+    # read, not imported: importing the factory's module here (torch, scikit-learn: ~4 s of a core)
+    # would delay the forkserver that imports it anyway (:func:`start_forkserver`)
     try:
-        mod = importlib.import_module(module)
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read()) if spec and spec.origin else None
     except Exception:  # noqa: BLE001 - the pre-flight reports a bad factory
         return ()
-    return (module, *getattr(mod, "WORKER_PRELOAD", ()))
+    if tree is None:
+        return ()
+    extra: tuple[str, ...] = ()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "WORKER_PRELOAD"
+                                                for t in node.targets):
+            with contextlib.suppress(ValueError):
+                extra = tuple(ast.literal_eval(node.value))
+    return (module, *extra)
 
 
 def _use_forkserver(preload: tuple[str, ...], threads: Mapping[str, str]) -> bool:
@@ -343,15 +421,23 @@ def _use_forkserver(preload: tuple[str, ...], threads: Mapping[str, str]) -> boo
     if dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "spawn":
         return False  # the user chose another method in Dask's config
     threads = {k: str(v) for k, v in threads.items()}
+    # distributed sets its own preload list when it first starts a forkserver worker, unless told that
+    # one is set; not imported yet (:func:`start_forkserver` runs before it is), it has set nothing
+    dutils = sys.modules.get("distributed.utils")
     if _FORKSERVER_THREADS is not None:
+        if dutils is not None:
+            dutils._forkserver_preload_set = True
         return _FORKSERVER_THREADS == threads
-    from distributed import utils as dutils
-
-    if getattr(dutils, "_forkserver_preload_set", True):
+    if dutils is not None and getattr(dutils, "_forkserver_preload_set", True):
         return False  # a forkserver someone else set up: its environment is unknown
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
+        return False  # a forkserver started by other code: its preload and environment are unknown
     modules = [m for m in FORKSERVER_PRELOAD + tuple(preload) if _importable(m)]
     multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
-    dutils._forkserver_preload_set = True  # distributed would replace the list with its own
+    if dutils is not None:
+        dutils._forkserver_preload_set = True  # distributed would replace the list with its own
     _FORKSERVER_THREADS = threads
     return True
 

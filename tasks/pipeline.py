@@ -489,12 +489,30 @@ def diagnostics(cfg: RunConfig, *, map_fn: Callable | None = None) -> dict[str, 
                              num_batches=q.mcse_num_batches, rhat_threshold=q.rhat_threshold, map_fn=map_fn)
 
 
-def report(cfg: RunConfig, *, status: str | None = None) -> str:
-    """report.html (with the problem's renderer for example images, when it has one)."""
-    from bif.report import write_report
-
+def _report_problem(cfg: RunConfig) -> Any:
     try:
-        problem, _ = materialize_problem(cfg)
+        return materialize_problem(cfg)[0]
     except Exception:  # noqa: BLE001 - a report without images beats no report
-        problem = None
-    return write_report(cfg.output, cfg.storage_options, problem=problem, status=status)
+        return None
+
+
+def report(cfg: RunConfig, *, status: str | None = None, prebuilt: dict[str, str] | None = None) -> str:
+    """report.html (with the problem's renderer for example images, when it has one).
+
+    ``prebuilt``: sections :func:`report_sections` built already (title -> HTML); the problem is
+    then built only if a section left to build draws examples.
+    """
+    from bif.report import SECTIONS, write_report
+
+    prebuilt = prebuilt or {}
+    needs_problem = SECTIONS[-1] not in prebuilt  # only the top-k section draws the problem's examples
+    problem = _report_problem(cfg) if needs_problem else None
+    return write_report(cfg.output, cfg.storage_options, problem=problem, status=status, prebuilt=prebuilt)
+
+
+def report_sections(cfg: RunConfig) -> dict[str, str]:
+    """The report's sections that need neither the gates nor the diagnostics (``bif.report.EARLY_SECTIONS``),
+    as HTML: the flow builds them on a worker while its checks run, and :func:`report` takes them."""
+    from bif.report import build_sections
+
+    return build_sections(cfg.output, cfg.storage_options, problem=_report_problem(cfg))

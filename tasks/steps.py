@@ -83,9 +83,15 @@ def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address:
 
 
 @task(name="quality-gates", cache_policy=NO_CACHE)
-def quality_gates(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) -> Any:
-    from distributed import Client
+def quality_gates(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None = None) -> Any:
+    """The quality gates. Sent to a Dask worker (``scheduler_address`` None), they spread their trace reads over
+    the cluster from there (``worker_client``: the task leaves its thread to the reads meanwhile), and
+    great_expectations loads in the worker, where the forkserver has imported it, not in the command."""
+    from distributed import Client, worker_client
 
+    if scheduler_address is None:
+        with worker_client() as client:
+            return pipeline.quality_gates(cfg, info, map_fn=_mapper(client))
     with Client(scheduler_address, set_as_default=False) as client:
         return pipeline.quality_gates(cfg, info, map_fn=_mapper(client))
 
@@ -99,8 +105,15 @@ def diagnostics(cfg: RunConfig, scheduler_address: str) -> dict[str, Any]:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(cfg: RunConfig, status: str | None = None) -> str:
-    return pipeline.report(cfg, status=status)
+def report(cfg: RunConfig, status: str | None = None, prebuilt: dict[str, str] | None = None) -> str:
+    return pipeline.report(cfg, status=status, prebuilt=prebuilt)
+
+
+@task(name="report-sections", cache_policy=NO_CACHE)
+def report_sections(cfg: RunConfig) -> dict[str, str]:
+    """The report's sections that read neither the gates' nor the diagnostics' outputs (a Dask task: it runs
+    beside the checks)."""
+    return pipeline.report_sections(cfg)
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)

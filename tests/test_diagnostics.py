@@ -312,3 +312,23 @@ print(summary["num_samples"]["train"], summary["num_samples"]["query"], loaded)
     got = pd.read_parquet(tmp_path / DIAGNOSTICS_FILE).sort_values([S.SPLIT, S.SAMPLE]).reset_index(drop=True)
     want = loss_diagnostics(train, query).sort_values([S.SPLIT, S.SAMPLE]).reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want, check_categorical=False)
+
+
+def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing():
+    """``_z_scale`` (contiguous rows, float32 ranks for float32 traces) gives arviz-stats' ``_z_scale`` values, and
+    R-hat / ESS of float32 traces equal those of the same values in float64, ties included."""
+    import xarray as xr
+    from arviz_stats.numba import diagnostics as azd
+
+    from bif.quality.diagnostics import _z_scale, rhat_ess
+
+    rng = np.random.default_rng(5)
+    x = rng.gamma(2.0, 0.5, (3, 80, 40)).astype(np.float32)
+    x[..., :10] = np.round(x[..., :10], 1)  # ties: average ranks
+    split = azd._split_chains(xr.DataArray(x.astype(np.float64), dims=("chain", "draw", "sample")))
+    want = azd._z_scale(split).transpose("chain", "draw", "sample").values
+    for dtype in (np.float32, np.float64):
+        np.testing.assert_array_equal(_z_scale(split, dtype).values, want)
+    got32, got64 = rhat_ess(x), rhat_ess(x.astype(np.float64))
+    for key in got32:
+        np.testing.assert_array_equal(got32[key], got64[key], err_msg=key)

@@ -166,3 +166,17 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
     shutil.copy(shot, Path("/tmp") / "bif-report-screenshot.png")
+
+
+def test_sections_built_ahead_give_the_same_report(run):
+    """The flow draws the sections that need no check on a worker while the checks run (build_sections) and the
+    report takes them (prebuilt): the same HTML as a report built in one go."""
+    from bif.report import EARLY_SECTIONS, build_report_html, build_sections
+
+    ahead = build_sections(run.uri, problem=run.problem, num_queries=2, k=3)
+    assert set(ahead) == set(EARLY_SECTIONS)
+    whole = build_report_html(run.uri, problem=run.problem, num_queries=2, k=3, status="complete")
+    assert build_report_html(run.uri, problem=None, num_queries=2, k=3, status="complete", prebuilt=ahead) == whole
+    # a prebuilt section is taken as given, not rebuilt
+    marked = dict(ahead, **{EARLY_SECTIONS[0]: "<p>prebuilt-marker</p>"})
+    assert "prebuilt-marker" in build_report_html(run.uri, problem=run.problem, prebuilt=marked)

@@ -194,3 +194,40 @@ def test_checking_the_forkserver_preload_imports_nothing():
             "print(ok[-1], all(ok[:-1]), new)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "[]"]
+
+
+def test_the_forkservers_problem_modules_are_read_not_imported():
+    """`bif run` starts the forkserver first (start_forkserver), before its own heavy imports. Finding which
+    problem modules the forkserver should import must not import them here (torch and scikit-learn for digits:
+    ~4 s of the command's core, which delayed the forkserver's start by as much)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bif.flows.runtime import problem_preload; "
+            "print(problem_preload('bif.examples.digits:build'), problem_preload('bif.lm:build'), "
+            "problem_preload('my_module:build'), problem_preload('bif.no_such_module:build'), "
+            "sorted(m for m in ('torch', 'sklearn', 'transformers', 'bif.examples.digits') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("('bif.examples.digits',) ('bif.lm', 'transformers.models.auto.modeling_auto', "
+                   "'transformers.models.auto.tokenization_auto') () () []")
+
+
+def test_start_forkserver_starts_the_clusters_forkserver_ahead_of_it():
+    """The forkserver start_forkserver starts is the one the cluster's workers are forked from."""
+    import subprocess
+    import sys
+
+    code = ("from multiprocessing import forkserver\n"
+            "from bif.config import ComputeConfig\n"
+            "from bif.flows.runtime import start_forkserver, dask_cluster\n"
+            "if __name__ == '__main__':\n"
+            "    c = ComputeConfig(n_workers=1)\n"
+            "    assert start_forkserver(c)\n"
+            "    pid = forkserver._forkserver._forkserver_pid\n"
+            "    from distributed import Client\n"
+            "    import os\n"
+            "    with dask_cluster(c, num_tasks=1) as cl, Client(cl.address) as client:\n"
+            "        (ppid,) = client.run(os.getppid).values()\n"
+            "    print(pid is not None and ppid == pid)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]

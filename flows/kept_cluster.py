@@ -1,0 +1,328 @@
+"""A local Dask cluster kept between commands, like the kept Prefect server (:mod:`bif.flows.prefect_server`).
+
+A command that starts its own LocalCluster pays for it on every run: a forkserver that
+imports torch, Prefect, distributed, xarray and arviz-stats (seconds of a core, see
+:func:`bif.flows.runtime._use_forkserver`), then the workers. With ``compute.keep_cluster``
+(the default; ``BIF_KEEP_CLUSTER=0`` turns it off) the first ``bif run`` / ``bif lds`` /
+``bif calibrate`` starts the cluster in a detached process, and the next command with the same
+set-up reuses it.
+
+**What makes two commands "the same set-up"** is a fingerprint (:func:`fingerprint`) of
+everything a worker inherits or has imported: the Python interpreter, the working directory
+(relative paths resolve there), the whole environment (credentials in ``AWS_*`` variables, the
+Prefect API URL, thread settings), the worker count, threads and GPUs, the forkserver's
+imports, and the size and modification time of every source file of bif itself. Any
+difference starts a new cluster and stops the old one. A user's own problem module is never
+imported by the kept processes: **every command restarts the workers** (forked afresh from
+the forkserver, about a second, beside the command's own pre-flight), so a worker never
+holds a module, a problem or memory from an earlier run.
+
+**One command at a time.** A command holds ``use.lock`` (an ``flock``) while it uses the
+cluster; a second command started meanwhile finds it taken and starts a cluster of its own,
+as without this module. When no command holds the lock but a worker still runs a task (its
+command was killed: Dask releases its tasks, but a running one goes on in its worker's thread), the cluster
+restarts its workers, so an orphaned chain stops writing.
+
+**State** lives in ``<PREFECT_HOME>/bif-cluster/``: ``cluster.json`` (pid, scheduler address,
+fingerprint, start time), ``state.lock``, ``use.lock`` and ``cluster.log``. The environment is
+kept in the cluster's processes only, never written anywhere; ``cluster.json`` holds a hash.
+The cluster stops by itself after ``idle_timeout_s`` (default 10 minutes) without a command,
+when its Prefect home is deleted, or with ``bif server stop``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, IO
+
+#: ``BIF_KEEP_CLUSTER=0`` (or false/no/off): every command starts and stops its own LocalCluster.
+KEEP_ENV = "BIF_KEEP_CLUSTER"
+#: A kept cluster stops after this long without a command using it.
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+#: Seconds a new kept cluster may take to come up before the command starts its own instead.
+START_TIMEOUT_S = 120.0
+#: Variables that differ between two shells of one user without changing what a worker does, and those
+#: that libraries set in the command when they load (torch and scikit-learn's OpenMP settings: whether
+#: they are set yet depends on how far the command's imports got when the cluster is claimed).
+_VOLATILE_ENV = ("_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "PYTEST_CURRENT_TEST", "BIF_CLIENT_ENV_KEYS",
+                 "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK")
+
+
+@dataclass(frozen=True)
+class KeptClusterInfo:
+    pid: int
+    address: str
+    key: str
+    started_at: float
+    idle_timeout_s: float
+    parts: dict[str, str] | None = None
+
+
+def enabled(compute: Any) -> bool:
+    """Whether a command should use a kept cluster for ``compute`` (no address to join, not switched off)."""
+    if compute.address or not getattr(compute, "keep_cluster", True):
+        return False
+    return os.environ.get(KEEP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cluster_dir(home: Path | None = None) -> Path:
+    """``<PREFECT_HOME>/bif-cluster``: beside the kept Prefect server's state."""
+    from bif.flows.prefect_server import prefect_home
+
+    return Path(home or prefect_home()) / "bif-cluster"
+
+
+def _code_stamp() -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every Python file of bif's packages: an edit or an upgrade changes it."""
+    import bif
+    import bif.flows
+    import bif.tasks
+
+    out = []
+    for pkg in (bif, bif.flows, bif.tasks):
+        for root in pkg.__path__:
+            for path in sorted(Path(root).rglob("*.py")):
+                with contextlib.suppress(OSError):
+                    st = path.stat()
+                    out.append((str(path), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def fingerprint_parts(spec: dict[str, Any]) -> dict[str, str]:
+    """sha256 of each part of the set-up: ``spec`` (compute, preload), interpreter, working directory,
+    environment, bif's source files (see the module docstring). ``cluster.json`` keeps them, so a
+    replaced cluster can say which part changed (in ``cluster.log``)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k not in _VOLATILE_ENV)
+    parts = {"spec": spec, "python": [sys.executable, sys.version], "cwd": os.getcwd(), "env": env,
+             "code": _code_stamp()}
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for k, v in parts.items()}
+
+
+def fingerprint(spec: dict[str, Any]) -> str:
+    """One hash of :func:`fingerprint_parts`: two commands with the same one share a kept cluster."""
+    return hashlib.sha256(json.dumps(fingerprint_parts(spec), sort_keys=True).encode()).hexdigest()
+
+
+def _read_info(state: Path) -> KeptClusterInfo | None:
+    try:
+        return KeptClusterInfo(**json.loads((state / "cluster.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _is_ours(pid: int) -> bool:
+    import psutil
+
+    try:
+        return "bif.flows.kept_cluster" in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+
+
+def _answers(address: str, timeout: float = 5.0) -> bool:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout, set_as_default=False):
+            return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def status(home: Path | None = None) -> KeptClusterInfo | None:
+    """The kept cluster of this Prefect home when its process runs, else None."""
+    info = _read_info(cluster_dir(home))
+    return info if info is not None and _is_ours(info.pid) else None
+
+
+def stop(home: Path | None = None) -> KeptClusterInfo | None:
+    """Stop the kept cluster of this Prefect home (its whole process group); returns what ran."""
+    from bif.flows.prefect_server import _locked_file, _terminate
+
+    state = cluster_dir(home)
+    if not state.exists():
+        return None
+    with _locked_file(state / "state.lock"):
+        info = _read_info(state)
+        if info is not None and _is_ours(info.pid):
+            _terminate(info.pid)
+        else:
+            info = None
+        (state / "cluster.json").unlink(missing_ok=True)
+        return info
+
+
+def _try_lock(path: Path, attempts: int = 5) -> IO[str] | None:
+    """An exclusive flock on ``path`` (a few tries over ~0.25 s), or None when another process holds it."""
+    import fcntl
+
+    fh = open(path, "a+")  # noqa: SIM115 - held until released by the caller
+    for i in range(attempts):
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except OSError:
+            time.sleep(0.05 * (i + 1))
+    fh.close()
+    return None
+
+
+@contextlib.contextmanager
+def use_kept_cluster(spec: dict[str, Any], *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                     start_timeout_s: float = START_TIMEOUT_S) -> Iterator[tuple[KeptClusterInfo, bool] | None]:
+    """Yield (the kept cluster for ``spec``, whether it was running already), with its workers fresh; None
+    when it cannot be had (another command uses it, or it did not start: the caller starts its own).
+
+    ``spec``: {"compute": ComputeConfig data, "num_tasks": int, "preload": [...], "warm_modules": [...]}.
+    """
+    state = cluster_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    use = _try_lock(state / "use.lock")
+    if use is None:
+        yield None  # another command is using it
+        return
+    try:
+        claimed = _claim(state, spec, idle_timeout_s, start_timeout_s)
+    except Exception as err:  # noqa: BLE001 - the kept cluster is an optimisation: the command starts its own
+        import traceback
+
+        with open(state / "cluster.log", "a") as log:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} a command could not use the kept cluster:", file=log)
+            traceback.print_exc(file=log)
+        print(f"note: the kept Dask cluster could not be used ({type(err).__name__}: {err}; see "
+              f"{state / 'cluster.log'}); this command starts its own", file=sys.stderr)
+        claimed = None
+    try:
+        yield claimed
+    finally:
+        use.close()  # releases the flock
+
+
+def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
+           start_timeout_s: float) -> tuple[KeptClusterInfo, bool] | None:
+    """The kept cluster for ``spec`` (started, or replaced, when needed) with fresh workers, and whether it ran."""
+    from bif.flows.prefect_server import _locked_file, _terminate
+
+    parts = fingerprint_parts(spec)
+    key = fingerprint(spec)
+    with _locked_file(state / "state.lock"):
+        info = _read_info(state)
+        reused = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
+        if not reused:
+            if info is not None and _is_ours(info.pid):
+                changed = [k for k in parts if (info.parts or {}).get(k) != parts[k]] or ["not answering"]
+                with open(state / "cluster.log", "a") as log:
+                    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} replacing the kept cluster (pid {info.pid}): "
+                          f"changed {', '.join(changed)}", file=log)
+                _terminate(info.pid)  # another set-up (or not answering): replace it
+            (state / "cluster.json").unlink(missing_ok=True)
+            info = _start(state, spec, key, idle_timeout_s, start_timeout_s)
+    if info is None:
+        return None
+    if reused:
+        _restart_workers(info.address)
+    return info, reused
+
+
+def _start(state: Path, spec: dict[str, Any], key: str, idle_timeout_s: float,
+           timeout: float) -> KeptClusterInfo | None:
+    """Start the serve process and wait for its ``cluster.json``; None (process stopped) when it does not come up."""
+    import subprocess
+
+    from bif.flows.prefect_server import _terminate
+
+    (state / "spec.json").write_text(json.dumps({"spec": spec, "key": key, "idle_timeout_s": idle_timeout_s,
+                                                 "parts": fingerprint_parts(spec)}))
+    with open(state / "cluster.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bif.flows.kept_cluster", "serve", str(state)],
+                                env=dict(os.environ), cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, start_new_session=True)  # survives this command and its Ctrl-C
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _read_info(state)
+        if info is not None and info.pid == proc.pid:
+            return info
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    _terminate(proc.pid)
+    print(f"note: the kept Dask cluster did not start (see {state / 'cluster.log'}); "
+          "this command starts its own", file=sys.stderr)
+    return None
+
+
+def _restart_workers(address: str) -> None:
+    """Fresh worker processes (forked from the kept forkserver): no module, problem or memory of an earlier run."""
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        n = len(client.scheduler_info()["workers"])
+        client.restart(timeout=120, wait_for_workers=False)
+        client.wait_for_workers(n, timeout=120)
+
+
+# ---------------------------------------------------------------- the kept cluster process itself
+
+
+def _executing_count(dask_worker: Any) -> int:
+    """Tasks running in ``dask_worker``'s threads, released ones included (for ``Client.run``)."""
+    return int(dask_worker.state.executing_count)
+
+
+
+def _serve(state: Path) -> None:
+    """Run the LocalCluster of ``state/spec.json`` until idle, replaced, stopped or its home is gone."""
+    from distributed import Client
+
+    from bif.config import ComputeConfig
+    from bif.flows import runtime
+
+    cfg = json.loads((state / "spec.json").read_text())
+    spec, idle_timeout_s = cfg["spec"], float(cfg["idle_timeout_s"])
+    compute = ComputeConfig(**spec["compute"])
+    with runtime.dask_cluster(compute, num_tasks=spec["num_tasks"], preload=tuple(spec["preload"]),
+                              warm_modules=tuple(spec["warm_modules"])) as cluster, \
+            Client(cluster.address, set_as_default=False) as client:
+        info = KeptClusterInfo(pid=os.getpid(), address=cluster.address, key=cfg["key"], started_at=time.time(),
+                               idle_timeout_s=idle_timeout_s, parts=cfg.get("parts"))
+        tmp = state / f"cluster.json.{os.getpid()}"
+        tmp.write_text(json.dumps(asdict(info)))
+        tmp.replace(state / "cluster.json")
+        last_used = time.monotonic()
+        while True:
+            time.sleep(1.0)
+            current = _read_info(state)
+            if current is None or current.pid != os.getpid() or not state.parent.exists():
+                return  # stopped, replaced, or its Prefect home was deleted
+            free = _try_lock(state / "use.lock", attempts=1)
+            if free is None:
+                last_used = time.monotonic()
+                continue
+            try:
+                # a task whose command is gone: its client's tasks were released, but a running one goes on in its
+                # worker's thread (a chain: minutes, writing to its output), which only a restart stops
+                if any(client.run(_executing_count).values()):
+                    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} no command holds the cluster but tasks run: "
+                          "restarting the workers", file=sys.stderr, flush=True)
+                    client.restart(timeout=120)
+            except Exception as err:  # noqa: BLE001 - a failed restart leaves the cluster as it is
+                print(f"restarting the workers failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            finally:
+                free.close()
+            if time.monotonic() - last_used > idle_timeout_s:
+                return
+
+
+if __name__ == "__main__":  # python -m bif.flows.kept_cluster serve STATE_DIR
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        _serve(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m bif.flows.kept_cluster serve STATE_DIR (started by bif commands)")

@@ -1,0 +1,224 @@
+"""The kept Dask cluster (flows/kept_cluster.py), driven as a user does: `bif run` and `bif server` subprocesses.
+
+The suite turns the kept cluster off for every other test (tests/conftest.py sets BIF_KEEP_CLUSTER=0); these
+turn it on in their commands' environment, with a Prefect home of their own, and stop it at the end.
+
+- A second `bif run` reuses the first one's cluster (same serve process) with fresh workers (other pids), and
+  computes the same BIF as the first (same seeds, other output).
+- A user's problem module edited between two commands is the edited one in the second: the kept processes
+  never hold a user's module.
+- Another set-up (here: another environment) replaces the cluster, and cluster.log says what changed.
+- `bif server stop` stops it; `bif server status` shows it.
+Unit tests: the fingerprint ignores what libraries set while loading, a command finds the cluster taken while
+another holds it, and a kept cluster restarts its workers when a task outlives its command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from bif.flows import kept_cluster
+
+pytestmark = pytest.mark.e2e
+
+BIF = str(Path(sys.executable).parent / "bif")
+REPO = Path(__file__).resolve().parents[1]
+
+USER_PROBLEM = '''
+"""A user's problem module (edited between two commands by the test)."""
+from bif.examples.linear import build as _linear
+
+N = {n}
+
+
+def build():
+    return _linear(n=N, d=3, m=4, seed=1)
+'''
+
+
+def _env(home: Path, work: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "BIF_KEEP_CLUSTER": "1",
+            "PYTHONPATH": os.pathsep.join([str(work), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return env | extra
+
+
+def _bif(home: Path, work: Path, *args: str, timeout: float = 420, **extra: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([BIF, *args], cwd=work, env=_env(home, work, **extra), capture_output=True, text=True,
+                         timeout=timeout)
+    return res
+
+
+def _alive(pid: int) -> bool:
+    """Running (an exited process whose parent is gone stays a zombie until init reaps it)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cluster(home: Path) -> dict:
+    return json.loads((home / "bif-cluster" / "cluster.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A user's working directory with a problem module and a config, and a Prefect home of its own."""
+    home = tmp_path_factory.mktemp("kept-home")
+    work = tmp_path_factory.mktemp("kept-work")
+    (work / "myproblem.py").write_text(USER_PROBLEM.format(n=30))
+    cfg = {"problem": "myproblem:build", "compute": {"n_workers": 2},
+           "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 5, "draws_per_block": 20,
+                       "step_size": 1e-3, "nbeta": 30.0, "batch_size": 30, "seed": 4},
+           "covariance": {"topk": 3}}
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    yield home, work
+    subprocess.run([BIF, "server", "stop"], env=_env(home, work), capture_output=True, timeout=120)
+
+
+def test_second_run_reuses_the_cluster_with_fresh_workers_and_the_same_bif(user):
+    import xarray as xr
+
+    home, work = user
+    first = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = _cluster(home)
+    assert _alive(kept["pid"])
+    second = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _cluster(home)["pid"] == kept["pid"]  # the same kept cluster ...
+    m1, m2 = (json.loads((work / o / "manifest.json").read_text()) for o in ("out1", "out2"))
+    assert not set(m1["timings"]["chain_pid"]) & set(m2["timings"]["chain_pid"])  # ... with fresh workers
+    assert m2["status"] == "complete" and m2["quality"]["passed"]
+    b1, b2 = (xr.open_zarr(work / o / "bif.zarr")["bif"].values for o in ("out1", "out2"))
+    np.testing.assert_array_equal(b1, b2)  # same seeds, same draws: the kept cluster changes nothing
+    status = _bif(home, work, "server", "status")
+    assert f"pid {kept['pid']}" in status.stdout and kept["address"] in status.stdout
+
+
+def test_an_edited_problem_module_is_the_edited_one_in_the_next_run(user):
+    home, work = user
+    pid = _cluster(home)["pid"]
+    (work / "myproblem.py").write_text(USER_PROBLEM.format(n=22))  # the user edits the module
+    res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-edited",
+               "--set", "sampler.nbeta=22", "--set", "sampler.batch_size=22")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _cluster(home)["pid"] == pid  # still the kept cluster
+    manifest = json.loads((work / "out-edited" / "manifest.json").read_text())
+    assert manifest["n_train"] == 22  # not the 30 of the module the workers saw in the first runs
+
+
+def test_bad_input_fails_on_the_kept_cluster_with_its_message(user):
+    """With the server and the cluster kept, the pre-flight runs on a worker: a bad checkpoint still ends the
+    command with exit 2 and the pre-flight's own message, and the kept cluster stays for the next command."""
+    home, work = user
+    pid = _cluster(home)["pid"]
+    (work / "bad.pt").write_bytes(b"not a checkpoint")
+    res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-bad", "--set", "checkpoint=bad.pt")
+    assert res.returncode == 2 and "could not be loaded as a state dict" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not (work / "out-bad" / "manifest.json").exists()
+    assert _cluster(home)["pid"] == pid and _alive(pid)
+
+
+def test_another_environment_replaces_the_cluster_and_stop_ends_it(user):
+    home, work = user
+    old = _cluster(home)
+    res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-env", BIF_TEST_MARKER="other")
+    assert res.returncode == 0, res.stderr[-3000:]
+    new = _cluster(home)
+    assert new["pid"] != old["pid"] and not _alive(old["pid"])
+    assert "changed env" in (home / "bif-cluster" / "cluster.log").read_text()
+    stop = _bif(home, work, "server", "stop")
+    assert "stopped the kept Dask cluster" in stop.stdout
+    deadline = time.monotonic() + 30
+    while _alive(new["pid"]):
+        assert time.monotonic() < deadline, "the kept cluster outlived `bif server stop`"
+        time.sleep(0.2)
+    assert kept_cluster.status(home) is None
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_fingerprint_follows_the_environment_but_not_what_libraries_set_on_import(monkeypatch):
+    spec = {"compute": {"n_workers": 2}, "num_tasks": 2, "preload": [], "warm_modules": []}
+    base = kept_cluster.fingerprint(spec)
+    monkeypatch.setenv("KMP_DUPLICATE_LIB_OK", "True")  # set by a library while the command imports it
+    monkeypatch.setenv("KMP_INIT_AT_FORK", "FALSE")
+    assert kept_cluster.fingerprint(spec) == base
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")  # other credentials: another cluster
+    assert kept_cluster.fingerprint(spec) != base
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert kept_cluster.fingerprint(spec) == base
+    assert kept_cluster.fingerprint({**spec, "num_tasks": 3}) != base
+    monkeypatch.setattr(kept_cluster, "_code_stamp", lambda: [("bif/x.py", 1, 2)])  # bif edited or upgraded
+    assert kept_cluster.fingerprint(spec) != base
+
+
+def test_a_command_finds_the_cluster_taken_while_another_uses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    state = kept_cluster.cluster_dir()
+    state.mkdir(parents=True)
+    held = kept_cluster._try_lock(state / "use.lock")
+    assert held is not None
+    spec = {"compute": {"n_workers": 1}, "num_tasks": 1, "preload": [], "warm_modules": []}
+    try:
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            assert kept is None  # the caller starts a cluster of its own
+    finally:
+        held.close()
+    assert not (state / "cluster.json").exists()  # nothing was started
+
+
+def test_a_task_that_outlives_its_command_is_stopped(tmp_path, monkeypatch):
+    """A command killed mid-run leaves its task running on the kept workers; the cluster restarts them."""
+    from distributed import Client
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    from bif.config import ComputeConfig
+
+    spec = {"compute": ComputeConfig(n_workers=1).model_dump(), "num_tasks": 1, "preload": ["bif.flows.runtime"],
+            "warm_modules": []}
+    try:
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            assert kept is not None
+            info, reused = kept
+            assert not reused
+            client = Client(info.address, set_as_default=False)
+            worker_pid = next(iter(client.run(os.getpid).values()))
+            client.submit(time.sleep, 600, pure=False)  # a chain that would run for 10 minutes
+            deadline = time.monotonic() + 30
+            while not any(client.processing().values()):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        # the command is gone (its use.lock released) while its task still runs: the cluster restarts the worker
+        deadline = time.monotonic() + 60
+        while _alive(worker_pid):
+            assert time.monotonic() < deadline, "the orphaned task's worker was not restarted"
+            time.sleep(0.2)
+        client.close()
+    finally:
+        kept_cluster.stop()
+
+
+def test_switched_off_by_the_environment_or_the_config(monkeypatch):
+    from bif.config import ComputeConfig
+
+    monkeypatch.setenv("BIF_KEEP_CLUSTER", "1")
+    assert kept_cluster.enabled(ComputeConfig())
+    assert not kept_cluster.enabled(ComputeConfig(keep_cluster=False))
+    assert not kept_cluster.enabled(ComputeConfig(address="tcp://127.0.0.1:8786"))
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("BIF_KEEP_CLUSTER", off)
+        assert not kept_cluster.enabled(ComputeConfig())
+
