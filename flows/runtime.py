@@ -128,7 +128,6 @@ class Cluster:
     startup_seconds: float  # 0 when joining a running scheduler
     started_here: bool
     kept: bool = False  # the kept cluster of bif.flows.kept_cluster (its workers restarted for this command)
-    reused: bool = False  # kept, and running before this command
 
 
 @contextlib.contextmanager
@@ -163,9 +162,9 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
                     "preload": list(preload), "warm_modules": [*warm_modules, *KEPT_PRELOAD]}
             with kept_cluster.use_kept_cluster(spec) as kept:
                 if kept is not None:
-                    info, reused = kept
+                    info, _ = kept
                     yield Cluster(address=info.address, startup_seconds=time.perf_counter() - t0, started_here=True,
-                                  kept=True, reused=reused)
+                                  kept=True)
                     return
     import dask
     from distributed import LocalCluster
