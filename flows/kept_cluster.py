@@ -273,8 +273,9 @@ def _restart_workers(address: str) -> None:
 
 
 def _executing_count(dask_worker: Any) -> int:
-    """Tasks running in ``dask_worker``'s threads, released ones included (for ``Client.run``)."""
-    return int(dask_worker.state.executing_count)
+    """Tasks running in ``dask_worker``'s threads, released (cancelled) and seceded ones included (a task under
+    ``worker_client``, like the quality gates, secedes), for ``Client.run``."""
+    return len(dask_worker.state.all_running_tasks)
 
 
 

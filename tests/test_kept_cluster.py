@@ -196,17 +196,19 @@ def test_a_task_that_outlives_its_command_is_stopped(tmp_path, monkeypatch):
             assert not reused
             client = Client(info.address, set_as_default=False)
             worker_pid = next(iter(client.run(os.getpid).values()))
-            client.submit(time.sleep, 600, pure=False)  # a chain that would run for 10 minutes
+            chain = client.submit(time.sleep, 600, pure=False)  # a chain that would run for 10 minutes
             deadline = time.monotonic() + 30
-            while not any(client.processing().values()):
-                assert time.monotonic() < deadline
+            while not any(client.run(kept_cluster._executing_count).values()):
+                assert time.monotonic() < deadline, "the task never started"
                 time.sleep(0.1)
-        # the command is gone (its use.lock released) while its task still runs: the cluster restarts the worker
+            # the command is killed: its client goes (the scheduler releases the task, the thread runs on)
+            del chain
+            client.close()
+        # and its use.lock is released while its task still runs: the cluster restarts the worker
         deadline = time.monotonic() + 60
         while _alive(worker_pid):
             assert time.monotonic() < deadline, "the orphaned task's worker was not restarted"
             time.sleep(0.2)
-        client.close()
     finally:
         kept_cluster.stop()
 
