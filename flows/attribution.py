@@ -87,7 +87,11 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         final_status = S.STATUS_COMPLETE if gates is None or gates.passed else S.STATUS_FAILED_QUALITY
         # the report and the artifacts read the same finished outputs: write them at once
         prebuilt = _result_or_none(early_report)
-        for f in [steps.report.submit(cfg, final_status, prebuilt), steps.publish_artifacts.submit(cfg, final_status)]:
+        # on a kept cluster the report is drawn on a worker, whose forkserver has matplotlib loaded; with a cluster
+        # of its own the command draws it (and loaded matplotlib while its cluster started)
+        report = rt.submit(steps.report, cfg, final_status, prebuilt) if gates_on_workers else \
+            steps.report.submit(cfg, final_status, prebuilt)
+        for f in [report, steps.publish_artifacts.submit(cfg, final_status)]:
             f.result()  # raises its error
         if gates is not None:
             gates.raise_if_failed()

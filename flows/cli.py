@@ -90,9 +90,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()  # what the run waits for the server and the cluster after its checks
         if not early:
             ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
-        # the gates run where great_expectations is loaded already: a kept cluster's workers, else this process,
-        # which loads it (and matplotlib, for the report) while the cluster starts
-        import_in_background(*_after_sampling_imports(cfg, gates_here=not keep_enabled(cfg.compute)))
+        # the gates and the report run where great_expectations and matplotlib are loaded already: a kept cluster's
+        # workers, else this process, which loads them while the cluster starts
+        import_in_background(*_after_sampling_imports(cfg, here=not keep_enabled(cfg.compute)))
         url = ready()  # the server (kept, or booting) and the cluster start concurrently
         address = pending().address
         startup = time.perf_counter() - t0
@@ -133,12 +133,15 @@ def _preflight_on_kept_cluster(cfg, pending) -> None:
         client.submit(_preflight, cfg, pure=False).result()  # raises the pre-flight's BifError here
 
 
-def _after_sampling_imports(cfg, *, gates_here: bool = True) -> list:
-    """What the flow's gates (when they run in this process) and report will import here, as warm-up calls."""
+def _after_sampling_imports(cfg, *, here: bool = True) -> list:
+    """What the flow's gates and report will import in this process, as warm-up calls: nothing on a kept cluster,
+    whose workers run both (their forkserver has great_expectations and matplotlib loaded)."""
+    if not here:
+        return []
     from bif import report
     from bif.quality import expectations
 
-    return ([expectations.warm] if cfg.quality.enabled and gates_here else []) + [report.warm]
+    return ([expectations.warm] if cfg.quality.enabled else []) + [report.warm]
 
 
 def _warm_problem(cfg) -> float:

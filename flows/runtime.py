@@ -358,9 +358,10 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "N
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "xarray", "zarr",
                       "arviz_stats.numba.diagnostics", "dask.array")
 #: Added to the forkserver's imports of a kept cluster, which pays for them once: its workers run the
-#: quality gates (great_expectations: ~5 s of a core to import). A command with a cluster of its own
-#: runs the gates itself and imports great_expectations while its cluster starts.
-KEPT_PRELOAD = ("great_expectations", "bif.quality.run")
+#: quality gates (great_expectations: ~5 s of a core to import) and draw the report (matplotlib: ~1 s). A command
+#: with a cluster of its own runs both itself and imports them while its cluster starts.
+KEPT_PRELOAD = ("great_expectations", "bif.quality.run", "matplotlib.figure", "matplotlib.backends.backend_agg",
+                "bif.report")
 
 
 def problem_preload(problem: str) -> tuple[str, ...]:
@@ -532,12 +533,16 @@ def worker_device(device: str, gpus: int, address: str) -> str:
     """The torch device a chain task gets on this cluster (``compute.device`` resolved on a worker)."""
     from distributed import Client
 
+    with Client(address, set_as_default=False) as client:
+        fut = client.submit(_resolve_device, device, pure=False, resources={"GPU": 1} if gpus else None)
+        return str(fut.result())
+
+
+def _resolve_device(device: str) -> str:
+    """``device`` resolved where this runs (a worker: torch loads there, never in the command)."""
     from bif.sampling.chain import resolve_device
 
-    with Client(address, set_as_default=False) as client:
-        fut = client.submit(lambda d: str(resolve_device(d)), device, pure=False,
-                            resources={"GPU": 1} if gpus else None)
-        return str(fut.result())
+    return str(resolve_device(device))
 
 
 # ---------------------------------------------------------------- credentials policy

@@ -8,19 +8,22 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from bif import schema as S
 from bif.config import RunConfig
 from bif.errors import BifError, ProblemError, RunConflictError
-from bif.problem import Problem, load_checkpoint, load_problem, model_hash, tensors_hash
-from bif.sampling.chain import SGLDChain, resolve_device
 from bif.store.fs import check_writable, storage_guard
 from bif.store.manifest import package_versions
 from bif.store.run import RunStore
+
+if TYPE_CHECKING:  # torch, the problem and the sampler load where they are used: on the workers, not in the command
+    import torch
+
+    from bif.problem import Problem
+    from bif.sampling.chain import SGLDChain
 
 ProgressFn = Callable[[int, int, int], None]  # (chain, draws_done, num_draws)
 
@@ -93,6 +96,8 @@ def warm_problem(cfg: RunConfig) -> float:
     across runs, and the chain still checks its identity (checkpoint, weights, data) against the
     run's. Errors are left to the chain, which reports them.
     """
+    import torch
+
     t0 = time.perf_counter()
     now = time.monotonic()
     for key in [k for k, (t, _, _) in _WARMED.items() if now - t > WARM_TTL_S]:
@@ -113,6 +118,8 @@ def materialize_problem(cfg: RunConfig, *, warmed: bool = False) -> tuple[Proble
         entry = _WARMED.pop(_problem_key(cfg), None)
         if entry is not None and time.monotonic() - entry[0] <= WARM_TTL_S:
             return entry[1], entry[2]
+    from bif.problem import load_checkpoint, load_problem
+
     problem = load_problem(cfg.problem, cfg.problem_args)
     ckpt = None
     if cfg.checkpoint is not None:
@@ -142,12 +149,16 @@ IDENTITY_KEYS = ("checkpoint_sha256", "model_sha256", "data_sha256")
 
 def data_hash(chain: SGLDChain) -> str:
     """sha256 of the train and query sets as collated for the losses (see IDENTITY_KEYS)."""
+    from bif.problem import tensors_hash
+
     train, query = chain.eval_data
     h = tensors_hash(["train", train])
     return tensors_hash(["query", query], h).hexdigest()
 
 
 def run_identity(problem: Problem, ckpt: str | None, chain: SGLDChain) -> dict[str, str | None]:
+    from bif.problem import model_hash
+
     return {"checkpoint_sha256": ckpt, "model_sha256": model_hash(problem.model), "data_sha256": data_hash(chain)}
 
 
@@ -203,6 +214,8 @@ def check_reference_losses(problem: Problem, train: np.ndarray, query: np.ndarra
 
 def _reference(problem: Problem, cfg: RunConfig) -> tuple[SGLDChain, np.ndarray, np.ndarray]:
     """A chain-0 sampler (for its collated data) and the per-sample losses at w*."""
+    from bif.sampling.chain import SGLDChain, resolve_device
+
     try:
         chain = SGLDChain(problem, cfg.sampler, chain=0, device=resolve_device(cfg.compute.device))
         ref_train, ref_query = chain.reference_losses()
@@ -229,6 +242,8 @@ class _Inspection:
 def _inspect(cfg: RunConfig) -> _Inspection:
     """Every check of a run's start that writes nothing: output, config hash, problem, checkpoint,
     reference losses, identity against an existing run."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.compute.threads_per_worker)  # as in the chains: same floats, same hashes
     try:
@@ -334,6 +349,10 @@ def prepare_run(cfg: RunConfig) -> RunInfo:
 
 def pick_device(cfg: RunConfig) -> torch.device:
     """The chain's device; on a multi-GPU worker pool, worker k takes GPU k mod count."""
+    import torch
+
+    from bif.sampling.chain import resolve_device
+
     device = resolve_device(cfg.compute.device)
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         try:
@@ -351,6 +370,10 @@ def pick_device(cfg: RunConfig) -> torch.device:
 def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progress: ProgressFn | None = None
               ) -> ChainResult:
     """Sample one chain, committing a trace block every ``draws_per_block`` draws; resumes if blocks exist."""
+    import torch
+
+    from bif.sampling.chain import SGLDChain
+
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.compute.threads_per_worker)
     problem, ckpt = materialize_problem(cfg, warmed=True)
