@@ -52,7 +52,9 @@ START_TIMEOUT_S = 120.0
 #: that libraries set in the command when they load (torch and scikit-learn's OpenMP settings: whether
 #: they are set yet depends on how far the command's imports got when the cluster is claimed).
 _VOLATILE_ENV = ("_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "PYTEST_CURRENT_TEST", "BIF_CLIENT_ENV_KEYS",
-                 "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK")
+                 "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
+                 # what make sets for a recipe (`make demo` and a plain `bif run` share one cluster)
+                 "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
 
 
 @dataclass(frozen=True)

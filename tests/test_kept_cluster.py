@@ -156,6 +156,9 @@ def test_fingerprint_follows_the_environment_but_not_what_libraries_set_on_impor
     monkeypatch.setenv("KMP_DUPLICATE_LIB_OK", "True")  # set by a library while the command imports it
     monkeypatch.setenv("KMP_INIT_AT_FORK", "FALSE")
     assert kept_cluster.fingerprint(spec) == base
+    monkeypatch.setenv("MAKELEVEL", "7")  # `make demo`, then a plain `bif run`: the same cluster
+    monkeypatch.setenv("MAKEFLAGS", "-j2 --no-print-directory")
+    assert kept_cluster.fingerprint(spec) == base
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")  # other credentials: another cluster
     assert kept_cluster.fingerprint(spec) != base
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
