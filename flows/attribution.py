@@ -35,8 +35,8 @@ def attribution_flow(config: dict[str, Any], credentials_ref: str | None = None,
 
     Runs on the Dask cluster ``scheduler_address``, else ``compute.address``, else a LocalCluster of
     its own; ``cluster_startup_seconds`` is what the caller paid for ``scheduler_address``.
-    ``gates_on_workers``: run the quality gates as a task on a worker (a kept cluster's workers have
-    great_expectations loaded), not in this process.
+    ``gates_on_workers``: run the quality gates and draw the report as tasks on workers (a kept cluster's
+    workers have great_expectations and matplotlib loaded), not in this process.
     """
     cfg = runtime.flow_config(config, credentials_ref, secret_block)
     with runtime.on_dask(cfg.compute, num_tasks=cfg.sampler.num_chains, address=scheduler_address) as rt:

@@ -110,7 +110,11 @@ def fingerprint_parts(spec: dict[str, Any]) -> dict[str, str]:
 
 def fingerprint(spec: dict[str, Any]) -> str:
     """One hash of :func:`fingerprint_parts`: two commands with the same one share a kept cluster."""
-    return hashlib.sha256(json.dumps(fingerprint_parts(spec), sort_keys=True).encode()).hexdigest()
+    return _key(fingerprint_parts(spec))
+
+
+def _key(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _read_info(state: Path) -> KeptClusterInfo | None:
@@ -213,8 +217,8 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     """The kept cluster for ``spec`` (started, or replaced, when needed) with fresh workers, and whether it ran."""
     from bif.flows.prefect_server import _locked_file, _terminate
 
-    parts = fingerprint_parts(spec)
-    key = fingerprint(spec)
+    parts = fingerprint_parts(spec)  # once: it stats every source file of bif
+    key = _key(parts)
     with _locked_file(state / "state.lock"):
         info = _read_info(state)
         reused = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
@@ -226,7 +230,7 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
                           f"changed {', '.join(changed)}", file=log)
                 _terminate(info.pid)  # another set-up (or not answering): replace it
             (state / "cluster.json").unlink(missing_ok=True)
-            info = _start(state, spec, key, idle_timeout_s, start_timeout_s)
+            info = _start(state, spec, parts, idle_timeout_s, start_timeout_s)
     if info is None:
         return None
     if reused:
@@ -234,15 +238,15 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     return info, reused
 
 
-def _start(state: Path, spec: dict[str, Any], key: str, idle_timeout_s: float,
+def _start(state: Path, spec: dict[str, Any], parts: dict[str, str], idle_timeout_s: float,
            timeout: float) -> KeptClusterInfo | None:
     """Start the serve process and wait for its ``cluster.json``; None (process stopped) when it does not come up."""
     import subprocess
 
     from bif.flows.prefect_server import _terminate
 
-    (state / "spec.json").write_text(json.dumps({"spec": spec, "key": key, "idle_timeout_s": idle_timeout_s,
-                                                 "parts": fingerprint_parts(spec)}))
+    (state / "spec.json").write_text(json.dumps({"spec": spec, "key": _key(parts), "idle_timeout_s": idle_timeout_s,
+                                                 "parts": parts}))
     with open(state / "cluster.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bif.flows.kept_cluster", "serve", str(state)],
                                 env=dict(os.environ), cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=log,

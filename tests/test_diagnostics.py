@@ -320,7 +320,7 @@ def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing(
     import xarray as xr
     from arviz_stats.numba import diagnostics as azd
 
-    from bif.quality.diagnostics import _z_scale, rhat_ess
+    from bif.quality.diagnostics import _z_fold, _z_scale, rhat_ess
 
     rng = np.random.default_rng(5)
     x = rng.gamma(2.0, 0.5, (3, 80, 40)).astype(np.float32)
@@ -329,6 +329,7 @@ def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing(
     want = azd._z_scale(split).transpose("chain", "draw", "sample").values
     for dtype in (np.float32, np.float64):
         np.testing.assert_array_equal(_z_scale(split, dtype).values, want)
+    np.testing.assert_array_equal(_z_fold(split).values, azd._z_fold(split).transpose("chain", "draw", "sample").values)
     got32, got64 = rhat_ess(x), rhat_ess(x.astype(np.float64))
     for key in got32:
         np.testing.assert_array_equal(got32[key], got64[key], err_msg=key)

@@ -117,7 +117,7 @@ def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
         z = _z_scale(split, rank_dtype)  # rank-normalized split draws: shared by the bulk R-hat and the bulk ESS
         if chains >= 2:  # ArviZ: R-hat needs at least 2 chains; rank R-hat = max(bulk, folded), as azd.rhat
             # azd._z_fold: |x - median| over (chain, draw), in float64 as ArviZ computes it, then rank-normalized
-            bulk, folded = azd._rhat(z), azd._rhat(_z_scale(abs(split - _median(split)), np.float64))
+            bulk, folded = azd._rhat(z), azd._rhat(_z_fold(split))
             out[RHAT][idx] = np.asarray(xr.where(bulk > folded, bulk, folded).transpose("sample"), dtype=np.float64)
         out[ESS_BULK][idx] = _vector_ess(azd, z)
         if tail:
@@ -139,26 +139,33 @@ def _z_scale(split: Any, rank_dtype: Any = np.float64) -> Any:
     same average ranks as scipy's, 4.5x faster: 0.19 vs 0.86 s on 1,897 samples x 2,000 draws).
     The test checks the values against ``azd._z_scale``.
     """
+    rows, shape = _sample_rows(split, rank_dtype)
+    return _z_of_rows(rows, shape)
+
+
+def _z_fold(split: Any) -> Any:
+    """arviz-stats' ``azd._z_fold``: |draws - their median over (chain, draw)|, in float64 as ArviZ computes it,
+    rank-normalized; the median is taken on the contiguous rows (5x faster than xarray's over a strided view)."""
+    rows, shape = _sample_rows(split, np.float64)
+    return _z_of_rows(np.abs(rows - np.median(rows, axis=1, keepdims=True)), shape)
+
+
+def _sample_rows(split: Any, dtype: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Split (chain, draw, sample) draws as contiguous (sample, chain x draw) rows of ``dtype``, and (c, d, m)."""
+    values = np.asarray(split.transpose("chain", "draw", "sample").values)
+    c, d, m = values.shape
+    return np.ascontiguousarray(values.reshape(c * d, m).T, dtype=dtype), (c, d, m)
+
+
+def _z_of_rows(rows: np.ndarray, shape: tuple[int, int, int]) -> Any:
+    """Rank normalization of each row (see :func:`_z_scale`) as a (chain, draw, sample) DataArray of ``shape``."""
     import xarray as xr
     from bottleneck import rankdata
     from scipy.special import ndtri
 
-    split = split.transpose("chain", "draw", "sample")
-    c, d, m = split.shape
-    rows = np.ascontiguousarray(np.asarray(split.values).reshape(c * d, m).T, dtype=rank_dtype)
-    size = c * d
-    z = ndtri((rankdata(rows, axis=1) - 3 / 8) / (size - 2 * 3 / 8 + 1))
+    c, d, m = shape
+    z = ndtri((rankdata(rows, axis=1) - 3 / 8) / (c * d - 2 * 3 / 8 + 1))
     return xr.DataArray(z.T.reshape(c, d, m), dims=("chain", "draw", "sample"))
-
-
-def _median(split: Any) -> Any:
-    """The median over (chain, draw) of each sample of NaN-free split draws, as ``split.median(("chain", "draw"))``
-    gives it, computed on contiguous rows (5x faster than xarray's reduction over a strided view)."""
-    import xarray as xr
-
-    values = split.transpose("chain", "draw", "sample").values
-    c, d, m = values.shape
-    return xr.DataArray(np.median(np.ascontiguousarray(values.reshape(c * d, m).T), axis=1), dims=("sample",))
 
 
 def _vector_ess(azd: Any, split: Any) -> np.ndarray:
