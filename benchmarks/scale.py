@@ -143,7 +143,9 @@ def covariance_stage(root: str, client, *, n_train: int, n_query: int, train_blo
         if not verifies_itself:  # the code before issue 11 verified checksums in a separate pass
             store.verify_blocks(files)
         t1 = time.perf_counter()
-        summary = compute_bif(store, cov, files, n_train=n_train, n_query=n_query, client=client)
+        # the pipeline checks every file's sha256 beside the reduction (tasks.pipeline.reduce_covariance)
+        summary = compute_bif(store, cov, files, n_train=n_train, n_query=n_query, client=client,
+                              **({"verify": True} if verifies_itself else {}))
         store.write_topk(summary.topk)
         wall = time.perf_counter() - t0
     return {"stage_s": wall, "separate_verify_s": t1 - t0 if not verifies_itself else 0.0,

@@ -26,7 +26,10 @@ import pandas as pd
 from bif import schema as S
 from bif.store.run import RunStore
 
-SECTIONS = ("Run summary", "Quality gates", "Loss traces and distance to w*", "MCMC diagnostics", "BIF heatmap",
+#: The section of the R-hat / ESS histograms: it reads only the diagnostics' output, so a flow draws it as soon
+#: as they finish.
+DIAGNOSTICS_SECTION = "MCMC diagnostics"
+SECTIONS = ("Run summary", "Quality gates", "Loss traces and distance to w*", DIAGNOSTICS_SECTION, "BIF heatmap",
             "Most influential training examples")
 _MAX_HEATMAP = (300, 120)  # (train rows, query columns) drawn at most
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#222}"
@@ -149,7 +152,7 @@ def _diagnostics(run: RunStore, problem: Any) -> str:
             v = g[col].to_numpy(dtype=float)
             v = v[np.isfinite(v)]
             if v.size:
-                ax.hist(v, bins=40, alpha=0.6, label=str(split))
+                ax.hist(v, bins=40, alpha=0.6, label=str(split), histtype="stepfilled")
         ax.set_title(col)
         if ax.get_legend_handles_labels()[0]:  # nothing drawn when every value is undefined (one chain)
             ax.legend(fontsize=8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow
@@ -22,6 +22,7 @@ from prefect.futures import as_completed, wait
 from bif import schema as S
 from bif.config import RunConfig
 from bif.errors import QualityError
+from bif.report import DIAGNOSTICS_SECTION
 from bif.store.manifest import update_manifest
 from bif.flows import runtime
 from bif.tasks import pipeline, steps
@@ -64,11 +65,14 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         chains = [f.result() for f in futures]  # raises the first chain failure
         steps.check_traces(cfg)
         t2 = time.perf_counter()
-        summary = steps.reduce_covariance(cfg, info, rt.address)
+        # the diagnostics read only the traces: they start beside the covariance, which they never read
+        diag_future = steps.diagnostics.submit(cfg, rt.address) if cfg.quality.diagnostics else None
+        summary = _covariance(cfg, info, rt, on_worker=gates_on_workers, beside=diag_future)
         t3 = time.perf_counter()
-        # the report's sections that need neither check are drawn on a worker meanwhile
-        early_report = rt.submit(steps.report_sections, cfg)
-        checks = _checks(cfg, info, rt, gates_on_workers=gates_on_workers)  # at once: both only read the traces
+        # the report's sections that need neither check are drawn on a worker meanwhile, queued after the gates
+        # (one task: measured faster than one per section, which run at once in a worker beside the gates)
+        checks = _checks(cfg, info, rt, gates_on_workers=gates_on_workers, diagnostics=diag_future,
+                         diagnostics_started=t2, then=lambda: [rt.submit(steps.report_sections, cfg)])
         gates, diag = checks["gates"], checks["diagnostics"]
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
@@ -86,12 +90,18 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
                               quality_failures=[f.__dict__ for f in gates.failed], timings=timings, **extra)
         final_status = S.STATUS_COMPLETE if gates is None or gates.passed else S.STATUS_FAILED_QUALITY
         # the report and the artifacts read the same finished outputs: write them at once
-        prebuilt = _result_or_none(early_report)
-        # on a kept cluster the report is drawn on a worker, whose forkserver has matplotlib loaded; with a cluster
-        # of its own the command draws it (and loaded matplotlib while its cluster started)
-        report = rt.submit(steps.report, cfg, final_status, prebuilt) if gates_on_workers else \
-            steps.report.submit(cfg, final_status, prebuilt)
-        for f in [report, steps.publish_artifacts.submit(cfg, final_status)]:
+        prebuilt: dict[str, str] = {}
+        for section in [*checks["then"], checks["diagnostics_section"]]:
+            prebuilt |= _result_or_none(section) or {}
+        # on a kept cluster the report is drawn and the artifacts are read on workers, whose forkserver has
+        # matplotlib, xarray and zarr loaded; with a cluster of its own the command does both (and loaded
+        # matplotlib while its cluster started)
+        if gates_on_workers:
+            ends = [rt.submit(steps.report, cfg, final_status, prebuilt),
+                    rt.submit(steps.publish_artifacts, cfg, final_status)]
+        else:
+            ends = [steps.report.submit(cfg, final_status, prebuilt), steps.publish_artifacts.submit(cfg, final_status)]
+        for f in ends:
             f.result()  # raises its error
         if gates is not None:
             gates.raise_if_failed()
@@ -109,32 +119,66 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
 
 
 def _result_or_none(future: Any) -> Any:
-    """``future``'s result, or None when it failed (the caller has a slower way to the same thing)."""
+    """``future``'s result, or None when it is None or failed (the caller has a slower way to the same thing)."""
+    if future is None:
+        return None
     try:
         return future.result()
     except Exception:  # noqa: BLE001 - the report task builds the sections itself
         return None
 
 
+def _covariance(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *, on_worker: bool,
+                beside: Any = None) -> Any:
+    """The covariance reduction, as a task on a worker (``on_worker``: a kept cluster's workers have its
+    imports loaded) or a thread of the flow; returns its summary. When it fails, the task ``beside`` it
+    (the diagnostics) is waited for before the error goes on, so nothing writes after the run is marked failed."""
+    future = rt.submit(steps.reduce_covariance, cfg, info) if on_worker else \
+        steps.reduce_covariance.submit(cfg, info, rt.address)
+    try:
+        return future.result()
+    except BaseException:
+        if beside is not None:
+            wait([beside])
+        raise
+
+
 def _checks(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *,
-            gates_on_workers: bool = False) -> dict[str, Any]:
+            gates_on_workers: bool = False, diagnostics: Any = None, diagnostics_started: float | None = None,
+            then: Callable[[], list[Any]] | None = None) -> dict[str, Any]:
     """Quality gates and diagnostics side by side, threads of the flow (the gates a task on a worker with
     ``gates_on_workers``); each maps its reads over the cluster.
 
+    ``diagnostics``: their future when they started already (beside the covariance, at
+    ``diagnostics_started``); else they start here. Once they finish, the report's diagnostics section is
+    drawn on a worker while the gates may still run.
+
     Returns ``gates`` (a QualityReport or None when ``quality.enabled`` is off), ``diagnostics``
-    (dict or None when ``quality.diagnostics`` is off) and the seconds each took from the start.
+    (dict or None when ``quality.diagnostics`` is off), the seconds each took from its start, and
+    ``diagnostics_section`` (the future of that section, or None). ``then()`` submits more work once the gates
+    are queued (the report's early sections); its futures are returned as ``then``.
     """
     t0 = time.perf_counter()
     futures: dict[Any, str] = {}
+    started = {"gates": t0, "diagnostics": t0}
     if cfg.quality.enabled:
         gates = rt.submit(steps.quality_gates, cfg, info) if gates_on_workers else \
             steps.quality_gates.submit(cfg, info, rt.address)
         futures[gates] = "gates"
+    queued = then() if then is not None else []
     if cfg.quality.diagnostics:
-        futures[steps.diagnostics.submit(cfg, rt.address)] = "diagnostics"
-    out: dict[str, Any] = {"gates": None, "diagnostics": None, "gates_s": 0.0, "diagnostics_s": 0.0}
+        if diagnostics is None:
+            diagnostics = steps.diagnostics.submit(cfg, rt.address)
+        else:
+            started["diagnostics"] = t0 if diagnostics_started is None else diagnostics_started
+        futures[diagnostics] = "diagnostics"
+    out: dict[str, Any] = {"gates": None, "diagnostics": None, "gates_s": 0.0, "diagnostics_s": 0.0,
+                           "diagnostics_section": None, "then": queued}
     for f in as_completed(list(futures)):
-        out[f"{futures[f]}_s"] = time.perf_counter() - t0
+        name = futures[f]
+        out[f"{name}_s"] = time.perf_counter() - started[name]
+        if name == "diagnostics" and f.state.is_completed():
+            out["diagnostics_section"] = rt.submit(steps.report_sections, cfg, (DIAGNOSTICS_SECTION,))
     for f, name in futures.items():
         out[name] = f.result()  # raises the stage's error
     return out

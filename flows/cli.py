@@ -171,7 +171,9 @@ def _print_run_summary(manifest: dict, cfg, *, wall: float | None) -> int:
 
 
 #: Stage durations of the manifest's ``timings``, in run order, with their labels.
-#: The gates and the diagnostics run at once (``checks_s``); older manifests timed them one after the other.
+#: The gates and the diagnostics run at once (``checks_s``: from the covariance's end until both are done; the
+#: diagnostics start beside the covariance, so ``diagnostics_s`` may exceed it); older manifests timed them one
+#: after the other.
 STAGES = (("cluster_startup_s", "server+cluster start"), ("prepare_s", "prepare"), ("sampling_s", "sampling"),
           ("covariance_s", "covariance"), ("checks_s", "gates+diagnostics"), ("gates_s", "gates"),
           ("diagnostics_s", "diagnostics"), ("report_s", "report"))

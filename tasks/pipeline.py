@@ -533,9 +533,13 @@ def report(cfg: RunConfig, *, status: str | None = None, prebuilt: dict[str, str
     return write_report(cfg.output, cfg.storage_options, problem=problem, status=status, prebuilt=prebuilt)
 
 
-def report_sections(cfg: RunConfig) -> dict[str, str]:
-    """The report's sections that need neither the gates nor the diagnostics (``bif.report.EARLY_SECTIONS``),
-    as HTML: the flow builds them on a worker while its checks run, and :func:`report` takes them."""
-    from bif.report import build_sections
+def report_sections(cfg: RunConfig, titles: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Report sections as HTML (title -> HTML), for :func:`report`'s ``prebuilt``: by default those that need
+    neither the gates nor the diagnostics (``bif.report.EARLY_SECTIONS``), which the flow builds on a worker
+    while its checks run; ``titles`` picks others. The problem is built only for the section that draws
+    its examples."""
+    from bif.report import EARLY_SECTIONS, SECTIONS, build_sections
 
-    return build_sections(cfg.output, cfg.storage_options, problem=_report_problem(cfg))
+    titles = EARLY_SECTIONS if titles is None else tuple(titles)
+    problem = _report_problem(cfg) if SECTIONS[-1] in titles else None
+    return build_sections(cfg.output, cfg.storage_options, problem=problem, titles=titles)

@@ -67,19 +67,28 @@ def check_traces(cfg: RunConfig) -> None:
     pipeline.check_traces_complete(cfg)
 
 
-def _mapper(client: Any):
-    """``map(f, xs)`` over the Dask workers of ``client`` (results in order)."""
-    return lambda f, xs: client.gather(client.map(f, list(xs)))
+def _mapper(client: Any, priority: int = 0):
+    """``map(f, xs)`` over the Dask workers of ``client`` (results in order); ``priority``: Dask's (higher first)."""
+    return lambda f, xs: client.gather(client.map(f, list(xs), priority=priority))
 
 
 @task(name="reduce-covariance", cache_policy=NO_CACHE)
-def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str) -> Any:
-    from distributed import Client
+def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address: str | None = None) -> Any:
+    """The covariance reduction. Sent to a Dask worker (``scheduler_address`` None), it submits its blocks from
+    there (``worker_client``: the task leaves its thread to them meanwhile), and xarray, zarr and dask.array
+    load in the worker, where a kept cluster's forkserver has imported them, not in the command."""
+    from distributed import Client, worker_client
 
-    with Client(scheduler_address, set_as_default=False) as client:
+    def run(client: Any) -> Any:
         return pipeline.reduce_covariance(cfg, info, client=client,
                                           progress=lambda done, total: client.log_event(
                                               PROGRESS_TOPIC, {"stage": "covariance", "done": done, "total": total}))
+
+    if scheduler_address is None:
+        with worker_client() as client:
+            return run(client)
+    with Client(scheduler_address, set_as_default=False) as client:
+        return run(client)
 
 
 @task(name="quality-gates", cache_policy=NO_CACHE)
@@ -101,7 +110,8 @@ def diagnostics(cfg: RunConfig, scheduler_address: str) -> dict[str, Any]:
     from distributed import Client
 
     with Client(scheduler_address, set_as_default=False) as client:
-        return pipeline.diagnostics(cfg, map_fn=_mapper(client))
+        # below the covariance's blocks, which run beside them, and what waits on those (gates, report sections)
+        return pipeline.diagnostics(cfg, map_fn=_mapper(client, priority=-1))
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -110,10 +120,11 @@ def report(cfg: RunConfig, status: str | None = None, prebuilt: dict[str, str] |
 
 
 @task(name="report-sections", cache_policy=NO_CACHE)
-def report_sections(cfg: RunConfig) -> dict[str, str]:
-    """The report's sections that read neither the gates' nor the diagnostics' outputs (a Dask task: it runs
-    beside the checks)."""
-    return pipeline.report_sections(cfg)
+def report_sections(cfg: RunConfig, titles: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Report sections drawn ahead of the report (a Dask task): by default those that read neither the gates'
+    nor the diagnostics' outputs, which run beside the checks; ``titles`` picks others (the diagnostics'
+    section, once they are written)."""
+    return pipeline.report_sections(cfg, titles=titles)
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)

@@ -171,12 +171,17 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
 def test_sections_built_ahead_give_the_same_report(run):
     """The flow draws the sections that need no check on a worker while the checks run (build_sections) and the
     report takes them (prebuilt): the same HTML as a report built in one go."""
-    from bif.report import EARLY_SECTIONS, build_report_html, build_sections
+    from bif.report import DIAGNOSTICS_SECTION, EARLY_SECTIONS, build_report_html, build_sections
 
     ahead = build_sections(run.uri, problem=run.problem, num_queries=2, k=3)
     assert set(ahead) == set(EARLY_SECTIONS)
     whole = build_report_html(run.uri, problem=run.problem, num_queries=2, k=3, status="complete")
     assert build_report_html(run.uri, problem=None, num_queries=2, k=3, status="complete", prebuilt=ahead) == whole
+    # the diagnostics' section, drawn as soon as they finish (the flow does this while the gates may still run)
+    diag = build_sections(run.uri, titles=(DIAGNOSTICS_SECTION,))
+    assert list(diag) == [DIAGNOSTICS_SECTION] and "<img" in diag[DIAGNOSTICS_SECTION]
+    assert build_report_html(run.uri, problem=None, num_queries=2, k=3, status="complete",
+                             prebuilt=ahead | diag) == whole
     # a prebuilt section is taken as given, not rebuilt
     marked = dict(ahead, **{EARLY_SECTIONS[0]: "<p>prebuilt-marker</p>"})
     assert "prebuilt-marker" in build_report_html(run.uri, problem=run.problem, prebuilt=marked)
