@@ -48,10 +48,13 @@ KEEP_ENV = "BIF_KEEP_CLUSTER"
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 #: Seconds a new kept cluster may take to come up before the command starts its own instead.
 START_TIMEOUT_S = 120.0
+#: Seconds a command waits for the kept cluster's restarted workers before it replaces the cluster.
+RESTART_TIMEOUT_ENV = "BIF_KEPT_RESTART_TIMEOUT"
 #: Variables that differ between two shells of one user without changing what a worker does, and those
 #: that libraries set in the command when they load (torch and scikit-learn's OpenMP settings: whether
 #: they are set yet depends on how far the command's imports got when the cluster is claimed).
 _VOLATILE_ENV = ("_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "PYTEST_CURRENT_TEST", "BIF_CLIENT_ENV_KEYS",
+                 RESTART_TIMEOUT_ENV,
                  "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
                  # what make sets for a recipe (`make demo` and a plain `bif run` share one cluster)
                  "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
@@ -234,7 +237,17 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     if info is None:
         return None
     if reused:
-        _restart_workers(info.address)
+        try:
+            _restart_workers(info.address)
+        except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
+            with open(state / "cluster.log", "a") as log:
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} replacing the kept cluster (pid {info.pid}): its workers "
+                      f"did not come back ({type(err).__name__}: {err})", file=log)
+            with _locked_file(state / "state.lock"):
+                _terminate(info.pid)
+                (state / "cluster.json").unlink(missing_ok=True)
+                info = _start(state, spec, parts, idle_timeout_s, start_timeout_s)
+            return None if info is None else (info, False)
     return info, reused
 
 
@@ -266,13 +279,18 @@ def _start(state: Path, spec: dict[str, Any], parts: dict[str, str], idle_timeou
 
 
 def _restart_workers(address: str) -> None:
-    """Fresh worker processes (forked from the kept forkserver): no module, problem or memory of an earlier run."""
+    """Fresh worker processes (forked from the kept forkserver): no module, problem or memory of an earlier run.
+
+    Raises when they are not back within ``BIF_KEPT_RESTART_TIMEOUT`` seconds (default 30; a restart takes
+    about 0.3 s): the caller then replaces the cluster.
+    """
     from distributed import Client
 
+    timeout = float(os.environ.get(RESTART_TIMEOUT_ENV, "30"))
     with Client(address, set_as_default=False) as client:
         n = len(client.scheduler_info()["workers"])
-        client.restart(timeout=120, wait_for_workers=False)
-        client.wait_for_workers(n, timeout=120)
+        client.restart(timeout=timeout, wait_for_workers=False)
+        client.wait_for_workers(n, timeout=timeout)
 
 
 # ---------------------------------------------------------------- the kept cluster process itself

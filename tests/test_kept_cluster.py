@@ -14,6 +14,7 @@ another holds it, and a kept cluster restarts its workers when a task outlives i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -213,6 +214,46 @@ def test_a_task_that_outlives_its_command_is_stopped(tmp_path, monkeypatch):
             assert time.monotonic() < deadline, "the orphaned task's worker was not restarted"
             time.sleep(0.2)
     finally:
+        kept_cluster.stop()
+
+
+def test_workers_that_do_not_come_back_get_a_new_cluster(tmp_path, monkeypatch):
+    """A kept cluster whose forkserver hangs (stopped with SIGSTOP: no worker can be forked) is replaced by the
+    next command after BIF_KEPT_RESTART_TIMEOUT seconds, not waited on and then abandoned for a cluster of its own."""
+    import signal
+
+    from distributed import Client
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv(kept_cluster.RESTART_TIMEOUT_ENV, "5")
+    from bif.config import ComputeConfig
+
+    spec = {"compute": ComputeConfig(n_workers=1).model_dump(), "num_tasks": 1, "preload": ["bif.flows.runtime"],
+            "warm_modules": []}
+    hung = None
+    try:
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            assert kept is not None and not kept[1]
+            first = kept[0]
+        forkservers = [p for p in psutil.Process(first.pid).children(recursive=True)
+                       if "forkserver" in " ".join(p.cmdline())]
+        assert forkservers, "the kept cluster forks its workers from a forkserver"
+        hung = forkservers[0]
+        hung.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            assert kept is not None
+            info, reused = kept
+            assert not reused and info.pid != first.pid  # a new cluster ...
+            with Client(info.address, set_as_default=False) as client:
+                assert client.submit(os.getpid, pure=False).result(timeout=60) > 0  # ... whose workers run tasks
+        assert time.monotonic() - t0 < 120
+        assert not _alive(first.pid)
+        assert "its workers did not come back" in (tmp_path / "bif-cluster" / "cluster.log").read_text()
+    finally:
+        if hung is not None:
+            with contextlib.suppress(psutil.Error):
+                hung.kill()
         kept_cluster.stop()
 
 
