@@ -93,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
         # the gates and the report run where great_expectations and matplotlib are loaded already: a kept cluster's
         # workers, else this process, which loads them while the cluster starts
-        import_in_background(*_after_sampling_imports(cfg, here=not keep_enabled(cfg.compute)))
+        import_in_background(_warm_flow_call, *_after_sampling_imports(cfg, here=not keep_enabled(cfg.compute)))
         url = ready()  # the server (kept, or booting) and the cluster start concurrently
         address = pending().address
         startup = waited + time.perf_counter() - t0
@@ -133,9 +133,18 @@ def _preflight_on_kept_cluster(cfg, pending) -> float:
         return waited
     from distributed import Client
 
+    from bif.flows.runtime import import_in_background
+
+    import_in_background(_warm_flow_call)  # while this process waits for the pre-flight on the worker
     with Client(cluster.address, set_as_default=False) as client:
         client.submit(_preflight, cfg, pure=False).result()  # raises the pre-flight's BifError here
     return waited
+
+
+def _warm_flow_call() -> None:
+    """Import what calling a Prefect flow imports on its first call: FastAPI's ``jsonable_encoder``, with which
+    Prefect serializes the flow's parameters (about 0.15 s, otherwise on the way to the first draw)."""
+    import fastapi.encoders  # noqa: F401
 
 
 def _after_sampling_imports(cfg, *, here: bool = True) -> list:
