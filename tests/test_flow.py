@@ -89,20 +89,26 @@ def test_flow_matches_closed_form_and_reruns_are_skipped(closed_form_run, capsys
     assert f"{best}" in capsys.readouterr().out
 
 
-def test_credentials_never_reach_outputs_logs_or_prefect(s3_bucket, dask_address, prefect_api_url):
+@pytest.mark.parametrize("on_workers", [False, True], ids=["driven-here", "on-workers"])
+def test_credentials_never_reach_outputs_logs_or_prefect(s3_bucket, dask_address, prefect_api_url, on_workers):
+    """Also with the covariance's driver, the gates, the report and the artifacts as tasks on workers (what a
+    kept cluster does: ``gates_on_workers``), which get the config with its credentials through Dask."""
     import asyncio
 
     from prefect.client.orchestration import get_client
 
     bucket, opts = s3_bucket
-    out = f"s3://{bucket}/runs/secret-test"
+    name = f"secret-test-{on_workers}"
+    out = f"s3://{bucket}/runs/{name}"
     cfg = _cfg(out, dask_address, storage_options=opts,
                sampler=SAMPLER | {"num_draws": 20, "num_burnin_steps": 5, "draws_per_block": 10})
-    assert run_attribution(cfg, show_progress=False)["status"] == "complete"
+    manifest = run_attribution(cfg, show_progress=False, gates_on_workers=on_workers)
+    assert manifest["status"] == "complete" and manifest["quality"]["passed"]
     import fsspec
 
     fs = fsspec.filesystem("s3", **opts)
-    texts = [fs.cat(f"{bucket}/runs/secret-test/{name}").decode() for name in (S.MANIFEST_FILE, S.CONFIG_FILE)]
+    texts = [fs.cat(f"{bucket}/runs/{name}/{f}").decode() for f in (S.MANIFEST_FILE, S.CONFIG_FILE)]
+    assert fs.exists(f"{bucket}/runs/{name}/{S.BIF_ZARR}") and fs.exists(f"{bucket}/runs/{name}/{S.REPORT_FILE}")
 
     async def dump_prefect():
         async with get_client() as client:
