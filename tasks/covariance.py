@@ -220,6 +220,9 @@ def build_graph(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
             states = []
             for group in groups:
                 chunks = [group[i:i + files_per_leaf] for i in range(0, len(group), files_per_leaf)]
+                if len(chunks) == 1:  # one leaf: no reduction tree (a bag adds a task and a scheduler round trip)
+                    states.append(dask.delayed(leaf_moments)(store, chunks[0], tr, qr, gemm_dtype=gemm_dtype))
+                    continue
                 bag = db.from_sequence(chunks, npartitions=len(chunks))
                 leaves = bag.map(lambda refs, tr=tr, qr=qr: leaf_moments(store, refs, tr, qr, gemm_dtype=gemm_dtype))
                 states.append(leaves.reduction(merge_all, merge_all, split_every=cov.split_every).to_delayed())
@@ -292,7 +295,9 @@ def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | 
     from distributed import as_completed
 
     limit = max_in_flight or max(1, len(client.scheduler_info().get("workers", {})))
-    beside_futures = client.compute(list(beside)) if beside else []
+    # the checks run where a worker would otherwise idle (between submissions, in a last round with fewer
+    # blocks than workers), not ahead of the first leaves
+    beside_futures = client.compute(list(beside), priority=-1) if beside else []
     pending = list(finals)
     futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
     pending = pending[limit:]
