@@ -218,7 +218,7 @@ def use_kept_cluster(spec: dict[str, Any], *, idle_timeout_s: float = DEFAULT_ID
 def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
            start_timeout_s: float) -> tuple[KeptClusterInfo, bool] | None:
     """The kept cluster for ``spec`` (started, or replaced, when needed) with fresh workers, and whether it ran."""
-    from bif.flows.prefect_server import _locked_file, _terminate
+    from bif.flows.prefect_server import _locked_file
 
     parts = fingerprint_parts(spec)  # once: it stats every source file of bif
     key = _key(parts)
@@ -226,29 +226,34 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
         info = _read_info(state)
         reused = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
         if not reused:
-            if info is not None and _is_ours(info.pid):
-                changed = [k for k in parts if (info.parts or {}).get(k) != parts[k]] or ["not answering"]
-                with open(state / "cluster.log", "a") as log:
-                    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} replacing the kept cluster (pid {info.pid}): "
-                          f"changed {', '.join(changed)}", file=log)
-                _terminate(info.pid)  # another set-up (or not answering): replace it
-            (state / "cluster.json").unlink(missing_ok=True)
-            info = _start(state, spec, parts, idle_timeout_s, start_timeout_s)
+            changed = [k for k in parts if info is not None and (info.parts or {}).get(k) != parts[k]]
+            info = _replace(state, info, f"changed {', '.join(changed or ['not answering'])}", spec, parts,
+                            idle_timeout_s, start_timeout_s)
     if info is None:
         return None
     if reused:
         try:
             _restart_workers(info.address)
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
-            with open(state / "cluster.log", "a") as log:
-                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} replacing the kept cluster (pid {info.pid}): its workers "
-                      f"did not come back ({type(err).__name__}: {err})", file=log)
             with _locked_file(state / "state.lock"):
-                _terminate(info.pid)
-                (state / "cluster.json").unlink(missing_ok=True)
-                info = _start(state, spec, parts, idle_timeout_s, start_timeout_s)
+                info = _replace(state, info, f"its workers did not come back ({type(err).__name__}: {err})", spec,
+                                parts, idle_timeout_s, start_timeout_s)
             return None if info is None else (info, False)
     return info, reused
+
+
+def _replace(state: Path, info: KeptClusterInfo | None, why: str, spec: dict[str, Any], parts: dict[str, str],
+             idle_timeout_s: float, start_timeout_s: float) -> KeptClusterInfo | None:
+    """Stop the kept cluster ``info`` when it is ours and running (logging ``why``), then start a new one.
+    The caller holds ``state.lock``."""
+    from bif.flows.prefect_server import _terminate
+
+    if info is not None and _is_ours(info.pid):
+        with open(state / "cluster.log", "a") as log:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} replacing the kept cluster (pid {info.pid}): {why}", file=log)
+        _terminate(info.pid)
+    (state / "cluster.json").unlink(missing_ok=True)
+    return _start(state, spec, parts, idle_timeout_s, start_timeout_s)
 
 
 def _start(state: Path, spec: dict[str, Any], parts: dict[str, str], idle_timeout_s: float,
