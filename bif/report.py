@@ -28,7 +28,7 @@ from bif.store.run import RunStore
 
 #: The section of the R-hat / ESS histograms: it reads only the diagnostics' output, so a flow draws it as soon
 #: as they finish.
-DIAGNOSTICS_SECTION = "MCMC diagnostics"
+DIAGNOSTICS_SECTION = S.REPORT_DIAGNOSTICS_SECTION
 SECTIONS = ("Run summary", "Quality gates", "Loss traces and distance to w*", DIAGNOSTICS_SECTION, "BIF heatmap",
             "Most influential training examples")
 _MAX_HEATMAP = (300, 120)  # (train rows, query columns) drawn at most

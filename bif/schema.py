@@ -105,6 +105,10 @@ RANK = "rank"
 DIRECTION = "direction"  # "positive" (raises the query loss) or "negative"
 TOPK_COLUMNS = (QUERY, DIRECTION, RANK, TRAIN, BIF, BIF_CORR)
 
+# report.html: the section of the R-hat / ESS histograms. It reads only the diagnostics' output, so a flow
+# draws it as soon as they finish (named here so that the flow need not import bif.report and pandas).
+REPORT_DIAGNOSTICS_SECTION = "MCMC diagnostics"
+
 # --- token runs (problem.loss returns (B, T) or ((B, T), mask)) --------------------------
 # tokens.parquet: one row per valid token, in variable order (split, sample, position)
 TOKEN = "token"  # problem.render_tokens(split, sample)[position], "" when the problem renders no tokens

@@ -22,7 +22,6 @@ from prefect.futures import as_completed, wait
 from bif import schema as S
 from bif.config import RunConfig
 from bif.errors import QualityError
-from bif.report import DIAGNOSTICS_SECTION
 from bif.store.manifest import update_manifest
 from bif.flows import runtime
 from bif.tasks import pipeline, steps
@@ -178,7 +177,7 @@ def _checks(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *,
         name = futures[f]
         out[f"{name}_s"] = time.perf_counter() - started[name]
         if name == "diagnostics" and f.state.is_completed():
-            out["diagnostics_section"] = rt.submit(steps.report_sections, cfg, (DIAGNOSTICS_SECTION,))
+            out["diagnostics_section"] = rt.submit(steps.report_sections, cfg, (S.REPORT_DIAGNOSTICS_SECTION,))
     for f, name in futures.items():
         out[name] = f.result()  # raises the stage's error
     return out

@@ -133,6 +133,21 @@ def test_two_commands_at_once_share_one_server(home):
     assert [p.pid for p in servers_of(home)] == [pid] and health(url)
 
 
+def test_flow_runs_on_the_kept_server_send_no_heartbeats(home):
+    """Prefect's flow-run heartbeat thread sleeps in 1 s steps and the flow joins it on exit (0-1 s added to every
+    run). Its heartbeats feed zombie-run automations, which the kept server has none of: commands using it turn them
+    off. A server of the user's (PREFECT_API_URL) keeps Prefect's default."""
+    code = ("from bif.flows.prefect_server import prefect_api; from prefect.settings import get_current_settings; "
+            "api = prefect_api(); ready = api.__enter__(); ready(); "
+            "print(get_current_settings().flows.heartbeat_frequency); api.__exit__(None, None, None)")
+    kept = subprocess.run([sys.executable, "-c", code], env=_env(home), capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 0 and kept.stdout.split() == ["None"], kept.stdout + kept.stderr
+    _, url = running(bif(home, "server", "status")[0])
+    users = subprocess.run([sys.executable, "-c", code], env=_env(home) | {"PREFECT_API_URL": url},
+                           capture_output=True, text=True, timeout=120)
+    assert users.returncode == 0 and users.stdout.split() == ["180"], users.stdout + users.stderr
+
+
 def test_stop_ends_the_process_and_frees_the_port(home):
     pid, url = running(bif(home, "server", "status")[0])  # the one the two commands share
     port = int(url.split(":")[2].split("/")[0])

@@ -208,8 +208,22 @@ def test_the_forkservers_problem_modules_are_read_not_imported():
             "problem_preload('my_module:build'), problem_preload('bif.no_such_module:build'), "
             "sorted(m for m in ('torch', 'sklearn', 'transformers', 'bif.examples.digits') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == ("('bif.examples.digits',) ('bif.lm', 'transformers.models.auto.modeling_auto', "
+    assert out == ("('bif.examples.digits', 'sklearn.datasets') ('bif.lm', 'transformers.models.auto.modeling_auto', "
                    "'transformers.models.auto.tokenization_auto') () () []")
+
+
+def test_the_flow_module_loads_no_frame_or_plot_library():
+    """`bif run` imports the attribution flow on its way to the first draw, while the kept cluster's workers wait
+    for its pre-flight; the flow's gates, report and covariance run on workers. Its import must not load pandas
+    (0.2-0.5 s of the command's core, through bif.report and the store), matplotlib, xarray, zarr or torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import bif.flows.attribution, bif.flows.cli; "
+            "print(sorted(m for m in ('pandas', 'matplotlib', 'xarray', 'zarr', 'torch', 'sklearn', 'dask.array', "
+            "'great_expectations') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
 
 
 def test_start_forkserver_starts_the_clusters_forkserver_ahead_of_it():

@@ -17,6 +17,11 @@ from bif.problem import Problem
 
 NUM_QUERY = 100
 
+#: What a Dask worker that runs this problem imports ahead of its first chain: scikit-learn's datasets
+#: (``load_diabetes``), about 0.6 s of a core in each worker of every run otherwise; see
+#: ``bif.flows.runtime.problem_preload``.
+WORKER_PRELOAD = ("sklearn.datasets",)
+
 
 def _load(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Diabetes as (X (442, 10) float32, y (442,) float32), both standardized, shuffled by ``seed``."""

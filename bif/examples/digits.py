@@ -15,6 +15,11 @@ from bif.problem import Problem
 
 NUM_QUERY = 100
 
+#: What a Dask worker that runs this problem imports ahead of its first chain: scikit-learn's datasets
+#: (``load_digits``), about 0.6 s of a core in each worker of every run otherwise; see
+#: ``bif.flows.runtime.problem_preload``.
+WORKER_PRELOAD = ("sklearn.datasets",)
+
 
 def _load(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Digits as (X standardized float32 (1797, 64), y int64, raw images (1797, 8, 8)), shuffled by ``seed``."""

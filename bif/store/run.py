@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from bif import schema as S
 from bif.store import manifest as _manifest
@@ -26,6 +25,7 @@ from bif.store.tables import Located, frame_bytes, read_arrow
 from bif.store.traces import BlockLayout, BlockRef, TraceStore, read_layout, read_losses, read_token_losses
 
 if TYPE_CHECKING:
+    import pandas as pd
     import pyarrow as pa
     import xarray as xr
 
@@ -227,6 +227,8 @@ class RunStore(Located):
                      if fs.exists(p)]
         if not paths:
             return None
+        import pandas as pd
+
         frame = pd.concat([read_arrow(fs, p).to_pandas() for p in paths], ignore_index=True)
         return frame.sort_values([S.CHAIN, S.DRAW]) if refs is None else frame
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bif.store.fs import atomic_write, get_fs, join, read_json, write_json
+
+if TYPE_CHECKING:  # pandas loads where a frame is read, not with the store (the command never needs it)
+    import pandas as pd
 
 FsLike = fsspec.AbstractFileSystem | str
 
@@ -54,6 +56,8 @@ def read_arrow(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = 
 def read_table(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = None,
                storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The Parquet file at ``path`` as a DataFrame (FileNotFoundError if it is missing)."""
+    import pandas as pd
+
     with _fs(uri_or_fs, storage_options).open(path, "rb") as f:
         return pd.read_parquet(f, columns=list(columns) if columns is not None else None)
 
