@@ -24,7 +24,7 @@ from bif.flows.cli import main
 from bif.config import build_config, load_config
 from bif.errors import ConfigError, ProblemError, RunConflictError, StorageError
 from bif.examples import linear
-from bif.store.lease import LEASE_FILE, OutputBusyError, OutputLease
+from bif.store.lease import LEASE_FILE, LEASE_LOCK_FILE, OutputBusyError, OutputLease
 from bif.store.manifest import read_manifest
 from conftest import S3_KEY, S3_SECRET
 from bif.tasks import pipeline
@@ -58,7 +58,7 @@ def _cfg(output, address, **over):
 def _snapshot(root: Path) -> dict[str, bytes]:
     """Every file of a run (except the lease) with its bytes."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != LEASE_FILE}
+            if p.is_file() and p.name not in (LEASE_FILE, LEASE_LOCK_FILE)}
 
 
 def _env() -> dict[str, str]:
@@ -239,6 +239,39 @@ def test_lease_lapses_for_a_crashed_holder_and_is_renewed(tmp_path):
         OutputLease(uri).acquire()
     lease.release()
     assert not path.exists()
+
+
+def test_concurrent_local_takeovers_of_a_lapsed_lease_leave_one_owner(tmp_path):
+    """Eight threads take over the same lapsed local lease at once: exactly one wins, the others are refused
+    with the winner named, and the file names the winner. On local disks acquiring holds a flock of lease.lock, so
+    no takeover acts on a stale reading (and the create needs no settle delay: 0.2 s of every run)."""
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    path = Path(uri) / LEASE_FILE
+    path.write_text(json.dumps({"owner": "x", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}))
+    leases = [OutputLease(uri, ttl_s=60) for _ in range(8)]
+    outcome: list = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def take(i):
+        barrier.wait()
+        try:
+            leases[i].acquire()
+            outcome[i] = "won"
+        except OutputBusyError as err:
+            outcome[i] = str(err)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcome.count("won") == 1, outcome
+    winner = leases[outcome.index("won")]
+    assert json.loads(path.read_text())["owner"] == winner.owner
+    assert all(winner.owner in o for o in outcome if o != "won")
+    winner.release()
+    assert os.listdir(uri) == [LEASE_LOCK_FILE]  # the lease is gone; the empty lock file stays
 
 
 def test_lease_on_s3_only_one_of_concurrent_runs_wins(s3_bucket):

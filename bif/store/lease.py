@@ -9,25 +9,30 @@ when it ends, whatever the outcome. A second run is refused with :class:`OutputB
 - at ``expires_at`` (``ttl_s`` after the last heartbeat, default 120 s), or at once
 - when the holder ran on this host and its process no longer exists.
 
-Creating the lease is atomic where the store allows it: ``O_CREAT | O_EXCL`` on local disks,
-an S3 conditional PUT (``If-None-Match: *``, s3fs ``mode="create"``) on object stores. After
-the create, the lease is read back and must name us. Taking over a lapsed lease deletes it
-and creates it again; two runs that take over the same lapsed lease at the same instant can
-both delete and only one create succeeds, except in one remaining race: run A deletes and
-creates, then run B, which read the lapsed lease before A's create, deletes A's fresh lease
-and creates its own. The read-back after a short settle delay catches most of that (A sees
-B's owner on its read-back); what is left is a window of about the settle delay (0.2 s)
-between two takeovers of the same lapsed lease.
+Creating the lease is atomic where the store allows it: a hard link that fails if the file
+exists on local disks, an S3 conditional PUT (``If-None-Match: *``, s3fs ``mode="create"``) on
+object stores. After the create, the lease is read back and must name us.
+
+On local disks the whole acquisition (read, taking over a lapsed lease, create) runs under an
+exclusive ``flock`` of ``<output>/lease.lock`` (an empty file that stays), so two runs never act
+on the same reading and no settle delay is needed. On object stores, and on a local filesystem
+without ``flock``, taking over a lapsed lease deletes it and creates it again; two runs that take
+over the same lapsed lease at the same instant can both delete and only one create succeeds,
+except in one remaining race: run A deletes and creates, then run B, which read the lapsed lease
+before A's create, deletes A's fresh lease and creates its own. The read-back after a short
+settle delay catches most of that (A sees B's owner on its read-back); what is left is a window
+of about the settle delay (0.2 s) between two takeovers of the same lapsed lease.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +40,8 @@ from bif.errors import RunConflictError
 from bif.store.fs import atomic_write, get_fs, is_local, join, storage_error
 
 LEASE_FILE = "lease.json"
+#: Local disks: held (flock) while a run acquires the lease; see the module docstring.
+LEASE_LOCK_FILE = "lease.lock"
 DEFAULT_TTL_S = 120.0
 _SETTLE_S = 0.2
 
@@ -148,10 +155,40 @@ class OutputLease:
             raise
 
     def _acquire(self) -> "OutputLease":
+        with self._local_lock() as locked:
+            return self._acquire_once(settle=not locked)
+
+    @contextlib.contextmanager
+    def _local_lock(self) -> Iterator[bool]:
+        """Hold an exclusive ``flock`` of the output's lease.lock; yields False (nothing held) on an object store or
+        a local filesystem without flock."""
+        fs, path = self._fs_path
+        if not is_local(fs):
+            yield False
+            return
+        import fcntl
+
+        try:
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(os.path.join(os.path.dirname(path), LEASE_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise storage_error("creating the lease lock", path, fs, err) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no flock here (some network or FUSE mounts): the settle delay instead
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _acquire_once(self, *, settle: bool) -> "OutputLease":
         fs, path = self._fs_path
         for _ in range(3):
             if self._create(json.dumps(self._record(), allow_nan=False).encode()):
-                time.sleep(_SETTLE_S)
+                if settle:
+                    time.sleep(_SETTLE_S)
                 held = self.read()
                 if held is not None and held.get("owner") == self.owner:
                     self._start_heartbeat()
