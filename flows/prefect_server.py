@@ -322,12 +322,18 @@ def prefect_api(*, startup_timeout: int | None = None) -> Iterator[Callable[[], 
     threading.Thread(target=_keepalive, args=(info.url, stop), name="prefect-server-keepalive", daemon=True).start()
     os.environ["PREFECT_API_URL"] = info.url
     try:
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from prefect.settings import (PREFECT_API_SSL_CERT_FILE, PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+                                      temporary_settings)
 
         # No flow-run heartbeats on the kept server: they feed zombie-run automations, which a server this
         # command started has none of (a dead run is found by its output lease). Prefect's heartbeat thread
         # sleeps in 1 s steps and the flow joins it on exit: 0-1 s (0.5 s on average) added to every run.
-        with temporary_settings(updates={PREFECT_API_URL: info.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        updates = {PREFECT_API_URL: info.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        ca = _plain_http_ca_file(info.url)
+        if ca is not None:
+            updates[PREFECT_API_SSL_CERT_FILE] = ca
+        # the settings travel with every task to the Dask workers (Prefect serializes them into its context)
+        with temporary_settings(updates=updates):
             try:
                 yield ready
             finally:
@@ -337,6 +343,34 @@ def prefect_api(*, startup_timeout: int | None = None) -> Iterator[Callable[[], 
         os.environ.pop("PREFECT_API_URL", None)
         if thread is not None:
             thread.join()
+
+
+def _plain_http_ca_file(url: str) -> str | None:
+    """A CA file of one certifi root, for the Prefect clients of the kept server (plain http on this host), else None.
+
+    Prefect builds a verifying SSL context for every client it creates, also for an http:// API that never uses
+    it, loading a whole CA bundle each time (certifi's, or SSL_CERT_FILE's): 20 ms, and each task run on a Dask
+    worker creates two clients. One root of certifi's bundle loads in 0.2 ms; the context is never used for a
+    connection. Written once in the server's state folder."""
+    if not url.startswith("http://"):
+        return None
+    path = server_dir() / "http-api-ca.pem"
+    if not path.exists():
+        try:
+            import re
+
+            import certifi
+
+            first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?",
+                              Path(certifi.where()).read_text(encoding="ascii"), re.S)
+            if first is None:
+                return None
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(first.group(0), encoding="ascii")
+            os.replace(tmp, path)
+        except OSError:
+            return None
+    return str(path)
 
 
 def drain_prefect_workers() -> None:
