@@ -241,17 +241,11 @@ def test_lease_lapses_for_a_crashed_holder_and_is_renewed(tmp_path):
     assert not path.exists()
 
 
-def test_concurrent_local_takeovers_of_a_lapsed_lease_leave_one_owner(tmp_path):
-    """Eight threads take over the same lapsed local lease at once: exactly one wins, the others are refused
-    with the winner named, and the file names the winner. On local disks acquiring holds a flock of lease.lock, so
-    no takeover acts on a stale reading (and the create needs no settle delay: 0.2 s of every run)."""
-    uri = str(tmp_path / "out")
-    os.makedirs(uri)
-    path = Path(uri) / LEASE_FILE
-    path.write_text(json.dumps({"owner": "x", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}))
-    leases = [OutputLease(uri, ttl_s=60) for _ in range(8)]
-    outcome: list = [None] * 8
-    barrier = threading.Barrier(8)
+def _acquire_at_once(leases: list[OutputLease]) -> list[str | None]:
+    """Each lease's acquire, on threads released together: "won", or the OutputBusyError's message (None: another
+    error, which the thread leaves uncaught)."""
+    outcome: list[str | None] = [None] * len(leases)
+    barrier = threading.Barrier(len(leases))
 
     def take(i):
         barrier.wait()
@@ -261,15 +255,28 @@ def test_concurrent_local_takeovers_of_a_lapsed_lease_leave_one_owner(tmp_path):
         except OutputBusyError as err:
             outcome[i] = str(err)
 
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(leases))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return outcome
+
+
+def test_concurrent_local_takeovers_of_a_lapsed_lease_leave_one_owner(tmp_path):
+    """Eight threads take over the same lapsed local lease at once: exactly one wins, the others are refused
+    with the winner named, and the file names the winner. On local disks acquiring holds a flock of lease.lock, so
+    no takeover acts on a stale reading (and the create needs no settle delay: 0.2 s of every run)."""
+    uri = str(tmp_path / "out")
+    os.makedirs(uri)
+    path = Path(uri) / LEASE_FILE
+    path.write_text(json.dumps({"owner": "x", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}))
+    leases = [OutputLease(uri, ttl_s=60) for _ in range(8)]
+    outcome = _acquire_at_once(leases)
     assert outcome.count("won") == 1, outcome
     winner = leases[outcome.index("won")]
     assert json.loads(path.read_text())["owner"] == winner.owner
-    assert all(winner.owner in o for o in outcome if o != "won")
+    assert all(o is not None and winner.owner in o for o in outcome if o != "won")
     winner.release()
     assert os.listdir(uri) == [LEASE_LOCK_FILE]  # the lease is gone; the empty lock file stays
 
@@ -278,23 +285,8 @@ def test_lease_on_s3_only_one_of_concurrent_runs_wins(s3_bucket):
     bucket, opts = s3_bucket
     uri = f"s3://{bucket}/runs/shared"
     leases = [OutputLease(uri, opts) for _ in range(4)]
-    outcome: list = [None] * 4
-    barrier = threading.Barrier(4)
-
-    def take(i):
-        barrier.wait()
-        try:
-            leases[i].acquire()
-            outcome[i] = "won"
-        except OutputBusyError:
-            outcome[i] = "busy"
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outcome) == ["busy", "busy", "busy", "won"]
+    outcome = _acquire_at_once(leases)
+    assert outcome.count("won") == 1 and None not in outcome, outcome  # the other three refused: OutputBusyError
     winner = leases[outcome.index("won")]
     assert winner.read()["owner"] == winner.owner
     winner.release()

@@ -149,7 +149,8 @@ def test_kept_server_settings_no_heartbeats_and_a_one_root_ca_file(home):
     import certifi
 
     assert Path(ca).parent == server_dir(home)
-    assert Path(ca).read_text().count("BEGIN CERTIFICATE") == 1 and Path(ca).read_text() in Path(certifi.where()).read_text()
+    one = Path(ca).read_text()
+    assert one.count("BEGIN CERTIFICATE") == 1 and one in Path(certifi.where()).read_text()
     _, url = running(bif(home, "server", "status")[0])
     users = subprocess.run([sys.executable, "-c", code], env=_env(home) | {"PREFECT_API_URL": url},
                            capture_output=True, text=True, timeout=120)

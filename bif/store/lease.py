@@ -123,8 +123,7 @@ class OutputLease:
         """Create the lease file only if it does not exist; False if it does."""
         fs, path = self._fs_path
         try:
-            if is_local(fs):
-                fs.makedirs(os.path.dirname(path), exist_ok=True)
+            if is_local(fs):  # the folder exists: _local_lock made it
                 tmp = f"{path}.{self.owner}.tmp"
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -160,8 +159,8 @@ class OutputLease:
 
     @contextlib.contextmanager
     def _local_lock(self) -> Iterator[bool]:
-        """Hold an exclusive ``flock`` of the output's lease.lock; yields False (nothing held) on an object store or
-        a local filesystem without flock."""
+        """Hold an exclusive ``flock`` of the output's lease.lock (making the output's folder first); yields False
+        (nothing held) on an object store or a local filesystem without flock."""
         fs, path = self._fs_path
         if not is_local(fs):
             yield False
