@@ -258,6 +258,47 @@ def test_verify_names_a_damaged_file_during_the_reduction(tmp_path, damage):
         _reduce(root, files, verify=True)
 
 
+@pytest.mark.parametrize("args, size", [((20_000, 4096, 1, 2), 3334), ((100_000, 4096, 1, 2), 3847),
+                                        ((40, 16, 10, 2), 16), ((40, 16, 1, 2), 10), ((23, 10, 1, 2), 6),
+                                        ((1797, 4096, 1, 2), 899), ((5, 16, 1, 1), 5), ((9, 2, 1, 4), 2),
+                                        ((1, 16, 1, 2), 1)])
+def test_balanced_train_block(args, size):
+    """At most the configured size; blocks x query blocks a multiple of the slots where that is possible."""
+    from bif.tasks.covariance import balanced_train_block
+
+    n_train, block, query_blocks, slots = args
+    got = balanced_train_block(*args)
+    assert got == size and 1 <= got <= block
+    blocks = -(-n_train // got)
+    assert (blocks * query_blocks) % slots == 0 or got == min(block, n_train)
+
+
+def test_cluster_reduction_balances_blocks_and_names_a_damaged_file(tmp_path, dask_address):
+    """On a cluster of 2 workers, 23 train samples in blocks of at most 10 run as 4 blocks of 6 (3 would leave a
+    worker idle in the second round): the same values and top-k as one block in memory, bif.zarr chunked (6, 7);
+    the sha256 checks, started before bif.zarr is created, still name a damaged file."""
+    from distributed import Client
+
+    from bif.errors import StorageError
+
+    root = str(tmp_path / "run")
+    store, train, query = _write_run(root, 8)
+    files = store.blocks()
+    ref, ref_summary = _reduce(root, files)
+    with Client(dask_address) as client:
+        ds, summary = _reduce(root, files, train_block=10, client=client, verify=True, leaf_draws=1024)
+        assert summary.num_blocks == 4
+        with xr.open_zarr(summary.bif_uri, consolidated=False) as lazy:
+            assert lazy[S.BIF].encoding["chunks"] == (6, N_QUERY)
+        np.testing.assert_allclose(ds[S.BIF].values, ref[S.BIF].values, rtol=1e-10, atol=1e-14)
+        pd.testing.assert_frame_equal(summary.topk, ref_summary.topk)
+        path = tmp_path / "run" / "traces" / "chain-2" / "block-00001.parquet"
+        raw = path.read_bytes()
+        path.write_bytes(raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF]) + raw[len(raw) // 2 + 1:])
+        with pytest.raises(StorageError, match=r"trace block 1 of chain 2 is damaged"):
+            _reduce(root, files, train_block=10, client=client, verify=True, leaf_draws=1024)
+
+
 @pytest.mark.slow  # ~1-3 min: writes traces, starts a LocalCluster, runs the limit benchmark at its quick size
 def test_scale_benchmark_runs_and_reports_its_rows(tmp_path):
     """`python -m benchmarks.scale` (README, Benchmarks): its quick sizes run end to end and give the table rows."""

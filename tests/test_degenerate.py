@@ -139,6 +139,37 @@ def test_constant_query_column_keeps_topk_disjoint():
         assert g.loc[g[S.DIRECTION] == "negative", S.TRAIN].tolist() == [9, 8, 7, 6]
 
 
+@pytest.mark.parametrize("values", ["distinct", "half_steps", "integers_and_a_zero_column", "nan_in_a_column"])
+def test_topk_equals_a_full_sort(values):
+    """The per-query top-k (its fast path for untied values and its path for ties and NaN) equals a full lexsort:
+    bif descending, ties to the smaller train id, for every k from 1 to past the number of rows."""
+    from bif.tasks.covariance import _topk
+
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        a, b = int(rng.integers(2, 40)), int(rng.integers(1, 6))
+        v = rng.standard_normal((a, b)).astype(np.float32)
+        if values == "half_steps":
+            v = np.round(v * 2) / 2
+        elif values == "integers_and_a_zero_column":
+            v = np.round(v)
+            v[:, 0] = 0.0
+        elif values == "nan_in_a_column":
+            v[rng.integers(a), -1] = np.nan
+        ids = rng.permutation(10 * a)[:a]
+        for k in range(1, a + 2):
+            for largest in (True, False):
+                got, val, _ = _topk(v, v, 0, k, largest, ids=ids)
+                kk = min(k, a)
+                for j in range(b):
+                    if values == "nan_in_a_column" and j == b - 1:
+                        continue  # NaN has no place in the order; only the other columns are checked
+                    order = np.lexsort((ids, -v[:, j]))  # bif descending, then the smaller id
+                    want = order[:kk] if largest else order[::-1][:kk]
+                    assert got[:, j].tolist() == want.tolist(), (trial, k, largest, j)
+                    np.testing.assert_array_equal(val[:, j], v[want, j])
+
+
 # --- other degenerate inputs ---------------------------------------------------------------------
 LINEAR = "bif.examples.linear:build"
 

@@ -110,6 +110,44 @@ def test_bif_zarr_create_region_write_and_open(store):
     assert ds.attrs["pooling"] == "stack" and ds[S.BIF].dims == (S.TRAIN_DIM, S.QUERY_DIM)
 
 
+@pytest.mark.parametrize("dtype, compress", [("float32", False), ("float64", True)])
+def test_bif_zarr_is_written_as_xarray_writes_it(tmp_path, dtype, compress):
+    """create_bif writes bif.zarr with zarr directly: node for node the metadata xarray's to_zarr(compute=False)
+    writes for the same Dataset (dims, fill values, codecs, attributes), and coordinates with the same bytes."""
+    import json
+
+    import dask.array as da
+    import xarray as xr
+
+    from bif.store import run as R
+
+    n_train, n_query, attrs = 7, 3, {"pooling": "stack", "draws": [1, 2]}
+    RunStore(str(tmp_path / "ours")).create_bif(n_train=n_train, n_query=n_query, train_block=3, query_block=2,
+                                                 dtype=dtype, attrs=attrs, compress=compress)
+    empty = da.full((n_train, n_query), np.nan, dtype=dtype, chunks=(3, 2))
+    ds = xr.Dataset({S.BIF: ((S.TRAIN_DIM, S.QUERY_DIM), empty), S.BIF_CORR: ((S.TRAIN_DIM, S.QUERY_DIM), empty)},
+                    coords={S.TRAIN_DIM: np.arange(n_train), S.QUERY_DIM: np.arange(n_query)}, attrs=attrs)
+    ds[S.BIF].attrs["description"] = R.BIF_DESCRIPTION
+    ds[S.BIF_CORR].attrs["description"] = R.BIF_CORR_DESCRIPTION
+    for dim, n in ((S.TRAIN_DIM, n_train), (S.QUERY_DIM, n_query)):
+        ds[S.constant_var(dim)] = ((dim,), da.zeros(n, dtype=bool, chunks=n))
+        ds[S.constant_var(dim)].attrs["description"] = R.constant_description(dim)
+    encoding = None if compress else {S.BIF: {"compressors": None}, S.BIF_CORR: {"compressors": None}}
+    ds.to_zarr(str(tmp_path / "xr" / S.BIF_ZARR), mode="w", compute=False, consolidated=False, zarr_format=3,
+               encoding=encoding)
+    ours, theirs = tmp_path / "ours" / S.BIF_ZARR, tmp_path / "xr" / S.BIF_ZARR
+    files = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
+    assert len(files) == 9  # group + 6 arrays' metadata + the two coordinates' chunks
+    for f in files:
+        if f.name == "zarr.json":
+            assert json.loads((ours / f).read_text()) == json.loads((theirs / f).read_text()), f
+        else:
+            assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
+    xr.testing.assert_identical(xr.open_zarr(ours, consolidated=False).load(),
+                                xr.open_zarr(theirs, consolidated=False).load())
+
+
 def test_run_store_is_picklable_for_dask_tasks(store):
     import pickle
 
