@@ -69,7 +69,9 @@ class CovarianceConfig(BaseModel):
 
     model_config = _FROZEN
 
-    train_block_size: int = Field(4096, ge=1, description="Train samples per output block (memory ~ block x query block).")
+    train_block_size: int = Field(4096, ge=1, description=(
+        "Train samples per output block, at most (memory ~ block x query block; bif.zarr's chunks). On a cluster "
+        "the blocks may be a little smaller, so that their number is a multiple of the workers."))
     query_block_size: int = Field(1024, ge=1, description="Query samples per output block.")
     split_every: int = Field(8, ge=2, description="Fan-in of the Dask reduction tree.")
     pooling: Literal["stack", "chain_mean"] = Field(
