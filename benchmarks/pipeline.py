@@ -143,16 +143,19 @@ def _bare_worker(args: tuple) -> float:
     return bare_loop(load_config(cfg_path), num_draws)["per_draw_s"]
 
 
-def _bif_run(cfg_path: Path, output: Path, prefect_home: Path, *, keep_cluster: bool = True
+def _bif_run(cfg_path: Path, output: Path, prefect_home: Path, *, keep_cluster: bool = True, warm: bool = True
              ) -> tuple[float, float, dict]:
     """Wall time of a whole `bif run` subprocess, its start time, and its manifest (``keep_cluster``: the
-    default kept Dask cluster, else ``BIF_KEEP_CLUSTER=0``: a cluster of the command's own)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "BIF_KEEP_CLUSTER")}
+    default kept Dask cluster, else ``BIF_KEEP_CLUSTER=0``: a cluster of the command's own; ``warm``: the
+    default warm bif process, else ``BIF_WARM=0``). The command is the ``bif`` script, as a user types it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "BIF_KEEP_CLUSTER", "BIF_WARM")}
     env |= {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if not keep_cluster:
         env["BIF_KEEP_CLUSTER"] = "0"
+    if not warm:
+        env["BIF_WARM"] = "0"
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "bif.flows.cli", "run", str(cfg_path), "--no-progress",
+    res = subprocess.run([str(Path(sys.executable).parent / "bif"), "run", str(cfg_path), "--no-progress",
                           "--output", str(output)], env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
     if res.returncode != 0:
@@ -196,11 +199,17 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 3) -> dict:
             rounds.append({"wall": wall, "t0": t0, "timings": t, "bare_alone": bare_alone, "bare_pair": bare_pair,
                            # per draw of one chain, chains running in parallel
                            "ours": max(t["chain_sampling_s"]) / num_draws})
+        # the same as the rounds without the warm bif process (bif.flows.warm): the command imports what it needs
+        cold_cmd_wall, cold_cmd_t0, cold_cmd = _bif_run(cfg_path, workdir / "run-no-warm", home, warm=False)
         own_wall, own_t0, own = _bif_run(cfg_path, workdir / "run-own-cluster", home, keep_cluster=False)
     finally:
+        from bif.flows import warm as warm_process
         from bif.flows.kept_cluster import stop as stop_cluster
         from bif.flows.prefect_server import stop_server
 
+        log = warm_process.warm_dir(home) / "warm.log"
+        warm_copies = log.read_text().count(" ended: exit 0") if log.exists() else 0
+        warm_process.stop(home)
         stop_cluster(home)
         stop_server(home)
 
@@ -218,6 +227,10 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 3) -> dict:
         "chains": 2, "draws_per_chain": num_draws, "repeats": len(rounds), "median_round": mid,
         "bif_run_wall_s": median(each(lambda r: r["wall"])), "bif_run_wall_fresh_prefect_home_s": cold_wall,
         "bif_run_wall_own_cluster_s": own_wall,
+        # runs that ran as copies of the warm bif process (the rounds; the cold run starts it)
+        "warm_copies": warm_copies,
+        "bif_run_wall_no_warm_s": cold_cmd_wall,
+        "startup_no_warm_s": cold_cmd["timings"]["sampling_started_at"] - cold_cmd_t0,
         "startup_own_cluster_s": own["timings"]["sampling_started_at"] - own_t0,
         "startup_s": median(each(lambda r: r["timings"]["sampling_started_at"] - r["t0"])),
         "startup_fresh_prefect_home_s": cold["timings"]["sampling_started_at"] - cold_t0,
@@ -428,6 +441,10 @@ def render_markdown(r: dict) -> str:
             f"{med}{m['bif_run_wall_s']:.1f} s: {m['whole_run_ratio_vs_bare_2_chains_sequential']:.2f}x / "
             f"{m['whole_run_ratio_vs_bare_2_chains_parallel']:.1f}x (start-up {m['startup_s']:.1f} s, "
             f"teardown {m['teardown_s']:.1f} s, {checks}"
+            + (f"; the rounds ran as copies of the warm bif process ({m['warm_copies']} copies); without it "
+               f"(BIF_WARM=0) {m['bif_run_wall_no_warm_s']:.1f} s = "
+               f"{m['bif_run_wall_no_warm_s'] / (2 * m['draws_per_chain'] * m['bare_per_draw_alone_s']):.2f}x, "
+               f"start-up {m['startup_no_warm_s']:.1f} s" if m.get("bif_run_wall_no_warm_s") is not None else "")
             + (f"; first run on a fresh home {m['bif_run_wall_fresh_prefect_home_s']:.1f} s, with a cluster of its "
                f"own {m['bif_run_wall_own_cluster_s']:.1f} s = "
                f"{m['bif_run_wall_own_cluster_s'] / (2 * m['draws_per_chain'] * m['bare_per_draw_alone_s']):.1f}x"

@@ -37,7 +37,8 @@ EPILOG = """examples:
 
 With no PREFECT_API_URL set, `bif run`, `bif lds` and `bif calibrate` use a local Prefect
 server that the first of them starts in the background and later ones reuse (it stops after
-an idle hour, or with `bif server stop`); with it set, they report to that server. The terminal
+an idle hour, or with `bif server stop`); with it set, they report to that server. A warm bif
+process (BIF_WARM=0: off) lets a later `bif run` start without importing Prefect again. The terminal
 shows progress and a summary; -v shows the logs, which always go to <output>/logs/.
 Exit codes: 0 ok, 1 unexpected error, 2 bad input or failed run (the message names the
 problem and the fix)."""
@@ -296,11 +297,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
         since = datetime.fromtimestamp(info.started_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         return f"{info.address}  (pid {info.pid}, since {since}, stops after {info.idle_timeout_s:.0f} s idle)"
 
+    from bif.flows import warm
+
     if args.action == "status":
         info = ps.server_status()
         cluster = kc.status()
         print(f"kept Dask cluster: {describe_cluster(cluster)}" if cluster else
               "no kept Dask cluster runs (the next `bif run` starts one)")
+        w = warm.status()
+        print(f"warm bif process: pid {w['pid']} (`bif run` starts as a copy of it, its imports done)" if w else
+              "no warm bif process runs (the next `bif run` starts one)")
         if info is None:
             print(f"no local Prefect server runs for {ps.prefect_home()} (the next `bif run` starts one)")
             return 3
@@ -311,6 +317,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
         info = ps.ensure_server(idle_timeout_s=args.idle_timeout)
         print(f"running: {describe(info)}")
         return 0
+    w = warm.stop()
+    if w is not None:
+        print(f"stopped the warm bif process (pid {w['pid']})")
     cluster = kc.stop()
     if cluster is not None:
         print(f"stopped the kept Dask cluster: {describe_cluster(cluster)}")
@@ -362,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="With no PREFECT_API_URL, `bif run` / `bif lds` / `bif calibrate` start a local "
                         "Prefect server for <PREFECT_HOME> in the background on first use and reuse it afterwards. "
                         "They also keep their Dask cluster (compute.keep_cluster; BIF_KEEP_CLUSTER=0 turns it off), "
-                        "reused by the next command with the same set-up and stopped after 10 idle minutes. "
-                        "status: show both (exit 3 when no server runs); start: start the server now; "
-                        "stop: stop both.")
+                        "reused by the next command with the same set-up and stopped after 10 idle minutes, and a "
+                        "warm bif process whose copy runs the next `bif run` with its imports done (BIF_WARM=0 "
+                        "turns it off). status: show all three (exit 3 when no server runs); start: start the "
+                        "server now; stop: stop all three.")
     sv.add_argument("action", choices=["status", "start", "stop"])
     sv.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
                     help="with start: stop after this long without an API request (default 3600)")
@@ -387,6 +397,12 @@ def _report_error(err: BifError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     global _EXIT_NOW
+    if argv is None:  # the `bif` command: a warm copy of it may run it with its imports done (bif.flows.warm)
+        from bif.flows.warm import run_in_warm_copy
+
+        code = run_in_warm_copy(sys.argv[1:])
+        if code is not None:
+            return code
     parser = build_parser()
     args = parser.parse_args(argv)
     _EXIT_NOW = argv is None

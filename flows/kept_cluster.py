@@ -54,7 +54,7 @@ RESTART_TIMEOUT_ENV = "BIF_KEPT_RESTART_TIMEOUT"
 #: that libraries set in the command when they load (torch and scikit-learn's OpenMP settings: whether
 #: they are set yet depends on how far the command's imports got when the cluster is claimed).
 _VOLATILE_ENV = ("_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "PYTEST_CURRENT_TEST", "BIF_CLIENT_ENV_KEYS",
-                 RESTART_TIMEOUT_ENV,
+                 RESTART_TIMEOUT_ENV, "BIF_WARM",  # whether the command ran in a warm copy (bif.flows.warm)
                  "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
                  # what make sets for a recipe (`make demo` and a plain `bif run` share one cluster)
                  "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")

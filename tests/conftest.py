@@ -28,6 +28,8 @@ os.environ["PREFECT_SERVER_UI_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 # commands in tests start and stop their own Dask cluster; tests of the kept cluster turn it on themselves
 os.environ.setdefault("BIF_KEEP_CLUSTER", "0")
+# nor a warm bif process (bif.flows.warm): tests/test_warm.py turns it on
+os.environ.setdefault("BIF_WARM", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import torch  # noqa: E402

@@ -1,0 +1,167 @@
+"""The warm bif process (flows/warm.py), driven as a user does: `bif run` and `bif server` subprocesses.
+
+The suite turns it off for every other test (tests/conftest.py sets BIF_WARM=0 and BIF_KEEP_CLUSTER=0); these
+turn both on in their commands' environment, with a Prefect home and a working directory of their own.
+
+- The first `bif run` runs in itself and starts the warm process (the fixture); the next one runs as its copy
+  (warm.log says so) and computes the same BIF, with its summary on the command's own standard output.
+- Bad input in a copy: exit 2 and the message on the command's standard error, no traceback.
+- Ctrl-C: the command passes SIGINT to its copy, which stops as `bif run` stops (exit 130, its message).
+- Another environment: the command runs in itself, and a warm process of its set-up replaces the old one.
+- `bif server status` shows it, `bif server stop` stops it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from bif.flows import warm
+
+pytestmark = pytest.mark.e2e
+
+BIF = str(Path(sys.executable).parent / "bif")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "BIF_KEEP_CLUSTER": "1", "BIF_WARM": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return env | extra
+
+
+def _bif(home: Path, work: Path, *args: str, timeout: float = 420, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIF, *args], cwd=work, env=_env(home, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _log(home: Path) -> str:
+    path = home / "bif-warm" / "warm.log"
+    return path.read_text() if path.exists() else ""
+
+
+def _wait_for_warm(home: Path, *, other_than: int | None = None, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = warm.status(home)
+        if info is not None and info["pid"] != other_than and f"warm process {info['pid']} ready" in _log(home):
+            return info
+        time.sleep(0.2)
+    raise AssertionError(f"no warm process came up in {timeout} s; warm.log:\n{_log(home)[-3000:]}")
+
+
+def _copies(home: Path) -> list[tuple[int, int]]:
+    """(pid, exit status) of every copy that ended, from warm.log."""
+    out = []
+    for line in _log(home).splitlines():
+        if line.startswith("copy ") and " ended: exit " in line:
+            pid, code = line[5:].split(" ended: exit ")
+            out.append((int(pid), int(code)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    home = tmp_path_factory.mktemp("warm-home")
+    work = tmp_path_factory.mktemp("warm-work")
+    cfg = {"problem": "bif.examples.linear:build", "problem_args": {"n": 30, "d": 3, "m": 4, "seed": 1},
+           "compute": {"n_workers": 2},
+           "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 5, "draws_per_block": 20,
+                       "step_size": 1e-3, "nbeta": 30.0, "batch_size": 30, "seed": 4},
+           "covariance": {"topk": 3}}
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    # the first command runs in itself and starts the kept server, the kept cluster and the warm process
+    first = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    _wait_for_warm(home)
+    assert not _copies(home)
+    yield home, work
+    subprocess.run([BIF, "server", "stop"], cwd=work, env=_env(home), capture_output=True, timeout=120)
+
+
+def test_the_next_run_is_a_copy_of_the_warm_process_with_the_same_result(user):
+    import xarray as xr
+
+    home, work = user
+    info = _wait_for_warm(home)
+    before = len(_copies(home))
+    second = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [code for _, code in _copies(home)[before:]] == [0]  # it ran as a copy ...
+    assert "status: complete" in second.stdout and "out2" in second.stdout  # ... on the command's own stdout
+    b1, b2 = (xr.open_zarr(work / o / "bif.zarr", consolidated=False)["bif"].values for o in ("out1", "out2"))
+    np.testing.assert_array_equal(b1, b2)  # same seeds, same draws
+    assert json.loads((work / "out2" / "manifest.json").read_text())["status"] == "complete"
+    status = _bif(home, work, "server", "status")
+    assert f"warm bif process: pid {info['pid']}" in status.stdout
+
+
+def test_bad_input_in_a_copy_exits_2_with_its_message(user):
+    home, work = user
+    _wait_for_warm(home)
+    before = len(_copies(home))
+    res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-bad", "--set", "sampler.num_drawz=3")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "unknown config key 'sampler.num_drawz'" in res.stderr and "Traceback" not in res.stderr
+    assert _copies(home)[before:] == [(_copies(home)[-1][0], 2)]
+
+
+def test_ctrl_c_reaches_the_copy(user):
+    """SIGINT to the command: its copy stops as `bif run` stops on Ctrl-C (exit 130, 'interrupted')."""
+    home, work = user
+    _wait_for_warm(home)
+    before = len(_copies(home))
+    proc = subprocess.Popen([BIF, "run", "cfg.yaml", "--no-progress", "--output", "out-int",
+                             "--set", "sampler.num_draws=4000", "--set", "sampler.draws_per_block=500"],
+                            cwd=work, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((work / "out-int" / "traces").glob("chain-*/*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the chains sample (a block is committed), as when a user presses Ctrl-C
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    assert [code for _, code in _copies(home)[before:]] == [130]
+
+
+def test_another_environment_runs_in_itself_and_replaces_the_warm_process(user):
+    home, work = user
+    old = _wait_for_warm(home)
+    before = len(_copies(home))
+    res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-env", BIF_TEST_OTHER_SETUP="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_copies(home)) == before  # not a copy of the old set-up's process
+    new = _wait_for_warm(home, other_than=old["pid"])
+    deadline = time.monotonic() + 30
+    while warm._alive(old["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the replaced one leaves (it had no copy running)
+    assert not warm._alive(old["pid"])
+    stop = _bif(home, work, "server", "stop", BIF_TEST_OTHER_SETUP="1")
+    assert f"stopped the warm bif process (pid {new['pid']})" in stop.stdout
+    deadline = time.monotonic() + 30
+    while warm._alive(new["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not warm._alive(new["pid"]) and warm.status(home) is None
+
+
+def test_only_plain_runs_go_to_a_warm_copy(monkeypatch):
+    monkeypatch.setenv("BIF_WARM", "1")
+    monkeypatch.setenv("BIF_KEEP_CLUSTER", "1")
+    assert warm.enabled(["run", "cfg.yaml"])
+    assert not warm.enabled(["run", "cfg.yaml", "-v"])  # the terminal is set up before Prefect loads
+    assert not warm.enabled(["show", "out"]) and not warm.enabled([])
+    monkeypatch.setenv("BIF_KEEP_CLUSTER", "0")
+    assert not warm.enabled(["run", "cfg.yaml"])
+    monkeypatch.setenv("BIF_KEEP_CLUSTER", "1")
+    monkeypatch.setenv("BIF_WARM", "off")
+    assert not warm.enabled(["run", "cfg.yaml"])
