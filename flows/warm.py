@@ -241,7 +241,11 @@ def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAU
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
+    umask = os.umask(0o177)  # the socket is this user's only (connecting to it needs write permission)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(umask)
     listener.listen(16)
     me = {"pid": os.getpid(), "socket": str(path), "key": hashlib.sha256(key.encode()).hexdigest(),
           "started_at": time.time(), "idle_timeout_s": idle_timeout_s}
