@@ -121,7 +121,9 @@ def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
             out[RHAT][idx] = np.asarray(xr.where(bulk > folded, bulk, folded).transpose("sample"), dtype=np.float64)
         out[ESS_BULK][idx] = _vector_ess(azd, z)
         if tail:
-            qs = np.quantile(sub, (0.05, 0.95), axis=(0, 1))  # (2, m): ArviZ takes them on the unsplit draws
+            # (2, m): ArviZ takes them on the unsplit draws; the same values as np.quantile over axes (0, 1), from
+            # each sample's draws sorted in one contiguous row (a sort is faster than numpy's partition at 4 cuts)
+            qs = np.quantile(np.sort(sub.reshape(chains * draws, -1).T, axis=1), (0.05, 0.95), axis=1)
             out[ESS_TAIL][idx] = np.minimum(*(_vector_ess(azd, azd._split_chains((da <= q).astype(np.float64)))
                                               for q in qs))
     return out
@@ -147,7 +149,8 @@ def _z_fold(split: Any) -> Any:
     """arviz-stats' ``azd._z_fold``: |draws - their median over (chain, draw)|, in float64 as ArviZ computes it,
     rank-normalized; the median is taken on the contiguous rows (5x faster than xarray's over a strided view)."""
     rows, shape = _sample_rows(split, np.float64)
-    return _z_of_rows(np.abs(rows - np.median(rows, axis=1, keepdims=True)), shape)
+    median = np.median(np.sort(rows, axis=1), axis=1, keepdims=True)  # the same median, from sorted rows (faster)
+    return _z_of_rows(np.abs(rows - median), shape)
 
 
 def _sample_rows(split: Any, dtype: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -164,7 +167,11 @@ def _z_of_rows(rows: np.ndarray, shape: tuple[int, int, int]) -> Any:
     from scipy.special import ndtri
 
     c, d, m = shape
-    z = ndtri((rankdata(rows, axis=1) - 3 / 8) / (c * d - 2 * 3 / 8 + 1))
+    # ranks are whole or half numbers (ties averaged) in [1, c d]: the normal quantile of each possible rank once,
+    # then looked up; the same float64 input to ndtri as for every draw, so the same values
+    ranks = rankdata(rows, axis=1)
+    table = ndtri((np.arange(2 * c * d + 1) / 2 - 3 / 8) / (c * d - 2 * 3 / 8 + 1))
+    z = table[(2 * ranks).astype(np.intp)]
     return xr.DataArray(z.T.reshape(c, d, m), dims=("chain", "draw", "sample"))
 
 
