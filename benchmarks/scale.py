@@ -152,6 +152,14 @@ def covariance_stage(root: str, client, *, n_train: int, n_query: int, train_blo
             "stage_peak_rss_gb": rss.peak / 2**30}
 
 
+def _warm_gates() -> None:
+    """Import the gates' modules (bif.quality.run: pandas, the suites) and build great_expectations' context, as the
+    kept cluster's forkserver (KEPT_PRELOAD) and `bif run` (during sampling) do; the first call paid ~0.5 s for it."""
+    from bif.quality import expectations, run  # noqa: F401
+
+    expectations.warm()
+
+
 def _warm_diagnostics() -> None:
     """Import the diagnostics' stack (xarray, scipy, numba, arviz-stats) and load its compiled gufuncs."""
     from bif.quality.diagnostics import rhat_ess
@@ -180,6 +188,10 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int) -> dict:
         _warm_diagnostics()
         cl.client.run(_warm_diagnostics)
         out["diagnostics_warmup_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _warm_gates()
+        cl.client.run(_warm_gates)
+        out["gates_warmup_s"] = time.perf_counter() - t
         out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=4096, query_block=1024)
         t = time.perf_counter()
         report = run_gates(root, {}, cfg, n_train=n_train, n_query=n_query, loss_bounds=(0.0, float("inf")),
