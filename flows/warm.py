@@ -73,12 +73,14 @@ def warm_dir(home: Path | None = None) -> Path:
     return (home or prefect_home()) / "bif-warm"
 
 
-def request_key(env: dict[str, str] | None = None) -> str:
-    """The set-up a warm process serves (see the module docstring), as one hash."""
+def key_parts(env: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of each part of the set-up a warm process serves (see the module docstring)."""
     from bif.flows.kept_cluster import _VOLATILE_ENV, _code_stamp
-    from bif.flows.prefect_server import prefect_home
+    from bif.flows.prefect_server import QUIET_ENV, prefect_home
 
-    env = dict(os.environ if env is None else env)
+    # the environment as `bif run` makes it before anything reads it (quiet_prefect_env's defaults): `make demo`
+    # exports two of them, a shell does not, and both commands run the same
+    env = QUIET_ENV | dict(os.environ if env is None else env)
     profiles = prefect_home() / "profiles.toml"
     try:
         st = profiles.stat()
@@ -88,7 +90,13 @@ def request_key(env: dict[str, str] | None = None) -> str:
     parts = {"protocol": _PROTOCOL, "python": [sys.executable, sys.version], "path": list(sys.path),
              "cwd": os.getcwd(), "env": sorted((k, v) for k, v in env.items() if k not in _VOLATILE_ENV),
              "profiles": prof, "code": _code_stamp()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for k, v in parts.items()}
+
+
+def request_key(env: dict[str, str] | None = None) -> str:
+    """The set-up a warm process serves, as one hash of :func:`key_parts`."""
+    return hashlib.sha256(json.dumps(key_parts(env), sort_keys=True).encode()).hexdigest()
 
 
 def _read_info(state: Path) -> dict[str, Any] | None:
@@ -128,6 +136,10 @@ def run_in_warm_copy(argv: Sequence[str]) -> int | None:
         state = warm_dir()
         info = _read_info(state)
         if info is None or info.get("key") != hashlib.sha256(key.encode()).hexdigest() or not _alive(info["pid"]):
+            if info is not None and _alive(info.get("pid", -1)):
+                changed = sorted(k for k, v in key_parts().items() if (info.get("parts") or {}).get(k) != v)
+                _log(state, f"a command with another set-up ({', '.join(changed) or 'unknown'}) runs in itself; "
+                            "starting a warm process for it")
             _start_in_background(state, key)
             return None
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -169,6 +181,11 @@ def _relay(conn: socket.socket, pid: int) -> int:
               "manifest.json", file=sys.stderr)
         return 1
     return int(status["exit"])
+
+
+def _log(state: Path, line: str) -> None:
+    with contextlib.suppress(OSError), open(state / "warm.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
 def _read_line(conn: socket.socket) -> dict[str, Any]:
@@ -234,6 +251,7 @@ def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAU
     path_json = os.environ.pop(_PATH_ENV, None)
     if path_json:
         sys.path[:] = json.loads(path_json)
+    parts = key_parts()
     key = request_key()
     _preload()
     state.mkdir(parents=True, exist_ok=True)
@@ -248,7 +266,7 @@ def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAU
         os.umask(umask)
     listener.listen(16)
     me = {"pid": os.getpid(), "socket": str(path), "key": hashlib.sha256(key.encode()).hexdigest(),
-          "started_at": time.time(), "idle_timeout_s": idle_timeout_s}
+          "parts": parts, "started_at": time.time(), "idle_timeout_s": idle_timeout_s}
     tmp = state / f"warm.json.{os.getpid()}"
     tmp.write_text(json.dumps(me))
     os.replace(tmp, state / "warm.json")

@@ -141,6 +141,7 @@ def test_another_environment_runs_in_itself_and_replaces_the_warm_process(user):
     res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-env", BIF_TEST_OTHER_SETUP="1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(_copies(home)) == before  # not a copy of the old set-up's process
+    assert "a command with another set-up (env) runs in itself" in _log(home)  # the part that changed
     new = _wait_for_warm(home, other_than=old["pid"])
     deadline = time.monotonic() + 30
     while warm._alive(old["pid"]) and time.monotonic() < deadline:
@@ -152,6 +153,22 @@ def test_another_environment_runs_in_itself_and_replaces_the_warm_process(user):
     while warm._alive(new["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not warm._alive(new["pid"]) and warm.status(home) is None
+
+
+def test_the_set_up_is_the_environment_bif_run_makes(monkeypatch):
+    """`make demo` exports two of the variables `bif run` sets by default anyway (DO_NOT_TRACK=1,
+    PREFECT_SERVER_ANALYTICS_ENABLED=false): the same set-up as a shell's `bif run`; another value is not."""
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    shell = warm.request_key()
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    assert warm.request_key() == shell
+    monkeypatch.setenv("MAKELEVEL", "1")  # what make sets for a recipe changes nothing either
+    assert warm.request_key() == shell
+    monkeypatch.setenv("DO_NOT_TRACK", "0")
+    assert warm.request_key() != shell
+    assert set(warm.key_parts()) == {"protocol", "python", "path", "cwd", "env", "profiles", "code"}
 
 
 def test_only_plain_runs_go_to_a_warm_copy(monkeypatch):
