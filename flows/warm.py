@@ -19,7 +19,7 @@ difference, ``-v`` (the terminal is configured before Prefect loads), another co
 process) and the command runs as before, in itself; a warm process for its set-up is then started
 for the next one. The copy's standard input is ``/dev/null`` (``bif run`` reads nothing).
 
-Off with ``BIF_WARM=0``, and wherever the kept cluster is off (``BIF_KEEP_CLUSTER=0``, a
+Linux only. Off with ``BIF_WARM=0``, and wherever the kept cluster is off (``BIF_KEEP_CLUSTER=0``, a
 ``compute.address``); the test suite turns it off except in its own tests. **State** in
 ``<PREFECT_HOME>/bif-warm/``: ``warm.json`` (pid, socket, key hash, start time), the socket,
 ``warm.log``. It stops after ``idle_timeout_s`` (default 10 minutes) without a command, when
@@ -63,8 +63,10 @@ def enabled(argv: Sequence[str]) -> bool:
     def off(name: str) -> bool:
         return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
-    return (bool(argv) and argv[0] in COMMANDS and not {"-v", "--verbose"} & set(argv)
-            and not off(WARM_ENV) and not off(KEEP_ENV))
+    # Linux only: fork() of a process that loaded numpy, pandas and Prefect is what Linux does well (macOS warns
+    # against fork without exec), and the descriptors travel with SCM_RIGHTS
+    return (sys.platform.startswith("linux") and bool(argv) and argv[0] in COMMANDS
+            and not {"-v", "--verbose"} & set(argv) and not off(WARM_ENV) and not off(KEEP_ENV))
 
 
 def warm_dir(home: Path | None = None) -> Path:
@@ -155,7 +157,7 @@ def run_in_warm_copy(argv: Sequence[str]) -> int | None:
         # running here as well after a late answer would start the run twice, which the output's lease refuses)
         conn.settimeout(_REPLY_TIMEOUT_S)
         reply = _read_line(conn)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not reply.get("ok"):
         return None

@@ -182,3 +182,6 @@ def test_only_plain_runs_go_to_a_warm_copy(monkeypatch):
     monkeypatch.setenv("BIF_KEEP_CLUSTER", "1")
     monkeypatch.setenv("BIF_WARM", "off")
     assert not warm.enabled(["run", "cfg.yaml"])
+    monkeypatch.setenv("BIF_WARM", "1")
+    monkeypatch.setattr(sys, "platform", "darwin")  # Linux only
+    assert not warm.enabled(["run", "cfg.yaml"])
