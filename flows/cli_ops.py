@@ -70,15 +70,16 @@ class SweepProgress:
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from bif.flows.progress import StdoutConsole
 
     table = Table(title=title)
     for c in columns:
         table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*r)
-    Console(width=160, soft_wrap=False).print(table)
+    StdoutConsole(width=160, soft_wrap=False).print(table)
 
 
 def print_summary(res: dict[str, Any]) -> None:

@@ -47,3 +47,12 @@ class RunProgress:
                 self.client.unsubscribe_topic(TOPIC)
             finally:
                 self.progress.stop()
+
+
+class StdoutConsole(Console):
+    """A rich Console for a command's output on stdout. When the reader closes the pipe early (`bif show ... |
+    head`), rich's default exits 1. This one raises BrokenPipeError instead, which ``bif.flows.cli.main`` ends
+    quietly with 0, as other Unix tools do."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError

@@ -134,6 +134,16 @@ def test_show_lists_the_top_k_train_ids(home, digits_run):
         assert [int(r[1]) for r in block] == want[S.TRAIN].tolist()
         assert np.allclose([float(r[2]) for r in block], want[S.BIF], rtol=1e-3)
     assert "query 3: train examples whose upweighting would raise its loss" in " ".join(res.stdout.split())
+    # a reader that closes the pipe early (`bif show ... | head`): exit 0, as `bif keys | head -1` (rich's own
+    # default exits 1)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        closed = subprocess.run([BIF, "show", "runs/example/digits", "--query", "3"], cwd=home["cwd"],
+                                env=home["env"], stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr
 
 
 def test_report_regenerates_the_html(home, digits_run):
