@@ -392,6 +392,9 @@ def _copy(conn: socket.socket, fds: list[int], req: dict[str, Any], listener: so
         os.environ.update(req["env"])
         sys.path[:] = req["path"]
         sys.argv = list(req["argv"])
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:  # a fresh process seeds numpy's global generator from the OS; a fork shares the warm
+            numpy.random.seed()  # process's state (Python's own `random` reseeds itself after a fork)
 
         def watch() -> None:  # the command is gone (killed): stop as the command itself would have been stopped
             with contextlib.suppress(OSError):
