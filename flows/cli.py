@@ -229,9 +229,8 @@ def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = Non
 def _cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from bif.flows.progress import StdoutConsole as Console
-
     from bif import schema as S
+    from bif.flows.progress import StdoutConsole as Console
     from bif.store.run import RunStore
 
     store = RunStore(args.output)

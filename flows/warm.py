@@ -96,9 +96,9 @@ def key_parts(env: dict[str, str] | None = None) -> dict[str, str]:
             for k, v in parts.items()}
 
 
-def request_key(env: dict[str, str] | None = None) -> str:
-    """The set-up a warm process serves, as one hash of :func:`key_parts`."""
-    return hashlib.sha256(json.dumps(key_parts(env), sort_keys=True).encode()).hexdigest()
+def request_key(env: dict[str, str] | None = None, *, parts: dict[str, str] | None = None) -> str:
+    """The set-up a warm process serves, as one hash of :func:`key_parts` (``parts``: computed already)."""
+    return hashlib.sha256(json.dumps(parts or key_parts(env), sort_keys=True).encode()).hexdigest()
 
 
 def _read_info(state: Path) -> dict[str, Any] | None:
@@ -134,12 +134,13 @@ def run_in_warm_copy(argv: Sequence[str]) -> int | None:
     if _IS_COPY or not enabled(argv):
         return None
     try:
-        key = request_key()
+        parts = key_parts()
+        key = request_key(parts=parts)
         state = warm_dir()
         info = _read_info(state)
         if info is None or info.get("key") != hashlib.sha256(key.encode()).hexdigest() or not _alive(info["pid"]):
             if info is not None and _alive(info.get("pid", -1)):
-                changed = sorted(k for k, v in key_parts().items() if (info.get("parts") or {}).get(k) != v)
+                changed = sorted(k for k, v in parts.items() if (info.get("parts") or {}).get(k) != v)
                 _log(state, f"a command with another set-up ({', '.join(changed) or 'unknown'}) runs in itself; "
                             "starting a warm process for it")
             _start_in_background(state, key)
@@ -254,7 +255,7 @@ def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAU
     if path_json:
         sys.path[:] = json.loads(path_json)
     parts = key_parts()
-    key = request_key()
+    key = request_key(parts=parts)
     _preload()
     state.mkdir(parents=True, exist_ok=True)
     path = state / f"warm-{os.getpid()}.sock"

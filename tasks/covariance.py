@@ -230,6 +230,11 @@ def _groups(files: Sequence[BlockRef], pooling: str) -> list[list[BlockRef]]:
     return [[f for f in files if f.chain == c] for c in sorted({f.chain for f in files})]
 
 
+def _one_leaf_per_group(groups: Sequence[Sequence[BlockRef]], files_per_leaf: int) -> bool:
+    """Whether each group's files make one leaf: then a block is one task (:func:`reduce_block`), no reduction tree."""
+    return all(len(g) <= files_per_leaf for g in groups)
+
+
 def reduce_block(store: RunStore, groups: Sequence[Sequence[BlockRef]], train: tuple[int, int],
                  query: tuple[int, int], *, gemm_dtype: str | None, ddof: int, k: int, pooling: str) -> BlockResult:
     """One output block in one task, when each group of files (all files, or one chain's) makes one leaf:
@@ -249,11 +254,12 @@ def build_graph(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     if not files:
         raise ValueError("no committed trace blocks to reduce")
     pooling = cov.pooling
+    groups = _groups(files, pooling)
+    fused = _one_leaf_per_group(groups, files_per_leaf)
     finals = []
     for tr in _ranges(n_train, cov.train_block_size):
         for qr in _ranges(n_query, cov.query_block_size):
-            groups = _groups(files, pooling)
-            if all(len(g) <= files_per_leaf for g in groups):  # one leaf per group: the whole block in one task
+            if fused:  # one leaf per group: the whole block in one task
                 finals.append(dask.delayed(reduce_block)(store, groups, tr, qr, gemm_dtype=gemm_dtype, ddof=cov.ddof,
                                                          k=cov.topk, pooling=pooling))
                 continue
@@ -345,8 +351,9 @@ def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | 
                     progress: Callable[[int, int], None] | None, beside: Sequence[Any] = ()) -> list[Any]:
     """Compute ``finals`` (Delayed), at most ``max_in_flight`` at a time; results in completion order.
 
-    ``beside``: Delayed run alongside (the sha256 checks): with the first batch on the local
-    scheduler, or submitted up front and gathered at the end on ``client`` (their errors raise).
+    ``beside``: Delayed run alongside (the sha256 checks) with the first batch, on the local scheduler only
+    (their errors raise); on a cluster the caller submits them itself (:func:`compute_bif` does, before it
+    creates bif.zarr).
     """
     total, results = len(finals), []
     if client is None:
@@ -361,10 +368,9 @@ def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | 
         return results
     from distributed import as_completed
 
+    if beside:
+        raise ValueError("beside is for the local scheduler; on a cluster, submit those tasks yourself")
     limit = max_in_flight or _slots(client, None)
-    # the checks run where a worker would otherwise idle (between submissions, in a last round with fewer
-    # blocks than workers), not ahead of the first leaves
-    beside_futures = client.compute(list(beside), priority=-1) if beside else []
     pending = list(finals)
     futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
     pending = pending[limit:]
@@ -375,7 +381,6 @@ def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | 
             futures.add(client.compute(pending.pop(0)))
         if progress:
             progress(len(results), total)
-    client.gather(beside_futures)
     return results
 
 
@@ -415,14 +420,14 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     files_per_leaf = max(1, leaf_draws // draws_per_file)
     finals = build_graph(store, cov, files, n_train=n_train, n_query=n_query, files_per_leaf=files_per_leaf,
                          gemm_dtype=gemm_dtype or dtype)
-    if not max_in_flight and all(len(g) <= files_per_leaf for g in _groups(files, cov.pooling)):
+    if not max_in_flight and _one_leaf_per_group(_groups(files, cov.pooling), files_per_leaf):
         # one task per block (reduce_block) holds memory only while it runs: one block queued per slot lets a
         # worker start its next block at once instead of after a round trip through this process (10-15 ms)
         max_in_flight = 2 * slots
     total = len(finals)
     try:
         results = compute_bounded(finals, client=client, max_in_flight=max_in_flight, progress=progress,
-                                  beside=[] if early else checks)
+                                  beside=checks if client is None else ())
         if early:
             client.gather(early)
     except Exception:
