@@ -64,14 +64,14 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         chains = [f.result() for f in futures]  # raises the first chain failure
         steps.check_traces(cfg)
         t2 = time.perf_counter()
-        # the diagnostics read only the traces: they start beside the covariance, which they never read
-        diag_future = steps.diagnostics.submit(cfg, rt.address) if cfg.quality.diagnostics else None
-        summary = _covariance(cfg, info, rt, on_worker=gates_on_workers, beside=diag_future)
+        # the diagnostics start with the gates, after the covariance: started beside it, their jobs held both
+        # workers when its blocks were queued, and the covariance (which the gates wait for) took 0.6 s, not 0.2
+        summary = _covariance(cfg, info, rt, on_worker=gates_on_workers)
         t3 = time.perf_counter()
-        # the report's sections that need neither check are drawn on a worker meanwhile, queued after the gates
-        # (one task: measured faster than one per section, which run at once in a worker beside the gates)
-        checks = _checks(cfg, info, rt, gates_on_workers=gates_on_workers, diagnostics=diag_future,
-                         diagnostics_started=t2, then=lambda: [rt.submit(steps.report_sections, cfg)])
+        # the report's sections that need neither check are drawn on a worker meanwhile (one task: measured faster
+        # than one per section), if flag
+        checks = _checks(cfg, info, rt, gates_on_workers=gates_on_workers,
+                         then=lambda: [rt.submit(steps.report_sections, cfg)])
         gates, diag = checks["gates"], checks["diagnostics"]
         t5 = time.perf_counter()
         timings = {"cluster_startup_s": cluster_startup_seconds, "prepare_s": t1 - t0, "sampling_s": t2 - t1,
@@ -88,18 +88,18 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
             pipeline.fail_run(cfg, QualityError(gates.summary()), status=S.STATUS_FAILED_QUALITY,
                               quality_failures=[f.__dict__ for f in gates.failed], timings=timings, **extra)
         final_status = S.STATUS_COMPLETE if gates is None or gates.passed else S.STATUS_FAILED_QUALITY
-        # the report and the artifacts read the same finished outputs: write them at once
+        # the report and the artifacts read the same finished outputs: write them at once, the artifacts first
+        # (they wait for no report section). On a kept cluster the report is drawn and the artifacts are read on
+        # workers, whose forkserver has matplotlib, xarray and zarr loaded; with a cluster of its own the command
+        # does both (and loaded matplotlib while its cluster started)
+        def end(task: Any, *args: Any) -> Any:
+            return rt.submit(task, cfg, *args) if gates_on_workers else task.submit(cfg, *args)
+
+        ends = [end(steps.publish_artifacts, final_status)]
         prebuilt: dict[str, str] = {}
         for section in [*checks["then"], checks["diagnostics_section"]]:
             prebuilt |= _result_or_none(section) or {}
-        # on a kept cluster the report is drawn and the artifacts are read on workers, whose forkserver has
-        # matplotlib, xarray and zarr loaded; with a cluster of its own the command does both (and loaded
-        # matplotlib while its cluster started)
-        if gates_on_workers:
-            ends = [rt.submit(steps.report, cfg, final_status, prebuilt),
-                    rt.submit(steps.publish_artifacts, cfg, final_status)]
-        else:
-            ends = [steps.report.submit(cfg, final_status, prebuilt), steps.publish_artifacts.submit(cfg, final_status)]
+        ends.append(end(steps.report, final_status, prebuilt))
         for f in ends:
             f.result()  # raises its error
         if gates is not None:
@@ -117,6 +117,16 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         lease.release()
 
 
+def _succeeded(future: Any) -> bool:
+    """Whether the finished ``future`` holds a result. Not ``future.state``: a task run's final state reaches the
+    Prefect API after its future is done, so ``state.is_completed()`` read then was often still False."""
+    try:
+        future.result()
+    except Exception:  # noqa: BLE001 - _checks raises it when it collects the results
+        return False
+    return True
+
+
 def _result_or_none(future: Any) -> Any:
     """``future``'s result, or None when it is None or failed (the caller has a slower way to the same thing)."""
     if future is None:
@@ -127,30 +137,19 @@ def _result_or_none(future: Any) -> Any:
         return None
 
 
-def _covariance(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *, on_worker: bool,
-                beside: Any = None) -> Any:
+def _covariance(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *, on_worker: bool) -> Any:
     """The covariance reduction, as a task on a worker (``on_worker``: a kept cluster's workers have its
-    imports loaded) or a thread of the flow; returns its summary. When it fails, the task ``beside`` it
-    (the diagnostics) is waited for before the error goes on, so nothing writes after the run is marked failed."""
+    imports loaded) or a thread of the flow; returns its summary."""
     future = rt.submit(steps.reduce_covariance, cfg, info) if on_worker else \
         steps.reduce_covariance.submit(cfg, info, rt.address)
-    try:
-        return future.result()
-    except BaseException:
-        if beside is not None:
-            wait([beside])
-        raise
+    return future.result()
 
 
 def _checks(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *,
-            gates_on_workers: bool = False, diagnostics: Any = None, diagnostics_started: float | None = None,
-            then: Callable[[], list[Any]] | None = None) -> dict[str, Any]:
+            gates_on_workers: bool = False, then: Callable[[], list[Any]] | None = None) -> dict[str, Any]:
     """Quality gates and diagnostics side by side, threads of the flow (the gates a task on a worker with
-    ``gates_on_workers``); each maps its reads over the cluster.
-
-    ``diagnostics``: their future when they started already (beside the covariance, at
-    ``diagnostics_started``); else they start here. Once they finish, the report's diagnostics section is
-    drawn on a worker while the gates may still run.
+    ``gates_on_workers``); each maps its reads over the cluster. When the diagnostics finish while the gates
+    still run, the report's diagnostics section is drawn on a worker meanwhile.
 
     Returns ``gates`` (a QualityReport or None when ``quality.enabled`` is off), ``diagnostics``
     (dict or None when ``quality.diagnostics`` is off), the seconds each took from its start, and
@@ -159,24 +158,20 @@ def _checks(cfg: RunConfig, info: pipeline.RunInfo, rt: runtime.DaskRuntime, *,
     """
     t0 = time.perf_counter()
     futures: dict[Any, str] = {}
-    started = {"gates": t0, "diagnostics": t0}
     if cfg.quality.enabled:
         gates = rt.submit(steps.quality_gates, cfg, info) if gates_on_workers else \
             steps.quality_gates.submit(cfg, info, rt.address)
         futures[gates] = "gates"
     queued = then() if then is not None else []
     if cfg.quality.diagnostics:
-        if diagnostics is None:
-            diagnostics = steps.diagnostics.submit(cfg, rt.address)
-        else:
-            started["diagnostics"] = t0 if diagnostics_started is None else diagnostics_started
-        futures[diagnostics] = "diagnostics"
+        futures[steps.diagnostics.submit(cfg, rt.address)] = "diagnostics"
     out: dict[str, Any] = {"gates": None, "diagnostics": None, "gates_s": 0.0, "diagnostics_s": 0.0,
                            "diagnostics_section": None, "then": queued}
-    for f in as_completed(list(futures)):
+    for done, f in enumerate(as_completed(list(futures)), 1):
         name = futures[f]
-        out[f"{name}_s"] = time.perf_counter() - started[name]
-        if name == "diagnostics" and f.state.is_completed():
+        out[f"{name}_s"] = time.perf_counter() - t0
+        # drawn beside the gates when they still run; finishing last, the report draws it (one task fewer to wait on)
+        if name == "diagnostics" and done < len(futures) and _succeeded(f):
             out["diagnostics_section"] = rt.submit(steps.report_sections, cfg, (S.REPORT_DIAGNOSTICS_SECTION,))
     for f, name in futures.items():
         out[name] = f.result()  # raises the stage's error

@@ -86,6 +86,18 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def even_batches(items: Sequence[Any], count: int) -> list[list[Any]]:
+    """``items`` cut into at most ``count`` runs of consecutive items whose sizes differ by at most one, none empty."""
+    count = max(1, min(count, len(items)))
+    size, extra = divmod(len(items), count)
+    out, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        out.append(list(items[start:end]))
+        start = end
+    return out if items else []
+
+
 def leaf_moments(store: RunStore, refs: Sequence[BlockRef], train: tuple[int, int],
                  query: tuple[int, int], *, gemm_dtype: str | None = None) -> Moments:
     """Moments of a few trace blocks (their draws stacked) restricted to a train range and a query range.
@@ -315,9 +327,17 @@ def merge_topk(results: Sequence[BlockResult], *, n_query: int, k: int, n_train:
     return df.sort_values([S.QUERY, S.DIRECTION, S.RANK], ignore_index=True)[list(S.TOPK_COLUMNS)]
 
 
-def _verify_block(store: RunStore, ref: BlockRef) -> None:
-    """StorageError naming ``ref`` when its trace file fails its sha256 (a Dask task beside the reduction)."""
-    store.verify_blocks([ref])
+def _verify_blocks(store: RunStore, refs: Sequence[BlockRef]) -> None:
+    """StorageError naming the first of ``refs`` whose trace file fails its sha256 (a Dask task beside the reduction)."""
+    store.verify_blocks(list(refs))
+
+
+def _verify_tasks(store: RunStore, files: Sequence[BlockRef], slots: int) -> list[Any]:
+    """The sha256 checks of ``files`` as about two Delayed per slot, each checking a run of consecutive files.
+
+    One task per file cost the scheduler and the workers a few ms each, more than a small file's hash.
+    """
+    return [dask.delayed(_verify_blocks, pure=False)(store, batch) for batch in even_batches(files, 2 * slots)]
 
 
 def _slots(client: Any, max_in_flight: int | None) -> int:
@@ -405,10 +425,10 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     raises :class:`bif.errors.StorageError` naming it, also when reading it failed first.
     """
     k = cov.topk
-    checks = [dask.delayed(_verify_block, pure=False)(store, f) for f in files] if verify else []
+    slots = _slots(client, max_in_flight)
+    checks = _verify_tasks(store, files, slots) if verify and files else []
     # on a cluster the sha256 checks start now, on workers that would idle while this process creates bif.zarr
     early = client.compute(checks, priority=-1) if checks and client is not None else []
-    slots = _slots(client, max_in_flight)
     tb = balanced_train_block(n_train, cov.train_block_size, len(_ranges(n_query, cov.query_block_size)), slots)
     if tb != cov.train_block_size:
         cov = cov.model_copy(update={"train_block_size": tb})

@@ -299,6 +299,42 @@ def test_cluster_reduction_balances_blocks_and_names_a_damaged_file(tmp_path, da
             _reduce(root, files, train_block=10, client=client, verify=True, leaf_draws=1024)
 
 
+@pytest.mark.parametrize("n, count", [(20, 4), (7, 3), (2, 4), (1, 1), (5, 1), (0, 3), (9, 0)])
+def test_even_batches_cover_the_items_in_order(n, count):
+    """The sha256 checks and the gates' batched map cut their items into at most ``count`` runs, none empty,
+    sizes at most one apart, whose concatenation is the items in order."""
+    from bif.tasks.covariance import even_batches
+
+    items = [f"f{i}" for i in range(n)]
+    batches = even_batches(items, count)
+    assert [x for b in batches for x in b] == items
+    assert len(batches) == (min(max(count, 1), n) if n else 0)
+    assert all(batches) and (not batches or max(map(len, batches)) - min(map(len, batches)) <= 1)
+
+
+def test_batched_map_on_a_cluster_keeps_the_order_in_fewer_tasks(dask_address):
+    """steps._mapper(batched=True), the gates' map over trace files: the same results in the same order as one
+    task per item, in about two tasks per worker (2 workers: 4 tasks for 11 items)."""
+    from distributed import Client, get_task_stream
+
+    from bif.tasks.steps import _mapper
+
+    xs = list(range(11))
+    with Client(dask_address) as client:
+        for batched, tasks in ((True, 4), (False, 11)):
+            with get_task_stream(client=client) as stream:
+                got = _mapper(client, batched=batched)(_square_and_pid, xs)
+            assert [r[0] for r in got] == [x * x for x in xs]
+            assert len({r[1] for r in got}) <= 2  # two worker processes
+            assert len(stream.data) == tasks
+
+
+def _square_and_pid(x: int) -> tuple[int, int]:
+    import os
+
+    return x * x, os.getpid()
+
+
 @pytest.mark.slow  # ~1-3 min: writes traces, starts a LocalCluster, runs the limit benchmark at its quick size
 def test_scale_benchmark_runs_and_reports_its_rows(tmp_path):
     """`python -m benchmarks.scale` (README, Benchmarks): its quick sizes run end to end and give the table rows."""

@@ -293,6 +293,30 @@ def test_bad_results_name_the_pair():
     assert "sample=12 self_influence=0.5" in failed["results_self_influence"][0].detail
 
 
+def test_results_gates_agree_in_process_and_on_dask(dask_address):
+    """A bif.zarr small enough to be read in process is scanned there (scheduler 'sync'), a Dask-backed one on the
+    cluster: the same gate results and failure details either way."""
+    from distributed import Client, get_task_stream
+
+    ds = _results().load()
+    ds[S.BIF][33, 7] = np.nan
+    ds[S.BIF_CORR][5, 9] = 1.5
+    ds[S.BIF][12, 12] = 0.5
+
+    def summary(results):
+        return sorted((r.gate, r.success, r.unexpected_count, r.detail) for r in results)
+
+    with Client(dask_address) as client:  # the default scheduler now, as under a task's worker_client
+        with get_task_stream(client=client) as here:
+            in_process = summary(check_results(ds, Q, sizes=SELF40))
+        with get_task_stream(client=client) as there:
+            on_dask = summary(check_results(ds.chunk({S.TRAIN_DIM: -1}), Q, sizes=SELF40))
+    assert not here.data and there.data  # nothing went through the cluster for the in-memory bif
+    assert in_process == on_dask
+    assert {g for g, ok, *_ in in_process if not ok} == {"results_finite", "results_corr_range",
+                                                           "results_self_influence"}
+
+
 def test_results_shape_and_coords():
     ds = _results(n_train=40, n_query=8)
     failed = _failed(check_results(ds, Q, sizes=RunSizes(n_train=41, n_query=8)))

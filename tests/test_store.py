@@ -110,6 +110,29 @@ def test_bif_zarr_create_region_write_and_open(store):
     assert ds.attrs["pooling"] == "stack" and ds[S.BIF].dims == (S.TRAIN_DIM, S.QUERY_DIM)
 
 
+def test_a_small_bif_zarr_is_read_in_process_and_a_large_one_through_dask(store, monkeypatch):
+    """open_bif: up to IN_PROCESS_BYTES per variable no Dask graph (each read goes through zarr in the caller: a
+    scheduler round trip per .values cost more than the read); above it, or with dask=True, Dask-backed. The
+    values are the same either way."""
+    import dask.array as da
+
+    import bif.store.run as run_mod
+
+    store.create_bif(n_train=6, n_query=4, train_block=4, query_block=4, dtype="float32", attrs={})
+    bif = np.arange(24, dtype=np.float32).reshape(6, 4)
+    store.bif_array().write_region((0, 6), (0, 4), bif, bif / 24)
+    small = store.open_bif()
+    assert not isinstance(small[S.BIF].variable._data, da.Array)
+    np.testing.assert_array_equal(small[S.BIF].isel({S.TRAIN_DIM: [5, 0, 3]}).values, bif[[5, 0, 3]])
+    forced = store.open_bif(dask=True)
+    assert isinstance(forced[S.BIF].data, da.Array)
+    monkeypatch.setattr(run_mod, "IN_PROCESS_BYTES", 24 * 4 - 1)  # bif is 96 bytes: now "large"
+    large = store.open_bif()
+    assert isinstance(large[S.BIF].data, da.Array) and large[S.BIF].data.chunks == ((4, 2), (4,))
+    assert not isinstance(store.open_bif(dask=False)[S.BIF].variable._data, da.Array)
+    np.testing.assert_array_equal(large[S.BIF].values, bif)
+
+
 @pytest.mark.parametrize("dtype, compress", [("float32", False), ("float64", True)])
 def test_bif_zarr_is_written_as_xarray_writes_it(tmp_path, dtype, compress):
     """create_bif writes bif.zarr with zarr directly: node for node the metadata xarray's to_zarr(compute=False)

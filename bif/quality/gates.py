@@ -322,6 +322,7 @@ def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes
     (skipped when bif.zarr has no constant flags).
     """
     import dask
+    import dask.array as da
 
     n_train, n_query, query_is_train = sizes.n_train, sizes.n_query, sizes.query_is_train
     corr_atol, self_influence_rtol = quality.corr_atol, quality.self_influence_rtol
@@ -347,14 +348,15 @@ def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes
               context="coordinates must be the sample ids 0..n-1"),
     ], "results shape")
     ok = {v for v in (S.BIF, S.BIF_CORR) if shape.loc[shape["var"] == v, "coords_ok"].all()}
-    tasks = {v: chunk_stats_tasks(ds[v].data) for v in ok}
+    data = {v: ds[v].data for v in ok}  # Dask arrays, or numpy for a bif.zarr read in this process (open_bif)
+    tasks = {v: chunk_stats_tasks(a) for v, a in data.items()}
     diag = None
     if query_is_train and S.BIF in ok and n_train == n_query:
-        import dask.array as da
-
-        data = ds[S.BIF].data
-        diag = da.diagonal(data if isinstance(data, da.Array) else da.from_array(np.asarray(data)))
-    computed = dask.compute(tasks, diag)
+        diag = da.diagonal(data[S.BIF] if isinstance(data[S.BIF], da.Array) else da.from_array(np.asarray(data[S.BIF])))
+    # in memory already: scanned in this process; through a cluster its one or few chunks would cost more in
+    # round trips than the scan
+    lazy = any(isinstance(a, da.Array) for a in data.values())
+    computed = dask.compute(tasks, diag, **({} if lazy else {"scheduler": "sync"}))
     stats, diag_values = computed
     if S.BIF in stats:
         frame = pd.DataFrame(stats[S.BIF])

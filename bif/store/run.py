@@ -38,6 +38,8 @@ __all__ = ["BifArray", "BlockRef", "RunStore"]
 BIF_DESCRIPTION = "-Cov(train loss_i, query loss_j) over SGLD draws; >0: upweighting i raises j's loss"
 BIF_CORR_DESCRIPTION = ("-Corr(train loss_i, query loss_j) over SGLD draws; 0 where either trace is constant "
                         "(train_constant / query_constant)")
+#: A bif.zarr variable up to this size is read in the calling process, not through Dask (RunStore.open_bif).
+IN_PROCESS_BYTES = 64 * 2**20
 _NAN_FILL = "AAAAAAAA+H8="  # xarray's _FillValue attribute for NaN in zarr v3: base64 of the float64 NaN's bytes
 
 
@@ -279,13 +281,23 @@ class RunStore(Located):
 
         return BifArray(zarr.open_group(self.bif_uri, mode="r+", storage_options=self.storage_options or None))
 
-    def open_bif(self) -> "xr.Dataset | None":
-        """``bif.zarr`` as a lazy (Dask-backed) Dataset; None when it does not exist."""
+    def open_bif(self, *, dask: bool | None = None) -> "xr.Dataset | None":
+        """``bif.zarr`` as a lazy Dataset; None when it does not exist.
+
+        ``dask`` None: Dask-backed when its largest variable exceeds :data:`IN_PROCESS_BYTES`, else read
+        through zarr in the calling process when indexed (``chunks=None``): a small result read through
+        Dask costs a graph and a scheduler round trip per ``.values``, more than the read itself.
+        """
         import xarray as xr
 
         if not self.exists(S.BIF_ZARR):
             return None
-        return xr.open_zarr(self.bif_uri, storage_options=self.storage_options or None, consolidated=False)
+        opts = {"storage_options": self.storage_options or None, "consolidated": False}
+        if dask is not True:
+            ds = xr.open_zarr(self.bif_uri, chunks=None, **opts)
+            if dask is False or max((v.nbytes for v in ds.data_vars.values()), default=0) <= IN_PROCESS_BYTES:
+                return ds
+        return xr.open_zarr(self.bif_uri, **opts)
 
     # --- token runs: bif_tokens.zarr -------------------------------------------------------------
     @property
