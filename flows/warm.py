@@ -243,6 +243,13 @@ def _preload() -> None:
                  "bif.quality.run", "bif.report"):
         with contextlib.suppress(Exception):
             importlib.import_module(name)
+    with contextlib.suppress(Exception):  # the settings' dump that every task submission sends (runtime)
+        from prefect.context import SettingsContext
+
+        from bif.flows.runtime import serialize_settings_once
+
+        serialize_settings_once()
+        SettingsContext.get().serialize()
 
 
 def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
