@@ -239,8 +239,9 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
             _restart_workers(info.address)
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
             with _locked_file(state / "state.lock"):
-                info = _replace(state, info, f"its workers did not come back ({type(err).__name__}: {err})", spec,
-                                parts, idle_timeout_s, start_timeout_s)
+                info = _replace(state, info, f"its workers did not come back ({type(err).__name__}: {err}); its "
+                                f"processes: {_process_states(info.pid)}", spec, parts, idle_timeout_s,
+                                start_timeout_s)
             return None if info is None else (info, False)
     return info, reused
 
@@ -299,6 +300,27 @@ def _restart_workers(address: str) -> None:
         n = len(client.scheduler_info()["workers"])
         client.restart(timeout=timeout, wait_for_workers=False)
         client.wait_for_workers(n, timeout=timeout)
+
+
+def _process_states(pid: int) -> str:
+    """The kept cluster's processes (forkserver, workers, ...) as the kernel sees them: pid, state, wait channel,
+    threads. For ``cluster.log`` when workers did not come back from a restart (seen rarely, never reproduced on
+    demand), so that the next occurrence says what they were doing."""
+    try:
+        import psutil
+
+        procs = psutil.Process(pid).children(recursive=True)
+    except Exception as err:  # noqa: BLE001 - best effort
+        return f"unknown ({type(err).__name__})"
+    out = []
+    for p in procs:
+        try:
+            kind = "forkserver" if "forkserver" in " ".join(p.cmdline()) and p.ppid() == pid else "process"
+            wchan = Path(f"/proc/{p.pid}/wchan").read_text().strip() if Path(f"/proc/{p.pid}/wchan").exists() else ""
+            out.append(f"{kind} {p.pid} (parent {p.ppid()}) {p.status()} wchan={wchan or '-'} threads={p.num_threads()}")
+        except Exception:  # noqa: BLE001 - it may have exited meanwhile
+            continue
+    return "; ".join(out) or "none"
 
 
 # ---------------------------------------------------------------- the kept cluster process itself

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -249,7 +250,10 @@ def test_workers_that_do_not_come_back_get_a_new_cluster(tmp_path, monkeypatch):
                 assert client.submit(os.getpid, pure=False).result(timeout=60) > 0  # ... whose workers run tasks
         assert time.monotonic() - t0 < 120
         assert not _alive(first.pid)
-        assert "its workers did not come back" in (tmp_path / "bif-cluster" / "cluster.log").read_text()
+        log = (tmp_path / "bif-cluster" / "cluster.log").read_text()
+        assert "its workers did not come back" in log
+        # with what its processes were doing: here the forkserver, stopped (SIGSTOP)
+        assert re.search(rf"its processes: .*forkserver {hung.pid} \(parent {first.pid}\) stopped", log), log[-2000:]
     finally:
         if hung is not None:
             with contextlib.suppress(psutil.Error):
