@@ -116,6 +116,12 @@ def dask_setup(worker: Any = None) -> None:
     _quiet_teardown_noise()
     if os.environ.get(_QUIET_ENV):
         _quiet_this_process()
+        # a worker's task-run failure records reach the command's terminal through a cluster of its own: set
+        # Prefect's logging up now (its first task run would; later set-ups are incremental and keep the handlers)
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()
+        quiet_run_records(everything=True)
 
 
 # ---------------------------------------------------------------- Dask cluster
@@ -649,11 +655,49 @@ def call_flow(flow_fn: Any, cfg: Any, *, address: str, log_name: str, **params: 
     Afterwards, success or failure, the flow run's logs go to ``<cfg.output>/logs/``.
     Returns the flow's result; raises its error.
     """
+    if os.environ.get(_QUIET_ENV):
+        quiet_run_records()
     with credentials(cfg.storage_options) as ref:
         state = flow_fn(config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref,
                         scheduler_address=address, return_state=True, **params)
     _save_logs(state, cfg, address=address, name=log_name)
     return state.result()
+
+
+class _RunRecordConsoleFilter(logging.Filter):
+    """Quiet terminal: keeps flow and task runs' failure records that the command reports itself off the terminal.
+
+    In the command (``everything`` False): a record whose exception is a :class:`bif.errors.BifError` (bad
+    input, a diverged chain, a damaged file, failed gates), which the command reports in one line before it
+    exits 2; any other exception keeps its traceback. In a worker of a cluster of the command's own
+    (``everything`` True): every run record, as a kept cluster's workers write theirs to ``cluster.log`` and
+    not to the terminal. Either way the records reach the Prefect API, and so ``<output>/logs/``."""
+
+    def __init__(self, everything: bool = False) -> None:
+        super().__init__()
+        self.everything = everything
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        if self.everything:
+            return False
+        from bif.errors import BifError
+
+        return not isinstance(record.exc_info[1] if record.exc_info else None, BifError)
+
+
+def quiet_run_records(*, everything: bool = False) -> None:
+    """Add :class:`_RunRecordConsoleFilter` to Prefect's console handlers (once per handler)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("prefect")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and \
+                    not any(isinstance(f, _RunRecordConsoleFilter) for f in handler.filters):
+                handler.addFilter(_RunRecordConsoleFilter(everything))
 
 
 def _save_logs(state: Any, cfg: Any, *, address: str, name: str) -> str | None:

@@ -245,6 +245,26 @@ def test_lds_and_calibrate_bad_settings_exit_2_with_a_message(home, logistic_cfg
     assert meth.returncode == 2 and "'nope'" in meth.stderr and "Traceback" not in meth.stderr
 
 
+def test_an_error_inside_a_flow_is_one_line_and_its_traceback_goes_to_the_run_log(home, logistic_cfg, tmp_path):
+    """A domain error raised inside the flow (a chain that diverges; a checkpoint the LDS flow cannot find) is the
+    command's one-line message and exit 2, not Prefect's ERROR record and traceback on the terminal (found
+    running them as typed); the traceback is kept in <output>/logs/. `-v` still shows it."""
+    out = tmp_path / "diverged"
+    run = bif("run", logistic_cfg, "--set", "sampler.step_size=1e6", "--output", str(out), "--no-progress",
+              cwd=home["cwd"], env=home["env"])
+    assert run.returncode == 2 and re.search(r"^error: chain \d diverged", run.stderr, re.M), run.stderr
+    assert_quiet(run)
+    logs = list((out / "logs").glob("run-*.log"))
+    assert logs and "ChainDivergedError" in logs[0].read_text() and "Traceback" in logs[0].read_text()
+    lds = bif("lds", logistic_cfg, "--set", f"checkpoint={tmp_path / 'missing.pt'}", "--num-subsets", "2",
+              "--num-seeds", "1", "--output", str(tmp_path / "lds"), cwd=home["cwd"], env=home["env"])
+    assert lds.returncode == 2 and "missing.pt' does not exist" in lds.stderr, lds.stderr
+    assert_quiet(lds)
+    verbose = bif("run", logistic_cfg, "--set", "sampler.step_size=1e6", "--output", str(tmp_path / "v"),
+                  "--no-progress", "-v", cwd=home["cwd"], env=home["env"])
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
 def test_calibrate_writes_a_sampler_block(home, logistic_cfg, tmp_path, s3_bucket):
     """`bif calibrate --quick`, writing to S3 with a marker secret that must leak nowhere (as in test_credentials)."""
     from bif.config import SamplerConfig
