@@ -69,7 +69,7 @@ def _attribution(cfg: RunConfig, rt: runtime.DaskRuntime, cluster_startup_second
         summary = _covariance(cfg, info, rt, on_worker=gates_on_workers)
         t3 = time.perf_counter()
         # the report's sections that need neither check are drawn on a worker meanwhile (one task: measured faster
-        # than one per section), if flag
+        # than one per section); it leaves its worker's slot, so the gates' reads queued after it run at once
         checks = _checks(cfg, info, rt, gates_on_workers=gates_on_workers,
                          then=lambda: [rt.submit(steps.report_sections, cfg)])
         gates, diag = checks["gates"], checks["diagnostics"]
