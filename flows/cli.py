@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from bif.errors import BifError
 
@@ -406,23 +407,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _EXIT_NOW = argv is None
+    interrupted = _note_interrupts()
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
         return code
-    except BifError as err:
-        return _report_error(err)
     except KeyboardInterrupt:
-        print("interrupted; committed blocks are kept and a rerun resumes them", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except BifError as err:
+        return _interrupted() if interrupted else _report_error(err)
     except BrokenPipeError:
         # stdout closed early (`bif keys | head -1`): stop quietly, like other Unix tools; point
         # stdout at devnull so the interpreter's final flush does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception:  # noqa: BLE001
+        if interrupted:
+            return _interrupted()
         traceback.print_exc()
         return 1
+    finally:
+        _restore_interrupts(interrupted)
+
+
+def _interrupted() -> int:
+    print("interrupted; committed blocks are kept and a rerun resumes them", file=sys.stderr)
+    return 130
+
+
+def _note_interrupts() -> list[int]:
+    """A list that gets an entry when SIGINT arrives (Python's own handler then raises KeyboardInterrupt, as
+    before). Ctrl-C can land inside code that turns the KeyboardInterrupt into another error (pydantic's
+    serializer in Prefect's engine did: exit 1 and a traceback); the command still exits 130 then. Only when
+    SIGINT has Python's default handler, in the main thread."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return seen
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    note.bif_note = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGINT, note)
+    return seen
+
+
+def _restore_interrupts(seen: list[int]) -> None:
+    """Python's default SIGINT handler again, when :func:`_note_interrupts` replaced it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            getattr(signal.getsignal(signal.SIGINT), "bif_note", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

@@ -308,3 +308,35 @@ def test_compare_writes_the_table(home):
     assert row["n_train"] == 60 and set(row["methods"]) == {"bif", "bif_corr", "influence", "graddot", "gradcos"}
     assert f"| 60 | **{row['methods']['bif']['lds']:.3f}**" in table
     assert (docs / "lds_vs_n.png").stat().st_size > 5000
+
+
+def test_ctrl_c_that_another_error_wraps_still_exits_130(monkeypatch, capsys):
+    """Ctrl-C can land in code that turns the KeyboardInterrupt into another error (pydantic's serializer in
+    Prefect's engine did: exit 1 and a traceback). The command still says "interrupted" and exits 130; the same
+    error without a Ctrl-C is exit 1 with its traceback, and the SIGINT handler is Python's again afterwards."""
+    import argparse
+    import signal
+    import time
+
+    from bif.flows import cli
+
+    def command(args):
+        try:
+            if args.interrupt:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("the serializer wrapped it") from err
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--interrupt", action="store_true")
+    parser.set_defaults(func=command)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert cli.main(["--interrupt"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert cli.main([]) == 1
+    assert "RuntimeError: the serializer wrapped it" in capsys.readouterr().err
