@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     finally:
-        _restore_interrupts(interrupted)
+        _restore_interrupts()
 
 
 def _interrupted() -> int:
@@ -457,7 +457,7 @@ def _note_interrupts() -> list[int]:
     return seen
 
 
-def _restore_interrupts(seen: list[int]) -> None:
+def _restore_interrupts() -> None:
     """Python's default SIGINT handler again, when :func:`_note_interrupts` replaced it."""
     import signal
     import threading

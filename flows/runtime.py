@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -552,22 +551,18 @@ def serialize_settings_once() -> None:
     """
     from prefect.context import SettingsContext
 
-    original = SettingsContext.__dict__.get("serialize") or getattr(SettingsContext, "serialize", None)
+    original = getattr(SettingsContext, "serialize", None)
     if original is None or getattr(original, "_bif_cached", False):
         return
-    cache: dict[tuple[int, bool], tuple[Any, dict[str, Any]]] = {}
-    lock = threading.Lock()
+    cache: dict[tuple[int, bool], tuple[Any, dict[str, Any]]] = {}  # dict operations are atomic: no lock
 
     def serialize(self: Any, include_secrets: bool = True) -> dict[str, Any]:
         key = (id(self), include_secrets)
-        with lock:
-            hit = cache.get(key)
+        hit = cache.get(key)
         if hit is None or hit[0] is not self:
-            hit = (self, original(self, include_secrets=include_secrets))
-            with lock:
-                if len(cache) >= 8:
-                    cache.clear()
-                cache[key] = hit
+            if len(cache) >= 8:
+                cache.clear()
+            hit = cache[key] = (self, original(self, include_secrets=include_secrets))
         return hit[1]
 
     serialize._bif_cached = True  # type: ignore[attr-defined]

@@ -88,6 +88,8 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
 
 def even_batches(items: Sequence[Any], count: int) -> list[list[Any]]:
     """``items`` cut into at most ``count`` runs of consecutive items whose sizes differ by at most one, none empty."""
+    if not items:
+        return []
     count = max(1, min(count, len(items)))
     size, extra = divmod(len(items), count)
     out, start = [], 0
@@ -95,7 +97,7 @@ def even_batches(items: Sequence[Any], count: int) -> list[list[Any]]:
         end = start + size + (1 if i < extra else 0)
         out.append(list(items[start:end]))
         start = end
-    return out if items else []
+    return out
 
 
 def leaf_moments(store: RunStore, refs: Sequence[BlockRef], train: tuple[int, int],

@@ -80,10 +80,9 @@ def _mapper(client: Any, priority: int = 0, *, batched: bool = False):
         items = list(xs)
         if not batched or len(items) <= 1:
             return client.gather(client.map(f, items, priority=priority))
-        from bif.tasks.covariance import even_batches
+        from bif.tasks.covariance import _slots, even_batches
 
-        slots = max(1, len(client.scheduler_info().get("workers", {})))
-        batches = even_batches(items, 2 * slots)
+        batches = even_batches(items, 2 * _slots(client, None))
         return [r for out in client.gather(client.map(partial(_each, f), batches, priority=priority)) for r in out]
 
     return run

@@ -352,7 +352,7 @@ def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes
     tasks = {v: chunk_stats_tasks(a) for v, a in data.items()}
     diag = None
     if query_is_train and S.BIF in ok and n_train == n_query:
-        diag = da.diagonal(data[S.BIF] if isinstance(data[S.BIF], da.Array) else da.from_array(np.asarray(data[S.BIF])))
+        diag = da.diagonal(da.asarray(data[S.BIF]))
     # in memory already: scanned in this process; through a cluster its one or few chunks would cost more in
     # round trips than the scan
     lazy = any(isinstance(a, da.Array) for a in data.values())
