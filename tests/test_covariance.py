@@ -345,12 +345,15 @@ def test_scale_benchmark_runs_and_reports_its_rows(tmp_path):
 
     out = tmp_path / "scale.json"
     repo = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--only", "limit", "--out", str(out)],
-                         cwd=repo, capture_output=True, text=True, timeout=1200)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--quick", "--only", "limit", "--repeats", "2",
+                          "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     figures = json.loads(out.read_text())
     for key in ("limit_100k", "limit_20k"):
         m = figures[key]
         assert m["limit_s"] == max(m["gemm64_s"], m["zarr_write_s"], m["trace_read_s"]) > 0
+        assert len(m["stage_runs_s"]) == 2 and m["stage_s"] == pytest.approx(float(np.median(m["stage_runs_s"])))
         assert m["ratio_vs_limit"] == pytest.approx(m["stage_s"] / m["limit_s"])
+        parts = m["block_parts_ms"]
+        assert all(parts[k] > 0 for k in ("read", "moments", "outputs", "write", "topk"))
     assert "covariance stage vs one float64 GEMM" in out.with_suffix(".md").read_text()
