@@ -194,6 +194,52 @@ def test_aggregate_check_agrees_with_row_check(kind):
         assert where in details and f"chain={CHAIN} block=2" in details
 
 
+STREAMED = {"none", "nan", "inf", "bounds"}  # faults the row-group path itself counts; the others fall back
+
+
+@pytest.mark.parametrize("kind", list(FAULTS) + ["schema", "null_key", "late_nan"])
+def test_trace_file_stats_equals_the_whole_table_path(tmp_path, kind):
+    """trace_file_stats (the gates' per-file job) reads a file laid out as written one row group at a time: the
+    same dict as trace_block_stats on the whole table for every fault, with the first offender named across
+    row groups; files not laid out as written take the whole-table path (checked via _stream_stats)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bif.quality.aggregates import _stream_stats, trace_file_stats
+
+    df = _inject(kind if kind in FAULTS else "none")
+    schema = S.trace_schema()
+    if kind == "late_nan":  # two offenders in different row groups: the first one is named
+        df.loc[_row(df, "query", 4, D0 + 8), S.LOSS] = np.nan
+        df.loc[_row(df, "query", 2, D0 + 1), S.LOSS] = np.inf
+    if kind == "schema":
+        df[S.SAMPLE] = df[S.SAMPLE].astype(np.int32)
+        schema = schema.set(schema.get_field_index(S.SAMPLE), pa.field(S.SAMPLE, pa.int32(), nullable=False))
+    if kind == "null_key":
+        schema = pa.schema([f.with_nullable(True) for f in schema])
+    loose = pa.schema([f.with_nullable(True) for f in schema])
+    table = pa.Table.from_pandas(df, schema=loose, preserve_index=False)  # pandas' NaN becomes a null here ...
+    i = table.schema.get_field_index(S.LOSS)
+    table = table.set_column(i, S.LOSS, pa.array(df[S.LOSS].to_numpy(np.float32)))  # ... a NaN value here
+    table = table.cast(schema)
+    if kind == "null_key":
+        draw = table.column(S.DRAW).to_pylist()
+        draw[57] = None
+        table = table.set_column(table.schema.get_field_index(S.DRAW), S.DRAW, pa.array(draw, pa.int32()))
+    path = str(tmp_path / "block.parquet")
+    pq.write_table(table, path, row_group_size=37)  # several row groups, cut inside a sample's draws
+    kw = dict(chain=CHAIN, block=2, draw_start=D0, num_draws=ND, n_train=N_TRAIN, n_query=N_QUERY,
+              loss_bounds=BOUNDS)
+    fs = fsspec.filesystem("file")
+    want = trace_block_stats(pq.read_table(path), **kw)
+    assert trace_file_stats(fs, path, **kw) == want
+    streamed = _stream_stats(pq.ParquetFile(path), loss_dtype="float32", **kw)
+    assert (streamed is not None) == (kind in STREAMED | {"late_nan"})
+    if kind == "late_nan":
+        assert want["n_nonfinite"] == 2 and want["first_nonfinite"] == f"draw={D0 + 1} split=query sample=2 loss=inf"
+
+
 def test_severity_warning_turns_failure_into_warning():
     df = _block_frame()
     df.loc[_row(df, "train", 1, D0), S.LOSS] = np.nan

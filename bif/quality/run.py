@@ -19,7 +19,7 @@ import pandas as pd
 
 from bif import schema as S
 from bif.errors import QualityError
-from bif.quality.aggregates import trace_block_stats
+from bif.quality.aggregates import trace_file_stats
 from bif.quality.expectations import GateResult
 from bif.quality.gates import (GATES, RunSizes, block_draws, check_health, check_results, check_trace_block,
                                check_trace_chains, check_trace_stats, constant_trace_counts)
@@ -93,8 +93,7 @@ def _trace_stats(ref: "BlockRef", *, store: "RunStore", draws_per_block: int, nu
     """Aggregates of one committed trace block ``ref``; picklable for Dask."""
     d0 = ref.block * draws_per_block
     nd = max(0, min(draws_per_block, num_draws - d0))
-    return trace_block_stats(store.read_trace_table(ref), chain=ref.chain, block=ref.block, draw_start=d0,
-                             num_draws=nd, **kw)
+    return trace_file_stats(store.fs, ref.path, chain=ref.chain, block=ref.block, draw_start=d0, num_draws=nd, **kw)
 
 
 def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config: "RunConfig", *, n_train: int,
