@@ -226,6 +226,35 @@ def test_the_flow_module_loads_no_frame_or_plot_library():
     assert out == "[]"
 
 
+def test_a_fresh_worker_reads_parquet_tables_without_importing(tmp_path):
+    """Every `bif run` forks new workers; the first ``pq.read_table`` in one (the gates' and the report's health
+    files) loaded pyarrow.dataset and its shared libraries: 0.38 s of the worker's core in every run. The
+    forkserver has it loaded, so a fresh worker's first read imports nothing."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    code = ("import sys\n"
+            "from bif.config import ComputeConfig\n"
+            "from bif.flows.runtime import dask_cluster\n"
+            "def first_read(path):\n"
+            "    before = set(sys.modules)\n"
+            "    import pyarrow.parquet as pq\n"
+            "    n = pq.read_table(path).num_rows\n"
+            "    return n, sorted(m for m in set(sys.modules) - before if m.startswith('pyarrow'))\n"
+            "if __name__ == '__main__':\n"
+            "    from distributed import Client\n"
+            "    with dask_cluster(ComputeConfig(n_workers=1), num_tasks=1) as cl, Client(cl.address) as client:\n"
+            f"        print(client.submit(first_read, {str(path)!r}).result())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "BIF_WORKER_START"})
+    assert out.stdout.strip().splitlines()[-1] == "(3, [])", out.stderr[-2000:]
+
+
 def test_start_forkserver_starts_the_clusters_forkserver_ahead_of_it():
     """The forkserver start_forkserver starts is the one the cluster's workers are forked from."""
     import subprocess
