@@ -47,17 +47,37 @@ def _png(fig: Any, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _figure(nrows: int, ncols: int, *, figsize: tuple[float, float], squeeze: bool = True):
-    """(figure, axes) drawn by matplotlib's Agg renderer without pyplot: no global state, no GUI backend."""
+#: Room around and between the report's axes, in inches (a figure's size varies, so fractions would not do):
+#: tick labels of up to about 8 characters plus an axis label on the left and between panels, a title on top.
+_MARGINS = {"left": 0.8, "right": 0.25, "bottom": 0.55, "top": 0.35, "hgap": 0.7}
+
+
+def _figure(nrows: int, ncols: int, *, figsize: tuple[float, float], squeeze: bool = True, gap: float = 0.75):
+    """(figure, axes) drawn by matplotlib's Agg renderer without pyplot: no global state, no GUI backend.
+
+    Fixed margins (:data:`_MARGINS`, ``gap``: inches between panels, a colorbar's labels included) instead of
+    matplotlib's constrained layout, which measured every tick label of every axis twice per figure: 40% of
+    the three figures' drawing time (580 -> 354 ms for the digits run's traces, diagnostics and heatmap).
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(nrows, ncols, squeeze=squeeze)
+    w, h = figsize
+    m = _MARGINS
+    left, right, bottom, top = m["left"] / w, 1 - m["right"] / w, m["bottom"] / h, 1 - m["top"] / h
+    if left < right and bottom < top:  # a figure too small for the margins keeps matplotlib's defaults
+        axis_w = ((right - left) * w - (ncols - 1) * gap) / ncols
+        axis_h = ((top - bottom) * h - (nrows - 1) * m["hgap"]) / nrows
+        fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top,
+                            wspace=gap / axis_w if axis_w > 0 else None,
+                            hspace=m["hgap"] / axis_h if axis_h > 0 else None)
+    return fig, axes
 
 
 def warm() -> None:
     """Draw and encode one tiny figure: loads matplotlib, its Agg backend, fonts and PNG writer (~1.5 s) ahead of a report."""
-    fig, ax = _figure(1, 1, figsize=(1, 1))
+    fig, ax = _figure(1, 1, figsize=(3, 2))
     ax.plot([0, 1], [0, 1], label="x")
     ax.set_title("warm")
     ax.legend()
@@ -178,7 +198,7 @@ def _heatmap(run: RunStore, problem: Any) -> str:
     rows = np.unique(np.linspace(0, n_train - 1, min(n_train, _MAX_HEATMAP[0])).astype(int))
     cols = np.unique(np.linspace(0, n_query - 1, min(n_query, _MAX_HEATMAP[1])).astype(int))
     names = [v for v in (S.BIF, S.BIF_CORR) if v in ds]
-    fig, axes = _figure(1, len(names), figsize=(7 * len(names), 5), squeeze=False)
+    fig, axes = _figure(1, len(names), figsize=(7 * len(names), 5), squeeze=False, gap=1.3)  # gap: colorbar labels
     for ax, name in zip(axes[0], names):
         a = np.asarray(ds[name].isel({S.TRAIN_DIM: rows, S.QUERY_DIM: cols}).values, dtype=float)
         finite = a[np.isfinite(a)]

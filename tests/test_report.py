@@ -185,3 +185,39 @@ def test_sections_built_ahead_give_the_same_report(run):
     # a prebuilt section is taken as given, not rebuilt
     marked = dict(ahead, **{EARLY_SECTIONS[0]: "<p>prebuilt-marker</p>"})
     assert "prebuilt-marker" in build_report_html(run.uri, problem=run.problem, prebuilt=marked)
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1.0, 123456.789])
+@pytest.mark.parametrize("panels", [1, 2, 3])
+def test_figure_margins_hold_every_label(scale, panels):
+    """The report's figures use fixed margins in inches (bif.report._figure) instead of constrained layout: tick
+    labels of tiny and large values, axis labels, titles, legends and colorbars stay inside the figure, and
+    panels do not overlap their neighbour's labels, at the widths the sections use."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    from bif.report import _figure
+
+    rng = np.random.default_rng(0)
+    for width, gap, colorbar in ((5.0 * panels, 0.75, False), (7.0 * panels, 1.3, True)):
+        fig, axes = _figure(1, panels, figsize=(width, 3.8), squeeze=False, gap=gap)
+        for ax in axes[0]:
+            if colorbar:
+                im = ax.imshow(-scale * rng.random((30, 20)), aspect="auto")
+                fig.colorbar(im, ax=ax)
+                ax.set_ylabel("train (300 of 1697)")
+            else:
+                ax.plot(np.arange(1000), scale * (1.2345 + rng.random(1000)), label="chain 0")
+                ax.legend(fontsize=8)
+            ax.set_title("mean train loss")
+            ax.set_xlabel("draw")
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        whole = Bbox.from_bounds(0, 0, fig.bbox.width + 0.5, fig.bbox.height + 0.5)
+        boxes = [a.get_tightbbox(renderer) for a in fig.axes]
+        for box in boxes:
+            assert whole.x0 - 0.5 <= box.x0 and box.x1 <= whole.x1 and whole.y0 - 0.5 <= box.y0 and box.y1 <= whole.y1, (
+                scale, panels, colorbar, box, whole)
+        panel_boxes = [ax.get_tightbbox(renderer) for ax in axes[0]]
+        for a, b in zip(panel_boxes, panel_boxes[1:]):
+            assert not a.overlaps(b), (scale, panels, colorbar)
