@@ -234,7 +234,9 @@ def test_trace_file_stats_equals_the_whole_table_path(tmp_path, kind):
     fs = fsspec.filesystem("file")
     want = trace_block_stats(pq.read_table(path), **kw)
     assert trace_file_stats(fs, path, **kw) == want
-    streamed = _stream_stats(pq.ParquetFile(path), loss_dtype="float32", **kw)
+    pf = pq.ParquetFile(path)
+    groups = (pf.read_row_group(i) for i in range(pf.num_row_groups))
+    streamed = _stream_stats(pf.schema_arrow, pf.metadata.num_rows, groups, loss_dtype="float32", **kw)
     assert (streamed is not None) == (kind in STREAMED | {"late_nan"})
     if kind == "late_nan":
         assert want["n_nonfinite"] == 2 and want["first_nonfinite"] == f"draw={D0 + 1} split=query sample=2 loss=inf"

@@ -6,6 +6,7 @@ gates then validate a frame with one row per chunk instead of n_train x n_query 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -156,47 +157,41 @@ def trace_block_stats(table: Any, *, chain: int, block: int, draw_start: int, nu
 
 def trace_file_stats(fs: Any, path: str, *, chain: int, block: int, draw_start: int, num_draws: int, n_train: int,
                      n_query: int, loss_bounds: tuple[float, float], loss_dtype: str = "float32") -> dict[str, Any]:
-    """:func:`trace_block_stats` of the trace file at ``path`` on ``fs``, the same dict.
+    """:func:`trace_block_stats` of the trace file at ``path`` on the filesystem ``fs``, the same dict.
 
     A file laid out as the writer lays it out (the usual case: schema, row count and every key as
     written, no null key) is read one row group at a time, and its keys are compared with the
     expected keys of that row group only: the temporaries are those of one row group (about 1 MB),
-    not of the file. At 50,505 samples x 50 draws the whole-file path allocated about 150 MB of
+    not of the file. At 50,500 samples x 50 draws the whole-file path allocated about 150 MB of
     arrays per file, and a fresh Dask worker (every `bif run` forks new ones) paid for each new
-    page: 0.25-0.55 s for its first file against 0.06-0.11 s for later ones. Anything else (another
+    page: 0.39-0.54 s for its first file against 0.06-0.11 s for later ones. Anything else (another
     schema or row count, a null or misplaced key, a token run) reads the whole table and takes
     :func:`trace_block_stats`, which counts and names the offenders.
     """
-    import pyarrow.parquet as pq
+    from bif.store.tables import arrow_row_groups, read_arrow
 
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        out = _stream_stats(pf, chain=chain, block=block, draw_start=draw_start, num_draws=num_draws,
-                            n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, loss_dtype=loss_dtype)
-        if out is None:
-            f.seek(0)
-            table = pq.read_table(f)
-    if out is not None:
-        return out
-    return trace_block_stats(table, chain=chain, block=block, draw_start=draw_start, num_draws=num_draws,
-                             n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, loss_dtype=loss_dtype)
+    kw = {"chain": chain, "block": block, "draw_start": draw_start, "num_draws": num_draws, "n_train": n_train,
+          "n_query": n_query, "loss_bounds": loss_bounds, "loss_dtype": loss_dtype}
+    with arrow_row_groups(fs, path) as (schema, rows, groups):
+        out = _stream_stats(schema, rows, groups, **kw)
+    return out if out is not None else trace_block_stats(read_arrow(fs, path), **kw)
 
 
-def _stream_stats(pf: Any, *, chain: int, block: int, draw_start: int, num_draws: int, n_train: int, n_query: int,
-                  loss_bounds: tuple[float, float], loss_dtype: str) -> dict[str, Any] | None:
-    """:func:`trace_block_stats`' fast path over the row groups of ``pf`` (a pyarrow ParquetFile), or None where
-    the file is not laid out as written (the caller then takes the whole-table path)."""
+def _stream_stats(schema: Any, rows: int, groups: Iterable[Any], *, chain: int, block: int, draw_start: int,
+                  num_draws: int, n_train: int, n_query: int, loss_bounds: tuple[float, float], loss_dtype: str
+                  ) -> dict[str, Any] | None:
+    """:func:`trace_block_stats`' fast path over a trace file's row ``groups`` (Arrow tables in file order; the
+    file's ``schema`` and number of ``rows``), or None where the file is not laid out as written (the caller then
+    takes the whole-table path)."""
     import pyarrow as pa
 
     from bif import schema as S
     from bif.sampling.measure import Variables
 
-    schema = pf.schema_arrow
     if _token_variables(schema) is not None:
         return None
     expected = S.trace_schema(loss_dtype)
     nd = int(num_draws)
-    rows = pf.metadata.num_rows
     variables = Variables.of_samples(n_train=n_train, n_query=n_query)
     if (schema.names != expected.names or any(schema.field(f.name).type != f.type for f in expected)
             or rows != variables.num_rows(nd) or nd <= 0):
@@ -207,8 +202,7 @@ def _stream_stats(pf: Any, *, chain: int, block: int, draw_start: int, num_draws
     n_bad = n_oob = 0
     first_bad = first_oob = ""
     start = 0
-    for i in range(pf.metadata.num_row_groups):
-        t = pf.read_row_group(i)
+    for t in groups:
         n = t.num_rows
         if any(t.column(k).null_count for k in (S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE)):
             return None

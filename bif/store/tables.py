@@ -6,8 +6,9 @@ are atomic (:func:`bif.store.fs.atomic_write`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -44,6 +45,16 @@ def write_table(uri_or_fs: FsLike, path: str, df: pd.DataFrame, *,
                 storage_options: Mapping[str, Any] | None = None) -> None:
     """Atomically write ``df`` (index dropped) as Parquet at ``path`` (protocol-free when ``uri_or_fs`` is a filesystem)."""
     atomic_write(_fs(uri_or_fs, storage_options), path, frame_bytes(df))
+
+
+@contextlib.contextmanager
+def arrow_row_groups(uri_or_fs: FsLike, path: str, *, storage_options: Mapping[str, Any] | None = None
+                     ) -> Iterator[tuple[pa.Schema, int, Iterator[pa.Table]]]:
+    """The Parquet file at ``path`` open for reading one row group at a time: ``(schema, rows, row groups)``, the
+    last an iterator of Arrow tables in file order (valid inside the ``with`` block)."""
+    with _fs(uri_or_fs, storage_options).open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        yield pf.schema_arrow, pf.metadata.num_rows, (pf.read_row_group(i) for i in range(pf.num_row_groups))
 
 
 def read_arrow(uri_or_fs: FsLike, path: str, *, columns: Sequence[str] | None = None,
