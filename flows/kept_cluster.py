@@ -13,9 +13,11 @@ everything a worker inherits or has imported: the Python interpreter, the workin
 Prefect API URL, thread settings), the worker count, threads and GPUs, the forkserver's
 imports, and the size and modification time of every source file of bif itself. Any
 difference starts a new cluster and stops the old one. A user's own problem module is never
-imported by the kept processes: **every command restarts the workers** (forked afresh from
-the forkserver, about a second, beside the command's own pre-flight), so a worker never
-holds a module, a problem or memory from an earlier run.
+imported by the kept processes: **every command gets fresh workers** (forked afresh from the
+forkserver), so a worker never holds a module, a problem or memory from an earlier run. The
+cluster's own process restarts them as soon as a command has released them, and marks them
+fresh (``fresh.json``); the next command then uses them as they are, and restarts them itself
+(0.15-0.46 s on its way to the first step) only when they are not marked fresh.
 
 **One command at a time.** A command holds ``use.lock`` (an ``flock``) while it uses the
 cluster; a second command started meanwhile finds it taken and starts a cluster of its own,
@@ -53,6 +55,9 @@ RESTART_TIMEOUT_ENV = "BIF_KEPT_RESTART_TIMEOUT"
 #: Its default: 60 restarts of an idle cluster took 0.15-0.46 s; workers that did not come back (4 commands
 #: in about 40 on 2026-12-01, none in the next 90) never came back, so 30 s was only a longer stall.
 RESTART_TIMEOUT_S = 10.0
+#: Written (under ``state.lock``) by the cluster's process when it restarted workers that no command holds; the
+#: next command consumes it and skips its own restart. Holds the writer's pid: a replaced cluster's mark is stale.
+FRESH_FILE = "fresh.json"
 #: Variables that differ between two shells of one user without changing what a worker does, and those
 #: that libraries set in the command when they load (torch and scikit-learn's OpenMP settings: whether
 #: they are set yet depends on how far the command's imports got when the cluster is claimed).
@@ -228,13 +233,14 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     with _locked_file(state / "state.lock"):
         info = _read_info(state)
         reused = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
+        fresh = _take_fresh(state, info.pid if reused else None)  # consumed either way: this command uses them
         if not reused:
             changed = [k for k in parts if info is not None and (info.parts or {}).get(k) != parts[k]]
             info = _replace(state, info, f"changed {', '.join(changed or ['not answering'])}", spec, parts,
                             idle_timeout_s, start_timeout_s)
     if info is None:
         return None
-    if reused:
+    if reused and not fresh:
         try:
             _restart_workers(info.address)
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
@@ -302,6 +308,51 @@ def _restart_workers(address: str) -> None:
         client.wait_for_workers(n, timeout=timeout)
 
 
+def _take_fresh(state: Path, pid: int | None) -> bool:
+    """Whether the cluster process ``pid`` marked its workers fresh since a command last used them; removes the
+    mark (the caller, holding ``state.lock``, is about to use them)."""
+    path = state / FRESH_FILE
+    try:
+        mark = json.loads(path.read_text())
+    except (OSError, ValueError):
+        mark = None
+    path.unlink(missing_ok=True)
+    return pid is not None and isinstance(mark, dict) and mark.get("pid") == pid
+
+
+def _refresh_idle_workers(state: Path, client: Any, workers: int) -> None:
+    """When no command holds the cluster: restart its workers unless they are marked fresh and none runs a task,
+    then mark them fresh (:data:`FRESH_FILE`).
+
+    Runs under ``state.lock``: a command that takes ``use.lock`` meanwhile waits in :func:`_claim` until the
+    restart is done, then finds the mark. A task still running here belongs to a command that is gone (killed:
+    Dask released its tasks, but a running one goes on in its worker's thread, a chain for minutes, writing to
+    its output); only a restart stops it. Workers that do not come back leave no mark: the next command
+    restarts them itself and replaces the cluster when they still do not come back.
+    """
+    from bif.flows.prefect_server import _locked_file
+
+    with _locked_file(state / "state.lock"):
+        use = _try_lock(state / "use.lock", attempts=1)
+        if use is None:
+            return  # a command is using the cluster
+        use.close()
+        marked = (state / FRESH_FILE).exists()
+        running = any(client.run(_executing_count).values())
+        if marked and not running and len(client.scheduler_info()["workers"]) == workers:
+            return
+        (state / FRESH_FILE).unlink(missing_ok=True)
+        if running:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} no command holds the cluster but tasks run: "
+                  "restarting the workers", file=sys.stderr, flush=True)
+        timeout = float(os.environ.get(RESTART_TIMEOUT_ENV, str(RESTART_TIMEOUT_S)))
+        client.restart(timeout=timeout, wait_for_workers=False)
+        client.wait_for_workers(workers, timeout=timeout)
+        tmp = state / f"{FRESH_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time()}))
+        tmp.replace(state / FRESH_FILE)
+
+
 def _process_states(pid: int) -> str:
     """The kept cluster's processes (forkserver, workers, ...) as the kernel sees them: pid, state, wait channel,
     threads. For ``cluster.log`` when workers did not come back from a restart (seen rarely, never reproduced on
@@ -351,6 +402,7 @@ def _serve(state: Path) -> None:
         tmp = state / f"cluster.json.{os.getpid()}"
         tmp.write_text(json.dumps(asdict(info)))
         tmp.replace(state / "cluster.json")
+        workers = len(client.scheduler_info()["workers"])
         last_used = time.monotonic()
         while True:
             time.sleep(1.0)
@@ -361,17 +413,11 @@ def _serve(state: Path) -> None:
             if free is None:
                 last_used = time.monotonic()
                 continue
+            free.close()
             try:
-                # a task whose command is gone: its client's tasks were released, but a running one goes on in its
-                # worker's thread (a chain: minutes, writing to its output), which only a restart stops
-                if any(client.run(_executing_count).values()):
-                    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} no command holds the cluster but tasks run: "
-                          "restarting the workers", file=sys.stderr, flush=True)
-                    client.restart(timeout=120)
+                _refresh_idle_workers(state, client, workers)
             except Exception as err:  # noqa: BLE001 - a failed restart leaves the cluster as it is
                 print(f"restarting the workers failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            finally:
-                free.close()
             if time.monotonic() - last_used > idle_timeout_s:
                 return
 

@@ -218,6 +218,49 @@ def test_a_task_that_outlives_its_command_is_stopped(tmp_path, monkeypatch):
         kept_cluster.stop()
 
 
+def test_released_workers_are_restarted_by_the_cluster_so_the_next_command_need_not(tmp_path, monkeypatch):
+    """The cluster's process restarts the workers a command released and marks them fresh; the next command
+    consumes the mark and uses them as they are (no restart on its way to the first step), and they are
+    restarted again after it."""
+    from distributed import Client
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    from bif.config import ComputeConfig
+
+    spec = {"compute": ComputeConfig(n_workers=1).model_dump(), "num_tasks": 1, "preload": ["bif.flows.runtime"],
+            "warm_modules": []}
+    mark = tmp_path / "bif-cluster" / kept_cluster.FRESH_FILE
+
+    def pids(address: str) -> set[int]:
+        with Client(address, set_as_default=False) as client:
+            return set(client.run(os.getpid).values())
+
+    def wait_for_mark() -> None:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < deadline, "the released workers were not restarted and marked fresh"
+            time.sleep(0.1)
+
+    try:
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            info, reused = kept
+            assert not reused
+            used = pids(info.address)
+            assert not mark.exists()
+        wait_for_mark()
+        fresh = pids(info.address)
+        assert fresh and not fresh & used  # restarted after the command released them
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            again, reused = kept
+            assert reused and again.pid == info.pid
+            assert not mark.exists()  # consumed by this command
+            assert pids(again.address) == fresh  # used as they are: no restart by the command
+        wait_for_mark()
+        assert not pids(info.address) & fresh  # and restarted again after it
+    finally:
+        kept_cluster.stop()
+
+
 def test_workers_that_do_not_come_back_get_a_new_cluster(tmp_path, monkeypatch):
     """A kept cluster whose forkserver hangs (stopped with SIGSTOP: no worker can be forked) is replaced by the
     next command after BIF_KEPT_RESTART_TIMEOUT seconds, not waited on and then abandoned for a cluster of its own."""
