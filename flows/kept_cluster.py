@@ -402,7 +402,7 @@ def _serve(state: Path) -> None:
         tmp = state / f"cluster.json.{os.getpid()}"
         tmp.write_text(json.dumps(asdict(info)))
         tmp.replace(state / "cluster.json")
-        workers = len(client.scheduler_info()["workers"])
+        workers = compute.n_workers or max(1, len(client.scheduler_info()["workers"]))  # the spec resolves it
         last_used = time.monotonic()
         while True:
             time.sleep(1.0)
