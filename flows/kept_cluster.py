@@ -301,11 +301,16 @@ def _restart_workers(address: str) -> None:
     """
     from distributed import Client
 
-    timeout = float(os.environ.get(RESTART_TIMEOUT_ENV, str(RESTART_TIMEOUT_S)))
     with Client(address, set_as_default=False) as client:
-        n = len(client.scheduler_info()["workers"])
-        client.restart(timeout=timeout, wait_for_workers=False)
-        client.wait_for_workers(n, timeout=timeout)
+        _restart(client, len(client.scheduler_info()["workers"]))
+
+
+def _restart(client: Any, workers: int) -> None:
+    """Restart the workers of ``client``'s cluster and wait for ``workers`` of them, each within
+    ``BIF_KEPT_RESTART_TIMEOUT`` seconds (an error otherwise)."""
+    timeout = float(os.environ.get(RESTART_TIMEOUT_ENV, str(RESTART_TIMEOUT_S)))
+    client.restart(timeout=timeout, wait_for_workers=False)
+    client.wait_for_workers(workers, timeout=timeout)
 
 
 def _take_fresh(state: Path, pid: int | None) -> bool:
@@ -345,9 +350,7 @@ def _refresh_idle_workers(state: Path, client: Any, workers: int) -> None:
         if running:
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} no command holds the cluster but tasks run: "
                   "restarting the workers", file=sys.stderr, flush=True)
-        timeout = float(os.environ.get(RESTART_TIMEOUT_ENV, str(RESTART_TIMEOUT_S)))
-        client.restart(timeout=timeout, wait_for_workers=False)
-        client.wait_for_workers(workers, timeout=timeout)
+        _restart(client, workers)
         tmp = state / f"{FRESH_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time()}))
         tmp.replace(state / FRESH_FILE)
