@@ -396,8 +396,10 @@ class BifArray:
 
     def write_region(self, train: tuple[int, int], query: tuple[int, int], bif: np.ndarray,
                      bif_corr: np.ndarray) -> None:
-        self.group[S.BIF][train[0]:train[1], query[0]:query[1]] = bif
-        self.group[S.BIF_CORR][train[0]:train[1], query[0]:query[1]] = bif_corr
+        """Write one block's region. ``write_empty_chunks``: zarr would otherwise scan every chunk for an all-NaN
+        fill (3 ms of a 3,334 x 1,000 block's pair); influence values are finite, so the scan never skips one."""
+        for name, values in ((S.BIF, bif), (S.BIF_CORR, bif_corr)):
+            self.group[name].with_config({"write_empty_chunks": True})[train[0]:train[1], query[0]:query[1]] = values
 
     def write_constant_flags(self, train_constant: np.ndarray, query_constant: np.ndarray) -> None:
         self.group[S.constant_var(S.TRAIN_DIM)][:] = train_constant

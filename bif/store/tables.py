@@ -7,7 +7,6 @@ are atomic (:func:`bif.store.fs.atomic_write`).
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +34,16 @@ def table_bytes(table: pa.Table, row_group_rows: int | None = None, *, compressi
 
 
 def frame_bytes(df: pd.DataFrame) -> bytes:
-    """Parquet bytes of a DataFrame without its index (as ``df.to_parquet(f, index=False)``)."""
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
+    """Parquet bytes of a DataFrame without its index (the table ``df.to_parquet(f, index=False)`` writes).
+
+    Float columns are not dictionary-encoded: noisy floats rarely repeat, so Arrow built each column's
+    dictionary only to drop it. The 40,000-row top-k table of a 20k x 1k run: 3.9 instead of 7.3 ms, 619
+    instead of 772 KB.
+    """
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, use_dictionary=[f.name for f in table.schema if not pa.types.is_floating(f.type)])
+    return sink.getvalue().to_pybytes()
 
 
 def write_table(uri_or_fs: FsLike, path: str, df: pd.DataFrame, *,

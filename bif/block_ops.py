@@ -1,0 +1,196 @@
+"""One output block of the covariance in compiled passes (numba): its two outputs, and its top-k in both directions.
+
+Pure numpy + numba; nothing here knows about storage or Dask. :mod:`bif.tasks.covariance` calls these for each
+output block (a train rows x b query columns) and keeps its numpy path for what they decline (a non-finite value,
+a column whose ties overflow the candidate buffer).
+
+**Outputs.** :func:`stack_outputs` computes, in one pass over the float32 comoment and with numpy's float32
+rounding step for step (``bif.tasks.covariance._negated_outputs``)::
+
+    bif  = f32(C) * f32(-1 / (n - ddof))
+    corr = clip(f32(C) * f32(-1 / sqrt(m2_x)) * f32(1 / sqrt(m2_y)) + 0, -1, 1)    (0 where an m2 is 0)
+
+numpy made five passes for ``corr`` and one for ``bif``, each with its own temporaries.
+
+**Top-k.** Per column, the first k rows of one total order (value descending, ties to the smaller row) and the
+last k (reported most negative first). :func:`topk_rows` finds them without sorting or transposing the block:
+
+1. one row-major pass takes the maximum and the minimum of every group of ``group`` consecutive rows;
+2. per column, the k-th largest group maximum ``T`` is a lower bound of the k-th largest value: each of the k
+   groups whose maximum is at least ``T`` holds a value at least ``T``. So every row of the first k, and every
+   value tied with the k-th, is at least ``T`` (symmetrically for the minima);
+3. a second pass collects, per column, the rows at or beyond the bound (about 2k of them for untied values);
+4. an insertion sort of those candidates by the order gives the exact selection.
+
+A column with more than ``cap`` candidates (many ties, e.g. a constant query trace) is flagged for the caller's
+exact path; a non-finite value anywhere declines the whole block.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+_F32, _F64 = nb.float32, nb.float64
+
+
+@nb.njit([nb.boolean(_F32[:, ::1], _F32, _F32[::1], _F32[::1], _F32[:, ::1], _F32[:, ::1]),
+          nb.boolean(_F64[:, ::1], _F32, _F32[::1], _F32[::1], _F32[:, ::1], _F32[:, ::1])],
+         cache=True, nogil=True)
+def _stack_outputs(com, scale, neg_inv_x, inv_y, bif, corr):  # pragma: no cover - compiled
+    a, b = com.shape
+    finite = True
+    for i in range(a):
+        nx = neg_inv_x[i]
+        crow, brow, rrow = com[i], bif[i], corr[i]
+        for j in range(b):
+            c = np.float32(crow[j])
+            v = c * scale
+            brow[j] = v
+            t = c * nx * inv_y[j] + np.float32(0.0)  # + 0: -0.0 -> 0.0 where an m2 is 0
+            rrow[j] = min(max(t, np.float32(-1.0)), np.float32(1.0))
+            finite &= (v - v) == 0  # False for NaN and +-inf
+    return finite
+
+
+def stack_outputs(comoment: np.ndarray, *, n: int, ddof: int, m2_x: np.ndarray, m2_y: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(bif, bif_corr) float32 (a, b) of one pooled state, as ``_negated_outputs`` computes them in numpy, bit for
+    bit; None when a value is not finite (the caller's numpy path then decides). ``comoment`` float32 or float64."""
+    com = np.ascontiguousarray(comoment)
+    if com.dtype not in (np.float32, np.float64):
+        return None
+    safe_x, safe_y = np.where(m2_x > 0, m2_x, np.inf), np.where(m2_y > 0, m2_y, np.inf)
+    neg_inv_x = (-(1.0 / np.sqrt(safe_x))).astype(np.float32)
+    inv_y = (1.0 / np.sqrt(safe_y)).astype(np.float32)
+    bif, corr = np.empty(com.shape, np.float32), np.empty(com.shape, np.float32)
+    ok = _stack_outputs(com, np.float32(-1.0 / (n - ddof)), neg_inv_x, inv_y, bif, corr)
+    return (bif, corr) if ok else None
+
+
+@nb.njit(inline="always")
+def _kth(col, n, kth):  # pragma: no cover - compiled
+    """The kth smallest (0-based) of ``col[:n]``, selected in place (Hoare's quickselect; any ties)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = col[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while col[i] < pivot:
+                i += 1
+            while col[j] > pivot:
+                j -= 1
+            if i <= j:
+                col[i], col[j] = col[j], col[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            break
+    return col[kth]
+
+
+@nb.njit(inline="always")
+def _first_k(values, j, rows, n, kk, largest, vals, out):  # pragma: no cover - compiled
+    """``out[:kk]`` = the first kk of candidate ``rows[:n]`` of column j in the order (value descending, smaller
+    row first) when ``largest``, else in (value ascending, larger row first); insertion sort in ``vals``/``rows``."""
+    for s in range(n):
+        v, r = values[rows[s], j], rows[s]
+        t = s
+        while t > 0:
+            pv, pr = vals[t - 1], rows[t - 1]
+            if largest:
+                before = v > pv or (v == pv and r < pr)
+            else:
+                before = v < pv or (v == pv and r > pr)
+            if not before:
+                break
+            vals[t], rows[t] = pv, pr
+            t -= 1
+        vals[t], rows[t] = v, r
+    for s in range(kk):
+        out[s] = rows[s]
+
+
+@nb.njit(nb.types.Tuple((nb.int64[:, ::1], nb.int64[:, ::1], nb.boolean[::1], nb.boolean))(
+    _F32[:, ::1], nb.int64, nb.int64, nb.int64), cache=True, nogil=True)
+def _topk_rows(values, k, group, cap):  # pragma: no cover - compiled
+    a, b = values.shape
+    kk = min(k, a)
+    num_groups = (a + group - 1) // group
+    gmax = np.empty((b, num_groups), values.dtype)  # (b, G): each column's bounds selected in place
+    gmin = np.empty((b, num_groups), values.dtype)
+    hi = np.empty(b, values.dtype)
+    lo = np.empty(b, values.dtype)
+    finite = True
+    for g in range(num_groups):  # 1. group maxima and minima, row-major
+        row = values[g * group]
+        for j in range(b):
+            v = row[j]
+            hi[j] = v
+            lo[j] = v
+            finite &= (v - v) == 0  # False for NaN and +-inf
+        for i in range(g * group + 1, min(a, (g + 1) * group)):
+            row = values[i]
+            for j in range(b):
+                v = row[j]
+                hi[j] = v if v > hi[j] else hi[j]
+                lo[j] = v if v < lo[j] else lo[j]
+                finite &= (v - v) == 0
+        for j in range(b):
+            gmax[j, g] = hi[j]
+            gmin[j, g] = lo[j]
+    pos = np.zeros((b, kk), np.int64)
+    neg = np.zeros((b, kk), np.int64)
+    ok = np.zeros(b, np.bool_)
+    if not finite:
+        return pos, neg, ok, False
+    t_pos = np.empty(b, values.dtype)  # 2. bounds: the kk-th largest group maximum, the kk-th smallest minimum
+    t_neg = np.empty(b, values.dtype)
+    for j in range(b):
+        t_pos[j] = _kth(gmax[j], num_groups, num_groups - kk)
+        t_neg[j] = _kth(gmin[j], num_groups, kk - 1)
+    n_pos = np.zeros(b, np.int64)  # 3. candidates, in row order
+    n_neg = np.zeros(b, np.int64)
+    c_pos = np.empty((b, cap), np.int64)
+    c_neg = np.empty((b, cap), np.int64)
+    for i in range(a):
+        row = values[i]
+        for j in range(b):
+            v = row[j]
+            if v >= t_pos[j]:
+                c = n_pos[j]
+                if c < cap:
+                    c_pos[j, c] = i
+                n_pos[j] = c + 1
+            if v <= t_neg[j]:
+                c = n_neg[j]
+                if c < cap:
+                    c_neg[j, c] = i
+                n_neg[j] = c + 1
+    vals = np.empty(cap, values.dtype)
+    for j in range(b):  # 4. exact selection among the candidates
+        if kk <= n_pos[j] <= cap and kk <= n_neg[j] <= cap:
+            ok[j] = True
+            _first_k(values, j, c_pos[j], n_pos[j], kk, True, vals, pos[j])
+            _first_k(values, j, c_neg[j], n_neg[j], kk, False, vals, neg[j])
+    return pos, neg, ok, True
+
+
+def topk_rows(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Row indices of the first and the last ``min(k, a)`` rows per column of ``values`` (a, b) in the order value
+    descending, ties to the smaller row: (pos (kk, b) best first, neg (kk, b) most negative first, ok (b,) bool).
+
+    Columns with ``ok`` False (more tied candidates than the buffer holds) carry no answer; None when a value is
+    not finite or not float32 (a float64 output keeps the numpy path).
+    """
+    v = np.ascontiguousarray(values)
+    if v.dtype != np.float32 or v.ndim != 2 or 0 in v.shape or k < 1:
+        return None
+    a = v.shape[0]
+    kk = min(k, a)
+    group = max(1, a // (2 * kk))  # about 2k groups: ~1.35k candidates per column for untied values
+    pos, neg, ok, finite = _topk_rows(v, int(k), int(group), int(min(a, 4 * kk + 2 * group + 32)))
+    return (pos.T, neg.T, ok) if finite else None
