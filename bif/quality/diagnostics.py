@@ -117,15 +117,16 @@ def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
         z = _z_scale(split, rank_dtype)  # rank-normalized split draws: shared by the bulk R-hat and the bulk ESS
         if chains >= 2:  # ArviZ: R-hat needs at least 2 chains; rank R-hat = max(bulk, folded), as azd.rhat
             # azd._z_fold: |x - median| over (chain, draw), in float64 as ArviZ computes it, then rank-normalized
-            bulk, folded = azd._rhat(z), azd._rhat(_z_fold(split))
-            out[RHAT][idx] = np.asarray(xr.where(bulk > folded, bulk, folded).transpose("sample"), dtype=np.float64)
-        out[ESS_BULK][idx] = _vector_ess(azd, z)
+            bulk, folded = _rhat_of(z.values), _rhat_of(_z_fold(split).values)
+            out[RHAT][idx] = np.where(bulk > folded, bulk, folded)
+        out[ESS_BULK][idx] = _vector_ess(azd, z.values)
         if tail:
             # (2, m): ArviZ takes them on the unsplit draws; the same values as np.quantile over axes (0, 1), from
             # each sample's draws sorted in one contiguous row (a sort is faster than numpy's partition at 4 cuts)
             qs = np.quantile(np.sort(sub.reshape(chains * draws, -1).T, axis=1), (0.05, 0.95), axis=1)
-            out[ESS_TAIL][idx] = np.minimum(*(_vector_ess(azd, azd._split_chains((da <= q).astype(np.float64)))
-                                              for q in qs))
+            # ArviZ splits the indicators of the unsplit draws: the same elements as the indicators of the split
+            split_values = split.transpose("chain", "draw", "sample").values
+            out[ESS_TAIL][idx] = np.minimum(*(_vector_ess(azd, (split_values <= q).astype(np.float64)) for q in qs))
     return out
 
 
@@ -175,18 +176,52 @@ def _z_of_rows(rows: np.ndarray, shape: tuple[int, int, int]) -> Any:
     return xr.DataArray(z.T.reshape(c, d, m), dims=("chain", "draw", "sample"))
 
 
-def _vector_ess(azd: Any, split: Any) -> np.ndarray:
-    """arviz-stats' vectorized ``_ess`` of already split (chain, draw, sample) data, ArviZ's rule for constant
-    samples included (ESS = the array's size; the backend itself cannot mix constant and varying samples)."""
-    split = split.transpose("chain", "draw", "sample")
-    values = split.values
+def _rhat_of(values: np.ndarray) -> np.ndarray:
+    """``azd._rhat`` (the split R-hat of Vehtari et al. 2021, eq. 4) of (chain, draw, sample) float64 draws: (sample,).
+
+    arviz-stats' formula on a plain array: sqrt(((d B / W) + d - 1) / d), B the variance (ddof 1) of the chain
+    means, W the mean of the chains' variances (ddof 1). Through xarray it took 4 ms per call on 2,048 samples
+    of 4 x 50 draws, here under 1 ms; the test compares with ArviZ (rtol 1e-10).
+    """
+    d = values.shape[1]
+    between = d * values.mean(axis=1).var(axis=0, ddof=1)
+    within = values.var(axis=1, ddof=1).mean(axis=0)
+    return np.sqrt((between / within + d - 1) / d)
+
+
+def _vector_ess(azd: Any, values: np.ndarray) -> np.ndarray:
+    """arviz-stats' vectorized ``_ess`` of already split (chain, draw, sample) float64 draws, ArviZ's rule for
+    constant samples included (ESS = the array's size; the backend itself cannot mix constant and varying
+    samples)."""
     c, d, m = values.shape
     flat = values.reshape(c * d, m)
     varying = (flat.max(axis=0) - flat.min(axis=0)) >= np.finfo(float).resolution
     res = np.full(m, float(c * d))
     if varying.any():
-        res[varying] = np.asarray(azd._ess(split.isel(sample=np.flatnonzero(varying))), dtype=np.float64)
+        res[varying] = _ess_of_varying(azd, values[:, :, varying])
     return res
+
+
+def _ess_of_varying(azd: Any, values: np.ndarray) -> np.ndarray:
+    """``azd._ess`` of (chain, draw, sample) float64 draws, none constant: (sample,) ESS, the same values.
+
+    arviz-stats' own steps on plain arrays: each chain's autocovariance by FFT (``azd.autocov``: centred per chain,
+    ``rfft`` at ``next_fast_len(2 draws)``, times its conjugate, ``irfft``, the first ``draws`` lags over draws),
+    its compiled ``geyer`` gufunc for Geyer's initial monotone sequence, and its floor on tau. Its xarray wrappers
+    moved the draw axis last and back for every call (``apply_ufunc``); here each sample's chains are contiguous
+    rows once: 36 -> 13 ms of a 2,048-sample diagnostics job. The test compares with ArviZ (rtol 1e-10).
+    """
+    c, d, _ = values.shape
+    rows = np.ascontiguousarray(values.transpose(2, 0, 1))  # (sample, chain, draw)
+    chain_mean = rows.mean(axis=2)  # (sample, chain)
+    n = azd.next_fast_len(2 * d)
+    spectrum = np.fft.rfft(rows - chain_mean[:, :, None], n=n, axis=2)
+    spectrum *= np.conjugate(spectrum)
+    acov = np.fft.irfft(spectrum, n=n, axis=2)[:, :, :d] / d  # (sample, chain, lag)
+    term = chain_mean.var(axis=1, ddof=1) if c > 1 else 0.0
+    tau = azd.geyer(acov, term)
+    floor = 1 / np.log10(c * d)
+    return (c * d) / np.where(tau > floor, tau, floor)
 
 
 def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.DataFrame:
