@@ -13,7 +13,7 @@ from bif.config import config_reference, load_config
 from bif.errors import ConfigError
 
 
-MATH_MODULES = ["bif.sampling.chain", "bif.sampling.kernels", "bif.sampling.measure", "bif.moments",
+MATH_MODULES = ["bif.sampling.chain", "bif.sampling.kernels", "bif.sampling.measure", "bif.moments", "bif.block_ops",
                 "bif.examples.linear", "bif.examples.digits"]
 _BANNED = "('prefect', 'dask', 'distributed', 'fsspec', 's3fs')"
 
