@@ -30,6 +30,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from bif.moments import inv_sqrt
+
 _F32, _F64 = nb.float32, nb.float64
 
 
@@ -59,9 +61,7 @@ def stack_outputs(comoment: np.ndarray, *, n: int, ddof: int, m2_x: np.ndarray, 
     com = np.ascontiguousarray(comoment)
     if com.dtype not in (np.float32, np.float64):
         return None
-    safe_x, safe_y = np.where(m2_x > 0, m2_x, np.inf), np.where(m2_y > 0, m2_y, np.inf)
-    neg_inv_x = (-(1.0 / np.sqrt(safe_x))).astype(np.float32)
-    inv_y = (1.0 / np.sqrt(safe_y)).astype(np.float32)
+    neg_inv_x, inv_y = (-inv_sqrt(m2_x)).astype(np.float32), inv_sqrt(m2_y).astype(np.float32)
     bif, corr = np.empty(com.shape, np.float32), np.empty(com.shape, np.float32)
     ok = _stack_outputs(com, np.float32(-1.0 / (n - ddof)), neg_inv_x, inv_y, bif, corr)
     return (bif, corr) if ok else None

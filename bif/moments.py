@@ -110,6 +110,11 @@ def constant(m2: np.ndarray) -> np.ndarray:
     return np.asarray(m2) <= 0.0
 
 
+def inv_sqrt(m2: np.ndarray) -> np.ndarray:
+    """1 / sqrt(m2) in float64, 0 where m2 is 0: the factor of a constant trace's correlation, which is 0."""
+    return 1.0 / np.sqrt(np.where(np.asarray(m2) > 0, m2, np.inf))
+
+
 def correlation(m: Moments) -> np.ndarray:
     """Corr(x_i, y_j) = C_ij / sqrt(m2_x_i m2_y_j), shape (a, b); 0 where either trace is constant (m2 = 0)."""
     denom = np.sqrt(np.outer(m.m2_x, m.m2_y))

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from bif import schema as S
-from bif.moments import Moments, mean_of_covariances, merge_all
+from bif.moments import Moments, inv_sqrt, mean_of_covariances, merge_all
 from bif.store.run import BlockRef, RunStore
 
 if TYPE_CHECKING:
@@ -209,8 +209,7 @@ def _negated_outputs(states: Moments | list[Moments], *, ddof: int, pooling: str
         raise ValueError(f"need more than {ddof} draws for a covariance, got n={m.n}")
     bif = np.multiply(m.comoment, -1.0 / (m.n - ddof), dtype=dtype)
     # a constant trace (m2 = 0) has correlation 0 by definition (bif.moments.correlation)
-    safe_x, safe_y = np.where(m.m2_x > 0, m.m2_x, np.inf), np.where(m.m2_y > 0, m.m2_y, np.inf)
-    inv_x, inv_y = 1.0 / np.sqrt(safe_x), 1.0 / np.sqrt(safe_y)
+    inv_x, inv_y = inv_sqrt(m.m2_x), inv_sqrt(m.m2_y)
     corr = np.multiply(m.comoment, -inv_x[:, None], dtype=dtype)
     corr *= inv_y[None, :].astype(dtype)
     corr += 0.0  # -0.0 -> 0.0 where a trace is constant

@@ -26,10 +26,13 @@ def _fs(uri_or_fs: FsLike, storage_options: Mapping[str, Any] | None) -> fsspec.
     return get_fs(uri_or_fs, storage_options)[0] if isinstance(uri_or_fs, str) else uri_or_fs
 
 
-def table_bytes(table: pa.Table, row_group_rows: int | None = None, *, compression: str = "snappy") -> bytes:
-    """Parquet bytes of an Arrow table."""
+def table_bytes(table: pa.Table, row_group_rows: int | None = None, *, compression: str | Mapping[str, str] = "snappy",
+                use_dictionary: bool | Sequence[str] = True) -> bytes:
+    """Parquet bytes of an Arrow table: the one Parquet encoder of the store. ``compression``: a codec, or one per
+    column; ``use_dictionary``: whether (or which columns) to dictionary-encode."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression)
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression,
+                   use_dictionary=use_dictionary if isinstance(use_dictionary, bool) else list(use_dictionary))
     return sink.getvalue().to_pybytes()
 
 
@@ -41,9 +44,7 @@ def frame_bytes(df: pd.DataFrame) -> bytes:
     instead of 772 KB.
     """
     table = pa.Table.from_pandas(df, preserve_index=False)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, use_dictionary=[f.name for f in table.schema if not pa.types.is_floating(f.type)])
-    return sink.getvalue().to_pybytes()
+    return table_bytes(table, use_dictionary=[f.name for f in table.schema if not pa.types.is_floating(f.type)])
 
 
 def write_table(uri_or_fs: FsLike, path: str, df: pd.DataFrame, *,

@@ -36,6 +36,7 @@ from bif import schema as S
 from bif.errors import StorageError
 from bif.sampling.measure import Variables, sequence_sums
 from bif.store.fs import atomic_write, get_fs, join
+from bif.store.tables import table_bytes
 
 if TYPE_CHECKING:  # torch is imported lazily: readers of traces (the Dask reduction) never need it
     from bif.sampling.chain import ChainState, DrawBlock
@@ -179,10 +180,8 @@ def _table_bytes(table: pa.Table, row_group_rows: int | None = None, *, dictiona
     while its decompression doubled the covariance's reads (a 3,334-sample block of a 20k x 1k run
     from two files: 9.7-13.6 instead of 4.9 ms); the key columns still shrink 30-60x.
     """
-    sink = pa.BufferOutputStream()
     codec = {f.name: ("none" if f.name in uncompressed else "zstd") for f in table.schema} if uncompressed else "zstd"
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression=codec, use_dictionary=dictionary)
-    return sink.getvalue().to_pybytes()
+    return table_bytes(table, row_group_rows, compression=codec, use_dictionary=dictionary)
 
 
 def state_bytes(state: ChainState) -> bytes:
