@@ -6,7 +6,8 @@ flows to come), so the three cannot drift apart again.
 **Cluster.** :func:`dask_cluster` joins ``compute.address``, or starts a ``LocalCluster``:
 worker processes, one BLAS/OpenMP/numba thread per worker thread (idle OpenMP threads
 sleep), Dask's
-``MALLOC_TRIM_THRESHOLD_`` dropped (it slowed torch SGLD steps by ~33%), a ``GPU``
+``MALLOC_TRIM_THRESHOLD_`` dropped (it slowed torch SGLD steps by ~33%) and glibc told to keep
+freed memory for reuse (:func:`tune_malloc`), a ``GPU``
 resource per worker with ``compute.gpus``, heavy imports preloaded, quiet logging.
 
 **Runtime inside the flow.** Every flow builds its runtime in its own body with
@@ -104,14 +105,52 @@ def _quiet_this_process() -> None:
     warnings.filterwarnings("ignore", message=r".*arviz.*refactor", category=FutureWarning)
 
 
+#: glibc's mallopt parameters (malloc.h) and the values :func:`tune_malloc` sets in the workers
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+MALLOC_TRIM_THRESHOLD = 128 << 20
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse in this process: True when it was set.
+
+    A covariance block allocates and frees about 70 MB of arrays (trace reads, centred draws, the
+    comoment, bif and bif_corr), each one 5-27 MB. glibc's defaults serve such an array with a fresh
+    mmap, or trim the heap once more than twice the largest array is free, so every block
+    touched its memory anew: 22,000 minor page faults per 20k x 1k x 400 stage, at ~2 us each on
+    this VM. With arrays up to 32 MiB served from the heap and up to 128 MiB of free heap kept, a
+    3,334 x 1,000 block's work in one thread took 22-24 ms instead of 30-31 ms (0 faults instead
+    of 2,200), and the stage's worker CPU 0.46 s instead of 0.53 s. A worker keeps up to 128 MiB
+    per malloc arena more than it uses at the moment (the 20k stage's peak: 0.90 vs 0.78 GB).
+
+    Linux with glibc only. A process whose environment sets ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` keeps what glibc made of them (the user's choice).
+    """
+    if sys.platform != "linux" or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt  # this process's C library
+    except (ValueError, OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    return (mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+            and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1)
+
+
 def dask_setup(worker: Any = None) -> None:
     """Dask preload hook: the worker's environment is its client's (see :func:`_use_forkserver`); quiet
-    the worker process like the client (see :func:`configure_terminal`)."""
+    the worker process like the client (see :func:`configure_terminal`); glibc keeps freed memory for
+    reuse (:func:`tune_malloc`)."""
     keys = os.environ.get(_ENV_KEYS)
     if keys:
         keep = set(json.loads(keys))
         for k in [k for k in os.environ if k not in keep]:
             del os.environ[k]
+    tune_malloc()
     _quiet_teardown_noise()
     if os.environ.get(_QUIET_ENV):
         _quiet_this_process()

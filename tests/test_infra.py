@@ -302,6 +302,8 @@ def test_image_dask_config_drops_the_nanny_malloc_trim_setting():
     assert "MALLOC_TRIM_THRESHOLD_" not in spawned and spawned["OMP_NUM_THREADS"] == 1
     # the image's workers get the same thread caps as a LocalCluster that bif.flows.runtime starts
     assert spawned["NUMBA_NUM_THREADS"] == 1 and spawned["OMP_WAIT_POLICY"] == "PASSIVE"
+    # and its preload (dask_setup: glibc keeps freed memory for reuse, bif.flows.runtime.tune_malloc)
+    assert collected["distributed"]["worker"]["preload"] == ["bif.flows.runtime"]
 
 
 def test_ambient_s3_variables_are_enough_for_the_pipeline(moto_server, s3_bucket):
@@ -414,6 +416,21 @@ def test_digits_minio_config_runs_on_the_compose_topology(tmp_path, moto_server,
             worker_env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
             transitions_before = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
         assert all(v == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"} for v in worker_env.values()), worker_env
+
+        def refaults() -> int:  # page faults of 3 x 20 MiB built again after a free, on a task's thread
+            import resource
+
+            first = [b"\x01" * (20 << 20) for _ in range(3)]
+            del first
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            again = [b"\x01" * (20 << 20) for _ in range(3)]
+            del again
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        with Client(address, timeout=60) as client:  # the image's preload tuned glibc (15,360 faults otherwise)
+            faults = client.gather([client.submit(refaults, pure=False, workers=[w])
+                                    for w in client.scheduler_info()["workers"]])
+        assert len(faults) == 2 and max(faults) < 300, faults
 
         cfg = yaml.safe_load((INFRA / "digits-minio.yaml").read_text())
         checkpoint = cfg["checkpoint"].replace("s3://bif/", f"s3://{bucket}/")
