@@ -304,6 +304,15 @@ def test_image_dask_config_drops_the_nanny_malloc_trim_setting():
     assert spawned["NUMBA_NUM_THREADS"] == 1 and spawned["OMP_WAIT_POLICY"] == "PASSIVE"
     # and its preload (dask_setup: glibc keeps freed memory for reuse, bif.flows.runtime.tune_malloc)
     assert collected["distributed"]["worker"]["preload"] == ["bif.flows.runtime"]
+    # and its housekeeping intervals (bif.flows.runtime.HOUSEKEEPING)
+    from bif.flows.runtime import HOUSEKEEPING
+
+    image = dask.config.merge(dask.config.config, collected)
+    for key, value in HOUSEKEEPING.items():
+        node = image
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
 
 
 def test_ambient_s3_variables_are_enough_for_the_pipeline(moto_server, s3_bucket):
