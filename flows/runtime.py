@@ -110,6 +110,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 MALLOC_TRIM_THRESHOLD = 128 << 20
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: ``BIF_WORKER_MALLOC=default``: leave glibc's own settings (workers return freed memory sooner)
+WORKER_MALLOC_ENV = "BIF_WORKER_MALLOC"
 
 
 def tune_malloc() -> bool:
@@ -125,9 +127,12 @@ def tune_malloc() -> bool:
     per malloc arena more than it uses at the moment (the 20k stage's peak: 0.90 vs 0.78 GB).
 
     Linux with glibc only. A process whose environment sets ``MALLOC_MMAP_THRESHOLD_`` or
-    ``MALLOC_TRIM_THRESHOLD_`` keeps what glibc made of them (the user's choice).
+    ``MALLOC_TRIM_THRESHOLD_`` keeps what glibc made of them (the user's choice), and so does one with
+    ``BIF_WORKER_MALLOC=default`` (`python -m benchmarks.malloc_ab` compares the two).
     """
     if sys.platform != "linux" or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    if os.environ.get(WORKER_MALLOC_ENV, "tuned") == "default":
         return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):

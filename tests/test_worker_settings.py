@@ -54,7 +54,7 @@ def _intervals(server, names: tuple[str, ...]) -> dict[str, float]:
     return {k: float(server.periodic_callbacks[k].callback_time) for k in names}
 
 
-def test_workers_reuse_freed_memory_and_keep_house_less_often_forked_and_spawned():
+def test_workers_reuse_freed_memory_and_keep_house_less_often_forked_and_spawned(monkeypatch):
     from distributed import Client
 
     from bif.flows.runtime import dask_cluster
@@ -73,6 +73,27 @@ def test_workers_reuse_freed_memory_and_keep_house_less_often_forked_and_spawned
         # Dask's defaults: tick 20 ms, system monitor 500 ms, memory monitor 100 ms
         assert worker == {"tick": 1000, "monitor": 2000, "memory_monitor": 500}, (threads, worker)
         assert nanny == {"tick": 1000, "memory_monitor": 500} and scheduler == {"tick": 1000, "monitor": 2000}
+    # BIF_WORKER_MALLOC=default reaches a forked worker (through the client's environment): glibc's own settings
+    monkeypatch.setenv("BIF_WORKER_MALLOC", "default")
+    with dask_cluster(ComputeConfig(n_workers=1, threads_per_worker=1), num_tasks=1) as cluster, \
+            Client(cluster.address) as client:
+        assert client.submit(_refaults, pure=False).result() > PAGES * 0.9
+
+
+def test_malloc_ab_benchmark_runs_both_settings(tmp_path):
+    """`python -m benchmarks.malloc_ab` (README, Benchmarks) at its quick size: one cluster per setting."""
+    import json
+
+    out = tmp_path / "ab.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "benchmarks.malloc_ab", "--quick", "--rounds", "1", "--repeats", "1",
+                          "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["shape"] == [400, 5000, 1000] and set(data["clusters"]) == {"default", "tuned"}
+    for setting, (cluster,) in data["clusters"].items():
+        assert len(cluster["stage_runs_s"]) == 1 and cluster["stage_runs_s"][0] > 0, setting
+        assert cluster["faults_per_run"] > 0 and cluster["worker_cpu_s_per_run"] > 0, setting
 
 
 def _plain(env: dict[str, str], tune: bool) -> tuple[str, int, int]:
@@ -97,4 +118,7 @@ def test_tuned_process_refaults_nothing_and_glibc_defaults_refault_every_page():
     assert thread > PAGES * 0.9 and main > PAGES // 2, (thread, main)
     # a malloc setting in the environment is the user's: left as glibc read it
     tuned, thread, _ = _plain(env | {"MALLOC_TRIM_THRESHOLD_": "65536"}, tune=True)
+    assert tuned == "False" and thread > PAGES * 0.9, thread
+    # and BIF_WORKER_MALLOC=default keeps glibc's own settings
+    tuned, thread, _ = _plain(env | {"BIF_WORKER_MALLOC": "default"}, tune=True)
     assert tuned == "False" and thread > PAGES * 0.9, thread
