@@ -583,7 +583,8 @@ def on_dask(compute: Any, *, num_tasks: int, address: str | None = None,
 
     Joins ``address`` (a cluster the CLI started early, to overlap its start-up with the
     Prefect server's) or ``compute.address``, else starts a LocalCluster (:func:`dask_cluster`:
-    MALLOC fix, thread caps, GPU resources, quiet logs) that lives as long as the block.
+    MALLOC fix and reuse, thread caps, housekeeping intervals, GPU resources, quiet logs) that lives as
+    long as the block.
     So a flow run from a Prefect deployment runs its tasks on Dask exactly as the CLI does.
     """
     from prefect_dask import DaskTaskRunner
