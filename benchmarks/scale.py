@@ -197,19 +197,11 @@ def block_parts(root: str, *, n_train: int, n_query: int, train_block: int, quer
             t.append(time.perf_counter())
             m = from_draws(x, y, dtype="float32")
             t.append(time.perf_counter())
-            if hasattr(C, "_block_outputs"):
-                bif, corr = C._block_outputs(m, ddof=cov.ddof, pooling="stack", dtype=array.dtype)
-            else:  # the numpy path before session 15 (bif.block_ops)
-                bif, corr = C._negated_outputs(m, ddof=cov.ddof, pooling="stack", dtype=array.dtype)
+            bif, corr = C._block_outputs(m, ddof=cov.ddof, pooling="stack", dtype=array.dtype)
             t.append(time.perf_counter())
             array.write_region(tr, qr, bif, corr)
             t.append(time.perf_counter())
-            if hasattr(C, "_topk_both"):
-                C._topk_both(bif, corr, tr[0], cov.topk)
-            else:
-                key_t, ids = np.ascontiguousarray(bif.T), np.arange(*tr)
-                for largest in (True, False):
-                    C._topk(bif, corr, tr[0], cov.topk, largest, key_t=key_t, ids=ids)
+            C._topk_both(bif, corr, tr[0], cov.topk)
             t.append(time.perf_counter())
             for name, a, b in zip(times, t, t[1:]):
                 times[name].append((b - a) * 1e3)

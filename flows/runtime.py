@@ -180,6 +180,16 @@ class Cluster:
     kept: bool = False  # the kept cluster of bif.flows.kept_cluster (its workers restarted for this command)
 
 
+#: Dask's housekeeping in the scheduler, the nannies and the workers, less often than its defaults. The event-loop
+#: tick (20 ms: it only measures how late the loop runs, to warn past 3 s), the system monitor (500 ms: CPU,
+#: memory and I/O figures for the dashboard) and the memory monitor (100 ms: spill, pause and the nanny's
+#: terminate threshold) took 7.8-8.7% of a core of an idle 2-worker cluster, 1.4% at these settings (20 s each,
+#: all processes of the cluster); during sampling that is CPU the chains lose on a machine with a core per chain.
+HOUSEKEEPING: dict[str, str] = {"distributed.admin.tick.interval": "1s",
+                                "distributed.admin.system-monitor.interval": "2s",
+                                "distributed.worker.memory.monitor-interval": "500ms"}
+
+
 @contextlib.contextmanager
 def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
                  preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = (),
@@ -264,16 +274,6 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
                           started_here=True)
     finally:
         _restore_environ(before)
-
-
-#: Dask's housekeeping in the scheduler, the nannies and the workers, less often than its defaults. The event-loop
-#: tick (20 ms: it only measures how late the loop runs, to warn past 3 s), the system monitor (500 ms: CPU,
-#: memory and I/O figures for the dashboard) and the memory monitor (100 ms: spill, pause and the nanny's
-#: terminate threshold) took 7.8-8.7% of a core of an idle 2-worker cluster, 1.4% at these settings (20 s each,
-#: all processes of the cluster); during sampling that is CPU the chains lose on a machine with a core per chain.
-HOUSEKEEPING: dict[str, str] = {"distributed.admin.tick.interval": "1s",
-                                "distributed.admin.system-monitor.interval": "2s",
-                                "distributed.worker.memory.monitor-interval": "500ms"}
 
 
 def _restore_environ(before: Mapping[str, str]) -> None:
