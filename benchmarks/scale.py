@@ -172,13 +172,13 @@ def covariance_stage(root: str, client, *, n_train: int, n_query: int, train_blo
 def block_parts(root: str, *, n_train: int, n_query: int, train_block: int, query_block: int,
                 repeats: int = 5) -> dict:
     """Milliseconds (medians of ``repeats``) of the parts of one output block of the stage, in this process on one
-    core: the trace reads, the moments (centring + float32 GEMM), the negated outputs, their write into bif.zarr
+    core: the trace reads (rows of draws per variable, as stored), the moments (centring + float32 GEMM), the negated outputs, their write into bif.zarr
     (which the stage created) and the top-k of both directions, as ``tasks.covariance.reduce_block`` runs them."""
     import threadpoolctl
 
     from bif import schema as S
     from bif.config import CovarianceConfig
-    from bif.moments import from_draws
+    from bif.block_ops import row_moments
     from bif.store.run import RunStore
     from bif.tasks import covariance as C
 
@@ -192,10 +192,10 @@ def block_parts(root: str, *, n_train: int, n_query: int, train_block: int, quer
     with threadpoolctl.threadpool_limits(1):  # one BLAS thread, as in a worker
         for _ in range(repeats):
             t = [time.perf_counter()]
-            parts = [store.read_loss_ranges(r, {S.TRAIN: tr, S.QUERY: qr}) for r in files]
-            x, y = np.concatenate([p[S.TRAIN] for p in parts]), np.concatenate([p[S.QUERY] for p in parts])
+            parts = [store.read_loss_ranges(r, {S.TRAIN: tr, S.QUERY: qr}, by_variable=True) for r in files]
+            x, y = (np.concatenate([p[s] for p in parts], axis=1) for s in (S.TRAIN, S.QUERY))
             t.append(time.perf_counter())
-            m = from_draws(x, y, dtype="float32")
+            m = row_moments(x, y, overwrite=True)
             t.append(time.perf_counter())
             bif, corr = C._block_outputs(m, ddof=cov.ddof, pooling="stack", dtype=array.dtype)
             t.append(time.perf_counter())

@@ -24,7 +24,8 @@ report.html                         self-contained human-readable report (embedd
 ``pandas.read_parquet(f"{output}/traces")`` reads every committed block as one table.
 A block is committed when its ``traces`` file exists; ``health`` and ``state`` are
 written before it, so a reader never sees half a block. The health file's Parquet metadata
-holds the sha256 of the trace file (``bif.traces_sha256``); resumes and readers check it.
+holds the CRC32C of the trace file (``bif.traces_crc32c``, 8 hex digits; blocks committed before
+2026-12-02 hold its sha256, ``bif.traces_sha256``); resumes and readers check it.
 
 A run's identity (config.json ``identity``, also in manifest.json): ``checkpoint_sha256``
 (the checkpoint file's bytes), ``model_sha256`` (the weights at w*), ``data_sha256`` (the

@@ -105,11 +105,23 @@ def leaf_moments(store: RunStore, refs: Sequence[BlockRef], train: tuple[int, in
     """Moments of a few trace blocks (their draws stacked) restricted to a train range and a query range.
 
     Stacking files into one leaf makes one deeper GEMM instead of several thin GEMMs plus merges.
-    ``gemm_dtype``: the GEMM's dtype (:func:`bif.moments.from_draws`; default float64).
+    ``gemm_dtype``: the GEMM's dtype (:func:`bif.moments.from_draws`; default float64). A float32 GEMM takes the
+    draws as the files store them, a row per variable, into :func:`bif.block_ops.row_moments` (the same state,
+    without transposing them into float64 first); a float64 GEMM keeps :func:`~bif.moments.from_draws`.
     """
     from bif.moments import from_draws
 
-    parts = [store.read_loss_ranges(r, {S.TRAIN: train, S.QUERY: query}) for r in refs]  # one open per file
+    ranges = {S.TRAIN: train, S.QUERY: query}
+    if np.dtype(gemm_dtype or np.float64) == np.float32:
+        from bif.block_ops import row_moments
+
+        parts = [store.read_loss_ranges(r, ranges, by_variable=True) for r in refs]  # one open per file
+        if len(parts) == 1:
+            return row_moments(parts[0][S.TRAIN], parts[0][S.QUERY])
+        x = np.concatenate([p[S.TRAIN] for p in parts], axis=1)  # (a, D): our own copy, centred in place
+        y = np.concatenate([p[S.QUERY] for p in parts], axis=1)  # (b, D)
+        return row_moments(x, y, overwrite=True)
+    parts = [store.read_loss_ranges(r, ranges) for r in refs]  # one open per file
     x = np.concatenate([p[S.TRAIN] for p in parts])  # (D, a)
     y = np.concatenate([p[S.QUERY] for p in parts])  # (D, b)
     return from_draws(x, y, dtype=gemm_dtype)
@@ -368,12 +380,12 @@ def merge_topk(results: Sequence[BlockResult], *, n_query: int, k: int, n_train:
 
 
 def _verify_blocks(store: RunStore, refs: Sequence[BlockRef]) -> None:
-    """StorageError naming the first of ``refs`` whose trace file fails its sha256 (a Dask task beside the reduction)."""
+    """StorageError naming the first of ``refs`` whose trace file fails its checksum (a Dask task beside the reduction)."""
     store.verify_blocks(list(refs))
 
 
 def _verify_tasks(store: RunStore, files: Sequence[BlockRef], slots: int) -> list[Any]:
-    """The sha256 checks of ``files`` as about two Delayed per slot, each checking a run of consecutive files.
+    """The checksum checks of ``files`` as about two Delayed per slot, each checking a run of consecutive files.
 
     One task per file cost the scheduler and the workers a few ms each, more than a small file's hash.
     """
@@ -411,7 +423,7 @@ def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | 
                     progress: Callable[[int, int], None] | None, beside: Sequence[Any] = ()) -> list[Any]:
     """Compute ``finals`` (Delayed), at most ``max_in_flight`` at a time; results in completion order.
 
-    ``beside``: Delayed run alongside (the sha256 checks) with the first batch, on the local scheduler only
+    ``beside``: Delayed run alongside (the checksum checks) with the first batch, on the local scheduler only
     (their errors raise); on a cluster the caller submits them itself (:func:`compute_bif` does, before it
     creates bif.zarr).
     """
@@ -460,14 +472,14 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     ``gemm_dtype`` (default: the output ``dtype``): the leaves' GEMM dtype. A float32 output
     gets float32 GEMMs, whose rounding (~1e-6 of a correlation, see
     :func:`bif.moments.from_draws`) is of the order of the float32 output's own; a float64
-    output keeps float64 end to end. ``verify``: check every file's sha256 as Dask tasks
+    output keeps float64 end to end. ``verify``: check every file's checksum as Dask tasks
     running beside the reduction (instead of a separate pass before it); a damaged file
     raises :class:`bif.errors.StorageError` naming it, also when reading it failed first.
     """
     k = cov.topk
     slots = _slots(client, max_in_flight)
     checks = _verify_tasks(store, files, slots) if verify and files else []
-    # on a cluster the sha256 checks start now, on workers that would idle while this process creates bif.zarr
+    # on a cluster the checksum checks start now, on workers that would idle while this process creates bif.zarr
     early = client.compute(checks, priority=-1) if checks and client is not None else []
     tb = balanced_train_block(n_train, cov.train_block_size, len(_ranges(n_query, cov.query_block_size)), slots)
     if tb != cov.train_block_size:

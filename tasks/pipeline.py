@@ -429,7 +429,7 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
     store = run_store(cfg)
     files = store.blocks(num_chains=cfg.sampler.num_chains)
     cv = cfg.covariance
-    # verify=True: each file's sha256 is checked beside the reduction; a damaged file raises a
+    # verify=True: each file's checksum (CRC32C) is checked beside the reduction; a damaged file raises a
     # StorageError naming it, and a rerun redoes it
     summary = compute_bif(store, cv, files, n_train=info.n_train, n_query=info.n_query, client=client,
                           progress=progress, verify=True,

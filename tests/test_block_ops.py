@@ -1,5 +1,8 @@
 """The compiled block kernels (bif.block_ops) against the numpy path they replace, value for value.
 
+The moments of rows of draws must equal ``from_draws`` of the same draws as columns: the means bit for bit (constant
+traces keep m2 exactly 0), m2 to float64 rounding, the comoment to the float32 GEMM's.
+
 The outputs must equal ``_negated_outputs`` bit for bit (bif.zarr is the same file either way), and the top-k must
 equal a full lexsort of every column (value descending, ties to the smaller row) in both directions, for untied
 values, heavy ties (the candidate buffer overflows and the column takes the numpy path), tiny and tall blocks.
@@ -11,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bif.block_ops import stack_outputs, topk_rows
-from bif.moments import Moments
+from bif.block_ops import centre_rows, row_moments, stack_outputs, topk_rows
+from bif.moments import Moments, from_draws
 from bif.tasks.covariance import _block_outputs, _negated_outputs, _topk, _topk_both
 
 
@@ -130,3 +133,67 @@ def test_topk_both_equals_two_numpy_calls(a, b, k, levels, seed):
     for g, w in zip(got, want):
         for x, y in zip(g, w):
             np.testing.assert_array_equal(x, y)
+
+
+def _rows(rng, a, d, dtype, *, loc=0.0):
+    rows = (rng.standard_normal((a, d)) * rng.uniform(0.1, 10, size=(a, 1)) + loc).astype(dtype)
+    if a > 2:
+        rows[1] = np.float32(0.1)  # constant, and not exactly representable: sum / D would leave a residue
+        rows[2] = 0.0  # a saturated loss
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a, b, d", [(1, 1, 1), (5, 3, 2), (300, 41, 400), (64, 17, 1000)])
+def test_row_moments_equal_from_draws(dtype, a, b, d):
+    rng = np.random.default_rng(a * 1000 + d)
+    x, y = _rows(rng, a, d, dtype, loc=3.0), _rows(rng, b, d, dtype)
+    x_before = x.copy()
+    got = row_moments(x, y)
+    want = from_draws(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T), dtype="float32")
+    assert got.n == want.n == d
+    np.testing.assert_array_equal(got.mean_x, want.mean_x)  # same summation order, bit for bit
+    np.testing.assert_array_equal(got.mean_y, want.mean_y)
+    np.testing.assert_allclose(got.m2_x, want.m2_x, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got.m2_y, want.m2_y, rtol=1e-12, atol=0)
+    assert got.comoment.dtype == np.float32 and got.comoment.shape == (a, b)
+    scale = np.sqrt(np.outer(want.m2_x, want.m2_y)) + 1e-30
+    assert np.max(np.abs(got.comoment - want.comoment) / scale) < 1e-5  # the float32 GEMM's rounding
+    np.testing.assert_array_equal(x, x_before)  # the caller's rows are left alone unless overwrite=True
+    if a > 2 and d > 1:
+        assert got.m2_x[1] == 0.0 and got.m2_x[2] == 0.0  # constant traces: exactly 0, not a rounding residue
+        assert got.mean_x[1] == np.float64(np.float32(0.1))
+        assert not got.comoment[1].any() and not got.comoment[2].any()
+
+
+def test_row_moments_of_a_row_do_not_depend_on_the_other_rows():
+    """Block sizes never change the state: each variable's moments come from its own row only."""
+    rng = np.random.default_rng(7)
+    x, y = _rows(rng, 90, 300, np.float32), _rows(rng, 12, 300, np.float32)
+    whole = row_moments(x, y)
+    for lo, hi in ((0, 1), (0, 37), (37, 90)):
+        part = row_moments(x[lo:hi], y)
+        np.testing.assert_array_equal(part.mean_x, whole.mean_x[lo:hi])
+        np.testing.assert_array_equal(part.m2_x, whole.m2_x[lo:hi])
+        np.testing.assert_array_equal(part.mean_y, whole.mean_y)
+        np.testing.assert_array_equal(part.m2_y, whole.m2_y)
+
+
+def test_centre_rows_overwrites_only_when_asked_and_propagates_non_finite():
+    rng = np.random.default_rng(8)
+    x = _rows(rng, 6, 50, np.float32)
+    x[3, 10] = np.nan
+    x[4, 0] = np.inf
+    view = x.copy()
+    view.flags.writeable = False  # as a decoded Parquet column is
+    centred, mean, m2 = centre_rows(view)
+    assert centred is not view and centred.dtype == np.float32
+    np.testing.assert_array_equal(centred[0], (view[0].astype(np.float64) - mean[0]).astype(np.float32))
+    assert np.isnan(mean[3]) and np.isnan(m2[3]) and np.isnan(centred[3]).all()
+    assert np.isinf(mean[4]) and np.isnan(m2[4])  # inf - inf: the outputs turn non-finite and take numpy's path
+    own = x.copy()
+    out, _, _ = centre_rows(own, overwrite=True)
+    assert out is own
+    np.testing.assert_array_equal(out[~np.isnan(out)], centred[~np.isnan(centred)])
+    with pytest.raises(ValueError, match="at least one draw"):
+        centre_rows(np.zeros((3, 0), np.float32))

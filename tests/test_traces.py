@@ -111,7 +111,7 @@ def test_uncommitted_block_is_invisible_and_resume_redoes_it_bit_for_bit(tmp_pat
 
 
 def test_corrupt_block_is_detected_named_and_dropped(tmp_path, caplog):
-    """A committed trace file with flipped bytes fails its sha256 (recorded in the health file before
+    """A committed trace file with flipped bytes fails its CRC32C (recorded in the health file before
     the commit): readers raise a StorageError naming it; a resume drops it and the blocks after it."""
     blocks = _blocks()
     store = RunStore(str(tmp_path), loss_dtype="float64")
@@ -136,3 +136,42 @@ def test_corrupt_block_is_detected_named_and_dropped(tmp_path, caplog):
     path0.write_bytes(path0.read_bytes()[:100])
     with pytest.raises(StorageError, match="block-00000.parquet"):
         store.verify_blocks(store.blocks())
+
+
+def test_checksums_are_crc32c_and_older_sha256_blocks_are_still_checked(tmp_path):
+    """New health files record the trace file's CRC32C; a health file written before it holds a sha256, which is
+    checked instead (a flipped byte is caught either way); a health file with neither counts as intact."""
+    import hashlib
+
+    import google_crc32c
+    import pyarrow.parquet as pq
+
+    from bif.store.traces import META_TRACES_CRC32C, META_TRACES_SHA256, file_checksum
+
+    blocks = _blocks()
+    store = RunStore(str(tmp_path), loss_dtype="float64")
+    for i, b in enumerate(blocks[:2]):
+        store.write_block(b, block_index=i, ref_train_loss_mean=0.0)
+    trace = tmp_path / "traces" / "chain-2" / "block-00000.parquet"
+    health = tmp_path / "health" / "chain-2" / "block-00000.parquet"
+    md = pq.read_schema(health).metadata
+    assert META_TRACES_SHA256 not in md
+    assert md[META_TRACES_CRC32C].decode() == f"{google_crc32c.value(trace.read_bytes()):08x}"
+    with trace.open("rb") as f:  # read in pieces: the same digests as of the whole bytes
+        assert file_checksum(f, "crc32c") == md[META_TRACES_CRC32C].decode()
+    with trace.open("rb") as f:
+        assert file_checksum(f, "sha256") == hashlib.sha256(trace.read_bytes()).hexdigest()
+
+    def rewrite_health(meta):
+        table = pq.read_table(health)
+        pq.write_table(table.replace_schema_metadata(meta), health)
+
+    rewrite_health({META_TRACES_SHA256: hashlib.sha256(trace.read_bytes()).hexdigest().encode()})  # an older run
+    store.verify_blocks(store.blocks())
+    raw = bytearray(trace.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    trace.write_bytes(bytes(raw))
+    with pytest.raises(StorageError, match=r"block-00000\.parquet' has sha256 [0-9a-f]{64}, but"):
+        store.verify_blocks(store.blocks())
+    rewrite_health({})  # written before checksums existed
+    store.verify_blocks(store.blocks())

@@ -204,18 +204,25 @@ class RunStore(Located):
         """Losses of variables ``[start, stop)`` of ``split`` (token runs: valid tokens) in one block: (D, stop - start)."""
         return read_token_losses(self.fs, ref.path, split=split, start=start, stop=stop)
 
-    def read_loss_ranges(self, ref: BlockRef, ranges: Mapping[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    def read_loss_ranges(self, ref: BlockRef, ranges: Mapping[str, tuple[int, int]], *, by_variable: bool = False
+                         ) -> dict[str, np.ndarray]:
         """Losses of several sample ranges of one block, {split: float64 (num_draws, stop - start)}, with one
         open, one footer parse and one decode of the loss column's overlapping row groups (the covariance's leaves
-        read a train range and a query range of every block)."""
+        read a train range and a query range of every block).
+
+        ``by_variable``: {split: (stop - start, num_draws)} instead, a variable's draws in a row, in the file's
+        dtype (float32 traces stay float32): the layout the file stores, so sample traces come back as views of
+        the decoded column, neither transposed nor converted (read-only; token runs' sequence sums are float64).
+        """
         import pyarrow.parquet as pq
 
         with self.fs.open(ref.path, "rb") as f:
             pf = pq.ParquetFile(f)
             layout = BlockLayout.from_bytes(pf.schema_arrow.metadata[S.META_LAYOUT])
             if layout.variables.is_tokens:  # token runs: sequence losses (sums of valid token losses)
-                return {split: read_losses(self.fs, ref.path, split=split, start=start, stop=stop, layout=layout)
-                        for split, (start, stop) in ranges.items()}
+                out = {split: read_losses(self.fs, ref.path, split=split, start=start, stop=stop, layout=layout)
+                       for split, (start, stop) in ranges.items()}
+                return {split: v.T for split, v in out.items()} if by_variable else out
             nd, g = layout.num_draws, layout.row_group_rows
             spans = {split: layout.variables.row_range(split, start, stop, nd) for split, (start, stop) in ranges.items()}
             groups = sorted({i for r0, r1 in spans.values() if r1 > r0 for i in range(r0 // g, (r1 - 1) // g + 1)})
@@ -224,10 +231,11 @@ class RunStore(Located):
         out = {}
         for split, (r0, r1) in spans.items():
             if r1 <= r0:
-                out[split] = np.zeros((nd, 0))
+                out[split] = np.zeros((0, nd) if by_variable else (nd, 0))
                 continue
             lo = offset[r0 // g] + r0 % g
-            out[split] = col[lo: lo + (r1 - r0)].reshape(-1, nd).T.astype(np.float64)  # (variables, D) -> (D, n)
+            rows = col[lo: lo + (r1 - r0)].reshape(-1, nd)  # (variables, D)
+            out[split] = rows if by_variable else rows.T.astype(np.float64)  # (D, n)
         return out
 
     def read_health(self, refs: Sequence[BlockRef] | None = None) -> pd.DataFrame | None:

@@ -5,9 +5,12 @@ writing, in order, ``state/…pt``, ``health/…parquet`` and finally ``traces/�
 all writes are atomic, so a block is either committed whole or absent. A killed chain
 resumes from its last committed block with no draw lost or duplicated.
 
-Integrity: the sha256 of each trace file's bytes is stored in its health file's Parquet
-metadata (``bif.traces_sha256``), which is written before the trace file (the commit
-marker). A resume checks every committed block of the chain (one read of its trace files);
+Integrity: the CRC32C of each trace file's bytes is stored in its health file's Parquet
+metadata (``bif.traces_crc32c``, 8 hex digits), which is written before the trace file (the
+commit marker). CRC32C is the checksum S3 and GCS keep for objects; the machine computes it
+(SSE4.2) at 5 GB/s against sha256's 1 GB/s, and it catches every burst error up to 32 bits and
+any other damage but one in 4 billion. Blocks committed before it carry ``bif.traces_sha256``,
+which is checked instead. A resume checks every committed block of the chain (one read of its trace files);
 the first damaged block and all later ones are dropped and sampled again. Only the latest
 chain state is kept, so redoing block k resamples the chain from its seed (bit-identical)
 and commits blocks k onwards: the cost is the sampling time of blocks 0..k-1 again, at most
@@ -45,8 +48,35 @@ if TYPE_CHECKING:  # torch is imported lazily: readers of traces (the Dask reduc
 #: sample range fetch only the row groups that overlap it.
 ROW_GROUP_SAMPLES = 1024
 
-#: Parquet metadata key of a health file: the sha256 of the trace file of the same block.
+#: Parquet metadata key of a health file: the CRC32C of the trace file of the same block (8 hex digits).
+META_TRACES_CRC32C = b"bif.traces_crc32c"
+#: The sha256 that health files written before the CRC32C hold instead; still checked.
 META_TRACES_SHA256 = b"bif.traces_sha256"
+#: Bytes read at a time when a trace file is checked (a 1M-sample block is 400 MB).
+CHECK_CHUNK = 8 << 20
+
+
+def crc32c_hex(data: bytes) -> str:
+    """CRC32C (Castagnoli) of ``data`` as 8 lowercase hex digits."""
+    import google_crc32c
+
+    return f"{google_crc32c.value(data):08x}"
+
+
+def file_checksum(f: Any, algorithm: str) -> str:
+    """Hex digest of the rest of the open binary file ``f``, read in :data:`CHECK_CHUNK` pieces: ``crc32c`` or
+    ``sha256``."""
+    if algorithm == "sha256":
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(CHECK_CHUNK), b""):
+            h.update(chunk)
+        return h.hexdigest()
+    import google_crc32c
+
+    crc = 0
+    for chunk in iter(lambda: f.read(CHECK_CHUNK), b""):
+        crc = google_crc32c.extend(crc, chunk)
+    return f"{crc:08x}"
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +267,7 @@ class TraceStore:
         layout = BlockLayout(**(layout.__dict__ | {"block": block_index}))
         table = table.replace_schema_metadata({S.META_LAYOUT: layout.to_bytes()})
         trace_bytes = _table_bytes(table, layout.row_group_rows, dictionary=[S.SPLIT], uncompressed=[S.LOSS])
-        health = health.replace_schema_metadata({META_TRACES_SHA256: hashlib.sha256(trace_bytes).hexdigest().encode()})
+        health = health.replace_schema_metadata({META_TRACES_CRC32C: crc32c_hex(trace_bytes).encode()})
         atomic_write(fs, self._path(S.HEALTH_DIR, c, block_index, "parquet"), _table_bytes(health))
         atomic_write(fs, self._path(S.TRACES_DIR, c, block_index, "parquet"), trace_bytes)
         if block_index > 0:  # only the latest state is needed to resume
@@ -251,7 +281,8 @@ class TraceStore:
     def block_damage(self, chain: int, block: int) -> str | None:
         """Why the committed block is damaged (checksum mismatch, unreadable), or None if it is intact.
 
-        Blocks written before checksums existed (no ``bif.traces_sha256``) count as intact.
+        The CRC32C, or the sha256 of blocks committed before it; blocks written before checksums existed (neither
+        key) count as intact.
         """
         fs, _ = self.fs_path
         hpath = self._path(S.HEALTH_DIR, chain, block, "parquet")
@@ -265,13 +296,16 @@ class TraceStore:
             if _is_unreachable(err):
                 raise
             return f"its health file {hpath!r} is unreadable ({type(err).__name__})"
-        want = md.get(META_TRACES_SHA256)
-        if want is None:
+        for key, algorithm in ((META_TRACES_CRC32C, "crc32c"), (META_TRACES_SHA256, "sha256")):
+            want = md.get(key)
+            if want is not None:
+                break
+        else:
             return None
         with fs.open(tpath, "rb") as f:
-            got = hashlib.sha256(f.read()).hexdigest()
+            got = file_checksum(f, algorithm)
         if got != want.decode():
-            return f"{tpath!r} has sha256 {got}, but {want.decode()} was recorded when it was committed"
+            return f"{tpath!r} has {algorithm} {got}, but {want.decode()} was recorded when it was committed"
         return None
 
     def verify_blocks(self, files: list[BlockRef]) -> None:
