@@ -33,7 +33,7 @@ import pandas as pd
 
 from bif import schema as S
 from bif.moments import Moments, inv_sqrt, mean_of_covariances, merge_all
-from bif.store.run import BlockRef, RunStore
+from bif.store.run import BifArray, BlockRef, RunStore
 
 if TYPE_CHECKING:
     from bif.config import CovarianceConfig
@@ -273,13 +273,14 @@ def _topk_both(values: np.ndarray, corr: np.ndarray, train_start: int, k: int
 
 
 def finalize_block(states: Moments | list[Moments], *, store: RunStore, train: tuple[int, int],
-                   query: tuple[int, int], ddof: int, k: int, pooling: str) -> BlockResult:
+                   query: tuple[int, int], ddof: int, k: int, pooling: str, array: BifArray | None = None
+                   ) -> BlockResult:
     """Merged moments → bif / bif_corr block → zarr region; returns the block's top-k candidates.
 
     ``bif = -C/(n - ddof)``, ``bif_corr = -C/sqrt(m2_x m2_yᵀ)`` (0 where a trace is constant;
-    see :mod:`bif.moments`).
+    see :mod:`bif.moments`). ``array``: ``bif.zarr`` already open (:meth:`RunStore.bif_array`), else opened here.
     """
-    array = store.bif_array()
+    array = array if array is not None else store.bif_array()
     bif, bif_corr = _block_outputs(states, ddof=ddof, pooling=pooling, dtype=array.dtype)
     array.write_region(train, query, bif, bif_corr)
     pos, neg = _topk_both(bif, bif_corr, train[0], k)
@@ -300,20 +301,23 @@ def _one_leaf_per_group(groups: Sequence[Sequence[BlockRef]], files_per_leaf: in
 
 
 def reduce_block(store: RunStore, groups: Sequence[Sequence[BlockRef]], train: tuple[int, int],
-                 query: tuple[int, int], *, gemm_dtype: str | None, ddof: int, k: int, pooling: str) -> BlockResult:
+                 query: tuple[int, int], *, gemm_dtype: str | None, ddof: int, k: int, pooling: str,
+                 array: BifArray | None = None) -> BlockResult:
     """One output block in one task, when each group of files (all files, or one chain's) makes one leaf:
     its leaves (:func:`leaf_moments`) and :func:`finalize_block`, with no task boundary between them."""
     states = [leaf_moments(store, refs, train, query, gemm_dtype=gemm_dtype) for refs in groups]
     return finalize_block(states[0] if pooling == "stack" else states, store=store, train=train, query=query,
-                          ddof=ddof, k=k, pooling=pooling)
+                          ddof=ddof, k=k, pooling=pooling, array=array)
 
 
 def build_graph(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockRef], *, n_train: int,
-                n_query: int, files_per_leaf: int = 1, gemm_dtype: str | None = None) -> list[Any]:
+                n_query: int, files_per_leaf: int = 1, gemm_dtype: str | None = None,
+                array: BifArray | None = None) -> list[Any]:
     """One dask Delayed per output block; each evaluates to a BlockResult.
 
     Leaves read ``files_per_leaf`` consecutive blocks (of one chain when pooling per chain) and
-    run their GEMM in ``gemm_dtype`` (default float64).
+    run their GEMM in ``gemm_dtype`` (default float64). ``array``: ``bif.zarr`` open, handed to every block
+    (else each block opens it).
     """
     if not files:
         raise ValueError("no committed trace blocks to reduce")
@@ -325,7 +329,7 @@ def build_graph(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
         for qr in _ranges(n_query, cov.query_block_size):
             if fused:  # one leaf per group: the whole block in one task
                 finals.append(dask.delayed(reduce_block)(store, groups, tr, qr, gemm_dtype=gemm_dtype, ddof=cov.ddof,
-                                                         k=cov.topk, pooling=pooling))
+                                                         k=cov.topk, pooling=pooling, array=array))
                 continue
             states = []
             for group in groups:
@@ -338,7 +342,7 @@ def build_graph(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
                 states.append(leaves.reduction(merge_all, merge_all, split_every=cov.split_every).to_delayed())
             state = states[0] if pooling == "stack" else dask.delayed(list)(states)
             finals.append(dask.delayed(finalize_block)(state, store=store, train=tr, query=qr, ddof=cov.ddof,
-                                                       k=cov.topk, pooling=pooling))
+                                                       k=cov.topk, pooling=pooling, array=array))
     return finals
 
 
@@ -490,8 +494,9 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
         raise ValueError("no committed trace blocks to reduce")
     draws_per_file = max(1, store.read_layout(files[0]).num_draws)
     files_per_leaf = max(1, leaf_draws // draws_per_file)
+    array = store.bif_array()  # opened once; every block gets it (no metadata reads in the workers)
     finals = build_graph(store, cov, files, n_train=n_train, n_query=n_query, files_per_leaf=files_per_leaf,
-                         gemm_dtype=gemm_dtype or dtype)
+                         gemm_dtype=gemm_dtype or dtype, array=array)
     if not max_in_flight and _one_leaf_per_group(_groups(files, cov.pooling), files_per_leaf):
         # one task per block (reduce_block) holds memory only while it runs: one block queued per slot lets a
         # worker start its next block at once instead of after a round trip through this process (10-15 ms)
@@ -513,6 +518,6 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     for r in results:
         train_constant[r.train_start:r.train_start + len(r.train_constant)] = r.train_constant
         query_constant[r.query_start:r.query_start + len(r.query_constant)] = r.query_constant
-    store.bif_array().write_constant_flags(train_constant, query_constant)
+    array.write_constant_flags(train_constant, query_constant)
     return CovarianceSummary(n_train=n_train, n_query=n_query, num_blocks=total, bif_uri=store.bif_uri, topk=topk,
                              train_constant=train_constant, query_constant=query_constant)

@@ -354,6 +354,10 @@ def test_scale_benchmark_runs_and_reports_its_rows(tmp_path):
         assert m["limit_s"] == max(m["gemm64_s"], m["zarr_write_s"], m["trace_read_s"]) > 0
         assert len(m["stage_runs_s"]) == 2 and m["stage_s"] == pytest.approx(float(np.median(m["stage_runs_s"])))
         assert m["ratio_vs_limit"] == pytest.approx(m["stage_s"] / m["limit_s"])
+        assert len(m["paired_runs_s"]) == 2 and min(m["paired_runs_s"]) > 0  # a GEMM before each run
+        assert m["ratio_vs_gemm64_paired"] == pytest.approx(
+            float(np.median([w / g for w, g in zip(m["stage_runs_s"], m["paired_runs_s"])])))
         parts = m["block_parts_ms"]
         assert all(parts[k] > 0 for k in ("read", "moments", "outputs", "write", "topk"))
-    assert "covariance stage vs one float64 GEMM" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "covariance stage vs one float64 GEMM" in table and "each run against a float64 GEMM" in table
