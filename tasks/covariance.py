@@ -424,15 +424,19 @@ def balanced_train_block(n_train: int, train_block: int, query_blocks: int, slot
 
 
 def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | None,
-                    progress: Callable[[int, int], None] | None, beside: Sequence[Any] = ()) -> list[Any]:
+                    progress: Callable[[int, int], None] | None, beside: Sequence[Any] = (),
+                    after_submit: Callable[[], None] | None = None) -> list[Any]:
     """Compute ``finals`` (Delayed), at most ``max_in_flight`` at a time; results in completion order.
 
     ``beside``: Delayed run alongside (the checksum checks) with the first batch, on the local scheduler only
     (their errors raise); on a cluster the caller submits them itself (:func:`compute_bif` does, before it
-    creates bif.zarr).
+    creates bif.zarr). ``after_submit``: called once the first blocks are on the cluster, while they run (on the
+    local scheduler: before they run).
     """
     total, results = len(finals), []
     if client is None:
+        if after_submit is not None:
+            after_submit()
         step = max_in_flight or total
         pending_beside = list(beside)
         for s in range(0, total, step):
@@ -450,6 +454,8 @@ def compute_bounded(finals: Sequence[Any], *, client: Any, max_in_flight: int | 
     pending = list(finals)
     futures = as_completed(client.compute(pending[:limit]), loop=client.loop)
     pending = pending[limit:]
+    if after_submit is not None:
+        after_submit()
     for fut in futures:
         results.append(fut.result())
         fut.release()
@@ -488,13 +494,15 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     tb = balanced_train_block(n_train, cov.train_block_size, len(_ranges(n_query, cov.query_block_size)), slots)
     if tb != cov.train_block_size:
         cov = cov.model_copy(update={"train_block_size": tb})
-    store.create_bif(n_train=n_train, n_query=n_query, train_block=cov.train_block_size,
-                     query_block=cov.query_block_size, dtype=dtype, attrs=attrs or {}, compress=cov.compress)
+    # the group and the two output arrays only: the coordinates and flags are created while the first blocks run
+    array = store.create_bif(n_train=n_train, n_query=n_query, train_block=cov.train_block_size,
+                             query_block=cov.query_block_size, dtype=dtype, attrs=attrs or {}, compress=cov.compress,
+                             coordinates=not files)
     if not files:
         raise ValueError("no committed trace blocks to reduce")
     draws_per_file = max(1, store.read_layout(files[0]).num_draws)
     files_per_leaf = max(1, leaf_draws // draws_per_file)
-    array = store.bif_array()  # opened once; every block gets it (no metadata reads in the workers)
+    # every block gets ``array``: no worker reads the zarr metadata again
     finals = build_graph(store, cov, files, n_train=n_train, n_query=n_query, files_per_leaf=files_per_leaf,
                          gemm_dtype=gemm_dtype or dtype, array=array)
     if not max_in_flight and _one_leaf_per_group(_groups(files, cov.pooling), files_per_leaf):
@@ -504,7 +512,8 @@ def compute_bif(store: RunStore, cov: "CovarianceConfig", files: Sequence[BlockR
     total = len(finals)
     try:
         results = compute_bounded(finals, client=client, max_in_flight=max_in_flight, progress=progress,
-                                  beside=checks if client is None else ())
+                                  beside=checks if client is None else (),
+                                  after_submit=lambda: array.create_coordinates(n_train, n_query))
         if early:
             client.gather(early)
     except Exception:

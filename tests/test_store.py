@@ -133,10 +133,13 @@ def test_a_small_bif_zarr_is_read_in_process_and_a_large_one_through_dask(store,
     np.testing.assert_array_equal(large[S.BIF].values, bif)
 
 
-@pytest.mark.parametrize("dtype, compress", [("float32", False), ("float64", True)])
-def test_bif_zarr_is_written_as_xarray_writes_it(tmp_path, dtype, compress):
+@pytest.mark.parametrize("dtype, compress, in_two_steps", [("float32", False, False), ("float64", True, False),
+                                                          ("float32", False, True)])
+def test_bif_zarr_is_written_as_xarray_writes_it(tmp_path, dtype, compress, in_two_steps):
     """create_bif writes bif.zarr with zarr directly: node for node the metadata xarray's to_zarr(compute=False)
-    writes for the same Dataset (dims, fill values, codecs, attributes), and coordinates with the same bytes."""
+    writes for the same Dataset (dims, fill values, codecs, attributes), and coordinates with the same bytes.
+    ``in_two_steps``: the covariance's way, the output arrays first (``coordinates=False``), the rest while the
+    blocks run (``create_coordinates``)."""
     import json
 
     import dask.array as da
@@ -145,8 +148,13 @@ def test_bif_zarr_is_written_as_xarray_writes_it(tmp_path, dtype, compress):
     from bif.store import run as R
 
     n_train, n_query, attrs = 7, 3, {"pooling": "stack", "draws": [1, 2]}
-    RunStore(str(tmp_path / "ours")).create_bif(n_train=n_train, n_query=n_query, train_block=3, query_block=2,
-                                                 dtype=dtype, attrs=attrs, compress=compress)
+    array = RunStore(str(tmp_path / "ours")).create_bif(n_train=n_train, n_query=n_query, train_block=3,
+                                                         query_block=2, dtype=dtype, attrs=attrs, compress=compress,
+                                                         coordinates=not in_two_steps)
+    if in_two_steps:
+        assert sorted(p.parent.name for p in (tmp_path / "ours" / S.BIF_ZARR).rglob("zarr.json")) == \
+            sorted([S.BIF_ZARR, S.BIF, S.BIF_CORR])  # what the blocks write into, nothing else yet
+        array.create_coordinates(n_train, n_query)
     empty = da.full((n_train, n_query), np.nan, dtype=dtype, chunks=(3, 2))
     ds = xr.Dataset({S.BIF: ((S.TRAIN_DIM, S.QUERY_DIM), empty), S.BIF_CORR: ((S.TRAIN_DIM, S.QUERY_DIM), empty)},
                     coords={S.TRAIN_DIM: np.arange(n_train), S.QUERY_DIM: np.arange(n_query)}, attrs=attrs)
@@ -176,6 +184,24 @@ def test_run_store_is_picklable_for_dask_tasks(store):
 
     again = pickle.loads(pickle.dumps(store))
     assert again == store and again.storage_options == store.storage_options
+
+
+def test_an_open_bif_array_travels_to_tasks_and_writes_there(store):
+    """compute_bif opens bif.zarr once and pickles the BifArray into every block's task (a few KB: metadata and
+    the store, no data); a copy writes into the same arrays, locally and on S3."""
+    import pickle
+
+    array = store.create_bif(n_train=4, n_query=3, train_block=2, query_block=3, dtype="float32", attrs={})
+    raw = pickle.dumps(array)
+    assert len(raw) < 16_000
+    copy = pickle.loads(raw)
+    assert copy.dtype == np.float32
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    copy.write_region((0, 2), (0, 3), values[:2], -values[:2])
+    array.write_region((2, 4), (0, 3), values[2:], -values[2:])
+    ds = store.open_bif().load()
+    np.testing.assert_array_equal(ds[S.BIF].values, values)
+    np.testing.assert_array_equal(ds[S.BIF_CORR].values, -values)
 
 
 def test_tables_outside_a_run(tmp_path):
