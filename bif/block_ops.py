@@ -32,6 +32,11 @@ last k (reported most negative first). :func:`topk_rows` finds them without sort
 
 A column with more than ``cap`` candidates (many ties, e.g. a constant query trace) is flagged for the caller's
 exact path; a non-finite value anywhere declines the whole block.
+
+**Batch means of sampled pairs.** :func:`pair_batch_means` is the diagnostics' MCSE of a sample of (train, query)
+pairs (:func:`bif.quality.diagnostics._pair_mcse`): per pair, the products of its two centred rows summed over each
+batch of draws, in one pass with no temporaries (numpy gathered both rows of every pair into (pairs, draws) arrays
+and multiplied them: 12 -> 2 ms for 8,192 pairs x 200 draws).
 """
 from __future__ import annotations
 
@@ -264,3 +269,40 @@ def topk_rows(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     group = max(1, a // (2 * kk))  # about 2k groups: ~1.35k candidates per column for untied values
     pos, neg, ok, finite = _topk_rows(v, int(k), int(group), int(min(a, 4 * kk + 2 * group + 32)))
     return (pos.T, neg.T, ok) if finite else None
+
+
+@nb.njit(nb.void(_F64[:, ::1], _F64[:, ::1], nb.int64[::1], nb.int64[::1], nb.int64[::1], _F64[::1], _F64[::1],
+                 _F64[::1]), cache=True, nogil=True)
+def _pair_batch_means(x, y, ti, qj, cuts, inv_len, mcse, total_z):  # pragma: no cover - compiled
+    n, k = x.shape[1], cuts.shape[0]
+    for p in range(ti.shape[0]):
+        xr, yr = x[ti[p]], y[qj[p]]
+        total, total_sq, whole = 0.0, 0.0, 0.0
+        for b in range(k):
+            end = cuts[b + 1] if b + 1 < k else n
+            s = 0.0
+            for t in range(cuts[b], end):
+                s += xr[t] * yr[t]
+            m = s * inv_len[b]
+            total += m
+            total_sq += m * m
+            whole += s
+        mcse[p] = np.sqrt(max(total_sq - total * total / k, 0.0) / (k - 1) / k)
+        total_z[p] = whole
+
+
+def pair_batch_means(x: np.ndarray, y: np.ndarray, ti: np.ndarray, qj: np.ndarray, cuts: np.ndarray,
+                     inv_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(MCSE, sum of z) of the pairs (ti[p], qj[p]), each (P,), from centred rows ``x`` (a, N) and ``y`` (b, N).
+
+    z_t = x[ti, t] y[qj, t]; the K = ``len(cuts)`` batches are ``cuts[b]:cuts[b + 1]`` (the last to N) with
+    means m_b = sum(z over the batch) x ``inv_len[b]``; MCSE = sqrt(max(sum m_b^2 - (sum m_b)^2 / K, 0) / (K - 1) / K).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    y = np.ascontiguousarray(y, dtype=np.float64)
+    ti = np.ascontiguousarray(ti, dtype=np.int64)
+    qj = np.ascontiguousarray(qj, dtype=np.int64)
+    mcse, total_z = np.empty(len(ti)), np.empty(len(ti))
+    _pair_batch_means(x, y, ti, qj, np.ascontiguousarray(cuts, dtype=np.int64),
+                      np.ascontiguousarray(inv_len, dtype=np.float64), mcse, total_z)
+    return mcse, total_z

@@ -267,7 +267,7 @@ def test_sampled_pairs_get_the_mcse_and_bif_of_every_pair_computation():
     query = (rng.gamma(2.0, 0.5, (chains, draws, b)) - shared).astype(np.float32)
     pick = np.sort(rng.choice(a * b, size=150, replace=False))
     ti, qj = pick // b, pick % b
-    mcse, bif = _pair_mcse(train, query, ti, qj, 10, chunk=64)  # several chunks
+    mcse, bif = _pair_mcse(train, query, ti, qj, 10)
     all_mcse, comoment = _mcse_and_comoment(train, query, 10)
     np.testing.assert_allclose(mcse, bif_mcse(train, query, num_batches=10)[ti, qj], rtol=1e-9)
     np.testing.assert_allclose(mcse, all_mcse[ti, qj], rtol=1e-9)
@@ -333,3 +333,21 @@ def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing(
     got32, got64 = rhat_ess(x), rhat_ess(x.astype(np.float64))
     for key in got32:
         np.testing.assert_array_equal(got32[key], got64[key], err_msg=key)
+
+
+def test_frames_are_joined_as_pandas_joins_them():
+    """write_diagnostics joins the jobs' frames column by column: the same frame as pd.concat, NaN and constant
+    rows, both splits and a single frame included."""
+    import pandas as pd
+
+    from bif.quality.diagnostics import _concat_frames, _split_diagnostics
+
+    rng = np.random.default_rng(9)
+    train = rng.normal(size=(2, 40, 30)).astype(np.float32)
+    train[..., 4] = 0.0  # constant
+    frames = [_split_diagnostics(train[..., :17], split="train"), _split_diagnostics(train[..., 17:], split="train",
+                                                                                         start=17),
+              _split_diagnostics(rng.normal(size=(2, 40, 5)), split="query")]
+    for parts in (frames, frames[:1], frames[2:] + frames[:2]):
+        pd.testing.assert_frame_equal(_concat_frames(parts), pd.concat(parts, ignore_index=True), check_exact=True)
+    assert _concat_frames(frames)["constant"].sum() == 1
