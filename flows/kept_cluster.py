@@ -63,13 +63,14 @@ FRESH_FILE = "fresh.json"
 #: they are set yet depends on how far the command's imports got when the cluster is claimed).
 _VOLATILE_ENV = ("_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "PYTEST_CURRENT_TEST", "BIF_CLIENT_ENV_KEYS",
                  RESTART_TIMEOUT_ENV, "BIF_WARM",  # whether the command ran in a warm copy (bif.flows.warm)
-                 # `-v` or not (bif.flows.runtime.configure_terminal): in a kept cluster it only sets how much its
-                 # workers write to cluster.log, never to the command's terminal; toggling -v replaced the cluster
-                 # (10.6-13 s instead of 2-3.7 s for the next command)
-                 "BIF_QUIET_TERMINAL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
                  "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
                  # what make sets for a recipe (`make demo` and a plain `bif run` share one cluster)
                  "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
+#: The cluster's fingerprint also leaves out `-v` or not (bif.flows.runtime.configure_terminal): in a kept cluster
+#: it only sets how much the workers write to cluster.log, never to the command's terminal, and toggling it
+#: replaced the cluster (10.6-13 s instead of 2-3.7 s for the next command). The warm process
+#: (bif.flows.warm) keeps them in its fingerprint: a command runs in its copy and writes to the user's terminal.
+_CLUSTER_VOLATILE_ENV = (*_VOLATILE_ENV, "BIF_QUIET_TERMINAL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def fingerprint_parts(spec: dict[str, Any]) -> dict[str, str]:
     """sha256 of each part of the set-up: ``spec`` (compute, preload), interpreter, working directory,
     environment, bif's source files (see the module docstring). ``cluster.json`` keeps them, so a
     replaced cluster can say which part changed (in ``cluster.log``)."""
-    env = sorted((k, v) for k, v in os.environ.items() if k not in _VOLATILE_ENV)
+    env = sorted((k, v) for k, v in os.environ.items() if k not in _CLUSTER_VOLATILE_ENV)
     parts = {"spec": spec, "python": [sys.executable, sys.version], "cwd": os.getcwd(), "env": env,
              "code": _code_stamp()}
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]

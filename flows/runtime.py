@@ -93,7 +93,24 @@ def configure_terminal(*, verbose: bool) -> None:
     _quiet_this_process()
 
 
+class _DropLostHeartbeat(logging.Filter):
+    """Drops distributed's "Failed to communicate with scheduler during heartbeat." (ERROR, with a traceback).
+
+    A worker logs it when its scheduler has gone, which is how a command's own cluster ends after a failed
+    flow: the command exits (its scheduler with it) while a worker still sends a heartbeat, and that worker's
+    stderr is the command's terminal. The worker goes on and retries; a scheduler that is really lost fails the
+    command anyway. Seen once in CI: the traceback under a diverged chain's one-line error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
+
+
+_LOST_HEARTBEAT = _DropLostHeartbeat()
+
+
 def _quiet_this_process() -> None:
+    logging.getLogger("distributed.worker").addFilter(_LOST_HEARTBEAT)  # once: a Filter is added once
     for name in _NOISY_LOGGERS:
         if name.startswith("prefect"):
             continue  # Prefect's own loggers must keep INFO for the API handler; its console handler is quiet

@@ -162,16 +162,17 @@ def test_fingerprint_follows_the_environment_but_not_what_libraries_set_on_impor
     monkeypatch.setenv("MAKEFLAGS", "-j2 --no-print-directory")
     assert kept_cluster.fingerprint(spec) == base
     # `bif run`, then `bif run -v`: configure_terminal's two variables only change what the kept workers write to
-    # cluster.log, so the same cluster
-    from bif.flows import runtime
+    # cluster.log, so the same cluster; but not the same warm process, whose copy writes to the terminal
+    from bif.flows import runtime, warm
 
     monkeypatch.delenv("BIF_QUIET_TERMINAL", raising=False)
     monkeypatch.delenv("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", raising=False)
     monkeypatch.setattr(runtime, "_quiet_this_process", lambda: None)  # this test process keeps its loggers
     monkeypatch.setattr(runtime, "_VERBOSE", runtime._VERBOSE)
-    verbose = kept_cluster.fingerprint(spec)
+    verbose, verbose_warm = kept_cluster.fingerprint(spec), warm.request_key()
     runtime.configure_terminal(verbose=False)
     assert os.environ["BIF_QUIET_TERMINAL"] == "1" and kept_cluster.fingerprint(spec) == verbose
+    assert warm.request_key() != verbose_warm
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")  # other credentials: another cluster
     assert kept_cluster.fingerprint(spec) != base
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
