@@ -364,7 +364,8 @@ def bench_covariance(workdir: Path, *, n_train: int, n_query: int, draws: int) -
     t_gemm = time.perf_counter() - t
     del xc, yc
     with PeakRSS() as rss_ours:
-        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=4096, query_block=1024)
+        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=_default_train_block(),
+                                 query_block=1024)
     out = {"shape": [draws, n_train, n_query], "gemm_s": t_gemm, "center_plus_gemm_s": t_center + t_gemm,
            "dask_reduction_s": wall, "ratio_vs_gemm": wall / t_gemm, "ours_peak_rss_gb": rss_ours.peak / 2**30}
     try:  # the peer tool: devinterp computes the full (n_train + n_query)^2 covariance and slices it
@@ -393,7 +394,7 @@ def bench_out_of_core(workdir: Path, *, n_train: int, n_query: int, draws: int) 
                                    "sampler": {"num_chains": 2, "num_draws": draws // 2,
                                                "draws_per_block": draws // 4}})}
     with PeakRSS() as rss:
-        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=4096,
+        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=_default_train_block(),
                                  query_block=1024, checks=checks)
     size = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
     shutil.rmtree(root, ignore_errors=True)
@@ -513,6 +514,13 @@ def main(argv=None) -> int:
     Path(args.out).with_suffix(".md").write_text(render_markdown(merged))
     print(render_markdown(merged))
     return 0
+
+
+def _default_train_block() -> int:
+    """covariance.train_block_size as `bif run` uses it (the config's default)."""
+    from bif.config import CovarianceConfig
+
+    return CovarianceConfig().train_block_size
 
 
 if __name__ == "__main__":

@@ -242,7 +242,15 @@ def _median_runs(f, repeats: int) -> tuple[float, list[float], object]:
     return float(np.median(runs)), runs, result
 
 
-def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats: int = 1) -> dict:
+def _block(train_block: int | None) -> int:
+    """The train block size of a benchmarked stage: ``train_block``, else the config's default (what `bif run` uses)."""
+    from bif.config import CovarianceConfig
+
+    return train_block or CovarianceConfig().train_block_size
+
+
+def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats: int = 1,
+                 train_block: int | None = None) -> dict:
     """Reduction, gates and diagnostics on the same traces and cluster; each timed ``repeats`` times (medians)."""
     from bif.config import build_config
     from bif.quality.diagnostics import write_diagnostics
@@ -253,7 +261,7 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
     write_in_subprocess(root, n_train=n_train, n_query=n_query, draws=draws, per_block=per_block)
     cfg = build_config({"problem": "bif.examples.linear:build", "output": root,
                         "sampler": {"num_chains": CHAINS, "num_draws": draws // CHAINS, "draws_per_block": per_block}})
-    out = {"shape": [draws, n_train, n_query]}
+    out = {"shape": [draws, n_train, n_query], "train_block": _block(train_block)}
     import great_expectations  # noqa: F401  (GE's import, ~4 s, is paid once per process, not per check)
 
     with Cluster() as cl:
@@ -267,8 +275,8 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
         _warm_gates()
         cl.client.run(_warm_gates)
         out["gates_warmup_s"] = time.perf_counter() - t
-        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=4096, query_block=1024,
-                                repeats=repeats)
+        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+                                query_block=1024, repeats=repeats)
         out["gates_s"], out["gates_runs_s"], report = _median_runs(
             lambda: run_gates(root, {}, cfg, n_train=n_train, n_query=n_query, loss_bounds=(0.0, float("inf")),
                               map_fn=cl.map), repeats)
@@ -284,22 +292,25 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
     return out
 
 
-def bench_limit(work: Path, *, n_train: int, n_query: int, draws: int, per_block: int, repeats: int = 1) -> dict:
+def bench_limit(work: Path, *, n_train: int, n_query: int, draws: int, per_block: int, repeats: int = 1,
+                train_block: int | None = None) -> dict:
     """The covariance stage (median of ``repeats`` runs) against max(GEMM, plain zarr write of the output, plain read
     of the traces), and the parts of one of its blocks (:func:`block_parts`)."""
     root = str(work / f"limit-{n_train}")
     write_in_subprocess(root, n_train=n_train, n_query=n_query, draws=draws, per_block=per_block)
-    out = {"shape": [draws, n_train, n_query]}
+    out = {"shape": [draws, n_train, n_query], "train_block": _block(train_block)}
     out["gemm64_s"] = gemm_seconds(draws, n_train, n_query, "float64")
     out["gemm32_s"] = gemm_seconds(draws, n_train, n_query, "float32")
-    out["zarr_write_s"] = plain_zarr_write(str(work / "plain.zarr"), n_train, n_query, train_block=4096,
-                                           query_block=1024)
+    out["zarr_write_s"] = plain_zarr_write(str(work / "plain.zarr"), n_train, n_query,
+                                           train_block=_block(train_block), query_block=1024)
     out["trace_read_s"] = plain_trace_read(root)
     with Cluster() as cl:
         # each run paired with a float64 GEMM timed just before it (one try, where gemm64_s is the best of three)
-        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=4096, query_block=1024,
-                                repeats=repeats, paired=lambda: gemm_seconds(draws, n_train, n_query, repeats=1))
-    out["block_parts_ms"] = block_parts(root, n_train=n_train, n_query=n_query, train_block=4096, query_block=1024)
+        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+                                query_block=1024, repeats=repeats,
+                                paired=lambda: gemm_seconds(draws, n_train, n_query, repeats=1))
+    out["block_parts_ms"] = block_parts(root, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+                                        query_block=1024)
     out["limit_s"] = max(out["gemm64_s"], out["zarr_write_s"], out["trace_read_s"])
     out["limit_f32_s"] = max(out["gemm32_s"], out["zarr_write_s"], out["trace_read_s"])
     out["ratio_vs_limit"] = out["stage_s"] / out["limit_s"]
@@ -314,18 +325,21 @@ def bench_limit(work: Path, *, n_train: int, n_query: int, draws: int, per_block
     return out
 
 
-def bench_scale(work: Path, *, n_train: int, n_query: int, draws: int, per_block: int) -> dict:
+def bench_scale(work: Path, *, n_train: int, n_query: int, draws: int, per_block: int,
+                train_block: int | None = None) -> dict:
     """Out of core: wall time and peak RSS of all processes during the covariance stage."""
     root = str(work / "scale")
     t_write = write_in_subprocess(root, n_train=n_train, n_query=n_query, draws=draws, per_block=per_block)
     trace_bytes = sum(f.stat().st_size for f in Path(root, "traces").rglob("*") if f.is_file())
     with Cluster() as cl:
         idle = PeakRSS(pss=True)._sample_once()
-        out = covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=4096, query_block=1024)
+        out = covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+                               query_block=1024)
     out_bytes = sum(f.stat().st_size for f in Path(root, "bif.zarr").rglob("*") if f.is_file())
     shutil.rmtree(root, ignore_errors=True)
     return {"shape": [draws, n_train, n_query], "trace_write_s": t_write, "trace_bytes": trace_bytes,
-            "output_bytes": out_bytes, "idle_processes_rss_gb": idle / 2**30, **out}
+            "output_bytes": out_bytes, "idle_processes_rss_gb": idle / 2**30, "train_block": _block(train_block),
+            **out}
 
 
 def _of(m: dict) -> str:
@@ -412,6 +426,8 @@ def main(argv=None) -> int:
                     help="run only these parts (repeatable); default all")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs of each stage in checks and limit (figures are medians; every run is kept)")
+    ap.add_argument("--train-block", type=int, default=None,
+                    help="the stages' covariance.train_block_size (default: the config's, as `bif run` uses)")
     args = ap.parse_args(argv)
     q = args.quick
     parts = args.only or ["checks", "limit", "scale"]
@@ -420,18 +436,18 @@ def main(argv=None) -> int:
     try:
         if "checks" in parts:
             results["checks"] = bench_checks(work, n_train=2000 if q else 50_000, n_query=100 if q else 500, draws=200,
-                                            repeats=args.repeats)
+                                            repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["checks"], indent=1), flush=True)
         if "limit" in parts:
             results["limit_100k"] = bench_limit(work, n_train=5000 if q else 100_000, n_query=1000, draws=200,
-                                                per_block=50, repeats=args.repeats)
+                                                per_block=50, repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["limit_100k"], indent=1), flush=True)
             results["limit_20k"] = bench_limit(work, n_train=2000 if q else 20_000, n_query=1000, draws=400,
-                                               per_block=200, repeats=args.repeats)
+                                               per_block=200, repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["limit_20k"], indent=1), flush=True)
         if "scale" in parts:
             results["scale"] = bench_scale(work, n_train=20_000 if q else 1_000_000, n_query=100, draws=100,
-                                           per_block=25)
+                                           per_block=25, train_block=args.train_block)
             print(strict_json(results["scale"], indent=1), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -69,9 +69,10 @@ class CovarianceConfig(BaseModel):
 
     model_config = _FROZEN
 
-    train_block_size: int = Field(4096, ge=1, description=(
-        "Train samples per output block, at most (memory ~ block x query block; bif.zarr's chunks). On a cluster "
-        "the blocks may be a little smaller, so that their number is a multiple of the workers."))
+    train_block_size: int = Field(8192, ge=1, description=(
+        "Train samples per output block, at most (a task's memory ~ 4 bytes x block x (query block x 3 + draws); "
+        "bif.zarr's chunks). On a cluster the blocks may be a little smaller, so that their number is a multiple "
+        "of the workers."))
     query_block_size: int = Field(1024, ge=1, description="Query samples per output block.")
     split_every: int = Field(8, ge=2, description="Fan-in of the Dask reduction tree.")
     pooling: Literal["stack", "chain_mean"] = Field(
