@@ -105,12 +105,17 @@ def test_chain_mean_pooling(run_dirs):
     np.testing.assert_allclose(ds[S.BIF_CORR].values, ref_corr, rtol=1e-10, atol=1e-12)
 
 
-def test_topk_is_global_over_blocks(run_dirs):
+@pytest.mark.parametrize("query_block", [N_QUERY, 2])
+def test_topk_is_global_over_blocks(run_dirs, query_block):
     root, store, train, query = run_dirs[5]
-    ds, summary = _reduce(root, store.blocks(), train_block=4, k=5)
+    ds, summary = _reduce(root, store.blocks(), train_block=4, query_block=query_block, k=5)
     bif = ds[S.BIF].values
     topk = summary.topk
     assert list(topk.columns) == list(S.TOPK_COLUMNS)
+    # the table comes in its documented order (query, direction, rank), whatever order the blocks finished in
+    ordered = topk.sort_values([S.QUERY, S.DIRECTION, S.RANK], ignore_index=True)
+    pd.testing.assert_frame_equal(topk, ordered)
+    assert len(topk) == N_QUERY * 2 * 5 and topk.index.equals(pd.RangeIndex(len(topk)))
     for q in range(N_QUERY):
         pos = topk[(topk[S.QUERY] == q) & (topk[S.DIRECTION] == "positive")].sort_values(S.RANK)
         neg = topk[(topk[S.QUERY] == q) & (topk[S.DIRECTION] == "negative")].sort_values(S.RANK)
