@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pipeline import ROOT, strict_json
+from benchmarks.pipeline import ROOT, default_train_block, strict_json
 
 N_TRAIN, N_QUERY, DRAWS = 20_000, 1000, 400
 QUICK_N_TRAIN = 5000  # --quick: blocks of 1,250 x 1,000 (arrays of 2-5 MB)
@@ -41,7 +41,7 @@ def one_cluster(root: str, repeats: int, n_train: int) -> dict:
 
     with Cluster() as cl:
         before = cl.client.run(_usage)
-        out = covariance_stage(root, cl.client, n_train=n_train, n_query=N_QUERY, train_block=_default_train_block(),
+        out = covariance_stage(root, cl.client, n_train=n_train, n_query=N_QUERY, train_block=default_train_block(),
                                query_block=1024, repeats=repeats)
         after = cl.client.run(_usage)
     runs = repeats + 2  # the warm-up (one block) and the untimed memory run count as about one run each
@@ -92,13 +92,6 @@ def main(argv=None) -> int:
     Path(args.out).write_text(strict_json(result))
     print(strict_json(summary))
     return 0
-
-
-def _default_train_block() -> int:
-    """covariance.train_block_size as `bif run` uses it (the config's default)."""
-    from bif.config import CovarianceConfig
-
-    return CovarianceConfig().train_block_size
 
 
 if __name__ == "__main__":

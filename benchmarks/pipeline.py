@@ -364,7 +364,7 @@ def bench_covariance(workdir: Path, *, n_train: int, n_query: int, draws: int) -
     t_gemm = time.perf_counter() - t
     del xc, yc
     with PeakRSS() as rss_ours:
-        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=_default_train_block(),
+        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=default_train_block(),
                                  query_block=1024)
     out = {"shape": [draws, n_train, n_query], "gemm_s": t_gemm, "center_plus_gemm_s": t_center + t_gemm,
            "dask_reduction_s": wall, "ratio_vs_gemm": wall / t_gemm, "ours_peak_rss_gb": rss_ours.peak / 2**30}
@@ -394,7 +394,7 @@ def bench_out_of_core(workdir: Path, *, n_train: int, n_query: int, draws: int) 
                                    "sampler": {"num_chains": 2, "num_draws": draws // 2,
                                                "draws_per_block": draws // 4}})}
     with PeakRSS() as rss:
-        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=_default_train_block(),
+        wall = reduce_on_cluster(root, files, n_train=n_train, n_query=n_query, train_block=default_train_block(),
                                  query_block=1024, checks=checks)
     size = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
     shutil.rmtree(root, ignore_errors=True)
@@ -516,8 +516,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _default_train_block() -> int:
-    """covariance.train_block_size as `bif run` uses it (the config's default)."""
+def default_train_block() -> int:
+    """covariance.train_block_size as `bif run` uses it (the config's default): the benchmarks' block size."""
     from bif.config import CovarianceConfig
 
     return CovarianceConfig().train_block_size

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pipeline import PeakRSS, ROOT, strict_json, write_synthetic
+from benchmarks.pipeline import PeakRSS, ROOT, default_train_block, strict_json, write_synthetic
 
 CHAINS = 2
 
@@ -242,13 +242,6 @@ def _median_runs(f, repeats: int) -> tuple[float, list[float], object]:
     return float(np.median(runs)), runs, result
 
 
-def _block(train_block: int | None) -> int:
-    """The train block size of a benchmarked stage: ``train_block``, else the config's default (what `bif run` uses)."""
-    from bif.config import CovarianceConfig
-
-    return train_block or CovarianceConfig().train_block_size
-
-
 def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats: int = 1,
                  train_block: int | None = None) -> dict:
     """Reduction, gates and diagnostics on the same traces and cluster; each timed ``repeats`` times (medians)."""
@@ -261,7 +254,8 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
     write_in_subprocess(root, n_train=n_train, n_query=n_query, draws=draws, per_block=per_block)
     cfg = build_config({"problem": "bif.examples.linear:build", "output": root,
                         "sampler": {"num_chains": CHAINS, "num_draws": draws // CHAINS, "draws_per_block": per_block}})
-    out = {"shape": [draws, n_train, n_query], "train_block": _block(train_block)}
+    tb = train_block or default_train_block()
+    out = {"shape": [draws, n_train, n_query], "train_block": tb}
     import great_expectations  # noqa: F401  (GE's import, ~4 s, is paid once per process, not per check)
 
     with Cluster() as cl:
@@ -275,7 +269,7 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
         _warm_gates()
         cl.client.run(_warm_gates)
         out["gates_warmup_s"] = time.perf_counter() - t
-        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=tb,
                                 query_block=1024, repeats=repeats)
         out["gates_s"], out["gates_runs_s"], report = _median_runs(
             lambda: run_gates(root, {}, cfg, n_train=n_train, n_query=n_query, loss_bounds=(0.0, float("inf")),
@@ -298,18 +292,19 @@ def bench_limit(work: Path, *, n_train: int, n_query: int, draws: int, per_block
     of the traces), and the parts of one of its blocks (:func:`block_parts`)."""
     root = str(work / f"limit-{n_train}")
     write_in_subprocess(root, n_train=n_train, n_query=n_query, draws=draws, per_block=per_block)
-    out = {"shape": [draws, n_train, n_query], "train_block": _block(train_block)}
+    tb = train_block or default_train_block()
+    out = {"shape": [draws, n_train, n_query], "train_block": tb}
     out["gemm64_s"] = gemm_seconds(draws, n_train, n_query, "float64")
     out["gemm32_s"] = gemm_seconds(draws, n_train, n_query, "float32")
     out["zarr_write_s"] = plain_zarr_write(str(work / "plain.zarr"), n_train, n_query,
-                                           train_block=_block(train_block), query_block=1024)
+                                           train_block=tb, query_block=1024)
     out["trace_read_s"] = plain_trace_read(root)
     with Cluster() as cl:
         # each run paired with a float64 GEMM timed just before it (one try, where gemm64_s is the best of three)
-        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+        out |= covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=tb,
                                 query_block=1024, repeats=repeats,
                                 paired=lambda: gemm_seconds(draws, n_train, n_query, repeats=1))
-    out["block_parts_ms"] = block_parts(root, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+    out["block_parts_ms"] = block_parts(root, n_train=n_train, n_query=n_query, train_block=tb,
                                         query_block=1024)
     out["limit_s"] = max(out["gemm64_s"], out["zarr_write_s"], out["trace_read_s"])
     out["limit_f32_s"] = max(out["gemm32_s"], out["zarr_write_s"], out["trace_read_s"])
@@ -329,17 +324,17 @@ def bench_scale(work: Path, *, n_train: int, n_query: int, draws: int, per_block
                 train_block: int | None = None) -> dict:
     """Out of core: wall time and peak RSS of all processes during the covariance stage."""
     root = str(work / "scale")
+    tb = train_block or default_train_block()
     t_write = write_in_subprocess(root, n_train=n_train, n_query=n_query, draws=draws, per_block=per_block)
     trace_bytes = sum(f.stat().st_size for f in Path(root, "traces").rglob("*") if f.is_file())
     with Cluster() as cl:
         idle = PeakRSS(pss=True)._sample_once()
-        out = covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=_block(train_block),
+        out = covariance_stage(root, cl.client, n_train=n_train, n_query=n_query, train_block=tb,
                                query_block=1024)
     out_bytes = sum(f.stat().st_size for f in Path(root, "bif.zarr").rglob("*") if f.is_file())
     shutil.rmtree(root, ignore_errors=True)
     return {"shape": [draws, n_train, n_query], "trace_write_s": t_write, "trace_bytes": trace_bytes,
-            "output_bytes": out_bytes, "idle_processes_rss_gb": idle / 2**30, "train_block": _block(train_block),
-            **out}
+            "output_bytes": out_bytes, "idle_processes_rss_gb": idle / 2**30, "train_block": tb, **out}
 
 
 def _of(m: dict) -> str:
