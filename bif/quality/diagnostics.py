@@ -449,14 +449,6 @@ def summarize(diag: pd.DataFrame, *, rhat_threshold: float = RHAT_THRESHOLD) -> 
     }
 
 
-def _read_split(store: Any, files: list[Any], *, split: str, start: int, stop: int,
-                num_chains: int) -> np.ndarray:
-    """Traces of samples [start, stop) of ``split`` in the blocks ``files`` (BlockRefs of ``store``, a
-    bif.store.RunStore): (chains, draws, stop - start) float64, cut to the shortest chain."""
-    return np.moveaxis(_read_rows(store, files, split=split, start=start, stop=stop, num_chains=num_chains),
-                       0, 2).astype(np.float64)
-
-
 def _read_rows(store: Any, files: list[Any], *, split: str, start: int, stop: int, num_chains: int) -> np.ndarray:
     """Traces of samples [start, stop) of ``split`` as rows, (stop - start, chains, draws) in the files' dtype (float32
     traces stay float32), each chain cut to the shortest chain's draws.
@@ -529,10 +521,10 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
     frame, const = _rows_diagnostics(rows, split=S.TRAIN, start=start)
     empty = np.array([])
     chains, draws = rows.shape[1:]
-    if not query.shape[2] or draws < num_batches:
+    if not query.shape[0] or draws < num_batches:
         return frame, empty, empty, 0, 0, 0
     # pairs with a constant trace (BIF = MCSE = 0) carry no information: left out of the summary
-    ti_all, qj_all = np.flatnonzero(~const), np.flatnonzero(~constant_traces(query))
+    ti_all, qj_all = np.flatnonzero(~const), np.flatnonzero(~_constant_rows(query.reshape(query.shape[0], -1)))
     defined = ti_all.size * qj_all.size
     rng = np.random.default_rng([seed, start])
     pick = (np.arange(defined) if defined <= keep else np.sort(rng.choice(defined, size=keep, replace=False)))
@@ -540,10 +532,10 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
         # every defined pair: the batch means by GEMMs (bif_mcse's way) cost far less than gathering each pair's
         # products (digits, 1,697 x 100 pairs x 2 x 1,000 draws: 0.18 s against 1.8 s, 7.8 s before the rows)
         train = np.moveaxis(rows[ti_all], 0, 2)  # (chains, draws, kept samples)
-        sub_mcse, comoment = _mcse_and_comoment(train, query[:, :, qj_all], num_batches)
+        sub_mcse, comoment = _mcse_and_comoment(train, np.moveaxis(query[qj_all], 0, 2), num_batches)
         mcse, bif = sub_mcse.ravel(), -comoment.ravel() / (chains * draws - 1)
     else:
-        mcse, bif = _pair_mcse_rows(_centred_rows(rows), _centred_rows(np.moveaxis(query, 2, 0)),
+        mcse, bif = _pair_mcse_rows(_centred_rows(rows), _centred_rows(query),
                                     ti_all[pick // qj_all.size], qj_all[pick % qj_all.size], chains, draws,
                                     num_batches)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -552,12 +544,12 @@ def _diagnose_train_block(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndar
 
 
 def _diagnose_job(job: tuple) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, int, int, int]:
-    """One unit of :func:`write_diagnostics`' map: ``(QUERY, traces)`` (the query split's diagnostics) or
+    """One unit of :func:`write_diagnostics`' map: ``(QUERY, rows)`` (the query split's diagnostics) or
     ``(TRAIN, block job)`` (:func:`_diagnose_train_block`); both return its 6-tuple."""
     kind, payload = job
     if kind == S.QUERY:
         empty = np.array([])
-        return _split_diagnostics(payload, split=S.QUERY), empty, empty, 0, 0, 0
+        return _rows_diagnostics(payload, split=S.QUERY)[0], empty, empty, 0, 0, 0
     return _diagnose_train_block(payload)
 
 
@@ -600,7 +592,8 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     layout = store.read_layout(files[0])
     cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
     n_train, n_query = cap(layout.n_train), cap(layout.n_query)
-    query = _read_split(store, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
+    # (n_query, chains, draws) in the files' dtype: every job gets them (float32 traces: half the bytes of float64)
+    query = _read_rows(store, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
     keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles
     # the query split's R-hat / ESS is a job like the train blocks: with a Dask map_fn, this process never
     # loads arviz-stats, numba or scipy.stats (~3-5 s of a core in `bif run`'s command; its workers have them)
@@ -618,8 +611,8 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     diag = _concat_frames(frames)
     store.write_diagnostics(diag)
     summary = summarize(diag, rhat_threshold=rhat_threshold)
-    summary["num_chains"] = int(query.shape[0]) if n_query else num_chains
-    summary["num_draws_per_chain"] = int(query.shape[1]) if n_query else None
+    summary["num_chains"] = int(query.shape[1]) if n_query else num_chains
+    summary["num_draws_per_chain"] = int(query.shape[2]) if n_query else None
     mcse_all = np.concatenate(mcse_kept) if mcse_kept else np.array([])
     snr_all = np.concatenate(snr_kept) if snr_kept else np.array([])
     summary["bif_mcse"] = {"method": MCSE_METHOD, "num_batches": num_batches, "num_pairs": n_pairs,
