@@ -72,8 +72,11 @@ _VERBOSE = False
 
 def _quiet_teardown_noise() -> None:
     """distributed logs a closed batched stream at teardown with its traceback ("Batched Comm Closed", INFO):
-    a normal end of a connection, not an error; -v must not show users a traceback for it."""
+    a normal end of a connection, not an error; -v must not show users a traceback for it. The same for a
+    worker's heartbeat that finds its scheduler gone as the command's own cluster closes (:class:`_DropLostHeartbeat`;
+    seen under `bif lds -v` in CI, after the flow had finished)."""
     logging.getLogger("distributed.batched").setLevel(logging.WARNING)
+    logging.getLogger("distributed.worker").addFilter(_LOST_HEARTBEAT)  # once: a Filter is added once
 
 
 def configure_terminal(*, verbose: bool) -> None:
@@ -110,7 +113,7 @@ _LOST_HEARTBEAT = _DropLostHeartbeat()
 
 
 def _quiet_this_process() -> None:
-    logging.getLogger("distributed.worker").addFilter(_LOST_HEARTBEAT)  # once: a Filter is added once
+    _quiet_teardown_noise()
     for name in _NOISY_LOGGERS:
         if name.startswith("prefect"):
             continue  # Prefect's own loggers must keep INFO for the API handler; its console handler is quiet

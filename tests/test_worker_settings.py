@@ -124,15 +124,17 @@ def test_tuned_process_refaults_nothing_and_glibc_defaults_refault_every_page():
     assert tuned == "False" and thread > PAGES * 0.9, thread
 
 
-def test_a_quiet_terminal_drops_a_lost_heartbeat_but_not_other_worker_errors():
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_terminal_drops_a_lost_heartbeat_but_not_other_worker_errors(verbose):
     """A command's own cluster ends with the command: a worker whose heartbeat finds the scheduler gone logs an
-    ERROR with a traceback to the command's terminal (seen once in CI under a diverged chain's one-line error).
-    Quiet processes (the command, and workers through dask_setup) drop that record and keep every other."""
+    ERROR with a traceback to the command's terminal (seen in CI under a diverged chain's one-line error, and at
+    the end of a successful `bif lds -v`). Every process (the command, and workers through dask_setup), quiet or
+    verbose, drops that record and keeps every other."""
     code = (
         "import logging, sys\n"
         "logging.basicConfig(stream=sys.stderr, format='%(levelname)s %(message)s')\n"
         "from bif.flows.runtime import configure_terminal\n"
-        "configure_terminal(verbose=False)\n"
+        f"configure_terminal(verbose={verbose})\n"
         "log = logging.getLogger('distributed.worker')\n"
         "try:\n"
         "    raise OSError('Stream is closed')\n"
