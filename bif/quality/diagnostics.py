@@ -129,13 +129,13 @@ def _rhat_ess_rows(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
         s3 = sub.reshape(m, chains, draws)
         flat = np.concatenate([s3[:, :, :half], s3[:, :, draws - half:]], axis=2).reshape(m, -1)
     shape = (m, 2 * chains, half)
-    flat64 = flat if flat.dtype == np.float64 else flat.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = _z_rows(flat, shape)  # ranks in the traces' dtype: see _z_rows
         # the median of the fold and, for even draws, the tail quantiles; float32 sorts faster, to the same order
         ordered = np.sort(flat, axis=1).astype(np.float64, copy=False)
         if chains >= 2:  # ArviZ: R-hat needs at least 2 chains; rank R-hat = max(bulk, folded), as azd.rhat
-            bulk, folded = _rhat_of_rows(z), _rhat_of_rows(_z_fold_rows(flat64, ordered, shape))
+            bulk, folded = _rhat_of_rows(z), _rhat_of_rows(_z_fold_rows(flat.astype(np.float64, copy=False), ordered,
+                                                                        shape))
             out[RHAT][idx] = np.where(bulk > folded, bulk, folded)
         out[ESS_BULK][idx] = _ess_of_rows(azd, z, varying=True, overwrite=True)  # a varying row's ranks vary
         if tail:
@@ -321,9 +321,7 @@ def _rows_diagnostics(rows: np.ndarray, *, split: str, start: int = 0) -> tuple[
 def constant_traces(traces: np.ndarray) -> np.ndarray:
     """(n,) bool: the trace of each sample in ``traces`` (chains, draws, n) has one value at every draw."""
     t = np.asarray(traces)
-    if t.shape[0] * t.shape[1] == 0:
-        return np.zeros(t.shape[2], dtype=bool)
-    return np.all(t == t[:1, :1, :], axis=(0, 1))
+    return _constant_rows(np.moveaxis(t, 2, 0).reshape(t.shape[2], t.shape[0] * t.shape[1]))
 
 
 def loss_diagnostics(train: np.ndarray, query: np.ndarray, *, train_start: int = 0, query_start: int = 0
