@@ -34,8 +34,10 @@ def _step(kernel, params, grads, anchor, seed=5):
 
 
 def _noises(params, seed=5):
+    """ξ as the kernels draw it: one N(0, I) draw of all elements, flattened in parameter order."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    flat = torch.randn(sum(p.numel() for p in params), generator=g, dtype=params[0].dtype)
+    return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def test_registry_has_the_builtin_kernels_and_maps_the_preconditioner():
@@ -75,6 +77,47 @@ def test_sgld_step_is_the_equation():
         torch.testing.assert_close(p, w, rtol=1e-12, atol=1e-12)
     assert all(torch.equal(g, b) for g, b in zip(grads, before))  # gradients are not modified
     assert kernel.state_dict() is None
+
+
+def test_sgld_step_is_the_equation_in_float32_and_with_mixed_dtypes():
+    """float32 parameters (the chains' usual dtype) to float32 rounding; parameters of two dtypes draw one ξ per
+    tensor in parameter order instead of one flat draw."""
+    params, grads, anchor = _tensors(3)
+    params32, grads32, anchor32 = ([t.float() for t in ts] for ts in (params, grads, anchor))
+    want = [p - EPS / 2 * (NBETA * g + GAMMA * (p - a)) + math.sqrt(EPS) * xi
+            for p, g, a, xi in zip(params32, grads32, anchor32, _noises(params32))]
+    _step(K.SGLD(["a", "b"], params32, SamplerConfig()), params32, grads32, anchor32)
+    for p, w in zip(params32, want):
+        torch.testing.assert_close(p, w, rtol=1e-6, atol=1e-6)
+    mixed, mgrads, manchor = ([ts[0], ts[1].float()] for ts in _tensors(4))
+    g = torch.Generator().manual_seed(5)
+    xis = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in mixed]
+    want = [p - EPS / 2 * (NBETA * gr + GAMMA * (p - a)) + math.sqrt(EPS) * xi
+            for p, gr, a, xi in zip(mixed, mgrads, manchor, xis)]
+    _step(K.SGLD(["a", "b"], mixed, SamplerConfig()), mixed, mgrads, manchor)
+    torch.testing.assert_close(mixed[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mixed[1], want[1], rtol=1e-6, atol=1e-6)
+    assert [p.dtype for p in mixed] == [torch.float64, torch.float32]
+
+
+def test_sgld_noise_is_fresh_at_every_step():
+    """Two steps from the same generator state and the same w, grads: the second's ξ continues the stream."""
+    params, grads, anchor = _tensors(5)
+    kernel = K.SGLD(["a", "b"], params, SamplerConfig())
+    gen = torch.Generator().manual_seed(7)
+    start = [p.clone() for p in params]
+    with torch.no_grad():
+        kernel.step(params, grads, anchor=anchor, nbeta=NBETA, gamma=GAMMA, step_size=EPS, generator=gen)
+        first = [p.clone() for p in params]
+        for p, s0 in zip(params, start):
+            p.copy_(s0)
+        kernel.step(params, grads, anchor=anchor, nbeta=NBETA, gamma=GAMMA, step_size=EPS, generator=gen)
+    ref = torch.Generator().manual_seed(7)
+    n = sum(p.numel() for p in params)
+    xi1, xi2 = torch.randn(n, generator=ref, dtype=torch.float64), torch.randn(n, generator=ref, dtype=torch.float64)
+    assert not torch.equal(xi1, xi2)
+    delta = torch.cat([(b - a).reshape(-1) for a, b in zip(first, params)])  # the same drift: the difference is noise
+    torch.testing.assert_close(delta, math.sqrt(EPS) * (xi2 - xi1), rtol=1e-10, atol=1e-12)
 
 
 def test_sgld_drift_without_prior_is_a_gradient_step():
@@ -194,3 +237,22 @@ def test_a_kernel_in_its_own_module_is_found_by_name(tmp_path, monkeypatch):
         sys.modules.pop("bif.sampling.toy_lazy_kernel", None)
     with pytest.raises(ConfigError, match="unknown sampler kernel 'measure'"):  # a module that registers nothing
         K.get_kernel("measure")
+
+
+def test_a_parameter_the_loss_does_not_use_follows_the_prior_and_the_noise():
+    """Its gradient is 0 (not None, which the update cannot take): one step from w* moves it by √ε·ξ exactly,
+    and the used weights' step is unchanged by its presence."""
+    prob = linear.build(n=20, d=3, m=2, seed=2)
+    s = SamplerConfig(num_chains=1, num_draws=2, num_burnin_steps=0, steps_per_draw=1, step_size=1e-3, gamma=5.0,
+                      batch_size=20, seed=3)
+    plain = SGLDChain(prob, s, chain=0)
+    prob.model.register_parameter("unused", torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)))
+    extra = SGLDChain(prob, s, chain=0)
+    assert extra.names == ["weight", "unused"]
+    plain.sgld_step()
+    extra.sgld_step()
+    # one flat draw over [weight (1, 3), unused (4,)]: the weight's noise is the draw's first 3 values in both
+    torch.testing.assert_close(extra.params[0], plain.params[0], rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(extra.gen_noise.initial_seed())
+    xi = torch.randn(7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(extra.params[1].detach(), math.sqrt(1e-3) * xi[3:], rtol=1e-12, atol=1e-12)

@@ -133,25 +133,33 @@ def concat_batches(a: Any, b: Any) -> Any | None:
         return None
 
 
+def _shape_of(x: Any) -> Any:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _loss_forms(expected: int) -> str:
+    return (f"per-sample losses of shape ({expected},), per-token losses ({expected}, T), or a pair "
+            f"(losses ({expected}, T), mask ({expected}, T) bool)")
+
+
 def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Check a ``problem.loss`` result for a batch of ``expected``: (losses, mask or None, is_tokens).
 
     Accepts ``(B,)`` per-sample losses, ``(B, T)`` per-token losses (mask None: all valid) or
     a pair ``(losses (B, T), mask (B, T) bool)``; anything else is a ProblemError naming it.
     """
-    def shape_of(x: Any) -> Any:
-        return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-    forms = (f"per-sample losses of shape ({expected},), per-token losses ({expected}, T), or a pair "
-             f"(losses ({expected}, T), mask ({expected}, T) bool)")
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, torch.Tensor):  # the common case first: it runs at every step and draw
+        shape = out.shape
+        if len(shape) in (1, 2) and shape[0] == expected:
+            return out, None, len(shape) == 2
+    elif isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ProblemError(f"problem.loss returned a {type(out).__name__} of {len(out)} items; it must return "
-                               f"{forms}")
+                               f"{_loss_forms(expected)}")
         losses, mask = out
         if not isinstance(losses, torch.Tensor) or losses.ndim != 2 or losses.shape[0] != expected:
-            raise ProblemError(f"problem.loss returned a pair whose losses have shape {shape_of(losses)} for a batch "
-                               f"of {expected}; they must have shape ({expected}, T) with reduction='none'")
+            raise ProblemError(f"problem.loss returned a pair whose losses have shape {_shape_of(losses)} for a "
+                               f"batch of {expected}; they must have shape ({expected}, T) with reduction='none'")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != losses.shape:
             what = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else \
                 type(mask).__name__
@@ -159,12 +167,8 @@ def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | No
                                f"shape {tuple(losses.shape)} (e.g. attention_mask[:, 1:].bool()), True where a "
                                "token's loss counts")
         return losses, mask, True
-    if isinstance(out, torch.Tensor) and out.shape == (expected,):
-        return out, None, False
-    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == expected:
-        return out, None, True
-    raise ProblemError(f"problem.loss must return {forms}; got {shape_of(out)} for a batch of {expected}. "
-                       "Use reduction='none' (e.g. F.cross_entropy(..., reduction='none'))")
+    raise ProblemError(f"problem.loss must return {_loss_forms(expected)}; got {_shape_of(out)} for a batch of "
+                       f"{expected}. Use reduction='none' (e.g. F.cross_entropy(..., reduction='none'))")
 
 
 def checked_loss(problem: Problem, model: torch.nn.Module, batch: Any, expected: int) -> torch.Tensor:
@@ -348,6 +352,7 @@ class SGLDChain:
         self._measured: tuple | None = None  # set by the first evaluation at w* (:meth:`_measure`)
         #: (batch, Measurement, buffer): train and query evaluated in one forward pass (:meth:`_joint_evaluation`)
         self._joint: tuple | None = None
+        self._nbeta: float | None = None
 
     def _measure(self) -> tuple:
         """The first evaluation fixes what a draw records (samples or valid tokens); lazy, once.
@@ -423,8 +428,10 @@ class SGLDChain:
     @property
     def nbeta(self) -> float:
         """nβ: ``sampler.nbeta``, else the number of train variables (n_train, or the valid train tokens)."""
-        s = self.settings.nbeta
-        return float(s) if s is not None else float(self.n_train_vars)
+        if self._nbeta is None:  # fixed once the first evaluation has fixed the variables; read at every step
+            s = self.settings.nbeta
+            self._nbeta = float(s) if s is not None else float(self.n_train_vars)
+        return self._nbeta
 
     def autocast_context(self):
         """``torch.autocast`` bfloat16 on CUDA when ``sampler.autocast: bf16``, else a no-op context."""
@@ -463,17 +470,23 @@ class SGLDChain:
         # minibatch without replacement; batch_size >= n_train gives the full-batch gradient
         idx = torch.randperm(self.n_train, generator=self.gen_cpu)[: s.batch_size]
         if self._train_tensors is not None:
-            dev_idx = idx.to(self.device, non_blocking=True)
-            batch = [t[dev_idx] for t in self._train_tensors]
+            dev_idx = idx if self.device.type == "cpu" else idx.to(self.device, non_blocking=True)
+            batch = [t.index_select(0, dev_idx) for t in self._train_tensors]  # t[idx] without its indexing path
         else:
             batch = to_device(collate_indices(self.problem.train, idx), self.device)
-        for p in self.params:
-            p.grad = None
-        with self.autocast_context():
+        if self.autocast is None:
             loss = minibatch_loss(self.problem, self.model, batch, len(idx))
-        loss.backward()
+        else:
+            with self.autocast_context():
+                loss = minibatch_loss(self.problem, self.model, batch, len(idx))
+        # the gradient of the sampled parameters only, returned rather than accumulated into p.grad; a parameter
+        # the loss does not use gets 0 (its dynamics are then the prior's and the noise). Not materialize_grads=True:
+        # its check of every gradient cost 4 us a step.
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        if any(g is None for g in grads):
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         with torch.no_grad():
-            self.kernel.step(self.params, [p.grad for p in self.params], anchor=self.anchor, nbeta=self.nbeta,
+            self.kernel.step(self.params, grads, anchor=self.anchor, nbeta=self.nbeta,
                              gamma=s.gamma, step_size=s.step_size, generator=self.gen_noise)
         self.step += 1
 

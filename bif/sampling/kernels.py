@@ -52,6 +52,28 @@ class Kernel:
         self.names = list(names)
         self.settings = settings
 
+    def standard_normal(self, params: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        """ξ ~ N(0, I) shaped like ``params``: one draw from ``generator`` of all their elements, flattened in
+        parameter order, split into views of a buffer that the next call overwrites.
+
+        When the parameters differ in dtype or device, one draw per tensor in parameter order instead. One
+        draw into a kept buffer, not one new tensor per parameter: on the digits MLP's 4 tensors an SGLD
+        step's arithmetic took 18 us instead of 45 us (the draw alone 7 vs 18 us).
+        """
+        buf = getattr(self, "_noise_views", None)
+        if buf is None:
+            first = params[0]
+            if all(p.dtype == first.dtype and p.device == first.device for p in params):
+                flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+                views = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+                buf = self._noise_views = ([flat], views)
+            else:
+                views = [torch.empty_like(p) for p in params]
+                buf = self._noise_views = (views, views)
+        for t in buf[0]:
+            t.normal_(generator=generator)
+        return buf[1]
+
     def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, anchor: Sequence[torch.Tensor],
              nbeta: float, gamma: float, step_size: float, generator: torch.Generator) -> None:
         """Update ``params`` in place, given ``grads`` = ∇L_B(w) (mean minibatch loss), same shapes."""
@@ -119,18 +141,22 @@ class SGLD(Kernel):
 
         w ← w - ε/2·d + √ε·ξ
 
-    Stateless. RNG: one ``torch.randn(p.shape)`` per parameter tensor, in parameter order.
+    Stateless. RNG: ξ is :meth:`Kernel.standard_normal` (one draw of all sampled elements in parameter
+    order; chains sampled before this form drew one ``torch.randn`` per tensor, so a seed's draws differ
+    from theirs, with the same distribution).
     """
 
     def step(self, params, grads, *, anchor, nbeta, gamma, step_size, generator):
-        # the same elementwise arithmetic as localized_drift per tensor, batched over the parameter
-        # list with torch._foreach_* (one kernel launch per op, not per op and tensor)
+        # w - ε/2·(nβ·g + γ(w - w*)) + √ε·ξ as three in-place passes over the parameter list, no temporaries:
+        # w ← w + c·(w* - w) with c = εγ/2 (lerp), then -εnβ/2·g, then √ε·ξ; batched with torch._foreach_*
+        # (one kernel launch per op, not per op and tensor)
         eps = step_size
-        drift = torch._foreach_mul(list(grads), nbeta)
-        torch._foreach_add_(drift, torch._foreach_sub(list(params), list(anchor)), alpha=gamma)
-        noise = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
-        torch._foreach_add_(list(params), drift, alpha=-eps / 2)
-        torch._foreach_add_(list(params), noise, alpha=math.sqrt(eps))
+        params, grads, anchor = list(params), list(grads), list(anchor)
+        noise = self.standard_normal(params, generator)
+        if gamma:
+            torch._foreach_lerp_(params, anchor, eps * gamma / 2)
+        torch._foreach_add_(params, grads, alpha=-eps * nbeta / 2)
+        torch._foreach_add_(params, noise, alpha=math.sqrt(eps))
 
 
 @register_kernel("psgld")
@@ -151,9 +177,9 @@ class PSGLD(Kernel):
 
     def step(self, params, grads, *, anchor, nbeta, gamma, step_size, generator):
         eps, alpha = step_size, self.settings.rmsprop_alpha
-        for p, g, a, v in zip(params, grads, anchor, self.v, strict=True):
+        for p, g, a, v, noise in zip(params, grads, anchor, self.v, self.standard_normal(params, generator),
+                                     strict=True):
             drift = localized_drift(g, p, a, nbeta=nbeta, gamma=gamma)
-            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
             v.mul_(alpha).addcmul_(drift, drift, value=1 - alpha)
             precond = v.sqrt().add_(self.settings.rmsprop_eps).reciprocal_()
             p.addcmul_(precond, drift, value=-eps / 2).addcmul_(precond.sqrt_(), noise, value=math.sqrt(eps))
