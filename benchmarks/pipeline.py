@@ -90,9 +90,9 @@ def bare_loop(cfg, num_draws: int, *, device: str = "cpu", same_ops: bool = Fals
     On CUDA the data live on the GPU and the minibatch indices are drawn there (what a bare
     CUDA loop does); the time ends after a synchronize.
 
-    ``same_ops``: the step as bif's chain computes it (:class:`bif.sampling.kernels.SGLD`: one noise
-    draw into a kept buffer and three in-place passes; ``index_select`` for the minibatch;
-    ``torch.autograd.grad``) instead of the per-tensor update a plain loop writes. Against it, the
+    ``same_ops``: the step as bif's chain computes it (its update is :class:`bif.sampling.kernels.SGLD`'s
+    ``step``: one noise draw into a kept buffer and three in-place passes; ``index_select`` for the
+    minibatch; ``torch.autograd.grad``) instead of the per-tensor update a plain loop writes. Against it, the
     chain's time per draw is the pipeline's overhead alone, with no credit for its faster arithmetic.
     """
     import torch
@@ -125,21 +125,18 @@ def bare_loop(cfg, num_draws: int, *, device: str = "cpu", same_ops: bool = Fals
                 p.add_(p.grad * nbeta + s.gamma * (p - a), alpha=-s.step_size / 2)
                 p.add_(torch.randn(p.shape, generator=gen, device=dev), alpha=s.step_size ** 0.5)
 
-    flat = torch.empty(sum(p.numel() for p in params), device=dev)
-    noise = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
-
-    def step_same_ops():
-        idx = torch.randperm(n, generator=gen, device=dev)[: s.batch_size]
-        loss = per_sample_loss(model, [xt.index_select(0, idx), yt.index_select(0, idx)]).mean()
-        grads = list(torch.autograd.grad(loss, params))
-        with torch.no_grad():
-            flat.normal_(generator=gen)
-            torch._foreach_lerp_(params, anchor, s.step_size * s.gamma / 2)
-            torch._foreach_add_(params, grads, alpha=-s.step_size * nbeta / 2)
-            torch._foreach_add_(params, noise, alpha=s.step_size ** 0.5)
-
     if same_ops:
-        step = step_same_ops  # noqa: F811
+        from bif.sampling.kernels import SGLD
+
+        kernel = SGLD([str(i) for i in range(len(params))], params, s)  # the chain's update, not a copy of it
+
+        def step():  # noqa: F811
+            idx = torch.randperm(n, generator=gen, device=dev)[: s.batch_size]
+            loss = per_sample_loss(model, [xt.index_select(0, idx), yt.index_select(0, idx)]).mean()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                kernel.step(params, grads, anchor=anchor, nbeta=nbeta, gamma=s.gamma, step_size=s.step_size,
+                            generator=gen)
 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -158,10 +155,10 @@ def bare_loop(cfg, num_draws: int, *, device: str = "cpu", same_ops: bool = Fals
 
 
 def _bare_worker(args: tuple) -> float:
-    cfg_path, num_draws, *same_ops = args
+    cfg_path, num_draws, same_ops = args
     from bif.config import load_config
 
-    return bare_loop(load_config(cfg_path), num_draws, same_ops=bool(same_ops and same_ops[0]))["per_draw_s"]
+    return bare_loop(load_config(cfg_path), num_draws, same_ops=same_ops)["per_draw_s"]
 
 
 def _bif_run(cfg_path: Path, output: Path, prefect_home: Path, *, keep_cluster: bool = True, warm: bool = True
@@ -213,9 +210,9 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 3) -> dict:
         for r in range(max(1, repeats)):
             wall, t0, manifest = _bif_run(cfg_path, workdir / f"run-{r}", home)
             with mp.get_context("spawn").Pool(1) as pool:
-                bare_alone = pool.map(_bare_worker, [(str(cfg_path), num_draws)])[0]
+                bare_alone = pool.map(_bare_worker, [(str(cfg_path), num_draws, False)])[0]
             with mp.get_context("spawn").Pool(2) as pool:  # same parallelism as the run: 2 chains on 2 cores
-                bare_pair = max(pool.map(_bare_worker, [(str(cfg_path), num_draws)] * 2))
+                bare_pair = max(pool.map(_bare_worker, [(str(cfg_path), num_draws, False)] * 2))
             with mp.get_context("spawn").Pool(2) as pool:  # the same, with the chain's own update arithmetic
                 bare_pair_same = max(pool.map(_bare_worker, [(str(cfg_path), num_draws, True)] * 2))
             t = manifest["timings"]

@@ -474,11 +474,8 @@ class SGLDChain:
             batch = [t.index_select(0, dev_idx) for t in self._train_tensors]  # t[idx] without its indexing path
         else:
             batch = to_device(collate_indices(self.problem.train, idx), self.device)
-        if self.autocast is None:
+        with self.autocast_context():
             loss = minibatch_loss(self.problem, self.model, batch, len(idx))
-        else:
-            with self.autocast_context():
-                loss = minibatch_loss(self.problem, self.model, batch, len(idx))
         # the gradient of the sampled parameters only, returned rather than accumulated into p.grad; a parameter
         # the loss does not use gets 0 (its dynamics are then the prior's and the noise). Not materialize_grads=True:
         # its check of every gradient cost 4 us a step.
