@@ -394,14 +394,16 @@ def _executing_count(dask_worker: Any) -> int:
 
 def _serve(state: Path) -> None:
     """Run the LocalCluster of ``state/spec.json`` until idle, replaced, stopped or its home is gone."""
-    from distributed import Client
-
     from bif.config import ComputeConfig
     from bif.flows import runtime
 
     cfg = json.loads((state / "spec.json").read_text())
     spec, idle_timeout_s = cfg["spec"], float(cfg["idle_timeout_s"])
     compute = ComputeConfig(**spec["compute"])
+    # the forkserver's imports (torch, Prefect, the checks' modules: ~11 s of a core) are the longest part of a cold
+    # start: begin them now, beside this process's own imports of distributed and the scheduler's start
+    runtime.start_forkserver(compute, preload=tuple(spec["preload"]), warm_modules=tuple(spec["warm_modules"]))
+    from distributed import Client
     with runtime.dask_cluster(compute, num_tasks=spec["num_tasks"], preload=tuple(spec["preload"]),
                               warm_modules=tuple(spec["warm_modules"])) as cluster, \
             Client(cluster.address, set_as_default=False) as client:

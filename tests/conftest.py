@@ -23,6 +23,9 @@ if _XDIST_WORKER:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"bif-prefect-home-{_XDIST_WORKER}-")
 else:
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bif-prefect-home-"))
+# bif's cache (the empty Prefect database that seeds fresh homes, flows/prefect_server.py): the session's own, never
+# the user's ~/.cache; the first fresh home of the session creates it and the later ones start from it
+os.environ["BIF_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"bif-cache-{_XDIST_WORKER or 'main'}-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_UI_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"

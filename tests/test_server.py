@@ -209,3 +209,68 @@ def test_bif_run_reports_to_the_kept_server(linear_cli_run):
     left = [p for p in psutil.process_iter(["cwd", "status"])
             if p.info["cwd"] == str(run.workdir) and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert not left, [p.cmdline() for p in left]
+
+
+def _sqlite(path: Path, query: str):
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+def _api(url: str, path: str, body: dict) -> object:
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_a_fresh_home_starts_from_the_kept_empty_database(tmp_path, monkeypatch):
+    """The first server on a fresh home leaves its just-migrated, empty database in bif's cache; the next fresh home
+    starts from a copy of it (seen by a mark put on the kept copy), and its server works on it. A database that
+    holds a flow is never kept."""
+    import sqlite3
+    from importlib.metadata import version
+
+    from bif.flows import prefect_server as ps
+
+    cache = tmp_path / "cache"
+    homes = [tmp_path / "home-a", tmp_path / "home-b"]
+
+    def cmd(home: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([BIF, *args], env=_env(home) | {"BIF_CACHE_DIR": str(cache)}, capture_output=True,
+                              text=True, timeout=240)
+
+    try:
+        first = cmd(homes[0], "server", "start")
+        assert first.returncode == 0, first.stdout + first.stderr
+        tpl = cache / "prefect-db" / f"prefect-{version('prefect')}.db"
+        assert tpl.is_file()
+        own = {r[0] for r in _sqlite(homes[0] / "prefect.db", "SELECT name FROM sqlite_master WHERE type='table'")}
+        kept = {r[0] for r in _sqlite(tpl, "SELECT name FROM sqlite_master WHERE type='table'")}
+        assert kept == own and {"alembic_version", "flow", "flow_run", "deployment"} <= kept
+        assert _sqlite(tpl, "SELECT version_num FROM alembic_version") == \
+            _sqlite(homes[0] / "prefect.db", "SELECT version_num FROM alembic_version")
+        assert _sqlite(tpl, "SELECT count(*) FROM flow_run") == [(0,)]
+        con = sqlite3.connect(tpl)  # a mark neither SQLite nor Prefect sets
+        con.execute("PRAGMA user_version = 4242")
+        con.commit()
+        con.close()
+
+        second = cmd(homes[1], "server", "start")
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert _sqlite(homes[1] / "prefect.db", "PRAGMA user_version") == [(4242,)]  # started from the copy
+        _, url = running(second)
+        flow = _api(url, "/flows/", {"name": "seeded-home-check"})
+        assert [f["id"] for f in _api(url, "/flows/filter", {})] == [flow["id"]]
+        # that database now holds a flow: it is refused as a template, and the kept one stays as it was
+        monkeypatch.setenv("BIF_CACHE_DIR", str(cache))
+        assert not ps._keep_template(homes[1] / "prefect.db", version("prefect"))
+        assert _sqlite(tpl, "PRAGMA user_version") == [(4242,)]
+        assert _sqlite(tpl, "SELECT count(*) FROM flow") == [(0,)]
+    finally:
+        for home in homes:
+            cmd(home, "server", "stop")
