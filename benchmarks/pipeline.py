@@ -229,9 +229,12 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 3) -> dict:
         # the first run on a fresh Prefect home of a machine that never ran bif: it creates the database (Prefect's
         # migrations) and starts the kept server and the kept Dask cluster; the rounds reuse both (the usual case);
         # the last run starts a cluster of its own (BIF_KEEP_CLUSTER=0), as every run did before the kept cluster
-        cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home, cache=workdir / "bif-cache-empty")
+        # (every run on ``home`` has the same environment, BIF_CACHE_DIR included: the kept cluster and the warm process
+        # serve one environment, and another value would make round 1 start both anew)
+        fresh_cache = workdir / "bif-cache-empty"
+        cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home, cache=fresh_cache)
         for r in range(max(1, repeats)):
-            wall, t0, manifest = _bif_run(cfg_path, workdir / f"run-{r}", home)
+            wall, t0, manifest = _bif_run(cfg_path, workdir / f"run-{r}", home, cache=fresh_cache)
             with mp.get_context("spawn").Pool(1) as pool:
                 bare_alone = pool.map(_bare_worker, [(str(cfg_path), num_draws, False)])[0]
             with mp.get_context("spawn").Pool(2) as pool:  # same parallelism as the run: 2 chains on 2 cores
@@ -244,8 +247,10 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 3) -> dict:
                            # per draw of one chain, chains running in parallel
                            "ours": max(t["chain_sampling_s"]) / num_draws})
         # the same as the rounds without the warm bif process (bif.flows.warm): the command imports what it needs
-        cold_cmd_wall, cold_cmd_t0, cold_cmd = _bif_run(cfg_path, workdir / "run-no-warm", home, warm=False)
-        own_wall, own_t0, own = _bif_run(cfg_path, workdir / "run-own-cluster", home, keep_cluster=False)
+        cold_cmd_wall, cold_cmd_t0, cold_cmd = _bif_run(cfg_path, workdir / "run-no-warm", home, warm=False,
+                                                        cache=fresh_cache)
+        own_wall, own_t0, own = _bif_run(cfg_path, workdir / "run-own-cluster", home, keep_cluster=False,
+                                             cache=fresh_cache)
     finally:
         from bif.flows import warm as warm_process
         from bif.flows.kept_cluster import stop as stop_cluster
