@@ -239,13 +239,13 @@ def _template_problem(conn: "sqlite3.Connection") -> str | None:
     return f"rows in {', '.join(sorted(full))}" if full else None
 
 
-def _seed_database(home: Path, version: str) -> bool:
-    """Copy the kept template into a fresh Prefect home (no database yet); True when it did."""
+def _seed_database(db: Path, version: str) -> bool:
+    """Copy the kept template to ``db``, a fresh home's default database (:func:`_default_database`) that does not
+    exist yet; True when it did."""
     import sqlite3
 
-    db = _default_database(home)
     tpl = database_template(version)
-    if db is None or any(db.with_name(db.name + x).exists() for x in ("", "-wal", "-journal")) or not tpl.is_file():
+    if any(db.with_name(db.name + x).exists() for x in ("", "-wal", "-journal")) or not tpl.is_file():
         return False
     tmp = db.with_name(f"{db.name}.seed-{os.getpid()}")
     try:
@@ -334,7 +334,7 @@ def _claim_server(*, home: Path | None, idle_timeout_s: float) -> tuple[ServerIn
             (state / "server.json").unlink(missing_ok=True)
         db = _default_database(home)
         fresh = db is not None and not db.exists()  # its first start: Prefect creates the database
-        seeded = fresh and _seed_database(home, version)
+        seeded = fresh and _seed_database(db, version)
         port = _free_port()
         with open(state / "server.log", "ab") as log:
             proc = subprocess.Popen(

@@ -83,17 +83,17 @@ def test_a_fresh_home_gets_a_copy_and_a_used_one_is_left_alone(cache, tmp_path):
     _db(tpl, user_version=7)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    assert ps._seed_database(fresh, VERSION)
+    assert ps._seed_database(fresh / "prefect.db", VERSION)
     assert _user_version(fresh / "prefect.db") == 7 and _problem(fresh / "prefect.db") is None
     assert sorted(p.name for p in fresh.iterdir()) == ["prefect.db"]  # no -wal/-shm/seed files left beside it
     used = tmp_path / "used"
     used.mkdir()
     _db(used / "prefect.db", rows={"flow": 3}, user_version=1)
-    assert not ps._seed_database(used, VERSION)
+    assert not ps._seed_database(used / "prefect.db", VERSION)
     assert _user_version(used / "prefect.db") == 1
     other = tmp_path / "other"
     other.mkdir()
-    assert not ps._seed_database(other, "0.0.1")  # no template for another Prefect version
+    assert not ps._seed_database(other / "prefect.db", "0.0.1")  # no template for another Prefect version
     assert not (other / "prefect.db").exists()
 
 
@@ -108,9 +108,7 @@ def test_a_home_with_its_own_database_setting_is_never_seeded(cache, tmp_path, m
         monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/elsewhere.db")
     else:
         (home / "profiles.toml").write_text('[profiles.default]\nPREFECT_API_DATABASE_CONNECTION_URL = "x"\n')
-    assert ps._default_database(home) is None
-    assert not ps._seed_database(home, VERSION)
-    assert not (home / "prefect.db").exists()
+    assert ps._default_database(home) is None  # so _claim_server seeds nothing
 
 
 @pytest.mark.parametrize("damage", ["garbage", "rows"])
@@ -123,7 +121,7 @@ def test_a_damaged_or_altered_template_is_dropped_not_used(cache, tmp_path, dama
         _db(tpl, rows={"variable": 1})
     home = tmp_path / "home"
     home.mkdir()
-    assert not ps._seed_database(home, VERSION)
+    assert not ps._seed_database(home / "prefect.db", VERSION)
     assert not tpl.exists()  # dropped: the next fresh home creates its database as Prefect does
     assert sorted(p.name for p in home.iterdir()) == []
 
