@@ -273,6 +273,20 @@ def test_released_workers_are_restarted_by_the_cluster_so_the_next_command_need_
         kept_cluster.stop()
 
 
+def test_an_idle_cluster_looks_at_its_workers_after_a_command_or_once_a_minute():
+    """The idle loop calls its workers (task running? all there?) when a command held the cluster since its last
+    look, when the fresh mark is gone (a command claimed the workers between two polls, or was killed), and
+    otherwise only every IDLE_CHECK_S seconds; not every second as before."""
+    due = kept_cluster._idle_check_due
+    limit = kept_cluster.IDLE_CHECK_S
+    assert 10.0 <= limit <= 120.0
+    assert due(marked=True, used=True, since_check_s=1.0)  # a command released the cluster
+    assert due(marked=False, used=False, since_check_s=1.0)  # the mark was consumed (or never written)
+    assert due(marked=True, used=False, since_check_s=limit)  # the safety net: a worker that died meanwhile
+    assert not due(marked=True, used=False, since_check_s=1.0)
+    assert not due(marked=True, used=False, since_check_s=limit - 1.0)
+
+
 def test_workers_that_do_not_come_back_get_a_new_cluster(tmp_path, monkeypatch):
     """A kept cluster whose forkserver hangs (stopped with SIGSTOP: no worker can be forked) is replaced by the
     next command after BIF_KEPT_RESTART_TIMEOUT seconds, not waited on and then abandoned for a cluster of its own."""
