@@ -29,11 +29,12 @@ demo: $(STAMP)
 	@test -f runs/example/digits.pt || $(BIN)/bif example digits runs/example/digits.pt
 	$(BIN)/bif run bif/examples/digits.yaml
 
-# TEST_WORKERS=2 runs the suite on two pytest-xdist workers: each test file (or group of files sharing
-# a session fixture) runs whole in one worker, longest first (tests/conftest.py). The default, 0, runs it
-# in one process: on a busy 2-core machine two workers were not faster (1.15x slower on test_sampler +
-# test_runtime, both ways back to back); measure on a quiet machine before making 2 the default.
-TEST_WORKERS ?= 0
+# TEST_WORKERS=2 (the default) runs the suite on two pytest-xdist workers: each test file (or group of files
+# sharing a session fixture) runs whole in one worker, longest first (tests/conftest.py); TEST_WORKERS=0 runs it
+# in one process. The whole default suite on the 2-core machine, back to back on 2026-12-02: 1,421 s in one
+# process (.ci/run), 1,047 and 1,194 s on two workers. (Two files alone, test_sampler + test_runtime, were 1.15x
+# slower on two workers in an earlier session: most of the suite waits on servers and subprocesses, they do not.)
+TEST_WORKERS ?= 2
 PYTEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 test: $(STAMP)

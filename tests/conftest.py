@@ -227,20 +227,24 @@ XDIST_GROUPS = {
     "test_strict_json.py": "linear-complete-run",
 }
 
-#: Rough serial wall time of a file's tests, seconds (2-core machine, quiet; see
-#: /work/notes/s4/note-suite.md). Only the order matters: the longest units go out first.
+#: Rough wall time of a file's tests, seconds: the sums of its tests among the 40 slowest of a
+#: `pytest -n 2 --dist loadfile --durations=40` run (2-core machine, 2026-12-02), else an older serial figure
+#: (/work/notes/s4/note-suite.md). Only the order matters: the longest units go out first.
 XDIST_COST_S = {
-    "test_flow.py": 125, "test_cli.py": 115, "test_server.py": 60, "test_credentials.py": 30,
-    "test_faults.py": 70, "test_degenerate.py": 60, "test_sampler.py": 62, "test_runtime.py": 60,
-    "test_calibrate.py": 57, "test_baselines.py": 30, "test_tinylm.py": 30, "test_covariance.py": 30,
-    "test_ops.py": 25, "test_tokens.py": 20, "test_report_tokens.py": 15, "test_notebook.py": 13,
-    "test_lds_flow.py": 12, "test_registry.py": 12, "test_architecture.py": 10, "test_strict_json.py": 8,
+    "test_cli.py": 245, "test_kept_cluster.py": 210, "test_flow.py": 145, "test_warm.py": 130,
+    "test_lds_flow.py": 80, "test_faults.py": 75, "test_sampler.py": 70, "test_credentials.py": 65,
+    "test_runtime.py": 65, "test_worker_settings.py": 60, "test_server.py": 60, "test_degenerate.py": 60,
+    "test_calibrate.py": 57, "test_startup.py": 50, "test_tinylm.py": 40, "test_ops.py": 40,
+    "test_baselines.py": 30, "test_covariance.py": 30, "test_tokens.py": 20, "test_notebook.py": 20,
+    "test_report_tokens.py": 15, "test_threads.py": 15, "test_registry.py": 12, "test_architecture.py": 10,
+    "test_strict_json.py": 8,
 }
 
 
 def _unit_of(path: str | Path) -> str:
-    """The unit of work of a test file: its XDIST_GROUPS group, else the file itself."""
-    return XDIST_GROUPS.get(Path(path).name, str(path))
+    """The unit of work of a test file: its XDIST_GROUPS group, else the file's name (as XDIST_COST_S names it;
+    a full path here gave every ungrouped file cost 0, so they went out in collection order, not longest first)."""
+    return XDIST_GROUPS.get(Path(path).name, Path(path).name)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist; `-p no:xdist` runs without it
