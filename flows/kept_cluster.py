@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -420,8 +421,7 @@ def _serve(state: Path) -> None:
         tmp.write_text(json.dumps(asdict(info)))
         tmp.replace(state / "cluster.json")
         workers = compute.n_workers or max(1, len(client.scheduler_info()["workers"]))  # the spec resolves it
-        last_used = checked = time.monotonic()
-        used = True  # since the last look at the workers: look at once
+        last_used, checked = time.monotonic(), -math.inf  # checked: the last look at the workers (none yet)
         while True:
             time.sleep(1.0)
             current = _read_info(state)
@@ -429,12 +429,12 @@ def _serve(state: Path) -> None:
                 return  # stopped, replaced, or its Prefect home was deleted
             free = _try_lock(state / "use.lock", attempts=1)
             if free is None:
-                last_used, used = time.monotonic(), True
+                last_used = time.monotonic()
                 continue
             free.close()
             marked = (state / FRESH_FILE).exists()
-            if _idle_check_due(marked=marked, used=used, since_check_s=time.monotonic() - checked):
-                used, checked = False, time.monotonic()
+            if _idle_check_due(marked=marked, used=last_used > checked, since_check_s=time.monotonic() - checked):
+                checked = time.monotonic()
                 try:
                     _refresh_idle_workers(state, client, workers)
                 except Exception as err:  # noqa: BLE001 - a failed restart leaves the cluster as it is
