@@ -194,7 +194,8 @@ def run_calibration(cfg: RunConfig, settings: CalibrationSettings, *, address: s
                     keep: bool = False) -> dict[str, Any]:
     """Run :func:`calibrate_flow` on a Dask cluster (``address``, ``compute.address`` or a new LocalCluster; ``keep``:
     the kept cluster of :mod:`bif.flows.kept_cluster`, as ``bif calibrate`` does)."""
+    # the problem's modules ahead in the forkserver, as `bif run` has them: its kept cluster then serves this too
     with runtime.dask_cluster(cfg.compute, num_tasks=1 << 16, address=address, preload=PRELOAD,
-                              keep=keep) as cluster:
+                              warm_modules=runtime.problem_preload(cfg.problem), keep=keep) as cluster:
         return runtime.call_flow(calibrate_flow, cfg, address=cluster.address, log_name="calibrate",
                                  settings=settings.model_dump(mode="json"))

@@ -12,7 +12,12 @@ everything a worker inherits or has imported: the Python interpreter, the workin
 (relative paths resolve there), the whole environment (credentials in ``AWS_*`` variables, the
 Prefect API URL, thread settings), the worker count, threads and GPUs, the forkserver's
 imports, and the size and modification time of every source file of bif itself. Any
-difference starts a new cluster and stops the old one. A user's own problem module is never
+difference starts a new cluster and stops the old one. What the forkserver and the workers import ahead (the
+command's preload modules: bif's flows, bif's example problem factories) is not part of it: a cluster whose imports
+include a command's serves it, so ``bif run``, ``bif lds`` and ``bif calibrate`` on one config share one cluster
+(each of them replaced it before: the README's sequence of commands paid a cold start at every switch); a command
+that needs a module the cluster lacks replaces it with one that imports both (:func:`_missing_modules`), so
+switching back costs nothing. A user's own problem module is never
 imported by the kept processes: **every command gets fresh workers** (forked afresh from the
 forkserver), so a worker never holds a module, a problem or memory from an earlier run. The
 cluster's own process restarts them as soon as a command has released them, and marks them
@@ -46,6 +51,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, IO
 
+#: The keys of a spec that name what the cluster imports ahead (Dask's worker preloads; the forkserver's extra
+#: imports): not part of the fingerprint (see :func:`_missing_modules`).
+MODULE_KEYS = ("preload", "warm_modules")
 #: ``BIF_KEEP_CLUSTER=0`` (or false/no/off): every command starts and stops its own LocalCluster.
 KEEP_ENV = "BIF_KEEP_CLUSTER"
 #: A kept cluster stops after this long without a command using it.
@@ -89,6 +97,8 @@ class KeptClusterInfo:
     started_at: float
     idle_timeout_s: float
     parts: dict[str, str] | None = None
+    #: what its forkserver and workers import ahead: the spec's :data:`MODULE_KEYS` (None: written by an older bif)
+    modules: dict[str, list[str]] | None = None
 
 
 def enabled(compute: Any) -> bool:
@@ -122,12 +132,12 @@ def _code_stamp() -> list[tuple[str, int, int]]:
 
 
 def fingerprint_parts(spec: dict[str, Any]) -> dict[str, str]:
-    """sha256 of each part of the set-up: ``spec`` (compute, preload), interpreter, working directory,
-    environment, bif's source files (see the module docstring). ``cluster.json`` keeps them, so a
-    replaced cluster can say which part changed (in ``cluster.log``)."""
+    """sha256 of each part of the set-up: ``spec`` (compute and worker count; not its :data:`MODULE_KEYS`, see
+    :func:`_missing_modules`), interpreter, working directory, environment, bif's source files (see the module
+    docstring). ``cluster.json`` keeps them, so a replaced cluster can say which part changed (in ``cluster.log``)."""
     env = sorted((k, v) for k, v in os.environ.items() if k not in _CLUSTER_VOLATILE_ENV)
-    parts = {"spec": spec, "python": [sys.executable, sys.version], "cwd": os.getcwd(), "env": env,
-             "code": _code_stamp()}
+    parts = {"spec": {k: v for k, v in spec.items() if k not in MODULE_KEYS}, "python": [sys.executable, sys.version],
+             "cwd": os.getcwd(), "env": env, "code": _code_stamp()}
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
             for k, v in parts.items()}
 
@@ -135,6 +145,23 @@ def fingerprint_parts(spec: dict[str, Any]) -> dict[str, str]:
 def fingerprint(spec: dict[str, Any]) -> str:
     """One hash of :func:`fingerprint_parts`: two commands with the same one share a kept cluster."""
     return _key(fingerprint_parts(spec))
+
+
+def _missing_modules(info: KeptClusterInfo | None, spec: dict[str, Any]) -> list[str]:
+    """The modules of ``spec`` (its :data:`MODULE_KEYS`) that the kept cluster ``info`` does not import ahead.
+
+    A worker imports what its task needs anyway, so such a cluster would still be correct; but a module missing
+    from the forkserver is imported again in every fresh worker of every command (bif.lm's transformers: seconds
+    each), so the command replaces the cluster with one that imports both (:func:`_with_modules`)."""
+    have = (info.modules if info is not None else None) or {}
+    return [m for k in MODULE_KEYS for m in spec.get(k, []) if m not in have.get(k, [])]
+
+
+def _with_modules(spec: dict[str, Any], info: KeptClusterInfo | None) -> dict[str, Any]:
+    """``spec`` with the modules of the kept cluster ``info`` added ahead of its own: the replacement keeps
+    serving the commands the old cluster served."""
+    have = (info.modules if info is not None else None) or {}
+    return {**spec, **{k: list(dict.fromkeys([*have.get(k, []), *spec.get(k, [])])) for k in MODULE_KEYS}}
 
 
 def _key(parts: dict[str, str]) -> str:
@@ -245,12 +272,17 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     key = _key(parts)
     with _locked_file(state / "state.lock"):
         info = _read_info(state)
-        reused = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
+        running = info is not None and _is_ours(info.pid) and _answers(info.address)
+        missing = _missing_modules(info, spec) if running and info.key == key else None
+        reused = missing == []
         fresh = _take_fresh(state, info.pid if reused else None)  # consumed either way: this command uses them
         if not reused:
-            changed = [k for k in parts if info is not None and (info.parts or {}).get(k) != parts[k]]
-            info = _replace(state, info, f"changed {', '.join(changed or ['not answering'])}", spec, parts,
-                            idle_timeout_s, start_timeout_s)
+            if missing:
+                why, spec = f"it does not import {', '.join(missing)}", _with_modules(spec, info)
+            else:
+                changed = [k for k in parts if info is not None and (info.parts or {}).get(k) != parts[k]]
+                why = f"changed {', '.join(changed or ['not answering'])}"
+            info = _replace(state, info, why, spec, parts, idle_timeout_s, start_timeout_s)
     if info is None:
         return None
     if reused and not fresh:
@@ -259,7 +291,7 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
             with _locked_file(state / "state.lock"):
                 info = _replace(state, info, f"its workers did not come back ({type(err).__name__}: {err}); its "
-                                f"processes: {_process_states(info.pid)}", spec, parts, idle_timeout_s,
+                                f"processes: {_process_states(info.pid)}", _with_modules(spec, info), parts, idle_timeout_s,
                                 start_timeout_s)
             return None if info is None else (info, False)
     return info, reused
@@ -416,7 +448,8 @@ def _serve(state: Path) -> None:
                               warm_modules=tuple(spec["warm_modules"])) as cluster, \
             Client(cluster.address, set_as_default=False) as client:
         info = KeptClusterInfo(pid=os.getpid(), address=cluster.address, key=cfg["key"], started_at=time.time(),
-                               idle_timeout_s=idle_timeout_s, parts=cfg.get("parts"))
+                               idle_timeout_s=idle_timeout_s, parts=cfg.get("parts"),
+                               modules={k: list(spec.get(k, [])) for k in MODULE_KEYS})
         tmp = state / f"cluster.json.{os.getpid()}"
         tmp.write_text(json.dumps(asdict(info)))
         tmp.replace(state / "cluster.json")

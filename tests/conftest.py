@@ -231,7 +231,7 @@ XDIST_GROUPS = {
 #: `pytest -n 2 --dist loadfile --durations=40` run (2-core machine, 2026-12-02), else an older serial figure
 #: (/work/notes/s4/note-suite.md). Only the order matters: the longest units go out first.
 XDIST_COST_S = {
-    "test_cli.py": 245, "test_kept_cluster.py": 210, "test_flow.py": 145, "test_warm.py": 130,
+    "test_cli.py": 245, "test_kept_cluster.py": 260, "test_flow.py": 145, "test_warm.py": 130,
     "test_lds_flow.py": 80, "test_faults.py": 75, "test_sampler.py": 70, "test_credentials.py": 65,
     "test_runtime.py": 65, "test_worker_settings.py": 60, "test_server.py": 60, "test_degenerate.py": 60,
     "test_calibrate.py": 57, "test_startup.py": 50, "test_tinylm.py": 40, "test_ops.py": 40,

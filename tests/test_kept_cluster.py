@@ -132,6 +132,32 @@ def test_bad_input_fails_on_the_kept_cluster_with_its_message(user):
     assert _cluster(home)["pid"] == pid and _alive(pid)
 
 
+def test_bif_lds_and_bif_run_on_one_config_share_the_kept_cluster(user):
+    """`bif lds` and `bif run` on one config use one kept cluster. (Each switch between `bif run`, `bif lds` and
+    `bif calibrate` replaced it before: the next command paid a cold start, 13-15 s instead of 1-3 s on the 2-core
+    machine.) Here the cluster was started for the user's own module; `bif lds` on bif's logistic example needs that
+    example's modules ahead, so it replaces the cluster once with one that imports both, which `bif run` reuses."""
+    home, work = user
+    old = _cluster(home)["pid"]
+    cfg = {"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6},
+           "compute": {"n_workers": 2},
+           "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 10, "draws_per_block": 20,
+                       "step_size": 1e-2, "gamma": 10.0, "batch_size": 40, "seed": 4}}
+    (work / "logistic.yaml").write_text(yaml.safe_dump(cfg))
+    lds = _bif(home, work, "lds", "logistic.yaml", "--num-subsets", "4", "--num-seeds", "1", "--methods", "graddot",
+               "--output", "out-lds")
+    assert lds.returncode == 0, lds.stderr[-3000:]
+    assert re.search(r"^\s+graddot\s+LDS [+-][\d.]+", lds.stdout, re.M), lds.stdout
+    pid = _cluster(home)["pid"]
+    assert pid != old and not _alive(old)
+    log = (home / "bif-cluster" / "cluster.log").read_text()
+    assert f"replacing the kept cluster (pid {old}): it does not import bif.examples.logistic" in log, log[-2000:]
+    run = _bif(home, work, "run", "logistic.yaml", "--no-progress", "--output", "out-logistic")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _cluster(home)["pid"] == pid and _alive(pid)
+    assert (home / "bif-cluster" / "cluster.log").read_text().count("replacing") == log.count("replacing")
+
+
 def test_another_environment_replaces_the_cluster_and_stop_ends_it(user):
     home, work = user
     old = _cluster(home)
@@ -178,8 +204,59 @@ def test_fingerprint_follows_the_environment_but_not_what_libraries_set_on_impor
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     assert kept_cluster.fingerprint(spec) == base
     assert kept_cluster.fingerprint({**spec, "num_tasks": 3}) != base
+    # what the cluster imports ahead is not its identity (test_a_cluster_that_imports_what_a_command_needs_serves_it)
+    assert kept_cluster.fingerprint({**spec, "preload": ["bif.tasks.steps"], "warm_modules": ["graphlib"]}) == base
     monkeypatch.setattr(kept_cluster, "_code_stamp", lambda: [("bif/x.py", 1, 2)])  # bif edited or upgraded
     assert kept_cluster.fingerprint(spec) != base
+
+
+def test_bif_run_lds_and_calibrate_ask_the_kept_cluster_for_modules_it_imports_from_the_start():
+    """The worker preloads of `bif lds` and `bif calibrate` are among those every kept cluster starts with (with
+    `bif run`'s), so switching between the commands never replaces the cluster for a module (each switch did)."""
+    from bif.flows import calibrate, lds, runtime
+
+    for flow_preload in (runtime.DEFAULT_PRELOAD, lds.PRELOAD, calibrate.PRELOAD):
+        assert set(flow_preload) <= set(runtime.KEPT_WORKER_PRELOAD), flow_preload
+
+
+def test_a_cluster_that_imports_what_a_command_needs_serves_it(tmp_path, monkeypatch):
+    """A command whose modules the kept cluster imports ahead reuses it whatever else the cluster imports; one that
+    needs another module replaces it with a cluster that imports both, so that the first command's set-up is served
+    by the new cluster too (no cluster per command when a user switches between `bif run` and `bif lds`)."""
+    from distributed import Client
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    from bif.config import ComputeConfig
+
+    base = {"compute": ComputeConfig(n_workers=1).model_dump(), "num_tasks": 1, "preload": ["bif.flows.runtime"],
+            "warm_modules": []}
+    extra = {**base, "warm_modules": ["graphlib"]}  # a module nothing else here imports
+
+    def worker_has(address: str, module: str) -> bool:
+        with Client(address, set_as_default=False) as client:
+            (has,) = client.run(lambda: module in sys.modules).values()
+            return has
+
+    try:
+        with kept_cluster.use_kept_cluster(base) as kept:
+            first, reused = kept
+            assert not reused and first.modules == {"preload": ["bif.flows.runtime"], "warm_modules": []}
+            assert not worker_has(first.address, "graphlib")
+        with kept_cluster.use_kept_cluster({**base, "preload": []}) as kept:  # asks for less: served
+            info, reused = kept
+            assert reused and info.pid == first.pid
+        with kept_cluster.use_kept_cluster(extra) as kept:  # asks for a module the cluster lacks: replaced
+            second, reused = kept
+            assert not reused and second.pid != first.pid and not _alive(first.pid)
+            assert second.modules == {"preload": ["bif.flows.runtime"], "warm_modules": ["graphlib"]}
+            assert worker_has(second.address, "graphlib")  # forked from a forkserver that imported it
+        log = (tmp_path / "bif-cluster" / "cluster.log").read_text()
+        assert f"replacing the kept cluster (pid {first.pid}): it does not import graphlib" in log, log[-2000:]
+        with kept_cluster.use_kept_cluster(base) as kept:  # the first set-up again: the new cluster serves it
+            info, reused = kept
+            assert reused and info.pid == second.pid
+    finally:
+        kept_cluster.stop()
 
 
 def test_a_command_finds_the_cluster_taken_while_another_uses_it(tmp_path, monkeypatch):
