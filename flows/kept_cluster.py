@@ -272,8 +272,8 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     key = _key(parts)
     with _locked_file(state / "state.lock"):
         info = _read_info(state)
-        running = info is not None and _is_ours(info.pid) and _answers(info.address)
-        missing = _missing_modules(info, spec) if running and info.key == key else None
+        same = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
+        missing = _missing_modules(info, spec) if same else None  # None: another set-up, or not running
         reused = missing == []
         fresh = _take_fresh(state, info.pid if reused else None)  # consumed either way: this command uses them
         if not reused:
