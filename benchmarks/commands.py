@@ -13,7 +13,6 @@ after the other: compare them within one run of this benchmark.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -10,8 +10,8 @@ set-up reuses it.
 **What makes two commands "the same set-up"** is a fingerprint (:func:`fingerprint`) of
 everything a worker inherits or has imported: the Python interpreter, the working directory
 (relative paths resolve there), the whole environment (credentials in ``AWS_*`` variables, the
-Prefect API URL, thread settings), the worker count, threads and GPUs, the forkserver's
-imports, and the size and modification time of every source file of bif itself. Any
+Prefect API URL, thread settings), the worker count, threads and GPUs, and the size and
+modification time of every source file of bif itself. Any
 difference starts a new cluster and stops the old one. What the forkserver and the workers import ahead (the
 command's preload modules: bif's flows, bif's example problem factories) is not part of it: a cluster whose imports
 include a command's serves it, so ``bif run``, ``bif lds`` and ``bif calibrate`` on one config share one cluster
@@ -147,20 +147,20 @@ def fingerprint(spec: dict[str, Any]) -> str:
     return _key(fingerprint_parts(spec))
 
 
-def _missing_modules(info: KeptClusterInfo | None, spec: dict[str, Any]) -> list[str]:
+def _missing_modules(info: KeptClusterInfo, spec: dict[str, Any]) -> list[str]:
     """The modules of ``spec`` (its :data:`MODULE_KEYS`) that the kept cluster ``info`` does not import ahead.
 
     A worker imports what its task needs anyway, so such a cluster would still be correct; but a module missing
     from the forkserver is imported again in every fresh worker of every command (bif.lm's transformers: seconds
     each), so the command replaces the cluster with one that imports both (:func:`_with_modules`)."""
-    have = (info.modules if info is not None else None) or {}
+    have = info.modules or {}
     return [m for k in MODULE_KEYS for m in spec.get(k, []) if m not in have.get(k, [])]
 
 
-def _with_modules(spec: dict[str, Any], info: KeptClusterInfo | None) -> dict[str, Any]:
+def _with_modules(spec: dict[str, Any], info: KeptClusterInfo) -> dict[str, Any]:
     """``spec`` with the modules of the kept cluster ``info`` added ahead of its own: the replacement keeps
     serving the commands the old cluster served."""
-    have = (info.modules if info is not None else None) or {}
+    have = info.modules or {}
     return {**spec, **{k: list(dict.fromkeys([*have.get(k, []), *spec.get(k, [])])) for k in MODULE_KEYS}}
 
 
@@ -290,9 +290,9 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
             _restart_workers(info.address)
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
             with _locked_file(state / "state.lock"):
-                info = _replace(state, info, f"its workers did not come back ({type(err).__name__}: {err}); its "
-                                f"processes: {_process_states(info.pid)}", _with_modules(spec, info), parts, idle_timeout_s,
-                                start_timeout_s)
+                why = (f"its workers did not come back ({type(err).__name__}: {err}); its processes: "
+                       f"{_process_states(info.pid)}")
+                info = _replace(state, info, why, _with_modules(spec, info), parts, idle_timeout_s, start_timeout_s)
             return None if info is None else (info, False)
     return info, reused
 
