@@ -420,6 +420,10 @@ def test_run_gates_on_a_tiny_run(tiny_run):
     run, cfg = tiny_run
     report = run_gates(run.uri, None, cfg, n_train=run.n_train, n_query=run.n_query, loss_bounds=(0.0, np.inf))
     assert report.passed and not report.warnings, report.summary()
+    # the reads run side by side (run_gates' threads), the results keep the gates' order: traces, health, results
+    groups = [r.gate.split("_")[0] for r in report.results]
+    assert groups == sorted(groups, key=["trace", "health", "results", "traces"].index)
+    assert groups[0] == "trace" and "health" in groups and groups[-1] in ("results", "traces")  # traces_constant
     qdir = Path(run.uri) / "quality"
     summary = json.loads((qdir / "summary.json").read_text())
     assert summary["passed"] and summary["num_expectations"] == len(report.results)

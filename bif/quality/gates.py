@@ -312,22 +312,26 @@ def constant_trace_counts(ds: "xr.Dataset") -> dict[str, dict[str, float | int]]
     return constant_counts(flags[S.TRAIN_DIM], flags[S.QUERY_DIM])
 
 
-def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes, allow_warnings: bool | None = None,
-                  ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
-    """Validate ``bif`` / ``bif_corr`` (dims (train, query)) through per-chunk aggregates computed by Dask.
+@dataclass(frozen=True)
+class ResultsAggregates:
+    """What the result gates validate, read from bif.zarr (:func:`results_aggregates`): the shape table (one row
+    per variable and dim), the per-chunk aggregates of each well-shaped variable, the self-influence diagonal
+    (or None) and the constant-trace counts per split (or None without flags)."""
 
-    Memory and pandas work scale with the number of chunks, not with n_train x n_query.
-    Tolerances from ``quality`` (corr_atol, self_influence_rtol); ``traces_constant`` checks
-    the share of constant-trace samples per split against ``quality.max_constant_share``
-    (skipped when bif.zarr has no constant flags).
-    """
+    shape: pd.DataFrame
+    stats: dict[str, list[dict[str, Any]]]
+    diagonal: np.ndarray | None
+    constant_counts: dict[str, dict[str, float | int]] | None
+
+
+def results_aggregates(ds: "xr.Dataset", sizes: RunSizes) -> ResultsAggregates:
+    """Read what :func:`validate_results` checks from ``ds`` (bif.zarr): sizes and coords of ``bif`` /
+    ``bif_corr``, and their per-chunk aggregates computed by Dask (one pass over each stored chunk). No GE: the
+    gates run this beside their GE work on the traces (:func:`bif.quality.run.run_gates`)."""
     import dask
     import dask.array as da
 
     n_train, n_query, query_is_train = sizes.n_train, sizes.n_query, sizes.query_is_train
-    corr_atol, self_influence_rtol = quality.corr_atol, quality.self_influence_rtol
-    max_constant_share = quality.max_constant_share
-    run = _validator(quality, allow_warnings, ge_results)
     expected = {S.TRAIN_DIM: n_train, S.QUERY_DIM: n_query}
     rows = []
     for var in (S.BIF, S.BIF_CORR):
@@ -338,15 +342,6 @@ def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes
             rows.append({"var": var, "dim": dim, "present": bool(present), "size": size, "expected_size": n,
                          "coords_ok": bool(coords_ok)})
     shape = pd.DataFrame(rows)
-    keys = ("var", "dim", "size", "expected_size")
-    res = run(shape, [
-        Check("results_shape", "ExpectColumnValuesToBeInSet", {"column": "present", "value_set": [True]}, keys=keys,
-              context=f"expected variables with dims ({S.TRAIN_DIM}, {S.QUERY_DIM})"),
-        Check("results_shape", "ExpectColumnPairValuesToBeEqual", {"column_A": "size", "column_B": "expected_size"},
-              keys=keys),
-        Check("results_shape", "ExpectColumnValuesToBeInSet", {"column": "coords_ok", "value_set": [True]}, keys=keys,
-              context="coordinates must be the sample ids 0..n-1"),
-    ], "results shape")
     ok = {v for v in (S.BIF, S.BIF_CORR) if shape.loc[shape["var"] == v, "coords_ok"].all()}
     data = {v: ds[v].data for v in ok}  # Dask arrays, or numpy for a bif.zarr read in this process (open_bif)
     tasks = {v: chunk_stats_tasks(a) for v, a in data.items()}
@@ -356,8 +351,43 @@ def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes
     # in memory already: scanned in this process; through a cluster its one or few chunks would cost more in
     # round trips than the scan
     lazy = any(isinstance(a, da.Array) for a in data.values())
-    computed = dask.compute(tasks, diag, **({} if lazy else {"scheduler": "sync"}))
-    stats, diag_values = computed
+    stats, diag_values = dask.compute(tasks, diag, **({} if lazy else {"scheduler": "sync"}))
+    return ResultsAggregates(shape=shape, stats=stats,
+                             diagonal=None if diag_values is None else np.asarray(diag_values, dtype=np.float64),
+                             constant_counts=constant_trace_counts(ds))
+
+
+def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes, allow_warnings: bool | None = None,
+                  ge_results: list[dict[str, Any]] | None = None) -> list[GateResult]:
+    """Validate ``bif`` / ``bif_corr`` (dims (train, query)) through per-chunk aggregates computed by Dask.
+
+    Memory and pandas work scale with the number of chunks, not with n_train x n_query.
+    Tolerances from ``quality`` (corr_atol, self_influence_rtol); ``traces_constant`` checks
+    the share of constant-trace samples per split against ``quality.max_constant_share``
+    (skipped when bif.zarr has no constant flags). :func:`results_aggregates` then
+    :func:`validate_results`.
+    """
+    return validate_results(results_aggregates(ds, sizes), quality, sizes=sizes, allow_warnings=allow_warnings,
+                            ge_results=ge_results)
+
+
+def validate_results(agg: ResultsAggregates, quality: "QualityConfig", *, sizes: RunSizes,
+                     allow_warnings: bool | None = None, ge_results: list[dict[str, Any]] | None = None
+                     ) -> list[GateResult]:
+    """The result gates (GE) on what :func:`results_aggregates` read; see :func:`check_results`."""
+    corr_atol, self_influence_rtol = quality.corr_atol, quality.self_influence_rtol
+    max_constant_share = quality.max_constant_share
+    run = _validator(quality, allow_warnings, ge_results)
+    keys = ("var", "dim", "size", "expected_size")
+    res = run(agg.shape, [
+        Check("results_shape", "ExpectColumnValuesToBeInSet", {"column": "present", "value_set": [True]}, keys=keys,
+              context=f"expected variables with dims ({S.TRAIN_DIM}, {S.QUERY_DIM})"),
+        Check("results_shape", "ExpectColumnPairValuesToBeEqual", {"column_A": "size", "column_B": "expected_size"},
+              keys=keys),
+        Check("results_shape", "ExpectColumnValuesToBeInSet", {"column": "coords_ok", "value_set": [True]}, keys=keys,
+              context="coordinates must be the sample ids 0..n-1"),
+    ], "results shape")
+    stats = agg.stats
     if S.BIF in stats:
         frame = pd.DataFrame(stats[S.BIF])
         res += run(frame, [Check("results_finite", "ExpectColumnValuesToBeBetween",
@@ -375,14 +405,14 @@ def check_results(ds: "xr.Dataset", quality: "QualityConfig", *, sizes: RunSizes
             Check("results_corr_range", "ExpectColumnValuesToBeBetween", {"column": "max", "max_value": 1 + corr_atol},
                   keys=("max_train", "max_query", "max"), context="bif_corr above 1"),
         ], "results bif_corr")
-    if diag_values is not None:
-        d = np.asarray(diag_values, dtype=np.float64)
+    if agg.diagonal is not None:
+        d = agg.diagonal
         tol = self_influence_rtol * float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 0.0
-        frame = pd.DataFrame({S.SAMPLE: _ids(ds, S.TRAIN_DIM, n_train), "self_influence": d})
+        frame = pd.DataFrame({S.SAMPLE: np.arange(sizes.n_train), "self_influence": d})
         res += run(frame, [Check("results_self_influence", "ExpectColumnValuesToBeBetween",
                                  {"column": "self_influence", "max_value": tol}, keys=(S.SAMPLE,),
                                  context="self-influence bif[i, i] = -Var(l_i) must be <= 0")], "results self-influence")
-    counts = constant_trace_counts(ds)
+    counts = agg.constant_counts
     if counts is not None:
         frame = pd.DataFrame([{S.SPLIT: split, "num_constant": c["count"], "num_samples": c["total"],
                                "share_constant": c["share"]} for split, c in counts.items()])

@@ -3,7 +3,8 @@
 No Prefect imports; GE is imported lazily. The suites live in :mod:`bif.quality.gates` (see
 there for the list of gates); :func:`run_gates` runs them over ``<output>``: trace blocks
 through per-block aggregates (or row by row with ``trace_rows=True``), the health table,
-and ``bif.zarr`` through Dask-computed chunk aggregates. It saves GE's results as
+and ``bif.zarr`` through Dask-computed chunk aggregates, the reads side by side while GE validates in the
+calling thread. It saves GE's results as
 ``<output>/quality/{traces,health,results}.json``, GE's offline Markdown rendering as
 ``*.md`` (GE's HTML Data Docs load CSS/JS from CDNs, so they are not written), our
 ``summary.json``, and returns a :class:`QualityReport`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from bif.errors import QualityError
 from bif.quality.aggregates import trace_file_stats
 from bif.quality.expectations import GateResult
 from bif.quality.gates import (GATES, RunSizes, block_draws, check_health, check_results, check_trace_block,
-                               check_trace_chains, check_trace_stats, constant_trace_counts)
+                               check_trace_chains, check_trace_stats, results_aggregates, validate_results)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -124,29 +126,40 @@ def run_gates(output_uri: str, storage_options: Mapping[str, Any] | None, config
     def draws(block: int) -> tuple[int, int]:  # (draw_start, expected draws) of a block
         return block_draws(smp, block)
 
-    if trace_rows:
-        for ref in files:
-            results += check_trace_block(store.read_trace_table(ref).to_pandas(), q, smp, sizes=sizes, chain=ref.chain,
-                                         block=ref.block, ge_results=raws["traces"], **kw)
-    else:
-        job = partial(_trace_stats, store=store, draws_per_block=smp.draws_per_block, num_draws=smp.num_draws,
-                      n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, loss_dtype=smp.trace_dtype)
-        results += check_trace_stats(pd.DataFrame(list(map_fn(job, files))), q, ge_results=raws["traces"], **kw)
-    # committed blocks per chain (the block gates above check what each block holds)
-    blocks = pd.DataFrame([{S.CHAIN: r.chain, "block": r.block, "num_draws": draws(r.block)[1]} for r in files])
-    results += check_trace_chains(blocks, q, smp, ge_results=raws["traces"], **kw)
+    # the reads run beside the GE work of this thread: the trace aggregates on map_fn's workers and bif.zarr's
+    # chunk aggregates (Dask) in their own threads, while the health table is read and validated here; the
+    # results keep the order of the gates (traces, health, results), computed sequentially before (0.98-1.18 s
+    # at 50k x 500 x 200 draws on 2 workers, of which 0.44-0.54 s GE's own work in this thread)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="bif-gates") as pool:
+        stats = None
+        if not trace_rows:
+            job = partial(_trace_stats, store=store, draws_per_block=smp.draws_per_block, num_draws=smp.num_draws,
+                          n_train=n_train, n_query=n_query, loss_bounds=loss_bounds, loss_dtype=smp.trace_dtype)
+            stats = pool.submit(lambda: pd.DataFrame(list(map_fn(job, files))))
+        aggregates = pool.submit(lambda: results_aggregates(_open_results(store), sizes))
 
-    # the health file of every committed block (written before its trace file)
-    health = store.read_health(files)
-    if health is None:
-        health = pd.DataFrame({c: [] for c in S.HEALTH_COLUMNS})
-    results += check_health(health, q, smp, ge_results=raws["health"], **kw)
+        # the health file of every committed block (written before its trace file)
+        health = store.read_health(files)
+        if health is None:
+            health = pd.DataFrame({c: [] for c in S.HEALTH_COLUMNS})
+        health_results = check_health(health, q, smp, ge_results=raws["health"], **kw)
 
-    ds = _open_results(store)
-    results += check_results(ds, q, sizes=sizes, ge_results=raws["results"], **kw)
+        if trace_rows:
+            for ref in files:
+                results += check_trace_block(store.read_trace_table(ref).to_pandas(), q, smp, sizes=sizes,
+                                             chain=ref.chain, block=ref.block, ge_results=raws["traces"], **kw)
+        else:
+            results += check_trace_stats(stats.result(), q, ge_results=raws["traces"], **kw)
+        # committed blocks per chain (the block gates above check what each block holds)
+        blocks = pd.DataFrame([{S.CHAIN: r.chain, "block": r.block, "num_draws": draws(r.block)[1]} for r in files])
+        results += check_trace_chains(blocks, q, smp, ge_results=raws["traces"], **kw)
+        results += health_results
+
+        agg = aggregates.result()
+        results += validate_results(agg, q, sizes=sizes, ge_results=raws["results"], **kw)
 
     report = QualityReport.from_results(results, elapsed_s=time.perf_counter() - t0,
-                                        constant_traces=constant_trace_counts(ds))
+                                        constant_traces=agg.constant_counts)
     for group, items in raws.items():
         markdown = [r.pop("markdown", None) for r in items]
         store.write_quality_json(f"{group}.json", {"validation_results": items})
