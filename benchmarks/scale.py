@@ -246,7 +246,7 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
                  train_block: int | None = None) -> dict:
     """Reduction, gates and diagnostics on the same traces and cluster; each timed ``repeats`` times (medians)."""
     from bif.config import build_config
-    from bif.quality.diagnostics import write_diagnostics
+    from bif.quality.diagnostics import default_block_samples, write_diagnostics
     from bif.quality.run import run_gates
 
     root = str(work / "checks")
@@ -276,9 +276,13 @@ def bench_checks(work: Path, *, n_train: int, n_query: int, draws: int, repeats:
                               map_fn=cl.map), repeats)
         out["gates_passed"] = report.passed
         out["diagnostics_s"], out["diagnostics_runs_s"], summary = _median_runs(
-            lambda: write_diagnostics(root, {}, num_chains=CHAINS, map_fn=cl.map), repeats)
+            lambda: write_diagnostics(root, {}, num_chains=CHAINS, map_fn=cl.map,
+                                      block_samples=cfg.quality.diagnostics_block_samples), repeats)
     n = summary["num_samples"]
     out["diagnosed_samples"] = n["train"] + n["query"]
+    # what the pipeline's config gives (None: default_block_samples of chains x draws); 2048 before session 24,
+    # while `bif run` read 512-sample blocks (the config's default then)
+    out["diagnostics_block_samples"] = cfg.quality.diagnostics_block_samples or default_block_samples(draws)
     out["rhat_q50"], out["ess_bulk_q50"] = summary["rhat"]["q50"], summary["ess_bulk"]["q50"]
     out["gates_over_reduction"] = out["gates_s"] / out["stage_s"]
     out["diagnostics_over_reduction"] = out["diagnostics_s"] / out["stage_s"]

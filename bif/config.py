@@ -166,8 +166,9 @@ class QualityConfig(BaseModel):
     mcse_num_batches: int = Field(
         10, ge=2, description="Batches of contiguous draws per chain for the batch-means MCSE of the BIF."
     )
-    diagnostics_block_samples: int = Field(
-        512, ge=1, description="Samples read per block by the diagnostics stage (memory ~ chains x draws x block)."
+    diagnostics_block_samples: int | None = Field(
+        None, ge=1, description="Samples read per block by the diagnostics stage (memory ~ chains x draws x block). "
+        "None: as many as hold 2**20 loss values (chains x draws x block; 8 MiB in float64), 512 to 8,192."
     )
     diagnostics_max_samples: int | None = Field(
         None, ge=1, description="Diagnose only the first N samples of each split (None: all)."

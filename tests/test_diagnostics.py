@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from bif import schema as S
-from bif.quality.diagnostics import DIAGNOSTICS_COLUMNS, DIAGNOSTICS_FILE, bif_mcse, loss_diagnostics, write_diagnostics
+from bif.quality.diagnostics import (DIAGNOSTICS_COLUMNS, DIAGNOSTICS_FILE, bif_mcse, default_block_samples,
+                                     loss_diagnostics, write_diagnostics)
 
 
 def _ar1(rng, shape, phi: float) -> np.ndarray:
@@ -163,12 +164,29 @@ def test_write_diagnostics_on_a_stored_run(tmp_path):
     frac = summary["bif_mcse"]["frac_pairs_abs_bif_above_2_mcse"]
     assert frac == pytest.approx(np.mean(np.abs(bif) > 2 * mcse))
     assert frac < 0.2  # independent traces: no real influence, so few pairs stand out from the noise
+    # the block size never changes a value: the default's one block of all 25 samples gives the same file and summary
+    assert default_block_samples(chains * draws) == 4096
+    again = write_diagnostics(str(tmp_path), None, num_chains=chains, num_batches=5)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / DIAGNOSTICS_FILE).sort_values([S.SPLIT, S.SAMPLE])
+                                  .reset_index(drop=True), got, check_categorical=False)
+    assert again.pop("elapsed_s") >= 0 and again == {k: v for k, v in summary.items() if k != "elapsed_s"}
     assert summary["constant_traces"]["train"] == {"count": 0, "total": n_train, "share": 0.0}
     import json
 
     json.dumps(summary, allow_nan=False)  # goes into the manifest: strict JSON
     limited = write_diagnostics(str(tmp_path), None, num_chains=chains, max_samples=10)
     assert limited["num_samples"] == {"train": 10, "query": n_query}
+
+
+def test_default_block_samples_holds_a_bounded_number_of_loss_values():
+    from bif.quality.diagnostics import BLOCK_VALUES
+
+    for values in (1, 7, 200, 400, 1000, 2000, 5000, 10**6):
+        b = default_block_samples(values)
+        assert 512 <= b <= 8192 and b & (b - 1) == 0  # a power of two in range
+        assert b * values <= BLOCK_VALUES or b == 512  # at most BLOCK_VALUES values, unless at the floor
+        assert b in (512, 8192) or 2 * b * values > BLOCK_VALUES  # the largest such power of two
+    assert [default_block_samples(v) for v in (200, 2000)] == [4096, 512]  # 2 x 100 draws; digits' 2 x 1,000
 
 
 def test_import_is_light():

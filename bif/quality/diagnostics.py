@@ -563,8 +563,26 @@ def _concat_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(cols)[list(frames[0].columns)]
 
 
+#: Loss values (chains x draws x samples) a diagnostics block holds by default (:func:`default_block_samples`).
+BLOCK_VALUES = 1 << 20
+_BLOCK_SAMPLES_RANGE = (512, 8192)
+
+
+def default_block_samples(values_per_sample: int) -> int:
+    """Samples per diagnostics block when the config leaves it open: the largest power of two whose block holds
+    at most :data:`BLOCK_VALUES` loss values (``values_per_sample`` = chains x draws), within 512 to 8,192.
+
+    Each block costs a fixed few ms (4 file opens per chain, a few hundred numpy calls): at 2 chains x 100 draws
+    a sample cost 53 us in blocks of 512 (the fixed default until session 24) and 37-39 us in blocks of 4,096;
+    long chains keep small blocks (2 chains x 1,000 draws: 512), whose float64 temporaries stay ~8 MiB.
+    """
+    low, high = _BLOCK_SAMPLES_RANGE
+    fit = BLOCK_VALUES // max(1, int(values_per_sample))
+    return int(min(high, max(low, 1 << max(0, fit.bit_length() - 1))))
+
+
 def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None, *, num_chains: int,
-                      max_samples: int | None = None, block_samples: int = 2048, num_batches: int = 10,
+                      max_samples: int | None = None, block_samples: int | None = None, num_batches: int = 10,
                       rhat_threshold: float = RHAT_THRESHOLD, seed: int = 0, map_fn: Callable | None = None) -> dict[str, Any]:
     """Diagnose a run's traces, write ``<output>/diagnostics.parquet`` and return a JSON-able summary.
 
@@ -572,7 +590,8 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     ``lambda f, xs: client.gather(client.map(f, list(xs)))`` to spread blocks over Dask workers).
 
     Reads ``block_samples`` samples of every chain at a time (memory ~ chains x draws x
-    block_samples x 8 bytes, plus the query traces). ``max_samples`` limits each split to its
+    block_samples x 8 bytes, plus the query traces; None: :func:`default_block_samples`).
+    ``max_samples`` limits each split to its
     first samples. R-hat and ESS cover every sample. The MCSE summary (quantiles over train x
     query pairs, and the fraction of pairs with |BIF| > 2 MCSE) is computed over all defined
     pairs when there are at most about 200,000, else over a seeded uniform sample of about
@@ -590,6 +609,8 @@ def write_diagnostics(output_uri: str, storage_options: Mapping[str, Any] | None
     layout = store.read_layout(files[0])
     cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
     n_train, n_query = cap(layout.n_train), cap(layout.n_query)
+    if block_samples is None:  # the draws of every chain: the blocks' draws (each file of a run holds as many)
+        block_samples = default_block_samples(layout.num_draws * len(files))
     # (n_query, chains, draws) in the files' dtype: every job gets them (float32 traces: half the bytes of float64)
     query = _read_rows(store, files, split=S.QUERY, start=0, stop=n_query, num_chains=num_chains)
     keep = max(1, 200_000 * block_samples // max(1, n_train))  # pairs kept per block for the MCSE quantiles

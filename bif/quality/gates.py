@@ -338,7 +338,8 @@ def results_aggregates(ds: "xr.Dataset", sizes: RunSizes) -> ResultsAggregates:
         present = var in ds.data_vars and ds[var].dims == (S.TRAIN_DIM, S.QUERY_DIM)
         for dim, n in expected.items():
             size = int(ds[var].sizes.get(dim, -1)) if var in ds.data_vars else -1
-            coords_ok = present and size == n and (dim not in ds.coords or np.array_equal(_ids(ds, dim, n), np.arange(n)))
+            coords_ok = present and size == n and (dim not in ds.coords
+                                                   or np.array_equal(_ids(ds, dim, n), np.arange(n)))
             rows.append({"var": var, "dim": dim, "present": bool(present), "size": size, "expected_size": n,
                          "coords_ok": bool(coords_ok)})
     shape = pd.DataFrame(rows)
