@@ -109,8 +109,15 @@ def validate(frame: pd.DataFrame, checks: Sequence[Check], *, suite: str, severi
     ]
     with _LOCK:
         batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
-        res = batch.validate(gx.ExpectationSuite(name=suite, expectations=expectations),
-                             result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_DETAIL_ROWS})
+        gx_suite = gx.ExpectationSuite(name=suite, expectations=expectations)
+        # BASIC first: a passed expectation's SUMMARY adds only two empty lists (the unexpected rows' labels and
+        # value counts), whose metrics cost ~30% of GE's time (0.51-0.55 -> 0.33-0.39 s for a run's 29
+        # expectations); a suite with a failure is validated again in SUMMARY, whose labels name the rows
+        res = batch.validate(gx_suite, result_format={"result_format": "BASIC",
+                                                      "partial_unexpected_count": MAX_DETAIL_ROWS})
+        if not all(r.success for r in res.results):
+            res = batch.validate(gx_suite, result_format={"result_format": "SUMMARY",
+                                                          "partial_unexpected_count": MAX_DETAIL_ROWS})
     by_index: dict[int, Any] = {int(r.expectation_config.meta["check"]): r for r in res.results}
     out = [_gate_result(c, by_index[i], frame, s) for i, (c, s) in enumerate(zip(checks, sevs))]
     raw = res.to_json_dict()
