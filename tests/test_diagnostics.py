@@ -273,6 +273,26 @@ def test_rhat_ess_is_vectorized_over_samples():
     assert ours < 0.25 * per_sample_arviz * 4000, (ours, per_sample_arviz)
 
 
+
+def test_passes_never_change_a_value(monkeypatch):
+    """R-hat / ESS in passes of a few samples (PASS_VALUES) equal one pass over all of them, bit for bit: constant,
+    NaN, tied and odd-draw traces included."""
+    from bif.quality import diagnostics as D
+
+    rng = np.random.default_rng(5)
+    traces = rng.normal(size=(3, 41, 37)).astype(np.float32)
+    traces[:, :, 4] = 0.0  # constant
+    traces[1, 7, 9] = np.nan
+    traces[:, :20, 11] = 1.5  # ties
+    whole = D.rhat_ess(traces)
+    assert np.isnan(whole["rhat"][[4, 9]]).all() and np.isfinite(whole["rhat"][11])
+    monkeypatch.setattr(D, "PASS_VALUES", 5 * 3 * 41)  # passes of 5 samples, the last of 2
+    parts = D.rhat_ess(traces)
+    for k in whole:
+        np.testing.assert_array_equal(parts[k], whole[k])
+    frame, const = D._rows_diagnostics(np.moveaxis(traces, 2, 0), split=S.TRAIN)
+    assert const.tolist() == [i == 4 for i in range(37)] and len(frame) == 37
+
 def test_sampled_pairs_get_the_mcse_and_bif_of_every_pair_computation():
     """_pair_mcse (the sampled-pairs path of write_diagnostics, large runs) against bif_mcse and the BIF over
     all pairs (the GEMM path): the same values at the sampled pairs, uneven batches included."""

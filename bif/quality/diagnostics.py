@@ -92,9 +92,30 @@ def rhat_ess(traces: np.ndarray, *, tail: bool = True) -> dict[str, np.ndarray]:
     return _rhat_ess_rows(np.moveaxis(t, 2, 0), tail=tail)[0]
 
 
+#: Loss values (samples x chains x draws) of one R-hat / ESS pass (:func:`_rhat_ess_rows`): its float64
+#: temporaries (2 MiB each) stay in a core's L2 cache.
+PASS_VALUES = 1 << 18
+
+
 def _rhat_ess_rows(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`rhat_ess` of (n, chains, draws) traces, a sample's draws in a row (the layout trace files store),
     and which samples are constant ((n,) bool, :func:`constant_traces`).
+
+    Computed in passes of at most :data:`PASS_VALUES` loss values (samples are independent, so the values are
+    those of one pass): on the 2-core machine (2 MiB of L2 a core) 2 chains x 100 draws cost 30.7-31.9 us a
+    sample in passes of 512-2,048 samples, 34.1 in passes of 4,096 and 35.5 in passes of 8,192.
+    """
+    n, chains, draws = rows.shape
+    step = max(1, PASS_VALUES // max(1, chains * draws))
+    if n <= step:
+        return _rhat_ess_pass(rows, tail=tail)
+    parts = [_rhat_ess_pass(rows[s:s + step], tail=tail) for s in range(0, n, step)]
+    return ({k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]},
+            np.concatenate([p[1] for p in parts]))
+
+
+def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`_rhat_ess_rows` in one pass.
 
     float32 traces stay float32 where that changes no value (the ranks, the sort); everything else is float64.
     """
