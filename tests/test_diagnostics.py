@@ -189,6 +189,20 @@ def test_default_block_samples_holds_a_bounded_number_of_loss_values():
     assert [default_block_samples(v) for v in (200, 2000)] == [4096, 512]  # 2 x 100 draws; digits' 2 x 1,000
 
 
+
+def test_block_bounds_cover_every_sample_once_with_a_finer_tail():
+    from bif.quality.diagnostics import _block_bounds
+
+    for n, block in ((50_000, 4096), (1797, 512), (8192, 4096), (4096, 4096), (25, 7), (1, 512), (0, 512)):
+        bounds = _block_bounds(n, block)
+        assert (bounds == []) == (n == 0) and (bounds[-1][1] if bounds else 0) == n
+        assert [s for s, _ in bounds] == ([0] + [e for _, e in bounds[:-1]] if bounds else [])  # contiguous
+        sizes = [e - s for s, e in bounds]
+        assert all(0 < k <= block for k in sizes)
+        tail = [k for k in sizes if k < block]
+        assert sum(tail) < 2 * block and all(k <= max(block // 4, min(block, 128)) for k in tail[:-1] if n > block)
+    assert [e - s for s, e in _block_bounds(50_000, 4096)] == [4096] * 11 + [989, 989, 988, 989, 989]
+
 def test_import_is_light():
     import subprocess
     import sys
