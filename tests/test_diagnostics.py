@@ -189,7 +189,6 @@ def test_default_block_samples_holds_a_bounded_number_of_loss_values():
     assert [default_block_samples(v) for v in (200, 2000)] == [4096, 512]  # 2 x 100 draws; digits' 2 x 1,000
 
 
-
 def test_block_bounds_cover_every_sample_once_with_a_finer_tail():
     from bif.quality.diagnostics import _block_bounds
 
@@ -202,6 +201,7 @@ def test_block_bounds_cover_every_sample_once_with_a_finer_tail():
         tail = [k for k in sizes if k < block]
         assert sum(tail) < 2 * block and all(k <= max(block // 4, min(block, 128)) for k in tail[:-1] if n > block)
     assert [e - s for s, e in _block_bounds(50_000, 4096)] == [4096] * 11 + [989, 989, 988, 989, 989]
+
 
 def test_import_is_light():
     import subprocess
@@ -287,7 +287,6 @@ def test_rhat_ess_is_vectorized_over_samples():
     assert ours < 0.25 * per_sample_arviz * 4000, (ours, per_sample_arviz)
 
 
-
 def test_passes_never_change_a_value(monkeypatch):
     """R-hat / ESS in passes of a few samples (PASS_VALUES) equal one pass over all of them, bit for bit: constant,
     NaN, tied and odd-draw traces included."""
@@ -306,6 +305,7 @@ def test_passes_never_change_a_value(monkeypatch):
         np.testing.assert_array_equal(parts[k], whole[k])
     frame, const = D._rows_diagnostics(np.moveaxis(traces, 2, 0), split=S.TRAIN)
     assert const.tolist() == [i == 4 for i in range(37)] and len(frame) == 37
+
 
 def test_sampled_pairs_get_the_mcse_and_bif_of_every_pair_computation():
     """_pair_mcse (the sampled-pairs path of write_diagnostics, large runs) against bif_mcse and the BIF over
