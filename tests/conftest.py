@@ -39,6 +39,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# the machine in the header, each failure printed at once, --suite-deadline (tests/ci_watch.py)
+from ci_watch import (  # noqa: E402,F401
+    pytest_addoption, pytest_configure, pytest_report_header, pytest_runtest_logreport, pytest_runtest_protocol,
+    pytest_sessionstart)
+
 REPO = Path(__file__).resolve().parents[1]
 S3_KEY = "AKIAEXAMPLEKEY123456"
 S3_SECRET = "s3cr3t-value-that-must-never-leak-0123456789"

@@ -1,0 +1,52 @@
+"""tests/ci_watch.py in a real pytest run of its own (a subprocess on two xdist workers): the machine header, each
+failure printed as it happens, and one suite deadline that stops every worker and fails the run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("BIF_SUITE_DEADLINE", "PYTEST_XDIST_WORKER",
+                                                             "PYTEST_XDIST_TESTRUNUID", "PYTEST_ADDOPTS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "ci_watch", "-p", "no:cacheprovider",
+                           "-n", "2", "--dist", "loadfile", "-o", "addopts=", "--rootdir", str(folder), *args],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_header_and_each_failure_print_before_the_summary(tmp_path):
+    (tmp_path / "test_one.py").write_text(
+        "import sys\n"
+        "def test_fails():\n"
+        "    print('what the test wrote to stderr', file=sys.stderr)\n"
+        "    assert 1 + 1 == 3, 'arithmetic is broken'\n"
+        "def test_passes():\n"
+        "    pass\n")
+    run = _pytest(tmp_path)
+    out = run.stdout
+    assert run.returncode == 1, out + run.stderr
+    for line in ("machine: ", "cpu: ", "disk: ", "limits: ", "network: ", "python: ", "environment variables: "):
+        assert line in out.split("test session starts")[1].split("created:")[0], line
+    # the failure line comes before pytest's own FAILURES section, with the error and the test's stderr
+    now = out.index("FAILED test_one.py::test_fails: AssertionError: arithmetic is broken")
+    assert now < out.index("= FAILURES =")
+    assert "what the test wrote to stderr" in out[now:out.index("= FAILURES =")]
+    assert "1 failed, 1 passed" in out
+
+
+def test_the_suite_deadline_stops_every_worker_and_fails_the_run(tmp_path):
+    for name in ("a", "b"):  # two files: one per worker, each far longer than the deadline
+        (tmp_path / f"test_{name}.py").write_text(
+            "import time\n" + "".join(f"def test_{i}():\n    time.sleep(0.5)\n" for i in range(40)))
+    run = _pytest(tmp_path, "--suite-deadline=3")
+    out = run.stdout
+    assert run.returncode != 0, out + run.stderr
+    assert "suite deadline passed" in out, out
+    ran = int(out.rsplit(" passed", 1)[0].rsplit(" ", 1)[1])
+    assert 2 <= ran < 40, out  # both workers stopped after the tests in hand, long before their 20 s of tests
+    assert "suite deadline: " in out  # the header says when
