@@ -228,6 +228,28 @@ def pytest_runtest_logreport(report):
                 text += [f"--- {title} (its end)", *content.rstrip().splitlines()[-DETAILED_LINES:]]
         for line in text:
             terminal.write_line(f"    {line[:300]}")
+    for line in _crash_stack("\n".join([str(report.longrepr), *(c for _, c in report.sections)])):
+        terminal.write_line(f"    {line[:300]}")
+
+
+#: Crashes (a segmentation fault, an abort) whose stack :func:`pytest_runtest_logreport` still prints at once.
+CRASH_STACKS = 3
+_crash_stacks_seen = 0
+
+
+def _crash_stack(text: str) -> list[str]:
+    """The crashing thread's stack of the first "Fatal Python error" in ``text`` (PYTHONFAULTHANDLER's dump of a
+    crashed process, e.g. a Dask worker's, in a command's stderr), for the first :data:`CRASH_STACKS` crashes."""
+    global _crash_stacks_seen
+    at = text.find("Fatal Python error")
+    if at < 0 or _crash_stacks_seen >= CRASH_STACKS:
+        return []
+    _crash_stacks_seen += 1
+    lines = text[at:].splitlines()
+    current = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("Current thread")), None)
+    stack = lines[current:current + 16] if current is not None else lines[1:16]
+    extensions = [ln for ln in lines if ln.lstrip().startswith("Extension modules")][:1]
+    return ["--- a crashed process's stack (faulthandler)", lines[0], *stack, *extensions]
 
 
 _terminal = None

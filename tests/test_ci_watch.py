@@ -19,14 +19,19 @@ def _pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_the_header_and_each_failure_print_before_the_summary(tmp_path):
+def test_the_header_each_failure_and_a_crash_print_before_the_summary(tmp_path):
     (tmp_path / "test_one.py").write_text(
         "import sys\n"
         "def test_fails():\n"
         "    print('what the test wrote to stderr', file=sys.stderr)\n"
         "    assert 1 + 1 == 3, 'arithmetic is broken'\n"
         "def test_passes():\n"
-        "    pass\n")
+        "    pass\n"
+        "def test_a_child_crashes():\n"  # a command whose process segfaults, as a Dask worker did in CI
+        "    import subprocess\n"
+        "    code = 'import ctypes\\ndef deep_inside():\\n    ctypes.string_at(0)\\ndeep_inside()'\n"
+        "    r = subprocess.run([sys.executable, '-X', 'faulthandler', '-c', code], capture_output=True, text=True)\n"
+        "    assert r.returncode == 0, 'lots of output\\n' * 50 + r.stderr + 'and more\\n' * 50\n")
     run = _pytest(tmp_path)
     out = run.stdout
     assert run.returncode == 1, out + run.stderr
@@ -36,7 +41,10 @@ def test_the_header_and_each_failure_print_before_the_summary(tmp_path):
     now = out.index("FAILED test_one.py::test_fails: AssertionError: arithmetic is broken")
     assert now < out.index("= FAILURES =")
     assert "what the test wrote to stderr" in out[now:out.index("= FAILURES =")]
-    assert "1 failed, 1 passed" in out
+    # a crashed child's stack (faulthandler) is printed at once too, even when its output is long
+    crash = out.index("--- a crashed process's stack (faulthandler)")
+    assert crash < out.index("= FAILURES =") and "in deep_inside" in out[crash:out.index("= FAILURES =")]
+    assert "2 failed, 1 passed" in out
 
 
 def test_the_suite_deadline_stops_every_worker_and_fails_the_run(tmp_path):
