@@ -197,6 +197,7 @@ def pytest_report_header(config):
 # ---------------------------------------------------------------- each failure as it happens
 
 _failures_seen = 0
+_terminal = None  # pytest's terminal reporter, once the session starts (pytest_sessionstart)
 
 
 def _error_of(report) -> str:
@@ -214,7 +215,7 @@ def pytest_runtest_logreport(report):
     if _WORKER or not report.failed:
         return
     terminal = _terminal
-    if terminal is None:
+    if terminal is None:  # a report before the session started: pytest prints it itself
         return
     _failures_seen += 1
     where = getattr(report, "node", None)
@@ -250,9 +251,6 @@ def _crash_stack(text: str) -> list[str]:
     stack = lines[current:current + 16] if current is not None else lines[1:16]
     extensions = [ln for ln in lines if ln.lstrip().startswith("Extension modules")][:1]
     return ["--- a crashed process's stack (faulthandler)", lines[0], *stack, *extensions]
-
-
-_terminal = None
 
 
 @pytest.hookimpl(trylast=True)
