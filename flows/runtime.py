@@ -443,8 +443,10 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "N
 #: each fresh worker paid 0.38 s of its core for that in every run (a profile of the gates' first call in a worker).
 #: ``bif.block_ops``: the covariance blocks' numba kernels, loaded from numba's cache in 10 ms once numba is up (after
 #: arviz-stats); a fresh worker would pay that at its first block, a fresh install the compile (~2 s) in every worker.
+#: ``bif.quality.numba_backend``: arviz-stats' numba backend (the diagnostics), imported under the lock that keeps
+#: forkservers and workers importing at once from breaking numba's cache (see that module).
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "pyarrow.dataset",
-                      "xarray", "zarr", "arviz_stats.numba.diagnostics", "bif.block_ops", "dask.array",
+                      "xarray", "zarr", "bif.quality.numba_backend", "bif.block_ops", "dask.array",
                       "bif.tasks.covariance")
 #: Added to the forkserver's imports of a kept cluster, which pays for them once: its workers run the
 #: quality gates (great_expectations: ~5 s of a core to import) and draw the report (matplotlib: ~1 s). A command

@@ -370,9 +370,8 @@ def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing(
     """``_z_scale`` (contiguous rows, float32 ranks for float32 traces) gives arviz-stats' ``_z_scale`` values, and
     R-hat / ESS of float32 traces equal those of the same values in float64, ties included."""
     import xarray as xr
-    from arviz_stats.numba import diagnostics as azd
-
     from bif.quality.diagnostics import _z_fold, _z_scale, rhat_ess
+    from bif.quality.numba_backend import azd
 
     rng = np.random.default_rng(5)
     x = rng.gamma(2.0, 0.5, (3, 80, 40)).astype(np.float32)

@@ -136,8 +136,7 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
     idx = np.flatnonzero(valid & ~const)
     if not idx.size:
         return out, const
-    limit_numba_threads()
-    from arviz_stats.numba import diagnostics as azd
+    from bif.quality.numba_backend import azd  # under a lock: numba's gufunc cache races (see that module)
 
     sub = flat_all if idx.size == n else flat_all[idx]
     m = idx.size

@@ -1,0 +1,66 @@
+"""Processes that load arviz-stats' numba backend at once leave a numba cache that works (bif.quality.numba_backend).
+
+numba issue #10128: when processes whose numba counters differ compile the same ``cache=True`` gufunc at once, the
+cache can keep the kernel of one and the wrapper of another, and every later process that loads them segfaults in
+its first call. Without the lock of bif.quality.numba_backend this test's processes crashed (rc -11) in each of
+several runs: three of the four that imported at once and then every process that loaded the cache afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bif.quality.diagnostics import rhat_ess
+
+#: A process: compile ``k`` numba functions first (as a Dask worker compiles the covariance kernels before its first
+#: diagnostics: numba's per-process counter then differs between processes), say it is ready, wait for the signal,
+#: then compute the diagnostics of a seeded trace and print its bulk ESS.
+_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    import numba
+    import numpy as np
+    k, folder = int(sys.argv[1]), Path(sys.argv[2])
+    for i in range(k):
+        numba.njit(lambda x, i=i: x + i)(1.0)
+    (folder / f"ready{k}").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.005)
+    from bif.quality.diagnostics import rhat_ess
+    rng = np.random.default_rng(7)
+    print(json.dumps(rhat_ess(rng.normal(size=(4, 60, 50)).cumsum(axis=1))["ess_bulk"].tolist()))
+""")
+
+
+def _start(counts: list[int], folder: Path, env: dict[str, str]) -> list[subprocess.Popen]:
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(k), str(folder)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in counts]
+    deadline = time.monotonic() + 120
+    while not all((folder / f"ready{k}").exists() for k in counts) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (folder / "go").touch()
+    return procs
+
+
+def test_processes_that_load_the_backend_at_once_leave_a_numba_cache_that_works(tmp_path):
+    cache = tmp_path / "numba-cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "NUMBA_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    want = rhat_ess(np.random.default_rng(7).normal(size=(4, 60, 50)).cumsum(axis=1))["ess_bulk"].tolist()
+    for stage, counts in enumerate(([0, 3, 6, 9], [1, 5])):  # four compile at once, then two load the cache
+        folder = tmp_path / f"stage{stage}"
+        folder.mkdir()
+        for k, p in zip(counts, _start(counts, folder, env)):
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, f"stage {stage}, process {k}: rc {p.returncode}\n{err[-3000:]}"
+            np.testing.assert_allclose(json.loads(out.strip().splitlines()[-1]), want, rtol=1e-12)
+    # the processes did use this cache: geyer's kernel and its wrapper were written there, once each
+    assert len(list(cache.rglob("diagnostics.geyer-*.nbc"))) == 1
+    assert len(list(cache.rglob("guf-diagnostics.geyer-*.nbc"))) == 1
