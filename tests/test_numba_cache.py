@@ -1,4 +1,5 @@
-"""Processes that load arviz-stats' numba backend at once leave a numba cache that works (bif.quality.numba_backend).
+"""Processes that load arviz-stats' numba backend at once leave a numba cache that works, and a cache broken before
+is repaired (bif.quality.numba_backend).
 
 numba issue #10128: when processes whose numba counters differ compile the same ``cache=True`` gufunc at once, the
 cache can keep the kernel of one and the wrapper of another, and every later process that loads them segfaults in
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bif.quality.diagnostics import rhat_ess
+from bif.quality.numba_backend import CHECKED_FILE
 
 #: A process: compile ``k`` numba functions first (as a Dask worker compiles the covariance kernels before its first
 #: diagnostics: numba's per-process counter then differs between processes), say it is ready, wait for the signal,
@@ -64,3 +66,52 @@ def test_processes_that_load_the_backend_at_once_leave_a_numba_cache_that_works(
     # the processes did use this cache: geyer's kernel and its wrapper were written there, once each
     assert len(list(cache.rglob("diagnostics.geyer-*.nbc"))) == 1
     assert len(list(cache.rglob("guf-diagnostics.geyer-*.nbc"))) == 1
+
+
+#: A process that uses arviz-stats' backend directly, as bif does not: compile ``k`` numba functions, import it, and
+#: call ``geyer`` when told to.
+_DIRECT = textwrap.dedent("""
+    import sys
+    import numba
+    for i in range(int(sys.argv[1])):
+        numba.njit(lambda x, i=i: x + i)(1.0)
+    from arviz_stats.numba import diagnostics as d
+    if sys.argv[2] == "call":
+        import numpy as np
+        print(d.geyer(np.arange(16.0).reshape(2, 8) ** 2, 0.0))
+""")
+_BIF = ("import json, numpy as np; from bif.quality.diagnostics import rhat_ess; "
+        "print(json.dumps(rhat_ess(np.random.default_rng(7).normal(size=(4, 60, 50)).cumsum(axis=1))"
+        "['ess_bulk'].tolist()))")
+
+
+def test_a_cache_broken_before_is_repaired_by_the_first_bif_process(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "NUMBA_NUM_THREADS": "1"}
+
+    def direct(k: int, what: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _DIRECT, str(k), what], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    # break the cache as two processes without the lock can: one's wrapper beside another's kernel
+    assert direct(3, "import").returncode == 0
+    folder = next((tmp_path / "numba-cache").rglob("guf-diagnostics.geyer-*.nbc")).parent
+    for p in folder.glob("diagnostics.geyer-*"):
+        p.unlink()
+    assert direct(9, "import").returncode == 0
+    assert direct(0, "call").returncode < 0  # broken: a process that loads it and calls geyer crashes
+
+    bif = subprocess.run([sys.executable, "-c", _BIF], env=env, capture_output=True, text=True, timeout=300)
+    assert bif.returncode == 0, bif.stderr[-3000:]
+    want = rhat_ess(np.random.default_rng(7).normal(size=(4, 60, 50)).cumsum(axis=1))["ess_bulk"].tolist()
+    np.testing.assert_allclose(json.loads(bif.stdout.strip().splitlines()[-1]), want, rtol=1e-12)
+    assert "crashed a process that loaded it" in bif.stderr and "numba issue #10128" in bif.stderr
+
+    assert direct(5, "call").returncode == 0  # repaired for every process, not only for bif's
+    files = sorted(folder.glob("*diagnostics.geyer-*.nb[ci]"))
+    assert len(files) == 4
+    assert json.loads((folder / CHECKED_FILE).read_text()) == [
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    # the next bif process trusts the checked pair: it neither checks nor rewrites it
+    again = subprocess.run([sys.executable, "-c", _BIF], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "crashed" not in again.stderr
+    assert [p.stat().st_mtime_ns for p in files] == [row[2] for row in json.loads((folder / CHECKED_FILE).read_text())]

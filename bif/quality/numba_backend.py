@@ -15,19 +15,32 @@ ran the diagnostics, and so every ``bif run`` (``KilledWorker: _diagnose_job``) 
 Here the import holds an exclusive ``flock`` on a file in the temporary folder, named for the Python
 environment and ``NUMBA_CACHE_DIR``: one process compiles and writes both files, and the others load them after
 it. The lock is released when the process dies, so it is never stale. The wait is once per process: about 0.3 s
-a process to load from the cache, ~3 s for the one that compiles. A cache already broken by an earlier race stays
-broken: delete the ``*.nbi`` and ``*.nbc`` files of ``arviz_stats/numba/__pycache__`` (README, troubleshooting).
+a process to load from the cache, ~3 s for the one that compiles.
+
+A cache broken before (by an older bif, or by another program that imports arviz-stats' backend without the lock)
+is repaired. bif records the files of ``geyer``'s cache that it knows to be a working pair (``bif-checked.json``
+beside them): those this process just wrote itself, or those a child process loaded and called without crashing.
+Files it does not know are checked that way once: about 3 s, in the first process that meets them. When the
+child crashes, bif deletes them, logs a warning and imports the backend again, which compiles and writes a working
+pair. ``tests/test_numba_cache.py`` breaks a cache on purpose and checks the repair.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import json
+import logging
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from bif.quality.diagnostics import limit_numba_threads
 
@@ -57,8 +70,87 @@ def _cache_lock() -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+#: The file beside numba's cache files that names the ``geyer`` cache files bif knows to be a working pair.
+CHECKED_FILE = "bif-checked.json"
+#: A child process's check of the cache: load ``geyer`` from it and call it once.
+_CANARY = ("import numpy as np; from arviz_stats.numba import diagnostics as d; "
+           "d.geyer(np.arange(16.0).reshape(2, 8) ** 2, 0.0)")
+log = logging.getLogger(__name__)
+
+
+def _cache_folder(module: ModuleType) -> Path | None:
+    """The folder of numba's cache of ``module.geyer`` (None: not cached, or numba's internals differ)."""
+    try:
+        return Path(module.geyer.gufunc_builder.nb_func.cache._cache_path)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _geyer_files(folder: Path) -> list[Path]:
+    """``geyer``'s cache files in ``folder``: the kernel's and the wrapper's index and data."""
+    return sorted(p for pattern in ("diagnostics.geyer-*.nb[ci]", "guf-diagnostics.geyer-*.nb[ci]")
+                  for p in folder.glob(pattern))
+
+
+def _fingerprint(files: list[Path]) -> list[list[Any]]:
+    return [[p.name, st.st_size, st.st_mtime_ns] for p in files for st in (p.stat(),)]
+
+
+def _canary() -> int | None:
+    """The exit status of a child that loads ``geyer`` from the cache and calls it (None: no answer)."""
+    try:
+        return subprocess.run([sys.executable, "-c", _CANARY], env={**os.environ, "NUMBA_NUM_THREADS": "1"},
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=300).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _checked(module: ModuleType, started_ns: int) -> ModuleType:
+    """``module`` (arviz-stats' backend, just imported) once its ``geyer`` cache is known to work; see the module
+    docstring. Called under the lock."""
+    folder = _cache_folder(module)
+    files = _geyer_files(folder) if folder is not None else []
+    if not files:
+        return module
+    marker = folder / CHECKED_FILE
+    try:
+        seen = _fingerprint(files)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(marker.read_text()) == seen:
+                return module
+        fresh = all(mtime >= started_ns for _, _, mtime in seen)  # written by this import: one process's pair
+    except OSError:
+        return module
+    if not fresh:
+        code = _canary()
+        if code is None or code >= 0:  # no answer, or an error that is not a crash: nothing to repair
+            if code == 0:
+                _write_marker(marker, seen)
+            return module
+        log.warning("numba's cache of arviz-stats' geyer gufunc in %s crashed a process that loaded it (exit %s; "
+                    "numba issue #10128): deleting %s and compiling it again", folder, code,
+                    ", ".join(p.name for p in files))
+        for p in files:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        module = importlib.reload(module)
+        files = _geyer_files(folder)
+        with contextlib.suppress(OSError):
+            seen = _fingerprint(files)
+    _write_marker(marker, seen)
+    return module
+
+
+def _write_marker(marker: Path, seen: list[list[Any]]) -> None:
+    with contextlib.suppress(OSError):
+        marker.write_text(json.dumps(seen))
+
+
 limit_numba_threads()  # before numba loads
 with _cache_lock():
+    _started = time.time_ns()
     from arviz_stats.numba import diagnostics as azd
 
-__all__ = ["azd", "lock_path"]
+    azd = _checked(azd, _started)
+
+__all__ = ["CHECKED_FILE", "azd", "lock_path"]
