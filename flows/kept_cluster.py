@@ -202,12 +202,13 @@ def status(home: Path | None = None) -> KeptClusterInfo | None:
 
 def stop(home: Path | None = None) -> KeptClusterInfo | None:
     """Stop the kept cluster of this Prefect home (its whole process group); returns what ran."""
-    from bif.flows.prefect_server import _locked_file, _terminate
+    from bif.flows.prefect_server import _terminate
+    from bif.locks import locked_file
 
     state = cluster_dir(home)
     if not state.exists():
         return None
-    with _locked_file(state / "state.lock"):
+    with locked_file(state / "state.lock"):
         info = _read_info(state)
         if info is not None and _is_ours(info.pid):
             _terminate(info.pid)
@@ -266,11 +267,11 @@ def use_kept_cluster(spec: dict[str, Any], *, idle_timeout_s: float = DEFAULT_ID
 def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
            start_timeout_s: float) -> tuple[KeptClusterInfo, bool] | None:
     """The kept cluster for ``spec`` (started, or replaced, when needed) with fresh workers, and whether it ran."""
-    from bif.flows.prefect_server import _locked_file
+    from bif.locks import locked_file
 
     parts = fingerprint_parts(spec)  # once: it stats every source file of bif
     key = _key(parts)
-    with _locked_file(state / "state.lock"):
+    with locked_file(state / "state.lock"):
         info = _read_info(state)
         same = info is not None and info.key == key and _is_ours(info.pid) and _answers(info.address)
         missing = _missing_modules(info, spec) if same else None  # None: another set-up, or not running
@@ -289,7 +290,7 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
         try:
             _restart_workers(info.address)
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
-            with _locked_file(state / "state.lock"):
+            with locked_file(state / "state.lock"):
                 why = (f"its workers did not come back ({type(err).__name__}: {err}); its processes: "
                        f"{_process_states(info.pid)}")
                 info = _replace(state, info, why, _with_modules(spec, info), parts, idle_timeout_s, start_timeout_s)
@@ -380,9 +381,9 @@ def _refresh_idle_workers(state: Path, client: Any, workers: int) -> None:
     its output); only a restart stops it. Workers that do not come back leave no mark: the next command
     restarts them itself and replaces the cluster when they still do not come back.
     """
-    from bif.flows.prefect_server import _locked_file
+    from bif.locks import locked_file
 
-    with _locked_file(state / "state.lock"):
+    with locked_file(state / "state.lock"):
         use = _try_lock(state / "use.lock", attempts=1)
         if use is None:
             return  # a command is using the cluster

@@ -50,6 +50,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bif.locks import locked_file
+
 #: Settings applied to every run: no telemetry, no DNS lookups to the outside.
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -107,22 +109,8 @@ def _prefect_version() -> str:
 @contextlib.contextmanager
 def _locked(state: Path) -> Iterator[None]:
     """Hold ``server.lock`` (exclusive flock; released when the process dies, so never stale)."""
-    with _locked_file(state / "server.lock"):
+    with locked_file(state / "server.lock"):
         yield
-
-
-@contextlib.contextmanager
-def _locked_file(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` (created, with its folder, when missing)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _read_info(state: Path) -> ServerInfo | None:

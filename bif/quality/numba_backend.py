@@ -37,37 +37,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bif.locks import locked_file
 from bif.quality.diagnostics import limit_numba_threads
 
 
 def lock_path() -> Path:
     """The lock file shared by the processes that use this environment's numba cache for arviz-stats."""
     key = f"{sys.prefix}\0{os.environ.get('NUMBA_CACHE_DIR', '')}".encode()
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"bif-numba-cache-{uid}-{hashlib.sha1(key).hexdigest()[:12]}.lock"
-
-
-@contextlib.contextmanager
-def _cache_lock() -> Iterator[None]:
-    """Hold an exclusive ``flock`` of :func:`lock_path` (nothing held where flock or the file is unavailable)."""
-    try:
-        import fcntl
-
-        fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+    return Path(tempfile.gettempdir()) / f"bif-numba-cache-{os.getuid()}-{hashlib.sha1(key).hexdigest()[:12]}.lock"
 
 
 #: The file beside numba's cache files that names the ``geyer`` cache files bif knows to be a working pair.
@@ -147,7 +128,7 @@ def _write_marker(marker: Path, seen: list[list[Any]]) -> None:
 
 
 limit_numba_threads()  # before numba loads
-with _cache_lock():
+with locked_file(lock_path()):
     _started = time.time_ns()
     from arviz_stats.numba import diagnostics as azd
 
