@@ -246,6 +246,9 @@ def _known_traces() -> dict[str, np.ndarray]:
         "single_chain": rng.normal(size=(1, 100, 5)),  # rhat NaN, ESS defined
         "too_short": rng.normal(size=(2, 3, 4)),  # fewer than 4 draws: all NaN
         "gamma_losses": rng.gamma(2.0, 0.5, (2, 64, 8)).astype(np.float32).astype(np.float64),
+        # draws of two values (a 0/1 loss), some samples with as many of each: the fold |x - median| is constant,
+        # its R-hat NaN, and ArviZ's rank R-hat is the bulk one
+        "two_values": (rng.random((2, 20, 40)) < 0.5).astype(float),
     }
 
 
@@ -266,6 +269,9 @@ def test_rhat_ess_matches_arviz_per_sample(name):
         assert np.isnan(got["rhat"]).all() and np.isfinite(got["ess_bulk"]).all()
     if name == "too_short":
         assert all(np.isnan(v).all() for v in got.values())
+    if name == "two_values":
+        balanced = (traces == 1).sum(axis=(0, 1)) == 20  # as many ones as zeros: a constant fold
+        assert balanced.sum() >= 3 and np.isfinite(got["rhat"]).all()
 
 
 def test_rhat_ess_is_vectorized_over_samples():
@@ -384,6 +390,25 @@ def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing(
     got32, got64 = rhat_ess(x), rhat_ess(x.astype(np.float64))
     for key in got32:
         np.testing.assert_array_equal(got32[key], got64[key], err_msg=key)
+
+
+@pytest.mark.parametrize("n", [4, 5, 7, 20, 21, 100, 101, 200, 401, 2000])
+def test_quantiles_of_sorted_rows_equal_numpys_bit_for_bit(n):
+    """The tail ESS's quantiles, read off sorted rows, equal np.quantile's (method "linear") bit for bit: ties,
+    float32 values, the quantiles 0 and 1 and a gamma of exactly 0.5 included."""
+    from bif.quality.diagnostics import _sorted_quantiles
+
+    rng = np.random.default_rng(n)
+    rows = np.concatenate([rng.normal(size=(50, n)), np.round(rng.normal(size=(20, n)), 1),
+                           rng.gamma(2.0, 0.5, (20, n)).astype(np.float32).astype(np.float64),
+                           rng.normal(scale=1e-300, size=(5, n)), np.full((5, n), 3.25)])
+    ordered = np.sort(rows, axis=1)
+    q = (0.0, 0.05, 0.25, 0.5, 0.95, 1.0, 0.5 / (n - 1) + 1 / (n - 1), 1 / 3)
+    got = _sorted_quantiles(ordered, q)
+    want = np.quantile(rows, q, axis=1)
+    assert got.shape == want.shape == (len(q), rows.shape[0])
+    np.testing.assert_array_equal(got, want)
+    assert np.array_equal(got[[1, 4]], np.quantile(rows, (0.05, 0.95), axis=1))
 
 
 def test_frames_are_joined_as_pandas_joins_them():

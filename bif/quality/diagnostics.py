@@ -153,17 +153,21 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
         z = _z_rows(flat, shape)  # ranks in the traces' dtype: see _z_rows
         # the median of the fold and, for even draws, the tail quantiles; float32 sorts faster, to the same order
         ordered = np.sort(flat, axis=1).astype(np.float64, copy=False)
-        if chains >= 2:  # ArviZ: R-hat needs at least 2 chains; rank R-hat = max(bulk, folded), as azd.rhat
+        if chains >= 2:  # ArviZ: R-hat needs at least 2 chains
             bulk, folded = _rhat_of_rows(z), _rhat_of_rows(_z_fold_rows(flat.astype(np.float64, copy=False), ordered,
                                                                         shape))
-            out[RHAT][idx] = np.where(bulk > folded, bulk, folded)
+            # rank R-hat: ArviZ's max(bulk, folded), Python's max: the folded R-hat where it is the larger, else
+            # the bulk one. A fold without spread (draws of two values, as many of each: |x - median| is one
+            # value) has a NaN folded R-hat, and keeps the bulk one, as in ArviZ 0.23 and arviz-stats' default
+            # backend (arviz-stats' numba backend, xr.where(bulk > folded, ...), gives NaN there)
+            out[RHAT][idx] = np.where(folded > bulk, folded, bulk)
         out[ESS_BULK][idx] = _ess_of_rows(azd, z, varying=True, overwrite=True)  # a varying row's ranks vary
         if tail:
-            # (2, m): ArviZ takes them on the unsplit draws; the same values as np.quantile over axes (0, 1), from
-            # each sample's draws sorted in one contiguous row (a sort is faster than numpy's partition at 4 cuts).
-            # With an even number of draws the split draws are all of them, so their sorted rows serve
+            # (2, m): ArviZ takes them on the unsplit draws; the same values as np.quantile over axes (0, 1), read
+            # off each sample's draws sorted in one contiguous row (:func:`_sorted_quantiles`). With an even number
+            # of draws the split draws are all of them, so their sorted rows serve
             unsplit = ordered if draws == 2 * half else np.sort(sub, axis=1).astype(np.float64, copy=False)
-            qs = np.quantile(unsplit, (0.05, 0.95), axis=1, overwrite_input=True)
+            qs = _sorted_quantiles(unsplit, (0.05, 0.95))
             split = flat.reshape(shape)
             # ArviZ splits the indicators of the unsplit draws: the same elements as the indicators of the split
             # (float32 draws compare with the float64 quantile as float64), written as float64 0 / 1 directly
@@ -210,6 +214,26 @@ def _sorted_median(ordered: np.ndarray) -> np.ndarray:
     if k % 2:
         return ordered[:, k // 2:k // 2 + 1].copy()
     return (ordered[:, k // 2 - 1:k // 2] + ordered[:, k // 2:k // 2 + 1]) / 2
+
+
+def _sorted_quantiles(ordered: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
+    """``np.quantile(ordered, q, axis=1)`` (method "linear") of float64 rows already sorted, without NaN: (len(q),
+    rows), the same values by numpy's own steps (numpy 2's ``_quantile``: the virtual index (n - 1) q, its floor and
+    the next index, gamma = index - floor, and ``_lerp``: a + (b - a) gamma, or b - (b - a)(1 - gamma) where
+    gamma >= 0.5), read off the sorted rows instead of numpy's partition of them. That partition ran along the
+    strided axis of the (draws, samples) view numpy moves the axis to: 3-4 ms of a 28 ms pass of 1,310 samples x
+    200 draws (session 28). The test compares with np.quantile, bit for bit."""
+    n = ordered.shape[1]
+    virtual = (n - 1) * np.asarray(q, dtype=np.float64)
+    prev = np.floor(virtual)
+    gamma = (virtual - prev)[:, None]
+    lo = np.minimum(prev, n - 1).astype(np.intp)  # numpy: an index at or past the last takes the last value
+    hi = np.where(virtual >= n - 1, n - 1, prev + 1).astype(np.intp)
+    a, b = ordered[:, lo].T, ordered[:, hi].T  # (len(q), rows)
+    diff = b - a
+    out = a + diff * gamma
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+    return out
 
 
 def _sample_rows(split: Any, dtype: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
