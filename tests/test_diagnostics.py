@@ -274,6 +274,45 @@ def test_rhat_ess_matches_arviz_per_sample(name):
         assert balanced.sum() >= 3 and np.isfinite(got["rhat"]).all()
 
 
+def test_degenerate_traces_match_arviz_stats_default_backend():
+    """Degenerate traces against arviz-stats' default (numpy) backend, ArviZ >= 1's: draws of two values (as many of
+    each: a constant fold, whose R-hat is the bulk one), chains stuck at different values (R-hat inf; ArviZ 0.23
+    gives NaN), three values, and saturated float32 losses (many exact zeros, some traces all zero). rtol 1e-10.
+
+    Not compared: the ESS of draws of two values. Their autocovariances can sum to exactly 0 in Geyer's sequence,
+    and rounding then decides where it stops; ArviZ 0.23, arviz-stats' numpy and numba backends and this module
+    round differently (e.g. 2 chains x 10 draws of 0/1: 24 of 3,000 tail ESS differ between ArviZ 0.23 and
+    arviz-stats' numba backend)."""
+    import warnings
+
+    from arviz_stats.base import array_stats
+
+    from bif.quality.diagnostics import rhat_ess
+
+    rng = np.random.default_rng(21)
+    losses = rng.gamma(0.3, 1.0, (2, 100, 60)).astype(np.float32)
+    losses[losses < 0.5] = 0.0
+    losses[..., :5] = 0.0  # saturated at every draw: constant
+    cases = {"two_values": (rng.random((2, 20, 100)) < 0.5).astype(float),
+             "stuck_chains": np.broadcast_to(rng.normal(size=(4, 1, 10)), (4, 50, 10)).copy(),
+             "three_values": rng.integers(0, 3, (2, 30, 60)).astype(float),
+             "saturated": losses.astype(np.float64)}
+    for name, t in cases.items():
+        got = rhat_ess(t)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore")
+            want = {"rhat": array_stats.rhat(t, chain_axis=0, draw_axis=1, method="rank"),
+                    "ess_bulk": array_stats.ess(t, chain_axis=0, draw_axis=1, method="bulk"),
+                    "ess_tail": array_stats.ess(t, chain_axis=0, draw_axis=1, method="tail", prob=(0.05, 0.95))}
+        for key in ("rhat",) if name == "two_values" else tuple(want):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10, atol=0, equal_nan=True, err_msg=f"{name} {key}")
+    two = cases["two_values"]
+    assert ((two == 1).sum(axis=(0, 1)) == 20).sum() >= 5  # balanced samples: their fold is constant
+    assert np.isfinite(rhat_ess(two)["rhat"]).all()
+    assert np.isposinf(rhat_ess(cases["stuck_chains"])["rhat"]).all()
+    assert (losses == 0).all(axis=(0, 1)).any() and not (losses == 0).all()
+
+
 def test_rhat_ess_is_vectorized_over_samples():
     """One block of 4,000 samples costs far less than ArviZ's one-call-per-sample loop on 200 of them x 20."""
     import time
