@@ -11,7 +11,9 @@ arviz-stats' ``array_stats`` loop over the samples, about 3.5 ms a sample here).
 is composed as ArviZ composes it, ``min(ess(split(x <= q05)), ess(split(x <= q95)))`` with the
 same backend's ``_ess`` and ``_split_chains``; ArviZ's validity rules are applied around it
 (fewer than 4 draws or a NaN: NaN; R-hat needs 2 chains; an odd number of draws drops the
-middle one when splitting). ``tests/test_diagnostics.py`` checks every value against ArviZ 0.23.
+middle one when splitting). ``tests/test_diagnostics.py`` checks every value against ArviZ 0.23, and degenerate
+traces (two or three values, stuck chains, saturated losses) against arviz-stats' default backend. Where the two
+differ, this module follows arviz-stats: chains stuck at different values have R-hat inf (ArviZ 0.23: NaN).
 
 A constant loss trace (the same value at every draw of every chain, e.g. a float32
 cross-entropy of exactly 0.0) has no defined R-hat or ESS: ArviZ gives R-hat NaN and ESS =
