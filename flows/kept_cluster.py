@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, IO
 
+from bif.locks import locked_file
+
 #: The keys of a spec that name what the cluster imports ahead (Dask's worker preloads; the forkserver's extra
 #: imports): not part of the fingerprint (see :func:`_missing_modules`).
 MODULE_KEYS = ("preload", "warm_modules")
@@ -203,7 +205,6 @@ def status(home: Path | None = None) -> KeptClusterInfo | None:
 def stop(home: Path | None = None) -> KeptClusterInfo | None:
     """Stop the kept cluster of this Prefect home (its whole process group); returns what ran."""
     from bif.flows.prefect_server import _terminate
-    from bif.locks import locked_file
 
     state = cluster_dir(home)
     if not state.exists():
@@ -267,8 +268,6 @@ def use_kept_cluster(spec: dict[str, Any], *, idle_timeout_s: float = DEFAULT_ID
 def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
            start_timeout_s: float) -> tuple[KeptClusterInfo, bool] | None:
     """The kept cluster for ``spec`` (started, or replaced, when needed) with fresh workers, and whether it ran."""
-    from bif.locks import locked_file
-
     parts = fingerprint_parts(spec)  # once: it stats every source file of bif
     key = _key(parts)
     with locked_file(state / "state.lock"):
@@ -381,8 +380,6 @@ def _refresh_idle_workers(state: Path, client: Any, workers: int) -> None:
     its output); only a restart stops it. Workers that do not come back leave no mark: the next command
     restarts them itself and replaces the cluster when they still do not come back.
     """
-    from bif.locks import locked_file
-
     with locked_file(state / "state.lock"):
         use = _try_lock(state / "use.lock", attempts=1)
         if use is None:
