@@ -38,6 +38,11 @@ exact path; a non-finite value anywhere declines the whole block.
 pairs (:func:`bif.quality.diagnostics._pair_mcse`): per pair, the products of its two centred rows summed over each
 batch of draws, in one pass with no temporaries (numpy gathered both rows of every pair into (pairs, draws) arrays
 and multiplied them; the whole MCSE of 8,192 pairs x 200 draws, centring included: 12 -> 5 ms).
+
+**Rank-normal scores.** :func:`normal_scores` gives the diagnostics (:func:`bif.quality.diagnostics._normal_scores`)
+both rankings that ArviZ's rank R-hat needs, of the draws and of their fold |draw - median|, from one sort of each
+sample's draws: the fold's order is merged from the two sides of the median, where bottleneck's ``rankdata`` sorted
+twice (1,310 samples x 200 float32 draws: 3.4 against 6.2 ms, the sort for the quantiles included).
 """
 from __future__ import annotations
 
@@ -307,3 +312,123 @@ def pair_batch_means(x: np.ndarray, y: np.ndarray, ti: np.ndarray, qj: np.ndarra
     _pair_batch_means(x, y, ti, qj, np.ascontiguousarray(cuts, dtype=np.int64),
                       np.ascontiguousarray(inv_len, dtype=np.float64), mcse, total_z)
     return mcse, total_z
+
+
+@nb.njit([nb.void(_rows(_F32, ro), nb.uint64[:, ::1]) for ro in (False, True)], cache=True, nogil=True)
+def _order_keys(x, keys):  # pragma: no cover - compiled
+    a, k = x.shape
+    for i in range(a):
+        for j in range(k):
+            # the float's bits, ordered as unsigned: -0 and +0 are next to each other (and tie: they compare equal)
+            b = np.float32(x[i, j]).view(np.uint32)
+            b = b ^ np.uint32(0xFFFFFFFF) if b >> np.uint32(31) else b | np.uint32(0x80000000)
+            keys[i, j] = (np.uint64(b) << np.uint64(32)) | np.uint64(j)
+
+
+@nb.njit(nb.void(nb.uint64[:, ::1], _F64[:, ::1], nb.int64[:, ::1]), cache=True, nogil=True)
+def _decode_keys(keys, ordered, perm):  # pragma: no cover - compiled
+    a, k = keys.shape
+    for i in range(a):
+        for j in range(k):
+            key = keys[i, j]
+            b = np.uint32(key >> np.uint64(32))
+            b = b ^ np.uint32(0x80000000) if b >> np.uint32(31) else b ^ np.uint32(0xFFFFFFFF)
+            ordered[i, j] = np.float64(np.uint32(b).view(np.float32))
+            perm[i, j] = np.int64(key & np.uint64(0xFFFFFFFF))
+
+
+@nb.njit(inline="always")
+def _tied_scores(v, pos, k, table, out, start):  # pragma: no cover - compiled
+    # v sorted, pos[j] where v[j] goes in out: out[pos[j]] = table[2 x the average rank of v[j]'s ties], the rank
+    # of the run [s, e) being (s + 1 + e) / 2; the runs' starts forward, then their ends backward, branch-free
+    s = 0
+    start[0] = 0
+    for j in range(1, k):
+        s = s if v[j] == v[j - 1] else j
+        start[j] = s
+    e = k
+    out[pos[k - 1]] = table[start[k - 1] + k + 1]
+    for j in range(k - 2, -1, -1):
+        e = e if v[j] == v[j + 1] else j + 1
+        out[pos[j]] = table[start[j] + e + 1]
+
+
+@nb.njit(nb.void(_F64[:, ::1], nb.int64[:, ::1], _F64[::1], _F64[:, ::1], _F64[:, ::1], nb.boolean,
+                 nb.boolean[::1]), cache=True, nogil=True)
+def _normal_scores(ordered, perm, table, z, zf, fold, finite):  # pragma: no cover - compiled
+    a, k = ordered.shape
+    dist = np.empty(k + 2)
+    merged = np.empty(k)
+    mpos = np.empty(k, np.int64)
+    start = np.empty(k, np.int64)
+    for i in range(a):
+        o = ordered[i]
+        p = perm[i]
+        if not (np.isfinite(o[0]) and np.isfinite(o[k - 1])):
+            finite[i] = False
+            continue
+        finite[i] = True
+        _tied_scores(o, p, k, table, z[i], start)
+        if not fold:
+            continue
+        med = o[k // 2] if k % 2 else (o[k // 2 - 1] + o[k // 2]) / 2
+        # dist[1 + j] = |o[j] - med|: falls (not strictly) from j = 0 to the median, then rises; +inf sentinels
+        # at both ends (a finite row's distances are finite). Merging the two sides from the median outwards
+        # sorts the distances, branch-free
+        dist[0] = np.inf
+        dist[k + 1] = np.inf
+        below = 0
+        for j in range(k):
+            dist[j + 1] = abs(o[j] - med)
+            below += o[j] < med
+        lo = below  # dist index of the next value below the median (o index below - 1)
+        hi = below + 1
+        for t in range(k):
+            dl = dist[lo]
+            dh = dist[hi]
+            take_lo = dl <= dh
+            merged[t] = dl if take_lo else dh
+            mpos[t] = p[(lo if take_lo else hi) - 1]
+            lo -= take_lo
+            hi += 1 - take_lo
+        _tied_scores(merged, mpos, k, table, zf[i], start)
+
+
+def normal_scores(rows: np.ndarray, table: np.ndarray, *, fold: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Rank-normal scores of each row of ``rows`` (a, k) (float32 or float64, no NaN), from one sort of the row:
+
+    - ``z`` (a, k): ``table[2 r]``, r the average rank (1 to k, ties averaged) of each value in its row;
+    - ``z_fold`` (a, k), or None without ``fold``: the same of |value - the row's median| (numpy's median: the
+      middle value, or the two middle ones' (a + b) / 2, in float64);
+    - ``ordered`` (a, k) float64: the row sorted;
+    - ``finite`` (a,) bool: rows with an infinite value are left to the caller (their ``z``, ``z_fold`` unset).
+
+    Ranks are whole or half numbers, found by comparisons only, so these equal the scores of any exact ranking
+    (bottleneck's or scipy's ``rankdata``) bit for bit. The sort: float32 values with their column packed into
+    uint64 keys (order-preserving bits) and sorted by numpy; float64 values by ``argsort``. The fold's
+    order comes from the sorted row without a second sort: |value - median| falls towards the median and rises
+    after it, so merging the two sides sorts it. ``table``: (2 k + 1,) float64.
+    """
+    a, k = rows.shape
+    if k >= 1 << 32:
+        raise ValueError(f"at most 2**32 - 1 values per row, got {k}")
+    ordered = np.empty((a, k))
+    if rows.dtype == np.float32:
+        keys = np.empty((a, k), dtype=np.uint64)
+        _order_keys(np.ascontiguousarray(rows), keys)
+        keys.sort(axis=1)
+        perm = np.empty((a, k), dtype=np.int64)
+        _decode_keys(keys, ordered, perm)
+    else:
+        rows = np.asarray(rows, dtype=np.float64)
+        perm = np.ascontiguousarray(np.argsort(rows, axis=1), dtype=np.int64)
+        ordered[:] = np.take_along_axis(rows, perm, axis=1)
+    z = np.empty((a, k))
+    zf = np.empty((a, k)) if fold else np.empty((0, 0))
+    finite = np.empty(a, dtype=np.bool_)
+    if k:
+        _normal_scores(ordered, perm, np.ascontiguousarray(table, dtype=np.float64), z, zf, fold, finite)
+    else:
+        finite[:] = True
+    return z, (zf if fold else None), ordered, finite

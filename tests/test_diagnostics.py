@@ -425,7 +425,9 @@ def test_rank_normalization_equals_arviz_stats_and_float32_ranks_change_nothing(
     want = azd._z_scale(split).transpose("chain", "draw", "sample").values
     for dtype in (np.float32, np.float64):
         np.testing.assert_array_equal(_z_scale(split, dtype).values, want)
-    np.testing.assert_array_equal(_z_fold(split).values, azd._z_fold(split).transpose("chain", "draw", "sample").values)
+    for dtype in (np.float32, np.float64):
+        np.testing.assert_array_equal(_z_fold(split, dtype).values,
+                                      azd._z_fold(split).transpose("chain", "draw", "sample").values)
     got32, got64 = rhat_ess(x), rhat_ess(x.astype(np.float64))
     for key in got32:
         np.testing.assert_array_equal(got32[key], got64[key], err_msg=key)
@@ -448,6 +450,60 @@ def test_quantiles_of_sorted_rows_equal_numpys_bit_for_bit(n):
     assert got.shape == want.shape == (len(q), rows.shape[0])
     np.testing.assert_array_equal(got, want)
     assert np.array_equal(got[[1, 4]], np.quantile(rows, (0.05, 0.95), axis=1))
+
+
+def _score_cases(rng, c: int, d: int) -> np.ndarray:
+    """Rows of c x d values of many kinds: continuous, ties, -0 beside +0, two values (as many of each: a constant
+    fold), constant, and symmetric about the median (the fold's ties across its two sides)."""
+    k = c * d
+    sym = rng.normal(size=(6, k // 2))
+    return np.concatenate([
+        rng.normal(size=(12, k)), np.round(rng.normal(size=(8, k)), 1), rng.integers(-2, 3, (6, k)) * 0.5,
+        np.where(rng.random((4, k)) < 0.5, -0.0, 0.0) + rng.integers(0, 2, (4, k)),
+        np.tile([0.0, 1.0], (4, k // 2 + 1))[:, :k], np.full((3, k), 2.5),
+        np.concatenate([sym, -sym, np.zeros((6, k % 2))], axis=1) + 3.0,
+        rng.gamma(0.3, 1.0, (6, k)) * (rng.random((6, k)) > 0.4)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c,d", [(4, 50), (2, 2), (3, 7), (1, 9), (8, 25)])
+def test_normal_scores_from_one_sort_equal_bottlenecks_ranks_bit_for_bit(dtype, c, d):
+    """_normal_scores (one sort per row, the fold's order merged from it) gives _z_rows' and _z_fold_rows' scores
+    (bottleneck's rankdata) and np.sort's rows, bit for bit, for ties, signed zeros, constant folds and odd sizes;
+    rows with an infinite value take the bottleneck path and keep its values."""
+    from bif.quality.diagnostics import _normal_scores, _z_fold_rows, _z_rows
+
+    rng = np.random.default_rng(c * 100 + d)
+    rows = _score_cases(rng, c, d).astype(dtype)
+    rows[-1, 0], rows[-2, :3] = np.inf, -np.inf  # the bottleneck path
+    shape = (rows.shape[0], c, d)
+    z, z_fold, ordered = _normal_scores(rows, shape)
+    with np.errstate(invalid="ignore"):
+        want_ordered = np.sort(rows, axis=1).astype(np.float64)
+        want_fold = _z_fold_rows(rows.astype(np.float64), want_ordered, shape)
+    np.testing.assert_array_equal(ordered, want_ordered)  # (-0 and +0 compare equal: no value depends on the sign)
+    np.testing.assert_array_equal(z, _z_rows(rows, shape))
+    np.testing.assert_array_equal(z_fold, want_fold)
+    assert z.shape == z_fold.shape == shape and np.isfinite(z[:-2]).all() and np.isfinite(z_fold[:-2]).all()
+    z_only, none, _ = _normal_scores(rows, shape, fold=False)
+    assert none is None and np.array_equal(z_only, z)
+
+
+def test_normal_scores_of_random_rows_equal_bottlenecks_ranks():
+    """Many random rows of few distinct values (ties everywhere) and of continuous values, float32 and float64."""
+    from bif.quality.diagnostics import _normal_scores, _z_fold_rows, _z_rows
+
+    rng = np.random.default_rng(29)
+    for trial in range(60):
+        c, d = int(rng.integers(1, 5)), int(rng.integers(2, 40))
+        k = c * d
+        rows = (rng.integers(0, int(rng.integers(2, 6)), (40, k)) * rng.choice([0.1, 0.3, 1.0])
+                if trial % 2 else rng.normal(size=(40, k)))
+        rows = rows.astype(np.float32 if trial % 3 else np.float64)
+        shape = (40, c, d)
+        z, z_fold, ordered = _normal_scores(rows, shape)
+        np.testing.assert_array_equal(z, _z_rows(rows, shape))
+        np.testing.assert_array_equal(z_fold, _z_fold_rows(rows.astype(np.float64), ordered, shape))
 
 
 def test_frames_are_joined_as_pandas_joins_them():

@@ -152,12 +152,11 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
         flat = np.concatenate([s3[:, :, :half], s3[:, :, draws - half:]], axis=2).reshape(m, -1)
     shape = (m, 2 * chains, half)
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = _z_rows(flat, shape)  # ranks in the traces' dtype: see _z_rows
-        # the median of the fold and, for even draws, the tail quantiles; float32 sorts faster, to the same order
-        ordered = np.sort(flat, axis=1).astype(np.float64, copy=False)
-        if chains >= 2:  # ArviZ: R-hat needs at least 2 chains
-            bulk, folded = _rhat_of_rows(z), _rhat_of_rows(_z_fold_rows(flat.astype(np.float64, copy=False), ordered,
-                                                                        shape))
+        # the normal scores of the draws and of their fold (R-hat needs at least 2 chains: ArviZ), and the rows
+        # sorted (the fold's median and, for even draws, the tail quantiles), from one sort: see _normal_scores
+        z, z_fold, ordered = _normal_scores(flat, shape, fold=chains >= 2)
+        if chains >= 2:
+            bulk, folded = _rhat_of_rows(z), _rhat_of_rows(z_fold)
             # rank R-hat: ArviZ's max(bulk, folded), Python's max: the folded R-hat where it is the larger, else
             # the bulk one. A fold without spread (draws of two values, as many of each: |x - median| is one
             # value) has a NaN folded R-hat, and keeps the bulk one, as in ArviZ 0.23 and arviz-stats' default
@@ -186,20 +185,54 @@ def _constant_rows(flat: np.ndarray) -> np.ndarray:
     return (flat == flat[:, :1]).all(axis=1)
 
 
+def _normal_scores(rows: np.ndarray, shape: tuple[int, int, int], *, fold: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """arviz-stats' rank normalization of each row of ``rows`` (m, c x d) without NaN, float32 or float64: (``z``
+    (m, c, d) float64 of ``shape`` (:func:`_z_rows`' values), the same of the fold (:func:`_z_fold_rows`' values;
+    None without ``fold``), the rows sorted (m, c x d) float64).
+
+    :func:`bif.block_ops.normal_scores` sorts each row once and reads both rankings off it (the fold's by merging
+    the two sides of the median): 1,310 samples x 200 float32 draws took 3.4 ms against 6.2 ms for two bottleneck
+    ``rankdata`` calls and a sort (session 29). Rows with an infinite value take :func:`_z_rows` and
+    :func:`_z_fold_rows`. The test compares every output with theirs bit for bit.
+    """
+    from bif.block_ops import normal_scores
+
+    m, c, d = shape
+    z, z_fold, ordered, finite = normal_scores(rows, _score_table(c * d), fold=fold)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        sub = rows[bad]
+        ordered[bad] = np.sort(sub, axis=1)
+        z[bad] = _z_rows(sub, (bad.size, c, d)).reshape(bad.size, c * d)
+        if fold:
+            z_fold[bad] = _z_fold_rows(sub.astype(np.float64), ordered[bad], (bad.size, c, d)).reshape(bad.size, -1)
+    return z.reshape(shape), (z_fold.reshape(shape) if fold else None), ordered
+
+
+def _score_table(k: int) -> np.ndarray:
+    """(2 k + 1,) float64: the normal score of each possible rank r of k values (whole or half numbers in [1, k],
+    at index 2 r): Blom's ``(r - 3/8) / (k - 3/4 + 1)``, then ``scipy.special.ndtri`` (``scipy.stats.norm.ppf``),
+    the same float64 input as ArviZ's for each draw, so the same values."""
+    from scipy.special import ndtri
+
+    return ndtri((np.arange(2 * k + 1) / 2 - 3 / 8) / (k - 2 * 3 / 8 + 1))
+
+
 def _z_scale(split: Any, rank_dtype: Any = np.float64) -> Any:
     """arviz-stats' rank normalization (``azd._z_scale``) of split (chain, draw, sample) draws, same values, as a
-    (chain, draw, sample) DataArray: :func:`_z_rows` on the rows of :func:`_sample_rows`. ``rank_dtype``: see
-    :func:`_z_rows`. The test checks the values against ``azd._z_scale``; :func:`rhat_ess` calls
-    :func:`_z_rows` on its rows directly."""
+    (chain, draw, sample) DataArray: :func:`_normal_scores` on the rows of :func:`_sample_rows` in ``rank_dtype``.
+    The test checks the values against ``azd._z_scale``; :func:`rhat_ess` calls :func:`_normal_scores` on its rows
+    directly."""
     rows, (c, d, m) = _sample_rows(split, rank_dtype)
-    return _as_split_array(_z_rows(rows, (m, c, d)))
+    return _as_split_array(_normal_scores(rows, (m, c, d), fold=False)[0])
 
 
-def _z_fold(split: Any) -> Any:
-    """:func:`_z_fold_rows` of split (chain, draw, sample) draws as a (chain, draw, sample) DataArray (the test
-    checks it against ``azd._z_fold``; :func:`rhat_ess` calls :func:`_z_fold_rows` on its rows directly)."""
-    rows, (c, d, m) = _sample_rows(split, np.float64)
-    return _as_split_array(_z_fold_rows(rows, np.sort(rows, axis=1), (m, c, d)))
+def _z_fold(split: Any, rank_dtype: Any = np.float64) -> Any:
+    """arviz-stats' ``azd._z_fold`` of split (chain, draw, sample) draws as a (chain, draw, sample) DataArray:
+    :func:`_normal_scores`' fold scores (the test checks them against ``azd._z_fold``)."""
+    rows, (c, d, m) = _sample_rows(split, rank_dtype)
+    return _as_split_array(_normal_scores(rows, (m, c, d))[1])
 
 
 def _z_fold_rows(rows: np.ndarray, ordered: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -262,17 +295,18 @@ def _z_rows(rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     dtype: float32 where the traces are float32, whose ranks and ties are those of their float64 copies
     (the conversion is exact). The ranks come from bottleneck's ``rankdata`` (C; the same average ranks as
     scipy's, 4.5x faster: 0.19 vs 0.86 s on 1,897 samples x 2,000 draws).
+
+    The passes use :func:`_normal_scores` (one sort for both rankings); this is its path for rows with an infinite
+    value, and the reference its test compares with.
     """
     from bottleneck import rankdata
-    from scipy.special import ndtri
 
     m, c, d = shape
-    # ranks are whole or half numbers (ties averaged) in [1, c d]: the normal quantile of each possible rank once,
-    # then looked up; the same float64 input to ndtri as for every draw, so the same values
+    # ranks are whole or half numbers (ties averaged) in [1, c d]: the normal quantile of each possible rank once
+    # (_score_table), then looked up
     ranks = rankdata(rows, axis=1)
-    table = ndtri((np.arange(2 * c * d + 1) / 2 - 3 / 8) / (c * d - 2 * 3 / 8 + 1))
     ranks *= 2
-    return table.take(ranks.astype(np.intp)).reshape(m, c, d)
+    return _score_table(c * d).take(ranks.astype(np.intp)).reshape(m, c, d)
 
 
 def _rhat_of_rows(rows: np.ndarray) -> np.ndarray:
