@@ -1,13 +1,16 @@
 """MCMC diagnostics of the per-sample loss traces (ArviZ) and the Monte-Carlo standard error of the BIF.
 
-No Prefect imports. R-hat and ESS come from ArviZ, never hand-written: the rank-normalized
+No Prefect imports. R-hat and ESS are ArviZ's, to its values: the rank-normalized
 split R-hat and the bulk / tail ESS of Vehtari et al. 2021 (arXiv 1903.08008), as
 ``arviz.rhat(method="rank")`` and ``arviz.ess(method="bulk" / "tail")`` define them. They are
-computed by arviz-stats' vectorized backend (``arviz_stats.numba.diagnostics``: rank
+computed in the steps of arviz-stats' vectorized backend (``arviz_stats.numba.diagnostics``: rank
 normalization over (chain, draw) for all samples at once, FFT autocovariances, and Geyer's
-initial monotone sequence as one numba gufunc over the samples), so a block of thousands of
+initial monotone sequence as its numba gufunc over the samples), so a block of thousands of
 samples costs a few array passes instead of one Python call per sample (ArviZ 0.23 and
-arviz-stats' ``array_stats`` loop over the samples, about 3.5 ms a sample here). The tail ESS
+arviz-stats' ``array_stats`` loop over the samples, about 3.5 ms a sample here). The steps
+around numpy's FFTs and arviz-stats' ``geyer`` run compiled (:mod:`bif.quality.kernels`), each with the
+values of the numpy step it replaced, bit for bit (a rounding difference in an autocovariance can move
+the end of Geyer's sequence on discrete draws). The tail ESS
 is composed as ArviZ composes it, ``min(ess(split(x <= q05)), ess(split(x <= q95)))`` with the
 same backend's ``_ess`` and ``_split_chains``; ArviZ's validity rules are applied around it
 (fewer than 4 draws or a NaN: NaN; R-hat needs 2 chains; an odd number of draws drops the
@@ -138,6 +141,7 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
     idx = np.flatnonzero(valid & ~const)
     if not idx.size:
         return out, const
+    from bif.quality.kernels import split_rhat
     from bif.quality.numba_backend import azd  # under a lock: numba's gufunc cache races (see that module)
 
     sub = flat_all if idx.size == n else flat_all[idx]
@@ -156,13 +160,13 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
         # sorted (the fold's median and, for even draws, the tail quantiles), from one sort: see _normal_scores
         z, z_fold, ordered = _normal_scores(flat, shape, fold=chains >= 2)
         if chains >= 2:
-            bulk, folded = _rhat_of_rows(z), _rhat_of_rows(z_fold)
+            bulk, folded = split_rhat(z), split_rhat(z_fold)
             # rank R-hat: ArviZ's max(bulk, folded), Python's max: the folded R-hat where it is the larger, else
             # the bulk one. A fold without spread (draws of two values, as many of each: |x - median| is one
             # value) has a NaN folded R-hat, and keeps the bulk one, as in ArviZ 0.23 and arviz-stats' default
             # backend (arviz-stats' numba backend, xr.where(bulk > folded, ...), gives NaN there)
             out[RHAT][idx] = np.where(folded > bulk, folded, bulk)
-        out[ESS_BULK][idx] = _ess_of_rows(azd, z, varying=True, overwrite=True)  # a varying row's ranks vary
+        out[ESS_BULK][idx] = _ess_of_varying(azd, z, overwrite=True)  # a varying row's ranks vary
         if tail:
             # (2, m): ArviZ takes them on the unsplit draws; the same values as np.quantile over axes (0, 1), read
             # off each sample's draws sorted in one contiguous row (:func:`_sorted_quantiles`). With an even number
@@ -170,11 +174,7 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
             unsplit = ordered if draws == 2 * half else np.sort(sub, axis=1).astype(np.float64, copy=False)
             qs = _sorted_quantiles(unsplit, (0.05, 0.95))
             split = flat.reshape(shape)
-            # ArviZ splits the indicators of the unsplit draws: the same elements as the indicators of the split
-            # (float32 draws compare with the float64 quantile as float64), written as float64 0 / 1 directly
-            out[ESS_TAIL][idx] = np.minimum(*(_ess_of_rows(azd, np.less_equal(split, q[:, None, None],
-                                                                              out=np.empty(shape)), overwrite=True)
-                                              for q in qs))
+            out[ESS_TAIL][idx] = np.minimum(*(_tail_ess(azd, split, q) for q in qs))
     return out, const
 
 
@@ -191,12 +191,12 @@ def _normal_scores(rows: np.ndarray, shape: tuple[int, int, int], *, fold: bool 
     (m, c, d) float64 of ``shape`` (:func:`_z_rows`' values), the same of the fold (:func:`_z_fold_rows`' values;
     None without ``fold``), the rows sorted (m, c x d) float64).
 
-    :func:`bif.block_ops.normal_scores` sorts each row once and reads both rankings off it (the fold's by merging
+    :func:`bif.quality.kernels.normal_scores` sorts each row once and reads both rankings off it (the fold's by merging
     the two sides of the median): 1,310 samples x 200 float32 draws took 3.4 ms against 6.2 ms for two bottleneck
     ``rankdata`` calls and a sort (session 29). Rows with an infinite value take :func:`_z_rows` and
     :func:`_z_fold_rows`. The test compares every output with theirs bit for bit.
     """
-    from bif.block_ops import normal_scores
+    from bif.quality.kernels import normal_scores
 
     m, c, d = shape
     z, z_fold, ordered, finite = normal_scores(rows, _score_table(c * d), fold=fold)
@@ -309,76 +309,56 @@ def _z_rows(rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return _score_table(c * d).take(ranks.astype(np.intp)).reshape(m, c, d)
 
 
-def _rhat_of_rows(rows: np.ndarray) -> np.ndarray:
-    """``azd._rhat`` (the split R-hat of Vehtari et al. 2021, eq. 4) of (sample, chain, draw) float64 draws:
-    (sample,).
-
-    arviz-stats' formula on a plain array: sqrt(((d B / W) + d - 1) / d), B the variance (ddof 1) of the chain
-    means, W the mean of the chains' variances (ddof 1). Through xarray it took 4 ms per call on 2,048 samples
-    of 4 x 50 draws, here under 1 ms; the test compares with ArviZ (rtol 1e-10).
-    """
-    m, c, d = rows.shape
-    # numpy's mean and var (ddof 1) over draws, step for step, with the chain means computed once for both
-    means = np.add.reduce(rows, axis=2, keepdims=True) / d
-    dev = rows - means
-    np.multiply(dev, dev, out=dev)
-    within = (np.add.reduce(dev, axis=2) / (d - 1)).mean(axis=1)
-    between = d * means.reshape(m, c).var(axis=1, ddof=1)
-    return np.sqrt((between / within + d - 1) / d)
-
-
-def _ess_of_rows(azd: Any, rows: np.ndarray, *, varying: bool | None = None, overwrite: bool = False
-                 ) -> np.ndarray:
-    """arviz-stats' vectorized ``_ess`` of already split (sample, chain, draw) float64 draws, ArviZ's rule for
-    constant samples included (ESS = the array's size; the backend itself cannot mix constant and varying
-    samples). ``varying=True``: the caller knows that no row is constant (e.g. the normal scores of a varying
-    trace), which skips the check. ``overwrite``: ``rows`` may be centred in place (no copy)."""
-    m, c, d = rows.shape
-    if varying:
-        return _ess_of_varying(azd, rows, overwrite=overwrite)
-    flat = rows.reshape(m, c * d)
-    varying = (flat.max(axis=1) - flat.min(axis=1)) >= np.finfo(float).resolution
-    res = np.full(m, float(c * d))
-    if varying.all():
-        res[:] = _ess_of_varying(azd, rows, overwrite=overwrite)
-    elif varying.any():
-        res[varying] = _ess_of_varying(azd, rows[varying], overwrite=True)
-    return res
-
-
 def _ess_of_varying(azd: Any, rows: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """``azd._ess`` of (sample, chain, draw) float64 draws, none constant: (sample,) ESS, the same values.
 
     arviz-stats' own steps on plain arrays: each chain's autocovariance by FFT (``azd.autocov``: centred per chain,
-    ``rfft`` at ``next_fast_len(2 draws)``, times its conjugate (here re² + im², the same to ~1e-14: see below),
-    ``irfft``, the first ``draws`` lags over draws),
-    its compiled ``geyer`` gufunc for Geyer's initial monotone sequence, and its floor on tau. Its xarray wrappers
-    moved the draw axis last and back for every call (``apply_ufunc``); here each sample's chains are contiguous
-    rows throughout: 36 -> 13 ms of a 2,048-sample diagnostics job, and no transposing copies since.
+    ``rfft`` at ``next_fast_len(2 draws)``, times its conjugate (here re² + im², the same to ~1e-14: see
+    :func:`bif.quality.kernels.power_spectrum`), ``irfft``, the first ``draws`` lags over draws), its compiled
+    ``geyer`` gufunc for Geyer's initial monotone sequence, and its floor on tau. Its xarray wrappers moved the draw
+    axis last and back for every call (``apply_ufunc``); here each sample's chains are contiguous rows throughout:
+    36 -> 13 ms of a 2,048-sample diagnostics job. The steps around the FFTs are compiled
+    (:mod:`bif.quality.kernels`: numpy's values, one pass each; 3.8 -> 3.3 ms for 1,310 samples x 4 x 50).
     The test compares with ArviZ (rtol 1e-10). ``overwrite``: centre ``rows`` in place instead of a copy.
     """
-    _, c, d = rows.shape
-    chain_mean = rows.mean(axis=2)  # (sample, chain)
+    from bif.quality.kernels import centre_chains
+
+    centred = np.ascontiguousarray(rows, dtype=np.float64) if overwrite else np.array(rows, dtype=np.float64)
+    return _ess_of_centred(azd, centred, centre_chains(centred))
+
+
+def _ess_of_centred(azd: Any, centred: np.ndarray, chain_mean: np.ndarray) -> np.ndarray:
+    """:func:`_ess_of_varying` of draws already centred per chain (C-contiguous float64, overwritten), given their
+    chain means (sample, chain)."""
+    from bif.quality.kernels import first_lags, power_spectrum
+
+    _, c, d = centred.shape
     n = azd.next_fast_len(2 * d)
-    if overwrite:
-        rows -= chain_mean[:, :, None]
-        centred = rows
-    else:
-        centred = rows - chain_mean[:, :, None]
-    spectrum = np.fft.rfft(centred, n=n, axis=2)
-    # the power spectrum X conj(X) = re² + im², computed in place on the float64 view (numpy's complex product
-    # allocates the conjugate and leaves ~1e-14 of rounding in the imaginary part; 2.3 -> 0.8 ms per call here)
-    parts = spectrum.view(np.float64)
-    np.multiply(parts, parts, out=parts)
-    re_im = parts.reshape(*spectrum.shape, 2)
-    np.add(re_im[..., 0], re_im[..., 1], out=re_im[..., 0])
-    re_im[..., 1] = 0.0
-    acov = np.fft.irfft(spectrum, n=n, axis=2)[:, :, :d]  # (sample, chain, lag)
-    acov /= d
+    spectrum = np.ascontiguousarray(np.fft.rfft(centred, n=n, axis=2))
+    power_spectrum(spectrum)
+    acov = first_lags(np.ascontiguousarray(np.fft.irfft(spectrum, n=n, axis=2)), d)  # (sample, chain, lag)
     term = chain_mean.var(axis=1, ddof=1) if c > 1 else 0.0
     tau = azd.geyer(acov, term)
     floor = 1 / np.log10(c * d)
     return (c * d) / np.where(tau > floor, tau, floor)
+
+
+def _tail_ess(azd: Any, split: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """ArviZ's ESS of the indicators ``draws <= q`` of split (sample, chain, draw) draws, ``q`` (sample,): the ESS
+    of the tail quantile q. ArviZ splits the indicators of the unsplit draws: the same elements as the indicators
+    of the split draws (float32 draws compare with the float64 quantile as float64). A sample whose indicators
+    do not vary has ESS = its number of draws (ArviZ's rule for a constant array). The indicators are made
+    centred in one pass (:func:`bif.quality.kernels.centred_indicators`, numpy's values)."""
+    from bif.quality.kernels import centred_indicators
+
+    m, c, d = split.shape
+    centred, chain_mean, varying = centred_indicators(split, q)
+    res = np.full(m, float(c * d))
+    if varying.all():
+        res[:] = _ess_of_centred(azd, centred, chain_mean)
+    elif varying.any():
+        res[varying] = _ess_of_centred(azd, centred[varying], chain_mean[varying])
+    return res
 
 
 def _split_diagnostics(traces: np.ndarray, *, split: str, start: int = 0) -> pd.DataFrame:
