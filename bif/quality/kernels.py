@@ -25,8 +25,13 @@ first ``draws`` lags divided by ``draws``, as a contiguous array for ``geyer``).
 """
 from __future__ import annotations
 
-import numba as nb
 import numpy as np
+
+from bif.quality.diagnostics import limit_numba_threads
+
+limit_numba_threads()  # before numba loads: its thread pool is sized then (see bif.quality.diagnostics)
+
+import numba as nb  # noqa: E402
 
 _F32, _F64 = nb.float32, nb.float64
 
