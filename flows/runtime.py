@@ -444,10 +444,11 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "N
 #: ``bif.block_ops``: the covariance blocks' numba kernels, loaded from numba's cache in 10 ms once numba is up (after
 #: arviz-stats); a fresh worker would pay that at its first block, a fresh install the compile (~2 s) in every worker.
 #: ``bif.quality.numba_backend``: arviz-stats' numba backend (the diagnostics), imported under the lock that keeps
-#: forkservers and workers importing at once from breaking numba's cache (see that module).
+#: forkservers and workers importing at once from breaking numba's cache (see that module). ``bif.quality.kernels``:
+#: the diagnostics' own kernels (33 ms from numba's cache; the compile on a fresh install: ~4 s).
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "pyarrow.dataset",
-                      "xarray", "zarr", "bif.quality.numba_backend", "bif.block_ops", "dask.array",
-                      "bif.tasks.covariance")
+                      "xarray", "zarr", "bif.quality.numba_backend", "bif.block_ops", "bif.quality.kernels",
+                      "dask.array", "bif.tasks.covariance")
 #: Added to the forkserver's imports of a kept cluster, which pays for them once: its workers run the
 #: quality gates (great_expectations: ~5 s of a core to import) and draw the report (matplotlib: ~1 s). A command
 #: with a cluster of its own runs both itself and imports them while its cluster starts.

@@ -14,7 +14,7 @@ from bif.errors import ConfigError
 
 
 MATH_MODULES = ["bif.sampling.chain", "bif.sampling.kernels", "bif.sampling.measure", "bif.moments", "bif.block_ops",
-                "bif.examples.linear", "bif.examples.digits"]
+                "bif.quality.kernels", "bif.examples.linear", "bif.examples.digits"]
 _BANNED = "('prefect', 'dask', 'distributed', 'fsspec', 's3fs')"
 
 

@@ -36,12 +36,7 @@ import numba as nb  # noqa: E402
 _F32, _F64 = nb.float32, nb.float64
 
 
-def _rows(dtype, readonly=False):
-    return nb.types.Array(dtype, 2, "C", readonly=readonly)
-
-
-@nb.njit([nb.void(_rows(_F32, ro), nb.uint64[:, ::1]) for ro in (False, True)], cache=True, nogil=True,
-         error_model="numpy")
+@nb.njit(nb.void(_F32[:, ::1], nb.uint64[:, ::1]), cache=True, nogil=True, error_model="numpy")
 def _order_keys(x, keys):  # pragma: no cover - compiled
     a, k = x.shape
     for i in range(a):
@@ -143,7 +138,7 @@ def normal_scores(rows: np.ndarray, table: np.ndarray, *, fold: bool = True
     ordered = np.empty((a, k))
     if rows.dtype == np.float32:
         keys = np.empty((a, k), dtype=np.uint64)
-        _order_keys(np.ascontiguousarray(rows), keys)
+        _order_keys(np.require(rows, requirements=("C", "W")), keys)  # (a read-only array: a copy)
         keys.sort(axis=1)
         perm = np.empty((a, k), dtype=np.int64)
         _decode_keys(keys, ordered, perm)
@@ -189,7 +184,7 @@ def _block_sum(a, s, n):  # pragma: no cover - compiled
     return res
 
 
-@nb.njit(inline="always")
+@nb.njit(cache=True, nogil=True)
 def _halves_sum(a, n, frames, left):  # pragma: no cover - compiled
     # numpy's pairwise_sum above 128 values: the sum of two halves (the first a multiple of 8 values long), each
     # summed the same way down to blocks of <= 128. Recursion without recursive calls (numba cannot cache those):
@@ -221,7 +216,7 @@ def _halves_sum(a, n, frames, left):  # pragma: no cover - compiled
             v = left[top] + v
 
 
-@nb.njit(inline="always")
+@nb.njit(nb.float64(_F64[::1], nb.int64, nb.int64[:, ::1], _F64[::1]), cache=True, nogil=True)
 def _pairwise(a, n, frames, left):  # pragma: no cover - compiled
     """The sum of a[:n] as numpy's ``np.add.reduce`` of a contiguous row adds it (``frames`` (64, 3) int64 and
     ``left`` (64,) float64: scratch for rows of more than 128 values)."""
@@ -336,8 +331,8 @@ def first_lags(full: np.ndarray, draws: int) -> np.ndarray:
     return acov
 
 
-@nb.njit([nb.void(nb.types.Array(t, 3, "C", readonly=ro), _F64[::1], _CHAINS, _F64[:, ::1], nb.boolean[::1])
-          for t in (_F32, _F64) for ro in (False, True)], cache=True, nogil=True, error_model="numpy")
+@nb.njit([nb.void(nb.types.Array(t, 3, "C"), _F64[::1], _CHAINS, _F64[:, ::1], nb.boolean[::1]) for t in (_F32, _F64)],
+         cache=True, nogil=True, error_model="numpy")
 def _centred_indicators(split, q, out, means, varying):  # pragma: no cover - compiled
     m, c, d = split.shape
     for i in range(m):
@@ -363,9 +358,9 @@ def centred_indicators(split: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np
     (sample, chain), whether each sample's indicators vary (sample,)). numpy's values: a sum of zeros and ones is
     exact in any order, so each mean is numpy's ``mean``; a sample varies when it holds both values (ArviZ's test
     of a constant array, max - min >= float64's resolution, for zeros and ones)."""
-    split = np.ascontiguousarray(split)
     if split.dtype not in (np.float32, np.float64):
         split = split.astype(np.float64)
+    split = np.require(split, requirements=("C", "W"))  # (a read-only array: a copy)
     m, c, d = split.shape
     out, means, varying = np.empty((m, c, d)), np.empty((m, c)), np.empty(m, dtype=np.bool_)
     if m:
