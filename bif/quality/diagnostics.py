@@ -141,7 +141,7 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
     idx = np.flatnonzero(valid & ~const)
     if not idx.size:
         return out, const
-    from bif.quality.kernels import split_rhat
+    from bif.quality.kernels import centre_chains, split_rhat
     from bif.quality.numba_backend import azd  # under a lock: numba's gufunc cache races (see that module)
 
     sub = flat_all if idx.size == n else flat_all[idx]
@@ -166,7 +166,7 @@ def _rhat_ess_pass(rows: np.ndarray, *, tail: bool = True) -> tuple[dict[str, np
             # value) has a NaN folded R-hat, and keeps the bulk one, as in ArviZ 0.23 and arviz-stats' default
             # backend (arviz-stats' numba backend, xr.where(bulk > folded, ...), gives NaN there)
             out[RHAT][idx] = np.where(folded > bulk, folded, bulk)
-        out[ESS_BULK][idx] = _ess_of_varying(azd, z, overwrite=True)  # a varying row's ranks vary
+        out[ESS_BULK][idx] = _ess_of_centred(azd, z, centre_chains(z))  # a varying row's ranks vary
         if tail:
             # (2, m): ArviZ takes them on the unsplit draws; the same values as np.quantile over axes (0, 1), read
             # off each sample's draws sorted in one contiguous row (:func:`_sorted_quantiles`). With an even number
@@ -309,8 +309,9 @@ def _z_rows(rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return _score_table(c * d).take(ranks.astype(np.intp)).reshape(m, c, d)
 
 
-def _ess_of_varying(azd: Any, rows: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
-    """``azd._ess`` of (sample, chain, draw) float64 draws, none constant: (sample,) ESS, the same values.
+def _ess_of_centred(azd: Any, centred: np.ndarray, chain_mean: np.ndarray) -> np.ndarray:
+    """``azd._ess`` of (sample, chain, draw) float64 draws, none constant, already centred per chain (C-contiguous,
+    overwritten), given their chain means (sample, chain): (sample,) ESS, the same values.
 
     arviz-stats' own steps on plain arrays: each chain's autocovariance by FFT (``azd.autocov``: centred per chain,
     ``rfft`` at ``next_fast_len(2 draws)``, times its conjugate (here re² + im², the same to ~1e-14: see
@@ -319,17 +320,8 @@ def _ess_of_varying(azd: Any, rows: np.ndarray, *, overwrite: bool = False) -> n
     axis last and back for every call (``apply_ufunc``); here each sample's chains are contiguous rows throughout:
     36 -> 13 ms of a 2,048-sample diagnostics job. The steps around the FFTs are compiled
     (:mod:`bif.quality.kernels`: numpy's values, one pass each; 3.8 -> 3.3 ms for 1,310 samples x 4 x 50).
-    The test compares with ArviZ (rtol 1e-10). ``overwrite``: centre ``rows`` in place instead of a copy.
+    The test compares with ArviZ (rtol 1e-10).
     """
-    from bif.quality.kernels import centre_chains
-
-    centred = np.ascontiguousarray(rows, dtype=np.float64) if overwrite else np.array(rows, dtype=np.float64)
-    return _ess_of_centred(azd, centred, centre_chains(centred))
-
-
-def _ess_of_centred(azd: Any, centred: np.ndarray, chain_mean: np.ndarray) -> np.ndarray:
-    """:func:`_ess_of_varying` of draws already centred per chain (C-contiguous float64, overwritten), given their
-    chain means (sample, chain)."""
     from bif.quality.kernels import first_lags, power_spectrum
 
     _, c, d = centred.shape
