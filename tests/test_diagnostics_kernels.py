@@ -97,3 +97,95 @@ def test_centred_indicators_equal_numpys_steps(dtype):
     np.testing.assert_array_equal(centred, ind - want_mean[:, :, None])
     np.testing.assert_array_equal(varying, want_varying)
     assert not varying[10] and not varying[11] and varying[:10].all()
+
+
+# --- the trace gates' fast path (bif.quality.aggregates._stream_stats) ----------------------------------------------
+def _numpy_keys_match(codes, remap, sample, draw, chains, start, nd, n_train, draw_start, chain) -> bool:
+    """The numpy expression the kernel replaced (session 29's _stream_stats)."""
+    row = np.arange(start, start + len(codes), dtype=np.int64)
+    var = row // nd
+    query = row >= n_train * nd
+    return bool(np.array_equal(remap[codes], query) and np.array_equal(sample, var - query * n_train)
+                and np.array_equal(draw, row - var * nd + draw_start) and np.all(chains == chain))
+
+
+def test_sample_keys_match_is_the_numpy_test_of_the_written_layout():
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        nd, n_train, n_query = int(rng.integers(1, 9)), int(rng.integers(0, 12)), int(rng.integers(0, 6))
+        total = (n_train + n_query) * nd
+        if total == 0:
+            continue
+        start = int(rng.integers(0, total))
+        stop = int(rng.integers(start + 1, total + 1))
+        row = np.arange(start, stop)
+        var = row // nd
+        q = var >= n_train
+        draw_start, chain = int(rng.integers(0, 1000)), int(rng.integers(0, 5))
+        remap = np.array([0, 1], dtype=np.int64) if trial % 3 else np.array([1, 0], dtype=np.int64)
+        codes = np.where(q, int(np.flatnonzero(remap == 1)[0]), int(np.flatnonzero(remap == 0)[0])).astype(np.int8)
+        arrays = {"codes": codes, "sample": (var - q * n_train).astype(np.int64),
+                  "draw": (row - var * nd + draw_start).astype(np.int32),
+                  "chains": np.full(len(row), chain, dtype=np.int32)}
+        if trial % 2:  # one wrong value in one column, anywhere
+            name = ["codes", "sample", "draw", "chains"][trial // 2 % 4]
+            a = arrays[name].copy()
+            i = int(rng.integers(0, len(a)))
+            a[i] = a[i] + (1 if name != "codes" or a[i] == 0 else -1)
+            arrays[name] = a
+        for a in arrays.values():
+            a.setflags(write=False)  # as Arrow's zero-copy arrays are
+        args = (arrays["codes"], remap, arrays["sample"], arrays["draw"], arrays["chains"])
+        want = _numpy_keys_match(*args, start, nd, n_train, draw_start, chain)
+        assert want == (trial % 2 == 0)
+        assert K.sample_keys_match(*args, start=start, num_draws=nd, n_train=n_train, draw_start=draw_start,
+                                   chain=chain) == want
+    # a dictionary index outside the dictionary is a mismatch, not a read past it
+    bad = np.array([0, 5], dtype=np.int8)
+    assert not K.sample_keys_match(bad, np.array([0, 1]), np.array([0, 0]), np.array([0, 1], dtype=np.int32),
+                                   np.zeros(2, dtype=np.int32), start=0, num_draws=2, n_train=1, draw_start=0, chain=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bounds", [(0.0, np.inf), (-np.inf, np.inf), (0.1, 2.3), (-1.0, 1.0), (np.nan, 1.0)])
+def test_loss_flag_counts_are_numpys(dtype, bounds):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(5000) * 2).astype(dtype)
+    x[rng.integers(0, 5000, 40)] = np.nan
+    x[rng.integers(0, 5000, 20)] = np.inf
+    x[rng.integers(0, 5000, 20)] = -np.inf
+    x[:4] = [-0.0, 0.0, dtype(0.1), dtype(2.3)]  # on a bound that float32 cannot hold exactly
+    low, high = bounds
+    exact = all(np.isinf(v) or dtype(v) == v for v in bounds)
+    y = x if exact else x.astype(np.float64)  # _stream_stats' numpy steps
+    bad = ~np.isfinite(y)
+    with np.errstate(invalid="ignore"):
+        oob = ~bad & ((y < low) | (y > high))
+    x.setflags(write=False)
+    assert K.loss_flag_counts(x, low, high) == (int(bad.sum()), int(oob.sum()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_stats_compiled_is_the_numpy_pass(dtype):
+    """The result gates' chunk aggregates: the compiled pass gives numpy's dict (first non-finite value, first
+    minimum and maximum among equal values, -0.0 and 0.0 tied, chunks all non-finite or empty)."""
+    from bif.quality.aggregates import _block_stats_compiled, _block_stats_numpy
+
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        shape = (int(rng.integers(0, 9)), int(rng.integers(0, 9)))
+        a = rng.integers(-3, 4, shape).astype(dtype)  # few values: ties of the min and max
+        if trial % 3 == 0:
+            a *= dtype(0.0)  # zeros ...
+            a[rng.random(shape) < 0.5] = dtype(-0.0)  # ... and negative zeros
+        for v in (np.nan, np.inf, -np.inf):
+            a[rng.random(shape) < (0.1 if trial % 5 else 1.0)] = v
+        if trial % 7 == 0:
+            a = np.asfortranarray(a)  # a chunk not in C order
+        t0, q0 = int(rng.integers(0, 10**6)), int(rng.integers(0, 10**3))
+        want, got = _block_stats_numpy(a, t0, q0), _block_stats_compiled(a, t0, q0)
+        assert list(got) == list(want)
+        for k, v in want.items():
+            assert (np.isnan(v) and np.isnan(got[k])) if isinstance(v, float) and np.isnan(v) else got[k] == v, k
+            if isinstance(v, float) and v == 0.0:
+                assert np.signbit(got[k]) == np.signbit(v), k  # the same element, not an equal one

@@ -431,6 +431,12 @@ def test_run_gates_on_a_tiny_run(tiny_run):
         data = json.loads((qdir / f"{group}.json").read_text())
         assert data["validation_results"] and all(v["success"] for v in data["validation_results"])
         assert (qdir / f"{group}.md").read_text()
+        # passed suites in BOOLEAN_ONLY: success alone, and the rows each suite saw (none is vacuous here)
+        for v in data["validation_results"]:
+            assert all(r["result"] == {} for r in v["results"])
+            assert v["meta"]["rows_validated"] >= 1
+    health = json.loads((qdir / "health.json").read_text())["validation_results"]
+    assert health[0]["meta"]["rows_validated"] == cfg.sampler.num_chains * cfg.sampler.num_draws  # the draws
 
 
 def test_run_gates_names_a_corrupt_block_and_a_missing_one(tiny_run, tmp_path):
@@ -461,6 +467,12 @@ def test_run_gates_names_a_corrupt_block_and_a_missing_one(tiny_run, tmp_path):
     assert {r.gate for r in rows.failed} == {"trace_finite", "trace_complete", "health_draws"}
     assert f"chain=1 draw={d} split=train sample=3 loss=nan" in rows.summary()
     assert "# Validation Results" in (Path(uri) / "quality" / "traces.md").read_text()
+    # a suite with a failure is validated again in SUMMARY: the failed expectation's counts and rows are on record
+    traces = json.loads((Path(uri) / "quality" / "traces.json").read_text())["validation_results"]
+    failed = [r for v in traces for r in v["results"] if not r["success"]]
+    assert failed and all(r["result"]["unexpected_count"] >= 1 and r["result"]["element_count"] >= 1
+                          for r in failed if "unexpected_count" in r["result"])
+    assert any("partial_unexpected_index_list" in r["result"] for r in failed)
     fixed = run_gates(uri, None, cfg.model_copy(update={"quality": QualityConfig(allow_warnings=True)}),
                       n_train=run.n_train, n_query=run.n_query, loss_bounds=(0.0, np.inf))
     assert fixed.passed and len(fixed.warnings) == len(report.failed)

@@ -1,5 +1,6 @@
 """The compiled steps (numba) of the diagnostics' R-hat / ESS pass (:func:`bif.quality.diagnostics._rhat_ess_pass`),
-each giving the values of the numpy steps it replaces bit for bit.
+each giving the values of the numpy steps it replaces bit for bit, and of the quality gates' aggregates (last
+sections: a trace file's keys and loss counts, a bif.zarr chunk's non-finite count and extremes).
 
 Imported only inside the pass (numba is heavy; :mod:`bif.quality.diagnostics` must import light). The pass's time
 went to numpy's elementwise passes and temporaries around the FFTs and ranks; these make one pass over the data
@@ -18,6 +19,10 @@ order, so the means and variances below are numpy's to the bit; the tests compar
 
 **R-hat.** :func:`split_rhat`: arviz-stats' split R-hat of each sample's (chain, draw) rows, one pass per chain,
 where numpy made three (sample, chain, draw) temporaries (deviations, their squares, the reductions).
+
+**Gates.** :func:`sample_keys_match` and :func:`loss_flag_counts` (a trace file's row group, on the workers of
+:func:`bif.quality.run.run_gates`), :func:`finite_extremes` (a chunk of bif.zarr): one pass each, the counts and
+positions of numpy's steps (tests/test_diagnostics_kernels.py).
 
 **ESS steps.** Around numpy's ``rfft`` / ``irfft``: :func:`centre_chains` (each chain's mean, numpy's, subtracted in
 place), :func:`power_spectrum` (re² + im² in place, numpy's two products and one sum) and :func:`first_lags` (the
@@ -366,3 +371,94 @@ def centred_indicators(split: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np
     if m:
         _centred_indicators(split, np.ascontiguousarray(q, dtype=np.float64), out, means, varying)
     return out, means, varying
+
+
+# --- the trace gates' fast path (bif.quality.aggregates._stream_stats) ----------------------------------------------
+def _ro(t):  # a read-only C array type; writable arrays convert to it (Arrow's zero-copy arrays are read-only)
+    return nb.types.Array(t, 1, "C", readonly=True)
+
+
+@nb.njit(nb.boolean(_ro(nb.int8), _ro(nb.int64), _ro(nb.int64), _ro(nb.int32), _ro(nb.int32), nb.int64, nb.int64,
+                    nb.int64, nb.int64, nb.int64), cache=True, nogil=True)
+def _sample_keys_match(codes, remap, sample, draw, chains, start, nd, n_train, draw_start, chain
+                       ):  # pragma: no cover - compiled
+    n = codes.shape[0]
+    var = start // nd  # row start + i holds draw d of variable var: counted on, no division per row
+    d = start - var * nd
+    k = remap.shape[0]
+    for i in range(n):
+        query = 1 if var >= n_train else 0
+        code = codes[i]
+        if code < 0 or code >= k or remap[code] != query or sample[i] != var - query * n_train \
+                or draw[i] != d + draw_start or chains[i] != chain:
+            return False
+        d += 1
+        if d == nd:
+            d = 0
+            var += 1
+    return True
+
+
+def sample_keys_match(codes: np.ndarray, remap: np.ndarray, sample: np.ndarray, draw: np.ndarray,
+                      chains: np.ndarray, *, start: int, num_draws: int, n_train: int, draw_start: int,
+                      chain: int) -> bool:
+    """Whether the keys of rows ``start``, ``start + 1``, ... of a sample run's trace file are those its writer gives
+    them: train samples, then query samples, each ``num_draws`` draws in a row from ``draw_start``, all of ``chain``.
+
+    ``codes``: the ``split`` column's dictionary indices (int8), ``remap`` each dictionary entry's split index
+    (:data:`bif.schema.SPLITS` order; 2 for another name); ``sample`` int64, ``draw`` and ``chains`` int32, as
+    :func:`bif.schema.trace_schema` stores them. One pass, where numpy's equality tests made eight (the
+    expected keys, then their comparisons): 50,500 rows in about 0.1 ms instead of 0.7 ms."""
+    return bool(_sample_keys_match(codes, remap, sample, draw, chains, start, num_draws, n_train, draw_start, chain))
+
+
+@nb.njit([nb.types.UniTuple(nb.int64, 2)(_ro(t), _F64, _F64) for t in (_F32, _F64)], cache=True, nogil=True)
+def _loss_flag_counts(loss, low, high):  # pragma: no cover - compiled
+    bad = 0
+    oob = 0
+    for x in loss:
+        v = np.float64(x)
+        if not np.isfinite(v):
+            bad += 1
+        elif v < low or v > high:
+            oob += 1
+    return bad, oob
+
+
+def loss_flag_counts(loss: np.ndarray, low: float, high: float) -> tuple[int, int]:
+    """(losses that are NaN or infinite, finite losses outside [low, high]) of a float32 / float64 array, compared in
+    float64: the counts of numpy's ``~isfinite(loss)`` and ``~bad & ((loss < low) | (loss > high))``, in either
+    dtype (a bound float32 holds exactly compares alike in both)."""
+    bad, oob = _loss_flag_counts(np.ascontiguousarray(loss), float(low), float(high))
+    return int(bad), int(oob)
+
+
+# --- the result gates' chunk aggregates (bif.quality.aggregates.block_stats) ----------------------------------------
+@nb.njit([nb.types.UniTuple(nb.int64, 4)(nb.types.Array(t, 1, "C", readonly=True)) for t in (_F32, _F64)],
+         cache=True, nogil=True)
+def _finite_extremes(a):  # pragma: no cover - compiled
+    n_bad = 0
+    first_bad = -1
+    lo = -1
+    hi = -1
+    for k in range(a.shape[0]):
+        v = a[k]
+        if not np.isfinite(v):
+            if n_bad == 0:
+                first_bad = k
+            n_bad += 1
+        else:
+            if lo < 0 or v < a[lo]:
+                lo = k
+            if hi < 0 or v > a[hi]:
+                hi = k
+    return n_bad, first_bad, lo, hi
+
+
+def finite_extremes(a: np.ndarray) -> tuple[int, int, int, int]:
+    """(non-finite values, flat index of the first, of the first finite minimum, of the first finite maximum; -1 for
+    none) of a float32 / float64 array in C order, in one pass: the positions numpy's ``argwhere(~isfinite(a))[0]``,
+    and ``argmin`` / ``argmax`` of ``a`` with its non-finite values masked by -/+inf, give (each the first of equal
+    values), where numpy made four passes and two temporaries."""
+    n_bad, first, lo, hi = _finite_extremes(np.ascontiguousarray(a).reshape(-1))
+    return int(n_bad), int(first), int(lo), int(hi)
