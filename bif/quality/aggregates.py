@@ -60,9 +60,11 @@ def _block_stats_compiled(a: np.ndarray, t0: int, q0: int) -> dict[str, Any]:
         i, j = divmod(first, cols)
         out.update(bad_train=t0 + i, bad_query=q0 + j, bad_value=float(a[i, j]))
     for name, k in (("min", lo), ("max", hi)):
-        i, j = divmod(k, cols) if k >= 0 else (0, 0)
-        out.update({name: float(a[i, j]) if k >= 0 else np.nan, f"{name}_train": t0 + i if k >= 0 else -1,
-                    f"{name}_query": q0 + j if k >= 0 else -1})
+        if k < 0:  # no finite value
+            out.update({name: np.nan, f"{name}_train": -1, f"{name}_query": -1})
+        else:
+            i, j = divmod(k, cols)
+            out.update({name: float(a[i, j]), f"{name}_train": t0 + i, f"{name}_query": q0 + j})
     return out
 
 
@@ -184,9 +186,16 @@ def _split_indices(column: Any) -> np.ndarray:
     col = column.combine_chunks()
     if not pa.types.is_dictionary(col.type):
         return np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in col.to_pylist()], dtype=np.int64)
-    remap = np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in col.dictionary.to_pylist()] or [2],
-                     dtype=np.int64)
-    return remap[col.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)]
+    return _split_remap(col.dictionary)[col.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)]
+
+
+def _split_remap(dictionary: Any) -> np.ndarray:
+    """The split index (:data:`bif.schema.SPLITS` order; 2 for any other name) of each entry of a ``split`` column's
+    Arrow dictionary, int64 (``[2]`` for an empty dictionary, whose null indices are filled with 0)."""
+    from bif import schema as S
+
+    return np.array([S.SPLITS.index(n) if n in S.SPLITS else 2 for n in dictionary.to_pylist()] or [2],
+                    dtype=np.int64)
 
 
 def trace_file_stats(fs: Any, path: str, *, chain: int, block: int, draw_start: int, num_draws: int, n_train: int,
@@ -239,8 +248,7 @@ def _stream_stats(schema: Any, rows: int, groups: Iterable[Any], *, chain: int, 
         if any(t.column(k).null_count for k in (S.CHAIN, S.DRAW, S.SPLIT, S.SAMPLE)) or t.column(S.LOSS).null_count:
             return None
         split = t.column(S.SPLIT).combine_chunks()  # dictionary<int8, string>: the schema was checked above
-        remap = np.array([S.SPLITS.index(v) if v in S.SPLITS else 2 for v in split.dictionary.to_pylist()] or [2],
-                         dtype=np.int64)
+        remap = _split_remap(split.dictionary)
         codes = split.indices.to_numpy()
         sample, draw = t.column(S.SAMPLE).to_numpy(), t.column(S.DRAW).to_numpy()
         # the keys Variables.unrow gives for these rows (sample variables: train samples, then query samples, each

@@ -408,7 +408,7 @@ def sample_keys_match(codes: np.ndarray, remap: np.ndarray, sample: np.ndarray, 
     ``codes``: the ``split`` column's dictionary indices (int8), ``remap`` each dictionary entry's split index
     (:data:`bif.schema.SPLITS` order; 2 for another name); ``sample`` int64, ``draw`` and ``chains`` int32, as
     :func:`bif.schema.trace_schema` stores them. One pass, where numpy's equality tests made eight (the
-    expected keys, then their comparisons): 50,500 rows in about 0.1 ms instead of 0.7 ms."""
+    expected keys, then their comparisons): 50,500 rows in about 0.14 ms instead of 0.6 ms."""
     return bool(_sample_keys_match(codes, remap, sample, draw, chains, start, num_draws, n_train, draw_start, chain))
 
 
@@ -434,8 +434,7 @@ def loss_flag_counts(loss: np.ndarray, low: float, high: float) -> tuple[int, in
 
 
 # --- the result gates' chunk aggregates (bif.quality.aggregates.block_stats) ----------------------------------------
-@nb.njit([nb.types.UniTuple(nb.int64, 4)(nb.types.Array(t, 1, "C", readonly=True)) for t in (_F32, _F64)],
-         cache=True, nogil=True)
+@nb.njit([nb.types.UniTuple(nb.int64, 4)(_ro(t)) for t in (_F32, _F64)], cache=True, nogil=True)
 def _finite_extremes(a):  # pragma: no cover - compiled
     n_bad = 0
     first_bad = -1
