@@ -65,8 +65,15 @@ START_TIMEOUT_S = 120.0
 #: Seconds a command waits for the kept cluster's restarted workers before it replaces the cluster.
 RESTART_TIMEOUT_ENV = "BIF_KEPT_RESTART_TIMEOUT"
 #: Its default: 60 restarts of an idle cluster took 0.15-0.46 s; workers that did not come back (4 commands
-#: in about 40 on 2026-12-01, none in the next 90) never came back, so 30 s was only a longer stall.
+#: in about 40 on 2026-12-01, none in the next 90) never came back, so 30 s was only a longer stall. Their cause,
+#: found on 2026-12-03: LocalCluster had closed their nannies (bif.flows.runtime.LOST_WORKER_TIMEOUT, now off).
 RESTART_TIMEOUT_S = 10.0
+#: How long a restart waits past ``BIF_KEPT_RESTART_TIMEOUT`` for workers that are still starting (forked, alive,
+#: not yet registered); the longest a new cluster may take to come up. Load slows a restart: 0.15-0.46 s idle,
+#: 1.0-1.4 s beside 10 busy processes on the 2-core machine (and 3.3 s once). A slow start is waited for, not
+#: mistaken for a hung forkserver; before, a command also counted the workers registered at that moment (none, after
+#: the cluster's own restart had given up) instead of the cluster's, and replaced it at once.
+RESTART_START_CAP_S = START_TIMEOUT_S
 #: Written (under ``state.lock``) by the cluster's process when it restarted workers that no command holds; the
 #: next command consumes it and skips its own restart. Holds the writer's pid: a replaced cluster's mark is stale.
 FRESH_FILE = "fresh.json"
@@ -287,7 +294,7 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
         return None
     if reused and not fresh:
         try:
-            _restart_workers(info.address)
+            _restart_workers(info.address, _spec_workers(spec), info.pid)
         except Exception as err:  # noqa: BLE001 - workers that do not come back: a new cluster, not a slow command
             with locked_file(state / "state.lock"):
                 why = (f"its workers did not come back ({type(err).__name__}: {err}); its processes: "
@@ -338,24 +345,68 @@ def _start(state: Path, spec: dict[str, Any], parts: dict[str, str], idle_timeou
     return None
 
 
-def _restart_workers(address: str) -> None:
+def _spec_workers(spec: dict[str, Any]) -> int:
+    """How many workers the kept cluster of ``spec`` runs (:func:`bif.flows.runtime.dask_cluster` resolves
+    ``compute.n_workers`` before it asks for the cluster)."""
+    return int(spec["compute"].get("n_workers") or spec.get("num_tasks") or 1)
+
+
+def _restart_workers(address: str, workers: int, pid: int) -> None:
     """Fresh worker processes (forked from the kept forkserver): no module, problem or memory of an earlier run.
 
-    Raises when they are not back within ``BIF_KEPT_RESTART_TIMEOUT`` seconds (default 10; a restart takes
-    about 0.3 s): the caller then replaces the cluster.
+    ``workers``: how many the cluster runs (not how many are registered now: after a restart of the cluster's own
+    that gave up, none may be yet); ``pid``: the cluster's process. Raises when they are not back (see
+    :func:`_restart`): the caller then replaces the cluster.
     """
     from distributed import Client
 
     with Client(address, set_as_default=False) as client:
-        _restart(client, len(client.scheduler_info()["workers"]))
+        _restart(client, workers, pid)
 
 
-def _restart(client: Any, workers: int) -> None:
-    """Restart the workers of ``client``'s cluster and wait for ``workers`` of them, each within
-    ``BIF_KEPT_RESTART_TIMEOUT`` seconds (an error otherwise)."""
+def _restart(client: Any, workers: int, pid: int) -> None:
+    """Restart the workers of ``client``'s cluster (process ``pid``) and wait for ``workers`` of them.
+
+    The old workers must stop within ``BIF_KEPT_RESTART_TIMEOUT`` seconds (default 10). The new ones must register
+    within it too, unless worker processes are still starting (:func:`_starting_workers`): then up to
+    :data:`RESTART_START_CAP_S`. A hung forkserver (no worker can be forked, or an old one's exit is never
+    reported) still fails after the timeout; a loaded machine's slow start does not replace the cluster."""
     timeout = float(os.environ.get(RESTART_TIMEOUT_ENV, str(RESTART_TIMEOUT_S)))
     client.restart(timeout=timeout, wait_for_workers=False)
-    client.wait_for_workers(workers, timeout=timeout)
+    start = time.monotonic()
+    while True:
+        have = len(client.scheduler_info()["workers"])
+        if have >= workers:
+            return
+        waited = time.monotonic() - start
+        if waited >= RESTART_START_CAP_S or (waited >= timeout and _starting_workers(pid) <= have):
+            raise TimeoutError(f"{have} of {workers} workers came back within {waited:.1f} s")
+        time.sleep(0.1)
+
+
+def _starting_workers(pid: int) -> int:
+    """Worker processes of the kept cluster ``pid`` that run or can still start: its descendants but its
+    multiprocessing helpers (the resource tracker, the forkserver), neither stopped nor exited, and none at all
+    when its forkserver is stopped (nothing can be forked). Registered workers are among them."""
+    import psutil
+
+    gone = {psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_TRACING_STOP}
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    count = 0
+    for p in procs:
+        try:
+            cmd, status, parent = " ".join(p.cmdline()), p.status(), p.ppid()
+        except psutil.Error:
+            continue  # exited meanwhile
+        if parent == pid and "forkserver" in cmd:
+            if status in gone:
+                return 0
+        elif not (parent == pid and "resource_tracker" in cmd):
+            count += status not in gone
+    return count
 
 
 def _take_fresh(state: Path, pid: int | None) -> bool:
@@ -393,7 +444,7 @@ def _refresh_idle_workers(state: Path, client: Any, workers: int) -> None:
         if running:
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} no command holds the cluster but tasks run: "
                   "restarting the workers", file=sys.stderr, flush=True)
-        _restart(client, workers)
+        _restart(client, workers, os.getpid())
         tmp = state / f"{FRESH_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time()}))
         tmp.replace(state / FRESH_FILE)

@@ -209,6 +209,14 @@ HOUSEKEEPING: dict[str, str] = {"distributed.admin.tick.interval": "1s",
                                 "distributed.admin.system-monitor.interval": "2s",
                                 "distributed.worker.memory.monitor-interval": "500ms"}
 
+#: LocalCluster (a SpecCluster) closes a worker's nanny for good when, this long after the scheduler removed the
+#: worker, no worker of its name is registered (distributed 2026.8, ``SpecCluster._update_worker_status``). A restart
+#: removes every worker and its nanny starts it again under the same name, so a check that falls in the gap of a
+#: later restart closes a nanny whose worker is coming back: the kept cluster then had a worker less for good
+#: (rarely, after some 40 commands; every time within 2 minutes of back-to-back restarts, 2026-12-03). Our nannies
+#: restart their own workers and nothing rescales a cluster of ours, so the check only ever did that harm: never.
+LOST_WORKER_TIMEOUT = {"distributed.deploy.lost-worker-timeout": "3650 days"}
+
 
 @contextlib.contextmanager
 def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
@@ -271,7 +279,7 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     # Dask's statistical profiler samples every worker thread's stack each 10 ms for the dashboard's profile page,
     # holding the GIL the chain's thread needs: per digits draw 1.79 vs 1.77 ms (8 interleaved runs each way)
     settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": environ,
-                                "distributed.worker.profile.enabled": False, **HOUSEKEEPING}
+                                "distributed.worker.profile.enabled": False, **HOUSEKEEPING, **LOST_WORKER_TIMEOUT}
     if _use_forkserver((*preload, *warm_modules), {k: environ[k] for k in _THREAD_VARS if k in environ}):
         settings["distributed.worker.multiprocessing-method"] = "forkserver"
         # A forked worker inherits the forkserver's environment, frozen when it started; a spawned

@@ -72,6 +72,14 @@ def _cluster(home: Path) -> dict:
     return json.loads((home / "bif-cluster" / "cluster.json").read_text())
 
 
+def _why_replaced(home: Path) -> str:
+    """cluster.log's lines that say why a command replaced the kept cluster (for an assertion's message: a
+    replacement that the test did not expect names its reason, not only two pids)."""
+    log = home / "bif-cluster" / "cluster.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return "\n".join(ln for ln in lines if "replacing the kept cluster" in ln or "could not use" in ln) or "(none)"
+
+
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
     """A user's working directory with a problem module and a config, and a Prefect home of its own."""
@@ -97,7 +105,7 @@ def test_second_run_reuses_the_cluster_with_fresh_workers_and_the_same_bif(user)
     assert _alive(kept["pid"])
     second = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out2")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert _cluster(home)["pid"] == kept["pid"]  # the same kept cluster ...
+    assert _cluster(home)["pid"] == kept["pid"], _why_replaced(home)  # the same kept cluster ...
     m1, m2 = (json.loads((work / o / "manifest.json").read_text()) for o in ("out1", "out2"))
     assert not set(m1["timings"]["chain_pid"]) & set(m2["timings"]["chain_pid"])  # ... with fresh workers
     assert m2["status"] == "complete" and m2["quality"]["passed"]
@@ -114,7 +122,7 @@ def test_an_edited_problem_module_is_the_edited_one_in_the_next_run(user):
     res = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out-edited",
                "--set", "sampler.nbeta=22", "--set", "sampler.batch_size=22")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _cluster(home)["pid"] == pid  # still the kept cluster
+    assert _cluster(home)["pid"] == pid, _why_replaced(home)  # still the kept cluster
     manifest = json.loads((work / "out-edited" / "manifest.json").read_text())
     assert manifest["n_train"] == 22  # not the 30 of the module the workers saw in the first runs
 
@@ -129,7 +137,7 @@ def test_bad_input_fails_on_the_kept_cluster_with_its_message(user):
     assert res.returncode == 2 and "could not be loaded as a state dict" in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert not (work / "out-bad" / "manifest.json").exists()
-    assert _cluster(home)["pid"] == pid and _alive(pid)
+    assert _cluster(home)["pid"] == pid and _alive(pid), _why_replaced(home)
 
 
 def test_bif_lds_and_bif_run_on_one_config_share_the_kept_cluster(user):
@@ -154,7 +162,7 @@ def test_bif_lds_and_bif_run_on_one_config_share_the_kept_cluster(user):
     assert f"replacing the kept cluster (pid {old}): it does not import bif.examples.logistic" in log, log[-2000:]
     run = _bif(home, work, "run", "logistic.yaml", "--no-progress", "--output", "out-logistic")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert _cluster(home)["pid"] == pid and _alive(pid)
+    assert _cluster(home)["pid"] == pid and _alive(pid), _why_replaced(home)
     assert (home / "bif-cluster" / "cluster.log").read_text().count("replacing") == log.count("replacing")
 
 
@@ -404,6 +412,78 @@ def test_workers_that_do_not_come_back_get_a_new_cluster(tmp_path, monkeypatch):
         if hung is not None:
             with contextlib.suppress(psutil.Error):
                 hung.kill()
+        kept_cluster.stop()
+
+
+def test_workers_that_start_slowly_are_waited_for_not_replaced(tmp_path, monkeypatch):
+    """Workers that take longer than BIF_KEPT_RESTART_TIMEOUT to register, but whose processes are alive and
+    starting, are waited for: the cluster is kept (load slows a restart: 0.3 s idle, 1-3.3 s beside 10 busy
+    processes). Here a worker preload sleeps 5 s at start, past a 2 s timeout. A hung forkserver still fails after
+    the timeout (test_workers_that_do_not_come_back_get_a_new_cluster)."""
+    from distributed import Client
+
+    from bif.config import ComputeConfig
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(kept_cluster.RESTART_TIMEOUT_ENV, "2")
+    monkeypatch.chdir(tmp_path)  # the kept cluster's processes import the preload from their working directory
+    slow = tmp_path / "slow"
+    (tmp_path / "slowstart.py").write_text(
+        f"import os, time\n\n\ndef dask_setup(worker):\n    if os.path.exists({str(slow)!r}):\n        time.sleep(5)\n")
+    spec = {"compute": ComputeConfig(n_workers=2).model_dump(), "num_tasks": 2,
+            "preload": ["bif.flows.runtime", "slowstart"], "warm_modules": []}
+    mark = tmp_path / "home" / "bif-cluster" / kept_cluster.FRESH_FILE
+    try:
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            info, reused = kept
+            assert not reused
+            slow.touch()
+            t0 = time.monotonic()
+            kept_cluster._restart_workers(info.address, 2, info.pid)  # a command's restart: waits, does not raise
+            assert time.monotonic() - t0 > 2.0  # past the timeout: the wait went on while the workers started
+            with Client(info.address, set_as_default=False) as client:
+                assert len(client.scheduler_info()["workers"]) == 2
+                assert client.submit(os.getpid, pure=False).result(timeout=60) > 0
+        deadline = time.monotonic() + 60  # released: the cluster's own restart (slow too) marks them fresh
+        while not mark.exists():
+            assert time.monotonic() < deadline, (tmp_path / "home" / "bif-cluster" / "cluster.log").read_text()[-2000:]
+            time.sleep(0.1)
+        with kept_cluster.use_kept_cluster(spec) as kept:
+            again, reused = kept
+            assert reused and again.pid == info.pid, _why_replaced(tmp_path / "home")
+        log = (tmp_path / "home" / "bif-cluster" / "cluster.log").read_text()
+        assert "restarting the workers failed" not in log and "replacing" not in log, log[-2000:]
+    finally:
+        kept_cluster.stop()
+
+
+def test_back_to_back_restarts_keep_every_worker(tmp_path, monkeypatch):
+    """Restarts in a row leave the kept cluster all its workers. LocalCluster closed a worker's nanny for good when,
+    distributed.deploy.lost-worker-timeout after a restart removed its worker, the worker was away again in a later
+    restart's gap (bif.flows.runtime.LOST_WORKER_TIMEOUT): the cluster had a worker less, and the next command's
+    restart replaced it. The environment asks for a 1 s check here (Dask's default is 15 s), so that several checks
+    fall within the restarts below; the cluster's own setting must win."""
+    from distributed import Client
+
+    from bif.config import ComputeConfig
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT", "1s")
+    spec = {"compute": ComputeConfig(n_workers=2).model_dump(), "num_tasks": 2, "preload": ["bif.flows.runtime"],
+            "warm_modules": []}
+    try:
+        with kept_cluster.use_kept_cluster(spec) as kept:  # holds the cluster: its own loop restarts nothing
+            info, _ = kept
+            t0, restarts = time.monotonic(), 0
+            while time.monotonic() - t0 < 8.0:
+                kept_cluster._restart_workers(info.address, 2, info.pid)
+                restarts += 1
+            assert restarts >= 5
+            time.sleep(1.5)  # the checks of the last restarts
+            with Client(info.address, set_as_default=False) as client:
+                assert len(client.scheduler_info()["workers"]) == 2
+                assert len(set(client.run(os.getpid).values())) == 2
+    finally:
         kept_cluster.stop()
 
 
