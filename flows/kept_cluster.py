@@ -346,9 +346,11 @@ def _start(state: Path, spec: dict[str, Any], parts: dict[str, str], idle_timeou
 
 
 def _spec_workers(spec: dict[str, Any]) -> int:
-    """How many workers the kept cluster of ``spec`` runs (:func:`bif.flows.runtime.dask_cluster` resolves
-    ``compute.n_workers`` before it asks for the cluster)."""
-    return int(spec["compute"].get("n_workers") or spec.get("num_tasks") or 1)
+    """How many workers the kept cluster of ``spec`` runs (its process starts them with
+    :func:`bif.flows.runtime.dask_cluster`)."""
+    from bif.flows.runtime import worker_count
+
+    return worker_count(spec["compute"].get("n_workers"), spec["num_tasks"])
 
 
 def _restart_workers(address: str, workers: int, pid: int) -> None:
@@ -384,6 +386,14 @@ def _restart(client: Any, workers: int, pid: int) -> None:
         time.sleep(0.1)
 
 
+def _helper(cmd: str, parent: int, pid: int) -> str | None:
+    """Which multiprocessing helper of the kept cluster ``pid`` a descendant with command line ``cmd`` and parent
+    ``parent`` is ("forkserver", "resource tracker"), or None (a worker, or a process of one)."""
+    if parent != pid:
+        return None
+    return "forkserver" if "forkserver" in cmd else "resource tracker" if "resource_tracker" in cmd else None
+
+
 def _starting_workers(pid: int) -> int:
     """Worker processes of the kept cluster ``pid`` that run or can still start: its descendants but its
     multiprocessing helpers (the resource tracker, the forkserver), neither stopped nor exited, and none at all
@@ -401,11 +411,10 @@ def _starting_workers(pid: int) -> int:
             cmd, status, parent = " ".join(p.cmdline()), p.status(), p.ppid()
         except psutil.Error:
             continue  # exited meanwhile
-        if parent == pid and "forkserver" in cmd:
-            if status in gone:
-                return 0
-        elif not (parent == pid and "resource_tracker" in cmd):
-            count += status not in gone
+        helper = _helper(cmd, parent, pid)
+        if helper == "forkserver" and status in gone:
+            return 0
+        count += helper is None and status not in gone
     return count
 
 
@@ -463,7 +472,7 @@ def _process_states(pid: int) -> str:
     out = []
     for p in procs:
         try:
-            kind = "forkserver" if "forkserver" in " ".join(p.cmdline()) and p.ppid() == pid else "process"
+            kind = "forkserver" if _helper(" ".join(p.cmdline()), p.ppid(), pid) == "forkserver" else "process"
             wchan = Path(f"/proc/{p.pid}/wchan").read_text().strip() if Path(f"/proc/{p.pid}/wchan").exists() else ""
             out.append(f"{kind} {p.pid} (parent {p.ppid()}) {p.status()} wchan={wchan or '-'} threads={p.num_threads()}")
         except Exception:  # noqa: BLE001 - it may have exited meanwhile
@@ -502,7 +511,7 @@ def _serve(state: Path) -> None:
         tmp = state / f"cluster.json.{os.getpid()}"
         tmp.write_text(json.dumps(asdict(info)))
         tmp.replace(state / "cluster.json")
-        workers = compute.n_workers or max(1, len(client.scheduler_info()["workers"]))  # the spec resolves it
+        workers = _spec_workers(spec)
         last_used, checked = time.monotonic(), -math.inf  # checked: the last look at the workers (none yet)
         while True:
             time.sleep(1.0)

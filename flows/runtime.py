@@ -218,6 +218,12 @@ HOUSEKEEPING: dict[str, str] = {"distributed.admin.tick.interval": "1s",
 LOST_WORKER_TIMEOUT = {"distributed.deploy.lost-worker-timeout": "3650 days"}
 
 
+def worker_count(n_workers: int | None, num_tasks: int) -> int:
+    """The workers of a LocalCluster of :func:`dask_cluster`: ``n_workers`` (``compute.n_workers``), else one per task
+    that can run at once, at most one per core."""
+    return n_workers or max(1, min(num_tasks, os.cpu_count() or 1))
+
+
 @contextlib.contextmanager
 def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
                  preload: tuple[str, ...] = DEFAULT_PRELOAD, warm_modules: tuple[str, ...] = (),
@@ -241,7 +247,7 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
         return
     t0 = time.perf_counter()
     threads = compute.threads_per_worker
-    n_workers = compute.n_workers or max(1, min(num_tasks, os.cpu_count() or 1))
+    n_workers = worker_count(compute.n_workers, num_tasks)
     if keep:
         from bif.flows import kept_cluster
 
