@@ -242,7 +242,7 @@ XDIST_COST_S = {
     "test_calibrate.py": 57, "test_startup.py": 50, "test_tinylm.py": 40, "test_ops.py": 40,
     "test_baselines.py": 30, "test_covariance.py": 30, "test_tokens.py": 20, "test_notebook.py": 20,
     "test_report_tokens.py": 15, "test_threads.py": 15, "test_registry.py": 12, "test_architecture.py": 10,
-    "test_strict_json.py": 8,
+    "test_strict_json.py": 8, "test_bench.py": 20,
 }
 
 

@@ -1,0 +1,64 @@
+"""`make bench` (= `python -m benchmarks.pipeline`, README: Benchmarks) at its quick sizes, run as a command.
+
+The figures themselves are never asserted as times (the targets are ratios measured by the command, not timed
+tests). What is asserted: the command runs end to end, each ratio it reports is the quotient of the two times it
+reports, the memory figures are consistent, the checks it runs pass, and its Markdown table has every row.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path: Path, *only: str) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    args = [a for o in only for a in ("--only", o)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--quick", *args, "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text()), out.with_suffix(".md").read_text()
+
+
+def test_bench_covariance_and_out_of_core(tmp_path):
+    data, table = _bench(tmp_path, "covariance", "ooc")
+    cov, ooc = data["covariance"], data["out_of_core"]
+    assert cov["shape"] == [400, 5000, 1000] and ooc["shape"] == [200, 10_000, 1000]
+    assert cov["ratio_vs_gemm"] == pytest.approx(cov["dask_reduction_s"] / cov["gemm_s"])
+    assert cov["center_plus_gemm_s"] >= cov["gemm_s"] > 0 and 0 < cov["ours_peak_rss_gb"] < 24
+    if cov.get("devinterp_s") is not None:  # the optional baseline is installed (make install tries it)
+        assert cov["ours_vs_devinterp"] == pytest.approx(cov["dask_reduction_s"] / cov["devinterp_s"])
+    assert ooc["gates_passed"] is True and "0 failed" in ooc["gates_summary"]
+    assert ooc["ratio_vs_gemm_limit"] == pytest.approx(ooc["reduce_wall_s"] / ooc["gemm_limit_s"])
+    assert ooc["gemm_limit_s"] == pytest.approx(2.0 * 200 * 10_000 * 1000 / (ooc["gemm_gflops"] * 1e9))
+    # the idle processes are part of the peak; the checks run after the reduction, in the same processes
+    assert ooc["peak_rss_gb"] >= ooc["idle_processes_rss_gb"] > 0
+    assert ooc["peak_rss_incl_gates_diagnostics_gb"] >= ooc["peak_rss_gb"] * 0.9
+    # bif.zarr holds two float32 (train x query) arrays; the output is at least that
+    assert ooc["output_bytes"] > 0 and ooc["devinterp_full_cov_gb_needed"] == pytest.approx(4 * 11_000 ** 2 / 2**30)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    assert sum(r.startswith("| covariance") for r in rows) == 2 and sum(r.startswith("| out of core") for r in rows) == 4
+
+
+@pytest.mark.slow
+def test_bench_sampler_runs_bif_run_as_typed_against_the_bare_loops(tmp_path):
+    """The sampler part at 100 draws, one round: six `bif run` commands (fresh Prefect homes, the kept server and
+    cluster, the warm process, BIF_WARM=0, a cluster of its own) and the bare loops (~2 min)."""
+    data, table = _bench(tmp_path, "sampler")
+    s = data["sampler"]
+    assert s["repeats"] == 1 and len(s["runs"]) == 1 and s["draws_per_chain"] == 100
+    (r,) = s["runs"]
+    assert s["warm_copies"] == 1  # the round ran as a copy of the warm bif process the cold run started
+    assert r["per_draw_ratio"] == pytest.approx(r["ours_per_draw_s"] / r["bare_per_draw_2_parallel_s"])
+    assert r["per_draw_ratio_same_ops"] == pytest.approx(r["ours_per_draw_s"] / r["bare_per_draw_2_parallel_same_ops_s"])
+    assert r["whole_run_ratio"] == pytest.approx(r["wall_s"] / (2 * 100 * r["bare_per_draw_alone_s"]))
+    assert 0 < r["startup_s"] < r["wall_s"] and r["sampling_s"] > 0
+    assert 0 < s["startup_s"] < s["startup_fresh_prefect_home_s"]
+    assert sum(line.startswith("| sampler") for line in table.splitlines()) == 4
