@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +33,24 @@ def test_bench_covariance_and_out_of_core(tmp_path):
     cov, ooc = data["covariance"], data["out_of_core"]
     assert cov["shape"] == [400, 5000, 1000] and ooc["shape"] == [200, 10_000, 1000]
     assert cov["ratio_vs_gemm"] == pytest.approx(cov["dask_reduction_s"] / cov["gemm_s"])
+    # the figures are the median of the timed reductions and the best of the GEMMs, every run kept
+    assert cov["dask_reduction_s"] == pytest.approx(float(np.median(cov["dask_reduction_runs_s"])))
+    assert len(cov["dask_reduction_runs_s"]) == 3 and cov["gemm_s"] == min(cov["gemm_runs_s"])
+    assert ooc["reduce_wall_s"] == pytest.approx(float(np.median(ooc["reduce_runs_s"])))
     assert cov["center_plus_gemm_s"] >= cov["gemm_s"] > 0 and 0 < cov["ours_peak_rss_gb"] < 24
     if cov.get("devinterp_s") is not None:  # the optional baseline is installed (make install tries it)
         assert cov["ours_vs_devinterp"] == pytest.approx(cov["dask_reduction_s"] / cov["devinterp_s"])
     assert ooc["gates_passed"] is True and "0 failed" in ooc["gates_summary"]
     assert ooc["ratio_vs_gemm_limit"] == pytest.approx(ooc["reduce_wall_s"] / ooc["gemm_limit_s"])
     assert ooc["gemm_limit_s"] == pytest.approx(2.0 * 200 * 10_000 * 1000 / (ooc["gemm_gflops"] * 1e9))
-    # the idle processes are part of the peak; the checks run after the reduction, in the same processes
+    # summed PSS: the idle processes are part of the peak; the peak with the checks includes the reduction's
     assert ooc["peak_rss_gb"] >= ooc["idle_processes_rss_gb"] > 0
-    assert ooc["peak_rss_incl_gates_diagnostics_gb"] >= ooc["peak_rss_gb"] * 0.9
+    assert ooc["peak_rss_incl_gates_diagnostics_gb"] >= ooc["peak_rss_gb"]
     # bif.zarr holds two float32 (train x query) arrays; the output is at least that
     assert ooc["output_bytes"] > 0 and ooc["devinterp_full_cov_gb_needed"] == pytest.approx(4 * 11_000 ** 2 / 2**30)
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what")]
-    assert sum(r.startswith("| covariance") for r in rows) == 2 and sum(r.startswith("| out of core") for r in rows) == 4
+    assert sum(r.startswith("| covariance") for r in rows) == 2
+    assert sum(r.startswith("| out of core") for r in rows) == 4
 
 
 @pytest.mark.slow
@@ -57,7 +63,8 @@ def test_bench_sampler_runs_bif_run_as_typed_against_the_bare_loops(tmp_path):
     (r,) = s["runs"]
     assert s["warm_copies"] == 1  # the round ran as a copy of the warm bif process the cold run started
     assert r["per_draw_ratio"] == pytest.approx(r["ours_per_draw_s"] / r["bare_per_draw_2_parallel_s"])
-    assert r["per_draw_ratio_same_ops"] == pytest.approx(r["ours_per_draw_s"] / r["bare_per_draw_2_parallel_same_ops_s"])
+    same_ops = r["bare_per_draw_2_parallel_same_ops_s"]
+    assert r["per_draw_ratio_same_ops"] == pytest.approx(r["ours_per_draw_s"] / same_ops)
     assert r["whole_run_ratio"] == pytest.approx(r["wall_s"] / (2 * 100 * r["bare_per_draw_alone_s"]))
     assert 0 < r["startup_s"] < r["wall_s"] and r["sampling_s"] > 0
     assert 0 < s["startup_s"] < s["startup_fresh_prefect_home_s"]

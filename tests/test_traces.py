@@ -84,7 +84,8 @@ def test_trace_files_keep_split_statistics_and_the_bytes_of_arrows_default_batch
     from bif.store.tables import WRITE_BATCH_ROWS
     from bif.store.traces import ROW_GROUP_SAMPLES
 
-    n, m, draws = 2 * ROW_GROUP_SAMPLES + 300, ROW_GROUP_SAMPLES + 700, 70  # row groups: train, train, train + query, query
+    # row groups: train, train, train + query, query
+    n, m, draws = 2 * ROW_GROUP_SAMPLES + 300, ROW_GROUP_SAMPLES + 700, 70
     prob = linear.build(n=n, d=3, m=m, seed=4)
     s = SamplerConfig(num_chains=1, num_draws=draws, num_burnin_steps=1, steps_per_draw=1, step_size=1e-4,
                       gamma=5.0, batch_size=10)
