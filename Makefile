@@ -52,6 +52,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.plot
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

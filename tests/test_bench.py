@@ -51,6 +51,19 @@ def test_bench_covariance_and_out_of_core(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert sum(r.startswith("| covariance") for r in rows) == 2
     assert sum(r.startswith("| out of core") for r in rows) == 4
+    # `python -m benchmarks.plot` (make bench's second step) draws what the JSON holds; no scale JSON: its rows are
+    # left out, and the devinterp row only when the optional baseline ran
+    png = tmp_path / "bench.png"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.plot", "--pipeline", str(tmp_path / "bench.json"),
+                          "--scale", str(tmp_path / "none.json"), "--out", str(png)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    from benchmarks.plot import rows as plot_rows
+
+    plotted = plot_rows(data, None)
+    assert [r.value for r in plotted] == ([cov["ours_vs_devinterp"]] if cov.get("devinterp_s") else [])
+    assert all(r.met == (r.value <= 1.0) for r in plotted)
 
 
 @pytest.mark.slow
@@ -69,3 +82,30 @@ def test_bench_sampler_runs_bif_run_as_typed_against_the_bare_loops(tmp_path):
     assert 0 < r["startup_s"] < r["wall_s"] and r["sampling_s"] > 0
     assert 0 < s["startup_s"] < s["startup_fresh_prefect_home_s"]
     assert sum(line.startswith("| sampler") for line in table.splitlines()) == 4
+    from benchmarks.plot import rows as plot_rows
+
+    plotted = plot_rows(data, None)  # the sampler's three ratios, each with its one round
+    assert [(r.value, r.rounds, r.target) for r in plotted] == [
+        (s["whole_run_ratio_vs_bare_2_chains_sequential"], [r["whole_run_ratio"]], 2.0),
+        (s["per_draw_ratio_vs_bare_same_parallelism"], [r["per_draw_ratio"]], 1.1),
+        (s["per_draw_ratio_vs_bare_same_ops_same_parallelism"], [r["per_draw_ratio_same_ops"]], 1.1)]
+
+
+def test_plot_rows_are_the_reported_figures_and_their_runs():
+    """benchmarks.plot: each row is the figure its benchmark reports, its runs as ratios of the same kind, and
+    'met' is the target's comparison (ratios exactly at a target meet it, as in the benchmarks' tables)."""
+    from benchmarks.plot import rows
+
+    scale = {"checks": {"gates_over_reduction": 2.0, "gates_over_reduction_rounds": [1.5, 2.5, 2.0],
+                        "diagnostics_over_reduction": 2.01, "diagnostics_over_reduction_rounds": [2.01]},
+             "limit_100k": {"ratio_vs_limit": 0.5, "limit_s": 2.0, "stage_runs_s": [1.0, 0.8, 1.2]},
+             "limit_20k": {"ratio_vs_gemm64": 1.5, "gemm64_s": 0.2, "stage_runs_s": [0.3, 0.28]},
+             "scale": {"stage_peak_rss_gb": 2.5}}
+    pipeline = {"covariance": {"devinterp_s": 4.0, "ours_vs_devinterp": 0.1}}
+    got = {r.label.split(",")[0].split("\n")[0]: r for r in rows(pipeline, scale)}
+    assert [(r.value, r.target, r.met) for r in got.values()] == [
+        (2.0, 2.0, True), (2.01, 2.0, False), (0.5, 2.0, True), (1.5, 2.0, True), (1.25, 1.0, False),
+        (0.1, 1.0, True)]
+    assert got["4: covariance stage / its limit"].rounds == pytest.approx([0.5, 0.4, 0.6])
+    assert got["4: covariance stage / float64 GEMM"].rounds == pytest.approx([1.5, 1.4])
+    assert rows(None, None) == [] and rows({"covariance": {"devinterp_s": None}}, {}) == []
