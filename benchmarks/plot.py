@@ -38,8 +38,8 @@ def rows(pipeline: dict | None, scale: dict | None) -> list[Row]:
     if s:
         runs = s.get("runs", [])
         out += [
-            Row("1: whole bif run / bare loop,\nchains one after another", s["whole_run_ratio_vs_bare_2_chains_sequential"],
-                2.0, [r["whole_run_ratio"] for r in runs]),
+            Row("1: whole bif run / bare loop,\nchains one after another",
+                s["whole_run_ratio_vs_bare_2_chains_sequential"], 2.0, [r["whole_run_ratio"] for r in runs]),
             Row("3: per draw / bare loop,\nsame parallelism", s["per_draw_ratio_vs_bare_same_parallelism"], 1.1,
                 [r["per_draw_ratio"] for r in runs]),
         ]
