@@ -38,6 +38,15 @@ def strict_json(obj, indent: int = 2) -> str:
     return json.dumps(strict_json_data(obj), indent=indent, allow_nan=False)
 
 
+_T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (the figures go to stdout and the JSON): the seconds since the command started and
+    what runs now. The benchmarks take minutes, and a run that stays silent that long looks hung."""
+    print(f"[{time.monotonic() - _T0:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
 class PeakRSS:
     """Samples the summed RSS of this process and all its children every 50 ms.
 
@@ -223,6 +232,7 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 5) -> dict:
         # the first fresh home left in bif's cache (flows/prefect_server.py); measured before the cold run below,
         # whose kept server and cluster would otherwise compete with it
         maker, seed_home = workdir / "prefect-home-seed-maker", workdir / "prefect-home-seeded"
+        say("sampler: bif run on a fresh Prefect home, twice (the second starts from the kept empty database)")
         _bif_run(cfg_path, workdir / "run-seed-maker", maker, cache=cache)
         _stop_kept(maker)
         seeded_wall, seeded_t0, seeded = _bif_run(cfg_path, workdir / "run-seeded", seed_home, cache=cache)
@@ -233,8 +243,12 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 5) -> dict:
         # (every run on ``home`` has the same environment, BIF_CACHE_DIR included: the kept cluster and the warm process
         # serve one environment, and another value would make round 1 start both anew)
         fresh_cache = workdir / "bif-cache-empty"
+        say("sampler: bif run on a fresh Prefect home of a machine that never ran bif (starts the kept server, "
+            "cluster and warm process)")
         cold_wall, cold_t0, cold = _bif_run(cfg_path, workdir / "run-cold", home, cache=fresh_cache)
         for r in range(max(1, repeats)):
+            say(f"sampler: round {r + 1} of {max(1, repeats)}: bif run, then the bare loops (one chain; two; two "
+                "with the chain's arithmetic)")
             wall, t0, manifest = _bif_run(cfg_path, workdir / f"run-{r}", home, cache=fresh_cache)
             with mp.get_context("spawn").Pool(1) as pool:
                 bare_alone = pool.map(_bare_worker, [(str(cfg_path), num_draws, False)])[0]
@@ -248,6 +262,7 @@ def bench_sampler(workdir: Path, num_draws: int, repeats: int = 5) -> dict:
                            # per draw of one chain, chains running in parallel
                            "ours": max(t["chain_sampling_s"]) / num_draws})
         # the same as the rounds without the warm bif process (bif.flows.warm): the command imports what it needs
+        say("sampler: bif run without the warm process (BIF_WARM=0), then with a cluster of its own")
         cold_cmd_wall, cold_cmd_t0, cold_cmd = _bif_run(cfg_path, workdir / "run-no-warm", home, warm=False,
                                                         cache=fresh_cache)
         own_wall, own_t0, own = _bif_run(cfg_path, workdir / "run-own-cluster", home, keep_cluster=False,
@@ -603,9 +618,11 @@ def main(argv=None) -> int:
             results["sampler"] = bench_sampler(work, 100 if q else 1000, repeats=1 if q else args.repeats)
             print(strict_json(results["sampler"], indent=1), flush=True)
         if not args.only or "covariance" in args.only:
+            say("covariance: the reduction against one GEMM and devinterp 2.0.1")
             results["covariance"] = bench_covariance(work, n_train=5000 if q else 20_000, n_query=1000, draws=400)
             print(strict_json(results["covariance"], indent=1), flush=True)
         if not args.only or "ooc" in args.only:
+            say("out of core: the reduction, the gates and the diagnostics")
             results["out_of_core"] = bench_out_of_core(work, n_train=10_000 if q else 100_000, n_query=1000,
                                                        draws=200)
             print(strict_json(results["out_of_core"], indent=1), flush=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pipeline import PeakRSS, ROOT, default_train_block, strict_json, write_synthetic
+from benchmarks.pipeline import PeakRSS, ROOT, default_train_block, say, strict_json, write_synthetic
 
 CHAINS = 2
 
@@ -451,10 +451,12 @@ def main(argv=None) -> int:
     results: dict = {"machine": {"note": "shared machine: compare ratios within one run"}}
     try:
         if "checks" in parts:
+            say("checks: the covariance stage, the gates and the diagnostics on the same traces")
             results["checks"] = bench_checks(work, n_train=2000 if q else 50_000, n_query=100 if q else 500, draws=200,
                                             repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["checks"], indent=1), flush=True)
         if "limit" in parts:
+            say("limit: the covariance stage against its limit (the large shape, then the 20k one)")
             results["limit_100k"] = bench_limit(work, n_train=5000 if q else 100_000, n_query=1000, draws=200,
                                                 per_block=50, repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["limit_100k"], indent=1), flush=True)
@@ -462,6 +464,7 @@ def main(argv=None) -> int:
                                                per_block=200, repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["limit_20k"], indent=1), flush=True)
         if "scale" in parts:
+            say("scale: the 1M-train reduction out of core (writing its traces first)")
             results["scale"] = bench_scale(work, n_train=20_000 if q else 1_000_000, n_query=100, draws=100,
                                            per_block=25, train_block=args.train_block)
             print(strict_json(results["scale"], indent=1), flush=True)
