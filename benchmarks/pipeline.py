@@ -82,6 +82,9 @@ class PeakRSS:
             time.sleep(0.25 if self.pss else 0.05)
 
     def __enter__(self):
+        # the first sample before the clock's thread starts: ``start`` is the state the measured work began from
+        # (its idle processes), and the peak is never below it, however few samples a short run gets
+        self.start = self.peak = self._sample_once()
         self._t.start()
         return self
 
@@ -368,8 +371,36 @@ def write_synthetic(root: str, *, n_train: int, n_query: int, chains: int, draws
     return store.blocks()
 
 
+class Cluster:
+    """The cluster `bif run` builds on this machine (bif.flows.runtime.dask_cluster: 2 single-threaded workers
+    forked from the forkserver, thread caps, no leaked MALLOC_TRIM_THRESHOLD_).
+
+    Until session 6 ``benchmarks.scale`` ran on a plain LocalCluster, whose nannies set MALLOC_TRIM_THRESHOLD_: the
+    diagnostics at 50k x 500 took 6.3-7.4 s there against 4.5-4.9 s on the runtime's cluster; this module's
+    reductions did until session 32.
+    """
+
+    def __enter__(self):
+        from distributed import Client
+
+        from bif.config import ComputeConfig
+        from bif.flows.runtime import dask_cluster
+
+        self._cm = dask_cluster(ComputeConfig(n_workers=2, threads_per_worker=1), num_tasks=2)
+        self.cluster = self._cm.__enter__()
+        self.client = Client(self.cluster.address, set_as_default=False)
+        return self
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self._cm.__exit__(*exc)
+
+    def map(self, f, xs):
+        return self.client.gather(self.client.map(f, list(xs), pure=False))
+
+
 #: timed reductions after the warm-up (their median is the figure) and the GEMM's timings (its best): one cold GEMM of
-#: the 20k shape measured 0.18-0.37 s on this machine from one run of this command to the next
+#: the 20k shape measured 0.17-0.37 s on this machine from one call to the next
 REDUCE_REPEATS = GEMM_REPEATS = 3
 
 
@@ -379,18 +410,17 @@ def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, tra
     untimed run (GiB), and every timed run;
     with ``checks`` (a RunConfig under key "cfg"), also the quality gates and diagnostics on the same cluster.
 
-    The cluster is the one `bif run` builds (``benchmarks.scale.Cluster``: bif.flows.runtime.dask_cluster). Until
+    The cluster is the one `bif run` builds (:class:`Cluster`: bif.flows.runtime.dask_cluster). Until
     session 32 this was a plain LocalCluster, whose nannies set MALLOC_TRIM_THRESHOLD_ and whose workers had no
     thread caps: this command measured the reduction on a cluster bif never uses. Memory is the summed PSS of this
     process and its children (the forkserver, nannies and workers), as ``benchmarks.scale`` reports it: forked
     workers share the forkserver's pages, which a sum of RSS counts once per worker (2.06 GB idle at 100k, against
-    ~1.2 GB of PSS). Reading smaps costs 20-27 ms of a core a sample, so memory comes from runs that are not timed.
+    1.41 GB of PSS). Reading smaps costs 20-27 ms of a core a sample, so memory comes from runs that are not timed.
     """
     from bif.config import CovarianceConfig
     from bif.store.run import RunStore
     from bif.tasks.covariance import compute_bif
 
-    from benchmarks.scale import Cluster  # here: benchmarks.scale imports this module
 
     store, cov = RunStore(root), CovarianceConfig(train_block_size=train_block, query_block_size=query_block)
 
@@ -405,16 +435,16 @@ def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, tra
         compute_bif(store, cov, files, n_train=min(n_train, train_block), n_query=n_query, client=client)
         runs = [reduce() for _ in range(REDUCE_REPEATS)]
         wall = float(np.median(runs))
-        base = PeakRSS(pss=True)._sample_once()
         with PeakRSS(pss=True) as mem:
             reduce()
+        base = mem.start
         if checks is not None:
             checks["reduce_peak_rss_gb"] = mem.peak / 2**30
             checks["idle_processes_rss_gb"] = base / 2**30
             from bif.quality.diagnostics import write_diagnostics
             from bif.quality.run import run_gates
 
-            map_fn = lambda f, xs: client.gather(client.map(f, list(xs)))  # noqa: E731
+            map_fn = bif_cluster.map
             import great_expectations  # noqa: F401  (import cost is hidden behind sampling in real runs)
 
             def gates():
@@ -432,7 +462,8 @@ def reduce_on_cluster(root: str, files: list, *, n_train: int, n_query: int, tra
             diagnose()
             checks["diagnostics_s"] = time.perf_counter() - t
             with PeakRSS(pss=True) as checked:
-                gates(), diagnose()
+                gates()
+                diagnose()
             checks["checks_peak_rss_gb"] = checked.peak / 2**30
         return wall, mem.peak / 2**30, runs
 

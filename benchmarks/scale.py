@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pipeline import PeakRSS, ROOT, default_train_block, say, strict_json, write_synthetic
+from benchmarks.pipeline import Cluster, PeakRSS, ROOT, default_train_block, say, strict_json, write_synthetic
 
 CHAINS = 2
 
@@ -99,33 +99,6 @@ def plain_trace_read(root: str) -> float:
     for f in files:
         pq.read_table(f, columns=[S.LOSS]).column(0).to_numpy()
     return time.perf_counter() - t
-
-
-class Cluster:
-    """The cluster `bif run` builds on this machine (bif.flows.runtime.dask_cluster: 2 single-threaded workers
-    forked from the forkserver, thread caps, no leaked MALLOC_TRIM_THRESHOLD_).
-
-    Until session 6 this was a plain LocalCluster, whose nannies set MALLOC_TRIM_THRESHOLD_: the
-    diagnostics at 50k x 500 took 6.3-7.4 s there against 4.5-4.9 s on the runtime's cluster.
-    """
-
-    def __enter__(self):
-        from distributed import Client
-
-        from bif.config import ComputeConfig
-        from bif.flows.runtime import dask_cluster
-
-        self._cm = dask_cluster(ComputeConfig(n_workers=2, threads_per_worker=1), num_tasks=2)
-        self.cluster = self._cm.__enter__()
-        self.client = Client(self.cluster.address, set_as_default=False)
-        return self
-
-    def __exit__(self, *exc):
-        self.client.close()
-        self._cm.__exit__(*exc)
-
-    def map(self, f, xs):
-        return self.client.gather(self.client.map(f, list(xs), pure=False))
 
 
 def covariance_stage(root: str, client, *, n_train: int, n_query: int, train_block: int, query_block: int,

@@ -46,8 +46,10 @@ def test_bench_covariance_and_out_of_core(tmp_path):
     # summed PSS: the idle processes are part of the peak; the peak with the checks includes the reduction's
     assert ooc["peak_rss_gb"] >= ooc["idle_processes_rss_gb"] > 0
     assert ooc["peak_rss_incl_gates_diagnostics_gb"] >= ooc["peak_rss_gb"]
-    # bif.zarr holds two float32 (train x query) arrays; the output is at least that
-    assert ooc["output_bytes"] > 0 and ooc["devinterp_full_cov_gb_needed"] == pytest.approx(4 * 11_000 ** 2 / 2**30)
+    # bif.zarr holds two float32 (train x query) arrays of noisy values, which barely compress (1.11x their raw size
+    # with the top-k at 100k x 1k)
+    assert ooc["output_bytes"] >= 0.9 * 2 * 4 * 10_000 * 1000
+    assert ooc["devinterp_full_cov_gb_needed"] == pytest.approx(4 * 11_000 ** 2 / 2**30)
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert sum(r.startswith("| covariance") for r in rows) == 2
     assert sum(r.startswith("| out of core") for r in rows) == 4
@@ -63,7 +65,6 @@ def test_bench_covariance_and_out_of_core(tmp_path):
 
     plotted = plot_rows(data, None)
     assert [r.value for r in plotted] == ([cov["ours_vs_devinterp"]] if cov.get("devinterp_s") else [])
-    assert all(r.met == (r.value <= 1.0) for r in plotted)
 
 
 @pytest.mark.slow
