@@ -463,11 +463,13 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "N
 FORKSERVER_PRELOAD = ("distributed", "torch", "prefect", "prefect_dask", "pyarrow.parquet", "pyarrow.dataset",
                       "xarray", "zarr", "bif.quality.numba_backend", "bif.block_ops", "bif.quality.kernels",
                       "dask.array", "bif.tasks.covariance")
+#: Imported after every other preload of a forkserver: ``gc.freeze()`` of what they created (see that module).
+FORKSERVER_LAST = "bif.flows.forkserver_ready"
 #: Added to the forkserver's imports of a kept cluster, which pays for them once: its workers run the
 #: quality gates (great_expectations: ~5 s of a core to import) and draw the report (matplotlib: ~1 s). A command
 #: with a cluster of its own runs both itself and imports them while its cluster starts.
 KEPT_PRELOAD = ("great_expectations", "bif.quality.run", "matplotlib.figure", "matplotlib.backends.backend_agg",
-                "bif.report")
+                "bif.report", "bif.flows.forkserver_warmup")
 #: Dask worker preloads of a kept cluster: those of every flow a CLI command runs on it (``bif run``: the default;
 #: ``bif lds`` and ``bif calibrate``: the retraining and calibration modules, which add 0.07 s of a core to the
 #: forkserver's ~10 s), so that switching between the commands reuses the cluster (bif.flows.kept_cluster).
@@ -544,7 +546,8 @@ def _use_forkserver(preload: tuple[str, ...], threads: Mapping[str, str]) -> boo
 
     if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
         return False  # a forkserver started by other code: its preload and environment are unknown
-    modules = [m for m in FORKSERVER_PRELOAD + tuple(preload) if _importable(m)]
+    # the last: bif.flows.forkserver_ready freezes what the others created (gc.freeze), for every forked worker
+    modules = [m for m in FORKSERVER_PRELOAD + tuple(preload) if _importable(m)] + [FORKSERVER_LAST]
     multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
     if dutils is not None:
         dutils._forkserver_preload_set = True  # distributed would replace the list with its own

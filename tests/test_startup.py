@@ -255,6 +255,33 @@ def test_a_fresh_worker_reads_parquet_tables_without_importing(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "(3, [])", out.stderr[-2000:]
 
 
+def test_a_fresh_worker_starts_with_the_forkservers_objects_frozen_and_a_kept_ones_fonts_loaded():
+    """A forked worker inherits millions of objects from its forkserver; its first full garbage collection walked
+    them all and copied their pages (0.4 s of a core in a profile of the report's first sections). The forkserver
+    freezes them last (bif.flows.forkserver_ready). A kept cluster's forkserver also draws the report's warm-up
+    figure (bif.flows.forkserver_warmup): a fresh worker's first figure took 0.76-0.91 s without it."""
+    import subprocess
+    import sys
+
+    code = ("from bif.config import ComputeConfig\n"
+            "from bif.flows.runtime import KEPT_PRELOAD, dask_cluster\n"
+            "def state():\n"
+            "    import gc, sys\n"
+            "    return gc.get_freeze_count(), 'PIL.JpegImagePlugin' in sys.modules\n"
+            "if __name__ == '__main__':\n"
+            "    from distributed import Client\n"
+            "    with dask_cluster(ComputeConfig(n_workers=1), num_tasks=1, warm_modules=KEPT_PRELOAD) as cl, \\\n"
+            "            Client(cl.address) as client:\n"
+            "        print(*client.submit(state, pure=False).result())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "BIF_WORKER_START"})
+    frozen, plugins = out.stdout.strip().splitlines()[-1].split()
+    assert int(frozen) > 100_000, out.stderr[-2000:]  # torch, Prefect, distributed, GE, matplotlib: millions
+    # the warm-up figure was drawn and encoded there: Pillow loads all its image plugins at its first save (importing
+    # matplotlib loads the PNG one only); matplotlib drops its font objects in a forked child itself, so they can't tell
+    assert plugins == "True"
+
+
 def test_start_forkserver_starts_the_clusters_forkserver_ahead_of_it():
     """The forkserver start_forkserver starts is the one the cluster's workers are forked from."""
     import subprocess
