@@ -255,7 +255,7 @@ def test_a_fresh_worker_reads_parquet_tables_without_importing(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "(3, [])", out.stderr[-2000:]
 
 
-def test_a_fresh_worker_starts_with_the_forkservers_objects_frozen_and_a_kept_ones_fonts_loaded():
+def test_a_fresh_worker_starts_with_the_forkservers_objects_frozen_and_a_kept_ones_figure_drawn():
     """A forked worker inherits millions of objects from its forkserver; its first full garbage collection walked
     them all and copied their pages (0.4 s of a core in a profile of the report's first sections). The forkserver
     freezes them last (bif.flows.forkserver_ready). A kept cluster's forkserver also draws the report's warm-up
