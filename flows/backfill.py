@@ -159,8 +159,11 @@ def _error_text(err: BaseException, cfg: RunConfig) -> str:
 
 
 def _attribute_one(cfg: RunConfig, p: PlannedRun, config_hash: str, *, address: str, credentials_ref: str | None,
-                   emit: Callable[[str, str, str], None]) -> RunOutcome:
-    """Run one planned checkpoint as an attribution subflow and record it; never raises for the run's failure."""
+                   emit: Callable[[str, str, str], None], gates_on_workers: bool = False) -> RunOutcome:
+    """Run one planned checkpoint as an attribution subflow and record it; never raises for the run's failure.
+
+    ``gates_on_workers``: the subflow's quality gates and report run on the cluster's workers (see
+    :func:`bif.flows.attribution.attribution_flow`), as `bif run` has them on a kept cluster."""
     from bif.flows.attribution import attribution_flow
 
     catalog = Catalog(cfg.output, cfg.storage_options)
@@ -172,7 +175,7 @@ def _attribute_one(cfg: RunConfig, p: PlannedRun, config_hash: str, *, address: 
         rcfg = run_config(cfg, p)
         sub = attribution_flow.with_options(flow_run_name=f"attribution-{p.run_id}")
         state = sub(config=rcfg.public_dict() | {"storage_options": {}}, credentials_ref=credentials_ref,
-                    scheduler_address=address, return_state=True)
+                    scheduler_address=address, gates_on_workers=gates_on_workers, return_state=True)
         runtime._save_logs(state, rcfg, address=address, name="run")  # the run's log file, like `bif run`
         state.result()
         manifest = read_manifest(p.output_uri, cfg.storage_options) or {}
@@ -211,8 +214,9 @@ def _save_sweep_log(cfg: RunConfig, address: str) -> None:
 
 
 def sweep(cfg: RunConfig, plan: list[PlannedRun], config_hash: str, *, max_concurrent: int,
-          scheduler_address: str | None, events_ref: str | None) -> dict[str, Any]:
-    """Attribute every planned run that is not complete, ``max_concurrent`` at a time on one Dask runtime."""
+          scheduler_address: str | None, events_ref: str | None, gates_on_workers: bool = False) -> dict[str, Any]:
+    """Attribute every planned run that is not complete, ``max_concurrent`` at a time on one Dask runtime
+    (``gates_on_workers``: see :func:`_attribute_one`)."""
     if max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be at least 1, got {max_concurrent}")
     emit = _emitter(events_ref)
@@ -228,7 +232,7 @@ def sweep(cfg: RunConfig, plan: list[PlannedRun], config_hash: str, *, max_concu
             for p in todo:  # each subflow runs in a copy of this flow run's context: a child of it
                 ctx = contextvars.copy_context()
                 futures.append(pool.submit(ctx.run, _attribute_one, cfg, p, config_hash, address=rt.address,
-                                           credentials_ref=ref, emit=emit))
+                                           credentials_ref=ref, emit=emit, gates_on_workers=gates_on_workers))
             for f in futures:
                 o = f.result()
                 outcomes[o.run_id] = o
@@ -258,12 +262,16 @@ def dry_run_summary(cfg: RunConfig, plan: list[PlannedRun], config_hash: str) ->
 def backfill_flow(config: dict[str, Any] | str, checkpoints: str, since: str | None = None, until: str | None = None,
                   max_concurrent: int = 2, dry_run: bool = False, output: str | None = None,
                   credentials_ref: str | None = None, secret_block: str | None = None,
-                  scheduler_address: str | None = None, events_ref: str | None = None) -> dict[str, Any]:
+                  scheduler_address: str | None = None, events_ref: str | None = None,
+                  gates_on_workers: bool = False) -> dict[str, Any]:
     """Attribute every checkpoint matching ``checkpoints`` (modified in [since, until)) that has no complete run.
 
     ``config``: RunConfig data without credentials, or a YAML path; its ``output`` is the sweep's
     root (runs under ``runs/<run_id>/``, the catalog beside them; ``output`` replaces it); its
     ``checkpoint`` is ignored. ``since`` / ``until``: ISO dates on the checkpoint files' modification time.
+    ``gates_on_workers``: each run's quality gates and report run on the workers of ``scheduler_address``
+    (`bif backfill` on the kept cluster, whose workers have great_expectations and matplotlib loaded), not in the
+    process of this flow.
     """
     cfg = sweep_settings(config, credentials_ref, secret_block, output)
     config_hash, plan = plan_sweep(cfg, checkpoints, since=parse_when(since, name="since"),
@@ -271,18 +279,20 @@ def backfill_flow(config: dict[str, Any] | str, checkpoints: str, since: str | N
     if dry_run:
         return dry_run_summary(cfg, plan, config_hash)
     return sweep(cfg, plan, config_hash, max_concurrent=max_concurrent, scheduler_address=scheduler_address,
-                 events_ref=events_ref)
+                 events_ref=events_ref, gates_on_workers=gates_on_workers)
 
 
 @flow(name="bif-watch", log_prints=True)
 def watch_flow(config: dict[str, Any] | str, checkpoints: str, max_concurrent: int = 2, output: str | None = None,
                credentials_ref: str | None = None, secret_block: str | None = None,
-               scheduler_address: str | None = None, events_ref: str | None = None) -> dict[str, Any]:
-    """One sweep: attribute every checkpoint matching ``checkpoints`` that has no complete run for this config."""
+               scheduler_address: str | None = None, events_ref: str | None = None,
+               gates_on_workers: bool = False) -> dict[str, Any]:
+    """One sweep: attribute every checkpoint matching ``checkpoints`` that has no complete run for this config
+    (``gates_on_workers``: as :func:`backfill_flow`)."""
     cfg = sweep_settings(config, credentials_ref, secret_block, output)
     config_hash, plan = plan_sweep(cfg, checkpoints)
     return sweep(cfg, plan, config_hash, max_concurrent=max_concurrent, scheduler_address=scheduler_address,
-                 events_ref=events_ref)
+                 events_ref=events_ref, gates_on_workers=gates_on_workers)
 
 
 def public_config(cfg: RunConfig) -> dict[str, Any]:

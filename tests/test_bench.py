@@ -110,3 +110,26 @@ def test_plot_rows_are_the_reported_figures_and_their_runs():
     assert got["4: covariance stage / its limit"].rounds == pytest.approx([0.5, 0.4, 0.6])
     assert got["4: covariance stage / float64 GEMM"].rounds == pytest.approx([1.5, 1.4])
     assert rows(None, None) == [] and rows({"covariance": {"devinterp_s": None}}, {}) == []
+
+
+@pytest.mark.slow
+def test_backfill_benchmark_reports_its_sweeps_single_runs_and_bare_loops(tmp_path):
+    """`python -m benchmarks.backfill --quick` (README: Benchmarks): 2 checkpoints, one round. Each ratio is the
+    quotient of the times it reports; the sweep recorded both runs in its catalog (~1 min)."""
+    out = tmp_path / "backfill.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "BIF_KEEP_CLUSTER", "BIF_WARM")}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.backfill", "--quick", "--out", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["checkpoints"], r["draws_per_chain"], r["chains"], r["repeats"]) == (2, 100, 2, 1)
+    (row,) = r["rounds"]
+    assert len(row["singles_s"]) == len(row["bare_s"]) == len(row["backfill_mc1_runs_s"]) == 2
+    assert all(t > 0 for t in row["singles_s"] + row["bare_s"] + row["backfill_mc1_runs_s"])
+    assert r["bare_s"] == pytest.approx(sum(row["bare_s"])) and r["singles_s"] == pytest.approx(sum(row["singles_s"]))
+    assert r["backfill_mc1_vs_bare"] == pytest.approx(row["backfill_mc1_s"] / sum(row["bare_s"]))
+    assert r["backfill_mc1_vs_singles"] == pytest.approx(row["backfill_mc1_s"] / sum(row["singles_s"]))
+    assert r["backfill_mc1_per_checkpoint_s"] == pytest.approx(row["backfill_mc1_s"] / 2)
+    assert r["backfill_mc1_overhead_s"] == pytest.approx(row["backfill_mc1_s"] - sum(row["backfill_mc1_runs_s"]))
+    assert 0 < r["backfill_mc1_overhead_s"] < row["backfill_mc1_s"]
+    assert "`bif backfill --max-concurrent 1`" in res.stdout and "the bare loop" in res.stdout
