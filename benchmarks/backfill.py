@@ -12,7 +12,8 @@ new Prefect home with the defaults (the kept server, cluster and warm process, w
 which is not timed). Each round runs, in this order:
 
 - ``singles``: each checkpoint as its own `bif run` (a warm copy each);
-- ``backfill_mc<k>``: `bif backfill --max-concurrent k` into a new output (every checkpoint is a new run there);
+- ``backfill_mc<k>``: `bif backfill --max-concurrent k` into a new output (every checkpoint is a new run there; a
+  warm copy too, since session 34);
 - ``bare``: per checkpoint, :func:`benchmarks.pipeline.bare_loop` (one chain: its burn-in, steps and loss
   evaluations, no storage, no checks) times the number of chains: target 1's yardstick, the chains one after
   another.

@@ -141,20 +141,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with prefect_api() as ready, dask_cluster(cfg.compute, num_tasks=args.max_concurrent * cfg.sampler.num_chains, keep=True) \
             as cluster:
-        # the runs' gates and report: on a kept cluster's workers, which have great_expectations and matplotlib
-        # loaded (the first run of a sweep here took 5.8 s instead of 2.6 s, its gates importing them in this
-        # process); on a cluster of its own, here, importing them now while the first run samples (as `bif run`)
+        # the runs' gates and report: one run at a time on a kept cluster, on its workers, which have
+        # great_expectations and matplotlib loaded (the first run of a sweep took 5.8 s instead of 2.6 s, its gates
+        # importing them in this process); else here, importing them now while the first runs sample (as `bif run`
+        # on a cluster of its own). Not on the workers with two runs at once: the runs' Prefect tasks then share the
+        # workers' threads (report sections secede), and one publish-artifacts task found Prefect's sync client
+        # closed under it (1 failed run in ~32 at --max-concurrent 2)
         from bif.flows.cli import _after_sampling_imports
         from bif.flows.runtime import import_in_background
 
-        import_in_background(*_after_sampling_imports(cfg, here=not cluster.kept))
+        on_workers = cluster.kept and args.max_concurrent == 1
+        import_in_background(*_after_sampling_imports(cfg, here=not on_workers))
         url = ready()
         if args.verbose:
             print(f"Prefect API: {url}  Dask scheduler: {cluster.address}", file=sys.stderr)
         with SweepProgress(enabled=not args.no_progress) as progress, ops.listen(progress.update) as events, \
                 credentials(cfg.storage_options) as ref:
             state = flow_fn(**params, credentials_ref=ref, scheduler_address=cluster.address, events_ref=events,
-                            gates_on_workers=cluster.kept, return_state=True)
+                            gates_on_workers=on_workers, return_state=True)
         res = state.result()
     print_summary(res)
     print(f"time: {time.perf_counter() - t0:.1f}s")

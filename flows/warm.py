@@ -9,15 +9,16 @@ working directory, environment, ``sys.path``, arguments and terminal (its standa
 error, passed over a Unix socket), and runs the very same ``bif.flows.cli.main`` the command
 would have run. The command only relays: signals (Ctrl-C) go to the copy, and the command exits
 with the copy's exit status. Nothing is run by a different code path: a copy is ``bif run`` with
-its imports done.
+its imports done. ``bif backfill`` and ``bif watch`` run as copies the same way (:data:`COMMANDS`); a sweep
+that finds every checkpoint done starts no server and no cluster, and is then mostly its imports.
 
 **Same set-up** means the same key (:func:`request_key`): interpreter, ``sys.path``, working
 directory, the whole environment (as the kept cluster compares it, :mod:`bif.flows.kept_cluster`),
 Prefect's profiles file, and the size and modification time of every source file of bif. Any
 difference, ``-v`` (the terminal is configured before Prefect loads), another command than
-``run``, a warm process that does not answer at once, or a busy fork (a thread in the warm
+those of :data:`COMMANDS`, a warm process that does not answer at once, or a busy fork (a thread in the warm
 process) and the command runs as before, in itself; a warm process for its set-up is then started
-for the next one. The copy's standard input is ``/dev/null`` (``bif run`` reads nothing).
+for the next one. The copy's standard input is ``/dev/null`` (these commands read nothing).
 
 Linux only. Off with ``BIF_WARM=0``, and wherever the kept cluster is off (``BIF_KEEP_CLUSTER=0``, a
 ``compute.address``); the test suite turns it off except in its own tests. **State** in
@@ -44,8 +45,9 @@ from typing import Any
 WARM_ENV = "BIF_WARM"
 #: A warm process stops after this long without a command.
 DEFAULT_IDLE_TIMEOUT_S = 600.0
-#: Commands a warm copy runs (``bif run``: the one whose imports are most of its start-up).
-COMMANDS = ("run",)
+#: Commands a warm copy runs: ``bif run``, whose imports are most of its start-up, and the sweeps (``bif backfill``,
+#: ``bif watch``: a scheduled watch that finds nothing new is little more than its imports).
+COMMANDS = ("run", "backfill", "watch")
 #: Seconds a command waits for the warm process to answer before it runs in itself.
 ANSWER_TIMEOUT_S = 2.0
 _REPLY_TIMEOUT_S = 30.0
@@ -226,7 +228,8 @@ def _start_in_background(state: Path, key: str) -> None:
 
 # ------------------------------------------------------------------------------------------- the warm process
 def _preload() -> None:
-    """What ``bif run`` imports on its way to the first step and after it, quieted as ``bif run`` quiets them."""
+    """What ``bif run`` imports on its way to the first step and after it, and the sweeps' modules, quieted as
+    ``bif run`` quiets them."""
     from bif.flows.runtime import configure_terminal
 
     configure_terminal(verbose=False)  # before Prefect loads, as bif run does
@@ -240,7 +243,8 @@ def _preload() -> None:
                  "prefect.client.orchestration", "prefect.artifacts", "prefect_dask", "distributed",
                  "bif.flows.attribution", "bif.tasks.pipeline", "bif.tasks.steps", "bif.flows.progress",
                  "fastapi.encoders", "pandas", "pyarrow.parquet", "bif.quality.diagnostics", "bif.tasks.covariance",
-                 "bif.quality.run", "bif.report"):
+                 "bif.quality.run", "bif.report", "bif.flows.cli_ops", "bif.flows.backfill", "bif.store.catalog",
+                 "rich.progress", "rich.table"):
         with contextlib.suppress(Exception):
             importlib.import_module(name)
     with contextlib.suppress(Exception):  # the settings' dump that every task submission sends (runtime)
