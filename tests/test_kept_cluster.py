@@ -5,8 +5,8 @@ turn it on in their commands' environment, with a Prefect home of their own, and
 
 - A second `bif run` reuses the first one's cluster (same serve process) with fresh workers (other pids), and
   computes the same BIF as the first (same seeds, other output).
-- `bif backfill` on the kept cluster runs each run's quality gates and report on its workers: the sweep's own
-  process never loads great_expectations or matplotlib.
+- `bif backfill --max-concurrent 1` on the kept cluster runs each run's quality gates and report on its workers:
+  the sweep's own process never loads great_expectations or matplotlib.
 - A user's problem module edited between two commands is the edited one in the second: the kept processes
   never hold a user's module.
 - Another set-up (here: another environment) replaces the cluster, and cluster.log says what changed.
@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from bif.flows import kept_cluster
+from conftest import linear_checkpoints
 
 pytestmark = pytest.mark.e2e
 
@@ -118,21 +119,13 @@ def test_second_run_reuses_the_cluster_with_fresh_workers_and_the_same_bif(user)
 
 
 def test_a_sweep_on_the_kept_cluster_runs_its_gates_and_report_on_the_workers(user):
-    """`bif backfill` on the kept cluster runs each run's quality gates and report on the cluster's workers (their
-    forkserver has great_expectations and matplotlib loaded), as `bif run` does, not in the sweep's own process.
-    They ran there before: the first run of a 4-checkpoint digits sweep took 5.8 s instead of 2.6 s, its gates
-    importing great_expectations in that process (~5 s of a core)."""
-    import torch
-
-    from bif.examples.linear import build
-
+    """`bif backfill --max-concurrent 1` on the kept cluster runs each run's quality gates and report on the
+    cluster's workers (their forkserver has great_expectations and matplotlib loaded), as `bif run` does, not in the
+    sweep's own process. They ran there before: the first run of a 4-checkpoint digits sweep took 5.8 s instead of
+    2.6 s, its gates importing great_expectations in that process (~5 s of a core). (With more runs at once they
+    stay in the sweep's process: flows/cli_ops.py says why.)"""
     home, work = user
-    state = build(n=30, d=3, m=4, seed=1).model.state_dict()
-    (work / "ckpts").mkdir()
-    for k in range(2):  # two checkpoints of the user's model: w* plus a small offset each
-        g = torch.Generator().manual_seed(k)
-        torch.save({n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in state.items()},
-                   work / "ckpts" / f"step-{k}.pt")
+    linear_checkpoints(work / "ckpts", 2)  # two checkpoints of the config's model
     # the command's own main() in a process that reports, when it ends, which of the two it has loaded; run by the
     # `bif` script's interpreter (its path is part of the kept cluster's fingerprint: another would replace it)
     interpreter = Path(BIF).read_text().splitlines()[0].removeprefix("#!").strip()

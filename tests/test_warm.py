@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from bif.flows import warm
+from conftest import linear_checkpoints
 
 pytestmark = pytest.mark.e2e
 
@@ -110,18 +111,9 @@ def test_backfill_and_watch_run_as_copies_too(user):
     """`bif backfill` and `bif watch` run as copies (warm.COMMANDS), their output on the command's own standard
     output. A watch that finds nothing new starts no server and no cluster: in itself it was its imports (2.3-2.4 s
     on the 2-core machine), as a copy 0.2 s."""
-    import torch
-
-    from bif.examples.linear import build
-
     home, work = user
     _wait_for_warm(home)
-    state = build(n=30, d=3, m=4, seed=1).model.state_dict()
-    (work / "ckpts").mkdir()
-    for k in range(2):  # two checkpoints of the config's model: w* plus a small offset each
-        g = torch.Generator().manual_seed(k)
-        torch.save({n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in state.items()},
-                   work / "ckpts" / f"step-{k}.pt")
+    linear_checkpoints(work / "ckpts", 2)  # two checkpoints of the config's model
     before = len(_copies(home))
     sweep = _bif(home, work, "backfill", "cfg.yaml", "--checkpoints", "ckpts/*.pt", "--output", "sweep",
                  "--no-progress")
