@@ -39,6 +39,8 @@ import hashlib
 import importlib
 import io
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +103,25 @@ def as_problem(obj: Any) -> Problem:
     return prob
 
 
+def _shadowing_folder(module_name: str) -> str:
+    """A hint for a folder of the working directory without ``__init__.py`` that was imported as a package on the
+    way to ``module_name`` (e.g. a project's ``bif/`` of configs: Dask workers have the working directory on
+    ``sys.path``, and there it hides the installed package's ``bif.examples``); else ''."""
+    cwd = os.getcwd()
+    parts = module_name.split(".")
+    for i in range(1, len(parts)):
+        mod = sys.modules.get(".".join(parts[:i]))
+        path = getattr(mod, "__path__", None)
+        if mod is None or getattr(mod, "__file__", None) is not None or path is None:
+            continue  # a regular package (or none): not a folder taken for one
+        here = [p for p in path if os.path.abspath(p).startswith(os.path.join(cwd, ""))]
+        if here:
+            return (f". {'.'.join(parts[:i])!r} was imported from the folder {here[0]!r}, which has no __init__.py "
+                    "and hides the installed package of that name: rename or move that folder, or run from another "
+                    "directory")
+    return ""
+
+
 def import_factory(spec: str) -> Callable[..., Any]:
     """Import ``module:function``; errors name the missing part."""
     module_name, _, attr = spec.partition(":")
@@ -109,7 +130,7 @@ def import_factory(spec: str) -> Callable[..., Any]:
     except ModuleNotFoundError as err:
         raise ProblemError(
             f"cannot import problem module {module_name!r} ({err}); check `problem:` in the config "
-            "and that the module is on PYTHONPATH"
+            "and that the module is on PYTHONPATH" + _shadowing_folder(module_name)
         ) from None
     except Exception as err:  # noqa: BLE001 - the user's module failed while importing
         raise ProblemError(

@@ -1,6 +1,7 @@
 """The problem interface: dataclass, dict or attribute object; checkpoints load with weights_only."""
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -48,6 +49,35 @@ def test_a_factory_that_raises_is_a_problem_error_naming_it():
     with pytest.raises(ProblemError, match=r"problem factory 'fault_problems:raising_factory' raised RuntimeError: "
                                            r"boom: the dataset server is down \(called with problem_args \{\}\)"):
         load_problem("fault_problems:raising_factory")
+
+
+def test_a_folder_of_the_working_directory_that_hides_a_package_is_named(tmp_path, monkeypatch):
+    """A project's own `bif/` folder of configs (no __init__.py) in the working directory, which Dask workers have on
+    sys.path, is imported as the namespace package `bif` in front of an editable install: `bif.examples.digits` is
+    then not found, and the error names the folder (found running the README's commands from such a directory)."""
+    (tmp_path / "pkgx" / "examples").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    folder = types.ModuleType("pkgx")
+    folder.__path__ = [str(tmp_path / "pkgx")]  # what the path finder makes of a folder without __init__.py
+    folder.__file__ = None
+    monkeypatch.setitem(sys.modules, "pkgx", folder)
+    try:
+        with pytest.raises(ProblemError) as err:
+            load_problem("pkgx.examples.digits:build")
+        assert f"'pkgx' was imported from the folder {str(tmp_path / 'pkgx')!r}, which has no __init__.py" \
+            in str(err.value)
+        # a namespace package that lives elsewhere (an installed one) and a missing regular module get no such hint
+        sys.modules.pop("pkgx.examples", None)  # the folder pkgx/examples/ became one too, on the way
+        folder.__path__ = [str(tmp_path.parent)]
+        with pytest.raises(ProblemError) as err:
+            load_problem("pkgx.examples.digits:build")
+        assert "no __init__.py" not in str(err.value)
+    finally:
+        sys.modules.pop("pkgx.examples", None)
+    with pytest.raises(ProblemError) as err:
+        load_problem("bif.examples.nothing_here:build")
+    assert "cannot import problem module 'bif.examples.nothing_here'" in str(err.value)
+    assert "no __init__.py" not in str(err.value)
 
 
 def test_tensors_hash_sees_values_dtypes_and_shapes():
