@@ -95,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             ready, pending = stack.enter_context(prefect_api()), stack.enter_context(cluster())
         # the gates and the report run where great_expectations and matplotlib are loaded already: a kept cluster's
         # workers, else this process, which loads them while the cluster starts
-        import_in_background(_warm_flow_call, *_after_sampling_imports(cfg, here=not keep_enabled(cfg.compute)))
+        import_in_background(_warm_flow_call, *after_sampling_imports(cfg, here=not keep_enabled(cfg.compute)))
         url = ready()  # the server (kept, or booting) and the cluster start concurrently
         address = pending().address
         startup = waited + time.perf_counter() - t0
@@ -149,7 +149,7 @@ def _warm_flow_call() -> None:
     import fastapi.encoders  # noqa: F401
 
 
-def _after_sampling_imports(cfg, *, here: bool = True) -> list:
+def after_sampling_imports(cfg, *, here: bool = True) -> list:
     """What the flow's gates and report will import in this process, as warm-up calls: nothing on a kept cluster,
     whose workers run both (their forkserver has great_expectations and matplotlib loaded)."""
     if not here:

@@ -147,11 +147,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         # on a cluster of its own). Not on the workers with two runs at once: the runs' Prefect tasks then share the
         # workers' threads (report sections secede), and one publish-artifacts task found Prefect's sync client
         # closed under it (1 failed run in ~32 at --max-concurrent 2)
-        from bif.flows.cli import _after_sampling_imports
+        from bif.flows.cli import after_sampling_imports
         from bif.flows.runtime import import_in_background
 
         on_workers = cluster.kept and args.max_concurrent == 1
-        import_in_background(*_after_sampling_imports(cfg, here=not on_workers))
+        import_in_background(*after_sampling_imports(cfg, here=not on_workers))
         url = ready()
         if args.verbose:
             print(f"Prefect API: {url}  Dask scheduler: {cluster.address}", file=sys.stderr)

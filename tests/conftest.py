@@ -49,23 +49,6 @@ S3_KEY = "AKIAEXAMPLEKEY123456"
 S3_SECRET = "s3cr3t-value-that-must-never-leak-0123456789"
 
 
-def linear_checkpoints(folder: Path, count: int = 2) -> list[Path]:
-    """``count`` checkpoints of the linear example's model as the CLI tests' configs build it
-    (``bif.examples.linear:build`` with n=30, d=3, m=4, seed=1): w* plus a small seeded offset each, in ``folder``
-    (created) as ``step-<k>.pt``."""
-    from bif.examples.linear import build
-
-    state = build(n=30, d=3, m=4, seed=1).model.state_dict()
-    folder.mkdir(parents=True)
-    paths = []
-    for k in range(count):
-        g = torch.Generator().manual_seed(k)
-        paths.append(folder / f"step-{k}.pt")
-        torch.save({n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in state.items()},
-                   paths[-1])
-    return paths
-
-
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 API served by moto on 127.0.0.1 (no mocks of s3fs). Yields its endpoint URL."""

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from bif.flows import kept_cluster
-from conftest import linear_checkpoints
+from test_ops import make_checkpoints
 
 pytestmark = pytest.mark.e2e
 
@@ -125,7 +125,7 @@ def test_a_sweep_on_the_kept_cluster_runs_its_gates_and_report_on_the_workers(us
     2.6 s, its gates importing great_expectations in that process (~5 s of a core). (With more runs at once they
     stay in the sweep's process: flows/cli_ops.py says why.)"""
     home, work = user
-    linear_checkpoints(work / "ckpts", 2)  # two checkpoints of the config's model
+    make_checkpoints(str(work / "ckpts"), 2)  # two checkpoints of the linear model the config builds
     # the command's own main() in a process that reports, when it ends, which of the two it has loaded; run by the
     # `bif` script's interpreter (its path is part of the kept cluster's fingerprint: another would replace it)
     interpreter = Path(BIF).read_text().splitlines()[0].removeprefix("#!").strip()

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from bif.flows import warm
-from conftest import linear_checkpoints
+from test_ops import make_checkpoints
 
 pytestmark = pytest.mark.e2e
 
@@ -113,7 +113,7 @@ def test_backfill_and_watch_run_as_copies_too(user):
     on the 2-core machine), as a copy 0.2 s."""
     home, work = user
     _wait_for_warm(home)
-    linear_checkpoints(work / "ckpts", 2)  # two checkpoints of the config's model
+    make_checkpoints(str(work / "ckpts"), 2)  # two checkpoints of the linear model the config builds
     before = len(_copies(home))
     sweep = _bif(home, work, "backfill", "cfg.yaml", "--checkpoints", "ckpts/*.pt", "--output", "sweep",
                  "--no-progress")
