@@ -98,6 +98,33 @@ _VOLATILE_ENV = ("_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES", "PYTEST_CURR
 _CLUSTER_VOLATILE_ENV = (*_VOLATILE_ENV, "BIF_QUIET_TERMINAL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL")
 
 
+def _library_default_env() -> dict[str, str]:
+    """Variables a library sets in the command's own environment, to its default, when one of its modules loads.
+
+    torch sets ``TORCHINDUCTOR_CACHE_DIR`` when ``torch._dynamo`` loads (``torch._dynamo.package`` calls
+    ``torch._inductor.runtime.cache_dir_utils.cache_dir()``), and transformers loads it: a `bif run` of a language
+    model that ran in itself had it at the cluster's claim; the same command as a warm copy, which gets the shell's
+    environment, had not, and replaced the cluster (15-19 s instead of 0.2 s, on the tinylm example, 2026-12-04).
+    Equal to this default it says nothing about the set-up; another value (the user's) still counts.
+    """
+    import getpass
+    import re
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}"
+    return {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(),
+                                                    "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))}
+
+
+def stable_env(env: dict[str, str], volatile: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``env``'s (name, value) pairs that name a set-up: without ``volatile`` and :func:`_library_default_env`."""
+    defaults = _library_default_env()
+    return sorted((k, v) for k, v in env.items() if k not in volatile and defaults.get(k) != v)
+
+
 @dataclass(frozen=True)
 class KeptClusterInfo:
     pid: int
@@ -144,7 +171,7 @@ def fingerprint_parts(spec: dict[str, Any]) -> dict[str, str]:
     """sha256 of each part of the set-up: ``spec`` (compute and worker count; not its :data:`MODULE_KEYS`, see
     :func:`_missing_modules`), interpreter, working directory, environment, bif's source files (see the module
     docstring). ``cluster.json`` keeps them, so a replaced cluster can say which part changed (in ``cluster.log``)."""
-    env = sorted((k, v) for k, v in os.environ.items() if k not in _CLUSTER_VOLATILE_ENV)
+    env = stable_env(dict(os.environ), _CLUSTER_VOLATILE_ENV)
     parts = {"spec": {k: v for k, v in spec.items() if k not in MODULE_KEYS}, "python": [sys.executable, sys.version],
              "cwd": os.getcwd(), "env": env, "code": _code_stamp()}
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -79,7 +79,7 @@ def warm_dir(home: Path | None = None) -> Path:
 
 def key_parts(env: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of each part of the set-up a warm process serves (see the module docstring)."""
-    from bif.flows.kept_cluster import _VOLATILE_ENV, _code_stamp
+    from bif.flows.kept_cluster import _VOLATILE_ENV, _code_stamp, stable_env
     from bif.flows.prefect_server import QUIET_ENV, prefect_home
 
     # the environment as `bif run` makes it before anything reads it (quiet_prefect_env's defaults): `make demo`
@@ -92,7 +92,7 @@ def key_parts(env: dict[str, str] | None = None) -> dict[str, str]:
     except OSError:
         prof = None
     parts = {"protocol": _PROTOCOL, "python": [sys.executable, sys.version], "path": list(sys.path),
-             "cwd": os.getcwd(), "env": sorted((k, v) for k, v in env.items() if k not in _VOLATILE_ENV),
+             "cwd": os.getcwd(), "env": stable_env(env, _VOLATILE_ENV),
              "profiles": prof, "code": _code_stamp()}
     return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
             for k, v in parts.items()}

@@ -248,6 +248,25 @@ def test_fingerprint_follows_the_environment_but_not_what_libraries_set_on_impor
     assert kept_cluster.fingerprint(spec) != base
 
 
+def test_torchs_own_inductor_cache_default_is_not_a_set_up_but_a_users_value_is(monkeypatch, tmp_path):
+    """transformers loads torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR in the command's environment. A tinylm
+    `bif run` that ran in itself had it at the cluster's claim; the next, a warm copy with the shell's environment,
+    had not and replaced the cluster (15 s). The value torch sets must not count; another value must."""
+    from bif.flows import warm
+
+    spec = {"compute": {"n_workers": 2}, "num_tasks": 2, "preload": [], "warm_modules": []}
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    base, base_warm = kept_cluster.fingerprint(spec), warm.request_key()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    res = subprocess.run([sys.executable, "-c", "import os, torch._dynamo; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", res.stdout.strip())  # what torch set while loading
+    assert kept_cluster.fingerprint(spec) == base and warm.request_key() == base_warm
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's own cache: another set-up
+    assert kept_cluster.fingerprint(spec) != base and warm.request_key() != base_warm
+
+
 def test_bif_run_lds_and_calibrate_ask_the_kept_cluster_for_modules_it_imports_from_the_start():
     """The worker preloads of `bif lds` and `bif calibrate` are among those every kept cluster starts with (with
     `bif run`'s), so switching between the commands never replaces the cluster for a module (each switch did)."""
