@@ -193,19 +193,28 @@ def test_second_run_into_a_busy_output_is_refused(tmp_path, dask_address):
     from bif.flows.attribution import run_attribution
 
     out = tmp_path / "run"
-    cfg = _cfg(out, dask_address, sampler=SAMPLER | {"num_draws": 600, "draws_per_block": 100})
+    # the first run's SGLD steps wait while `hold` exists, so it is still sampling when the second one starts
+    # (a first run left to itself could finish before the second reached the lease: "DID NOT RAISE", 1 CI run in 5)
+    hold, held = tmp_path / "hold", tmp_path / "held"
+    hold.touch()
+    cfg = _cfg(out, dask_address, sampler=SAMPLER | {"num_draws": 600, "draws_per_block": 100},
+               problem="fault_problems:held_while", problem_args=LINEAR_ARGS | {"hold": str(hold), "held": str(held)})
     result: dict = {}
     first = threading.Thread(target=lambda: result.update(m=run_attribution(cfg, show_progress=False)))
     first.start()
-    deadline = time.monotonic() + 120
-    while not (out / S.TRACES_DIR).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    lease = json.loads((out / LEASE_FILE).read_text())
-    assert lease["pid"] == os.getpid() and lease["expires_at"] > time.time()
-    t0 = time.monotonic()
-    with pytest.raises(OutputBusyError, match=r"in use by another run .*another --output") as ei:
-        run_attribution(cfg, show_progress=False)
-    assert ei.value.exit_code == 2 and time.monotonic() - t0 < 30
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held.exists(), "the first run never reached its sampling"
+        lease = json.loads((out / LEASE_FILE).read_text())
+        assert lease["pid"] == os.getpid() and lease["expires_at"] > time.time()
+        t0 = time.monotonic()
+        with pytest.raises(OutputBusyError, match=r"in use by another run .*another --output") as ei:
+            run_attribution(cfg, show_progress=False)
+        assert ei.value.exit_code == 2 and time.monotonic() - t0 < 30
+    finally:
+        hold.unlink()
     first.join(timeout=300)
     assert result["m"]["status"] == S.STATUS_COMPLETE  # the first run is unharmed
     assert not (out / LEASE_FILE).exists()  # released at the end
