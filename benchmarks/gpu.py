@@ -7,13 +7,19 @@ Measures, all in one run, on ``--device`` (auto: CUDA when present, else CPU as 
 1. digits per-draw time: the pipeline's chain task (``bif.tasks.pipeline.run_chain``: the
    SGLD chain, its checks and the Parquet block commits, in this process) against a bare
    torch loop on the same device doing the same steps and loss evaluations
-   (``benchmarks.pipeline.bare_loop``);
+   (``benchmarks.pipeline.bare_loop``), and against that loop with the chain's own step (``same_ops``:
+   on a GPU the plain loop's per-tensor update launches more kernels than the chain's, so only this
+   one prices the pipeline's overhead alone);
 2. several chains sharing one device: 1, 2 and 4 chain processes at once, pipeline and bare,
    as total draws per second;
 3. a whole ``bif run`` (subprocess: local Prefect server, Dask LocalCluster, 2 chains) with
    ``compute.device`` set to the device (``--no-run`` skips it);
 4. when ``bif.examples.tinylm`` exists: evaluation tokens per second of the pipeline's
-   per-sample loss evaluation against the model's bare forward pass on the same batches.
+   per-sample loss evaluation against the model's bare forward pass on the same batches, and against
+   that forward pass plus the per-token cross-entropy (the work the loss must do), with torch.profiler's
+   table of the pipeline's evaluation;
+5. a whole ``bif run`` of the tinylm example (per-token BIF, 4 chains x 200 draws) on the device, twice:
+   the first starts the Prefect server and a cluster, the second finds them kept (``--no-run`` skips it).
 
 Writes ``gpu.json`` and ``gpu.md`` to ``--out`` (default ``$OUT``, else ``gpu-bench/``). A stage that
 fails is recorded with its traceback and the others still run.
@@ -86,6 +92,17 @@ def _bare_chain(args: tuple[str, int]) -> dict:
     return {"sampling_s": out["seconds"], "draws": cfg.sampler.num_draws}
 
 
+def _bare_same_ops_chain(args: tuple[str, int]) -> dict:
+    """The bare loop with the chain's own step (``same_ops``): the yardstick for the pipeline's overhead alone."""
+    cfg_path, _chain = args
+    from benchmarks.pipeline import bare_loop
+    from bif.config import load_config
+
+    cfg = load_config(cfg_path)
+    out = bare_loop(cfg, cfg.sampler.num_draws, device=cfg.compute.device, same_ops=True)
+    return {"sampling_s": out["seconds"], "draws": cfg.sampler.num_draws}
+
+
 def _prepare(cfg_path: Path) -> None:
     from bif.config import load_config
     from bif.tasks import pipeline
@@ -109,9 +126,12 @@ def bench_per_draw(workdir: Path, device: str, num_draws: int) -> dict:
     _prepare(cfg)
     bare = _in_processes(_bare_chain, cfg, 1)
     ours = _in_processes(_pipeline_chain, cfg, 1)
+    same = _in_processes(_bare_same_ops_chain, cfg, 1)
     return {"draws": num_draws, "pipeline_per_draw_s": ours["per_draw_s_per_chain"],
             "bare_per_draw_s": bare["per_draw_s_per_chain"],
-            "ratio": ours["per_draw_s_per_chain"] / bare["per_draw_s_per_chain"]}
+            "ratio": ours["per_draw_s_per_chain"] / bare["per_draw_s_per_chain"],
+            "bare_same_ops_per_draw_s": same["per_draw_s_per_chain"],
+            "ratio_vs_same_ops": ours["per_draw_s_per_chain"] / same["per_draw_s_per_chain"]}
 
 
 def bench_sharing(workdir: Path, device: str, num_draws: int, chains: list[int]) -> list[dict]:
@@ -148,6 +168,47 @@ def bench_whole_run(workdir: Path, device: str, num_draws: int) -> dict:
             t = json.loads((workdir / f"whole-{label}" / "manifest.json").read_text())["timings"]
             out[label] = {"wall_s": wall, "startup_s": t["sampling_started_at"] - t0,
                           "per_draw_s": max(t["chain_sampling_s"]) / num_draws,
+                          "after_sampling_s": wall - (t["sampling_started_at"] - t0) - t["sampling_s"]}
+    finally:
+        subprocess.run([sys.executable, "-m", "bif.flows.cli", "server", "stop"], env=env, capture_output=True,
+                       cwd=ROOT, timeout=60)
+    return out
+
+
+def bench_tinylm_run(workdir: Path, device: str, quick: bool) -> dict | None:
+    """A whole `bif run` of the tinylm example (per-token BIF, tinylm.yaml's 4 chains x 200 draws) on the device."""
+    try:
+        import bif.examples.tinylm as tinylm
+    except ImportError:
+        return None
+    example = workdir / "tinylm-example"
+    t0 = time.perf_counter()
+    tinylm.save_example(str(example))
+    train_s = time.perf_counter() - t0
+    sets = [f"compute.device={device}", f"problem_args.model={example}", f"problem_args.train={example}/train.jsonl",
+            f"problem_args.query={example}/query.jsonl", f"checkpoint={example}/model.safetensors"]
+    if quick:
+        sets += ["sampler.num_draws=20", "sampler.num_burnin_steps=10", "sampler.draws_per_block=10"]
+    home = workdir / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    draws = 20 if quick else 200
+    out: dict = {"example_train_s": train_s, "draws": draws}
+    try:
+        for label in ("first", "second"):  # the first starts the server and a cluster; the second finds them kept
+            out_dir = workdir / f"tinylm-whole-{label}"
+            cmd = [sys.executable, "-m", "bif.flows.cli", "run", str(ROOT / "bif/examples/tinylm.yaml"),
+                   "--no-progress", "--allow-warnings", "--output", str(out_dir)]
+            for kv in sets:
+                cmd += ["--set", kv]
+            t0 = time.time()
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+            wall = time.time() - t0
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            t = json.loads((out_dir / "manifest.json").read_text())["timings"]
+            out["chains"] = len(t["chain_sampling_s"])
+            out[label] = {"wall_s": wall, "startup_s": t["sampling_started_at"] - t0, "sampling_s": t["sampling_s"],
+                          "per_draw_s": max(t["chain_sampling_s"]) / draws,
                           "after_sampling_s": wall - (t["sampling_started_at"] - t0) - t["sampling_s"]}
     finally:
         subprocess.run([sys.executable, "-m", "bif.flows.cli", "server", "stop"], env=env, capture_output=True,
@@ -194,8 +255,18 @@ def bench_tinylm(workdir: Path, device: str, repeats: int) -> dict | None:
             for b in batches:
                 chain.model(**b) if isinstance(b, dict) else chain.model(b[0])
 
+        @torch.no_grad()
+        def bare_loss():
+            """The forward pass plus the per-token cross-entropy summed per sequence: the work the loss must do."""
+            for b in batches:
+                ids = b["input_ids"]
+                logits = chain.model(input_ids=ids, attention_mask=b["attention_mask"], use_cache=False).logits
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                        ids[:, 1:].reshape(-1), reduction="none")
+                nll.view(ids.shape[0], -1).sum(dim=1)
+
         figures = {}
-        for name, fn in (("pipeline", pipeline_eval), ("bare_forward", bare_forward)):
+        for name, fn in (("pipeline", pipeline_eval), ("bare_forward", bare_forward), ("bare_loss", bare_loss)):
             fn()  # warm-up
             _sync(device)
             t = time.perf_counter()
@@ -205,9 +276,25 @@ def bench_tinylm(workdir: Path, device: str, repeats: int) -> dict | None:
             figures[f"{name}_tokens_per_s"] = repeats * tokens / (time.perf_counter() - t)
         figures["tokens_per_eval"] = tokens
         figures["ratio"] = figures["bare_forward_tokens_per_s"] / figures["pipeline_tokens_per_s"]
+        figures["ratio_vs_bare_loss"] = figures["bare_loss_tokens_per_s"] / figures["pipeline_tokens_per_s"]
+        figures["profile"] = _profile(pipeline_eval, device)
         return figures
     finally:
         os.chdir(here)
+
+
+def _profile(fn, device: str, repeats: int = 3, rows: int = 15) -> str:
+    """torch.profiler's table of ``fn`` run ``repeats`` times: the ops that take the device's (or CPU's) time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for _ in range(repeats):
+            fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def render_markdown(r: dict) -> str:
@@ -219,6 +306,10 @@ def render_markdown(r: dict) -> str:
         rows.append(f"| digits: time per draw, pipeline chain task vs bare {dev} loop (1 chain, {p['draws']} draws) | "
                     f"{1e3 * p['pipeline_per_draw_s']:.2f} ms vs {1e3 * p['bare_per_draw_s']:.2f} ms = "
                     f"{p['ratio']:.2f}x |")
+        if "ratio_vs_same_ops" in p:
+            rows.append(f"| digits: the same vs the bare loop with the chain's own step (same ops) | "
+                        f"{1e3 * p['pipeline_per_draw_s']:.2f} ms vs {1e3 * p['bare_same_ops_per_draw_s']:.2f} ms = "
+                        f"{p['ratio_vs_same_ops']:.2f}x |")
     for s in r.get("sharing") if isinstance(r.get("sharing"), list) else []:
         rows.append(f"| digits: {s['chains']} chain(s) sharing one {dev}: total draws/s, pipeline vs bare | "
                     f"{s['pipeline_draws_per_s']:.0f} vs {s['bare_draws_per_s']:.0f} (bare {s['ratio']:.2f}x) |")
@@ -233,7 +324,19 @@ def render_markdown(r: dict) -> str:
         rows.append(f"| tinylm: evaluation tokens/s, pipeline loss evaluation vs bare forward | "
                     f"{t['pipeline_tokens_per_s']:,.0f} vs {t['bare_forward_tokens_per_s']:,.0f} "
                     f"(bare {t['ratio']:.2f}x) |")
-    for key in ("per_draw", "sharing", "whole_run", "tinylm"):
+        if "bare_loss_tokens_per_s" in t:
+            rows.append(f"| tinylm: the same vs bare forward plus per-token cross-entropy | "
+                        f"{t['pipeline_tokens_per_s']:,.0f} vs {t['bare_loss_tokens_per_s']:,.0f} "
+                        f"(bare {t['ratio_vs_bare_loss']:.2f}x) |")
+    t = r.get("tinylm_run")
+    if isinstance(t, dict) and "second" in t:
+        f, k = t["first"], t["second"]
+        rows.append(f"| whole `bif run` of tinylm on {dev} (per-token BIF, {t['chains']} chains x {t['draws']} draws): "
+                    f"wall (start-up / per draw / after sampling) | second run {k['wall_s']:.1f} s "
+                    f"({k['startup_s']:.1f} s / {1e3 * k['per_draw_s']:.1f} ms / {k['after_sampling_s']:.1f} s); "
+                    f"first {f['wall_s']:.1f} s ({f['startup_s']:.1f} s / {1e3 * f['per_draw_s']:.1f} ms / "
+                    f"{f['after_sampling_s']:.1f} s) |")
+    for key in ("per_draw", "sharing", "whole_run", "tinylm", "tinylm_run"):
         if isinstance(r.get(key), str):
             rows.append(f"| {key} | failed: {r[key].splitlines()[-1][:200]} |")
         elif r.get(key, "absent") is None:
@@ -277,7 +380,8 @@ def main(argv=None) -> int:
         stages = [("per_draw", lambda: bench_per_draw(work, device, draws)),
                   ("sharing", lambda: bench_sharing(work, device, draws, chains)),
                   ("whole_run", None if args.no_run else lambda: bench_whole_run(work, device, draws)),
-                  ("tinylm", lambda: bench_tinylm(work, device, 3 if args.quick else 20))]
+                  ("tinylm", lambda: bench_tinylm(work, device, 3 if args.quick else 20)),
+                  ("tinylm_run", None if args.no_run else lambda: bench_tinylm_run(work, device, args.quick))]
         for name, fn in stages:
             if fn is None:
                 continue
