@@ -185,3 +185,41 @@ def test_fused_activations_compute_the_same_losses_and_gradients(model_dir, tmp_
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-5
     assert not torch.equal(losses.detach(), torch.zeros_like(ref))
     assert fuse_activations(copy.deepcopy(fused.model)) == 0  # nothing left to replace
+
+
+def test_token_losses_never_copy_the_logits():
+    """The (B, T, V) logits are the largest tensor of an evaluation; the per-token losses shift the targets, not the
+    logits, so the only new tensor of that size is cross_entropy's own log-softmax (before: a copy of the logits'
+    (B, T-1, V) slice as well, 635 instead of 432 MB above the model for 8 x 128 tokens of a 50,257-token vocabulary)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b, t, v = 3, 7, 50
+    logits = torch.randn(b, t, v)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, use_cache):
+            return type("Out", (), {"logits": logits})()
+
+    class LargeStorages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes() >= b * (t - 1) * v * 4:
+                    self.storages.add(o.untyped_storage().data_ptr())
+            return out
+
+    ids = torch.randint(0, v, (b, t))
+    attn = torch.ones(b, t, dtype=torch.long)
+    attn[1, 4:] = 0
+    with torch.no_grad(), LargeStorages() as seen:
+        losses, mask = token_losses(Fixed(), {"input_ids": ids, "attention_mask": attn})
+    assert len(seen.storages - {logits.untyped_storage().data_ptr()}) == 1  # the log-softmax alone (before: 2)
+    expect = -torch.log_softmax(logits, -1)[:, :-1].gather(2, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    assert mask.tolist() == [[False] + [True] * 6, [False, True, True, True, False, False, False],
+                             [False] + [True] * 6]
+    torch.testing.assert_close(losses[:, 1:][mask[:, 1:]], expect[mask[:, 1:]], rtol=0, atol=1e-6)
+    assert (losses[~mask] == 0).all()
