@@ -147,32 +147,39 @@ def bench_sharing(workdir: Path, device: str, num_draws: int, chains: list[int])
     return rows
 
 
+def _timed_runs(workdir: Path, args: list[str], labels: tuple[str, ...], num_draws: int) -> dict:
+    """`bif run ARGS --output workdir/LABEL` once per label, one after another, on the Prefect home
+    ``workdir/prefect-home`` (the first run on it creates it); the kept server is stopped after."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(workdir / "prefect-home")
+    try:
+        return {label: _timed_run(args, workdir / label, env, num_draws) for label in labels}
+    finally:
+        subprocess.run([sys.executable, "-m", "bif.flows.cli", "server", "stop"], env=env, capture_output=True,
+                       cwd=ROOT, timeout=60)
+
+
+def _timed_run(args: list[str], out_dir: Path, env: dict, num_draws: int) -> dict:
+    """`bif run ARGS --output OUT_DIR` as a subprocess: its wall time and its manifest's phases."""
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "bif.flows.cli", "run", *args, "--output", str(out_dir)], env=env,
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    wall = time.time() - t0
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-2000:])
+    t = json.loads((out_dir / "manifest.json").read_text())["timings"]
+    return {"wall_s": wall, "startup_s": t["sampling_started_at"] - t0, "sampling_s": t["sampling_s"],
+            "per_draw_s": max(t["chain_sampling_s"]) / num_draws, "chains": len(t["chain_sampling_s"]),
+            "after_sampling_s": wall - (t["sampling_started_at"] - t0) - t["sampling_s"]}
+
+
 def bench_whole_run(workdir: Path, device: str, num_draws: int) -> dict:
     """A whole `bif run` subprocess (2 chains) on the device, on a fresh Prefect home (server stopped after)."""
     cfg = _digits_cfg(workdir, device=device, num_chains=2, num_draws=num_draws, name="whole")
     data = yaml.safe_load(cfg.read_text())
     data["quality"] = {"enabled": True, "diagnostics": True}
     cfg.write_text(yaml.safe_dump(data))
-    home = workdir / "prefect-home"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
-    out = {}
-    try:
-        for label in ("fresh_home", "kept_server"):
-            t0 = time.time()
-            res = subprocess.run([sys.executable, "-m", "bif.flows.cli", "run", str(cfg), "--no-progress",
-                                  "--output", str(workdir / f"whole-{label}")], env=env, capture_output=True,
-                                 text=True, cwd=ROOT, timeout=300)
-            wall = time.time() - t0
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr[-2000:])
-            t = json.loads((workdir / f"whole-{label}" / "manifest.json").read_text())["timings"]
-            out[label] = {"wall_s": wall, "startup_s": t["sampling_started_at"] - t0,
-                          "per_draw_s": max(t["chain_sampling_s"]) / num_draws,
-                          "after_sampling_s": wall - (t["sampling_started_at"] - t0) - t["sampling_s"]}
-    finally:
-        subprocess.run([sys.executable, "-m", "bif.flows.cli", "server", "stop"], env=env, capture_output=True,
-                       cwd=ROOT, timeout=60)
-    return out
+    return _timed_runs(workdir, [str(cfg), "--no-progress"], ("fresh_home", "kept_server"), num_draws)
 
 
 def bench_tinylm_run(workdir: Path, device: str, quick: bool) -> dict | None:
@@ -189,31 +196,14 @@ def bench_tinylm_run(workdir: Path, device: str, quick: bool) -> dict | None:
             f"problem_args.query={example}/query.jsonl", f"checkpoint={example}/model.safetensors"]
     if quick:
         sets += ["sampler.num_draws=20", "sampler.num_burnin_steps=10", "sampler.draws_per_block=10"]
-    home = workdir / "prefect-home"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
     draws = 20 if quick else 200
-    out: dict = {"example_train_s": train_s, "draws": draws}
-    try:
-        for label in ("first", "second"):  # the first starts the server and a cluster; the second finds them kept
-            out_dir = workdir / f"tinylm-whole-{label}"
-            cmd = [sys.executable, "-m", "bif.flows.cli", "run", str(ROOT / "bif/examples/tinylm.yaml"),
-                   "--no-progress", "--allow-warnings", "--output", str(out_dir)]
-            for kv in sets:
-                cmd += ["--set", kv]
-            t0 = time.time()
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
-            wall = time.time() - t0
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr[-2000:])
-            t = json.loads((out_dir / "manifest.json").read_text())["timings"]
-            out["chains"] = len(t["chain_sampling_s"])
-            out[label] = {"wall_s": wall, "startup_s": t["sampling_started_at"] - t0, "sampling_s": t["sampling_s"],
-                          "per_draw_s": max(t["chain_sampling_s"]) / draws,
-                          "after_sampling_s": wall - (t["sampling_started_at"] - t0) - t["sampling_s"]}
-    finally:
-        subprocess.run([sys.executable, "-m", "bif.flows.cli", "server", "stop"], env=env, capture_output=True,
-                       cwd=ROOT, timeout=60)
-    return out
+    args = [str(ROOT / "bif/examples/tinylm.yaml"), "--no-progress", "--allow-warnings"]
+    for kv in sets:
+        args += ["--set", kv]
+    # the first starts the server and a cluster (the digits runs' server was stopped); the second finds them kept
+    runs = _timed_runs(workdir, args, ("tinylm-first", "tinylm-second"), draws)
+    return {"example_train_s": train_s, "draws": draws, "chains": runs["tinylm-first"]["chains"],
+            "first": runs["tinylm-first"], "second": runs["tinylm-second"]}
 
 
 def bench_tinylm(workdir: Path, device: str, repeats: int) -> dict | None:
@@ -297,6 +287,12 @@ def _profile(fn, device: str, repeats: int = 3, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _phases(run: dict) -> str:
+    """One timed run (:func:`_timed_run`) as 'wall s (start-up s / per draw ms / after sampling s)'."""
+    return (f"{run['wall_s']:.1f} s ({run['startup_s']:.1f} s / {1e3 * run['per_draw_s']:.2f} ms / "
+            f"{run['after_sampling_s']:.1f} s)")
+
+
 def render_markdown(r: dict) -> str:
     dev = r["machine"]["device"]
     rows = [f"GPU benchmark on {dev} ({r['machine'].get('gpu') or 'no GPU'}), torch {r['machine']['torch']}, "
@@ -315,10 +311,9 @@ def render_markdown(r: dict) -> str:
                     f"{s['pipeline_draws_per_s']:.0f} vs {s['bare_draws_per_s']:.0f} (bare {s['ratio']:.2f}x) |")
     w = r.get("whole_run")
     if isinstance(w, dict) and "kept_server" in w:
-        k, f = w["kept_server"], w["fresh_home"]
+        fresh = w["fresh_home"]["wall_s"]
         rows.append(f"| whole `bif run` on {dev}, 2 chains: wall (start-up / per draw / after sampling) | "
-                    f"{k['wall_s']:.1f} s ({k['startup_s']:.1f} s / {1e3 * k['per_draw_s']:.2f} ms / "
-                    f"{k['after_sampling_s']:.1f} s); first run on a fresh Prefect home {f['wall_s']:.1f} s |")
+                    f"{_phases(w['kept_server'])}; first run on a fresh Prefect home {fresh:.1f} s |")
     t = r.get("tinylm")
     if isinstance(t, dict) and "ratio" in t:
         rows.append(f"| tinylm: evaluation tokens/s, pipeline loss evaluation vs bare forward | "
@@ -330,12 +325,9 @@ def render_markdown(r: dict) -> str:
                         f"(bare {t['ratio_vs_bare_loss']:.2f}x) |")
     t = r.get("tinylm_run")
     if isinstance(t, dict) and "second" in t:
-        f, k = t["first"], t["second"]
         rows.append(f"| whole `bif run` of tinylm on {dev} (per-token BIF, {t['chains']} chains x {t['draws']} draws): "
-                    f"wall (start-up / per draw / after sampling) | second run {k['wall_s']:.1f} s "
-                    f"({k['startup_s']:.1f} s / {1e3 * k['per_draw_s']:.1f} ms / {k['after_sampling_s']:.1f} s); "
-                    f"first {f['wall_s']:.1f} s ({f['startup_s']:.1f} s / {1e3 * f['per_draw_s']:.1f} ms / "
-                    f"{f['after_sampling_s']:.1f} s) |")
+                    f"wall (start-up / per draw / after sampling) | second run {_phases(t['second'])}; "
+                    f"first {_phases(t['first'])} |")
     for key in ("per_draw", "sharing", "whole_run", "tinylm", "tinylm_run"):
         if isinstance(r.get(key), str):
             rows.append(f"| {key} | failed: {r[key].splitlines()[-1][:200]} |")
