@@ -258,8 +258,8 @@ def test_torchs_own_inductor_cache_default_is_not_a_set_up_but_a_users_value_is(
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     base, base_warm = kept_cluster.fingerprint(spec), warm.request_key()
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    res = subprocess.run([sys.executable, "-c", "import os, torch._dynamo; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    code = "import os, torch._dynamo; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", res.stdout.strip())  # what torch set while loading
     assert kept_cluster.fingerprint(spec) == base and warm.request_key() == base_warm

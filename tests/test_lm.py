@@ -190,7 +190,8 @@ def test_fused_activations_compute_the_same_losses_and_gradients(model_dir, tmp_
 def test_token_losses_never_copy_the_logits():
     """The (B, T, V) logits are the largest tensor of an evaluation; the per-token losses shift the targets, not the
     logits, so the only new tensor of that size is cross_entropy's own log-softmax (before: a copy of the logits'
-    (B, T-1, V) slice as well, 635 instead of 432 MB above the model for 8 x 128 tokens of a 50,257-token vocabulary)."""
+    (B, T-1, V) slice as well: 635 instead of 432 MB above the model for 8 x 128 tokens of a 50,257-token
+    vocabulary)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     b, t, v = 3, 7, 50
