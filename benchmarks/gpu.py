@@ -30,6 +30,9 @@ there, Prefect, Dask and great-expectations are not), carry their wheels and run
 
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
     ln -sfn ../tasks bif/tasks; ln -sfn ../flows bif/flows; python3 -m benchmarks.gpu --out $OUT
+
+Keep pip's compiling (no ``--no-compile``): otherwise stage 3's first run on a fresh Prefect home also compiles
+the ``.pyc`` of Prefect's server and its dependencies, ~20 s of its ~50 s on the H200 machine (session 36).
 Sized to finish in well under 8 minutes on one H200 (~1 minute on CPU with ``--quick``).
 """
 from __future__ import annotations
