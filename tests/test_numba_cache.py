@@ -115,3 +115,46 @@ def test_a_cache_broken_before_is_repaired_by_the_first_bif_process(tmp_path):
     again = subprocess.run([sys.executable, "-c", _BIF], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "crashed" not in again.stderr
     assert [p.stat().st_mtime_ns for p in files] == [row[2] for row in json.loads((folder / CHECKED_FILE).read_text())]
+
+
+#: A process that imports bif's backend, optionally after arviz-stats' package or with loading from the file broken,
+#: and prints what it loaded and the diagnostics of a seeded trace.
+_LOADED = textwrap.dedent("""
+    import importlib.util, json, sys
+    if sys.argv[1] == "package-first":
+        import arviz_stats.numba
+    if sys.argv[1] == "no-file-load":
+        importlib.util.spec_from_file_location = lambda *a, **k: None
+    import numpy as np
+    from bif.quality.diagnostics import rhat_ess
+    from bif.quality.numba_backend import azd
+    package_loaded = "arviz_stats.numba" in sys.modules
+    from arviz_stats.numba import diagnostics as through_package
+    diag = rhat_ess(np.random.default_rng(7).normal(size=(4, 60, 50)).cumsum(axis=1))
+    print(json.dumps({"file": azd.__file__, "same": through_package is azd, "package_loaded": package_loaded,
+                      "array_loaded": package_loaded and "arviz_stats.numba.array" in sys.modules,
+                      **{k: diag[k].tolist() for k in ("rhat", "ess_bulk", "ess_tail")}}))
+""")
+
+
+def test_the_backend_is_arviz_stats_own_module_loaded_without_its_package():
+    """bif loads ``arviz_stats.numba.diagnostics`` from its file, not through ``arviz_stats.numba`` (whose
+    ``__init__`` loads a parallel gufunc and scipy.signal that bif never uses: ~1.3 s of a core in every forkserver):
+    the same file, one module object for both ways in, the same diagnostics as after the package's import, and the
+    plain import when loading from the file fails."""
+    import importlib.util
+
+    def run(mode: str) -> dict:
+        res = subprocess.run([sys.executable, "-c", _LOADED, mode], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    package_dir = Path(importlib.util.find_spec("arviz_stats").origin).parent
+    direct, package_first, fallback = run("direct"), run("package-first"), run("no-file-load")
+    assert direct["file"] == str(package_dir / "numba" / "diagnostics.py") == package_first["file"]
+    assert direct["same"] and package_first["same"] and fallback["same"]
+    assert not direct["package_loaded"] and not direct["array_loaded"]
+    assert package_first["package_loaded"] and fallback["package_loaded"] and fallback["array_loaded"]
+    for other in (package_first, fallback):
+        for k in ("rhat", "ess_bulk", "ess_tail"):
+            np.testing.assert_allclose(direct[k], other[k], rtol=1e-12)
