@@ -153,8 +153,10 @@ def _checked(module: ModuleType, started_ns: int) -> ModuleType:
         for p in files:
             with contextlib.suppress(OSError):
                 p.unlink()
-        sys.modules.pop(BACKEND, None)
-        module = _load()  # compiles and writes a new pair
+        # compile and write a new pair: the module's code again, in the same module object (every reference to it,
+        # its package's attribute included, gets the new gufuncs), as importlib.reload does; reload itself needs
+        # the package imported, which _load avoids
+        module.__spec__.loader.exec_module(module)
         files = _geyer_files(folder)
         with contextlib.suppress(OSError):
             seen = _fingerprint(files)
