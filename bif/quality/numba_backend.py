@@ -89,11 +89,10 @@ def _load() -> ModuleType:
     sys.modules[BACKEND] = module
     try:
         spec.loader.exec_module(module)
-    except ImportError:  # the file needs its package now: import it as arviz-stats does
+    except BaseException as err:
         sys.modules.pop(BACKEND, None)
-        return importlib.import_module(BACKEND)
-    except BaseException:
-        sys.modules.pop(BACKEND, None)
+        if isinstance(err, ImportError):  # the file needs its package now: import it as arviz-stats does
+            return importlib.import_module(BACKEND)
         raise
     return module
 
