@@ -49,17 +49,27 @@ def assert_quiet(res: subprocess.CompletedProcess) -> None:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, user_prefect_home) -> dict:
-    """A user's working directory with the example config where the README says, and their environment."""
+    """A user's working directory with the example config where the README says, and their environment.
+
+    The kept Dask cluster is on, as in a user's shell (the suite turns it off elsewhere, tests/conftest.py): the
+    commands on the logistic config run from this directory with this environment, so they share one cluster, as a
+    user's do (the first starts it; tests/test_kept_cluster.py checks the sharing itself). It is stopped when the
+    file is done. The digits run (:func:`digits_run`) starts a cluster of its own."""
+    from bif.flows import kept_cluster
+
     cwd = tmp_path_factory.mktemp("user")
     (cwd / "bif" / "examples").mkdir(parents=True)
     shutil.copy(REPO / "bif" / "examples" / "digits.yaml", cwd / "bif" / "examples" / "digits.yaml")
-    return {"cwd": cwd, "env": user_env(user_prefect_home)}
+    env = {k: v for k, v in user_env(user_prefect_home).items() if not k.startswith("AWS_")}  # S3: in the configs
+    yield {"cwd": cwd, "env": env | {kept_cluster.KEEP_ENV: "1"}}
+    kept_cluster.stop(user_prefect_home)
 
 
 @pytest.fixture(scope="module")
 def digits_run(home) -> dict:
-    """`bif example digits runs/example/digits.pt` then `bif run bif/examples/digits.yaml` (small)."""
-    cwd, env = home["cwd"], home["env"]
+    """`bif example digits runs/example/digits.pt` then `bif run bif/examples/digits.yaml` (small), on a cluster of
+    its own: on the kept cluster, the logistic commands after it would replace that (another example's module)."""
+    cwd, env = home["cwd"], home["env"] | {"BIF_KEEP_CLUSTER": "0"}
     ex = bif("example", "digits", "runs/example/digits.pt", "--epochs", "30", cwd=cwd, env=env)
     run = bif("run", "bif/examples/digits.yaml", "--set", "problem_args.n_train=200",
               "--set", "problem_args.n_query=12", "--set", "sampler.num_chains=2", "--set", "sampler.num_draws=60",
@@ -196,24 +206,22 @@ def logistic_cfg(home) -> str:
     return "logistic.yaml"
 
 
-def s3_command(home: dict, tmp_path: Path, s3_bucket: tuple[str, dict], cfg: str,
+def s3_command(home: dict, s3_bucket: tuple[str, dict], cfg: str,
                *args: str) -> tuple[subprocess.CompletedProcess, Path, str]:
-    """Run `bif <args[0]> cfg.yaml <args[1:]>` on the logistic config, its output on S3 (moto) with
-    the marker secret in ``storage_options``, from a fresh directory; returns (result, that dir, bucket)."""
+    """Run `bif <args[0]> <bucket>/cfg.yaml <args[1:]>` from the user's directory on the logistic config, its output
+    on S3 (moto) with the marker secret in ``storage_options``; returns (result, that dir, bucket)."""
     bucket, opts = s3_bucket
-    work = tmp_path / "work"
-    work.mkdir()
     data = yaml.safe_load((home["cwd"] / cfg).read_text())
     data |= {"output": f"s3://{bucket}/logistic", "storage_options": opts}
-    (work / "cfg.yaml").write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in home["env"].items() if not k.startswith("AWS_")}
-    return bif(args[0], "cfg.yaml", *args[1:], cwd=work, env=env), work, bucket
+    (home["cwd"] / bucket).mkdir()
+    (home["cwd"] / bucket / "cfg.yaml").write_text(yaml.safe_dump(data))
+    return bif(args[0], f"{bucket}/cfg.yaml", *args[1:], cwd=home["cwd"], env=home["env"]), home["cwd"], bucket
 
 
 def test_lds_prints_the_lds_of_every_method(home, logistic_cfg, tmp_path, s3_bucket):
     """`bif lds` (here with -v, which adds the logs; `bif run` and `bif calibrate` check the quiet default),
     writing to S3 with a marker secret that must leak nowhere (the credentials policy, as in test_credentials)."""
-    res, work, bucket = s3_command(home, tmp_path, s3_bucket, logistic_cfg, "lds", "-v", "--num-subsets", "6",
+    res, work, bucket = s3_command(home, s3_bucket, logistic_cfg, "lds", "-v", "--num-subsets", "6",
                                    "--num-seeds", "1", "--methods", "bif,graddot")
     assert res.returncode == 0, res.stdout + res.stderr
     both = res.stdout + res.stderr
@@ -269,7 +277,7 @@ def test_calibrate_writes_a_sampler_block(home, logistic_cfg, tmp_path, s3_bucke
     """`bif calibrate --quick`, writing to S3 with a marker secret that must leak nowhere (as in test_credentials)."""
     from bif.config import SamplerConfig
 
-    res, work, bucket = s3_command(home, tmp_path, s3_bucket, logistic_cfg, "calibrate", "--quick", "--num-subsets",
+    res, work, bucket = s3_command(home, s3_bucket, logistic_cfg, "calibrate", "--quick", "--num-subsets",
                                    "6", "--num-draws", "20", "--pilot-steps", "20", "--budget-seconds", "900")
     assert res.returncode == 0, res.stdout + res.stderr
     assert_quiet(res)

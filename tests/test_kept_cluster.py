@@ -346,6 +346,11 @@ def test_a_task_that_outlives_its_command_is_stopped(tmp_path, monkeypatch):
             info, reused = kept
             assert not reused
             client = Client(info.address, set_as_default=False)
+            # its scheduler had what it needs to unpickle a `bif run`'s tasks imported before the first command came
+            # (kept_cluster._import_for_scheduler; that cost the first run on a new cluster 1.2 s), and not torch
+            loaded = client.run_on_scheduler(lambda: [m for m in (*kept_cluster.SCHEDULER_IMPORTS, "torch")
+                                                      if m in sys.modules])
+            assert loaded == list(kept_cluster.SCHEDULER_IMPORTS)
             worker_pid = next(iter(client.run(os.getpid).values()))
             chain = client.submit(time.sleep, 600, pure=False)  # a chain that would run for 10 minutes
             deadline = time.monotonic() + 30
