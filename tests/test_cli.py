@@ -69,7 +69,9 @@ def home(tmp_path_factory, user_prefect_home) -> dict:
 def digits_run(home) -> dict:
     """`bif example digits runs/example/digits.pt` then `bif run bif/examples/digits.yaml` (small), on a cluster of
     its own: on the kept cluster, the logistic commands after it would replace that (another example's module)."""
-    cwd, env = home["cwd"], home["env"] | {"BIF_KEEP_CLUSTER": "0"}
+    from bif.flows.kept_cluster import KEEP_ENV
+
+    cwd, env = home["cwd"], home["env"] | {KEEP_ENV: "0"}
     ex = bif("example", "digits", "runs/example/digits.pt", "--epochs", "30", cwd=cwd, env=env)
     run = bif("run", "bif/examples/digits.yaml", "--set", "problem_args.n_train=200",
               "--set", "problem_args.n_query=12", "--set", "sampler.num_chains=2", "--set", "sampler.num_draws=60",
@@ -218,7 +220,7 @@ def s3_command(home: dict, s3_bucket: tuple[str, dict], cfg: str,
     return bif(args[0], f"{bucket}/cfg.yaml", *args[1:], cwd=home["cwd"], env=home["env"]), home["cwd"], bucket
 
 
-def test_lds_prints_the_lds_of_every_method(home, logistic_cfg, tmp_path, s3_bucket):
+def test_lds_prints_the_lds_of_every_method(home, logistic_cfg, s3_bucket):
     """`bif lds` (here with -v, which adds the logs; `bif run` and `bif calibrate` check the quiet default),
     writing to S3 with a marker secret that must leak nowhere (the credentials policy, as in test_credentials)."""
     res, work, bucket = s3_command(home, s3_bucket, logistic_cfg, "lds", "-v", "--num-subsets", "6",
@@ -273,7 +275,7 @@ def test_an_error_inside_a_flow_is_one_line_and_its_traceback_goes_to_the_run_lo
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
 
 
-def test_calibrate_writes_a_sampler_block(home, logistic_cfg, tmp_path, s3_bucket):
+def test_calibrate_writes_a_sampler_block(home, logistic_cfg, s3_bucket):
     """`bif calibrate --quick`, writing to S3 with a marker secret that must leak nowhere (as in test_credentials)."""
     from bif.config import SamplerConfig
 
