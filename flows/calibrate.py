@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import flow, task
@@ -29,8 +29,14 @@ from bif.config import RunConfig, build_config
 from bif.evaluation.settings import CalibrationSettings, LDSSettings
 from bif.flows import runtime
 from bif.flows.lds import PRELOAD as LDS_PRELOAD, retrain_task
-from bif.evaluation import calibration, store as lds_store
-from bif.evaluation.retrain import GroundTruth
+
+if TYPE_CHECKING:
+    from bif.evaluation import calibration
+    from bif.evaluation.lds import GroundTruth
+
+# The functions import bif.evaluation's calibration and store (torch) in their bodies, not here: a kept cluster's
+# scheduler imports this module to unpickle the tasks, whose arguments (calibrate.Job, lds.GroundTruth) are defined
+# in modules without torch.
 
 #: What calibration workers import while the cluster boots.
 PRELOAD = (*LDS_PRELOAD, "bif.evaluation.calibration")
@@ -38,6 +44,8 @@ PRELOAD = (*LDS_PRELOAD, "bif.evaluation.calibration")
 
 def _problem(config: dict[str, Any]):
     import torch
+
+    from bif.evaluation import store as lds_store
 
     torch.set_num_threads(1)
     cfg = build_config(config)
@@ -47,6 +55,8 @@ def _problem(config: dict[str, Any]):
 @task(name="calibration-probe", cache_policy=NO_CACHE)
 def probe_task(config: dict[str, Any], settings: dict[str, Any]) -> calibration.Probe:
     """λ_max, step costs and the stability pilot (:func:`bif.evaluation.calibration.probe`)."""
+    from bif.evaluation import calibration
+
     cfg, problem = _problem(config)
     return calibration.probe(problem, cfg.sampler, CalibrationSettings.model_validate(settings))
 
@@ -56,6 +66,7 @@ def time_retrain_task(spec: str, args: dict[str, Any], indices: np.ndarray, fit_
     """Seconds of one retraining (when the cheap ground truth is cached and no retraining was timed)."""
     import torch
 
+    from bif.evaluation import store as lds_store
     from bif.evaluation.retrain import retrain_query_losses
 
     torch.set_num_threads(1)
@@ -68,8 +79,10 @@ def time_retrain_task(spec: str, args: dict[str, Any], indices: np.ndarray, fit_
 
 
 @task(name="evaluate-setting", cache_policy=NO_CACHE)
-def evaluate_task(config: dict[str, Any], job: calibration.Job, gt: GroundTruth) -> C.SettingScore:
+def evaluate_task(config: dict[str, Any], job: C.Job, gt: GroundTruth) -> C.SettingScore:
     """Diagnostics, LDS and MCSE of one setting."""
+    from bif.evaluation import calibration
+
     _, problem = _problem(config)
     return calibration.evaluate_setting(problem, job.sampler, gt, head=job.head, target_share=job.target_share,
                                         diagnostics=job.diagnostics, project_draws=job.project_draws)
@@ -127,6 +140,8 @@ def calibrate_flow(config: dict[str, Any], settings: dict[str, Any], credentials
 def _calibrate(config: dict[str, Any], cfg: RunConfig, st: CalibrationSettings, rt: runtime.DaskRuntime
                ) -> dict[str, Any]:
     """The flow's body on its runtime ``rt``: retrainings, the probe and every setting run on ``rt``'s cluster."""
+    from bif.evaluation import calibration, store as lds_store
+
     t_start = time.perf_counter()
     opts = dict(cfg.storage_options)
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)

@@ -86,10 +86,11 @@ IDLE_CHECK_S = 60.0
 #: Imported by the kept cluster's own process ahead of the first command (:func:`_import_for_scheduler`): what its
 #: scheduler imported to unpickle a `bif run`'s task graphs (Prefect's task engine and bif's flow, steps, stores,
 #: covariance, gates and diagnostics, with pandas, dask.bag and zarr: the scheduler's modules after a run, less those
-#: before), not torch. `bif lds` and `bif calibrate` also send tasks whose modules import torch: those only when one
-#: comes.
+#: before), and the modules of `bif lds`'s and `bif calibrate`'s tasks. Not torch: those flow modules import what
+#: needs torch in their functions, and their task arguments are classes of modules without it (tests/test_cli.py
+#: checks the scheduler after both commands).
 SCHEDULER_IMPORTS = ("prefect.task_engine", "bif.flows.attribution", "bif.flows.cli", "bif.tasks.covariance",
-                     "bif.quality.run", "bif.quality.diagnostics", "zarr")
+                     "bif.quality.run", "bif.quality.diagnostics", "zarr", "bif.flows.lds", "bif.flows.calibrate")
 #: Variables that differ between two shells of one user without changing what a worker does, and those
 #: that libraries set in the command when they load (torch and scikit-learn's OpenMP settings: whether
 #: they are set yet depends on how far the command's imports got when the cluster is claimed).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import flow, task
@@ -25,9 +25,12 @@ from prefect.futures import wait
 from bif.config import RunConfig, build_config
 from bif.flows import runtime
 from bif.evaluation.settings import LDSSettings
-from bif.evaluation import store as lds_store
-from bif.evaluation.retrain import retrain_query_losses
-from bif.evaluation.scoring import Scored, score_method
+
+if TYPE_CHECKING:
+    from bif.evaluation.scoring import Scored
+
+# The tasks import bif.evaluation's store, retraining and scoring (torch, scipy: 2.4 s) in their bodies, not here:
+# a kept cluster's scheduler imports this module to unpickle the tasks (bif.flows.kept_cluster.SCHEDULER_IMPORTS).
 
 #: What LDS and calibration workers import while the cluster boots.
 PRELOAD = ("bif.flows.runtime", "bif.evaluation.retrain")
@@ -38,6 +41,9 @@ def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, re
                  indices: np.ndarray, storage_options: dict[str, Any] | None = None) -> int:
     """Retrain on one subset with one seed and commit its query losses; returns the id of the process it ran in."""
     import torch
+
+    from bif.evaluation import store as lds_store
+    from bif.evaluation.retrain import retrain_query_losses
 
     torch.set_num_threads(1)
     problem = lds_store.cached_problem(spec, args)
@@ -52,6 +58,9 @@ def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, re
 def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) -> list[Scored]:
     """One method's attribution at the checkpoint, with its cost."""
     import torch
+
+    from bif.evaluation import store as lds_store
+    from bif.evaluation.scoring import score_method
 
     torch.set_num_threads(1)
     cfg, st = build_config(config), LDSSettings.model_validate(settings)
@@ -75,6 +84,8 @@ def lds_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: 
 def _lds(config: dict[str, Any], settings: dict[str, Any], cfg: RunConfig, st: LDSSettings,
          rt: runtime.DaskRuntime, run_name: str) -> dict[str, Any]:
     """The flow's body on its runtime ``rt``: retrainings and scorings run on ``rt``'s cluster."""
+    from bif.evaluation import store as lds_store
+
     opts = dict(cfg.storage_options)
     t0 = time.perf_counter()
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)

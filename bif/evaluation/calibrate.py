@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from bif.config import RHAT_THRESHOLD
+from bif.config import RHAT_THRESHOLD, SamplerConfig
 
 #: nβ / n of round 0 (and of the grid the benchmark scores).
 NBETA_MULTS = (1.0, 10.0, 100.0)
@@ -82,6 +82,20 @@ class Candidate:
         return {"nbeta": nbeta, "gamma": self.lam * nbeta,
                 "step_size": self.frac * step_limit(lambda_max, nbeta, self.lam),
                 "batch_size": n_train if self.batch in (0, None) or self.batch >= n_train else int(self.batch)}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One setting to evaluate: its sampler block and the search's labels (a picklable task argument).
+
+    Defined here, in a module without torch, with :class:`SettingScore`: the kept cluster's scheduler unpickles
+    every task, and the module a class lives in is what it imports (``bif.evaluation.calibration`` imports torch)."""
+
+    sampler: SamplerConfig
+    head: dict
+    target_share: float | None
+    diagnostics: bool = True
+    project_draws: int | None = None
 
 
 @dataclass(frozen=True)

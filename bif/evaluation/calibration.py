@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from bif.evaluation import calibrate as C
-from bif.evaluation.calibrate import SettingScore, drift_ratio
+from bif.evaluation.calibrate import Job, SettingScore, drift_ratio  # Job: defined there, importable here
 from bif.config import QualityConfig, SamplerConfig
 from bif.errors import ChainDivergedError
 from bif.evaluation.lds import lds
 from bif.problem import Problem
 from bif.moments import bif_in_memory
-from bif.evaluation.retrain import GroundTruth
+from bif.evaluation.lds import GroundTruth
 from bif.evaluation.settings import CalibrationSettings
 from bif.quality.rules import runaway
 from bif.sampling.chain import SGLDChain, sample_chains
@@ -212,17 +212,6 @@ def probe(problem: Problem, base: SamplerConfig, st: CalibrationSettings, *,
             break
         scale /= 2
     return Probe(lmax, full_s, mini_s, mini, scale, clock() - t0)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One setting to evaluate: its sampler block and the search's labels (a picklable task argument)."""
-
-    sampler: SamplerConfig
-    head: dict
-    target_share: float | None
-    diagnostics: bool = True
-    project_draws: int | None = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def subset_size(n_train: int, alpha: float) -> int:
@@ -74,6 +73,8 @@ def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"expected two (M, Q) arrays of equal shape, got {a.shape} and {b.shape}")
+    from scipy.stats import rankdata  # here, not at the top: a kept cluster's scheduler unpickles GroundTruth
+
     ra = rankdata(a, axis=0)
     rb = rankdata(b, axis=0)
     ra -= ra.mean(axis=0)
@@ -81,6 +82,22 @@ def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     denom = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (ra * rb).sum(axis=0) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Retrained query losses for the LDS: masks (M, n_train) and losses (M, seeds, n_query).
+
+    Defined here, in a module of numpy alone, because it is a task argument (``bif calibrate``'s settings): the
+    kept cluster's scheduler unpickles every task, and the module a class lives in is what it imports."""
+
+    masks: np.ndarray
+    losses: np.ndarray
+
+    @property
+    def outputs(self) -> np.ndarray:
+        """Seed-averaged outputs (M, n_query)."""
+        return self.losses.mean(axis=1)
 
 
 @dataclass(frozen=True)

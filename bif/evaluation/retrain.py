@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from bif.errors import ProblemError
-from bif.evaluation.lds import retrain_seed
+from bif.evaluation.lds import GroundTruth, retrain_seed  # GroundTruth: defined in lds, kept importable here
 from bif.problem import Problem
 
 
@@ -54,19 +54,6 @@ def retrain_query_losses(problem: Problem, mask: np.ndarray, seed: int) -> np.nd
         raise ProblemError(f"retrained model gives query sample {bad} a non-finite loss {losses[bad]}; "
                            "check problem.fit (learning rate, epochs)")
     return losses
-
-
-@dataclass(frozen=True)
-class GroundTruth:
-    """Retrained query losses for the LDS: masks (M, n_train) and losses (M, seeds, n_query)."""
-
-    masks: np.ndarray
-    losses: np.ndarray
-
-    @property
-    def outputs(self) -> np.ndarray:
-        """Seed-averaged outputs (M, n_query)."""
-        return self.losses.mean(axis=1)
 
 
 def ground_truth(problem: Problem, masks: np.ndarray, *, num_seeds: int, seed: int = 0) -> GroundTruth:

@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bif.evaluation.lds import LDSResult, draw_subsets, lds, retrain_seed
+from bif.evaluation.lds import GroundTruth, LDSResult, draw_subsets, lds, retrain_seed
 from bif.evaluation.settings import LDSSettings
 from bif.problem import Problem, load_problem
 from bif.store.fs import join
 from bif.store.tables import Folder
-from bif.evaluation.retrain import GroundTruth
 from bif.evaluation.scoring import Scored
 
 # Parquet column names, defined once
