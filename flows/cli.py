@@ -306,9 +306,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
         print(f"kept Dask cluster: {describe_cluster(cluster)}" if cluster else
               "no kept Dask cluster runs (the next `bif run` starts one)")
         w = warm.status()
-        print(f"warm bif process: pid {w['pid']} (`bif run`, `bif backfill` and `bif watch` start as copies of it, "
+        print(f"warm bif process: pid {w['pid']} (`bif run`, `bif backfill`, `bif watch`, `bif lds` and "
+              "`bif calibrate` start as copies of it, "
               "their imports done)" if w else
-              "no warm bif process runs (the next `bif run` starts one)")
+              "no warm bif process runs (the next `bif run`, `bif lds` or `bif calibrate` starts one)")
         if info is None:
             print(f"no local Prefect server runs for {ps.prefect_home()} (the next `bif run` starts one)")
             return 3
@@ -374,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Prefect server for <PREFECT_HOME> in the background on first use and reuse it afterwards. "
                         "They also keep their Dask cluster (compute.keep_cluster; BIF_KEEP_CLUSTER=0 turns it off), "
                         "reused by the next command with the same set-up and stopped after 10 idle minutes, and a "
-                        "warm bif process whose copy runs the next `bif run`, `bif backfill` or `bif watch` with its "
+                        "warm bif process whose copy runs the next `bif run`, `bif backfill`, `bif watch`, `bif lds` or "
+                        "`bif calibrate` with its "
                         "imports done (BIF_WARM=0 turns it off). status: show all three (exit 3 when no server "
                         "runs); start: start the server now; stop: stop all three.")
     sv.add_argument("action", choices=["status", "start", "stop"])

@@ -29,8 +29,9 @@ from bif.evaluation.settings import LDSSettings
 if TYPE_CHECKING:
     from bif.evaluation.scoring import Scored
 
-# The tasks import bif.evaluation's store, retraining and scoring (torch, scipy: 2.4 s) in their bodies, not here:
-# a kept cluster's scheduler imports this module to unpickle the tasks (bif.flows.kept_cluster.SCHEDULER_IMPORTS).
+# The tasks import bif.evaluation's store, retraining and scoring in their bodies, not here: a kept cluster's
+# scheduler imports this module to unpickle the tasks (bif.flows.kept_cluster.SCHEDULER_IMPORTS), and the retraining
+# imports torch. The flow's own body (the command) never imports torch: the problem is built on the workers.
 
 #: What LDS and calibration workers import while the cluster boots.
 PRELOAD = ("bif.flows.runtime", "bif.evaluation.retrain")
@@ -68,6 +69,19 @@ def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) ->
     return score_method(problem, method, sampler=cfg.sampler, covariance=cfg.covariance, options=st.options)
 
 
+@task(name="problem-sizes", cache_policy=NO_CACHE)
+def sizes_task(spec: str, args: dict[str, Any]) -> tuple[int, int]:
+    """(n_train, n_query) of the problem, built on a worker (which keeps it for its retrainings and scorings): the
+    command then never imports torch (1.9 s of ``bif lds``'s core on a running cluster)."""
+    import torch
+
+    from bif.evaluation import store as lds_store
+
+    torch.set_num_threads(1)
+    problem = lds_store.cached_problem(spec, args)
+    return len(problem.train), len(problem.query)
+
+
 @flow(name="bif-lds", log_prints=True)
 def lds_flow(config: dict[str, Any], settings: dict[str, Any], credentials_ref: str | None = None,
              secret_block: str | None = None, run_name: str = "latest",
@@ -88,11 +102,12 @@ def _lds(config: dict[str, Any], settings: dict[str, Any], cfg: RunConfig, st: L
 
     opts = dict(cfg.storage_options)
     t0 = time.perf_counter()
-    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
-    p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, st, n_train=len(problem.train),
-                       n_query=len(problem.query), storage_options=opts)
-    print(f"ground truth {p.root_uri}: {'cached' if p.cached else f'{len(p.missing)} retrainings to run'}")
+    sizes = rt.submit(sizes_task, cfg.problem, cfg.problem_args)  # first: the scorings would queue ahead of it
     score_futures = [rt.submit(score_task, config, m, settings) for m in st.methods]
+    n_train, n_query = sizes.result()
+    p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, st, n_train=n_train, n_query=n_query,
+                       storage_options=opts)
+    print(f"ground truth {p.root_uri}: {'cached' if p.cached else f'{len(p.missing)} retrainings to run'}")
     futures = [rt.submit(retrain_task, cfg.problem, cfg.problem_args, p.root_uri, m, r, seed,
                          np.flatnonzero(p.masks[m]), opts) for m, r, seed in p.missing]
     wait(futures)

@@ -9,8 +9,9 @@ working directory, environment, ``sys.path``, arguments and terminal (its standa
 error, passed over a Unix socket), and runs the very same ``bif.flows.cli.main`` the command
 would have run. The command only relays: signals (Ctrl-C) go to the copy, and the command exits
 with the copy's exit status. Nothing is run by a different code path: a copy is ``bif run`` with
-its imports done. ``bif backfill`` and ``bif watch`` run as copies the same way (:data:`COMMANDS`); a sweep
-that finds every checkpoint done starts no server and no cluster, and is then mostly its imports.
+its imports done. ``bif backfill``, ``bif watch``, ``bif lds`` and ``bif calibrate`` run as copies the same way
+(:data:`COMMANDS`); a sweep that finds every checkpoint done starts no server and no cluster, and is then mostly
+its imports.
 
 **Same set-up** means the same key (:func:`request_key`): interpreter, ``sys.path``, working
 directory, the whole environment (as the kept cluster compares it, :mod:`bif.flows.kept_cluster`),
@@ -45,9 +46,11 @@ from typing import Any
 WARM_ENV = "BIF_WARM"
 #: A warm process stops after this long without a command.
 DEFAULT_IDLE_TIMEOUT_S = 600.0
-#: Commands a warm copy runs: ``bif run``, whose imports are most of its start-up, and the sweeps (``bif backfill``,
-#: ``bif watch``: a scheduled watch that finds nothing new is little more than its imports).
-COMMANDS = ("run", "backfill", "watch")
+#: Commands a warm copy runs: ``bif run``, whose imports are most of its start-up, the sweeps (``bif backfill``,
+#: ``bif watch``: a scheduled watch that finds nothing new is little more than its imports), and ``bif lds`` and
+#: ``bif calibrate`` (their flows' modules, Prefect and distributed: ``bif lds`` on a running cluster took
+#: 4.7 s in itself).
+COMMANDS = ("run", "backfill", "watch", "lds", "calibrate")
 #: Seconds a command waits for the warm process to answer before it runs in itself.
 ANSWER_TIMEOUT_S = 2.0
 _REPLY_TIMEOUT_S = 30.0
@@ -228,8 +231,9 @@ def _start_in_background(state: Path, key: str) -> None:
 
 # ------------------------------------------------------------------------------------------- the warm process
 def _preload() -> None:
-    """What ``bif run`` imports on its way to the first step and after it, and the sweeps' modules, quieted as
-    ``bif run`` quiets them."""
+    """What ``bif run`` imports on its way to the first step and after it, and the sweeps' and the LDS and
+    calibration commands' modules (not torch: only ``bif calibrate`` imports it, in the copy), quieted as ``bif run``
+    quiets them."""
     from bif.flows.runtime import configure_terminal
 
     configure_terminal(verbose=False)  # before Prefect loads, as bif run does
@@ -244,7 +248,8 @@ def _preload() -> None:
                  "bif.flows.attribution", "bif.tasks.pipeline", "bif.tasks.steps", "bif.flows.progress",
                  "fastapi.encoders", "pandas", "pyarrow.parquet", "bif.quality.diagnostics", "bif.tasks.covariance",
                  "bif.quality.run", "bif.report", "bif.flows.cli_ops", "bif.flows.backfill", "bif.store.catalog",
-                 "rich.progress", "rich.table"):
+                 "rich.progress", "rich.table", "bif.flows.cli_lds", "bif.flows.lds", "bif.flows.calibrate",
+                 "bif.evaluation.store", "bif.evaluation.scoring", "bottleneck"):
         with contextlib.suppress(Exception):
             importlib.import_module(name)
     with contextlib.suppress(Exception):  # the settings' dump that every task submission sends (runtime)

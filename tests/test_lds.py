@@ -55,6 +55,18 @@ def test_spearman_columns_matches_scipy_including_ties():
         assert ours[j] == pytest.approx(spearmanr(a[:, j], b[:, j]).statistic, abs=1e-12)
 
 
+def test_spearman_columns_gives_nan_where_a_column_has_a_nan_as_scipy_does():
+    """bottleneck's ranks put a NaN last instead of giving NaN: the column's correlation must still be NaN."""
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(20, 3)), rng.normal(size=(20, 3))
+    a[5, 0] = np.nan
+    b[7, 2] = np.nan
+    ours = spearman_columns(a, b)
+    assert np.isnan(ours[0]) and np.isnan(ours[2])
+    assert np.isnan(spearmanr(a[:, 0], b[:, 0]).statistic) and np.isnan(spearmanr(a[:, 2], b[:, 2]).statistic)
+    assert ours[1] == pytest.approx(spearmanr(a[:, 1], b[:, 1]).statistic, abs=1e-12)
+
+
 def test_constant_column_is_nan_and_ignored_in_the_mean():
     tau, masks, _ = _case(q=3)
     outputs = masks @ tau

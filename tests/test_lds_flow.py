@@ -1,7 +1,10 @@
 """One small LDS flow on a real Dask LocalCluster under a Prefect test server; the rerun reuses the ground truth."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -49,5 +52,18 @@ def test_lds_flow_caches_ground_truth(tmp_path, prefect_api_url, dask_address):
         assert r["lds"] > 0.3 and r["seconds"] > 0, (name, r)
     per_query = pd.read_parquet(os.path.join(root, "results", "second", "lds.parquet"))
     assert len(per_query) == 4 * 6
+    # the flow's own process (the `bif lds` command) neither builds the problem nor ranks with scipy: torch and
+    # scipy.stats took 3 s of its 7.3 s on a running kept cluster (4.7 s without them, 2026-12-04)
+    code = ("import json, sys; from bif.config import build_config; from bif.evaluation.settings import LDSSettings; "
+            "from bif.flows.lds import run_lds; "
+            f"res = run_lds(build_config(json.loads({json.dumps(cfg.public_dict())!r})), LDSSettings.model_validate_json("
+            f"{st.model_dump_json()!r}), address={dask_address!r}, run_name='third'); "
+            "print(json.dumps({'lds': {r['method']: r['lds'] for r in res['methods']}, 'cached': res['cached'], "
+            "'loaded': [m for m in ('torch', 'scipy') if m in sys.modules]}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    third = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert third["loaded"] == [] and third["cached"] is True
+    assert third["lds"] == pytest.approx({name: r["lds"] for name, r in by.items()}, abs=1e-12)
     # a different subset count is a different ground truth
     assert LDSSettings(num_subsets=13).ground_truth_key(cfg.problem, cfg.problem_args) != first["ground_truth_key"]

@@ -129,6 +129,31 @@ def test_backfill_and_watch_run_as_copies_too(user):
     assert sorted(m["status"] for m in manifests) == ["complete", "complete"]
 
 
+def test_lds_runs_as_a_copy_with_the_result_it_has_in_itself(user):
+    """`bif lds` runs as a copy too (warm.COMMANDS): on a running kept cluster it took 4.5-5.0 s in itself and
+    2.3-2.7 s as a copy (logistic, 4 subsets, bif and graddot; 2-core machine, 2026-12-04)."""
+    home, work = user
+    _wait_for_warm(home)
+    # the LDS retrains, which the linear example cannot (no fit): the logistic one, whose module the kept cluster
+    # then adds to its forkserver (one replacement, which serves both examples after it)
+    cfg = {"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6},
+           "compute": {"n_workers": 2}, "sampler": {"num_chains": 2, "num_draws": 40, "batch_size": 40}}
+    (work / "lds.yaml").write_text(yaml.safe_dump(cfg))
+    args = ("lds", "lds.yaml", "--num-subsets", "4", "--num-seeds", "1", "--methods", "graddot", "--output", "lds")
+    alone = _bif(home, work, *args, BIF_WARM="0")  # in itself: the warm process is off for this command
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    before = len(_copies(home))
+    copy = _bif(home, work, *args)
+    assert copy.returncode == 0, copy.stderr[-3000:]
+    assert [code for _, code in _copies(home)[before:]] == [0] and "runs `bif lds`" in _log(home)
+
+    def lds_lines(res: subprocess.CompletedProcess) -> list[str]:  # the method's LDS and its error, not its time
+        return [line.rsplit("  ", 1)[0] for line in res.stdout.splitlines() if " LDS " in line]
+
+    assert lds_lines(copy) == lds_lines(alone) and len(lds_lines(alone)) == 1
+    assert "(retrained, 4 retrainings)" in alone.stdout and "(reused, 0 retrainings)" in copy.stdout
+
+
 def test_bad_input_in_a_copy_exits_2_with_its_message(user):
     home, work = user
     _wait_for_warm(home)
@@ -198,7 +223,7 @@ def test_the_set_up_is_the_environment_bif_run_makes(monkeypatch):
 def test_only_plain_runs_go_to_a_warm_copy(monkeypatch):
     monkeypatch.setenv("BIF_WARM", "1")
     monkeypatch.setenv("BIF_KEEP_CLUSTER", "1")
-    assert warm.enabled(["run", "cfg.yaml"])
+    assert warm.enabled(["run", "cfg.yaml"]) and warm.enabled(["lds", "cfg.yaml"])
     assert not warm.enabled(["run", "cfg.yaml", "-v"])  # the terminal is set up before Prefect loads
     assert not warm.enabled(["show", "out"]) and not warm.enabled([])
     monkeypatch.setenv("BIF_KEEP_CLUSTER", "0")

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -17,7 +17,9 @@ import psutil
 from bif.config import CovarianceConfig, SamplerConfig
 from bif.evaluation.methods import MethodInputs, get_method
 from bif.evaluation.settings import MethodOptions
-from bif.problem import Problem
+
+if TYPE_CHECKING:
+    from bif.problem import Problem
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,19 @@ import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from bif.evaluation.lds import GroundTruth, LDSResult, draw_subsets, lds, retrain_seed
 from bif.evaluation.settings import LDSSettings
-from bif.problem import Problem, load_problem
 from bif.store.fs import join
 from bif.store.tables import Folder
 from bif.evaluation.scoring import Scored
+
+if TYPE_CHECKING:
+    from bif.problem import Problem
 
 # Parquet column names, defined once
 SUBSET = "subset"
@@ -48,6 +50,8 @@ SETTINGS_FILE = "settings.json"
 
 @functools.lru_cache(maxsize=8)
 def _cached_problem(spec: str, args_json: str, checkpoint: str | None) -> Problem:
+    from bif.problem import load_problem  # here: the LDS command plans, reads and scores without torch
+
     return load_problem(spec, json.loads(args_json), checkpoint=checkpoint)
 
 
