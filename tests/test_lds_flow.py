@@ -56,8 +56,8 @@ def test_lds_flow_caches_ground_truth(tmp_path, prefect_api_url, dask_address):
     # scipy.stats took 3 s of its 7.3 s on a running kept cluster (4.7 s without them, 2026-12-04)
     code = ("import json, sys; from bif.config import build_config; from bif.evaluation.settings import LDSSettings; "
             "from bif.flows.lds import run_lds; "
-            f"res = run_lds(build_config(json.loads({json.dumps(cfg.public_dict())!r})), LDSSettings.model_validate_json("
-            f"{st.model_dump_json()!r}), address={dask_address!r}, run_name='third'); "
+            f"res = run_lds(build_config(json.loads({json.dumps(cfg.public_dict())!r})), "
+            f"LDSSettings.model_validate_json({st.model_dump_json()!r}), address={dask_address!r}, run_name='third'); "
             "print(json.dumps({'lds': {r['method']: r['lds'] for r in res['methods']}, 'cached': res['cached'], "
             "'loaded': [m for m in ('torch', 'scipy') if m in sys.modules]}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
