@@ -121,11 +121,14 @@ def _read_info(state: Path) -> ServerInfo | None:
 
 
 def healthy(url: str, *, timeout: float = 2.0) -> bool:
-    """True when the Prefect API at ``url`` answers its health check."""
+    """True when the Prefect API at ``url`` answers its health check; False for anything else, including a
+    process on that port that speaks another protocol (a Dask comm's handshake is not an HTTP status line)."""
+    import http.client
+
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 - 127.0.0.1 only
             return resp.status == 200
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return False
 
 
@@ -153,10 +156,26 @@ def api_available_now(home: Path | None = None) -> bool:
     return bool(os.environ.get("PREFECT_API_URL")) or server_status(home) is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bound_socket() -> socket.socket:
+    """A TCP socket bound to a free port of 127.0.0.1, for the server to inherit and listen on.
+
+    The server binds nothing itself: a port found free here and closed again stayed free only until something
+    else took it, and the server imports for seconds before it binds. A kept Dask cluster starting at the same
+    time binds its scheduler, nannies and workers to free ports too, and once took that very port: the command
+    then read a Dask handshake as the server's answer and failed (CI, 2026-12-05). The socket listens from here
+    on, so no other socket can bind the port (a bound socket that does not listen can share it with another
+    that sets SO_REUSEADDR); a health check meanwhile waits in its backlog until the server accepts. SO_REUSEADDR
+    as uvicorn sets it when it binds: the connections of a stopped server in TIME_WAIT do not keep the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(2048)  # uvicorn's default backlog
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _server_env(home: Path) -> dict[str, str]:
@@ -323,13 +342,14 @@ def _claim_server(*, home: Path | None, idle_timeout_s: float) -> tuple[ServerIn
         db = _default_database(home)
         fresh = db is not None and not db.exists()  # its first start: Prefect creates the database
         seeded = fresh and _seed_database(db, version)
-        port = _free_port()
-        with open(state / "server.log", "ab") as log:
+        with _bound_socket() as sock, open(state / "server.log", "ab") as log:
+            port = sock.getsockname()[1]
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bif.flows.prefect_server", "serve", "--port", str(port),
-                 "--idle-timeout", str(idle_timeout_s)],
+                 "--idle-timeout", str(idle_timeout_s), "--fd", str(sock.fileno())],
                 cwd=state, env=_server_env(home), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)  # its own session: survives this command and its Ctrl-C
+                start_new_session=True,  # its own session: survives this command and its Ctrl-C
+                pass_fds=(sock.fileno(),))  # the server's copy holds the port; this one closes here
     except BaseException:
         lock.close()
         raise
@@ -498,8 +518,10 @@ def drain_prefect_workers() -> None:
 # ---------------------------------------------------------------- the server process itself
 
 
-def _serve(port: int, idle_timeout_s: float) -> None:
-    """Serve Prefect's API on 127.0.0.1:``port`` until SIGTERM or ``idle_timeout_s`` without a request."""
+def _serve(port: int, idle_timeout_s: float, fd: int | None = None) -> None:
+    """Serve Prefect's API on 127.0.0.1:``port`` until SIGTERM or ``idle_timeout_s`` without a request.
+
+    ``fd``: the socket the starting command bound to ``port`` (:func:`_bound_socket`); without it, bind here."""
     import uvicorn
     from prefect.server.api.server import create_app
 
@@ -525,15 +547,16 @@ def _serve(port: int, idle_timeout_s: float) -> None:
                 server.should_exit = True  # uvicorn's graceful shutdown
 
     threading.Thread(target=watchdog, name="idle-watchdog", daemon=True).start()
-    server.run()
+    server.run(sockets=None if fd is None else [socket.socket(fileno=fd)])
 
 
-if __name__ == "__main__":  # python -m bif.flows.prefect_server serve --port N --idle-timeout S
+if __name__ == "__main__":  # python -m bif.flows.prefect_server serve --port N --idle-timeout S [--fd FD]
     import argparse
 
     ap = argparse.ArgumentParser(description="The kept local Prefect server (started by ensure_server).")
     ap.add_argument("mode", choices=["serve"])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S)
+    ap.add_argument("--fd", type=int, default=None, help="a socket bound to --port, inherited from the command")
     a = ap.parse_args()
-    _serve(a.port, a.idle_timeout)
+    _serve(a.port, a.idle_timeout, a.fd)

@@ -179,6 +179,59 @@ def test_stop_ends_the_process_and_frees_the_port(home):
     assert again.returncode == 0 and "no local Prefect server ran" in again.stdout
 
 
+def test_a_starting_server_holds_its_port_from_the_first_moment(tmp_path):
+    """The command binds the server's port and the server inherits the socket (prefect_server._bound_socket).
+    Before, the command found a free port, closed it, and the server bound it seconds later, after its imports: a
+    kept Dask cluster starting meanwhile took that port once (CI, 2026-12-05), and the command read a Dask
+    handshake as the server's answer and exited 1. Here nothing else can bind the port while the server boots."""
+    import errno
+
+    from bif.flows.prefect_server import _claim_server, healthy, stop_server
+
+    home = tmp_path / "home"
+    info, wait = _claim_server(home=home, idle_timeout_s=60)
+    assert wait is not None  # a new server, still importing
+    bind_errors = []
+    for reuse in (0, 1):  # what a Dask scheduler or worker binding a free port might get (tornado sets SO_REUSEADDR)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+            try:
+                s.bind(("127.0.0.1", info.port))
+                bind_errors.append(None)
+            except OSError as err:
+                bind_errors.append(err.errno)
+    try:
+        wait(180)  # (it also releases server.lock, which stop_server takes)
+        assert bind_errors == [errno.EADDRINUSE, errno.EADDRINUSE]
+        assert healthy(info.url) and [p.pid for p in servers_of(home)] == [info.pid]
+    finally:
+        stop_server(home)
+
+
+def test_a_port_that_speaks_another_protocol_is_not_a_healthy_server():
+    """healthy() is False, not an exception, when what answers on the port is not HTTP (a Dask comm sends its
+    msgpack handshake first; the command once failed with http.client.BadStatusLine)."""
+    import threading
+
+    from bif.flows.prefect_server import healthy
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(b"\x00\x00\x00\x00\x00\x00\x00\x01*\x83\xabcompression\xc0\xa6python\n")
+                time.sleep(0.5)
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        assert healthy(f"http://127.0.0.1:{port}/api") is False
+        t.join(5)
+
+
 def test_bif_run_reports_to_the_kept_server(linear_cli_run):
     """A real `bif run` on the CLI tests' home uses the server already kept there and leaves it running.
 
