@@ -28,7 +28,7 @@ from bif.evaluation import calibrate as C
 from bif.config import RunConfig, build_config
 from bif.evaluation.settings import CalibrationSettings, LDSSettings
 from bif.flows import runtime
-from bif.flows.lds import PRELOAD as LDS_PRELOAD, retrain_task
+from bif.flows.lds import PRELOAD as LDS_PRELOAD, retrain_task, worker_problem
 
 if TYPE_CHECKING:
     from bif.evaluation import calibration
@@ -43,13 +43,8 @@ PRELOAD = (*LDS_PRELOAD, "bif.evaluation.calibration")
 
 
 def _problem(config: dict[str, Any]):
-    import torch
-
-    from bif.evaluation import store as lds_store
-
-    torch.set_num_threads(1)
     cfg = build_config(config)
-    return cfg, lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
+    return cfg, worker_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
 
 
 @task(name="calibration-probe", cache_policy=NO_CACHE)
@@ -64,13 +59,9 @@ def probe_task(config: dict[str, Any], settings: dict[str, Any]) -> calibration.
 @task(name="time-retraining", cache_policy=NO_CACHE)
 def time_retrain_task(spec: str, args: dict[str, Any], indices: np.ndarray, fit_seed: int) -> float:
     """Seconds of one retraining (when the cheap ground truth is cached and no retraining was timed)."""
-    import torch
-
-    from bif.evaluation import store as lds_store
     from bif.evaluation.retrain import retrain_query_losses
 
-    torch.set_num_threads(1)
-    problem = lds_store.cached_problem(spec, args)
+    problem = worker_problem(spec, args)
     mask = np.zeros(len(problem.train), dtype=bool)
     mask[indices] = True
     t0 = time.perf_counter()

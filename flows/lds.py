@@ -37,17 +37,25 @@ if TYPE_CHECKING:
 PRELOAD = ("bif.flows.runtime", "bif.evaluation.retrain")
 
 
+def worker_problem(spec: str, args: dict[str, Any], checkpoint: str | None = None) -> Any:
+    """The problem, in a task on a Dask worker: torch on one thread (the worker's core), the problem built once per
+    process (:func:`bif.evaluation.store.cached_problem`). The LDS and calibration tasks all start here."""
+    import torch
+
+    from bif.evaluation import store as lds_store
+
+    torch.set_num_threads(1)
+    return lds_store.cached_problem(spec, args, checkpoint)
+
+
 @task(name="retrain", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, rep: int, fit_seed: int,
                  indices: np.ndarray, storage_options: dict[str, Any] | None = None) -> int:
     """Retrain on one subset with one seed and commit its query losses; returns the id of the process it ran in."""
-    import torch
-
     from bif.evaluation import store as lds_store
     from bif.evaluation.retrain import retrain_query_losses
 
-    torch.set_num_threads(1)
-    problem = lds_store.cached_problem(spec, args)
+    problem = worker_problem(spec, args)
     mask = np.zeros(len(problem.train), dtype=bool)
     mask[indices] = True
     losses = retrain_query_losses(problem, mask, fit_seed)
@@ -58,14 +66,10 @@ def retrain_task(spec: str, args: dict[str, Any], root_uri: str, subset: int, re
 @task(name="score-method", cache_policy=NO_CACHE)
 def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) -> list[Scored]:
     """One method's attribution at the checkpoint, with its cost."""
-    import torch
-
-    from bif.evaluation import store as lds_store
     from bif.evaluation.scoring import score_method
 
-    torch.set_num_threads(1)
     cfg, st = build_config(config), LDSSettings.model_validate(settings)
-    problem = lds_store.cached_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
+    problem = worker_problem(cfg.problem, cfg.problem_args, cfg.checkpoint)
     return score_method(problem, method, sampler=cfg.sampler, covariance=cfg.covariance, options=st.options)
 
 
@@ -73,12 +77,7 @@ def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) ->
 def sizes_task(spec: str, args: dict[str, Any]) -> tuple[int, int]:
     """(n_train, n_query) of the problem, built on a worker (which keeps it for its retrainings and scorings): the
     command then never imports torch (1.9 s of ``bif lds``'s core on a running cluster)."""
-    import torch
-
-    from bif.evaluation import store as lds_store
-
-    torch.set_num_threads(1)
-    problem = lds_store.cached_problem(spec, args)
+    problem = worker_problem(spec, args)
     return len(problem.train), len(problem.query)
 
 
