@@ -106,8 +106,13 @@ class ComputeConfig(BaseModel):
     device: str = Field("auto", description="Torch device for chains: 'auto' (CUDA when available), 'cpu', 'cuda'.")
     keep_cluster: bool = Field(
         True, description="CLI commands keep their LocalCluster between commands (bif.flows.kept_cluster): the next "
-        "command with the same set-up reuses it, with fresh workers; it stops after 10 idle minutes or with "
+        "command with the same set-up reuses it, with fresh workers; it stops after keep_cluster_idle_s or with "
         "`bif server stop`. Env BIF_KEEP_CLUSTER=0 turns it off too. Ignored with 'address'.")
+    keep_cluster_idle_s: float = Field(
+        600.0, gt=0, description="Seconds the kept cluster waits for the next command before it stops; each command "
+        "sets it for the wait after itself. Set it above the interval of a scheduled command (cron every 15 minutes: "
+        "1200), whose every run otherwise starts a new cluster. Not part of the set-up: changing it never replaces "
+        "the cluster.")
 
 
 class QualityConfig(BaseModel):

@@ -374,10 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="With no PREFECT_API_URL, `bif run` / `bif lds` / `bif calibrate` start a local "
                         "Prefect server for <PREFECT_HOME> in the background on first use and reuse it afterwards. "
                         "They also keep their Dask cluster (compute.keep_cluster; BIF_KEEP_CLUSTER=0 turns it off), "
-                        "reused by the next command with the same set-up and stopped after 10 idle minutes, and a "
+                        "reused by the next command with the same set-up and stopped after compute.keep_cluster_idle_s "
+                        "(default 600 s; set it above a scheduled command's interval), and a "
                         "warm bif process whose copy runs the next `bif run`, `bif backfill`, `bif watch`, "
                         "`bif lds` or `bif calibrate` with its "
-                        "imports done (BIF_WARM=0 turns it off). status: show all three (exit 3 when no server "
+                        "imports done (BIF_WARM=0 turns it off), kept as long as the cluster. status: show all "
+                        "three (exit 3 when no server "
                         "runs); start: start the server now; stop: stop all three.")
     sv.add_argument("action", choices=["status", "start", "stop"])
     sv.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",

@@ -34,7 +34,8 @@ restarts its workers, so an orphaned chain stops writing.
 **State** lives in ``<PREFECT_HOME>/bif-cluster/``: ``cluster.json`` (pid, scheduler address,
 fingerprint, start time), ``state.lock``, ``use.lock`` and ``cluster.log``. The environment is
 kept in the cluster's processes only, never written anywhere; ``cluster.json`` holds a hash.
-The cluster stops by itself after ``idle_timeout_s`` (default 10 minutes) without a command,
+The cluster stops by itself after ``idle_timeout_s`` (``compute.keep_cluster_idle_s``, default 10 minutes; each
+command sets it for the wait after itself) without a command,
 when its Prefect home is deleted, or with ``bif server stop``.
 """
 from __future__ import annotations
@@ -325,6 +326,8 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
                 changed = [k for k in parts if info is not None and (info.parts or {}).get(k) != parts[k]]
                 why = f"changed {', '.join(changed or ['not answering'])}"
             info = _replace(state, info, why, spec, parts, idle_timeout_s, start_timeout_s)
+        elif info.idle_timeout_s != idle_timeout_s:
+            info = _set_idle_timeout(state, info, idle_timeout_s)
     if info is None:
         return None
     if reused and not fresh:
@@ -337,6 +340,25 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
                 info = _replace(state, info, why, _with_modules(spec, info), parts, idle_timeout_s, start_timeout_s)
             return None if info is None else (info, False)
     return info, reused
+
+
+def _write_info(state: Path, info: KeptClusterInfo) -> None:
+    """Write ``cluster.json`` at once (a reader never sees half of it)."""
+    tmp = state / f"cluster.json.{os.getpid()}"
+    tmp.write_text(json.dumps(asdict(info)))
+    tmp.replace(state / "cluster.json")
+
+
+def _set_idle_timeout(state: Path, info: KeptClusterInfo, idle_timeout_s: float) -> KeptClusterInfo:
+    """The running cluster ``info`` waits ``idle_timeout_s`` after this command (its process reads ``cluster.json``
+    every second). Each command sets the wait after itself, so a scheduled command keeps the cluster for its next run
+    (``compute.keep_cluster_idle_s``); the timeout is not part of the set-up, and changing it replaces nothing. The
+    caller holds ``state.lock`` (nobody else writes the file while the cluster runs)."""
+    from dataclasses import replace
+
+    updated = replace(info, idle_timeout_s=float(idle_timeout_s))
+    _write_info(state, updated)
+    return updated
 
 
 def _replace(state: Path, info: KeptClusterInfo | None, why: str, spec: dict[str, Any], parts: dict[str, str],
@@ -544,9 +566,7 @@ def _serve(state: Path) -> None:
         info = KeptClusterInfo(pid=os.getpid(), address=cluster.address, key=cfg["key"], started_at=time.time(),
                                idle_timeout_s=idle_timeout_s, parts=cfg.get("parts"),
                                modules={k: list(spec.get(k, [])) for k in MODULE_KEYS})
-        tmp = state / f"cluster.json.{os.getpid()}"
-        tmp.write_text(json.dumps(asdict(info)))
-        tmp.replace(state / "cluster.json")
+        _write_info(state, info)
         workers = _spec_workers(spec)
         last_used, checked = time.monotonic(), -math.inf  # checked: the last look at the workers (none yet)
         while True:
@@ -566,7 +586,7 @@ def _serve(state: Path) -> None:
                     _refresh_idle_workers(state, client, workers)
                 except Exception as err:  # noqa: BLE001 - a failed restart leaves the cluster as it is
                     print(f"restarting the workers failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            if time.monotonic() - last_used > idle_timeout_s:
+            if time.monotonic() - last_used > current.idle_timeout_s:  # the last command's (_set_idle_timeout)
                 return
 
 

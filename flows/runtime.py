@@ -252,10 +252,12 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
         from bif.flows import kept_cluster
 
         if kept_cluster.enabled(compute):
-            spec = {"compute": {**compute.model_dump(), "n_workers": n_workers}, "num_tasks": n_workers,
-                    "preload": list(dict.fromkeys([*preload, *KEPT_WORKER_PRELOAD])),
+            # the idle timeout is the command's wish for the wait after it, not part of the set-up (the fingerprint)
+            spec = {"compute": {**compute.model_dump(exclude={"keep_cluster_idle_s"}), "n_workers": n_workers},
+                    "num_tasks": n_workers, "preload": list(dict.fromkeys([*preload, *KEPT_WORKER_PRELOAD])),
                     "warm_modules": list(dict.fromkeys([*warm_modules, *KEPT_PRELOAD]))}
-            with kept_cluster.use_kept_cluster(spec) as kept:
+            idle = getattr(compute, "keep_cluster_idle_s", kept_cluster.DEFAULT_IDLE_TIMEOUT_S)
+            with kept_cluster.use_kept_cluster(spec, idle_timeout_s=idle) as kept:
                 if kept is not None:
                     info, _ = kept
                     yield Cluster(address=info.address, startup_seconds=time.perf_counter() - t0, started_here=True,

@@ -24,7 +24,8 @@ for the next one. The copy's standard input is ``/dev/null`` (these commands rea
 Linux only. Off with ``BIF_WARM=0``, and wherever the kept cluster is off (``BIF_KEEP_CLUSTER=0``, a
 ``compute.address``); the test suite turns it off except in its own tests. **State** in
 ``<PREFECT_HOME>/bif-warm/``: ``warm.json`` (pid, socket, key hash, start time), the socket,
-``warm.log``. It stops after ``idle_timeout_s`` (default 10 minutes) without a command, when
+``warm.log``. It stops after ``idle_timeout_s`` without a command (``BIF_WARM_IDLE_TIMEOUT`` when set, else as
+long as the kept cluster waits: ``compute.keep_cluster_idle_s`` of the last command, default 10 minutes), when
 another set-up's warm process replaces it in ``warm.json`` (once its copies have ended), when its
 state folder is deleted, or with ``bif server stop``.
 """
@@ -261,9 +262,24 @@ def _preload() -> None:
         SettingsContext.get().serialize()
 
 
-def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+def idle_timeout(state: Path, fixed: float | None) -> float:
+    """Seconds the warm process of ``state`` waits for the next command: ``fixed`` (``BIF_WARM_IDLE_TIMEOUT``) when
+    set, else the wait of the kept cluster of its Prefect home (``cluster.json``: the last command's
+    ``compute.keep_cluster_idle_s``), else :data:`DEFAULT_IDLE_TIMEOUT_S`. A scheduled command that keeps the cluster
+    for its next run keeps its warm process too; before, the warm process left after 10 minutes whatever the cluster
+    did, and such a run started in itself."""
+    if fixed is not None:
+        return fixed
+    from bif.flows.kept_cluster import _read_info, cluster_dir
+
+    info = _read_info(cluster_dir(state.parent))
+    return info.idle_timeout_s if info is not None else DEFAULT_IDLE_TIMEOUT_S
+
+
+def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float | None = None) -> None:
     """The warm process: preload, listen on a socket in ``state``, fork a copy per command. ``lock_fd``: the
-    starting command's ``start.lock``, held until this process listens."""
+    starting command's ``start.lock``, held until this process listens. ``idle_timeout_s``: see
+    :func:`idle_timeout` (None: the kept cluster's)."""
     import select
     import threading
 
@@ -285,7 +301,8 @@ def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAU
         os.umask(umask)
     listener.listen(16)
     me = {"pid": os.getpid(), "socket": str(path), "key": hashlib.sha256(key.encode()).hexdigest(),
-          "parts": parts, "started_at": time.time(), "idle_timeout_s": idle_timeout_s}
+          "parts": parts, "started_at": time.time(),
+          "idle_timeout_s": idle_timeout(state, idle_timeout_s)}
     tmp = state / f"warm.json.{os.getpid()}"
     tmp.write_text(json.dumps(me))
     os.replace(tmp, state / "warm.json")
@@ -320,7 +337,7 @@ def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float = DEFAU
                 continue
             current = _read_info(state)
             replaced = current is None or current.get("pid") != os.getpid()
-            if not children and (replaced or time.monotonic() - last > idle_timeout_s):
+            if not children and (replaced or time.monotonic() - last > idle_timeout(state, idle_timeout_s)):
                 break
     finally:
         with contextlib.suppress(OSError):
@@ -467,8 +484,8 @@ def stop(home: Path | None = None) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) >= 2 and args[0] == "serve":
-        serve(Path(args[1]), int(args[2]) if len(args) > 2 else None,
-              float(os.environ.get("BIF_WARM_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT_S)))
+        fixed = os.environ.get("BIF_WARM_IDLE_TIMEOUT")
+        serve(Path(args[1]), int(args[2]) if len(args) > 2 else None, float(fixed) if fixed else None)
         return 0
     print("usage: python -m bif.flows.warm serve STATE_DIR [LOCK_FD]", file=sys.stderr)
     return 2

@@ -412,6 +412,37 @@ def test_released_workers_are_restarted_by_the_cluster_so_the_next_command_need_
         kept_cluster.stop()
 
 
+def test_each_command_sets_the_idle_wait_after_itself_and_the_cluster_stops_by_itself(tmp_path, monkeypatch):
+    """compute.keep_cluster_idle_s is the wait after the command that set it, not part of the set-up: a command
+    asking for another wait reuses the cluster (no replacement), `bif server status`'s source shows the new wait, and
+    the idle cluster stops by itself after it. (A scheduled command every 15 minutes found the cluster stopped after
+    its 10 idle minutes, every time, and paid a new cluster's start in each run.)"""
+    from bif.config import ComputeConfig
+    from bif.flows.runtime import dask_cluster
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv(kept_cluster.KEEP_ENV, "1")
+    fields = {"n_workers": 1}
+    try:
+        with dask_cluster(ComputeConfig(**fields, keep_cluster_idle_s=900), num_tasks=1, preload=(),
+                          keep=True) as cluster:
+            assert cluster.kept
+            first = _cluster(tmp_path)
+            assert first["idle_timeout_s"] == 900.0
+        with dask_cluster(ComputeConfig(**fields, keep_cluster_idle_s=2), num_tasks=1, preload=(),
+                          keep=True) as cluster:
+            assert cluster.kept and cluster.address == first["address"]
+            now = _cluster(tmp_path)
+            assert now["pid"] == first["pid"] and now["idle_timeout_s"] == 2.0, _why_replaced(tmp_path)
+        deadline = time.monotonic() + 60  # released: ~2 s idle, a look at its workers, then it stops
+        while _alive(first["pid"]):
+            assert time.monotonic() < deadline, "the idle cluster did not stop after the command's 2 s"
+            time.sleep(0.2)
+        assert "replacing" not in (tmp_path / "bif-cluster" / "cluster.log").read_text()
+    finally:
+        kept_cluster.stop()
+
+
 def test_an_idle_cluster_looks_at_its_workers_after_a_command_or_once_a_minute():
     """The idle loop calls its workers (task running? all there?) when a command held the cluster since its last
     look, when the fresh mark is gone (a command claimed the workers between two polls, or was killed), and

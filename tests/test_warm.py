@@ -234,3 +234,45 @@ def test_only_plain_runs_go_to_a_warm_copy(monkeypatch):
     monkeypatch.setenv("BIF_WARM", "1")
     monkeypatch.setattr(sys, "platform", "darwin")  # Linux only
     assert not warm.enabled(["run", "cfg.yaml"])
+
+
+def test_the_warm_process_waits_as_long_as_the_kept_cluster(tmp_path):
+    """Without BIF_WARM_IDLE_TIMEOUT the warm process waits for the next command as long as the kept cluster of its
+    Prefect home does (cluster.json: the last command's compute.keep_cluster_idle_s), so a scheduled command that
+    keeps the cluster for its next run keeps its warm copy too. The real process, by its entry point; the cluster's
+    record written as a command leaves it (here a 1 s wait, then 600 s)."""
+    from bif.flows.kept_cluster import KeptClusterInfo, _write_info, cluster_dir
+
+    state, record = warm.warm_dir(tmp_path), cluster_dir(tmp_path)
+    record.mkdir(parents=True)
+
+    def cluster_waits(seconds: float) -> None:
+        _write_info(record, KeptClusterInfo(pid=os.getpid(), address="tcp://127.0.0.1:1", key="k",
+                                            started_at=time.time(), idle_timeout_s=seconds))
+
+    assert warm.idle_timeout(state, None) == warm.DEFAULT_IDLE_TIMEOUT_S  # no kept cluster yet
+    cluster_waits(1.0)
+    assert warm.idle_timeout(state, None) == 1.0 and warm.idle_timeout(state, 30.0) == 30.0  # the variable wins
+    env = {k: v for k, v in _env(tmp_path).items() if k != "BIF_WARM_IDLE_TIMEOUT"}
+    proc = subprocess.Popen([sys.executable, "-m", "bif.flows.warm", "serve", str(state)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while warm.status(tmp_path) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the warm process did not come up"
+            time.sleep(0.1)
+        ready = time.monotonic()
+        assert warm.status(tmp_path)["idle_timeout_s"] == 1.0
+        proc.wait(timeout=60)  # leaves after the cluster's 1 s (it looks once a second)
+        assert time.monotonic() - ready >= 1.0
+        cluster_waits(600.0)  # a longer wait keeps the next one
+        proc = subprocess.Popen([sys.executable, "-m", "bif.flows.warm", "serve", str(state)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while warm.status(tmp_path) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the warm process did not come up"
+            time.sleep(0.1)
+        time.sleep(3.0)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
