@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml infra/constraints.txt
 	# On a CUDA machine, install your CUDA torch into .venv instead and `touch $(STAMP)`.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -c infra/constraints.txt -e ".[test]"
-	# optional baselines (EK-FAC, TRAK): kronfluence declares torchvision, which breaks CPU torch
-	$(BIN)/pip install -q --no-deps "kronfluence==1.0.1" "traker==0.3.2" "devinterp==2.0.1" && \
-	  $(BIN)/pip install -q -c infra/constraints.txt accelerate datasets einconv einops opt_einsum safetensors tqdm || \
+	# optional baselines (EK-FAC, TRAK): kronfluence declares torchvision, which breaks CPU torch; without
+	# --no-warn-conflicts pip ended `make demo` on a fresh clone with "ERROR: ... kronfluence 1.0.1 requires
+	# torchvision", a conflict made on purpose
+	$(BIN)/pip install -q --no-deps --no-warn-conflicts "kronfluence==1.0.1" "traker==0.3.2" "devinterp==2.0.1" && \
+	  $(BIN)/pip install -q --no-warn-conflicts -c infra/constraints.txt \
+	    accelerate datasets einconv einops opt_einsum safetensors tqdm || \
 	  echo "optional baselines not installed; their tests will be skipped"
 	touch $(STAMP)
 
