@@ -518,8 +518,19 @@ def drain_prefect_workers() -> None:
 # ---------------------------------------------------------------- the server process itself
 
 
+def idle_limit(home: Path, idle_timeout_s: float) -> float:
+    """Seconds the kept server of ``home`` waits without a request: its own ``idle_timeout_s``, or longer while the
+    last command asked the kept cluster of ``home`` to wait longer (``compute.keep_cluster_idle_s``, in its
+    ``cluster.json``), so that a command scheduled less often than hourly finds the server with the cluster."""
+    from bif.flows.kept_cluster import _read_info, cluster_dir
+
+    info = _read_info(cluster_dir(home))
+    return max(idle_timeout_s, info.idle_timeout_s) if info is not None else idle_timeout_s
+
+
 def _serve(port: int, idle_timeout_s: float, fd: int | None = None) -> None:
-    """Serve Prefect's API on 127.0.0.1:``port`` until SIGTERM or ``idle_timeout_s`` without a request.
+    """Serve Prefect's API on 127.0.0.1:``port`` until SIGTERM or ``idle_timeout_s`` without a request (longer while
+    the kept cluster waits longer: :func:`idle_limit`).
 
     ``fd``: the socket the starting command bound to ``port`` (:func:`_bound_socket`); without it, bind here."""
     import uvicorn
@@ -542,7 +553,7 @@ def _serve(port: int, idle_timeout_s: float, fd: int | None = None) -> None:
             time.sleep(min(30.0, max(0.5, idle_timeout_s / 10)))
             if not server.started:  # booting (database migrations): not idle yet
                 last[0] = time.monotonic()
-            elif time.monotonic() - last[0] > idle_timeout_s or not home.exists():
+            elif time.monotonic() - last[0] > idle_limit(home, idle_timeout_s) or not home.exists():
                 # idle, or its Prefect home (a temporary one) was deleted: nobody can find it any more
                 server.should_exit = True  # uvicorn's graceful shutdown
 

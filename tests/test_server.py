@@ -111,13 +111,23 @@ def test_a_killed_server_is_detected_and_replaced_and_an_idle_one_stops(home):
     assert status.returncode == 3, status.stdout
     res, _ = bif(home, "server", "start", "--idle-timeout", "4")
     pid, url = running(res)
+    # the last command asked the kept cluster to wait 8 s (compute.keep_cluster_idle_s): the server waits as long
+    from bif.flows.kept_cluster import KeptClusterInfo, _write_info, cluster_dir
+
+    cluster_dir(home).mkdir(parents=True, exist_ok=True)
+    _write_info(cluster_dir(home), KeptClusterInfo(pid=os.getpid(), address="tcp://127.0.0.1:1", key="k",
+                                                   started_at=time.time(), idle_timeout_s=8.0))
     assert pid != old_pid and health(url)
+    last_request = time.monotonic()
     assert [p.pid for p in servers_of(home)] == [pid]
-    # with no API request for 4 s it stops by itself
+    time.sleep(max(0.0, last_request + 6.0 - time.monotonic()))
+    assert [p.pid for p in servers_of(home)] == [pid]  # past its own 4 s, within the cluster's 8 s
+    # with no API request for 8 s it stops by itself
     deadline = time.monotonic() + 60
     while servers_of(home) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not servers_of(home) and not health(url)
+    (cluster_dir(home) / "cluster.json").unlink()
 
 
 def test_two_commands_at_once_share_one_server(home):
