@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml infra/constraints.txt
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -c infra/constraints.txt -e ".[test]"
 	# optional baselines (EK-FAC, TRAK): kronfluence declares torchvision, which breaks CPU torch; without
-	# --no-warn-conflicts pip ended `make demo` on a fresh clone with "ERROR: ... kronfluence 1.0.1 requires
-	# torchvision", a conflict made on purpose
+	# --no-warn-conflicts pip ended `make demo` on a fresh clone by reporting that conflict, made on purpose,
+	# as an error
 	$(BIN)/pip install -q --no-deps --no-warn-conflicts "kronfluence==1.0.1" "traker==0.3.2" "devinterp==2.0.1" && \
 	  $(BIN)/pip install -q --no-warn-conflicts -c infra/constraints.txt \
 	    accelerate datasets einconv einops opt_einsum safetensors tqdm || \

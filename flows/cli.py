@@ -38,9 +38,10 @@ EPILOG = """examples:
 
 With no PREFECT_API_URL set, `bif run`, `bif lds` and `bif calibrate` use a local Prefect
 server that the first of them starts in the background and later ones reuse (it stops after
-an idle hour, or the kept cluster's longer wait, or with `bif server stop`); with it set, they report to that server. A warm bif
-process (BIF_WARM=0: off) lets a later `bif run` start without importing Prefect again. The terminal
-shows progress and a summary; -v shows the logs, which always go to <output>/logs/.
+an idle hour, or the kept cluster's longer wait, or with `bif server stop`); with it set, they
+report to that server. A warm bif process (BIF_WARM=0: off) lets a later `bif run` start without
+importing Prefect again. The terminal shows progress and a summary; -v shows the logs, which
+always go to <output>/logs/.
 Exit codes: 0 ok, 1 unexpected error, 2 bad input or failed run (the message names the
 problem and the fix)."""
 
