@@ -48,7 +48,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, IO
 
@@ -342,6 +342,15 @@ def _claim(state: Path, spec: dict[str, Any], idle_timeout_s: float,
     return info, reused
 
 
+def requested_wait(home: Path) -> float | None:
+    """The wait the last command that used the kept cluster of the Prefect home ``home`` asked for after itself
+    (``compute.keep_cluster_idle_s``, in ``cluster.json``), or None when no command has used one. The warm process
+    (:func:`bif.flows.warm.idle_timeout`) and the kept Prefect server (:func:`bif.flows.prefect_server.idle_limit`)
+    wait as long, so a scheduled command finds the whole stack."""
+    info = _read_info(cluster_dir(home))
+    return None if info is None else info.idle_timeout_s
+
+
 def _write_info(state: Path, info: KeptClusterInfo) -> None:
     """Write ``cluster.json`` at once (a reader never sees half of it)."""
     tmp = state / f"cluster.json.{os.getpid()}"
@@ -354,8 +363,6 @@ def _set_idle_timeout(state: Path, info: KeptClusterInfo, idle_timeout_s: float)
     every second). Each command sets the wait after itself, so a scheduled command keeps the cluster for its next run
     (``compute.keep_cluster_idle_s``); the timeout is not part of the set-up, and changing it replaces nothing. The
     caller holds ``state.lock`` (nobody else writes the file while the cluster runs)."""
-    from dataclasses import replace
-
     updated = replace(info, idle_timeout_s=float(idle_timeout_s))
     _write_info(state, updated)
     return updated

@@ -522,10 +522,10 @@ def idle_limit(home: Path, idle_timeout_s: float) -> float:
     """Seconds the kept server of ``home`` waits without a request: its own ``idle_timeout_s``, or longer while the
     last command asked the kept cluster of ``home`` to wait longer (``compute.keep_cluster_idle_s``, in its
     ``cluster.json``), so that a command scheduled less often than hourly finds the server with the cluster."""
-    from bif.flows.kept_cluster import _read_info, cluster_dir
+    from bif.flows.kept_cluster import requested_wait
 
-    info = _read_info(cluster_dir(home))
-    return max(idle_timeout_s, info.idle_timeout_s) if info is not None else idle_timeout_s
+    wait = requested_wait(home)
+    return idle_timeout_s if wait is None else max(idle_timeout_s, wait)
 
 
 def _serve(port: int, idle_timeout_s: float, fd: int | None = None) -> None:

@@ -270,10 +270,10 @@ def idle_timeout(state: Path, fixed: float | None) -> float:
     did, and such a run started in itself."""
     if fixed is not None:
         return fixed
-    from bif.flows.kept_cluster import _read_info, cluster_dir
+    from bif.flows.kept_cluster import requested_wait
 
-    info = _read_info(cluster_dir(state.parent))
-    return info.idle_timeout_s if info is not None else DEFAULT_IDLE_TIMEOUT_S
+    wait = requested_wait(state.parent)
+    return DEFAULT_IDLE_TIMEOUT_S if wait is None else wait
 
 
 def serve(state: Path, lock_fd: int | None = None, idle_timeout_s: float | None = None) -> None:
