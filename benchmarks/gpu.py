@@ -337,6 +337,11 @@ def render_markdown(r: dict) -> str:
             rows.append(f"| {key} | failed: {r[key].splitlines()[-1][:200]} |")
         elif r.get(key, "absent") is None:
             rows.append(f"| {key} | not available in this tree |")
+    probe = r["machine"].get("memory")
+    if probe:
+        from benchmarks.machine import describe
+
+        rows.append(f"| machine: fresh memory | {describe(probe)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -357,8 +362,11 @@ def main(argv=None) -> int:
     draws = 100 if args.quick else args.draws
     chains = [int(c) for c in args.chains.split(",")]
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    from benchmarks.machine import memory_probe
+
     results: dict = {"machine": {"device": device, "gpu": gpu, "torch": torch.__version__, "cores": os.cpu_count(),
-                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                 "memory": memory_probe(idle_s=2.5)}}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bif-gpu-bench-"))

@@ -28,6 +28,8 @@ import numpy as np
 import psutil
 import yaml
 
+from benchmarks.machine import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -626,6 +628,9 @@ def render_markdown(r: dict) -> str:
             f"{o['gates_s']:.1f} s / {o['diagnostics_s']:.0f} s", "well under 10% of a run", False)
         row("out of core: devinterp 2.0.1 would need its full covariance matrix",
             f"{o['devinterp_full_cov_gb_needed']:.0f} GB (not run: the machine has 24 GB)", "-", True)
+    probe = (r.get("machine") or {}).get("memory")
+    if probe:  # what makes this run's seconds comparable with another's, or not
+        row("machine: fresh memory (not a target)", describe(probe), "-", True)
     return "\n".join(rows) + "\n"
 
 
@@ -643,7 +648,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bif-bench-"))
     import torch
 
-    results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__}}
+    from benchmarks.machine import memory_probe
+
+    say("machine: how its fresh memory behaves (benchmarks/machine.py)")
+    results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+                           "memory": memory_probe(idle_s=2.5 if q else 3.0)}}
     try:
         if not args.only or "sampler" in args.only:
             results["sampler"] = bench_sampler(work, 100 if q else 1000, repeats=1 if q else args.repeats)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import describe, memory_probe
 from benchmarks.pipeline import Cluster, PeakRSS, ROOT, default_train_block, say, strict_json, write_synthetic
 
 CHAINS = 2
@@ -404,6 +405,9 @@ def render_markdown(r: dict) -> str:
             f"{s['stage_peak_rss_gb']:.2f} GB (idle: {s['idle_processes_rss_gb']:.2f} GB); {s['stage_s']:.1f} s; "
             f"traces {s['trace_bytes'] / 2**30:.2f} GiB, output {s['output_bytes'] / 2**30:.2f} GiB", "< 2 GB",
             s["stage_peak_rss_gb"] < 2)
+    probe = (r.get("machine") or {}).get("memory")
+    if probe:  # what makes this run's seconds comparable with another's, or not
+        row("machine: fresh memory (not a target)", describe(probe), "-", True)
     return "\n".join(rows) + "\n"
 
 
@@ -421,7 +425,9 @@ def main(argv=None) -> int:
     q = args.quick
     parts = args.only or ["checks", "limit", "scale"]
     work = Path(tempfile.mkdtemp(prefix="bif-scale-"))
-    results: dict = {"machine": {"note": "shared machine: compare ratios within one run"}}
+    say("machine: how its fresh memory behaves (benchmarks/machine.py)")
+    results: dict = {"machine": {"note": "shared machine: compare ratios within one run",
+                                 "memory": memory_probe(idle_s=2.5 if q else 3.0)}}
     try:
         if "checks" in parts:
             say("checks: the covariance stage, the gates and the diagnostics on the same traces")

@@ -53,6 +53,16 @@ def test_bench_covariance_and_out_of_core(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert sum(r.startswith("| covariance") for r in rows) == 2
     assert sum(r.startswith("| out of core") for r in rows) == 4
+    # the machine's fresh memory, probed before anything else ran (benchmarks/machine.py), is one row of the table
+    from benchmarks.machine import describe, free_page_reporting
+
+    probe = data["machine"]["memory"]
+    assert probe["fill_mib"] == 160 and probe["idle_s"] == 2.5
+    assert 0 < probe["fill_hot_ms"] <= probe["fill_first_ms"] and probe["fill_after_idle_ms"] > 0
+    assert probe["after_idle_vs_hot"] == pytest.approx(probe["fill_after_idle_ms"] / probe["fill_hot_ms"])
+    assert probe["free_page_reporting"] == free_page_reporting()
+    assert [r for r in rows if r.startswith("| machine")] == [f"| machine: fresh memory (not a target) | "
+                                                             f"{describe(probe)} | - | yes |"]
     # `python -m benchmarks.plot` (make bench's second step) draws what the JSON holds; no scale JSON: its rows are
     # left out, and the devinterp row only when the optional baseline ran
     png = tmp_path / "bench.png"
@@ -133,3 +143,34 @@ def test_backfill_benchmark_reports_its_sweeps_single_runs_and_bare_loops(tmp_pa
     assert r["backfill_mc1_overhead_s"] == pytest.approx(row["backfill_mc1_s"] - sum(row["backfill_mc1_runs_s"]))
     assert 0 < r["backfill_mc1_overhead_s"] < row["backfill_mc1_s"]
     assert "`bif backfill --max-concurrent 1`" in res.stdout and "the bare loop" in res.stdout
+
+
+def test_machine_probe_reads_the_balloons_features_and_times_new_arrays(tmp_path):
+    """benchmarks/machine.py: free page reporting is on only for a bound virtio-balloon device whose feature bit 5
+    (VIRTIO_BALLOON_F_REPORTING) is set, with blocks of 4 KiB << page_reporting_order; the probe's ratio is its
+    two fills' quotient; its line warns when memory after an idle gap is 5x slower or more."""
+    from benchmarks.machine import describe, free_page_reporting, memory_probe
+
+    balloon, order = tmp_path / "virtio_balloon", tmp_path / "page_reporting_order"
+    assert free_page_reporting(balloon, order) is None  # no balloon driver
+    dev = balloon / "virtio3"
+    dev.mkdir(parents=True)
+    (dev / "features").write_text("0110010000000000\n")  # stats queue, deflate on OOM, free page reporting
+    order.write_text("9\n")
+    assert free_page_reporting(balloon, order) == {"device": "virtio3", "order": 9, "block_mib": 2.0}
+    order.write_text("10\n")
+    assert free_page_reporting(balloon, order)["block_mib"] == 4.0
+    (dev / "features").write_text("0110000000000000\n")  # a balloon without free page reporting
+    assert free_page_reporting(balloon, order) is None
+
+    probe = memory_probe(mib=8, idle_s=0.1)
+    assert probe["fill_mib"] == 8 and probe["idle_s"] == 0.1
+    assert 0 < probe["fill_hot_ms"] <= probe["fill_first_ms"]
+    assert probe["after_idle_vs_hot"] == pytest.approx(probe["fill_after_idle_ms"] / probe["fill_hot_ms"])
+    quiet = probe | {"fill_hot_ms": 20.0, "fill_after_idle_ms": 24.0, "after_idle_vs_hot": 1.2,
+                     "free_page_reporting": {"device": "virtio0", "order": 9, "block_mib": 2.0}}
+    assert describe(quiet).startswith("8 MiB of new numpy arrays filled in 20 ms, 24 ms after 0.1 s idle (1x; "
+                                      "free page reporting on (virtio0, 2 MiB blocks)")
+    assert "inflated" not in describe(quiet)
+    assert describe(quiet | {"fill_after_idle_ms": 1290.0, "after_idle_vs_hot": 64.5}).endswith(
+        "a timing that allocates after an idle gap is inflated here (benchmarks/machine.py)")
