@@ -2,8 +2,8 @@
 
 tests/conftest.py imports these hooks (a ``pytest_plugins`` list is refused in a conftest below the rootdir).
 
-- **The machine, in the header** (:func:`pytest_report_header`): architecture, cores, memory, free disk of the
-  temporary folder, the repository and /dev/shm, the process limits, cgroup limits, whether this host's name
+- **The machine, in the header** (:func:`pytest_report_header`): architecture, cores, memory, how the kernel
+  handles free pages (benchmarks/machine.py), free disk of the temporary folder, the repository and /dev/shm, the process limits, cgroup limits, whether this host's name
   resolves and loopback TCP connects, the versions of the compiled stack, and the *names* of the environment's
   variables (never their values: they may hold credentials). A CI run that fails on its machine and not on ours
   (stop 34: failures from the first tests and a segmentation fault, and no test named) then says how the two differ.
@@ -80,6 +80,25 @@ def _meminfo() -> str:
         return f"memory {_gib(total)}, {_gib(avail)} available"
     except (OSError, KeyError, ValueError) as err:
         return f"memory unknown ({type(err).__name__})"
+
+
+def _pages() -> str:
+    """Whether the kernel hands free memory back to a hypervisor (free page reporting) and numpy asks for huge
+    pages: together they can make new arrays slow to fill after an idle gap (benchmarks/machine.py, whose functions
+    this reads; loaded from its file, as this plugin also runs in folders outside the repository)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location("_bif_machine", Path(__file__).resolve().parents[1] /
+                                                      "benchmarks" / "machine.py")
+        machine = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(machine)
+        fpr, huge = machine.free_page_reporting(), machine.numpy_hugepage()
+    except Exception as err:  # noqa: BLE001 - the header must never fail the run
+        return f"pages: unknown ({type(err).__name__})"
+    reporting = (f"free page reporting on ({fpr['device']}, {fpr['block_mib']:g} MiB blocks)" if fpr and
+                 fpr.get("block_mib") else "free page reporting on" if fpr else "no free page reporting")
+    return f"pages: {reporting}; numpy huge pages {'on' if huge else 'off'}"
 
 
 def _free(path: str | Path) -> str:
@@ -175,6 +194,7 @@ def machine_lines(repo: Path) -> list[str]:
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         _cpu(),
         f"disk: {_free(tempfile.gettempdir())}; {_free(repo)}; {_free('/dev/shm')}",
+        _pages(),
         f"limits: {_limits()}; cgroup: {_cgroup()}",
         f"network: {_network()}",
         f"python: {sys.executable} {platform.python_version()}; {_versions()}",
