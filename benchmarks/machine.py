@@ -61,8 +61,6 @@ def _fill_ms(nbytes: int) -> float:
 
 def numpy_hugepage() -> bool | None:
     """Whether numpy asks for transparent huge pages for its large arrays (``NUMPY_MADVISE_HUGEPAGE``)."""
-    import numpy as np
-
     try:
         from numpy._core.multiarray import _get_madvise_hugepage
     except ImportError:  # numpy < 2
@@ -70,7 +68,6 @@ def numpy_hugepage() -> bool | None:
             from numpy.core.multiarray import _get_madvise_hugepage
         except ImportError:
             return None
-    del np
     return bool(_get_madvise_hugepage())
 
 

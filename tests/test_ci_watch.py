@@ -38,9 +38,6 @@ def test_the_header_each_failure_and_a_crash_print_before_the_summary(tmp_path):
     header = out.split("test session starts")[1].split("created:")[0]
     for line in ("machine: ", "cpu: ", "disk: ", "limits: ", "network: ", "python: ", "environment variables: "):
         assert line in header, line
-    import numpy as np  # noqa: F401 - numpy_hugepage reads numpy's setting
-
-    sys.path.insert(0, str(HERE.parent))
     from benchmarks.machine import free_page_reporting, numpy_hugepage
 
     fpr = free_page_reporting()
