@@ -99,6 +99,38 @@ def describe(probe: dict) -> str:
     return line
 
 
+class PartProbes:
+    """The probe before each timed part of a benchmark: the machine's state moves from minute to minute (in session
+    40 the ratio went between 0.8x and 75x from one probe to the next, a minute or two apart), so one probe at the
+    start does not speak for the parts after it.
+
+    ``machine`` is the benchmark's ``machine`` record: the first probe goes to ``machine["memory"]``, and every part's
+    to ``machine["memory_before"][part]``."""
+
+    def __init__(self, machine: dict, *, idle_s: float = 3.0):
+        self.machine, self.idle_s = machine, idle_s
+
+    def before(self, part: str) -> dict:
+        probe = memory_probe(idle_s=self.idle_s)
+        self.machine.setdefault("memory", probe)
+        self.machine.setdefault("memory_before", {})[part] = probe
+        return probe
+
+
+def describe_parts(machine: dict) -> str:
+    """The first probe's line (:func:`describe`), then each part's idle-to-hot ratio, and a warning when any part's
+    is 5x or more."""
+    probe = machine["memory"]
+    parts = machine.get("memory_before") or {}
+    line = describe(probe)
+    if parts:
+        line += "; after idle vs at once, before each part: " + ", ".join(
+            f"{part} {p['after_idle_vs_hot']:.1f}x" for part, p in parts.items())
+        if any(p["after_idle_vs_hot"] >= 5 for p in parts.values()) and probe["after_idle_vs_hot"] < 5:
+            line += ": a timing that allocates after an idle gap is inflated in that part (benchmarks/machine.py)"
+    return line
+
+
 if __name__ == "__main__":
     print(json.dumps(memory_probe(), indent=1))
     sys.exit(0)

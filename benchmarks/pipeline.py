@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import yaml
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -628,9 +628,8 @@ def render_markdown(r: dict) -> str:
             f"{o['gates_s']:.1f} s / {o['diagnostics_s']:.0f} s", "well under 10% of a run", False)
         row("out of core: devinterp 2.0.1 would need its full covariance matrix",
             f"{o['devinterp_full_cov_gb_needed']:.0f} GB (not run: the machine has 24 GB)", "-", True)
-    probe = (r.get("machine") or {}).get("memory")
-    if probe:  # what makes this run's seconds comparable with another's, or not
-        row("machine: fresh memory (not a target)", describe(probe), "-", True)
+    if (r.get("machine") or {}).get("memory"):  # what makes this run's seconds comparable with another's, or not
+        row("machine: fresh memory (not a target)", describe_parts(r["machine"]), "-", True)
     return "\n".join(rows) + "\n"
 
 
@@ -648,20 +647,27 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bif-bench-"))
     import torch
 
-    from benchmarks.machine import memory_probe
+    from benchmarks.machine import PartProbes
 
-    say("machine: how its fresh memory behaves (benchmarks/machine.py)")
-    results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
-                           "memory": memory_probe(idle_s=2.5 if q else 3.0)}}
+    results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__}}
+    probes = PartProbes(results["machine"], idle_s=2.5 if q else 3.0)
+
+    def probe(part: str) -> None:
+        say(f"machine: how its fresh memory behaves before the {part} part (benchmarks/machine.py)")
+        probes.before(part)
+
     try:
         if not args.only or "sampler" in args.only:
+            probe("sampler")
             results["sampler"] = bench_sampler(work, 100 if q else 1000, repeats=1 if q else args.repeats)
             print(strict_json(results["sampler"], indent=1), flush=True)
         if not args.only or "covariance" in args.only:
+            probe("covariance")
             say("covariance: the reduction against one GEMM and devinterp 2.0.1")
             results["covariance"] = bench_covariance(work, n_train=5000 if q else 20_000, n_query=1000, draws=400)
             print(strict_json(results["covariance"], indent=1), flush=True)
         if not args.only or "ooc" in args.only:
+            probe("out of core")
             say("out of core: the reduction, the gates and the diagnostics")
             results["out_of_core"] = bench_out_of_core(work, n_train=10_000 if q else 100_000, n_query=1000,
                                                        draws=200)

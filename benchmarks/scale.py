@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import describe, memory_probe
+from benchmarks.machine import PartProbes, describe_parts
 from benchmarks.pipeline import Cluster, PeakRSS, ROOT, default_train_block, say, strict_json, write_synthetic
 
 CHAINS = 2
@@ -405,9 +405,8 @@ def render_markdown(r: dict) -> str:
             f"{s['stage_peak_rss_gb']:.2f} GB (idle: {s['idle_processes_rss_gb']:.2f} GB); {s['stage_s']:.1f} s; "
             f"traces {s['trace_bytes'] / 2**30:.2f} GiB, output {s['output_bytes'] / 2**30:.2f} GiB", "< 2 GB",
             s["stage_peak_rss_gb"] < 2)
-    probe = (r.get("machine") or {}).get("memory")
-    if probe:  # what makes this run's seconds comparable with another's, or not
-        row("machine: fresh memory (not a target)", describe(probe), "-", True)
+    if (r.get("machine") or {}).get("memory"):  # what makes this run's seconds comparable with another's, or not
+        row("machine: fresh memory (not a target)", describe_parts(r["machine"]), "-", True)
     return "\n".join(rows) + "\n"
 
 
@@ -425,16 +424,22 @@ def main(argv=None) -> int:
     q = args.quick
     parts = args.only or ["checks", "limit", "scale"]
     work = Path(tempfile.mkdtemp(prefix="bif-scale-"))
-    say("machine: how its fresh memory behaves (benchmarks/machine.py)")
-    results: dict = {"machine": {"note": "shared machine: compare ratios within one run",
-                                 "memory": memory_probe(idle_s=2.5 if q else 3.0)}}
+    results: dict = {"machine": {"note": "shared machine: compare ratios within one run"}}
+    probes = PartProbes(results["machine"], idle_s=2.5 if q else 3.0)
+
+    def probe(part: str) -> None:
+        say(f"machine: how its fresh memory behaves before the {part} part (benchmarks/machine.py)")
+        probes.before(part)
+
     try:
         if "checks" in parts:
+            probe("checks")
             say("checks: the covariance stage, the gates and the diagnostics on the same traces")
             results["checks"] = bench_checks(work, n_train=2000 if q else 50_000, n_query=100 if q else 500, draws=200,
                                             repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["checks"], indent=1), flush=True)
         if "limit" in parts:
+            probe("limit")
             say("limit: the covariance stage against its limit (the large shape, then the 20k one)")
             results["limit_100k"] = bench_limit(work, n_train=5000 if q else 100_000, n_query=1000, draws=200,
                                                 per_block=50, repeats=args.repeats, train_block=args.train_block)
@@ -443,6 +448,7 @@ def main(argv=None) -> int:
                                                per_block=200, repeats=args.repeats, train_block=args.train_block)
             print(strict_json(results["limit_20k"], indent=1), flush=True)
         if "scale" in parts:
+            probe("scale")
             say("scale: the 1M-train reduction out of core (writing its traces first)")
             results["scale"] = bench_scale(work, n_train=20_000 if q else 1_000_000, n_query=100, draws=100,
                                            per_block=25, train_block=args.train_block)

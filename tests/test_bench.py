@@ -53,16 +53,18 @@ def test_bench_covariance_and_out_of_core(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert sum(r.startswith("| covariance") for r in rows) == 2
     assert sum(r.startswith("| out of core") for r in rows) == 4
-    # the machine's fresh memory, probed before anything else ran (benchmarks/machine.py), is one row of the table
-    from benchmarks.machine import describe, free_page_reporting
+    # the machine's fresh memory, probed before each part (benchmarks/machine.py), is one row of the table
+    from benchmarks.machine import describe_parts, free_page_reporting
 
-    probe = data["machine"]["memory"]
-    assert probe["fill_mib"] == 160 and probe["idle_s"] == 2.5
-    assert 0 < probe["fill_hot_ms"] <= probe["fill_first_ms"] and probe["fill_after_idle_ms"] > 0
-    assert probe["after_idle_vs_hot"] == pytest.approx(probe["fill_after_idle_ms"] / probe["fill_hot_ms"])
-    assert probe["free_page_reporting"] == free_page_reporting()
+    probe, before = data["machine"]["memory"], data["machine"]["memory_before"]
+    assert list(before) == ["covariance", "out of core"] and before["covariance"] == probe  # the first is the run's
+    for p in before.values():
+        assert p["fill_mib"] == 160 and p["idle_s"] == 2.5
+        assert 0 < p["fill_hot_ms"] <= p["fill_first_ms"] and p["fill_after_idle_ms"] > 0
+        assert p["after_idle_vs_hot"] == pytest.approx(p["fill_after_idle_ms"] / p["fill_hot_ms"])
+        assert p["free_page_reporting"] == free_page_reporting()
     assert [r for r in rows if r.startswith("| machine")] == [f"| machine: fresh memory (not a target) | "
-                                                             f"{describe(probe)} | - | yes |"]
+                                                             f"{describe_parts(data['machine'])} | - | yes |"]
     # `python -m benchmarks.plot` (make bench's second step) draws what the JSON holds; no scale JSON: its rows are
     # left out, and the devinterp row only when the optional baseline ran
     png = tmp_path / "bench.png"
@@ -149,7 +151,7 @@ def test_machine_probe_reads_the_balloons_features_and_times_new_arrays(tmp_path
     """benchmarks/machine.py: free page reporting is on only for a bound virtio-balloon device whose feature bit 5
     (VIRTIO_BALLOON_F_REPORTING) is set, with blocks of 4 KiB << page_reporting_order; the probe's ratio is its
     two fills' quotient; its line warns when memory after an idle gap is 5x slower or more."""
-    from benchmarks.machine import describe, free_page_reporting, memory_probe
+    from benchmarks.machine import PartProbes, describe, describe_parts, free_page_reporting, memory_probe
 
     balloon, order = tmp_path / "virtio_balloon", tmp_path / "page_reporting_order"
     assert free_page_reporting(balloon, order) is None  # no balloon driver
@@ -172,5 +174,16 @@ def test_machine_probe_reads_the_balloons_features_and_times_new_arrays(tmp_path
     assert describe(quiet).startswith("8 MiB of new numpy arrays filled in 20 ms, 24 ms after 0.1 s idle (1x; "
                                       "free page reporting on (virtio0, 2 MiB blocks)")
     assert "inflated" not in describe(quiet)
-    assert describe(quiet | {"fill_after_idle_ms": 1290.0, "after_idle_vs_hot": 64.5}).endswith(
-        "a timing that allocates after an idle gap is inflated here (benchmarks/machine.py)")
+    cold = quiet | {"fill_after_idle_ms": 1290.0, "after_idle_vs_hot": 64.5}
+    assert describe(cold).endswith("a timing that allocates after an idle gap is inflated here (benchmarks/machine.py)")
+
+    # one probe before each part: the first is the run's; a part probed at a cold minute is named, and warned of
+    machine: dict = {}
+    probes = PartProbes(machine, idle_s=0.05)
+    first, second = probes.before("sampler"), probes.before("covariance")
+    assert machine["memory"] is first and machine["memory_before"] == {"sampler": first, "covariance": second}
+    assert first["idle_s"] == second["idle_s"] == 0.05 and second["fill_hot_ms"] > 0
+    line = describe_parts({"memory": quiet, "memory_before": {"sampler": quiet, "covariance": cold}})
+    assert line.startswith(describe(quiet)) and "before each part: sampler 1.2x, covariance 64.5x" in line
+    assert line.endswith("is inflated in that part (benchmarks/machine.py)")
+    assert "inflated" not in describe_parts({"memory": quiet, "memory_before": {"sampler": quiet}})
