@@ -15,8 +15,8 @@ one run still do.
 from __future__ import annotations
 
 import json
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: virtio-balloon's feature bit for free page reporting (VIRTIO_BALLOON_F_REPORTING in linux/virtio_balloon.h)
@@ -85,15 +85,21 @@ def memory_probe(mib: int = 160, idle_s: float = 3.0) -> dict:
             "free_page_reporting": free_page_reporting(), "numpy_madvise_hugepage": numpy_hugepage()}
 
 
-def describe(probe: dict) -> str:
-    """One line for a benchmark's table: the fills, and what they mean when the idle one is much slower."""
-    fpr = probe.get("free_page_reporting")
+def pages(fpr: dict | None, huge: bool | None) -> str:
+    """How the kernel handles free pages, in words: :func:`free_page_reporting`'s result and :func:`numpy_hugepage`'s
+    (e.g. "free page reporting on (virtio0, 2 MiB blocks); numpy huge pages on"). The benchmarks' tables and the CI
+    log's header print it."""
     reporting = (f"free page reporting on ({fpr['device']}, {fpr['block_mib']:g} MiB blocks)" if fpr and
                  fpr.get("block_mib") else "free page reporting on" if fpr else "no free page reporting")
+    return f"{reporting}; numpy huge pages {'on' if huge else 'off'}"
+
+
+def describe(probe: dict) -> str:
+    """One line for a benchmark's table: the fills, and what they mean when the idle one is much slower."""
     line = (f"{probe['fill_mib']} MiB of new numpy arrays filled in {probe['fill_hot_ms']:.0f} ms, "
             f"{probe['fill_after_idle_ms']:.0f} ms after {probe['idle_s']:g} s idle "
-            f"({probe['after_idle_vs_hot']:.0f}x; {reporting}; numpy huge pages "
-            f"{'on' if probe.get('numpy_madvise_hugepage') else 'off'})")
+            f"({probe['after_idle_vs_hot']:.0f}x; "
+            f"{pages(probe.get('free_page_reporting'), probe.get('numpy_madvise_hugepage'))})")
     if probe["after_idle_vs_hot"] >= 5:
         line += ": a timing that allocates after an idle gap is inflated here (benchmarks/machine.py)"
     return line
@@ -105,12 +111,14 @@ class PartProbes:
     start does not speak for the parts after it.
 
     ``machine`` is the benchmark's ``machine`` record: the first probe goes to ``machine["memory"]``, and every part's
-    to ``machine["memory_before"][part]``."""
+    to ``machine["memory_before"][part]``. ``say``: the benchmark's progress line, told before each probe."""
 
-    def __init__(self, machine: dict, *, idle_s: float = 3.0):
-        self.machine, self.idle_s = machine, idle_s
+    def __init__(self, machine: dict, *, idle_s: float = 3.0, say: Callable[[str], None] | None = None):
+        self.machine, self.idle_s, self.say = machine, idle_s, say
 
     def before(self, part: str) -> dict:
+        if self.say is not None:
+            self.say(f"machine: how its fresh memory behaves before the {part} part (benchmarks/machine.py)")
         probe = memory_probe(idle_s=self.idle_s)
         self.machine.setdefault("memory", probe)
         self.machine.setdefault("memory_before", {})[part] = probe
@@ -133,4 +141,3 @@ def describe_parts(machine: dict) -> str:
 
 if __name__ == "__main__":
     print(json.dumps(memory_probe(), indent=1))
-    sys.exit(0)

@@ -650,12 +650,7 @@ def main(argv=None) -> int:
     from benchmarks.machine import PartProbes
 
     results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__}}
-    probes = PartProbes(results["machine"], idle_s=2.5 if q else 3.0)
-
-    def probe(part: str) -> None:
-        say(f"machine: how its fresh memory behaves before the {part} part (benchmarks/machine.py)")
-        probes.before(part)
-
+    probe = PartProbes(results["machine"], idle_s=2.5 if q else 3.0, say=say).before
     try:
         if not args.only or "sampler" in args.only:
             probe("sampler")

@@ -425,12 +425,7 @@ def main(argv=None) -> int:
     parts = args.only or ["checks", "limit", "scale"]
     work = Path(tempfile.mkdtemp(prefix="bif-scale-"))
     results: dict = {"machine": {"note": "shared machine: compare ratios within one run"}}
-    probes = PartProbes(results["machine"], idle_s=2.5 if q else 3.0)
-
-    def probe(part: str) -> None:
-        say(f"machine: how its fresh memory behaves before the {part} part (benchmarks/machine.py)")
-        probes.before(part)
-
+    probe = PartProbes(results["machine"], idle_s=2.5 if q else 3.0, say=say).before
     try:
         if "checks" in parts:
             probe("checks")

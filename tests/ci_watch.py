@@ -3,10 +3,11 @@
 tests/conftest.py imports these hooks (a ``pytest_plugins`` list is refused in a conftest below the rootdir).
 
 - **The machine, in the header** (:func:`pytest_report_header`): architecture, cores, memory, how the kernel
-  handles free pages (benchmarks/machine.py), free disk of the temporary folder, the repository and /dev/shm, the process limits, cgroup limits, whether this host's name
-  resolves and loopback TCP connects, the versions of the compiled stack, and the *names* of the environment's
-  variables (never their values: they may hold credentials). A CI run that fails on its machine and not on ours
-  (stop 34: failures from the first tests and a segmentation fault, and no test named) then says how the two differ.
+  handles free pages (benchmarks/machine.py), free disk of the temporary folder, the repository and /dev/shm, the
+  process limits, cgroup limits, whether this host's name resolves and loopback TCP connects, the versions of the
+  compiled stack, and the *names* of the environment's variables (never their values: they may hold credentials).
+  A CI run that fails on its machine and not on ours (stop 34: failures from the first tests and a segmentation
+  fault, and no test named) then says how the two differ.
 - **Each failure as it happens** (:func:`pytest_runtest_logreport`): one line per failed or erroring test, with
   its error, printed at once; the first :data:`DETAILED_FAILURES` also print the end of their traceback. A log
   cut to its head and tail keeps the first failures, which the end-of-run summary would print only at the end.
@@ -96,9 +97,7 @@ def _pages() -> str:
         fpr, huge = machine.free_page_reporting(), machine.numpy_hugepage()
     except Exception as err:  # noqa: BLE001 - the header must never fail the run
         return f"pages: unknown ({type(err).__name__})"
-    reporting = (f"free page reporting on ({fpr['device']}, {fpr['block_mib']:g} MiB blocks)" if fpr and
-                 fpr.get("block_mib") else "free page reporting on" if fpr else "no free page reporting")
-    return f"pages: {reporting}; numpy huge pages {'on' if huge else 'off'}"
+    return f"pages: {machine.pages(fpr, huge)}"
 
 
 def _free(path: str | Path) -> str:

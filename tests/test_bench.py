@@ -179,8 +179,11 @@ def test_machine_probe_reads_the_balloons_features_and_times_new_arrays(tmp_path
 
     # one probe before each part: the first is the run's; a part probed at a cold minute is named, and warned of
     machine: dict = {}
-    probes = PartProbes(machine, idle_s=0.05)
+    said: list[str] = []
+    probes = PartProbes(machine, idle_s=0.05, say=said.append)
     first, second = probes.before("sampler"), probes.before("covariance")
+    assert said == [f"machine: how its fresh memory behaves before the {part} part (benchmarks/machine.py)"
+                    for part in ("sampler", "covariance")]
     assert machine["memory"] is first and machine["memory_before"] == {"sampler": first, "covariance": second}
     assert first["idle_s"] == second["idle_s"] == 0.05 and second["fill_hot_ms"] > 0
     line = describe_parts({"memory": quiet, "memory_before": {"sampler": quiet, "covariance": cold}})

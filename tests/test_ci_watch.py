@@ -38,12 +38,9 @@ def test_the_header_each_failure_and_a_crash_print_before_the_summary(tmp_path):
     header = out.split("test session starts")[1].split("created:")[0]
     for line in ("machine: ", "cpu: ", "disk: ", "limits: ", "network: ", "python: ", "environment variables: "):
         assert line in header, line
-    from benchmarks.machine import free_page_reporting, numpy_hugepage
+    from benchmarks.machine import free_page_reporting, numpy_hugepage, pages
 
-    fpr = free_page_reporting()
-    pages = "pages: " + (f"free page reporting on ({fpr['device']}, {fpr['block_mib']:g} MiB blocks)" if fpr
-                         else "no free page reporting") + f"; numpy huge pages {'on' if numpy_hugepage() else 'off'}"
-    assert pages in header, header
+    assert f"pages: {pages(free_page_reporting(), numpy_hugepage())}" in header, header
     # the failure line comes before pytest's own FAILURES section, with the error and the test's stderr
     now = out.index("FAILED test_one.py::test_fails: AssertionError: arithmetic is broken")
     assert now < out.index("= FAILURES =")
