@@ -1,4 +1,5 @@
-"""Progress bars (rich, on stderr) fed by Dask worker events: draws per chain, then covariance blocks."""
+"""Progress bars (rich, on stderr) fed by Dask worker events: draws per chain, then covariance blocks (and, on a
+token run, the token reduction's blocks)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 TOPIC = "bif-progress"
+#: A reduction's bar, by the ``stage`` of its events (tasks/steps.py, bif.tasks.pipeline.reduce_covariance).
+STAGE_LABELS = {"covariance": "covariance blocks", "tokens": "token blocks"}
 
 
 class RunProgress:
@@ -21,14 +24,16 @@ class RunProgress:
                                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
                                  console=Console(stderr=True))  # stdout carries only the summary
         self.chain_tasks: dict[int, Any] = {}
-        self.cov_task = None
+        self.stage_tasks: dict[str, Any] = {}
 
     def _handle(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
-        if msg.get("stage") == "covariance":
-            if self.cov_task is None:
-                self.cov_task = self.progress.add_task("covariance blocks", total=msg["total"])
-            self.progress.update(self.cov_task, completed=msg["done"])
+        stage = msg.get("stage")
+        if stage is not None:  # a reduction's blocks: one bar each (a token run has two reductions)
+            if stage not in self.stage_tasks:
+                self.stage_tasks[stage] = self.progress.add_task(STAGE_LABELS.get(stage, f"{stage} blocks"),
+                                                                 total=msg["total"])
+            self.progress.update(self.stage_tasks[stage], completed=msg["done"], total=msg["total"])
             return
         c = msg["chain"]
         if c not in self.chain_tasks:

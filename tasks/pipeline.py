@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -422,9 +423,15 @@ def run_chain(cfg: RunConfig, chain: int, *, ref_train_loss_mean: float, progres
 
 @_storage_errors
 def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
-                      progress: Callable[[int, int], None] | None = None):
-    """Reduce all committed traces to bif.zarr and topk.parquet; returns the CovarianceSummary."""
+                      progress: Callable[[str, int, int], None] | None = None):
+    """Reduce all committed traces to bif.zarr and topk.parquet (and, on token runs, bif_tokens.zarr and
+    topk_tokens.parquet); returns the CovarianceSummary. ``progress(stage, done, total)`` is called as blocks finish,
+    with stage "covariance" for the blocks of bif.zarr, then "tokens" for the token reduction's own blocks (one
+    count for both read "3/2" on the tiny LM)."""
     from bif.tasks.covariance import compute_bif
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return partial(progress, name) if progress else None
 
     store = run_store(cfg)
     files = store.blocks(num_chains=cfg.sampler.num_chains)
@@ -432,13 +439,13 @@ def reduce_covariance(cfg: RunConfig, info: RunInfo, *, client: Any = None,
     # verify=True: each file's checksum (CRC32C) is checked beside the reduction; a damaged file raises a
     # StorageError naming it, and a rerun redoes it
     summary = compute_bif(store, cv, files, n_train=info.n_train, n_query=info.n_query, client=client,
-                          progress=progress, verify=True,
+                          progress=stage("covariance"), verify=True,
                           attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
     store.write_topk(summary.topk)
     if info.n_train_tokens is not None:  # token runs: topk_tokens.parquet (and bif_tokens.zarr)
         from bif.tasks.tokens import compute_token_bif
 
-        tokens = compute_token_bif(store, cv, files, client=client, progress=progress,
+        tokens = compute_token_bif(store, cv, files, client=client, progress=stage("tokens"),
                                    attrs={"config_hash": info.config_hash, "pooling": cv.pooling, "ddof": cv.ddof})
         store.update_manifest(token_outputs=tokens.outputs())
     return summary

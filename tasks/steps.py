@@ -102,8 +102,8 @@ def reduce_covariance(cfg: RunConfig, info: pipeline.RunInfo, scheduler_address:
 
     def run(client: Any) -> Any:
         return pipeline.reduce_covariance(cfg, info, client=client,
-                                          progress=lambda done, total: client.log_event(
-                                              PROGRESS_TOPIC, {"stage": "covariance", "done": done, "total": total}))
+                                          progress=lambda stage, done, total: client.log_event(
+                                              PROGRESS_TOPIC, {"stage": stage, "done": done, "total": total}))
 
     if scheduler_address is None:
         with worker_client() as client:

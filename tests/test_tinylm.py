@@ -20,6 +20,7 @@ Chance is copies / n_train (1/16) for text-level and token-level counts, and far
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,10 @@ def test_run_ranks_the_fact_carrying_texts_at_the_top(home, example):
     cwd, env = home["cwd"], home["env"]
     res = bif("run", "bif/examples/tinylm.yaml", cwd=cwd, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+    # one bar per reduction, each full (one bar for both read "3/2")
+    bars = {ln.split("━")[0].strip(): re.search(r"(\d+)/(\d+)", ln).groups() for ln in res.stderr.splitlines()
+            if ln.startswith(("covariance blocks", "token blocks"))}
+    assert set(bars) == {"covariance blocks", "token blocks"} and all(a == b for a, b in bars.values()), res.stderr
     run = cwd / "runs" / "example" / "tinylm-run"
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
     facts = json.loads((example["dir"] / "facts.json").read_text())

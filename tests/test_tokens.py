@@ -190,6 +190,26 @@ def test_token_results_do_not_depend_on_blocks_or_the_token_matrix(token_run, tm
             np.testing.assert_allclose(xr.open_zarr(tok, consolidated=False)[S.BIF].values, ref_tok, rtol=1e-6)
 
 
+def _check_reduction_progress(events: list[tuple[str, int, int]]) -> None:
+    """A token run's reduction reports the blocks of bif.zarr, then the token reduction's own, each counted to its
+    own total; `bif run`'s bars (bif.flows.progress) end full, one per stage. (One count for both read "3/2" on the
+    tiny LM.)"""
+    from bif.flows.progress import RunProgress
+
+    stages = [e[0] for e in events]
+    assert stages == sorted(stages, key=["covariance", "tokens"].index) and set(stages) == {"covariance", "tokens"}
+    for stage in ("covariance", "tokens"):
+        dones = [done for s, done, _ in events if s == stage]
+        totals = {total for s, _, total in events if s == stage}
+        assert dones == sorted(set(dones)) and totals == {dones[-1]}, (stage, events)
+    bars = RunProgress(None, num_chains=2, num_draws=30, enabled=False)
+    for stage, done, total in events:
+        bars._handle((0.0, {"stage": stage, "done": done, "total": total}))
+    last = {stage: total for stage, _, total in events}
+    shown = {t.description: (t.completed, t.total) for t in bars.progress.tasks}
+    assert shown == {"covariance blocks": (last["covariance"],) * 2, "token blocks": (last["tokens"],) * 2}
+
+
 def test_two_sequences_of_eight_tokens_without_mask(tmp_path):
     """The smallest LM case: 2 train x 2 query sequences, (B, T) losses without a mask (all 8 positions valid),
     through every stage (in this process): traces, reductions, gates, diagnostics."""
@@ -202,7 +222,9 @@ def test_two_sequences_of_eight_tokens_without_mask(tmp_path):
     assert info.nbeta == 16 and info.n_train_tokens == 16
     for c in range(2):
         pipeline.run_chain(cfg, c, ref_train_loss_mean=info.ref_train_loss_mean)
-    pipeline.reduce_covariance(cfg, info)
+    events: list[tuple[str, int, int]] = []
+    pipeline.reduce_covariance(cfg, info, progress=lambda *e: events.append(e))
+    _check_reduction_progress(events)
     assert pipeline.quality_gates(cfg, info).passed
     assert pipeline.diagnostics(cfg)["num_samples"] == {"train": 2, "query": 2}
     x, tkeys = _token_traces(tmp_path / "tiny", S.TRAIN)
