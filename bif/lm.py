@@ -281,6 +281,27 @@ def _load_pretrained(model_dir: str, auto_model: Any, auto_tokenizer: Any) -> tu
     return model.float().eval(), tokenizer
 
 
+def token_texts(tokenizer: Any, ids: Sequence[int], valid: Sequence[int | bool]) -> list[str]:
+    """Each token's text as it reads in its sequence ("" where ``valid`` is 0): what the token adds to the decoded
+    sequence, the space before it included, i.e. the decoding of it after the valid token before it, less that
+    token's own decoding (the token's own decoding where that is no prefix, the first token's own decoding).
+
+    Decoding a token alone drops the space before a word for SentencePiece ("▁") and WordPiece-style decoders:
+    the tiny LM's contexts read "thesmall⟦fish⟧finds" (byte-level BPE keeps it: "Ġfish" decodes to " fish").
+    Joined, these texts give the decoded sequence. Two batched decodes per sequence."""
+    kw = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+    where = [t for t, ok in enumerate(valid) if ok]
+    toks = [int(ids[t]) for t in where]
+    alone = tokenizer.batch_decode([[i] for i in toks], **kw) if toks else []
+    pairs = tokenizer.batch_decode([[a, b] for a, b in zip(toks, toks[1:])], **kw) if len(toks) > 1 else []
+    texts = alone[:1] + [pair[len(prev):] if pair.startswith(prev) else own
+                         for pair, prev, own in zip(pairs, alone, alone[1:])]
+    out = [""] * len(ids)
+    for t, text in zip(where, texts):
+        out[t] = text
+    return out
+
+
 def build(model: str, train: str, query: str | None = None, *, text_field: str = "text", max_length: int = 128,
           padding: str = "longest", n_train: int | None = None, n_query: int | None = None,
           fused_activations: bool = True, storage_options: Mapping[str, Any] | None = None) -> Problem:
@@ -305,13 +326,13 @@ def build(model: str, train: str, query: str | None = None, *, text_field: str =
     cache: dict[tuple[str, int], list[str]] = {}
 
     def render_tokens(split: str, index: int) -> list[str]:
-        """Text of token t of sample ``index`` at every position t ("" at padding)."""
+        """Text of token t of sample ``index`` at every position t ("" at padding), its space included
+        (:func:`token_texts`)."""
         key = (split, int(index))
         if key not in cache:
             ds = sets[split]
-            ids, attn = ds.input_ids[int(index)], ds.attention_mask[int(index)]
-            cache[key] = [tokenizer.decode([int(i)], clean_up_tokenization_spaces=False) if a else ""
-                          for i, a in zip(ids.tolist(), attn.tolist())]
+            cache[key] = token_texts(tokenizer, ds.input_ids[int(index)].tolist(),
+                                     ds.attention_mask[int(index)].tolist())
         return list(cache[key])
 
     def render(split: str, index: int) -> str:

@@ -27,7 +27,8 @@ Optional members:
 - ``render_tokens(split, index) -> list[str]``: token runs only; one display string per loss
   position t of sample ``index`` (the text of the token whose loss sits at t, i.e. the
   predicted token), length T. Fills the token texts of ``tokens.parquet`` and
-  ``topk_tokens.parquet``.
+  ``topk_tokens.parquet``, whose contexts join them without separator: give each token the
+  space before it (``bif.lm.token_texts`` does, for any Hugging Face tokenizer).
 
 Checkpoints (:func:`load_checkpoint`): a torch state dict (``torch.load(weights_only=True)``)
 or a ``.safetensors`` file; tied weights (e.g. GPT-2's ``lm_head.weight`` = ``wte.weight``)

@@ -22,9 +22,9 @@ Dask map-reduce over mergeable moments (:mod:`bif.moments`), cut into output blo
 
 Texts come from ``tokens.parquet`` (written at preparation, :func:`token_table`):
 ``query_token``, ``train_token`` and ``train_context`` (up to :data:`CONTEXT_TOKENS` valid
-tokens of the same train sequence on each side, the token itself marked ⟦ ⟧; tokens are
-joined without separators, as tokenizers' texts carry their own spaces), all "" when the
-problem has no ``render_tokens``.
+tokens of the same train sequence on each side, the token itself marked ⟦ ⟧, the space before it
+outside the mark; tokens are joined without separators, as their texts carry their own spaces:
+bif.lm.token_texts), all "" when the problem has no ``render_tokens``.
 """
 from __future__ import annotations
 
@@ -246,9 +246,12 @@ def topk_tokens_table(topk: pd.DataFrame, variables: Variables, tokens: pd.DataF
 
 
 def _context(texts: np.ndarray, v: int, lo: int, hi: int) -> str:
+    """Token ``v`` among its neighbours, marked; the space before it stays outside the mark ("the ⟦fish⟧ finds")."""
     left = "".join(texts[max(lo, v - CONTEXT_TOKENS):v])
     right = "".join(texts[v + 1:min(hi, v + 1 + CONTEXT_TOKENS)])
-    return f"{left}{S.CONTEXT_MARK[0]}{texts[v]}{S.CONTEXT_MARK[1]}{right}"
+    word = str(texts[v]).lstrip()
+    space = str(texts[v])[:len(str(texts[v])) - len(word)]
+    return f"{left}{space}{S.CONTEXT_MARK[0]}{word}{S.CONTEXT_MARK[1]}{right}"
 
 
 def show_tokens(store: RunStore, *, query: int, k: int) -> Any:
@@ -271,8 +274,8 @@ def show_tokens(store: RunStore, *, query: int, k: int) -> Any:
     for col in ("pos", "query token", "sign", "rank", "train", "train pos", "context", "bif"):
         table.add_column(col, justify="left" if col in ("query token", "context") else "right")
     for r in sel.itertuples(index=False):
-        table.add_row(str(getattr(r, S.QUERY_POSITION)), getattr(r, S.QUERY_TOKEN),
+        table.add_row(str(getattr(r, S.QUERY_POSITION)), getattr(r, S.QUERY_TOKEN).strip(),
                       "+" if getattr(r, S.SIGN) == "positive" else "-", str(getattr(r, S.RANK)),
                       str(getattr(r, S.TRAIN_SAMPLE)), str(getattr(r, S.TRAIN_POSITION)),
-                      getattr(r, S.TRAIN_CONTEXT), f"{getattr(r, S.BIF):.4g}")
+                      getattr(r, S.TRAIN_CONTEXT).strip(), f"{getattr(r, S.BIF):.4g}")
     return table

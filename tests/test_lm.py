@@ -70,9 +70,11 @@ def test_padding_is_right_and_masked_and_never_changes_a_texts_losses(model_dir,
         logp = torch.log_softmax(prob.model(input_ids=ds.input_ids[3:4]).logits[0], -1)
     expect = -logp[torch.arange(lengths[3] - 1), ds.input_ids[3, 1:lengths[3]]]
     torch.testing.assert_close(losses[3, 1:lengths[3]], expect, atol=1e-5, rtol=1e-5)
-    # render_tokens: the text of the token whose loss sits at each position; "" at padding
+    # render_tokens: the text of the token whose loss sits at each position, with the space before it; "" at padding
     tokens = prob.render_tokens("train", 2)
-    assert tokens == TEXTS[2].split() + [""] * (max(lengths) - lengths[2])
+    first, *rest = TEXTS[2].split()
+    assert tokens == [first] + [f" {w}" for w in rest] + [""] * (max(lengths) - lengths[2])
+    assert "".join(tokens) == TEXTS[2]
     assert prob.render("query", 1) == TEXTS[1]
 
 
@@ -224,3 +226,54 @@ def test_token_losses_never_copy_the_logits():
                              [False] + [True] * 6]
     torch.testing.assert_close(losses[:, 1:][mask[:, 1:]], expect[mask[:, 1:]], rtol=0, atol=1e-6)
     assert (losses[~mask] == 0).all()
+
+
+def _trained(kind: str):
+    """A fast tokenizer of a family trained here on TEXTS (no download): byte-level BPE (GPT-2's), or SentencePiece's
+    Metaspace over BPE (Llama's, T5's), whose decoders put a word's space in its first token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    if kind == "byte-level":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator(TEXTS * 5, trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "[PAD]"],
+                                                           initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@pytest.mark.parametrize("kind", ["word-level", "byte-level", "metaspace"])
+def test_token_texts_keep_the_spaces_between_words(kind):
+    """Each token's text reads as in its sequence: joined they give the text back, words with their spaces. (Each
+    token decoded alone, the example's word-level tokenizer and SentencePiece's drop the space before a word:
+    contexts read "thesmall⟦girl⟧likes".)"""
+    from bif.lm import token_texts
+
+    tok = make_tokenizer() if kind == "word-level" else _trained(kind)
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        texts = token_texts(tok, ids, [1] * len(ids))
+        assert "".join(texts) == text, (kind, texts)
+        assert len(texts) == len(ids) and all(texts)
+        if kind != "byte-level":  # byte-level BPE keeps the space alone too; the others do not
+            assert "".join(tok.decode([i]) for i in ids) != text
+    # padding is "" and the valid token after it reads as after the valid one before it
+    ids = tok(TEXTS[2])["input_ids"]
+    pad = tok.pad_token_id
+    texts = token_texts(tok, [ids[0], pad, *ids[1:], pad], [1, 0, *[1] * (len(ids) - 1), 0])
+    assert texts[1] == texts[-1] == "" and "".join(texts) == TEXTS[2]
+
+
+def test_a_token_context_marks_the_word_and_keeps_its_space_outside():
+    import numpy as np
+
+    from bif.tasks.tokens import _context
+
+    words = np.array(["the", " small", " girl", " likes", " the", " old"], dtype=object)
+    assert _context(words, 2, 0, 6) == "the small ⟦girl⟧ likes the old"
+    assert _context(words, 0, 0, 6).startswith("⟦the⟧ small")
+    assert _context(words, 5, 3, 6) == " likes the ⟦old⟧"

@@ -114,7 +114,7 @@ def test_example_writes_model_tokenizer_corpus_and_facts(example):
                                           ("query", f["query_samples"], f["query_positions"])):
             for s, p in zip(samples, positions):
                 toks = prob.render_tokens(split, s)
-                assert toks[p - 2:p + 1] == [f["key"], "is", f["value"]]
+                assert toks[p - 2:p + 1] == [f" {f['key']}", " is", f" {f['value']}"]  # mid-text: with spaces
     others = set(range(64)) - set(carriers)
     assert all("code" not in prob.train.texts[i] for i in others)
     # the model learned the facts: the query VALUE tokens are predicted far better than chance (1/12 values)
