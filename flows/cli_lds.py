@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bif.evaluation.settings import CalibrationSettings
 
 
 def _load(args: argparse.Namespace):
@@ -92,17 +96,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     import yaml
 
-    from bif.evaluation.settings import CalibrationSettings
     from bif.flows.prefect_server import prefect_api
 
     with _flow_errors("calibrate"):
-        extra = {k: v for k, v in {"round0_draws": args.num_draws, "budget_seconds": args.budget_seconds,
-                                   "nbeta_mults": _floats(args.nbeta_mults), "lambdas": _floats(args.lambdas),
-                                   "num_rounds": args.num_rounds}.items() if v is not None}
-        if args.quick:
-            extra = {"nbeta_mults": (1.0, 10.0), "lambdas": (0.01, 0.1), "num_rounds": 2} | extra
-        settings = CalibrationSettings(num_subsets=args.num_subsets, num_chains=args.num_chains,
-                                       pilot_steps=args.pilot_steps, target_share=args.target_share, **extra)
+        settings = calibration_settings(args)
     from bif.flows.calibrate import run_calibration, summary_lines
 
     t0 = time.perf_counter()
@@ -121,6 +118,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(line)
     print(f"logs: {cfg.output.rstrip('/')}/logs/")
     return 0
+
+
+def calibration_settings(args: argparse.Namespace) -> CalibrationSettings:
+    """The CalibrationSettings of `bif calibrate`'s options (``--quick``'s grid unless the options name one)."""
+    from bif.evaluation.settings import CalibrationSettings
+
+    extra = {k: v for k, v in {"round0_draws": args.num_draws, "budget_seconds": args.budget_seconds,
+                               "budget_retrainings": args.budget_retrainings,
+                               "nbeta_mults": _floats(args.nbeta_mults), "lambdas": _floats(args.lambdas),
+                               "num_rounds": args.num_rounds}.items() if v is not None}
+    if args.quick:
+        extra = {"nbeta_mults": (1.0, 10.0), "lambdas": (0.01, 0.1), "num_rounds": 2} | extra
+    return CalibrationSettings(num_subsets=args.num_subsets, num_chains=args.num_chains,
+                               pilot_steps=args.pilot_steps, target_share=args.target_share, **extra)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -191,8 +202,11 @@ def register(subparsers) -> None:
                    "slow to mix in those draws sit out; up to x3 each round, as the budget allows)")
     c.add_argument("--num-chains", type=int, default=4, help="chains of the recommended block (default 4)")
     c.add_argument("--pilot-steps", type=int, default=200, help="SGLD steps of the stability pilot (default 200)")
+    c.add_argument("--budget-retrainings", type=float, default=None,
+                   help="wall-time budget in retrainings: this many times the measured wall time of one retraining "
+                   "(default 300)")
     c.add_argument("--budget-seconds", type=float, default=None,
-                   help="wall-time budget in seconds (default: 300 x the measured time of one retraining)")
+                   help="wall-time budget in seconds (overrides --budget-retrainings)")
     c.add_argument("--nbeta-mults", default=None, help="nbeta/n values of round 0 (default 1,10,100)")
     c.add_argument("--lambdas", default=None, help="damping gamma/nbeta values of round 0 (default "
                    "0.003,0.01,0.03,0.1,0.3)")

@@ -347,3 +347,21 @@ def test_diabetes_example_is_a_regression_problem_with_fit():
         fitted, fresh = p.loss(p.model, [x, y]), p.loss(refit, [x, y])
     assert fitted.shape == (342,) and float(fitted.mean()) < 0.5 and float(fresh.mean()) < 0.5  # y has variance 1
     assert isinstance(p.render("query", 0), str)
+
+
+def test_calibrate_options_reach_the_settings():
+    """`bif calibrate`'s budget options (its description names --budget-retrainings; it had no such option), and
+    --quick's grid under options that name their own."""
+    from bif.flows.cli import build_parser
+    from bif.flows.cli_lds import calibration_settings
+
+    def settings(*argv: str) -> CalibrationSettings:
+        return calibration_settings(build_parser().parse_args(["calibrate", "cfg.yaml", *argv]))
+
+    default = settings()
+    assert default.budget_retrainings == 300 and default.budget_seconds is None and default.num_rounds == 3
+    assert settings("--budget-retrainings", "40").budget_retrainings == 40
+    both = settings("--budget-retrainings", "40", "--budget-seconds", "90")
+    assert (both.budget_retrainings, both.budget_seconds) == (40, 90)
+    quick = settings("--quick", "--lambdas", "0.05")
+    assert quick.nbeta_mults == (1.0, 10.0) and quick.lambdas == (0.05,) and quick.num_rounds == 2

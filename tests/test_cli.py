@@ -370,3 +370,19 @@ def test_ctrl_c_that_another_error_wraps_still_exits_130(monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert "RuntimeError: the serializer wrapped it" in capsys.readouterr().err
+
+
+def test_every_option_a_commands_help_names_is_one_of_its_options():
+    """A command's description and option help name only options it has (`bif calibrate --help` described
+    --budget-retrainings, which it did not have)."""
+    import argparse
+
+    from bif.flows.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(sub.choices) >= 10
+    for name, parser in sub.choices.items():
+        have = {o for a in parser._actions for o in a.option_strings}
+        text = " ".join([parser.description or "", parser.epilog or "", *(a.help or "" for a in parser._actions)])
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+        assert named <= have, (name, sorted(named - have))
