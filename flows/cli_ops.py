@@ -129,7 +129,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                        "counts": {"complete": 0, "failed": 0, "failed_quality": 0, "skipped": len(plan)}})
         return 0
     from bif.flows.prefect_server import prefect_api
-    from bif.flows.runtime import credentials, dask_cluster
+    from bif.flows.runtime import credentials, dask_cluster, quiet_failure_records
     from bif.store.fs import check_writable
 
     check_writable(cfg.output, cfg.storage_options)  # before paying for a server and a cluster
@@ -155,6 +155,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         url = ready()
         if args.verbose:
             print(f"Prefect API: {url}  Dask scheduler: {cluster.address}", file=sys.stderr)
+        quiet_failure_records()  # a failed run is a row of the table below, not a traceback above it
         with SweepProgress(enabled=not args.no_progress) as progress, ops.listen(progress.update) as events, \
                 credentials(cfg.storage_options) as ref:
             state = flow_fn(**params, credentials_ref=ref, scheduler_address=cluster.address, events_ref=events,

@@ -757,8 +757,7 @@ def call_flow(flow_fn: Any, cfg: Any, *, address: str, log_name: str, **params: 
     Afterwards, success or failure, the flow run's logs go to ``<cfg.output>/logs/``.
     Returns the flow's result; raises its error.
     """
-    if os.environ.get(_QUIET_ENV):
-        quiet_run_records()
+    quiet_failure_records()
     with credentials(cfg.storage_options) as ref:
         state = flow_fn(config=cfg.public_dict() | {"storage_options": {}}, credentials_ref=ref,
                         scheduler_address=address, return_state=True, **params)
@@ -787,6 +786,15 @@ class _RunRecordConsoleFilter(logging.Filter):
         from bif.errors import BifError
 
         return not isinstance(record.exc_info[1] if record.exc_info else None, BifError)
+
+
+def quiet_failure_records() -> None:
+    """On a quiet terminal (:func:`configure_terminal`), keep the records of flow and task runs that failed with a
+    BifError off it (:class:`_RunRecordConsoleFilter`): the command reports them in one line. Every command that runs
+    a flow calls this first (:func:`call_flow`; `bif backfill` and `bif watch`, whose failed runs are rows of their
+    table, printed 50-line tracebacks above it)."""
+    if os.environ.get(_QUIET_ENV):
+        quiet_run_records()
 
 
 def quiet_run_records(*, everything: bool = False) -> None:

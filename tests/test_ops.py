@@ -151,6 +151,27 @@ def test_backfill_dry_run_cli_plans_without_a_server(tmp_path):
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
 
 
+def test_backfill_cli_reports_a_failed_run_as_a_row_not_a_traceback(tmp_path, user_prefect_home):
+    """`bif backfill` as typed, on a checkpoint that cannot be loaded: exit 2, the failure a row of its table and
+    of the catalog, the traceback in the run's log and not on the terminal (it printed Prefect's ERROR record and
+    50 lines of traceback above the table: the sweep ran its flow without `bif run`'s quiet terminal)."""
+    from test_cli import assert_quiet, user_env
+
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "step-000.pt").write_bytes(b"this is not a torch checkpoint")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep_data("sweep")))
+    res = subprocess.run([str(Path(sys.executable).parent / "bif"), "backfill", "sweep.yaml", "--checkpoints",
+                          "ckpts/*.pt", "--no-progress"], cwd=tmp_path, env=user_env(user_prefect_home),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert_quiet(res)
+    assert "ERROR" not in res.stderr and "0 complete, 1 failed, 0 skipped" in res.stdout, res.stdout + res.stderr
+    cat = pd.read_parquet(tmp_path / "sweep" / S.CATALOG_FILE)
+    assert list(cat[S.STATUS]) == [S.STATUS_FAILED] and "CheckpointError" in cat[S.ERROR].iloc[0]
+    logs = list((tmp_path / "sweep" / "runs" / cat[S.RUN_ID].iloc[0] / "logs").glob("run-*.log"))
+    assert logs and "Traceback" in logs[0].read_text() and "CheckpointError" in logs[0].read_text()
+
+
 REPO = Path(__file__).resolve().parents[1]
 #: the README's sweep commands run as typed, with these settings appended to keep the digits runs small
 SMALL = ["--set", "problem_args.n_train=200", "--set", "problem_args.n_query=12", "--set", "sampler.num_chains=2",
