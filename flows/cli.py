@@ -332,6 +332,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wrapped(text: str) -> str:
+    """A description for a parser whose epilog keeps its line breaks (RawDescriptionHelpFormatter wraps neither)."""
+    import textwrap
+
+    return textwrap.fill(text, width=79)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bif", description="Training-data attribution with local Bayesian "
                                 "influence functions (BIF = -Cov over SGLD draws).", epilog=EPILOG,
@@ -351,7 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show Prefect's and Dask's logs on the terminal (they always go to <output>/logs/)")
     r.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("show", help="print the top train examples for a query of a finished run")
+    s = sub.add_parser("show", help="print the top train examples for a query of a finished run",
+                       description=_wrapped("The train examples whose upweighting would most raise (positive BIF) "
+                                            "and most lower (negative) the loss of query QUERY, from "
+                                            "<output>/topk.parquet; --tokens: per token of a language model's query "
+                                            "sequence, from topk_tokens.parquet."),
+                       epilog="examples:\n  bif show runs/example/digits --query 3\n"
+                       "  bif show runs/example/tinylm-run --query 0 --tokens -k 3\n"
+                       "  bif show s3://bucket/runs/x --query 3 -k 20",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("output", help="run output directory or URI")
     s.add_argument("--query", type=int, required=True, help="query sample id")
     s.add_argument("-k", "--k", type=int, default=10, help="rows per direction (default 10)")
@@ -360,7 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(from topk_tokens.parquet)")
     s.set_defaults(func=_cmd_show)
 
-    e = sub.add_parser("example", help="train and save a built-in example's checkpoint")
+    e = sub.add_parser("example", help="train and save a built-in example's checkpoint",
+                       description=_wrapped("Train a built-in example here (no download) and save what its config "
+                                            "reads: digits, a small MLP on scikit-learn's 8x8 digits (a state dict); "
+                                            "tinylm, a tiny GPT-2 with planted facts (model, tokenizer and text "
+                                            "files)."),
+                       epilog="examples:\n  bif example digits runs/example/digits.pt   # then: bif run "
+                       "bif/examples/digits.yaml\n  bif example tinylm                         # then: bif run "
+                       "bif/examples/tinylm.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("name", choices=["digits", "tinylm"], help="example problem")
     e.add_argument("checkpoint", nargs="?", metavar="PATH", help="digits: where to save the state dict; "
                    "tinylm: the model + corpus directory (default runs/example/tinylm)")
@@ -368,7 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=300, help="full-batch Adam epochs (default 300)")
     e.set_defaults(func=_cmd_example)
 
-    k = sub.add_parser("keys", help="list every config key with its default and description")
+    k = sub.add_parser("keys", help="list every config key with its default and description",
+                       description="Every key a config may set (problem, sampler, covariance, quality, compute, "
+                       "...), with its default and meaning; set one in the config's YAML, or for one run on the "
+                       "command line (see `bif run --help`).")
     k.set_defaults(func=_cmd_keys)
 
     sv = sub.add_parser("server", help="the local Prefect server and Dask cluster that commands keep between runs",
@@ -382,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "imports done (BIF_WARM=0 turns it off), kept as long as the cluster. status: show all "
                         "three (exit 3 when no server "
                         "runs); start: start the server now; stop: stop all three.")
-    sv.add_argument("action", choices=["status", "start", "stop"])
+    sv.add_argument("action", choices=["status", "start", "stop"],
+                    help="status: show the server, cluster and warm process; start: start the server; stop: stop all")
     sv.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
                     help="with start: stop after this long without an API request (default 3600)")
     sv.set_defaults(func=_cmd_server)

@@ -217,7 +217,11 @@ def register(subparsers) -> None:
                    help="a 2 x 2 grid (nbeta n, 10n; damping 0.01, 0.1) and 2 rounds: a first look")
     c.set_defaults(func=cmd_calibrate)
 
-    m = subparsers.add_parser("compare", help="regenerate the README LDS table and plot on the digits example")
+    m = subparsers.add_parser("compare", help="regenerate the README LDS table and plot on the digits example",
+                              description="The README's LDS table and plot: BIF and the classical baselines "
+                              "against retraining on digits subsets, at each training-set size (runs "
+                              "benchmarks/lds_table.py from a source checkout; the retrainings are cached under "
+                              "--cache and reused by the next run).")
     m.add_argument("--sizes", default="200,800,full", help="training-set sizes (default 200,800,full)")
     m.add_argument("--num-subsets", type=int, default=None, help="subsets per size (default 100, the table's)")
     m.add_argument("--num-seeds", type=int, default=None, help="retraining seeds per subset (default 3)")

@@ -57,7 +57,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``report`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser("report", help="regenerate <uri>/report.html (self-contained, embedded images)",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0].replace("``", "`"))
     p.add_argument("uri", help="run output directory or URI")
     p.add_argument("--problem-from-config", action="store_true",
                    help="rebuild the problem from <uri>/config.json to draw the top examples (images / snippets)")

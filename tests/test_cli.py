@@ -373,7 +373,8 @@ def test_ctrl_c_that_another_error_wraps_still_exits_130(monkeypatch, capsys):
 
 
 def test_every_option_a_commands_help_names_is_one_of_its_options():
-    """A command's description and option help name only options it has (`bif calibrate --help` described
+    """Every command's --help says what it does and what each argument is (`bif show`, `example`, `keys` and
+    `compare` printed bare usage), and names only options it has (`bif calibrate --help` described
     --budget-retrainings, which it did not have)."""
     import argparse
 
@@ -382,6 +383,8 @@ def test_every_option_a_commands_help_names_is_one_of_its_options():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert len(sub.choices) >= 10
     for name, parser in sub.choices.items():
+        assert len(parser.description or "") > 40 and "``" not in parser.description, name
+        assert all(a.help for a in parser._actions), (name, [a.dest for a in parser._actions if not a.help])
         have = {o for a in parser._actions for o in a.option_strings}
         text = " ".join([parser.description or "", parser.epilog or "", *(a.help or "" for a in parser._actions)])
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
