@@ -190,3 +190,19 @@ def test_no_joint_pass_when_shapes_differ_or_the_loss_couples_the_batch():
     chain = SGLDChain(coupled, s, chain=0)
     list(chain.run(num_draws=3, draws_per_block=3))
     assert chain._joint is None
+
+
+def test_a_device_the_workers_cannot_use_is_a_config_error_naming_it():
+    """compute.device 'cuda' without CUDA (or a GPU index past the last, or no device at all) is a ConfigError that
+    names the device; it failed in the loss at w* with a hint about the loss's batch."""
+    from bif.errors import ConfigError
+    from bif.sampling.chain import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in (f"cuda:{count}", *(() if count else ("cuda",))):
+        with pytest.raises(ConfigError, match=rf"compute.device is '{device}', but .*use 'auto'"):
+            resolve_device(device)
+    with pytest.raises(ConfigError, match=r"compute.device 'gpu' is not a torch device"):
+        resolve_device("gpu")

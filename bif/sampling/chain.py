@@ -56,10 +56,25 @@ def chain_seed(root_seed: int, chain: int) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU."""
+    """'auto' picks CUDA when available, else CPU. A device this process cannot use is a ConfigError naming it (a
+    'cuda' run on a machine without CUDA failed in the loss at w*, with a hint about the loss's batch)."""
+    from bif.errors import ConfigError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"compute.device {device!r} is not a torch device ({str(err).strip()[:200]}); use 'auto', "
+                          "'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            why = ("this torch was built without CUDA" if torch.version.cuda is None
+                   else f"it sees {count} CUDA device{'s' if count != 1 else ''}")
+            raise ConfigError(f"compute.device is {device!r}, but {why} (torch {torch.__version__}, on this "
+                              "machine's workers); use 'auto' (CUDA when there is a GPU) or 'cpu'")
+    return dev
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
