@@ -259,19 +259,21 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Where `bif example digits` saves its checkpoint by default: where bif/examples/digits.yaml reads it.
+DIGITS_CHECKPOINT = "runs/example/digits.pt"
+
+
 def _cmd_example(args: argparse.Namespace) -> int:
     if args.name == "tinylm":
-        from bif.examples.tinylm import DEFAULT_DIR, save_example
+        from bif.examples.tinylm import DEFAULT_DIR, TinyLMSpec, save_example
 
-        out = save_example(args.checkpoint or DEFAULT_DIR, seed=args.seed)
+        out = save_example(args.checkpoint or DEFAULT_DIR, seed=args.seed, spec=TinyLMSpec(steps=args.epochs))
         print(f"wrote the tiny LM (query fact accuracy {out['query_fact_accuracy']:.2f}, "
               f"{out['seconds']:.0f} s) to {out['dir']}")
         return 0
     from bif.examples.digits import save_checkpoint
 
-    if args.checkpoint is None:
-        raise BifError("bif example digits needs the checkpoint path, e.g. runs/example/digits.pt")
-    path = save_checkpoint(args.checkpoint, epochs=args.epochs)
+    path = save_checkpoint(args.checkpoint or DIGITS_CHECKPOINT, epochs=args.epochs)
     print(f"wrote digits checkpoint to {path}")
     return 0
 
@@ -385,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "bif/examples/tinylm.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("name", choices=["digits", "tinylm"], help="example problem")
-    e.add_argument("checkpoint", nargs="?", metavar="PATH", help="digits: where to save the state dict; "
-                   "tinylm: the model + corpus directory (default runs/example/tinylm)")
+    e.add_argument("checkpoint", nargs="?", metavar="PATH", help="digits: where to save the state dict (default "
+                   f"{DIGITS_CHECKPOINT}, which bif/examples/digits.yaml reads); tinylm: the model + corpus directory "
+                   "(default runs/example/tinylm)")
     e.add_argument("--seed", type=int, default=0, help="tinylm: corpus, init and training seed (default 0)")
-    e.add_argument("--epochs", type=int, default=300, help="full-batch Adam epochs (default 300)")
+    e.add_argument("--epochs", type=int, default=300,
+                   help="full-batch training steps: digits' Adam epochs, tinylm's AdamW steps (default 300)")
     e.set_defaults(func=_cmd_example)
 
     k = sub.add_parser("keys", help="list every config key with its default and description",

@@ -277,3 +277,17 @@ def test_a_token_context_marks_the_word_and_keeps_its_space_outside():
     assert _context(words, 2, 0, 6) == "the small ⟦girl⟧ likes the old"
     assert _context(words, 0, 0, 6).startswith("⟦the⟧ small")
     assert _context(words, 5, 3, 6) == " likes the ⟦old⟧"
+
+
+def test_bif_example_defaults_and_epochs(tmp_path, monkeypatch):
+    """`bif example digits` saves where bif/examples/digits.yaml reads (it asked for the path), and --epochs reaches
+    the tiny LM's training too (it trained its 300 steps whatever --epochs said)."""
+    from bif.flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["example", "digits", "--epochs", "3"]) == 0
+    state = torch.load(tmp_path / "runs" / "example" / "digits.pt", weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert main(["example", "tinylm", "lm", "--epochs", "4"]) == 0
+    facts = json.loads((tmp_path / "lm" / "facts.json").read_text())
+    assert facts["spec"]["steps"] == 4 and len(facts["loss_history"]) == 2  # steps 0 and 3 (every 50th and the last)
