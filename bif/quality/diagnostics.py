@@ -206,7 +206,9 @@ def _normal_scores(rows: np.ndarray, shape: tuple[int, int, int], *, fold: bool 
         ordered[bad] = np.sort(sub, axis=1)
         z[bad] = _z_rows(sub, (bad.size, c, d)).reshape(bad.size, c * d)
         if fold:
-            z_fold[bad] = _z_fold_rows(sub.astype(np.float64), ordered[bad], (bad.size, c, d)).reshape(bad.size, -1)
+            with np.errstate(invalid="ignore"):  # |inf - an infinite median| is NaN, as in ArviZ (which warns)
+                folded = _z_fold_rows(sub.astype(np.float64), ordered[bad], (bad.size, c, d))
+            z_fold[bad] = folded.reshape(bad.size, -1)
     return z.reshape(shape), (z_fold.reshape(shape) if fold else None), ordered
 
 
