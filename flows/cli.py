@@ -382,9 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "reads: digits, a small MLP on scikit-learn's 8x8 digits (a state dict); "
                                             "tinylm, a tiny GPT-2 with planted facts (model, tokenizer and text "
                                             "files)."),
-                       epilog="examples:\n  bif example digits runs/example/digits.pt   # then: bif run "
-                       "bif/examples/digits.yaml\n  bif example tinylm                         # then: bif run "
-                       "bif/examples/tinylm.yaml",
+                       epilog="examples:\n"
+                       "  bif example digits                    # runs/example/digits.pt; then bif run "
+                       "bif/examples/digits.yaml\n"
+                       "  bif example tinylm                    # runs/example/tinylm/; then bif run "
+                       "bif/examples/tinylm.yaml\n"
+                       "  bif example digits ckpts/e010.pt --epochs 10   # a checkpoint early in training",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("name", choices=["digits", "tinylm"], help="example problem")
     e.add_argument("checkpoint", nargs="?", metavar="PATH", help="digits: where to save the state dict (default "
