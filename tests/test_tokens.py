@@ -7,6 +7,7 @@ the Parquet trace files the run stored, never from the pipeline's own code.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -366,3 +367,49 @@ def test_trace_gates_check_token_blocks_against_their_layout():
     moved = table.set_column(table.schema.get_field_index(S.POSITION), S.POSITION, pa.array(pos))
     bad = trace_block_stats(moved, **kw)
     assert bad["n_out_of_range"] == 1 and bad["n_missing"] == 1
+
+
+TOKENS_NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_tokens.ipynb"
+
+
+def test_tokens_notebook_defaults_to_the_tiny_lm_run_and_is_committed_without_outputs():
+    import nbformat
+    import yaml
+
+    nb = nbformat.read(TOKENS_NOTEBOOK, as_version=4)
+    output = yaml.safe_load((TOKENS_NOTEBOOK.parents[1] / "bif" / "examples" / "tinylm.yaml").read_text())["output"]
+    assert f'RUN = os.environ.get("BIF_RUN", "{output}")' in nb.cells[0].source
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.e2e
+def test_tokens_notebook_runs_on_a_token_run(token_run, tmp_path, monkeypatch):
+    """notebooks/explore_tokens.ipynb top to bottom (nbclient) on this file's token run, its longest query: the
+    counts of tokens.parquet, each query token's rank-0 helper and opponent from topk_tokens.parquet, one plot, and
+    the top train sequences of bif.zarr."""
+    pytest.importorskip("ipykernel")
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = token_run
+    top = pd.read_parquet(out / S.TOPK_TOKENS_FILE)
+    query = int(top.groupby(S.QUERY_SAMPLE)[S.QUERY_POSITION].nunique().idxmax())  # its longest query sequence
+    monkeypatch.setenv("BIF_RUN", str(out))
+    monkeypatch.setenv("BIF_QUERY", str(query))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(TOKENS_NOTEBOOK, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=240, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"run: {out}  status: complete" in text
+    toks = pd.read_parquet(out / S.TOKENS_FILE)
+    counts = toks[S.SPLIT].astype(str).value_counts()
+    assert f"{counts[S.TRAIN]} train tokens, {counts[S.QUERY]} query tokens; up to 3 train tokens" in text
+    first = top[(top[S.QUERY_SAMPLE] == query) & (top[S.RANK] == 0)]
+    assert first[S.QUERY_POSITION].nunique() >= 2
+    for context in first[S.TRAIN_CONTEXT]:
+        assert context.strip() in text, context
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    column = xr.open_zarr(out / S.BIF_ZARR, consolidated=False)[S.BIF].sel({S.QUERY_DIM: query}).to_series()
+    for i in (column.idxmin(), column.idxmax()):
+        assert f"  {int(i):5d}  {column[i]:+10.4g}  " in text
