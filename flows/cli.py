@@ -222,7 +222,10 @@ def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = Non
                      f"   ESS bulk: median {d.get('ess_bulk', {}).get('q50', float('nan')):.0f}, "
                      f"min {d.get('ess_bulk', {}).get('min', float('nan')):.0f}")
     if manifest.get("status") == "complete":
-        lines.append(f"top-k: bif show {out} --query 0     report: {out}/report.html     logs: {out}/logs/")
+        from bif import schema as S
+
+        tokens = "  (per token: --tokens)" if S.TOPK_TOKENS_FILE in (manifest.get("token_outputs") or ()) else ""
+        lines.append(f"top-k: bif show {out} --query 0{tokens}     report: {out}/report.html     logs: {out}/logs/")
     else:
         lines.append(f"logs: {out}/logs/")
     return lines

@@ -369,6 +369,16 @@ def test_trace_gates_check_token_blocks_against_their_layout():
     assert bad["n_out_of_range"] == 1 and bad["n_missing"] == 1
 
 
+@pytest.mark.e2e
+def test_the_run_summary_of_a_token_run_points_to_the_token_view(token_run):
+    from bif.flows.cli import run_summary
+
+    out, manifest = token_run
+    assert run_summary(manifest, str(out))[-1].startswith(f"top-k: bif show {out} --query 0  (per token: --tokens)  ")
+    sequences_only = {k: v for k, v in manifest.items() if k != "token_outputs"}
+    assert run_summary(sequences_only, str(out))[-1].startswith(f"top-k: bif show {out} --query 0     report: ")
+
+
 TOKENS_NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_tokens.ipynb"
 
 
