@@ -337,11 +337,14 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrapped(text: str) -> str:
-    """A description for a parser whose epilog keeps its line breaks (RawDescriptionHelpFormatter wraps neither)."""
+def _with_examples(sub: Any, name: str, *, help: str, description: str, examples: list[str]) -> Any:
+    """A subcommand whose --help ends with example command lines, one per line (the description wrapped here, as
+    RawDescriptionHelpFormatter keeps the epilog's line breaks and wraps neither)."""
     import textwrap
 
-    return textwrap.fill(text, width=79)
+    return sub.add_parser(name, help=help, description=textwrap.fill(description, width=79),
+                          epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,15 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show Prefect's and Dask's logs on the terminal (they always go to <output>/logs/)")
     r.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("show", help="print the top train examples for a query of a finished run",
-                       description=_wrapped("The train examples whose upweighting would most raise (positive BIF) "
-                                            "and most lower (negative) the loss of query QUERY, from "
-                                            "<output>/topk.parquet; --tokens: per token of a language model's query "
-                                            "sequence, from topk_tokens.parquet."),
-                       epilog="examples:\n  bif show runs/example/digits --query 3\n"
-                       "  bif show runs/example/tinylm-run --query 0 --tokens -k 3\n"
-                       "  bif show s3://bucket/runs/x --query 3 -k 20",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = _with_examples(sub, "show", help="print the top train examples for a query of a finished run",
+                       description="The train examples whose upweighting would most raise (positive BIF) and most "
+                       "lower (negative) the loss of query QUERY, from <output>/topk.parquet; --tokens: per token of "
+                       "a language model's query sequence, from topk_tokens.parquet.",
+                       examples=["bif show runs/example/digits --query 3",
+                                 "bif show runs/example/tinylm-run --query 0 --tokens -k 3",
+                                 "bif show s3://bucket/runs/x --query 3 -k 20"])
     s.add_argument("output", help="run output directory or URI")
     s.add_argument("--query", type=int, required=True, help="query sample id")
     s.add_argument("-k", "--k", type=int, default=10, help="rows per direction (default 10)")
@@ -380,18 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(from topk_tokens.parquet)")
     s.set_defaults(func=_cmd_show)
 
-    e = sub.add_parser("example", help="train and save a built-in example's checkpoint",
-                       description=_wrapped("Train a built-in example here (no download) and save what its config "
-                                            "reads: digits, a small MLP on scikit-learn's 8x8 digits (a state dict); "
-                                            "tinylm, a tiny GPT-2 with planted facts (model, tokenizer and text "
-                                            "files)."),
-                       epilog="examples:\n"
-                       "  bif example digits                    # runs/example/digits.pt; then bif run "
-                       "bif/examples/digits.yaml\n"
-                       "  bif example tinylm                    # runs/example/tinylm/; then bif run "
-                       "bif/examples/tinylm.yaml\n"
-                       "  bif example digits ckpts/e010.pt --epochs 10   # a checkpoint early in training",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e = _with_examples(sub, "example", help="train and save a built-in example's checkpoint",
+                       description="Train a built-in example here (no download) and save what its config reads: "
+                       "digits, a small MLP on scikit-learn's 8x8 digits (a state dict); tinylm, a tiny GPT-2 with "
+                       "planted facts (model, tokenizer and text files).",
+                       examples=["bif example digits                    # runs/example/digits.pt; then bif run "
+                                 "bif/examples/digits.yaml",
+                                 "bif example tinylm                    # runs/example/tinylm/; then bif run "
+                                 "bif/examples/tinylm.yaml",
+                                 "bif example digits ckpts/e010.pt --epochs 10   # a checkpoint early in training"])
     e.add_argument("name", choices=["digits", "tinylm"], help="example problem")
     e.add_argument("checkpoint", nargs="?", metavar="PATH", help="digits: where to save the state dict (default "
                    f"{DIGITS_CHECKPOINT}, which bif/examples/digits.yaml reads); tinylm: the model + corpus directory "
