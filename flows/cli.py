@@ -197,7 +197,9 @@ def run_summary(manifest: dict, output: str, *, wall_seconds: float | None = Non
     lines = [f"status: {manifest.get('status')}   output: {out}"]
     r = manifest.get("resolved") or {}
     if r:
-        nbeta_note = " (= n_train)" if (manifest.get("config") or {}).get("sampler", {}).get("nbeta") is None else ""
+        nbeta_note = ""
+        if (manifest.get("config") or {}).get("sampler", {}).get("nbeta") is None:  # the default: one per sample
+            nbeta_note = " (= valid train tokens)" if manifest.get("n_train_tokens") else " (= n_train)"
         lines.append(f"sampler: nβ={r.get('nbeta'):g}{nbeta_note}  γ={r.get('gamma'):g}  ε={r.get('step_size'):g}  "
                      f"device={r.get('device')}")
     t = manifest.get("timings") or {}

@@ -374,7 +374,10 @@ def test_the_run_summary_of_a_token_run_points_to_the_token_view(token_run):
     from bif.flows.cli import run_summary
 
     out, manifest = token_run
-    assert run_summary(manifest, str(out))[-1].startswith(f"top-k: bif show {out} --query 0  (per token: --tokens)  ")
+    lines = run_summary(manifest, str(out))
+    assert lines[-1].startswith(f"top-k: bif show {out} --query 0  (per token: --tokens)  ")
+    # nbeta defaults to the valid train tokens here, not to n_train (the summary said "(= n_train)")
+    assert f"sampler: nβ={manifest['n_train_tokens']:g} (= valid train tokens)  " in lines[1]
     sequences_only = {k: v for k, v in manifest.items() if k != "token_outputs"}
     assert run_summary(sequences_only, str(out))[-1].startswith(f"top-k: bif show {out} --query 0     report: ")
 
