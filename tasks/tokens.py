@@ -249,9 +249,9 @@ def _context(texts: np.ndarray, v: int, lo: int, hi: int) -> str:
     """Token ``v`` among its neighbours, marked; the space before it stays outside the mark ("the ⟦fish⟧ finds")."""
     left = "".join(texts[max(lo, v - CONTEXT_TOKENS):v])
     right = "".join(texts[v + 1:min(hi, v + 1 + CONTEXT_TOKENS)])
-    word = str(texts[v]).lstrip()
-    space = str(texts[v])[:len(str(texts[v])) - len(word)]
-    return f"{left}{space}{S.CONTEXT_MARK[0]}{word}{S.CONTEXT_MARK[1]}{right}"
+    token = str(texts[v])
+    word = token.lstrip()
+    return f"{left}{token[:len(token) - len(word)]}{S.CONTEXT_MARK[0]}{word}{S.CONTEXT_MARK[1]}{right}"
 
 
 def show_tokens(store: RunStore, *, query: int, k: int) -> Any:
