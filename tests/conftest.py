@@ -96,11 +96,23 @@ def prefect_api_url():
 
 @pytest.fixture(scope="session")
 def dask_address(prefect_api_url):
-    """A real Dask LocalCluster (2 worker processes, 1 thread each), started after the Prefect server."""
+    """A real Dask LocalCluster (2 worker processes, 1 thread each), started after the Prefect server.
+
+    With the housekeeping intervals and the profiler setting of bif's own clusters
+    (``bif.flows.runtime.dask_cluster``): at Dask's defaults this cluster, idle for most of a session, took 10.8% of
+    a core (its scheduler in the pytest process 4.5%, each worker 3.1-3.2%; 1.5% with these settings, 30 s each,
+    2026-12-05), in each xdist worker for the whole suite, on a suite that keeps both cores busy. The settings are
+    set only while the cluster starts, so that no other cluster of the session gets them from here (a test of bif's
+    own settings could not fail); a worker that a test kills comes back with Dask's defaults."""
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster:
+    from bif.flows.runtime import HOUSEKEEPING
+
+    with dask.config.set({**HOUSEKEEPING, "distributed.worker.profile.enabled": False}):  # read as they start
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.ERROR)
+    with cluster:  # the session's other clusters keep their own settings
         yield cluster.scheduler_address
 
 
