@@ -130,8 +130,8 @@ def import_factory(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise ProblemError(
-            f"cannot import problem module {module_name!r} ({err}); check `problem:` in the config "
-            "and that the module is on PYTHONPATH" + _shadowing_folder(module_name)
+            f"cannot import problem module {module_name!r} ({err}); check `problem:` in the config and that the "
+            "module is in the working directory, installed, or on PYTHONPATH" + _shadowing_folder(module_name)
         ) from None
     except Exception as err:  # noqa: BLE001 - the user's module failed while importing
         raise ProblemError(

@@ -182,6 +182,26 @@ def test_keys_help_and_errors(home, tmp_path):
     assert run_help.returncode == 0 and "--verbose" in run_help.stdout and "--set KEY=VALUE" in run_help.stdout
 
 
+def test_a_problem_module_beside_the_user_is_found_and_hides_no_installed_module(tmp_path, user_prefect_home):
+    """`problem: userprob:build` with userprob.py in the working directory and nothing on PYTHONPATH for it: `bif run`
+    imports it, as `python -m` and the kept cluster's workers do (it failed with "No module named 'userprob'"). The
+    factory here raises, so the command ends in its pre-flight, in seconds. A yaml.py beside it does not take PyYAML's
+    place (the working directory comes last on sys.path): the config still loads. The full run from a user's
+    directory: tests/test_kept_cluster.py, whose problem module is found there too."""
+    (tmp_path / "userprob.py").write_text("def build():\n    raise RuntimeError('built from the working directory')\n")
+    (tmp_path / "yaml.py").write_text("raise ImportError('the working directory hid an installed module')\n")
+    (tmp_path / "cfg.yaml").write_text("problem: userprob:build\noutput: runs/u\n")
+    env = user_env(user_prefect_home)
+    assert str(tmp_path) not in env["PYTHONPATH"].split(os.pathsep)
+    res = bif("run", "cfg.yaml", cwd=tmp_path, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("error: problem factory 'userprob:build' raised RuntimeError: built from the "
+                                 "working directory"), res.stderr
+    missing = bif("run", "cfg.yaml", "--set", "problem=nosuchmodule:build", cwd=tmp_path, env=env)
+    assert missing.returncode == 2
+    assert "the module is in the working directory, installed, or on PYTHONPATH" in missing.stderr, missing.stderr
+
+
 def test_closed_stdout_exits_quietly(home):
     """`bif keys | head -1`: a reader that closes the pipe early gets no BrokenPipeError traceback."""
     r, w = os.pipe()

@@ -51,9 +51,11 @@ def build():
 
 
 def _env(home: Path, work: Path, **extra: str) -> dict[str, str]:
+    """A user's shell in ``work``: the problem module there is found because it is the working directory (no
+    PYTHONPATH entry for it, as a user has none)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(home), "BIF_KEEP_CLUSTER": "1",
-            "PYTHONPATH": os.pathsep.join([str(work), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return env | extra
 
 
