@@ -132,10 +132,12 @@ def _calibrate(config: dict[str, Any], cfg: RunConfig, st: CalibrationSettings, 
                ) -> dict[str, Any]:
     """The flow's body on its runtime ``rt``: retrainings, the probe and every setting run on ``rt``'s cluster."""
     from bif.evaluation import calibration, store as lds_store
+    from bif.evaluation.retrain import require_fit
 
     t_start = time.perf_counter()
     opts = dict(cfg.storage_options)
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
+    require_fit(problem, "`bif calibrate` scores each setting by a cheap LDS, which needs")
     n = len(problem.train)
     lds_settings = LDSSettings(alpha=st.alpha, num_subsets=st.num_subsets, num_seeds=st.num_seeds, seed=st.seed)
     p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, lds_settings, n_train=n,

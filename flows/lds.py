@@ -76,8 +76,12 @@ def score_task(config: dict[str, Any], method: str, settings: dict[str, Any]) ->
 @task(name="problem-sizes", cache_policy=NO_CACHE)
 def sizes_task(spec: str, args: dict[str, Any]) -> tuple[int, int]:
     """(n_train, n_query) of the problem, built on a worker (which keeps it for its retrainings and scorings): the
-    command then never imports torch (1.9 s of ``bif lds``'s core on a running cluster)."""
+    command then never imports torch (1.9 s of ``bif lds``'s core on a running cluster). A problem without ``fit``
+    fails here, before any retraining is submitted."""
+    from bif.evaluation.retrain import require_fit
+
     problem = worker_problem(spec, args)
+    require_fit(problem)
     return len(problem.train), len(problem.query)
 
 

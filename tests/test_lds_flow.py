@@ -67,3 +67,44 @@ def test_lds_flow_caches_ground_truth(tmp_path, prefect_api_url, dask_address):
     assert third["lds"] == pytest.approx({name: r["lds"] for name, r in by.items()}, abs=1e-12)
     # a different subset count is a different ground truth
     assert LDSSettings(num_subsets=13).ground_truth_key(cfg.problem, cfg.problem_args) != first["ground_truth_key"]
+
+
+
+def test_lds_and_calibrate_refuse_a_problem_without_fit_before_any_retraining(tmp_path, prefect_api_url,
+                                                                             dask_address):
+    """Both need ``problem.fit`` for their retrainings; without it they stop before submitting one. They found out
+    only from the failed retrainings, each retried twice: a user's `bif lds` waited 24 s and `bif calibrate` 71 s
+    for the same message."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from bif.errors import ProblemError
+    from bif.evaluation.settings import CalibrationSettings
+    from bif.flows.calibrate import run_calibration
+    from bif.flows.lds import run_lds
+
+    async def last_run(flow_name: str) -> tuple[str, list[str]]:
+        """The state of the newest run of ``flow_name`` and the names of its task runs."""
+        async with get_client() as client:
+            (run,) = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                                 sort=FlowRunSort.START_TIME_DESC, limit=1)
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            return run.state.type.value, sorted(t.name for t in tasks)
+
+    cfg = build_config({"problem": "bif.examples.linear:build", "problem_args": {"n": 12, "d": 2, "m": 3},
+                        "output": str(tmp_path / "out")})  # the linear example has no fit
+    with pytest.raises(ProblemError, match=r"^problem has no fit\(dataset, seed\) -> nn.Module; the LDS benchmark "
+                                           r"needs it to retrain on subsets"):
+        run_lds(cfg, LDSSettings(num_subsets=4, num_seeds=1, methods=("graddot",)), address=dask_address)
+    state, tasks = asyncio.run(last_run("bif-lds"))
+    assert state == "FAILED" and any(t.startswith("problem-sizes") for t in tasks), tasks
+    assert not any(t.startswith("retrain") for t in tasks), tasks
+    with pytest.raises(ProblemError, match=r"^problem has no fit\(dataset, seed\) -> nn.Module; `bif calibrate` "
+                                           r"scores each setting by a cheap LDS, which needs it"):
+        run_calibration(cfg, CalibrationSettings(num_subsets=4), address=dask_address)
+    state, tasks = asyncio.run(last_run("bif-calibrate"))
+    assert state == "FAILED" and tasks == [], tasks  # not a retraining, nor the probe
+    assert not (tmp_path / "out" / "lds").exists()  # no ground truth was planned

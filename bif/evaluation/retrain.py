@@ -34,14 +34,20 @@ def query_losses(problem: Problem, model: torch.nn.Module, *, batch_size: int = 
     return torch.cat(out).cpu().numpy()
 
 
+def require_fit(problem: Problem, needs: str = "the LDS benchmark needs") -> None:
+    """ProblemError unless the problem has ``fit``: what needs it checks this before it starts anything (`bif lds`
+    and `bif calibrate` found out only when their retrainings failed, each retried twice: 24 s and 71 s)."""
+    if problem.fit is None:
+        raise ProblemError(f"problem has no fit(dataset, seed) -> nn.Module; {needs} it to retrain on subsets "
+                           "(add `fit` to the problem factory's return value)")
+
+
 def retrain_query_losses(problem: Problem, mask: np.ndarray, seed: int) -> np.ndarray:
     """Train a fresh model on train[mask] with ``problem.fit(subset, seed)``; its query losses (n_query,).
 
     ``mask`` is a boolean (n_train,) row of :func:`bif.evaluation.lds.draw_subsets`.
     """
-    if problem.fit is None:
-        raise ProblemError("problem has no fit(dataset, seed) -> nn.Module; the LDS benchmark needs it to retrain "
-                           "on subsets (add `fit` to the problem factory's return value)")
+    require_fit(problem)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (len(problem.train),):
         raise ValueError(f"mask must have shape ({len(problem.train)},), got {mask.shape}")
