@@ -219,6 +219,22 @@ def test_the_readme_problem_from_scratch_runs_from_its_directory(tmp_path, user_
     assert "the module is in the working directory, installed, or on PYTHONPATH" in missing.stderr, missing.stderr
 
 
+def test_closed_stdout_exits_quietly(home):
+    """`bif keys | head -1`: a reader that closes the pipe early gets no BrokenPipeError traceback."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before bif writes: every write to stdout fails with EPIPE
+    try:
+        res = subprocess.run([BIF, "keys"], cwd=home["cwd"], env=home["env"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    with subprocess.Popen(f'"{BIF}" keys | head -1', shell=True, cwd=home["cwd"], env=home["env"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        out, err = p.communicate(timeout=120)
+    assert out.startswith("problem:") and len(out.splitlines()) == 1 and "Traceback" not in err, err
+
+
 @pytest.fixture(scope="module")
 def logistic_cfg(home) -> str:
     cfg = {"problem": "bif.examples.logistic:build", "problem_args": {"n": 40, "n_query": 6}, "output": "runs/logistic",
