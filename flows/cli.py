@@ -442,8 +442,11 @@ def _report_error(err: BifError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     global _EXIT_NOW
     if argv is None:  # the `bif` command: a warm copy of it may run it with its imports done (bif.flows.warm)
-        _import_from_working_directory()
-        from bif.flows.warm import run_in_warm_copy
+        from bif.flows.warm import run_in_warm_copy, with_working_directory
+
+        # `problem: my_module:build` finds my_module.py beside the user, as with `python -m` (a console script's
+        # sys.path has its own folder instead); last, so that it never hides an installed module
+        sys.path[:] = with_working_directory(sys.path)
 
         code = run_in_warm_copy(sys.argv[1:])
         if code is not None:
@@ -472,18 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         _restore_interrupts()
-
-
-def _import_from_working_directory() -> None:
-    """Put the working directory on ``sys.path``, so that ``problem: my_module:build`` finds ``my_module.py`` beside
-    the user, as ``python -m bif.flows.cli`` and the kept cluster's workers (started with ``python -m``) do. A
-    console script starts with its own folder there instead, and `bif run` failed its pre-flight with "No module
-    named 'my_module'" while the workers would have imported it. Appended: a file of the working directory never
-    takes the place of a module that was found before. Before the warm copy's key, which includes ``sys.path``, and
-    before any cluster starts, whose forkserver takes this process's ``sys.path``."""
-    cwd = os.getcwd()
-    if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
-        sys.path.append(cwd)
 
 
 def _interrupted() -> int:

@@ -59,6 +59,8 @@ from bif.locks import locked_file
 MODULE_KEYS = ("preload", "warm_modules")
 #: ``BIF_KEEP_CLUSTER=0`` (or false/no/off): every command starts and stops its own LocalCluster.
 KEEP_ENV = "BIF_KEEP_CLUSTER"
+#: The starting command's ``sys.path`` (:func:`bif.flows.warm.with_working_directory`), for the serve process.
+PATH_ENV = "BIF_KEPT_SYS_PATH"
 #: A kept cluster stops after this long without a command using it.
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 #: Seconds a new kept cluster may take to come up before the command starts its own instead.
@@ -392,8 +394,12 @@ def _start(state: Path, spec: dict[str, Any], parts: dict[str, str], idle_timeou
     (state / "spec.json").write_text(json.dumps({"spec": spec, "key": _key(parts), "idle_timeout_s": idle_timeout_s,
                                                  "parts": parts}))
     with open(state / "cluster.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bif.flows.kept_cluster", "serve", str(state)],
-                                env=dict(os.environ), cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=log,
+        from bif.flows.warm import with_working_directory
+
+        # -P and the command's sys.path: the working directory last, where `python -m` put it first
+        env = dict(os.environ) | {PATH_ENV: json.dumps(with_working_directory(sys.path))}
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "bif.flows.kept_cluster", "serve", str(state)],
+                                env=env, cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True)  # survives this command and its Ctrl-C
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -628,7 +634,9 @@ def _idle_check_due(*, marked: bool, used: bool, since_check_s: float) -> bool:
     return used or not marked or since_check_s >= IDLE_CHECK_S
 
 
-if __name__ == "__main__":  # python -m bif.flows.kept_cluster serve STATE_DIR
+if __name__ == "__main__":  # python -P -m bif.flows.kept_cluster serve STATE_DIR
+    if PATH_ENV in os.environ:  # before the cluster's imports, which its forkserver and workers inherit
+        sys.path[:] = json.loads(os.environ.pop(PATH_ENV))
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         _serve(Path(sys.argv[2]))
     else:

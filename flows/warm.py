@@ -57,6 +57,22 @@ ANSWER_TIMEOUT_S = 2.0
 _REPLY_TIMEOUT_S = 30.0
 _PROTOCOL = 1
 _PATH_ENV = "BIF_WARM_SYS_PATH"
+
+
+def with_working_directory(path: Sequence[str]) -> list[str]:
+    """``path`` (a ``sys.path``) with the working directory at its end when it is not on it already: the ``sys.path``
+    of the `bif` command (flows/cli.py) and of the processes it starts, which get it from the command (this module's
+    warm process, the kept cluster's): ``problem: my_module:build`` finds a ``my_module.py`` beside the user, and a
+    file there never takes the place of a module found before (a ``yaml.py`` beside the config stopped the kept
+    cluster from starting: its ``python -m`` put the working directory first). They start with ``python -P``, so
+    that nothing is imported before they take the command's ``sys.path``."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was deleted under the shell: nothing to import from
+        return list(path)
+    return [*path] if any(os.path.abspath(p or os.curdir) == cwd for p in path) else [*path, cwd]
+
+
 #: True in a warm copy: it runs the command itself, never asks a warm process.
 _IS_COPY = False
 
@@ -223,7 +239,7 @@ def _start_in_background(state: Path, key: str) -> None:
         with open(state / "warm.log", "ab") as log:
             # this command's sys.path goes along (``python -m`` would start with another sys.path[0])
             env = dict(os.environ) | {_PATH_ENV: json.dumps(sys.path)}
-            subprocess.Popen([sys.executable, "-m", "bif.flows.warm", "serve", str(state), str(lock.fileno())],
+            subprocess.Popen([sys.executable, "-P", "-m", "bif.flows.warm", "serve", str(state), str(lock.fileno())],
                              cwd=os.getcwd(), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True, pass_fds=(lock.fileno(),))
     finally:

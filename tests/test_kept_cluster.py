@@ -32,6 +32,7 @@ import yaml
 
 from bif.flows import kept_cluster
 from test_ops import make_checkpoints
+from test_warm import SHADOW
 
 pytestmark = pytest.mark.e2e
 
@@ -91,6 +92,10 @@ def user(tmp_path_factory):
     home = tmp_path_factory.mktemp("kept-home")
     work = tmp_path_factory.mktemp("kept-work")
     (work / "myproblem.py").write_text(USER_PROBLEM.format(n=30))
+    # beside it, a file with an installed module's name: the kept cluster's processes take the command's sys.path
+    # (the directory last); `python -m` put it first, and the cluster never came up (every command a cluster of its
+    # own, cluster.log: "ImportError: the working directory hid the installed yaml")
+    (work / "yaml.py").write_text(SHADOW)
     cfg = {"problem": "myproblem:build", "compute": {"n_workers": 2},
            "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 5, "draws_per_block": 20,
                        "step_size": 1e-3, "nbeta": 30.0, "batch_size": 30, "seed": 4},
@@ -131,10 +136,11 @@ def test_a_sweep_on_the_kept_cluster_runs_its_gates_and_report_on_the_workers(us
     # the command's own main() in a process that reports, when it ends, which of the two it has loaded; run by the
     # `bif` script's interpreter (its path is part of the kept cluster's fingerprint: another would replace it)
     interpreter = Path(BIF).read_text().splitlines()[0].removeprefix("#!").strip()
-    code = ("import sys\nfrom bif.flows.cli import main\ncode = main(sys.argv[1:])\n"
+    # (-P and main() with no argv: the command's own sys.path, the working directory last, where -c put it first)
+    code = ("import sys\nfrom bif.flows.cli import main\ncode = main()\n"
             "print('loaded:', ' '.join(m for m in ('great_expectations', 'matplotlib') if m in sys.modules))\n"
             "sys.exit(code)")
-    res = subprocess.run([interpreter, "-c", code, "backfill", "cfg.yaml", "--checkpoints", "ckpts/*.pt",
+    res = subprocess.run([interpreter, "-P", "-c", code, "backfill", "cfg.yaml", "--checkpoints", "ckpts/*.pt",
                           "--output", "sweep", "--max-concurrent", "1", "--no-progress"], cwd=work,
                          env=_env(home, work), capture_output=True, text=True, timeout=420)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -61,6 +61,10 @@ def _wait_for_warm(home: Path, *, other_than: int | None = None, timeout: float 
     raise AssertionError(f"no warm process came up in {timeout} s; warm.log:\n{_log(home)[-3000:]}")
 
 
+#: A ``yaml.py`` in a user's directory (tests/test_kept_cluster.py): importing it fails.
+SHADOW = "raise ImportError('the working directory hid the installed yaml')\n"
+
+
 def _copies(home: Path) -> list[tuple[int, int]]:
     """(pid, exit status) of every copy that ended, from warm.log."""
     out = []
@@ -81,6 +85,12 @@ def user(tmp_path_factory):
                        "step_size": 1e-3, "nbeta": 30.0, "batch_size": 30, "seed": 4},
            "covariance": {"topk": 3}}
     (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    # a file of the user's directory with a standard module's name: the warm process and the kept cluster start
+    # with `python -P` and take the command's sys.path, the directory last. With `python -m` the directory came
+    # first: neither came up (each imported this with its own imports), and this first command failed ("Nanny
+    # failed to start"). A cluster of the command's own (BIF_KEEP_CLUSTER=0) still fails so: its forkserver starts
+    # with `python -c`, which puts the directory first, and imports socket before it takes the command's sys.path.
+    (work / "socket.py").write_text(SHADOW.replace("yaml", "socket"))
     # the first command runs in itself and starts the kept server, the kept cluster and the warm process
     first = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out1")
     assert first.returncode == 0, first.stderr[-3000:]
