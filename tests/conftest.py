@@ -49,6 +49,12 @@ S3_KEY = "AKIAEXAMPLEKEY123456"
 S3_SECRET = "s3cr3t-value-that-must-never-leak-0123456789"
 
 
+def shadowing_file(module: str) -> str:
+    """The text of a ``<module>.py`` for a user's directory, where it bears an installed module's name: importing it
+    fails (tests/test_cli.py, test_kept_cluster.py and test_warm.py check that bif's processes never import it)."""
+    return f"raise ImportError('the working directory hid the installed {module}')\n"
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 API served by moto on 127.0.0.1 (no mocks of s3fs). Yields its endpoint URL."""

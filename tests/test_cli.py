@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from bif import schema as S
+from conftest import shadowing_file
 from leak_check import assert_no_leak
 
 pytestmark = pytest.mark.e2e
@@ -199,7 +200,7 @@ def test_the_readme_problem_from_scratch_runs_from_its_directory(tmp_path, user_
     sys.path: a yaml.py beside it does not take PyYAML's place."""
     (tmp_path / "my_problem.py").write_text(readme_block("python", "# my_problem.py"))
     (tmp_path / "my_config.yaml").write_text(readme_block("yaml", "# my_config.yaml"))
-    (tmp_path / "yaml.py").write_text("raise ImportError('the working directory hid an installed module')\n")
+    (tmp_path / "yaml.py").write_text(shadowing_file("yaml"))
     env = user_env(user_prefect_home) | {"BIF_KEEP_CLUSTER": "0"}  # the commands' own cluster (the kept one's
     assert str(tmp_path) not in env["PYTHONPATH"].split(os.pathsep)  # workers: tests/test_kept_cluster.py)
     small = ("--set", "sampler.num_chains=2", "--set", "sampler.num_draws=40", "--set", "sampler.num_burnin_steps=10")

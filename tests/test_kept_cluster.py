@@ -31,8 +31,8 @@ import pytest
 import yaml
 
 from bif.flows import kept_cluster
+from conftest import shadowing_file
 from test_ops import make_checkpoints
-from test_warm import SHADOW
 
 pytestmark = pytest.mark.e2e
 
@@ -95,7 +95,7 @@ def user(tmp_path_factory):
     # beside it, a file with an installed module's name: the kept cluster's processes take the command's sys.path
     # (the directory last); `python -m` put it first, and the cluster never came up (every command a cluster of its
     # own, cluster.log: "ImportError: the working directory hid the installed yaml")
-    (work / "yaml.py").write_text(SHADOW)
+    (work / "yaml.py").write_text(shadowing_file("yaml"))
     cfg = {"problem": "myproblem:build", "compute": {"n_workers": 2},
            "sampler": {"num_chains": 2, "num_draws": 40, "num_burnin_steps": 5, "draws_per_block": 20,
                        "step_size": 1e-3, "nbeta": 30.0, "batch_size": 30, "seed": 4},

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from bif.flows import warm
+from conftest import shadowing_file
 from test_ops import make_checkpoints
 
 pytestmark = pytest.mark.e2e
@@ -61,10 +62,6 @@ def _wait_for_warm(home: Path, *, other_than: int | None = None, timeout: float 
     raise AssertionError(f"no warm process came up in {timeout} s; warm.log:\n{_log(home)[-3000:]}")
 
 
-#: A ``yaml.py`` in a user's directory (tests/test_kept_cluster.py): importing it fails.
-SHADOW = "raise ImportError('the working directory hid the installed yaml')\n"
-
-
 def _copies(home: Path) -> list[tuple[int, int]]:
     """(pid, exit status) of every copy that ended, from warm.log."""
     out = []
@@ -90,7 +87,7 @@ def user(tmp_path_factory):
     # first: neither came up (each imported this with its own imports), and this first command failed ("Nanny
     # failed to start"). A cluster of the command's own (BIF_KEEP_CLUSTER=0) still fails so: its forkserver starts
     # with `python -c`, which puts the directory first, and imports socket before it takes the command's sys.path.
-    (work / "socket.py").write_text(SHADOW.replace("yaml", "socket"))
+    (work / "socket.py").write_text(shadowing_file("socket"))
     # the first command runs in itself and starts the kept server, the kept cluster and the warm process
     first = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out1")
     assert first.returncode == 0, first.stderr[-3000:]
