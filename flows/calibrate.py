@@ -132,12 +132,17 @@ def _calibrate(config: dict[str, Any], cfg: RunConfig, st: CalibrationSettings, 
                ) -> dict[str, Any]:
     """The flow's body on its runtime ``rt``: retrainings, the probe and every setting run on ``rt``'s cluster."""
     from bif.evaluation import calibration, store as lds_store
-    from bif.evaluation.retrain import require_fit
+    from bif.errors import ProblemError
+    from bif.evaluation.retrain import has_token_losses, require_fit
 
     t_start = time.perf_counter()
     opts = dict(cfg.storage_options)
     problem = lds_store.cached_problem(cfg.problem, cfg.problem_args)
     require_fit(problem, "`bif calibrate` scores each setting by a cheap LDS, which needs")
+    if has_token_losses(problem):  # its grid scales nβ with the samples, a token run's default is the tokens
+        raise ProblemError("`bif calibrate` does not search per-token losses (a language model) yet: set the sampler "
+                           "by hand (README, Language models) and check it with `bif lds`, which scores the "
+                           "sequence-level BIF")
     n = len(problem.train)
     lds_settings = LDSSettings(alpha=st.alpha, num_subsets=st.num_subsets, num_seeds=st.num_seeds, seed=st.seed)
     p = lds_store.plan(cfg.output, cfg.problem, cfg.problem_args, lds_settings, n_train=n,

@@ -6,6 +6,8 @@ damped Hessian is exactly the Hessian of the training objective.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,41 @@ def test_bad_damping_and_solver_are_rejected(problem):
         influence_scores(problem, damping=-1.0)
     with pytest.raises(ValueError, match="solver"):
         influence_scores(problem, solver="newton")
+
+
+def test_token_problems_score_sequences_and_trak_refuses_them():
+    """Per-token losses ((losses, mask) pairs): a baseline scores each sequence's loss, the sum of its valid token
+    losses, so GradDot is the dot product of those sums' gradients, taken here by plain autograd one sequence at a
+    time (torch.func was handed the pair's first item, a (1, T) tensor, and failed: not a scalar), and EK-FAC
+    without curvature the same on its tracked head. TRAK's classifier task cannot score them: a message, where
+    traker failed inside its vmap."""
+    import token_problems as tp
+
+    from bif.errors import ProblemError
+    from bif.evaluation.baselines.trak import trak_scores
+
+    prob = tp.build(n_train=7, n_query=3, length=6, min_len=2, prompt=1)
+
+    def graddot_by_hand(params):
+        def grad_of_sequence(ds, i):
+            losses, mask = prob.loss(prob.model, tuple(t[i:i + 1] for t in ds.tensors))
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad((losses * mask).sum(), params)])
+
+        g_train = torch.stack([grad_of_sequence(prob.train, i) for i in range(7)])
+        g_query = torch.stack([grad_of_sequence(prob.query, j) for j in range(3)])
+        return -(g_train @ g_query.T).numpy() / 7
+
+    want = graddot_by_hand(list(prob.model.parameters()))
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(graddot_scores(prob).values, want, rtol=1e-10, atol=1e-14)
+    if importlib.util.find_spec("kronfluence"):  # EK-FAC without curvature (identity) on its tracked nn.Linear head
+        from bif.evaluation.baselines.ekfac import ekfac_scores
+
+        np.testing.assert_allclose(ekfac_scores(prob, strategy="identity").values,
+                                   graddot_by_hand([prob.model.head.weight, prob.model.head.bias]), rtol=1e-10,
+                                   atol=1e-14)
+    q = query_losses(prob, prob.model)
+    losses, mask = prob.loss(prob.model, prob.query.tensors)
+    np.testing.assert_allclose(q, (losses * mask).sum(dim=1).detach().numpy(), rtol=1e-12)
+    with pytest.raises(ProblemError, match=r"^TRAK \(traker's image-classification task\) scores a classifier"):
+        trak_scores(prob, proj_dim=200)

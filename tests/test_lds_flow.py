@@ -108,3 +108,45 @@ def test_lds_and_calibrate_refuse_a_problem_without_fit_before_any_retraining(tm
     state, tasks = asyncio.run(last_run("bif-calibrate"))
     assert state == "FAILED" and tasks == [], tasks  # not a retraining, nor the probe
     assert not (tmp_path / "out" / "lds").exists()  # no ground truth was planned
+
+
+def test_lds_of_a_token_problem_scores_its_sequences(tmp_path, prefect_api_url, dask_address):
+    """A language model's `bif lds`: the ground truth is each query sequence's loss (the sum of its valid token
+    losses) after retraining, and every method scores sequences, as ``bif.zarr`` does. It failed with an
+    AttributeError (the retrained losses: a (losses, mask) pair has no ``detach``), and GradDot and influence failed
+    in torch.func (the gradient of a (1, T) tensor, not a scalar). `bif calibrate` refuses such a problem with a
+    message (its grid scales nβ with the samples)."""
+    import token_problems as tp
+
+    from bif.errors import ProblemError
+    from bif.evaluation.settings import CalibrationSettings
+    from bif.flows.calibrate import run_calibration
+    from bif.flows.lds import run_lds
+
+    args = {"n_train": 24, "n_query": 8, "length": 8, "min_len": 3, "fit_steps": 200}
+    cfg = build_config({"problem": "token_problems:build", "problem_args": args, "output": str(tmp_path / "out"),
+                        "sampler": {"num_chains": 2, "num_draws": 400, "num_burnin_steps": 50, "steps_per_draw": 2,
+                                    "step_size": 1e-2, "gamma": 100.0, "batch_size": 24}})
+    st = LDSSettings(num_subsets=16, num_seeds=1, methods=("bif", "graddot", "influence"), options={"damping": 0.05})
+    res = run_lds(cfg, st, address=dask_address)
+    root = tmp_path / "out" / "lds" / res["ground_truth_key"]
+    gt = pd.read_parquet(root / "ground_truth.parquet")
+    subsets = pd.read_parquet(root / "subsets.parquet")
+    assert len(gt) == 16 * 8 and res["num_retrained"] == 16
+    # subset 0's retrained query losses, by hand: the bigram trained on the subset, valid tokens summed per sequence
+    prob = tp.build(**args)
+    ids, valid = prob.train.tensors
+    keep = torch.as_tensor(np.sort(subsets[subsets["subset"] == 0]["train"].to_numpy()))
+    row = gt[gt["subset"] == 0].sort_values("query")
+    model = prob.fit(torch.utils.data.TensorDataset(ids[keep], valid[keep]), int(row["fit_seed"].iloc[0]))
+    with torch.no_grad():
+        losses, mask = prob.loss(model, prob.query.tensors)
+    want = (losses * mask).sum(dim=1).numpy()
+    np.testing.assert_allclose(row["loss"].to_numpy(), want, rtol=1e-9)
+    assert not np.allclose(want, losses[:, 0].numpy())  # sequences of 2-7 tokens: a sum, not one token
+    by = {r["method"]: r["lds"] for r in res["methods"]}
+    assert set(by) == {"bif", "bif_corr", "graddot", "influence"}
+    for name, value in by.items():  # 0.44 (bif), 0.44 (bif_corr), 0.46 (graddot), 0.42 (influence)
+        assert value > 0.25, (name, by)
+    with pytest.raises(ProblemError, match=r"^`bif calibrate` does not search per-token losses"):
+        run_calibration(cfg, CalibrationSettings(num_subsets=4), address=dask_address)

@@ -426,3 +426,17 @@ def test_tokens_notebook_runs_on_a_token_run(token_run, tmp_path, monkeypatch):
     column = xr.open_zarr(out / S.BIF_ZARR, consolidated=False)[S.BIF].sel({S.QUERY_DIM: query}).to_series()
     for i in (column.idxmin(), column.idxmax()):
         assert f"  {int(i):5d}  {column[i]:+10.4g}  " in text
+
+
+def test_in_process_scoring_gives_the_runs_sequence_level_bif(token_run):
+    """`bif lds` scores BIF in one process (``bif.evaluation.scoring.bif_arrays``, the chains of
+    ``sample_traces``): on a token problem it is the run's ``bif.zarr``, one column per sequence. It was the token
+    matrix (valid tokens x valid tokens), which LDS compared with sequence losses."""
+    from bif.evaluation.scoring import bif_arrays
+
+    out, _ = token_run
+    bif, corr = bif_arrays(tp.build(**ARGS), SamplerConfig(**SAMPLER))
+    seq = xr.open_zarr(out / S.BIF_ZARR, consolidated=False).load()
+    assert bif.shape == corr.shape == (ARGS["n_train"], ARGS["n_query"])
+    np.testing.assert_allclose(bif, seq[S.BIF].values, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(corr, seq[S.BIF_CORR].values, rtol=1e-6, atol=1e-9)

@@ -37,10 +37,12 @@ def _data(n: int, length: int, seed: int, min_len: int):
 
 
 def build(n_train: int = 6, n_query: int = 3, length: int = 8, dim: int = 3, seed: int = 0, form: str = "pair",
-          prompt: int = 0, min_len: int = 2, tie: bool = False) -> Problem:
+          prompt: int = 0, min_len: int = 2, tie: bool = False, fit_steps: int = 0) -> Problem:
     """``form``: 'pair' ((B, T-1) losses, mask), 'plain' ((B, T-1) losses only; sequences are then unpadded),
     'bad_mask' (a float mask). ``prompt``: the first ``prompt`` loss positions are masked too (so valid
-    positions do not start at 0). ``tie``: the head shares the embedding's weight (tied weights)."""
+    positions do not start at 0). ``tie``: the head shares the embedding's weight (tied weights).
+    ``fit_steps`` > 0: the model is trained (full-batch Adam on the mean valid-token loss plus a small weight
+    decay) and the problem has ``fit`` (the same training on a subset), for LDS."""
     torch.manual_seed(seed)
     model = Bigram(len(VOCAB), dim).double()
     if tie:
@@ -68,4 +70,21 @@ def build(n_train: int = 6, n_query: int = 3, length: int = 8, dim: int = 3, see
         ids = (tr_ids if split == "train" else qu_ids)[index]
         return [VOCAB[int(t)] for t in ids[1:]]  # the predicted token at each loss position
 
-    return Problem(model=model, train=train, query=query, loss=loss, render_tokens=render_tokens)
+    if not fit_steps:
+        return Problem(model=model, train=train, query=query, loss=loss, render_tokens=render_tokens)
+
+    def fit(dataset, fit_seed: int) -> torch.nn.Module:
+        torch.manual_seed(fit_seed)
+        m = Bigram(len(VOCAB), dim).double()
+        ids, valid = dataset.tensors
+        opt = torch.optim.Adam(m.parameters(), lr=0.1)
+        for _ in range(fit_steps):
+            opt.zero_grad()
+            out = loss(m, (ids, valid))
+            losses, mask = out if isinstance(out, tuple) else (out, torch.ones_like(out, dtype=torch.bool))
+            objective = losses[mask].mean() + 1e-3 * sum((p ** 2).sum() for p in m.parameters())
+            objective.backward()
+            opt.step()
+        return m.eval()
+
+    return Problem(model=fit(train, seed), train=train, query=query, loss=loss, render_tokens=render_tokens, fit=fit)

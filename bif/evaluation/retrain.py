@@ -26,11 +26,14 @@ def subset_dataset(ds: Dataset, indices: np.ndarray) -> Dataset:
 
 @torch.no_grad()
 def query_losses(problem: Problem, model: torch.nn.Module, *, batch_size: int = 4096) -> np.ndarray:
-    """Per-sample losses of every query example under ``model``: (n_query,) float64."""
-    from bif.evaluation.baselines.common import batches
+    """Per-sample losses of every query example under ``model``: (n_query,) float64 (token losses: each query
+    sequence's loss, the sum of its valid token losses, as in ``bif.zarr``)."""
+    from bif.evaluation.baselines.common import batch_len, batches
+    from bif.sampling.chain import checked_loss
 
     dtype = next(model.parameters()).dtype
-    out = [problem.loss(model, b).detach().to(torch.float64) for b in batches(problem.query, batch_size, dtype)]
+    out = [checked_loss(problem, model, b, batch_len(b)).detach().to(torch.float64)
+           for b in batches(problem.query, batch_size, dtype)]
     return torch.cat(out).cpu().numpy()
 
 
@@ -40,6 +43,15 @@ def require_fit(problem: Problem, needs: str = "the LDS benchmark needs") -> Non
     if problem.fit is None:
         raise ProblemError(f"problem has no fit(dataset, seed) -> nn.Module; {needs} it to retrain on subsets "
                            "(add `fit` to the problem factory's return value)")
+
+
+def has_token_losses(problem: Problem) -> bool:
+    """Whether ``problem.loss`` gives per-token losses (``(B, T)`` or a ``(losses, mask)`` pair), from its loss on
+    the first train example at w*."""
+    from bif.sampling.chain import collate_indices, split_loss
+
+    with torch.no_grad():
+        return split_loss(problem.loss(problem.model, collate_indices(problem.train, torch.arange(1))), 1)[2]
 
 
 def retrain_query_losses(problem: Problem, mask: np.ndarray, seed: int) -> np.ndarray:

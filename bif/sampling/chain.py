@@ -621,6 +621,15 @@ class ChainTraces:
     distance: np.ndarray  # (chains, draws) float64, ||w - w*|| at each draw
     variables: Variables | None = None  # token runs: the token variables of the columns
 
+    def per_sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, query)`` with one column per sample: a token run's sequence losses, the sum of each sample's
+        valid token losses (what ``bif.zarr`` and :func:`checked_loss` use), float64; a sample run's as they are."""
+        if self.variables is None:
+            return self.train, self.query
+        v = self.variables
+        return (sequence_sums(self.train, np.diff(v.sample_var_bounds("train"))),
+                sequence_sums(self.query, np.diff(v.sample_var_bounds("query"))))
+
 
 def sample_chains(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",
                   loss_dtype: torch.dtype = torch.float64, kernel: str | type[Kernel] | None = None) -> ChainTraces:
@@ -643,6 +652,6 @@ def sample_chains(problem: Problem, settings: SamplerConfig, *, device: torch.de
 def sample_traces(problem: Problem, settings: SamplerConfig, *, device: torch.device | str = "cpu",
                   loss_dtype: torch.dtype = torch.float64, kernel: str | type[Kernel] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, query)`` of :func:`sample_chains`: losses (chains, draws, n_train) and (chains, draws, n_query)."""
-    traces = sample_chains(problem, settings, device=device, loss_dtype=loss_dtype, kernel=kernel)
-    return traces.train, traces.query
+    """``(train, query)`` of :func:`sample_chains`: losses (chains, draws, n_train) and (chains, draws, n_query), one
+    column per sample (token runs: the sequence losses, :meth:`ChainTraces.per_sample`)."""
+    return sample_chains(problem, settings, device=device, loss_dtype=loss_dtype, kernel=kernel).per_sample()

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from bif.problem import Problem
-from bif.sampling.chain import eval_batches
+from bif.sampling.chain import checked_loss, eval_batches
 
 TRAIN_DIM = "train"
 QUERY_DIM = "query"
@@ -100,9 +100,10 @@ def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float64) -> FlatM
 
 
 def loss_of(problem: Problem, fm: FlatModel) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """``f(θ, batch) -> (B,)``: the problem's per-sample losses at flat parameters θ."""
+    """``f(θ, batch) -> (B,)``: the problem's per-sample losses at flat parameters θ (token losses: sequence losses,
+    the sum of each sample's valid token losses, :func:`bif.sampling.chain.checked_loss`)."""
     def f(flat: torch.Tensor, batch: Any) -> torch.Tensor:
-        return problem.loss(_Bound(fm.model, fm.params(flat)), batch)
+        return checked_loss(problem, _Bound(fm.model, fm.params(flat)), batch, batch_len(batch))
     return f
 
 

@@ -19,12 +19,14 @@ import logging
 import tempfile
 import time
 import warnings
+from typing import Any
 
 import torch
 import xarray as xr
 
-from bif.evaluation.baselines.common import as_scores
+from bif.evaluation.baselines.common import as_scores, batch_len
 from bif.problem import Problem
+from bif.sampling.chain import checked_loss
 
 
 def _require():
@@ -48,7 +50,8 @@ def ekfac_scores(problem: Problem, *, damping: float | None = None, batch_size: 
     Factors go to a temporary folder unless ``output_dir`` is given.
     """
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task = _require()
-    loss = problem.loss
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:  # (B,): token losses as sequence losses
+        return checked_loss(problem, model, batch, batch_len(batch))
 
     class _Task(Task):
         def compute_train_loss(self, batch, model, sample=False):  # noqa: ARG002 (empirical Fisher)

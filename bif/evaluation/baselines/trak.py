@@ -22,6 +22,7 @@ import time
 import torch
 import xarray as xr
 
+from bif.errors import ProblemError
 from bif.evaluation.baselines.common import as_scores, batches
 from bif.problem import Problem
 
@@ -33,6 +34,11 @@ def trak_scores(problem: Problem, *, proj_dim: int = 512, num_models: int = 1, l
     ``lambda_reg`` is added to the diagonal of the projected-gradient Gram matrix before its
     inverse; it must be > 0 when the model has fewer parameters than ``proj_dim``.
     """
+    from bif.evaluation.retrain import has_token_losses
+
+    if has_token_losses(problem):  # traker failed inside its vmap ("batching ... indexing with a boolean mask")
+        raise ProblemError("TRAK (traker's image-classification task) scores a classifier's [x, y] batches, not "
+                           "per-token losses; leave `trak` out of --methods for a language model")
     try:
         from trak import TRAKer
     except ImportError as err:
