@@ -76,7 +76,9 @@ def test_bench_covariance_and_out_of_core(tmp_path):
     from benchmarks.plot import rows as plot_rows
 
     plotted = plot_rows(data, None)
-    assert [r.value for r in plotted] == ([cov["ours_vs_devinterp"]] if cov.get("devinterp_s") else [])
+    assert [r.value for r in plotted] == [cov["ratio_vs_gemm"]] + ([cov["ours_vs_devinterp"]] if cov.get("devinterp_s")
+                                                                  else [])
+    assert plotted[0].rounds == pytest.approx([t / cov["gemm_s"] for t in cov["dask_reduction_runs_s"]])
 
 
 @pytest.mark.slow
@@ -114,14 +116,16 @@ def test_plot_rows_are_the_reported_figures_and_their_runs():
              "limit_100k": {"ratio_vs_limit": 0.5, "limit_s": 2.0, "stage_runs_s": [1.0, 0.8, 1.2]},
              "limit_20k": {"ratio_vs_gemm64": 1.5, "gemm64_s": 0.2, "stage_runs_s": [0.3, 0.28]},
              "scale": {"stage_peak_rss_gb": 2.5}}
-    pipeline = {"covariance": {"devinterp_s": 4.0, "ours_vs_devinterp": 0.1}}
+    pipeline = {"covariance": {"devinterp_s": 4.0, "ours_vs_devinterp": 0.1, "ratio_vs_gemm": 2.5, "gemm_s": 0.2,
+                               "dask_reduction_runs_s": [0.6, 0.5, 0.4]}}
     got = {r.label.split(",")[0].split("\n")[0]: r for r in rows(pipeline, scale)}
     assert [(r.value, r.target, r.met) for r in got.values()] == [
-        (2.0, 2.0, True), (2.01, 2.0, False), (0.5, 2.0, True), (1.5, 2.0, True), (1.25, 1.0, False),
-        (0.1, 1.0, True)]
+        (2.0, 2.0, True), (2.01, 2.0, False), (0.5, 2.0, True), (1.5, 2.0, True), (2.5, 2.0, False),
+        (1.25, 1.0, False), (0.1, 1.0, True)]
+    assert got["4: the same in make bench"].rounds == pytest.approx([3.0, 2.5, 2.0])
     assert got["4: covariance stage / its limit"].rounds == pytest.approx([0.5, 0.4, 0.6])
     assert got["4: covariance stage / float64 GEMM"].rounds == pytest.approx([1.5, 1.4])
-    assert rows(None, None) == [] and rows({"covariance": {"devinterp_s": None}}, {}) == []
+    assert rows(None, None) == [] and rows({"covariance": {"devinterp_s": None, "ratio_vs_gemm": None}}, {}) == []
 
 
 @pytest.mark.slow
