@@ -10,6 +10,9 @@
     max_length: 128                     # tokens per text (longer texts are truncated)
     padding: longest                    # pad both splits to the longest text of either, or max_length
     fused_activations: true             # torch's fused tanh-GELU for gelu_new / gelu_fast (same function)
+    fit_steps: 300                      # optional: the problem gets `fit` (for `bif lds`), below
+    fit_lr: 0.01
+    fit_weight_decay: 0.01
 
 The model and its tokenizer are loaded with ``local_files_only=True`` from the directory
 (an fsspec URI is first copied to a temporary directory): nothing is ever downloaded from
@@ -35,6 +38,11 @@ the same function in one kernel (:func:`fuse_activations`). Each forward and bac
 model spends a large share of its time in those eight elementwise ops: a draw of the tinylm
 example (2 SGLD steps and one evaluation of 80 texts) is ~14% faster. Losses differ by float32
 rounding only (<= 2e-6 on the example); the weights, and so the run's identity, are unchanged.
+
+``fit_steps`` gives the problem a ``fit(dataset, seed)`` for `bif lds`: a fresh model of the same config, seeded,
+trained from scratch on the subset by :func:`train_full_batch` (full-batch AdamW with a one-cycle schedule on the
+mean valid-token loss, as the tiny LM example is trained). It suits small models that train in seconds; a larger
+model's own recipe belongs in a problem module of its own.
 """
 from __future__ import annotations
 
@@ -302,16 +310,61 @@ def token_texts(tokenizer: Any, ids: Sequence[int], valid: Sequence[int | bool])
     return out
 
 
+def train_full_batch(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, steps: int, lr: float,
+                     weight_decay: float, seed: int) -> list[float]:
+    """Full-batch AdamW (one-cycle schedule) on the mean valid-token loss (:func:`token_losses`) of ``batch``;
+    returns the loss every 50 steps (and the last). The tiny LM example's training and ``build``'s ``fit``."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    history = []
+    for step in range(steps):
+        losses, mask = token_losses(model, batch)
+        loss = losses[mask].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            history.append(float(loss.detach()))
+    return history
+
+
+def _fit_from_scratch(net: torch.nn.Module, *, steps: int, lr: float, weight_decay: float, fused_activations: bool):
+    """``fit(dataset, seed)``: a fresh model of ``net``'s config, seeded, trained on ``dataset`` by
+    :func:`train_full_batch`; float32, eval mode."""
+    if int(steps) < 1:
+        raise ProblemError(f"fit_steps must be >= 1, got {steps}")
+
+    def fit(dataset: Dataset, seed: int) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        from bif.sampling.chain import collate_indices
+
+        torch.manual_seed(int(seed))
+        model = AutoModelForCausalLM.from_config(net.config).float()
+        if fused_activations:
+            fuse_activations(model)
+        train_full_batch(model, collate_indices(dataset, torch.arange(len(dataset))), steps=int(steps), lr=lr,
+                         weight_decay=weight_decay, seed=int(seed))
+        return model.eval()
+
+    return fit
+
+
 def build(model: str, train: str, query: str | None = None, *, text_field: str = "text", max_length: int = 128,
           padding: str = "longest", n_train: int | None = None, n_query: int | None = None,
-          fused_activations: bool = True, storage_options: Mapping[str, Any] | None = None) -> Problem:
+          fused_activations: bool = True, storage_options: Mapping[str, Any] | None = None,
+          fit_steps: int | None = None, fit_lr: float = 1e-2, fit_weight_decay: float = 1e-2) -> Problem:
     """The problem of a saved causal LM and two text files (see the module docstring).
 
     ``model``: directory (local or fsspec URI) with config.json, weights and tokenizer.
     ``train`` / ``query``: text files (query defaults to train). ``n_train`` / ``n_query``:
     keep the first texts only. ``fused_activations``: :func:`fuse_activations` (default on; the
     same function, faster). ``storage_options``: fsspec options for these URIs (they are
-    stored with the config's problem_args: prefer ambient credentials, e.g. ``AWS_*``).
+    stored with the config's problem_args: prefer ambient credentials, e.g. ``AWS_*``). ``fit_steps``: the
+    problem gets ``fit`` (from scratch, :func:`train_full_batch` with ``fit_lr`` and ``fit_weight_decay``).
     """
     model_dir = local_model_dir(model, storage_options=storage_options)
     net, tokenizer = load_pretrained(model_dir, fused_activations=fused_activations)
@@ -338,5 +391,8 @@ def build(model: str, train: str, query: str | None = None, *, text_field: str =
     def render(split: str, index: int) -> str:
         return sets[split].texts[int(index)]
 
+    fit = None if fit_steps is None else _fit_from_scratch(net, steps=fit_steps, lr=fit_lr,
+                                                           weight_decay=fit_weight_decay,
+                                                           fused_activations=fused_activations)
     return Problem(model=net, train=sets["train"], query=sets["query"], loss=token_losses, render=render,
-                   render_tokens=render_tokens, extras={"tokenizer": tokenizer, "model_dir": model_dir})
+                   render_tokens=render_tokens, fit=fit, extras={"tokenizer": tokenizer, "model_dir": model_dir})

@@ -174,3 +174,35 @@ def test_token_problems_score_sequences_and_trak_refuses_them():
     np.testing.assert_allclose(q, (losses * mask).sum(dim=1).detach().numpy(), rtol=1e-12)
     with pytest.raises(ProblemError, match=r"^TRAK \(traker's image-classification task\) scores a classifier"):
         trak_scores(prob, proj_dim=200)
+
+
+def test_a_model_that_branches_on_its_input_gets_its_gradients_one_sample_at_a_time():
+    """vmap cannot batch data-dependent control flow (``if x.sum() > 0``); such a model's per-sample gradients are
+    taken one sample at a time, with the same values as plain autograd (it raised torch's vmap error)."""
+    from torch.utils.data import TensorDataset
+
+    from bif.problem import Problem
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            out = self.lin(x)[:, 0]
+            return out * 2.0 if bool(x.sum() > 0) else out  # data-dependent: one sample's sign
+
+    torch.manual_seed(0)
+    model = Branchy().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, dtype=torch.float64)
+    prob = Problem(model=model, train=TensorDataset(x, y), query=TensorDataset(x[:2], y[:2]),
+                   loss=lambda m, b: (m(b[0]) - b[1]) ** 2)
+
+    def grad_by_hand(i):
+        loss = prob.loss(model, (x[i:i + 1], y[i:i + 1]))[0]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+    g = torch.stack([grad_by_hand(i) for i in range(6)])
+    assert {bool(x[i].sum() > 0) for i in range(6)} == {True, False}  # both branches taken
+    np.testing.assert_allclose(graddot_scores(prob).values, -(g @ g[:2].T).numpy() / 6, rtol=1e-12)

@@ -1,14 +1,16 @@
 """bif.lm, the Hugging Face causal-LM problem factory: inputs, padding mask, per-token losses, offline loading."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from bif.errors import ProblemError
+from bif.errors import ConfigError, ProblemError
 from bif.examples.tinylm import TinyLMSpec, make_model, make_tokenizer
 from bif.lm import build, read_texts, token_losses
 
@@ -291,3 +293,78 @@ def test_bif_example_defaults_and_epochs(tmp_path, monkeypatch):
     assert main(["example", "tinylm", "lm", "--epochs", "4"]) == 0
     facts = json.loads((tmp_path / "lm" / "facts.json").read_text())
     assert facts["spec"]["steps"] == 4 and len(facts["loss_history"]) == 2  # steps 0 and 3 (every 50th and the last)
+
+
+def test_fit_steps_retrains_from_scratch_and_the_baselines_take_hf_gradients(model_dir, tmp_path, monkeypatch):
+    """``fit_steps`` gives the problem ``fit`` for `bif lds`: a fresh model of the same config trained on the subset
+    alone (seeded: the same seed gives the same weights), which lowers the subset's loss. The baselines on the
+    Hugging Face model: GradDot equals per-sequence gradients taken by plain autograd (torch.func's vmap failed in
+    transformers' mask for the fused attention, which branches on the padding mask's values; the baselines' copy
+    attends eagerly), EK-FAC (its wrapper passes keywords) and the influence function (the fused attention has no
+    forward-mode derivative) run."""
+    from torch.utils.data import Subset
+
+    from bif.evaluation.baselines.graddot import graddot_scores
+    from bif.evaluation.retrain import query_losses
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    prob = build(str(model_dir), str(tmp_path / "t.jsonl"), fit_steps=40, fit_lr=0.02)
+    assert build(str(model_dir), str(tmp_path / "t.jsonl")).fit is None
+    sub = Subset(prob.train, [0, 1, 3])
+    a, b, other = prob.fit(sub, 3), prob.fit(sub, 3), prob.fit(sub, 4)
+    assert type(a) is type(prob.model) and a.config.to_dict() == prob.model.config.to_dict() and not a.training
+    sa, sb, so = (m.state_dict() for m in (a, b, other))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not all(torch.equal(sa[k], so[k]) for k in sa)
+    trained, untrained = query_losses(prob, a), query_losses(prob, prob.model)  # the fixture's model is untrained
+    assert trained[[0, 1, 3]].sum() < 0.5 * untrained[[0, 1, 3]].sum()
+
+    def grad_of_text(i):
+        ids, attn = prob.train.input_ids[i:i + 1], prob.train.attention_mask[i:i + 1]
+        losses, mask = token_losses(prob.model, {"input_ids": ids, "attention_mask": attn})
+        ps = [p for p in prob.model.parameters() if p.requires_grad]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad((losses * mask).sum(), ps)])
+
+    g = torch.stack([grad_of_text(i) for i in range(len(TEXTS))]).double()
+    want = -(g @ g.T).numpy() / len(TEXTS)
+    got = graddot_scores(prob, dtype=torch.float32).values
+    assert abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * abs(want).max())
+    if importlib.util.find_spec("kronfluence"):  # EK-FAC without curvature: the same on its tracked nn.Linear head
+        from bif.evaluation.baselines.ekfac import ekfac_scores
+
+        def head_grad(i):  # d(sequence loss)/d(head weight) = sum over positions of dlogits_t outer hidden_t
+            ids, attn = prob.train.input_ids[i:i + 1], prob.train.attention_mask[i:i + 1]
+            out = prob.model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+            logits, hidden = out.logits, out.hidden_states[-1]
+            losses = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+            valid = (attn[0, 1:] * attn[0, :-1]).bool()
+            (dlogits,) = torch.autograd.grad(losses[valid].sum(), logits)
+            return torch.einsum("tv,td->vd", dlogits[0], hidden[0]).detach().reshape(-1)
+
+        h = torch.stack([head_grad(i) for i in range(len(TEXTS))]).double()
+        head_want = -(h @ h.T).numpy() / len(TEXTS)
+        np.testing.assert_allclose(ekfac_scores(prob, strategy="identity").values, head_want, rtol=2e-4,
+                                   atol=1e-6 * abs(head_want).max())
+    # the influence function's Hessian-vector products: torch's fused CPU attention has no forward-mode or
+    # double-backward derivative, so the baselines' copy attends eagerly; the explicit solve and CG then agree where
+    # the damping makes H + λI positive definite
+    # (only the attention's 1,088 parameters are trained here, to keep the explicit Hessian small)
+    import copy
+    import dataclasses
+
+    from bif.evaluation.baselines import influence
+
+    attn = copy.deepcopy(prob.model)
+    for name, param in attn.named_parameters():
+        param.requires_grad_(".attn." in name)
+    on_attn = dataclasses.replace(prob, model=attn)
+    explicit = influence.influence_scores(on_attn, damping=100.0, solver="explicit").values
+    np.testing.assert_allclose(influence.influence_scores(on_attn, damping=100.0, solver="cg").values, explicit,
+                               rtol=1e-6, atol=1e-9 * abs(explicit).max())
+    assert abs(explicit).max() > 1e-4
+    assert prob.model.config._attn_implementation == "sdpa"  # the problem's own model is left as it was
+    monkeypatch.setattr(influence, "EXPLICIT_MAX_PARAMS", 1000)
+    with pytest.raises(ConfigError, match=r"^the explicit influence solver would build a 4,624 x 4,624 Hessian "
+                                         r"\(0\.2 GiB, and its eigendecomposition\); the model has more than 1,000 "
+                                         r"parameters: leave influence out of --methods"):
+        influence.influence_scores(prob, damping=1.0)

@@ -127,6 +127,27 @@ def test_example_writes_model_tokenizer_corpus_and_facts(example):
     assert np.median(value_losses) < 0.5 < np.log(12)
 
 
+def test_lds_retrains_the_tiny_lm_from_scratch_as_the_readme_types_it(home, example):
+    """The README's `bif lds` of the tiny LM (``fit_steps``: bif.lm's ``fit``), as typed, with fewer subsets and
+    methods appended (argparse keeps the last): 4 retrainings on the workers, GradDot and EK-FAC on the Hugging
+    Face model, each a finite LDS over the 16 query texts."""
+    (line,) = re.findall(r"^```bash\n(bif lds bif/examples/tinylm\.yaml .*)\n```$", (REPO / "README.md").read_text(),
+                         re.M)
+    args = line.split()[1:] + ["--num-subsets", "4", "--num-seeds", "1", "--methods", "graddot,ekfac"]
+    assert "--set" in args and "problem_args.fit_steps=300" in args
+    res = bif(*args, cwd=home["cwd"], env=home["env"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"^ground truth: \S+ \(retrained, 4 retrainings\)$", res.stdout, re.M), res.stdout
+    summary = json.loads(next((home["cwd"] / "runs" / "example" / "tinylm-run" / "lds").glob(
+        "*/results/latest/summary.json")).read_text())
+    lds = {m["method"]: m["lds"] for m in summary["methods"]}
+    assert set(lds) == {"graddot", "ekfac"} and all(np.isfinite(v) for v in lds.values()), lds
+    for name, value in lds.items():
+        assert re.search(rf"^\s+{name}  LDS {re.escape(f'{value:+.3f}')} ± ", res.stdout, re.M), res.stdout
+    gt = pd.read_parquet(next((home["cwd"] / "runs" / "example" / "tinylm-run" / "lds").glob("*/ground_truth.parquet")))
+    assert len(gt) == 4 * 16 and (gt["loss"] > 0).all()
+
+
 @pytest.mark.slow
 def test_run_ranks_the_fact_carrying_texts_at_the_top(home, example):
     cwd, env = home["cwd"], home["env"]

@@ -148,24 +148,11 @@ def make_model(spec: TinyLMSpec, *, n_positions: int, seed: int) -> torch.nn.Mod
 
 
 def train(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TinyLMSpec, *, seed: int) -> list[float]:
-    """Full-batch AdamW (one-cycle schedule) on the mean valid-token loss; returns the loss every 50 steps (and the last)."""
-    from bif.lm import token_losses
+    """Full-batch AdamW (one-cycle schedule) on the mean valid-token loss (:func:`bif.lm.train_full_batch`, which
+    ``bif.lm.build``'s ``fit`` also uses); returns the loss every 50 steps (and the last)."""
+    from bif.lm import train_full_batch
 
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
-    model.train()
-    history = []
-    for step in range(spec.steps):
-        losses, mask = token_losses(model, batch)
-        loss = losses[mask].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == spec.steps - 1:
-            history.append(float(loss.detach()))
-    return history
+    return train_full_batch(model, batch, steps=spec.steps, lr=spec.lr, weight_decay=spec.weight_decay, seed=seed)
 
 
 def fact_accuracy(model: torch.nn.Module, batch: dict[str, torch.Tensor], meta: dict) -> float:

@@ -92,8 +92,17 @@ class FlatModel:
 
 
 def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float64) -> FlatModel:
-    """Deep-copy ``model`` to ``dtype`` in eval mode and flatten its trainable parameters."""
+    """Deep-copy ``model`` to ``dtype`` in eval mode and flatten its trainable parameters.
+
+    A Hugging Face model's copy computes attention eagerly (``set_attn_implementation("eager")``), the same
+    function: torch's fused CPU attention (SDPA) has neither forward-mode nor double-backward derivatives, which
+    the influence function's Hessian-vector products take, and transformers' mask for it branches on the padding
+    mask's values, which ``vmap`` cannot batch (GradDot failed there).
+    """
     m = copy.deepcopy(model).to(dtype).eval()
+    if callable(getattr(m, "set_attn_implementation", None)) and \
+            getattr(getattr(m, "config", None), "_attn_implementation", "eager") != "eager":
+        m.set_attn_implementation("eager")
     named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
     theta = torch.cat([p.detach().reshape(-1) for _, p in named]).clone()
     return FlatModel(model=m, names=tuple(n for n, _ in named), shapes=tuple(p.shape for _, p in named), theta=theta)
@@ -108,15 +117,36 @@ def loss_of(problem: Problem, fm: FlatModel) -> Callable[[torch.Tensor, Any], to
 
 
 def per_sample_grads(problem: Problem, fm: FlatModel, ds: Dataset, *, batch_size: int = 256) -> torch.Tensor:
-    """∇_θ ℓ_i(θ*) for every sample of ``ds``: (n, P), via ``vmap(grad(...))``."""
+    """∇_θ ℓ_i(θ*) for every sample of ``ds``: (n, P), via ``vmap(grad(...))``.
+
+    A model whose forward pass branches on its inputs' values cannot be vmapped ("data-dependent control flow");
+    its gradients are taken one sample at a time, with the same ``grad``, and the same values.
+    """
     f = loss_of(problem, fm)
 
     def single(flat: torch.Tensor, sample: Any) -> torch.Tensor:
         one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
         return f(flat, one)[0]
 
-    g = torch.func.vmap(torch.func.grad(single), in_dims=(None, 0))
-    return torch.cat([g(fm.theta, b).detach() for b in batches(ds, batch_size, fm.theta.dtype)])
+    grad = torch.func.grad(single)
+    g = torch.func.vmap(grad, in_dims=(None, 0))
+    out, looped = [], False
+    for b in batches(ds, batch_size, fm.theta.dtype):
+        if not looped:
+            try:
+                out.append(g(fm.theta, b).detach())
+                continue
+            except RuntimeError as err:
+                if "vmap" not in str(err):
+                    raise
+                looped = True
+        out.extend(grad(fm.theta, _sample(b, i)).detach()[None] for i in range(batch_len(b)))
+    return torch.cat(out)
+
+
+def _sample(batch: Any, i: int) -> Any:
+    """Sample ``i`` of a collated batch, as ``vmap`` hands it to the function (its tensors without the batch dim)."""
+    return torch.utils._pytree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, batch)
 
 
 def mean_train_loss(problem: Problem, fm: FlatModel, *, batch_size: int = 4096

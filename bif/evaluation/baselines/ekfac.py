@@ -29,6 +29,19 @@ from bif.problem import Problem
 from bif.sampling.chain import checked_loss
 
 
+class _Child(torch.nn.Module):
+    """The model as this module's one child, called with the caller's arguments as they are: a Hugging Face model
+    takes keywords (``input_ids=...``), which ``nn.Sequential`` refused. Its parameter names gain the prefix "0.",
+    as they did in the ``nn.Sequential`` it replaces."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.add_module("0", model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, "0")(*args, **kwargs)
+
+
 def _require():
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
@@ -62,7 +75,7 @@ def ekfac_scores(problem: Problem, *, damping: float | None = None, batch_size: 
 
     task = _Task()
     # wrapped so that a bare nn.Linear model is a child module (kronfluence only wraps children)
-    model = prepare_model(torch.nn.Sequential(copy.deepcopy(problem.model)).eval(), task)
+    model = prepare_model(_Child(copy.deepcopy(problem.model)).eval(), task)
     dtype = next(model.parameters()).dtype
     for name in ("kronfluence", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
