@@ -256,13 +256,13 @@ XDIST_GROUPS = {
 #: matters: the longest units go out first. (Both runs replayed in this order: 579/584 s and 637/637 s per worker.)
 #: test_ops: 38 since its `bif backfill` CLI test (session 41, +22 s); test_tokens: 14 since its notebook test (+5 s).
 #: test_cli: 118 (session 42: 89-101 s in two fresh-clone runs, then the README's problem from scratch, ~18-36 s).
-#: Session 43: test_tinylm 38 (+20 s: its `bif lds`), test_lds_flow 30 (+15 s: a token problem), test_lm 13 (+9 s).
+#: Session 43: test_tinylm 38 (+20 s: its `bif lds`), test_lds_flow 33 (+18 s: a token problem), test_lm 13 (+9 s).
 XDIST_COST_S = {
     "test_kept_cluster.py": 225, "test_flow.py": 114, "test_warm.py": 103, "test_numba_cache.py": 88,
     "test_faults.py": 83, "test_cli.py": 118, "test_startup.py": 61, "test_server.py": 53, "test_degenerate.py": 36,
     "test_sampler.py": 36, "test_runtime.py": 32, "test_bench.py": 28, "test_worker_settings.py": 27,
     "test_covariance.py": 25, "test_baselines.py": 25, "test_quality.py": 23, "test_tinylm.py": 38,
-    "test_credentials.py": 17, "test_ops.py": 38, "test_ci_watch.py": 15, "test_report.py": 15, "test_lds_flow.py": 30,
+    "test_credentials.py": 17, "test_ops.py": 38, "test_ci_watch.py": 15, "test_report.py": 15, "test_lds_flow.py": 33,
     "test_notebook.py": 10, "test_registry.py": 10, "test_tokens.py": 14, "test_architecture.py": 8,
     "test_diagnostics.py": 8, "test_report_tokens.py": 7, "test_catalog.py": 7, "test_store.py": 6, "test_infra.py": 6,
     "test_threads.py": 5, "test_calibrate.py": 5, "test_lm.py": 13, "test_lds.py": 4,

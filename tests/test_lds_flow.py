@@ -128,11 +128,16 @@ def test_lds_of_a_token_problem_scores_its_sequences(tmp_path, prefect_api_url, 
                         "sampler": {"num_chains": 2, "num_draws": 400, "num_burnin_steps": 50, "steps_per_draw": 2,
                                     "step_size": 1e-2, "gamma": 100.0, "batch_size": 24}})
     st = LDSSettings(num_subsets=16, num_seeds=1, methods=("bif", "graddot", "influence"), options={"damping": 0.05})
+    # TRAK cannot score per-token losses: its message stops the flow before the ground truth is gathered (it came
+    # only after all 16 retrainings, then ground_truth.parquet); the next run finishes the retrainings
+    with pytest.raises(ProblemError, match=r"^TRAK \(traker's image-classification task\) scores a classifier"):
+        run_lds(cfg, st.model_copy(update={"methods": ("graddot", "trak")}), address=dask_address)
+    assert not list((tmp_path / "out" / "lds").glob("*/ground_truth.parquet"))
     res = run_lds(cfg, st, address=dask_address)
     root = tmp_path / "out" / "lds" / res["ground_truth_key"]
     gt = pd.read_parquet(root / "ground_truth.parquet")
     subsets = pd.read_parquet(root / "subsets.parquet")
-    assert len(gt) == 16 * 8 and res["num_retrained"] == 16
+    assert len(gt) == 16 * 8 and res["num_retrained"] <= 16
     # subset 0's retrained query losses, by hand: the bigram trained on the subset, valid tokens summed per sequence
     prob = tp.build(**args)
     ids, valid = prob.train.tensors
