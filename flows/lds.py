@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 
 from bif.config import RunConfig, build_config
 from bif.flows import runtime
@@ -113,8 +112,7 @@ def _lds(config: dict[str, Any], settings: dict[str, Any], cfg: RunConfig, st: L
     print(f"ground truth {p.root_uri}: {'cached' if p.cached else f'{len(p.missing)} retrainings to run'}")
     futures = [rt.submit(retrain_task, cfg.problem, cfg.problem_args, p.root_uri, m, r, seed,
                          np.flatnonzero(p.masks[m]), opts) for m, r, seed in p.missing]
-    _raise_failed_scoring(score_futures, futures)
-    wait(futures)
+    _raise_failed_scoring(score_futures, futures)  # returns once every retraining and scoring has ended
     pids = sorted({f.result() for f in futures})  # raises the first failure after its retries
     gt = (lds_store.read_ground_truth(p, st, storage_options=opts) if p.cached
           else lds_store.consolidate(p, st, storage_options=opts))

@@ -28,11 +28,10 @@ def subset_dataset(ds: Dataset, indices: np.ndarray) -> Dataset:
 def query_losses(problem: Problem, model: torch.nn.Module, *, batch_size: int = 4096) -> np.ndarray:
     """Per-sample losses of every query example under ``model``: (n_query,) float64 (token losses: each query
     sequence's loss, the sum of its valid token losses, as in ``bif.zarr``)."""
-    from bif.evaluation.baselines.common import batch_len, batches
-    from bif.sampling.chain import checked_loss
+    from bif.evaluation.baselines.common import batches, sample_losses
 
     dtype = next(model.parameters()).dtype
-    out = [checked_loss(problem, model, b, batch_len(b)).detach().to(torch.float64)
+    out = [sample_losses(problem, model, b).detach().to(torch.float64)
            for b in batches(problem.query, batch_size, dtype)]
     return torch.cat(out).cpu().numpy()
 

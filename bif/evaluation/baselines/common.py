@@ -108,11 +108,16 @@ def flatten_model(model: nn.Module, dtype: torch.dtype = torch.float64) -> FlatM
     return FlatModel(model=m, names=tuple(n for n, _ in named), shapes=tuple(p.shape for _, p in named), theta=theta)
 
 
+def sample_losses(problem: Problem, model: Any, batch: Any) -> torch.Tensor:
+    """``problem.loss(model, batch)`` as one loss per sample (B,): token losses become sequence losses, the sum of
+    each sample's valid token losses (:func:`bif.sampling.chain.checked_loss`), as in ``bif.zarr``."""
+    return checked_loss(problem, model, batch, batch_len(batch))
+
+
 def loss_of(problem: Problem, fm: FlatModel) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    """``f(θ, batch) -> (B,)``: the problem's per-sample losses at flat parameters θ (token losses: sequence losses,
-    the sum of each sample's valid token losses, :func:`bif.sampling.chain.checked_loss`)."""
+    """``f(θ, batch) -> (B,)``: the problem's per-sample losses at flat parameters θ (:func:`sample_losses`)."""
     def f(flat: torch.Tensor, batch: Any) -> torch.Tensor:
-        return checked_loss(problem, _Bound(fm.model, fm.params(flat)), batch, batch_len(batch))
+        return sample_losses(problem, _Bound(fm.model, fm.params(flat)), batch)
     return f
 
 

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 import xarray as xr
 
-from bif.evaluation.baselines.common import as_scores, batch_len
+from bif.evaluation.baselines.common import as_scores, sample_losses
 from bif.problem import Problem
-from bif.sampling.chain import checked_loss
 
 
 class _Child(torch.nn.Module):
@@ -63,8 +62,9 @@ def ekfac_scores(problem: Problem, *, damping: float | None = None, batch_size: 
     Factors go to a temporary folder unless ``output_dir`` is given.
     """
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task = _require()
+
     def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:  # (B,): token losses as sequence losses
-        return checked_loss(problem, model, batch, batch_len(batch))
+        return sample_losses(problem, model, batch)
 
     class _Task(Task):
         def compute_train_loss(self, batch, model, sample=False):  # noqa: ARG002 (empirical Fisher)
