@@ -86,6 +86,8 @@ def cmd_lds(args: argparse.Namespace) -> int:
           f"{res['num_retrained']} retrainings)")
     for r in res["methods"]:
         print(f"{r['method']:>16}  LDS {r['lds']:+.3f} ± {r['stderr']:.3f}  {r['seconds']:.1f} s")
+        for message in r.get("warnings", ()):
+            print(f"{'':>16}  warning: {message}")
     print(f"summary: {res['summary_uri']}  wall time {time.perf_counter() - t0:.1f} s")
     print(f"logs: {cfg.output.rstrip('/')}/logs/")
     return 0

@@ -62,6 +62,43 @@ def test_explicit_cg_and_lissa_agree(problem, exact_if):
     assert np.corrcoef(sto.values.ravel(), exact_if.values.ravel())[0, 1] > 0.95
 
 
+def test_cg_stops_on_negative_curvature_and_at_its_cap():
+    """Truncated CG: a query whose Krylov space meets negative curvature stops there (flagged), one that stays in
+    the positive eigenspace is solved exactly, and no solve runs past the iteration cap (default min(P, 1000))."""
+    from bif.evaluation.baselines.influence import CG_MAX_ITER, solve_cg
+
+    d = torch.tensor([4.0, 2.0, 1.0, 0.5, -0.3, 3.0], dtype=torch.float64)
+    hvp = lambda v: d[:, None] * v  # noqa: E731  H = diag(d), indefinite
+    rhs = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 1.0],  # no component on the negative eigenvector: solvable
+                        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64).T
+    info: dict = {}
+    x = solve_cg(hvp, rhs, damping=0.0, info=info)
+    np.testing.assert_allclose(x[:, 0], rhs[:, 0] / torch.where(d > 0, d, 1.0), rtol=1e-12, atol=1e-12)
+    assert info["negative_curvature"] == 1 and info["unconverged"] == 0 and info["iterations"] <= 6
+    assert torch.isfinite(x).all()
+    # the explicit solve of the same indefinite system would flip the sign of the -0.3 direction; damping fixes it
+    x_damped = solve_cg(hvp, rhs, damping=0.5, info=info)
+    np.testing.assert_allclose(x_damped, rhs / (d + 0.5)[:, None], rtol=1e-10)
+    assert info["negative_curvature"] == 0 and info["unconverged"] == 0
+    # the cap: a positive definite system too ill-conditioned to reach 1e-10 within it
+    p = CG_MAX_ITER + 200
+    spread = torch.logspace(-8, 0, p, dtype=torch.float64)
+    x = solve_cg(lambda v: spread[:, None] * v, torch.ones(p, 1, dtype=torch.float64), damping=0.0, info=info)
+    assert info["iterations"] == CG_MAX_ITER and info["unconverged"] == 1 and info["negative_curvature"] == 0
+    solve_cg(lambda v: spread[:, None] * v, torch.ones(p, 1, dtype=torch.float64), damping=0.0, max_iter=5, info=info)
+    assert info["iterations"] == 5
+
+
+def test_an_unconverged_cg_influence_warns_and_says_so_in_its_attributes(problem):
+    from bif.warnings import BifWarning
+
+    with pytest.warns(BifWarning, match="did not converge in 2 iterations"):
+        cg = influence_scores(problem, damping=L2, solver="cg", cg_max_iter=2)
+    assert cg.attrs["cg_iterations"] == 2 and cg.attrs["cg_unconverged"] == 12
+    assert cg.attrs["cg_negative_curvature"] == 0 and "indefinite" not in cg.attrs
+    assert influence_scores(problem, damping=L2, solver="cg").attrs["cg_unconverged"] == 0
+
+
 def test_exact_if_equals_the_upweighting_derivative(problem, exact_if):
     """dφ_q/dε for weight 1 + ε on train i (objective normalized by n) equals τ[i, q]."""
     x, y = problem.train.tensors

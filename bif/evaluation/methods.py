@@ -39,6 +39,7 @@ class MethodOutput:
 
     scores: Mapping[str, "np.ndarray"] = field(default_factory=dict)
     query_seconds: float | None = None  # wall time of the query-dependent part; None: the whole method
+    warnings: tuple[str, ...] = ()  # what the user should know about these scores (bif lds prints them)
 
 
 Compute = Callable[["Problem", MethodInputs], MethodOutput]
@@ -87,9 +88,10 @@ def methods_help() -> str:
 
 
 def _from_array(da: Any, name: str) -> MethodOutput:
-    """A baseline's DataArray (its ``query_seconds`` attribute, if any) as a MethodOutput."""
+    """A baseline's DataArray (its ``query_seconds`` and ``warning`` attributes, if any) as a MethodOutput."""
     qs = da.attrs.get("query_seconds")
-    return MethodOutput({name: da.values}, None if qs is None else float(qs))
+    warning = da.attrs.get("warning")
+    return MethodOutput({name: da.values}, None if qs is None else float(qs), (warning,) if warning else ())
 
 
 # --- the built-in methods -----------------------------------------------------------------------------
@@ -112,8 +114,8 @@ def _influence(solver: str) -> Compute:
         from bif.evaluation.baselines.influence import influence_scores
 
         o = inputs.options
-        return _from_array(influence_scores(problem, damping=o.damping, solver=solver, lissa_depth=o.lissa_depth),
-                           _SOLVER_METHOD[solver])
+        return _from_array(influence_scores(problem, damping=o.damping, solver=solver, lissa_depth=o.lissa_depth,
+                                            warn=False), _SOLVER_METHOD[solver])
     return compute
 
 

@@ -5,6 +5,7 @@ which dispatches through the method registry :mod:`bif.evaluation.methods`.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import psutil
 from bif.config import CovarianceConfig, SamplerConfig
 from bif.evaluation.methods import MethodInputs, get_method
 from bif.evaluation.settings import MethodOptions
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from bif.problem import Problem
@@ -31,6 +34,7 @@ class Scored:
     seconds: float  # wall time of the whole method
     query_seconds: float  # wall time of the query-dependent part (scoring a new query set)
     peak_mb: float  # peak RSS increase over the start, MiB (sampled every 5 ms)
+    warnings: tuple[str, ...] = ()  # the method's warnings about these scores (MethodOutput.warnings)
 
 
 def measure(fn: Callable[[], Any], *, interval: float = 0.005) -> tuple[Any, float, float]:
@@ -80,4 +84,6 @@ def score_method(problem: Problem, method: str, *, sampler: SamplerConfig | None
                           options=options or MethodOptions())
     out, sec, mb = measure(lambda: m.compute(problem, inputs))
     query_seconds = sec if out.query_seconds is None else out.query_seconds
-    return [Scored(name, tau, sec, query_seconds, mb) for name, tau in out.scores.items()]
+    for message in out.warnings:
+        log.warning("%s", message)
+    return [Scored(name, tau, sec, query_seconds, mb, tuple(out.warnings)) for name, tau in out.scores.items()]

@@ -10,7 +10,7 @@ retrain/subset=M/rep=R.parquet     one retraining: query losses (written by one 
 ground_truth.parquet               all retrainings: subset, rep, fit_seed, query, loss
 subsets.parquet                    the subsets: subset, train (one row per included example)
 results/<run>/lds.parquet          per-query LDS: method, query, lds
-results/<run>/summary.json         per method: mean, stderr, seconds, query_seconds, peak_mb
+results/<run>/summary.json         per method: mean, stderr, seconds, query_seconds, peak_mb, warnings
 ```
 A second run with the same key reads ``ground_truth.parquet`` and retrains nothing.
 """
@@ -148,6 +148,7 @@ class MethodReport:
     seconds: float
     query_seconds: float
     peak_mb: float
+    warnings: list[str] = field(default_factory=list)  # the method's warnings about its scores
 
 
 def evaluate(gt: GroundTruth, scored: Iterable[Scored]) -> tuple[list[MethodReport], pd.DataFrame]:
@@ -155,7 +156,8 @@ def evaluate(gt: GroundTruth, scored: Iterable[Scored]) -> tuple[list[MethodRepo
     reports, rows = [], []
     for s in scored:
         res: LDSResult = lds(s.tau, gt.masks, gt.outputs)
-        reports.append(MethodReport(s.name, res.mean, res.stderr, s.seconds, s.query_seconds, s.peak_mb))
+        reports.append(MethodReport(s.name, res.mean, res.stderr, s.seconds, s.query_seconds, s.peak_mb,
+                                    list(s.warnings)))
         rows.append(pd.DataFrame({METHOD: s.name, QUERY: np.arange(len(res.per_query)), LDS_COL: res.per_query}))
     return reports, pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=[METHOD, QUERY, LDS_COL])
 

@@ -20,7 +20,8 @@ Solvers for (H + λI)⁻¹ ∇φ_q (one right-hand side per query, so n_query so
 - ``"explicit"``: build H with Hessian-vector products against the identity and
   eigendecompose it once (P³; for P up to a few thousand).
 - ``"cg"``: conjugate gradients with HVPs (torch.func forward-over-reverse), all queries
-  batched; needs H + λI positive definite.
+  batched; exact for H + λI positive definite; elsewhere truncated where a query's search direction meets
+  negative curvature (flagged in the attributes and warned about), and capped at ``CG_MAX_ITER`` iterations.
 - ``"lissa"``: Agarwal et al. 2017's recursion x ← b + x - (H + λI)x / s, with
   H⁻¹b ≈ x_T / s; full-batch or minibatch HVPs, scale s from power iteration.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Literal
 
 import torch
@@ -36,6 +38,7 @@ import xarray as xr
 from bif.errors import ConfigError
 from bif.evaluation.baselines.common import as_scores, flatten_model, hvp_fn, mean_train_loss, per_sample_grads
 from bif.problem import Problem
+from bif.warnings import BifWarning
 
 Solver = Literal["explicit", "cg", "lissa"]
 #: Largest model the explicit solver builds the Hessian of: 12,000 parameters make a 1.1 GiB float64 matrix, and
@@ -57,12 +60,22 @@ def solve_explicit(hessian: torch.Tensor, rhs: torch.Tensor, *, damping: float) 
     return torch.linalg.solve(a, rhs)
 
 
-def solve_cg(hvp, rhs: torch.Tensor, *, damping: float, tol: float = 1e-10, max_iter: int | None = None
-             ) -> torch.Tensor:
+#: Default iteration cap of :func:`solve_cg`: exact arithmetic needs at most P iterations, but a model of tens of
+#: thousands of parameters would take that many full-batch HVPs (the tiny LM's 27,584 ran 12 minutes of a core
+#: without finishing); columns still above the tolerance at the cap are reported, not hidden
+CG_MAX_ITER = 1000
+
+
+def solve_cg(hvp, rhs: torch.Tensor, *, damping: float, tol: float = 1e-10, max_iter: int | None = None,
+             info: dict | None = None) -> torch.Tensor:
     """Batched conjugate gradients for (H + λI) X = B, B (P, k); each column has its own step sizes.
 
-    Stops when every column's residual norm is below ``tol``·‖b‖ or after ``max_iter``
-    (default P) iterations.
+    A column stops when its residual norm is below ``tol``·‖b‖, or when its search direction p has
+    pᵀ(H + λI)p <= 0: the system is not positive definite there, and the iterate so far (its
+    solution on the positive-curvature Krylov subspace, as truncated CG keeps it) is returned rather than a step
+    along negative curvature. All stop after ``max_iter`` iterations (default min(P, :data:`CG_MAX_ITER`)).
+    ``info``, if given, receives ``iterations``, ``negative_curvature`` (columns stopped by it) and
+    ``unconverged`` (columns still above the tolerance at the cap).
     """
     def apply(v: torch.Tensor) -> torch.Tensor:
         return hvp(v) + damping * v
@@ -72,18 +85,27 @@ def solve_cg(hvp, rhs: torch.Tensor, *, damping: float, tol: float = 1e-10, max_
     p = r.clone()
     rs = (r * r).sum(0)  # (k,)
     stop = (tol * rhs.norm(dim=0)) ** 2
-    for _ in range(max_iter or rhs.shape[0]):
-        if bool((rs <= stop).all()):
-            break
+    active = rs > stop
+    negative = torch.zeros_like(active)
+    limit = max_iter if max_iter is not None else min(rhs.shape[0], CG_MAX_ITER)
+    it = 0
+    while it < limit and bool(active.any()):
         ap = apply(p)
         pap = (p * ap).sum(0)
-        alpha = torch.where(rs > stop, rs / torch.where(pap != 0, pap, 1.0), 0.0)
+        bent = active & (pap <= 0)  # negative (or zero) curvature along p: stop the column where it is
+        negative |= bent
+        active &= ~bent
+        alpha = torch.where(active, rs / torch.where(pap > 0, pap, 1.0), 0.0)
         x += alpha * p
         r -= alpha * ap
         rs_new = (r * r).sum(0)
-        beta = torch.where(rs > stop, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
+        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
         p = r + beta * p
-        rs = rs_new
+        rs = torch.where(active, rs_new, rs)
+        active &= rs > stop
+        it += 1
+    if info is not None:
+        info.update(iterations=it, negative_curvature=int(negative.sum()), unconverged=int(active.sum()))
     return x
 
 
@@ -131,13 +153,17 @@ def _minibatch_hvp(problem: Problem, fm, *, batch_size: int, seed: int):
 def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver = "explicit",
                      grad_batch_size: int = 256, cg_tol: float = 1e-10, cg_max_iter: int | None = None,
                      lissa_depth: int = 1000, lissa_scale: float | None = None, lissa_batch_size: int | None = None,
-                     lissa_repeats: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64) -> xr.DataArray:
+                     lissa_repeats: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64, warn: bool = True
+                     ) -> xr.DataArray:
     """Damped influence τ (n_train, n_query) = -(1/n)·∇φ_qᵀ(H + λI)⁻¹∇ℓ_i at the problem's checkpoint.
 
     See the module docstring for the derivation and sign. ``damping`` is λ; ``solver``
     picks explicit / CG / LiSSA. LiSSA uses full-batch HVPs unless ``lissa_batch_size``
     is set, and averages ``lissa_repeats`` estimates. Returns a DataArray named
     ``"influence"`` with dims (train, query).
+
+    CG that meets negative curvature or its iteration cap (:func:`solve_cg`) puts a message in the attribute
+    ``warning`` and, with ``warn``, also raises it as a :class:`~bif.warnings.BifWarning`.
     """
     if damping < 0 or not math.isfinite(damping):
         raise ValueError(f"damping must be a finite number >= 0, got {damping}")
@@ -168,7 +194,18 @@ def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver 
     if solver == "explicit":
         x = evecs @ ((evecs.T @ rhs) / (evals + damping)[:, None])
     elif solver == "cg":
-        x = solve_cg(hvp, rhs, damping=damping, tol=cg_tol, max_iter=cg_max_iter)
+        info: dict = {}
+        x = solve_cg(hvp, rhs, damping=damping, tol=cg_tol, max_iter=cg_max_iter, info=info)
+        attrs.update({f"cg_{key}": value for key, value in info.items()})
+        if info["negative_curvature"]:
+            attrs["indefinite"] = True  # H + λI is not positive definite along some query's Krylov space
+        if info["negative_curvature"] or info["unconverged"]:
+            attrs["warning"] = (f"influence_cg: {info['negative_curvature']} of {rhs.shape[1]} queries met negative "
+                                f"curvature (H + λI is not positive definite: raise the damping, now {damping:g}) and "
+                                f"{info['unconverged']} did not converge in {info['iterations']} iterations; their "
+                                "scores are truncated-CG approximations")
+            if warn:
+                warnings.warn(attrs["warning"], BifWarning, stacklevel=2)
     else:
         runs = []
         for r in range(lissa_repeats):
