@@ -25,6 +25,18 @@ _BALLOON = Path("/sys/bus/virtio/drivers/virtio_balloon")
 _ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), or None where that file is absent: float results that are
+    deterministic on one machine (the tiny LM's LDS) differ between CPU models, and so do their timings."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def free_page_reporting(balloon: Path = _BALLOON, order_file: Path = _ORDER) -> dict | None:
     """The balloon device that reports free memory to the hypervisor and the size of the blocks it reports, or None
     when no bound virtio-balloon device negotiated free page reporting (not Linux, no balloon, the feature off)."""

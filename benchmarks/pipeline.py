@@ -647,9 +647,10 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bif-bench-"))
     import torch
 
-    from benchmarks.machine import PartProbes
+    from benchmarks.machine import PartProbes, cpu_model
 
-    results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__}}
+    results = {"machine": {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+                           "numpy": np.__version__}}
     probe = PartProbes(results["machine"], idle_s=2.5 if q else 3.0, say=say).before
     try:
         if not args.only or "sampler" in args.only:

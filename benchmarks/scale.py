@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import PartProbes, describe_parts
+from benchmarks.machine import PartProbes, cpu_model, describe_parts
 from benchmarks.pipeline import Cluster, PeakRSS, ROOT, default_train_block, say, strict_json, write_synthetic
 
 CHAINS = 2
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     q = args.quick
     parts = args.only or ["checks", "limit", "scale"]
     work = Path(tempfile.mkdtemp(prefix="bif-scale-"))
-    results: dict = {"machine": {"note": "shared machine: compare ratios within one run"}}
+    results: dict = {"machine": {"note": "shared machine: compare ratios within one run", "cpu": cpu_model()}}
     probe = PartProbes(results["machine"], idle_s=2.5 if q else 3.0, say=say).before
     try:
         if "checks" in parts:
