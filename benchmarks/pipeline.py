@@ -551,8 +551,8 @@ def render_markdown(r: dict) -> str:
     """The README's benchmark table from the JSON figures."""
     rows = ["| what | measured | target | met |", "|---|---|---|---|"]
 
-    def row(what, value, target, ok):
-        rows.append(f"| {what} | {value} | {target} | {'yes' if ok else '**no**'} |")
+    def row(what, value, target, ok):  # ok None: a figure without a target of its own
+        rows.append(f"| {what} | {value} | {target} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
 
     if "sampler" in r:
         m = r["sampler"]
@@ -620,12 +620,17 @@ def render_markdown(r: dict) -> str:
             f"{o['peak_rss_gb']:.2f} GB (idle main + forkserver + 2 nannies + 2 workers: "
             f"{o.get('idle_processes_rss_gb', float('nan')):.2f} GB; with gates and diagnostics: "
             f"{o.get('peak_rss_incl_gates_diagnostics_gb', float('nan')):.2f} GB)", "< 2 GB", o["peak_rss_gb"] < 2)
-        row("out of core: wall time vs the reduction's FLOPs at the measured GEMM rate",
+        # issue 2's targets for these two rows (<= 1.5x the GEMM alone; checks "well under 10% of a run") were
+        # replaced by issue 11's: the stage against max(GEMM, zarr write, trace read) and the checks against the
+        # stage at 50k x 500, which `python -m benchmarks.scale` measures; here they are figures only
+        row("out of core: wall time vs the reduction's FLOPs at the measured GEMM rate (the GEMM alone; the "
+            "target is on `benchmarks.scale`'s limit, which adds the output write and the trace read)",
             f"{o['reduce_wall_s']:.1f} s vs {o['gemm_limit_s']:.2f} s ({o['gemm_gflops']:.0f} GFLOP/s) = "
-            f"{o['ratio_vs_gemm_limit']:.0f}x; output {o['output_bytes'] / 2**30:.2f} GiB", "<= 1.5x",
-            o["ratio_vs_gemm_limit"] <= 1.5)
-        row("out of core: quality gates / ArviZ diagnostics on the same traces",
-            f"{o['gates_s']:.1f} s / {o['diagnostics_s']:.0f} s", "well under 10% of a run", False)
+            f"{o['ratio_vs_gemm_limit']:.1f}x; output {o['output_bytes'] / 2**30:.2f} GiB", "-", None)
+        row("out of core: quality gates / ArviZ diagnostics on the same traces (the target is on "
+            "`benchmarks.scale`'s checks at 50,000 x 500)",
+            f"{o['gates_s']:.1f} s / {o['diagnostics_s']:.1f} s = {o['gates_s'] / o['reduce_wall_s']:.1f}x / "
+            f"{o['diagnostics_s'] / o['reduce_wall_s']:.1f}x the reduction", "-", None)
         row("out of core: devinterp 2.0.1 would need its full covariance matrix",
             f"{o['devinterp_full_cov_gb_needed']:.0f} GB (not run: the machine has 24 GB)", "-", True)
     if (r.get("machine") or {}).get("memory"):  # what makes this run's seconds comparable with another's, or not
