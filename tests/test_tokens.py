@@ -248,6 +248,38 @@ def test_default_nbeta_is_the_number_of_valid_train_tokens():
     assert plain.variables.token_positions(S.TRAIN).tolist() == [0, 1, 2, 3] * 3
 
 
+def test_a_b_by_1_loss_is_per_sample_unless_the_run_has_tokens():
+    """A (B, 1) loss without a mask (a regression's F.mse_loss(..., reduction="none") of a (B, 1) output) is one loss
+    per sample: it made a token run with T = 1 (the same figures), which `bif calibrate` and TRAK refuse. In a run
+    whose other batches are per-token, a (B, 1) batch is one token per sample, as before."""
+    from bif.evaluation.retrain import has_token_losses
+    from bif.problem import Problem
+    from bif.sampling.chain import checked_loss, measure, sample_traces
+
+    column = tp.build(n_train=5, n_query=3, length=2, form="plain", seed=4)  # one position: (B, 1) losses
+    assert column.loss(column.model, column.train.tensors).shape == (5, 1)
+    flat = Problem(model=column.model, train=column.train, query=column.query,
+                   loss=lambda m, b: column.loss(m, b)[:, 0])  # the same losses as (B,)
+    assert not has_token_losses(column) and not has_token_losses(flat)
+    m, values = measure(column, column.model, [column.train.tensors], [5], S.TRAIN)
+    assert not m.tokens and m.num_variables == 5
+    torch.testing.assert_close(values, flat.loss(flat.model, flat.train.tensors).to(torch.float64))
+    sampler = SamplerConfig(num_chains=1, num_draws=6, num_burnin_steps=2, step_size=1e-3, batch_size=5)
+    got, want = sample_traces(column, sampler), sample_traces(flat, sampler)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(got[0]).shape[-1] == 5  # per sample, no token axis
+
+    # batches of 3 positions and of 1 position in one split: a token run, the (B, 1) batch one token per sample
+    plain = tp.build(n_train=4, length=4, form="plain", seed=1)
+    mixed = Problem(model=plain.model, train=plain.train, query=plain.query,
+                    loss=lambda mdl, b: plain.loss(mdl, b) if b[0].shape[0] == 3 else plain.loss(mdl, b)[:, :1])
+    batches = [tuple(t[:3] for t in plain.train.tensors), tuple(t[3:] for t in plain.train.tensors)]
+    m, values = measure(mixed, mixed.model, batches, [3, 1], S.TRAIN)
+    assert m.tokens and m.counts.tolist() == [3, 3, 3, 1] and values.numel() == 10
+    assert checked_loss(mixed, mixed.model, batches[1], 1).shape == (1,)
+
+
 def test_minibatch_loss_is_the_mean_over_valid_tokens():
     from bif.sampling.chain import minibatch_loss
 

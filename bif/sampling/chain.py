@@ -162,10 +162,15 @@ def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | No
 
     Accepts ``(B,)`` per-sample losses, ``(B, T)`` per-token losses (mask None: all valid) or
     a pair ``(losses (B, T), mask (B, T) bool)``; anything else is a ProblemError naming it.
+    A ``(B, 1)`` tensor is per-sample losses (``F.mse_loss(..., reduction="none")`` of a regression's ``(B, 1)``
+    output): one token per sample would give the same figures, and made a regression a token run, which
+    ``bif calibrate`` and TRAK refuse.
     """
     if isinstance(out, torch.Tensor):  # the common case first: it runs at every step and draw
         shape = out.shape
         if len(shape) in (1, 2) and shape[0] == expected:
+            if len(shape) == 2 and shape[1] == 1:
+                return out[:, 0], None, False
             return out, None, len(shape) == 2
     elif isinstance(out, (tuple, list)):
         if len(out) != 2:
@@ -239,13 +244,20 @@ class Measurement:
 def measure(problem: Problem, model: torch.nn.Module, batches: Sequence[Any], sizes: Sequence[int],
             split: str) -> tuple[Measurement, torch.Tensor]:
     """Evaluate ``batches`` once: (the split's Measurement, its per-variable losses as a 1-D float64 tensor)."""
-    masks, counts, positions, values, kinds = [], [], [], [], set()
+    masks, counts, positions, values = [], [], [], []
+    split_batches = []
     for batch, size in zip(batches, sizes, strict=True):
-        losses, mask, tokens = split_loss(problem.loss(model, batch), size)
-        kinds.add(tokens)
-        if len(kinds) > 1:
-            raise ProblemError(f"problem.loss returned per-sample losses for some {split} batches and per-token "
-                               "losses for others; return one form for every batch")
+        out = problem.loss(model, batch)
+        single = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == 1  # (B, 1): see split_loss
+        split_batches.append((*split_loss(out, size), single))
+    kinds = {tokens for _, _, tokens, single in split_batches if not single}
+    if len(kinds) > 1:
+        raise ProblemError(f"problem.loss returned per-sample losses for some {split} batches and per-token "
+                           "losses for others; return one form for every batch")
+    as_tokens = kinds == {True}  # a (B, 1) batch is one token per sample in a token run, else per-sample losses
+    for losses, mask, tokens, single in split_batches:
+        if single and as_tokens:
+            losses, tokens = losses[:, None], True
         if not tokens:
             values.append(losses.to(torch.float64))
             masks.append(None)
@@ -255,11 +267,10 @@ def measure(problem: Problem, model: torch.nn.Module, batches: Sequence[Any], si
         counts.append(full.sum(dim=1).cpu().numpy())
         positions.append(full.nonzero()[:, 1].cpu().numpy())  # row-major: sample, then position ascending
         values.append(losses[full].to(torch.float64))
-    is_tokens = kinds == {True}
     n = sum(sizes)
-    m = Measurement(tokens=is_tokens, masks=tuple(masks),
-                    counts=np.concatenate(counts).astype(np.int64) if is_tokens else np.ones(n, dtype=np.int64),
-                    positions=np.concatenate(positions).astype(np.int64) if is_tokens else np.zeros(n, np.int64))
+    m = Measurement(tokens=as_tokens, masks=tuple(masks),
+                    counts=np.concatenate(counts).astype(np.int64) if as_tokens else np.ones(n, dtype=np.int64),
+                    positions=np.concatenate(positions).astype(np.int64) if as_tokens else np.zeros(n, np.int64))
     return m, torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
 
@@ -271,7 +282,7 @@ def record_losses(problem: Problem, model: torch.nn.Module, batches: Sequence[An
         return evaluate_losses(problem, model, batches, sizes, out)
     start = 0
     for b, (batch, size, want) in enumerate(zip(batches, sizes, m.masks, strict=True)):
-        losses, mask, _ = split_loss(problem.loss(model, batch), size)
+        losses, mask, _ = split_loss(problem.loss(model, batch), size)  # a (B, 1) batch comes back as (B,)
         if (mask is None) != (want is None) or (mask is not None and (mask.shape != want.shape
                                                                       or not torch.equal(mask, want))):
             raise ProblemError(f"problem.loss returned another token mask for {split} batch {b} than at w*; the "
