@@ -304,6 +304,7 @@ def dask_cluster(compute: Any, *, num_tasks: int, address: str | None = None,
     # Dask takes a pre-spawn variable from os.environ when it is set there (e.g. the OMP_NUM_THREADS=1
     # that a plain LocalCluster started earlier leaves behind): for the start, ours are os.environ's
     os.environ.update({k: str(environ[k]) for k in _THREAD_VARS if k in environ})
+    os.environ.update(FORKSERVER_START_ENV)  # the forkserver, if a first worker starts it now
     try:
         with dask.config.set(settings), LocalCluster(**kwargs) as cluster:
             _restore_environ(before)
@@ -359,6 +360,7 @@ def start_forkserver(compute: Any, *, preload: tuple[str, ...] = DEFAULT_PRELOAD
         return False
     before = dict(os.environ)
     os.environ.update({k: str(v) for k, v in threads.items()})  # the forkserver's thread pools size on import
+    os.environ.update(FORKSERVER_START_ENV)
     try:
         forkserver.ensure_running()
     finally:
@@ -450,6 +452,13 @@ def _warm_workers(address: str, warm: Callable[[], Any]) -> Callable[[], None] |
 
 #: ``BIF_WORKER_START=spawn`` makes LocalClusters spawn their workers (Dask's default) instead of forking them.
 WORKER_START_ENV = "BIF_WORKER_START"
+#: Environment of the forkserver's start. Python starts it as ``python -c``, which puts the working directory first
+#: on ``sys.path`` while it imports ``multiprocessing.forkserver`` (socket, selectors, ...), before it takes this
+#: process's ``sys.path``: a user's ``socket.py`` there was imported in place of the standard module, and the
+#: cluster never came up ("Nanny failed to start"). ``PYTHONSAFEPATH`` (``-P``) leaves the directory out; it stays
+#: on the workers' ``sys.path`` after this process's, where their problem modules are found.
+FORKSERVER_START_ENV = {"PYTHONSAFEPATH": "1"}
+
 #: The thread settings of the workers of the forkserver this process started (None: not started).
 _FORKSERVER_THREADS: dict[str, str] | None = None
 #: Worker variables that size thread pools when a library loads (see :func:`_use_forkserver`).

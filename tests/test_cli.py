@@ -197,10 +197,13 @@ def test_the_readme_problem_from_scratch_runs_from_its_directory(tmp_path, user_
     own, nothing on PYTHONPATH for it; `bif run my_config.yaml` and `bif show` as typed (a smaller sampler appended),
     on a cluster of the command's own, whose workers import my_problem too. `bif run` imports a module of the
     working directory as `python -m` does (it failed with "No module named 'my_problem'"), after everything else on
-    sys.path: a yaml.py beside it does not take PyYAML's place."""
+    sys.path: a yaml.py beside it does not take PyYAML's place, nor a socket.py the standard module's in the
+    cluster's forkserver, which Python starts as `python -c` with the directory first on its sys.path."""
     (tmp_path / "my_problem.py").write_text(readme_block("python", "# my_problem.py"))
     (tmp_path / "my_config.yaml").write_text(readme_block("yaml", "# my_config.yaml"))
     (tmp_path / "yaml.py").write_text(shadowing_file("yaml"))
+    # a module the forkserver imports before it takes the command's sys.path (multiprocessing.forkserver's own)
+    (tmp_path / "socket.py").write_text(shadowing_file("socket"))
     env = user_env(user_prefect_home) | {"BIF_KEEP_CLUSTER": "0"}  # the commands' own cluster (the kept one's
     assert str(tmp_path) not in env["PYTHONPATH"].split(os.pathsep)  # workers: tests/test_kept_cluster.py)
     small = ("--set", "sampler.num_chains=2", "--set", "sampler.num_draws=40", "--set", "sampler.num_burnin_steps=10")

@@ -85,8 +85,9 @@ def user(tmp_path_factory):
     # a file of the user's directory with a standard module's name: the warm process and the kept cluster start
     # with `python -P` and take the command's sys.path, the directory last. With `python -m` the directory came
     # first: neither came up (each imported this with its own imports), and this first command failed ("Nanny
-    # failed to start"). A cluster of the command's own (BIF_KEEP_CLUSTER=0) still fails so: its forkserver starts
-    # with `python -c`, which puts the directory first, and imports socket before it takes the command's sys.path.
+    # failed to start"). A cluster of the command's own (BIF_KEEP_CLUSTER=0) failed so too until session 44: its
+    # forkserver starts with `python -c`, which put the directory first, and imports socket before it takes the
+    # command's sys.path; it now starts with PYTHONSAFEPATH (tests/test_cli.py's from-scratch test checks it).
     (work / "socket.py").write_text(shadowing_file("socket"))
     # the first command runs in itself and starts the kept server, the kept cluster and the warm process
     first = _bif(home, work, "run", "cfg.yaml", "--no-progress", "--output", "out1")
