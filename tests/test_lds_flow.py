@@ -157,14 +157,19 @@ def test_lds_of_a_token_problem_scores_its_sequences(tmp_path, prefect_api_url, 
         assert value > 0.25, (name, by)
     # at λ = 1e-3 this bigram's Hessian is indefinite (smallest eigenvalue -0.0088): CG stops each query where it
     # meets negative curvature, and the summary (which `bif lds` prints) says so; CG ran P iterations before
-    cg = run_lds(cfg, LDSSettings(num_subsets=16, num_seeds=1, methods=("influence_cg",), options={"damping": 1e-3}),
-                 address=dask_address)
+    # (the explicit solve's warning too: it divides by the negative eigenvalue)
+    cg = run_lds(cfg, LDSSettings(num_subsets=16, num_seeds=1, methods=("influence_cg", "influence"),
+                                  options={"damping": 1e-3}), address=dask_address)
     assert cg["cached"] and cg["ground_truth_key"] == res["ground_truth_key"]
-    (report,) = cg["methods"]
+    report, explicit = sorted(cg["methods"], key=lambda r: r["method"] != "influence_cg")
     assert report["method"] == "influence_cg" and len(report["warnings"]) == 1, report
     assert re.match(r"influence_cg: 8 of 8 queries met negative curvature .* raise the damping, now 0\.001",
                     report["warnings"][0]), report["warnings"]
-    assert json.loads(Path(cg["summary_uri"]).read_text())["methods"][0]["warnings"] == report["warnings"]
+    assert explicit["method"] == "influence" and len(explicit["warnings"]) == 1, explicit
+    assert re.match(r"influence: H \+ λI is not positive definite \(smallest eigenvalue of H -0\.00881, "
+                    r"λ = 0\.001\).*raise the damping above 0\.00881$", explicit["warnings"][0]), explicit["warnings"]
+    stored = {r["method"]: r["warnings"] for r in json.loads(Path(cg["summary_uri"]).read_text())["methods"]}
+    assert stored == {"influence_cg": report["warnings"], "influence": explicit["warnings"]}
     assert by["influence"] > 0.25 and all(r["warnings"] == [] for r in res["methods"])
     with pytest.raises(ProblemError, match=r"^`bif calibrate` does not search per-token losses"):
         run_calibration(cfg, CalibrationSettings(num_subsets=4), address=dask_address)

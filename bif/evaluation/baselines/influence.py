@@ -162,8 +162,9 @@ def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver 
     is set, and averages ``lissa_repeats`` estimates. Returns a DataArray named
     ``"influence"`` with dims (train, query).
 
-    CG that meets negative curvature or its iteration cap (:func:`solve_cg`) puts a message in the attribute
-    ``warning`` and, with ``warn``, also raises it as a :class:`~bif.warnings.BifWarning`.
+    An explicit solve of an indefinite H + λI, or CG that meets negative curvature or its iteration cap
+    (:func:`solve_cg`), puts a message in the attribute ``warning`` and, with ``warn``, also raises it as a
+    :class:`~bif.warnings.BifWarning`.
     """
     if damping < 0 or not math.isfinite(damping):
         raise ValueError(f"damping must be a finite number >= 0, got {damping}")
@@ -183,6 +184,11 @@ def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver 
         attrs["min_eigenvalue"] = float(evals[0])
         if float(evals[0]) + damping <= 0:
             attrs["indefinite"] = True  # H + λI is not positive definite: raise the damping
+            attrs["warning"] = (f"influence: H + λI is not positive definite (smallest eigenvalue of H "
+                                f"{float(evals[0]):.3g}, λ = {damping:g}); the solve divides by its negative and "
+                                f"near-zero eigenvalues: raise the damping above {-float(evals[0]):.3g}")
+            if warn:
+                warnings.warn(attrs["warning"], BifWarning, stacklevel=2)
     elif solver == "lissa":
         scale = lissa_scale or 1.1 * (top_eigenvalue(hvp, fm.num_params, seed=seed, dtype=dtype) + damping)
         attrs["lissa_scale"] = float(scale)
