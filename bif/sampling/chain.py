@@ -157,6 +157,11 @@ def _loss_forms(expected: int) -> str:
             f"(losses ({expected}, T), mask ({expected}, T) bool)")
 
 
+def _one_column(out: Any) -> bool:
+    """Whether a ``problem.loss`` result is a ``(B, 1)`` tensor (see :func:`split_loss`)."""
+    return isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == 1
+
+
 def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Check a ``problem.loss`` result for a batch of ``expected``: (losses, mask or None, is_tokens).
 
@@ -169,7 +174,7 @@ def split_loss(out: Any, expected: int) -> tuple[torch.Tensor, torch.Tensor | No
     if isinstance(out, torch.Tensor):  # the common case first: it runs at every step and draw
         shape = out.shape
         if len(shape) in (1, 2) and shape[0] == expected:
-            if len(shape) == 2 and shape[1] == 1:
+            if len(shape) == 2 and _one_column(out):  # the length first: a (B,) loss, at every draw, skips the call
                 return out[:, 0], None, False
             return out, None, len(shape) == 2
     elif isinstance(out, (tuple, list)):
@@ -248,8 +253,7 @@ def measure(problem: Problem, model: torch.nn.Module, batches: Sequence[Any], si
     split_batches = []
     for batch, size in zip(batches, sizes, strict=True):
         out = problem.loss(model, batch)
-        single = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == 1  # (B, 1): see split_loss
-        split_batches.append((*split_loss(out, size), single))
+        split_batches.append((*split_loss(out, size), _one_column(out)))
     kinds = {tokens for _, _, tokens, single in split_batches if not single}
     if len(kinds) > 1:
         raise ProblemError(f"problem.loss returned per-sample losses for some {split} batches and per-token "

@@ -187,8 +187,6 @@ def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver 
             attrs["warning"] = (f"influence: H + λI is not positive definite (smallest eigenvalue of H "
                                 f"{float(evals[0]):.3g}, λ = {damping:g}); the solve divides by its negative and "
                                 f"near-zero eigenvalues: raise the damping above {-float(evals[0]):.3g}")
-            if warn:
-                warnings.warn(attrs["warning"], BifWarning, stacklevel=2)
     elif solver == "lissa":
         scale = lissa_scale or 1.1 * (top_eigenvalue(hvp, fm.num_params, seed=seed, dtype=dtype) + damping)
         attrs["lissa_scale"] = float(scale)
@@ -210,8 +208,6 @@ def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver 
                                 f"curvature (H + λI is not positive definite: raise the damping, now {damping:g}) and "
                                 f"{info['unconverged']} did not converge in {info['iterations']} iterations; their "
                                 "scores are truncated-CG approximations")
-            if warn:
-                warnings.warn(attrs["warning"], BifWarning, stacklevel=2)
     else:
         runs = []
         for r in range(lissa_repeats):
@@ -221,4 +217,6 @@ def influence_scores(problem: Problem, *, damping: float = 1e-3, solver: Solver 
         x = torch.stack(runs).mean(0)
     tau = -(g_train @ x) / n  # (n, Q)
     attrs["query_seconds"] = time.perf_counter() - t0
+    if warn and "warning" in attrs:
+        warnings.warn(attrs["warning"], BifWarning, stacklevel=2)
     return as_scores(tau, name="influence", attrs=attrs)
